@@ -1,0 +1,524 @@
+"""The ext4 root filesystem: built from a tarball without root, patched in place.
+
+Two ways to populate the filesystem, chosen by the installed e2fsprogs:
+
+``tar``
+    e2fsprogs >= 1.47.1 reads the tarball itself (``mke2fs -d tree.tar``) and
+    keeps ownership, modes, device nodes, hardlinks and mtimes; it copies only
+    the ``security.capability`` extended attribute, so every other xattr is
+    set afterwards with a ``debugfs`` script.
+``directory``
+    older e2fsprogs: the tree is extracted (as the invoking user) into a work
+    directory, ``mke2fs -d dir`` copies it, and a ``debugfs`` script then
+    restores what an unprivileged extraction loses: owners, modes, mtimes,
+    device nodes, FIFOs and xattrs.
+
+Both are deterministic: mke2fs gets its UUID and directory hash seed from the
+caller, its clock from ``E2FSPROGS_FAKE_TIME`` and its profile from a file we
+write, not from the host's ``/etc/mke2fs.conf``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from cloudlets.disk.tools import e2fsprogs_version, run, tool_environment
+from cloudlets.errors import DiskError
+
+__all__ = [
+    "BLOCK_SIZE",
+    "TreeEntry",
+    "TreeStats",
+    "inode_attributes",
+    "make_ext4",
+    "patch_ext4",
+    "populate_method",
+    "root_size_for",
+    "scan_tree",
+]
+
+#: Filesystem block size in bytes.
+BLOCK_SIZE = 4096
+#: Bytes per inode on disk.
+INODE_SIZE = 256
+#: Smallest root filesystem we make (mke2fs needs room for a journal).
+MIN_ROOT_SIZE = 64 * 1024 * 1024
+#: Extra space over what the tree needs, as a fraction, and a fixed amount.
+HEADROOM_FRACTION = 0.25
+HEADROOM_BYTES = 64 * 1024 * 1024
+#: First e2fsprogs release whose mke2fs populates from a tarball.
+TAR_POPULATE_VERSION = (1, 47, 1)
+
+_MIB = 1024 * 1024
+
+#: Features spelled out so the host's mke2fs.conf cannot change them. GRUB 2.06
+#: reads all of these; ``metadata_csum_seed`` and ``orphan_file`` are left out
+#: for older bootloaders and kernels.
+_MKE2FS_PROFILE = """\
+[defaults]
+\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
+\tdefault_mntopts = acl,user_xattr
+\tblocksize = 4096
+\tinode_size = 256
+\tinode_ratio = 16384
+
+[fs_types]
+\text4 = {
+\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t}
+"""
+
+_DEBUGFS_ERROR = r"^(?!debugfs \d)(?!\s*$).+"
+_SAFE_NAME = re.compile(r'^[^"\n\\]+$')
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """What the fix-up scripts need to know about one tar member.
+
+    :ivar path: absolute path inside the filesystem, e.g. ``/usr/bin/ping``.
+    :ivar mode: ``st_mode``, with the file type bits.
+    :ivar uid: owner.
+    :ivar gid: group.
+    :ivar mtime: modification time, seconds since the epoch.
+    :ivar rdev: ``(major, minor)`` of a device node, else ``None``.
+    :ivar xattrs: extended attributes, name to value.
+    """
+
+    path: str
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    rdev: tuple[int, int] | None = None
+    xattrs: Mapping[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TreeStats:
+    """A summary of a root filesystem tarball, read in one pass over its headers.
+
+    :ivar entries: number of members (inodes plus hardlinks).
+    :ivar data_bytes: bytes the regular files, directories and long symlinks
+        occupy once rounded up to whole blocks.
+    :ivar max_mtime: newest member mtime (a reproducible default clock).
+    :ivar xattr_entries: members with extended attributes mke2fs does not copy.
+    :ivar paths: every member's absolute path.
+    """
+
+    entries: int
+    data_bytes: int
+    max_mtime: int
+    xattr_entries: tuple[TreeEntry, ...]
+    paths: frozenset[str] = frozenset()
+
+
+def _member_path(name: str) -> str:
+    """Map a tar member name to an absolute path ("" for the root itself)."""
+    parts = [p for p in PurePosixPath(name).parts if p not in ("/", ".")]
+    if any(p == ".." for p in parts):
+        raise DiskError(f"tree tarball member {name!r} escapes the root")
+    return "/" + "/".join(parts) if parts else ""
+
+
+def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
+    prefix = "SCHILY.xattr."
+    return {
+        key[len(prefix) :]: value.encode("utf-8", "surrogateescape")
+        for key, value in member.pax_headers.items()
+        if key.startswith(prefix)
+    }
+
+
+def _entries(tree_tar: Path) -> Iterator[tuple[tarfile.TarInfo, TreeEntry]]:
+    """Yield each member of a tree tarball with its :class:`TreeEntry`.
+
+    :raises DiskError: the tarball cannot be read, is compressed, or lists a
+        child before its parent directory.
+    """
+    seen_dirs: set[str] = {""}
+    try:
+        with tarfile.open(tree_tar, "r:") as archive:
+            for member in archive:
+                path = _member_path(member.name)
+                parent = path.rsplit("/", 1)[0] if path else ""
+                if path and parent not in seen_dirs:
+                    raise DiskError(
+                        f"tree tarball {tree_tar}: member {member.name!r} comes before "
+                        f"its parent directory"
+                    )
+                if member.isdir():
+                    seen_dirs.add(path)
+                if member.isdir():
+                    kind = stat.S_IFDIR
+                elif member.issym():
+                    kind = stat.S_IFLNK
+                elif member.ischr():
+                    kind = stat.S_IFCHR
+                elif member.isblk():
+                    kind = stat.S_IFBLK
+                elif member.isfifo():
+                    kind = stat.S_IFIFO
+                else:
+                    kind = stat.S_IFREG
+                rdev = (member.devmajor, member.devminor) if member.isdev() else None
+                yield (
+                    member,
+                    TreeEntry(
+                        path=path or "/",
+                        mode=kind | (member.mode & 0o7777),
+                        uid=member.uid,
+                        gid=member.gid,
+                        mtime=int(member.mtime),
+                        rdev=rdev,
+                        xattrs=_xattrs(member),
+                    ),
+                )
+    except (tarfile.TarError, OSError) as exc:
+        raise DiskError(f"cannot read tree tarball {tree_tar}: {exc}") from exc
+
+
+def _round_block(size: int) -> int:
+    return -(-size // BLOCK_SIZE) * BLOCK_SIZE
+
+
+def scan_tree(tree_tar: Path) -> TreeStats:
+    """Read a tree tarball's headers once and summarize what the filesystem needs.
+
+    :param tree_tar: an uncompressed tar, parents before children.
+    :returns: the summary.
+    :raises DiskError: the tarball is unreadable or badly ordered.
+    """
+    entries = 0
+    data = 0
+    max_mtime = 0
+    with_xattrs: list[TreeEntry] = []
+    paths: set[str] = set()
+    for member, entry in _entries(tree_tar):
+        entries += 1
+        paths.add(entry.path)
+        max_mtime = max(max_mtime, entry.mtime)
+        if member.isreg():
+            data += _round_block(member.size)
+        elif member.isdir() or member.issym() and len(member.linkname.encode()) >= 60:
+            data += BLOCK_SIZE
+        if any(name not in ("security.capability",) for name in entry.xattrs):
+            with_xattrs.append(entry)
+    return TreeStats(
+        entries=entries,
+        data_bytes=data,
+        max_mtime=max_mtime,
+        xattr_entries=tuple(with_xattrs),
+        paths=frozenset(paths),
+    )
+
+
+def root_size_for(stats: TreeStats) -> int:
+    """Size a root filesystem for a tree, with headroom, in whole MiB.
+
+    :param stats: the tree's summary from :func:`scan_tree`.
+    :returns: the size in bytes.
+    """
+    needed = stats.data_bytes + stats.entries * INODE_SIZE * 2
+    size = int(needed * (1 + HEADROOM_FRACTION)) + HEADROOM_BYTES
+    size = max(size, MIN_ROOT_SIZE)
+    return -(-size // _MIB) * _MIB
+
+
+def _inode_count(stats: TreeStats, size: int) -> int:
+    """Inodes for the filesystem: the tree's with room to spare, or the usual ratio."""
+    return max(stats.entries * 2 + 1024, size // 16384)
+
+
+def populate_method() -> str:
+    """Return how the installed e2fsprogs can populate a filesystem.
+
+    :returns: ``"tar"`` (mke2fs reads the tarball) or ``"directory"``.
+    """
+    return "tar" if e2fsprogs_version() >= TAR_POPULATE_VERSION else "directory"
+
+
+def _quote(path: str) -> str:
+    """Quote a path for a debugfs script.
+
+    :raises DiskError: the path holds characters debugfs cannot quote.
+    """
+    if not _SAFE_NAME.match(path):
+        raise DiskError(f"debugfs cannot address the path {path!r}")
+    return f'"{path}"'
+
+
+def _debugfs_script(image: str, lines: list[str], workdir: Path, env: Mapping[str, str]) -> None:
+    """Run a list of debugfs commands read-write against a filesystem image."""
+    if not lines:
+        return
+    script = workdir / "debugfs.script"
+    script.write_text("\n".join(lines) + "\n")
+    run("debugfs", ["-w", "-f", script, image], env=env, check_stderr=_DEBUGFS_ERROR)
+
+
+def _xattr_commands(
+    entries: tuple[TreeEntry, ...] | list[TreeEntry], workdir: Path, *, skip_caps: bool
+) -> list[str]:
+    """debugfs ``ea_set`` commands for the given entries (values go through files)."""
+    lines: list[str] = []
+    values = workdir / "xattrs"
+    values.mkdir(exist_ok=True)
+    for entry in entries:
+        for name, value in sorted(entry.xattrs.items()):
+            if skip_caps and name == "security.capability":
+                continue
+            if not re.fullmatch(r"[A-Za-z0-9_.@:-]+", name):
+                raise DiskError(f"cannot set extended attribute {name!r} on {entry.path}")
+            value_file = values / f"{len(lines)}"
+            value_file.write_bytes(value)
+            lines.append(f"ea_set -f {value_file} {_quote(entry.path)} {name}")
+    return lines
+
+
+def make_ext4(
+    tree_tar: Path,
+    image: Path,
+    *,
+    size: int,
+    uuid: str,
+    hash_seed: str,
+    label: str,
+    timestamp: int,
+    workdir: Path,
+    stats: TreeStats | None = None,
+    method: str | None = None,
+) -> None:
+    """Make an ext4 filesystem image holding a tree, without root.
+
+    The image is a sparse file of exactly ``size`` bytes. Its UUID, hash seed
+    and every timestamp mke2fs would take from the clock are fixed, so the same
+    inputs give the same bytes.
+
+    :param tree_tar: the tree as an uncompressed tar, parents before children.
+    :param image: the file to create (replaced if it exists).
+    :param size: filesystem size in bytes, a multiple of :data:`BLOCK_SIZE`.
+    :param uuid: the filesystem UUID.
+    :param hash_seed: the directory hash seed (a UUID).
+    :param label: the volume label (at most 16 bytes).
+    :param timestamp: the clock mke2fs and debugfs see.
+    :param workdir: a scratch directory (the ``directory`` method extracts here).
+    :param stats: the tree's summary if already computed.
+    :param method: ``"tar"`` or ``"directory"``; by default :func:`populate_method`.
+    :raises DiskError: a tool failed, e.g. the tree does not fit in ``size``;
+        the message names mke2fs and quotes its error.
+    :raises ConfigurationError: e2fsprogs is not installed.
+    """
+    if len(label.encode()) > 16:
+        raise DiskError(f"ext4 label {label!r} is longer than 16 bytes")
+    if size % BLOCK_SIZE:
+        raise DiskError(f"root filesystem size {size} is not a multiple of {BLOCK_SIZE}")
+    stats = stats or scan_tree(tree_tar)
+    method = method or populate_method()
+    workdir.mkdir(parents=True, exist_ok=True)
+    profile = workdir / "mke2fs.conf"
+    profile.write_text(_MKE2FS_PROFILE)
+    env = tool_environment(timestamp, profile)
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as handle:
+        handle.truncate(size)
+
+    if method == "tar":
+        source = tree_tar
+    elif method == "directory":
+        source = workdir / "tree"
+        entries = _extract(tree_tar, source)
+    else:
+        raise DiskError(f"unknown populate method {method!r}")
+
+    args: list[str | os.PathLike[str]] = [
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-b",
+        str(BLOCK_SIZE),
+        "-I",
+        str(INODE_SIZE),
+        "-N",
+        str(_inode_count(stats, size)),
+        "-m",
+        "0",
+        "-L",
+        label,
+        "-U",
+        uuid,
+        "-E",
+        f"hash_seed={hash_seed},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0,nodiscard",
+        "-d",
+        source,
+        image,
+        str(size // 1024) + "k",
+    ]
+    try:
+        run("mke2fs", args, env=env)
+    except DiskError as exc:
+        raise DiskError(
+            f"{exc} (root filesystem of {size} bytes for {stats.entries} entries, "
+            f"{stats.data_bytes} bytes of data, from {tree_tar})"
+        ) from exc
+
+    if method == "tar":
+        lines = _xattr_commands(stats.xattr_entries, workdir, skip_caps=True)
+    else:
+        lines = _fixup_commands(entries, workdir)
+    _debugfs_script(os.fspath(image), lines, workdir, env)
+
+
+def _extract(tree_tar: Path, target: Path) -> list[TreeEntry]:
+    """Extract a tree as the invoking user for ``mke2fs -d dir``.
+
+    Regular files, directories, symlinks and hardlinks are created; device
+    nodes and FIFOs are left to debugfs. Modes are made owner-accessible so the
+    extraction works unprivileged; the real modes are restored by debugfs.
+
+    :returns: every member, for the fix-up script.
+    """
+    import shutil
+
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    entries: list[TreeEntry] = []
+    with tarfile.open(tree_tar, "r:") as archive:
+        for member, entry in _entries(tree_tar):
+            entries.append(entry)
+            if entry.path == "/":
+                continue
+            dest = target / entry.path.lstrip("/")
+            if member.isdir():
+                dest.mkdir(mode=0o755, exist_ok=True)
+            elif member.issym():
+                os.symlink(member.linkname, dest)
+            elif member.islnk():
+                os.link(target / _member_path(member.linkname).lstrip("/"), dest)
+            elif member.isreg():
+                source = archive.extractfile(member.name)
+                if source is None:
+                    raise DiskError(f"cannot read {member.name!r} from {tree_tar}")
+                with source, open(dest, "wb") as out:
+                    while chunk := source.read(1 << 20):
+                        out.write(chunk)
+                os.chmod(dest, 0o644)
+    return entries
+
+
+def _fixup_commands(entries: list[TreeEntry], workdir: Path) -> list[str]:
+    """debugfs commands restoring what an unprivileged extraction lost."""
+    lines: list[str] = []
+    for entry in entries:
+        path = _quote(entry.path)
+        if entry.rdev is not None or stat.S_ISFIFO(entry.mode):
+            parent, _, name = entry.path.rpartition("/")
+            lines.append(f"cd {_quote(parent or '/')}")
+            if entry.rdev is not None:
+                kind = "c" if stat.S_ISCHR(entry.mode) else "b"
+                lines.append(f"mknod {_quote(name)} {kind} {entry.rdev[0]} {entry.rdev[1]}")
+            else:
+                lines.append(f"mknod {_quote(name)} p")
+            lines.append("cd /")
+        if not stat.S_ISLNK(entry.mode):
+            lines.append(f"sif {path} mode 0{entry.mode:o}")
+        lines.append(f"sif {path} uid {entry.uid}")
+        lines.append(f"sif {path} gid {entry.gid}")
+        for field_name in ("mtime", "atime", "ctime", "crtime"):
+            lines.append(f"sif {path} {field_name} @{entry.mtime}")
+    lines.extend(_xattr_commands(entries, workdir, skip_caps=False))
+    return lines
+
+
+_STAT_RE = {
+    "type": re.compile(r"Type:\s+(\S+)"),
+    "mode": re.compile(r"Mode:\s+(0[0-7]+)"),
+    "uid": re.compile(r"User:\s+(\d+)"),
+    "gid": re.compile(r"Group:\s+(\d+)"),
+}
+
+
+def inode_attributes(image: str, path: str) -> dict[str, str] | None:
+    """Read an inode's type, mode, owner and group with ``debugfs stat``.
+
+    :param image: the filesystem image (``file`` or ``file?offset=N``).
+    :param path: absolute path inside the filesystem.
+    :returns: ``{"type", "mode", "uid", "gid"}`` as debugfs prints them, or
+        ``None`` if the path does not exist.
+    :raises DiskError: debugfs failed.
+    """
+    proc = run("debugfs", ["-R", f"stat {_quote(path)}", image])
+    text = proc.stdout.decode("utf-8", "replace")
+    result: dict[str, str] = {}
+    for key, pattern in _STAT_RE.items():
+        match = pattern.search(text)
+        if match is None:
+            return None
+        result[key] = match.group(1)
+    return result
+
+
+def patch_ext4(
+    image: str,
+    files: Mapping[str, bytes],
+    *,
+    timestamp: int,
+    workdir: Path,
+) -> None:
+    """Replace (or add) files in an ext4 image, keeping each file's mode and owner.
+
+    Each existing file is removed and written anew (``rm`` + ``write``), then
+    given the old inode's mode, owner and group and ``timestamp`` as its times.
+    A new file gets mode 0644 and root ownership; its parent directory must
+    exist. A replaced file loses its extended attributes and its other hard
+    links keep the old content.
+
+    :param image: the filesystem image (``file`` or ``file?offset=N`` to patch
+        a filesystem inside a disk image).
+    :param files: absolute path inside the filesystem -> new content.
+    :param timestamp: the files' times, and the clock debugfs sees.
+    :param workdir: a scratch directory for the new contents and the script.
+    :raises DiskError: a path is not a regular file, its parent is missing, or
+        debugfs failed.
+    """
+    if not files:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = tool_environment(timestamp)
+    lines: list[str] = []
+    for index, (raw_path, content) in enumerate(sorted(files.items())):
+        path = _member_path(raw_path)
+        if not path:
+            raise DiskError("cannot patch the root directory as a file")
+        attrs = inode_attributes(image, path)
+        if attrs is None:
+            parent = path.rsplit("/", 1)[0] or "/"
+            parent_attrs = inode_attributes(image, parent)
+            if parent_attrs is None or parent_attrs["type"] != "directory":
+                raise DiskError(f"cannot add {path}: {parent} is not a directory in the image")
+            attrs = {"type": "regular", "mode": "0644", "uid": "0", "gid": "0"}
+        elif attrs["type"] != "regular":
+            raise DiskError(f"cannot patch {path}: it is a {attrs['type']}, not a regular file")
+        else:
+            lines.append(f"rm {_quote(path)}")
+        source = workdir / f"patch-{index}"
+        source.write_bytes(content)
+        mode = stat.S_IFREG | int(attrs["mode"], 8)
+        parent, _, name = path.rpartition("/")
+        lines.append(f"cd {_quote(parent or '/')}")
+        lines.append(f"write {source} {_quote(name)}")
+        lines.append("cd /")
+        lines.append(f"sif {_quote(path)} mode 0{mode:o}")
+        lines.append(f"sif {_quote(path)} uid {attrs['uid']}")
+        lines.append(f"sif {_quote(path)} gid {attrs['gid']}")
+        for field_name in ("mtime", "atime", "ctime", "crtime"):
+            lines.append(f"sif {_quote(path)} {field_name} @{timestamp}")
+    _debugfs_script(image, lines, workdir, env)

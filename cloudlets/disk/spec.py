@@ -1,0 +1,111 @@
+"""The disk stage's inputs and outputs as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cloudlets.disk.partition import Partition
+from cloudlets.errors import DiskError
+
+__all__ = ["BootSpec", "DiskImage", "Firmware", "FsType", "PartitionTable"]
+
+Firmware = Literal["bios", "uefi", "both"]
+PartitionTable = Literal["gpt", "mbr"]
+FsType = Literal["ext4"]
+
+_FIRMWARES = ("bios", "uefi", "both")
+_TABLES = ("gpt", "mbr")
+_FSTYPES = ("ext4",)
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """How the disk boots: the manifest's ``boot`` section, as the disk stage needs it.
+
+    :ivar kernel: the kernel's path inside the tree, e.g. ``/boot/vmlinuz``.
+    :ivar initrd: the initrd's path inside the tree, or ``None``.
+    :ivar cmdline: the kernel command line; ``root=UUID=<root fs uuid>`` is
+        prepended unless it already has a ``root=``.
+    :ivar firmware: ``"bios"`` (GRUB in the MBR), ``"uefi"`` (GRUB in an EFI
+        system partition) or ``"both"`` (one disk that boots either way).
+    :ivar partition_table: ``"gpt"`` (with a protective MBR) or ``"mbr"``.
+    :ivar fstype: the root filesystem type; only ``"ext4"``.
+    :ivar root_size: the root filesystem size in bytes, or ``None`` to size it
+        from the tree with headroom.
+    :ivar label: the root filesystem label (at most 16 bytes).
+    """
+
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = ""
+    firmware: Firmware = "bios"
+    partition_table: PartitionTable = "gpt"
+    fstype: FsType = "ext4"
+    root_size: int | None = None
+    label: str = "cloudlets-root"
+
+    def validate(self) -> None:
+        """Check the values a manifest schema cannot fully check.
+
+        :raises DiskError: a value is out of range; the message names the field.
+        """
+        if self.firmware not in _FIRMWARES:
+            raise DiskError(f"boot.firmware {self.firmware!r} is not one of {_FIRMWARES}")
+        if self.partition_table not in _TABLES:
+            raise DiskError(
+                f"boot.partition_table {self.partition_table!r} is not one of {_TABLES}"
+            )
+        if self.fstype not in _FSTYPES:
+            raise DiskError(f"boot.fstype {self.fstype!r} is not one of {_FSTYPES}")
+        for name, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if path is not None and not path.startswith("/"):
+                raise DiskError(f"boot.{name} {path!r} must be an absolute path in the tree")
+        if self.root_size is not None and self.root_size <= 0:
+            raise DiskError(f"boot.root_size {self.root_size} must be positive")
+        if not self.label or len(self.label.encode()) > 16:
+            raise DiskError(f"boot.label {self.label!r} must be 1 to 16 bytes")
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    """A raw, bootable disk image the disk stage made.
+
+    :ivar path: the image file (sparse).
+    :ivar size: its size in bytes.
+    :ivar firmware: how it boots.
+    :ivar partition_table: ``"gpt"`` or ``"mbr"``.
+    :ivar disk_guid: the GPT disk GUID (``None`` for MBR).
+    :ivar disk_signature: the MBR disk signature.
+    :ivar root_uuid: the root filesystem UUID.
+    :ivar root_label: the root filesystem label.
+    :ivar partitions: the partitions in table order.
+    :ivar root_partition: index of the root partition in ``partitions``.
+    :ivar source_date_epoch: the timestamp used for everything the tools would
+        have taken from the clock.
+    :ivar base_cached: ``True`` if the root filesystem came from the base cache.
+    """
+
+    path: Path
+    size: int
+    firmware: Firmware
+    partition_table: PartitionTable
+    disk_guid: str | None
+    disk_signature: int
+    root_uuid: str
+    root_label: str
+    partitions: tuple[Partition, ...]
+    root_partition: int
+    source_date_epoch: int
+    base_cached: bool = False
+
+    @property
+    def root(self) -> Partition:
+        """The root filesystem's partition."""
+        return self.partitions[self.root_partition]
+
+    @property
+    def partition_uuids(self) -> dict[str, str]:
+        """Partition name -> unique partition GUID."""
+        return {p.name: p.guid for p in self.partitions}

@@ -1,0 +1,187 @@
+"""Host tools the disk stage runs, found and run in one place.
+
+Every external program the disk stage needs is listed in :data:`TOOLS` with the
+Debian package that ships it, so a missing tool is reported as a
+:class:`~cloudlets.errors.ConfigurationError` that says what to install, and a
+failing tool as a :class:`~cloudlets.errors.DiskError` that names the tool,
+its exit code and the tail of its standard error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from cloudlets.errors import ConfigurationError, DiskError
+
+__all__ = [
+    "GRUB_I386_PC_DIR",
+    "GRUB_X86_64_EFI_DIR",
+    "TOOLS",
+    "e2fsprogs_version",
+    "find_tool",
+    "grub_platform_dir",
+    "run",
+    "tool_environment",
+]
+
+#: Tool name -> Debian package that provides it.
+TOOLS: Mapping[str, str] = {
+    "debugfs": "e2fsprogs",
+    "mke2fs": "e2fsprogs",
+    "grub-mkimage": "grub-common",
+    "mkfs.fat": "dosfstools",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+}
+
+#: GRUB platform directories and the Debian packages that ship them.
+GRUB_I386_PC_DIR = Path("/usr/lib/grub/i386-pc")
+GRUB_X86_64_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
+_GRUB_PACKAGES: Mapping[Path, str] = {
+    GRUB_I386_PC_DIR: "grub-pc-bin",
+    GRUB_X86_64_EFI_DIR: "grub-efi-amd64-bin",
+}
+
+#: How many characters of a failing tool's standard error a DiskError quotes.
+STDERR_TAIL = 800
+
+_SBIN_DIRS = ("/usr/sbin", "/sbin")
+
+
+@functools.cache
+def find_tool(name: str) -> str:
+    """Return the absolute path of a host tool.
+
+    ``/usr/sbin`` and ``/sbin`` are searched after ``PATH`` because an
+    unprivileged user's ``PATH`` on Debian does not include them, though
+    ``mke2fs`` and ``debugfs`` live there and work without root.
+
+    :param name: the program name, a key of :data:`TOOLS`.
+    :returns: the absolute path of the program.
+    :raises ConfigurationError: the program is not installed; the message names
+        the Debian package to install.
+    """
+    path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN_DIRS))
+    if path is None:
+        package = TOOLS.get(name, "?")
+        raise ConfigurationError(
+            f"the disk stage needs {name!r}, which is not installed: apt-get install {package}"
+        )
+    return path
+
+
+def grub_platform_dir(directory: Path) -> Path:
+    """Check that a GRUB platform directory (modules and images) is installed.
+
+    :param directory: :data:`GRUB_I386_PC_DIR` or :data:`GRUB_X86_64_EFI_DIR`.
+    :returns: ``directory``.
+    :raises ConfigurationError: the directory is missing; the message names the
+        Debian package to install.
+    """
+    if not (directory / "moddep.lst").is_file():
+        package = _GRUB_PACKAGES.get(directory, "grub-common")
+        raise ConfigurationError(
+            f"the disk stage needs GRUB modules in {directory}, which are not installed: "
+            f"apt-get install {package}"
+        )
+    return directory
+
+
+def tool_environment(timestamp: int, mke2fs_config: Path | None = None) -> dict[str, str]:
+    """Return an environment that pins the tools' clocks and locale.
+
+    ``E2FSPROGS_FAKE_TIME`` fixes the times mke2fs and debugfs write into the
+    filesystem, ``SOURCE_DATE_EPOCH`` the ones mtools writes into FAT
+    directory entries, and ``MKE2FS_CONFIG`` points at our own profile so the
+    host's ``/etc/mke2fs.conf`` cannot change the filesystem we make.
+
+    :param timestamp: seconds since the epoch to use as "now".
+    :param mke2fs_config: the mke2fs profile to use, if any.
+    :returns: a copy of ``os.environ`` with those variables set.
+    """
+    env = dict(os.environ)
+    env.update(
+        {
+            "E2FSPROGS_FAKE_TIME": str(timestamp),
+            "SOURCE_DATE_EPOCH": str(timestamp),
+            "MTOOLS_SKIP_CHECK": "1",
+            "LC_ALL": "C",
+            "TZ": "UTC",
+        }
+    )
+    if mke2fs_config is not None:
+        env["MKE2FS_CONFIG"] = os.fspath(mke2fs_config)
+    return env
+
+
+def run(
+    name: str,
+    args: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    input: bytes | None = None,
+    check_stderr: str | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a host tool and fail loudly.
+
+    :param name: the program, a key of :data:`TOOLS`; looked up with :func:`find_tool`.
+    :param args: its arguments (without the program name).
+    :param env: the environment; the caller's environment if ``None``.
+    :param cwd: the working directory.
+    :param input: bytes fed to its standard input.
+    :param check_stderr: a regular expression; if it matches standard error the
+        run counts as failed even with exit code 0 (debugfs reports errors in
+        scripts this way).
+    :returns: the completed process, with standard output and error captured.
+    :raises ConfigurationError: the program is not installed.
+    :raises DiskError: the program exited non-zero (or ``check_stderr`` matched);
+        the message names the program, its exit code and its stderr tail.
+    """
+    argv = [find_tool(name), *(os.fspath(a) for a in args)]
+    try:
+        proc = subprocess.run(
+            argv,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+    except OSError as exc:
+        raise DiskError(f"{name} could not be started: {exc}") from exc
+    stderr = proc.stderr.decode("utf-8", "replace")
+    failed = proc.returncode != 0
+    if not failed and check_stderr is not None and re.search(check_stderr, stderr, re.MULTILINE):
+        failed = True
+    if failed:
+        tail = (
+            stderr.strip()[-STDERR_TAIL:] or proc.stdout.decode("utf-8", "replace")[-STDERR_TAIL:]
+        )
+        raise DiskError(f"{name} failed with exit code {proc.returncode}: {tail}")
+    return proc
+
+
+@functools.cache
+def e2fsprogs_version() -> tuple[int, ...]:
+    """Return the version of the installed mke2fs, e.g. ``(1, 47, 2)``.
+
+    :returns: the version as a tuple of integers.
+    :raises ConfigurationError: mke2fs is not installed.
+    :raises DiskError: its version could not be read.
+    """
+    proc = subprocess.run(
+        [find_tool("mke2fs"), "-V"], capture_output=True, check=False, stdin=subprocess.DEVNULL
+    )
+    text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+    match = re.search(r"mke2fs (\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        raise DiskError(f"mke2fs -V printed no version: {text.strip()[-STDERR_TAIL:]}")
+    return tuple(int(part or 0) for part in match.groups())
