@@ -1,0 +1,74 @@
+"""cloudlets: render portable server images from a manifest and a root
+filesystem tarball, into any format, onto any storage.
+
+The public surface::
+
+    from cloudlets import Renderer, Manifest
+
+    result = Renderer().render("manifest.json", "out/", storage="local", format="qcow2")
+    print(result.image_id, result.primary.location)
+"""
+
+from cloudlets.config import Presets, RenderConfig, resolve_config
+from cloudlets.drivers.base import FormatDriver, StorageDriver, StoredArtifact
+from cloudlets.drivers.providers import get_driver, list_drivers, set_driver
+from cloudlets.drivers.types import Format, FormatCapability, Storage, StorageCapability
+from cloudlets.errors import (
+    CacheError,
+    CloudletsError,
+    ConfigError,
+    ConfigurationError,
+    DiskError,
+    DriverNotFoundError,
+    FetchError,
+    FormatError,
+    IntegrityError,
+    LockedKeyError,
+    ManifestError,
+    RenderError,
+    StageNotAvailableError,
+    StorageError,
+    TemplateError,
+    UnsafeArchiveError,
+)
+from cloudlets.manifest import Manifest
+from cloudlets.renderer import Renderer
+from cloudlets.result import RenderResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheError",
+    "CloudletsError",
+    "ConfigError",
+    "ConfigurationError",
+    "DiskError",
+    "DriverNotFoundError",
+    "FetchError",
+    "Format",
+    "FormatCapability",
+    "FormatDriver",
+    "FormatError",
+    "IntegrityError",
+    "LockedKeyError",
+    "Manifest",
+    "ManifestError",
+    "Presets",
+    "RenderConfig",
+    "RenderError",
+    "RenderResult",
+    "Renderer",
+    "StageNotAvailableError",
+    "Storage",
+    "StorageCapability",
+    "StorageDriver",
+    "StorageError",
+    "StoredArtifact",
+    "TemplateError",
+    "UnsafeArchiveError",
+    "__version__",
+    "get_driver",
+    "list_drivers",
+    "resolve_config",
+    "set_driver",
+]

@@ -1,0 +1,180 @@
+"""The cloudlets error family.
+
+Every failure the library reports on purpose is a :class:`CloudletsError`.
+Each subclass carries the structured facts a caller may want (a JSON pointer,
+a tar member, a URL with its credentials redacted) and a message that names
+the problem and where it happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "CacheError",
+    "CloudletsError",
+    "ConfigError",
+    "ConfigurationError",
+    "DiskError",
+    "DriverNotFoundError",
+    "FetchError",
+    "FormatError",
+    "IntegrityError",
+    "LockedKeyError",
+    "ManifestError",
+    "Problem",
+    "RenderError",
+    "StageNotAvailableError",
+    "StorageError",
+    "TemplateError",
+    "UnsafeArchiveError",
+]
+
+
+class CloudletsError(Exception):
+    """Root of every error cloudlets raises on purpose."""
+
+
+class ConfigurationError(CloudletsError):
+    """The library is set up wrongly: a missing optional dependency or tool,
+    an unknown driver, a driver that does not honour its contract."""
+
+
+class DriverNotFoundError(ConfigurationError):
+    """No driver is registered under the requested kind and name."""
+
+    def __init__(self, kind: str, name: str, known: Iterable[str] = ()) -> None:
+        self.kind = kind
+        self.name = name
+        self.known = sorted(known)
+        hint = f"; known {kind} drivers: {', '.join(self.known)}" if self.known else ""
+        super().__init__(f"no {kind} driver named {name!r}{hint}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a JSON document: where (a JSON pointer) and what."""
+
+    pointer: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.pointer or '/'}: {self.message}"
+
+
+class _ProblemsError(CloudletsError):
+    """An error that reports every problem of a document at once."""
+
+    what = "document"
+
+    def __init__(self, problems: Sequence[Problem], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f" {source}" if source else ""
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        super().__init__(f"invalid {self.what}{where} ({count} {noun}):\n{lines}")
+
+
+class ManifestError(_ProblemsError):
+    """A manifest is not valid JSON or does not follow the manifest v1 schema.
+
+    :ivar problems: every :class:`Problem` found, each with its JSON pointer.
+    :ivar source: where the manifest came from (path, URL or ``<string>``).
+    """
+
+    what = "manifest"
+
+
+class ConfigError(_ProblemsError):
+    """A render configuration is invalid (its own schema or the manifest's
+    ``args``)."""
+
+    what = "render config"
+
+
+class LockedKeyError(ConfigError):
+    """A request tried to override a key the hosting provider locked."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = list(keys)
+        super().__init__(
+            [Problem("/" + k.replace(".", "/"), f"{k!r} is locked by the provider preset")
+             for k in self.keys]
+        )
+
+
+class FetchError(CloudletsError):
+    """A download failed. ``url`` has its credentials redacted."""
+
+    def __init__(self, message: str, url: str | None = None, status: int | None = None) -> None:
+        self.url = url
+        self.status = status
+        super().__init__(message)
+
+
+class IntegrityError(CloudletsError):
+    """Content does not match its expected digest or size."""
+
+    def __init__(self, message: str, url: str | None = None,
+                 expected: str | None = None, actual: str | None = None) -> None:
+        self.url = url
+        self.expected = expected
+        self.actual = actual
+        super().__init__(message)
+
+
+class CacheError(CloudletsError):
+    """The tarball cache cannot be used (permissions, lock, corrupted index)."""
+
+
+class UnsafeArchiveError(CloudletsError):
+    """A tarball breaks the archive policy. ``member`` names the tar member."""
+
+    def __init__(self, message: str, member: str | None = None) -> None:
+        self.member = member
+        where = f"tar member {member!r}: " if member is not None else ""
+        super().__init__(f"{where}{message}")
+
+
+class TemplateError(CloudletsError):
+    """A template failed to render. ``path`` and ``line`` say where."""
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        where = ""
+        if path is not None:
+            where = f"template {path}" + (f", line {line}" if line is not None else "") + ": "
+        super().__init__(f"{where}{message}")
+
+
+class DiskError(CloudletsError):
+    """Building the bootable disk failed."""
+
+
+class FormatError(CloudletsError):
+    """A format driver failed to convert the disk to its output format."""
+
+
+class StorageError(CloudletsError):
+    """A storage driver failed to store, read or delete an artifact.
+    ``location`` has its credentials redacted."""
+
+    def __init__(self, message: str, location: str | None = None) -> None:
+        self.location = location
+        super().__init__(message)
+
+
+class RenderError(CloudletsError):
+    """The render pipeline failed for a reason no narrower class covers."""
+
+
+class StageNotAvailableError(RenderError):
+    """A pipeline stage the render needs is not available in this build."""
+
+    def __init__(self, stage: str, detail: str) -> None:
+        self.stage = stage
+        super().__init__(f"render stage {stage!r} is not available: {detail}")

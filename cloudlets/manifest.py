@@ -1,0 +1,330 @@
+"""Cloudlet manifests: load, validate, digest.
+
+A manifest is a JSON document following ``cloudlets/schemas/manifest-v1.json``
+(see :doc:`/manifest`). :meth:`Manifest.load` accepts a path, a URL, a JSON
+string or a dict, and raises :class:`~cloudlets.errors.ManifestError` listing
+every problem at once, each with its JSON pointer.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from cloudlets.errors import ManifestError, Problem
+from cloudlets.jsondoc import (
+    JSONSyntaxError,
+    check_schema,
+    digest,
+    parse_json,
+    parse_size,
+    schema_problems,
+    validate_subschema,
+)
+from cloudlets.urls import is_url, redact
+
+__all__ = ["BootSpec", "FilesystemSpec", "Manifest", "SCHEMA_NAME"]
+
+#: File name of the manifest schema in ``cloudlets/schemas/``.
+SCHEMA_NAME = "manifest-v1.json"
+#: Largest manifest accepted, in bytes.
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+_ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+@dataclass(frozen=True)
+class FilesystemSpec:
+    """The manifest's ``filesystem`` section."""
+
+    url: str
+    sha256: str
+    size: int | None
+    compression: str
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """The manifest's ``boot`` section, with defaults applied and sizes in bytes."""
+
+    kernel: str
+    initrd: str | None
+    cmdline: str
+    firmware: str
+    partition_table: str
+    fstype: str
+    root_size: int | None
+    label: str
+    disk_size: int | None
+
+
+class Manifest:
+    """A validated cloudlet manifest.
+
+    Build one with :meth:`load`. The parsed document is available read-only
+    as :attr:`data`; the typed accessors apply the schema's defaults.
+    """
+
+    def __init__(self, data: Mapping[str, Any], source: str = "<dict>") -> None:
+        """Validate ``data``.
+
+        :raises ManifestError: listing every problem.
+        """
+        problems = self._problems(data)
+        if problems:
+            raise ManifestError(problems, source)
+        self._data = copy.deepcopy(dict(data))
+        self.source = source
+        self.digest: str = digest(self._data)
+        """sha256 of the canonical JSON form: stable across key order and whitespace."""
+
+    # -- loading ------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: Manifest | Mapping[str, Any] | str | Path, *,
+             timeout: float = 30.0) -> Manifest:
+        """Load and validate a manifest.
+
+        :param source: a :class:`Manifest` (returned as is), a dict, a JSON
+            string, an ``http(s)://`` or ``file://`` URL, or a file path.
+        :param timeout: seconds to wait when ``source`` is a URL.
+        :raises ManifestError: when it cannot be read or is invalid.
+        """
+        if isinstance(source, Manifest):
+            return source
+        if isinstance(source, Mapping):
+            return cls(source)
+        if isinstance(source, Path):
+            return cls._from_text(cls._read_path(source), str(source))
+        text = str(source)
+        if text.lstrip().startswith(("{", "[")):
+            return cls._from_text(text, "<string>")
+        if is_url(text):
+            if text.startswith("file://"):
+                from urllib.parse import unquote, urlsplit
+                return cls._from_text(cls._read_path(Path(unquote(urlsplit(text).path))), text)
+            return cls._from_text(cls._read_url(text, timeout), redact(text))
+        return cls._from_text(cls._read_path(Path(text)), text)
+
+    @classmethod
+    def _from_text(cls, text: str | bytes, source: str) -> Manifest:
+        try:
+            data = parse_json(text)
+        except JSONSyntaxError as exc:
+            raise ManifestError([exc.problem], source) from None
+        if not isinstance(data, dict):
+            raise ManifestError([Problem("", "a manifest must be a JSON object")], source)
+        return cls(data, source)
+
+    @staticmethod
+    def _read_path(path: Path) -> bytes:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise ManifestError([Problem("", f"cannot read: {exc.strerror or exc}")],
+                                str(path)) from None
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError([Problem("", f"larger than {MAX_MANIFEST_BYTES} bytes")],
+                                str(path))
+        return data
+
+    @staticmethod
+    def _read_url(url: str, timeout: float) -> bytes:
+        import requests
+
+        shown = redact(url)
+        if not url.startswith(("http://", "https://")):
+            raise ManifestError([Problem("", "unsupported URL scheme (http, https, file)")],
+                                shown)
+        try:
+            with requests.get(url, timeout=timeout, stream=True) as response:
+                if response.status_code != 200:
+                    raise ManifestError(
+                        [Problem("", f"HTTP {response.status_code} fetching the manifest")], shown)
+                body = b""
+                for chunk in response.iter_content(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_MANIFEST_BYTES:
+                        raise ManifestError(
+                            [Problem("", f"larger than {MAX_MANIFEST_BYTES} bytes")], shown)
+                return body
+        except requests.RequestException as exc:
+            raise ManifestError([Problem("", f"cannot fetch: {type(exc).__name__}")],
+                                shown) from None
+
+    # -- validation ---------------------------------------------------------
+
+    @staticmethod
+    def _problems(data: Mapping[str, Any]) -> list[Problem]:
+        problems = schema_problems(dict(data), SCHEMA_NAME)
+        args = data.get("args")
+        if isinstance(args, dict):
+            for name, schema in args.items():
+                if not isinstance(schema, dict):
+                    continue
+                base = ["args", name]
+                found = check_schema(schema, base)
+                if not found and "default" in schema:
+                    found = validate_subschema(schema["default"], schema, [*base, "default"])
+                problems.extend(found)
+        boot = data.get("boot")
+        if isinstance(boot, dict) and boot.get("partition_table") == "mbr" \
+                and boot.get("firmware") in ("uefi", "both"):
+            problems.append(Problem("/boot/partition_table",
+                                    f"'mbr' cannot boot firmware {boot.get('firmware')!r}; "
+                                    "use 'gpt'"))
+        problems.extend(Manifest._template_problems(data))
+        return sorted(set(problems), key=lambda p: (p.pointer, p.message))
+
+    @staticmethod
+    def _template_problems(data: Mapping[str, Any]) -> list[Problem]:
+        templates, volatile = data.get("templates"), data.get("volatile")
+        if not isinstance(templates, list) or not isinstance(volatile, list):
+            return []
+        problems = []
+        for v_index, pattern in enumerate(volatile):
+            try:
+                compiled = re.compile(pattern)
+            except (re.error, TypeError):
+                continue
+            for t_index, path in enumerate(templates):
+                if isinstance(path, str) and compiled.match(path):
+                    problems.append(Problem(
+                        f"/templates/{t_index}",
+                        f"{path!r} is dropped by volatile pattern /volatile/{v_index} "
+                        f"({pattern!r}), so it could never be rendered"))
+        return problems
+
+    def render_problems(self) -> list[Problem]:
+        """What this manifest still lacks for a render (it may be a valid
+        manifest without them, as the dotCloud manifests were).
+
+        :returns: problems with pointers to the missing sections.
+        """
+        problems = []
+        if "filesystem" not in self._data:
+            problems.append(Problem(
+                "/filesystem", "a render needs the root filesystem tarball: add "
+                "{\"url\": ..., \"sha256\": ...} (optionally \"size\", \"compression\")"))
+        if "boot" not in self._data:
+            problems.append(Problem(
+                "/boot", "a render needs to know how the image boots: add at least "
+                "{\"kernel\": \"/boot/vmlinuz\"} (optionally \"initrd\", \"cmdline\", "
+                "\"firmware\", \"partition_table\", \"root\")"))
+        return problems
+
+    def require_renderable(self) -> None:
+        """:raises ManifestError: naming every section a render still needs."""
+        problems = self.render_problems()
+        if problems:
+            raise ManifestError(problems, self.source)
+
+    # -- accessors ----------------------------------------------------------
+
+    @property
+    def data(self) -> Mapping[str, Any]:
+        """The manifest as parsed (read-only view)."""
+        return MappingProxyType(self._data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """:returns: a deep copy of the manifest document."""
+        return copy.deepcopy(self._data)
+
+    @property
+    def name(self) -> str:
+        return str(self._data["name"])
+
+    @property
+    def version(self) -> str | None:
+        version = self._data.get("version")
+        return None if version is None else str(version)
+
+    @property
+    def description(self) -> str:
+        return str(self._data.get("description", ""))
+
+    @property
+    def author(self) -> str:
+        return str(self._data.get("author", ""))
+
+    @property
+    def arch(self) -> str:
+        """The architecture, with ``amd64``/``arm64`` normalized to
+        ``x86_64``/``aarch64``; ``x86_64`` when absent."""
+        arch = str(self._data.get("arch", "x86_64"))
+        return _ARCH_ALIASES.get(arch, arch)
+
+    @property
+    def filesystem(self) -> FilesystemSpec | None:
+        section = self._data.get("filesystem")
+        if section is None:
+            return None
+        return FilesystemSpec(url=section["url"], sha256=section["sha256"],
+                              size=section.get("size"),
+                              compression=section.get("compression", "auto"))
+
+    @property
+    def boot(self) -> BootSpec | None:
+        section = self._data.get("boot")
+        if section is None:
+            return None
+        root = section.get("root", {})
+        return BootSpec(
+            kernel=section["kernel"],
+            initrd=section.get("initrd"),
+            cmdline=section.get("cmdline", ""),
+            firmware=section.get("firmware", "bios"),
+            partition_table=section.get("partition_table", "gpt"),
+            fstype=root.get("fstype", "ext4"),
+            root_size=parse_size(root["size"]) if "size" in root else None,
+            label=root.get("label", "cloudlets-root"),
+            disk_size=parse_size(section["disk_size"]) if "disk_size" in section else None,
+        )
+
+    @property
+    def hardware(self) -> dict[str, Any]:
+        """Hardware hints with defaults: ``cpus`` (1), ``memory`` in bytes (512 MiB)."""
+        section = dict(self._data.get("hardware", {}))
+        section.setdefault("cpus", 1)
+        section["memory"] = parse_size(section.get("memory", "512M"))
+        return section
+
+    @property
+    def args(self) -> dict[str, dict[str, Any]]:
+        """Argument name → its JSON Schema."""
+        return copy.deepcopy(self._data.get("args", {}))
+
+    @property
+    def templates(self) -> list[str]:
+        return list(self._data.get("templates", []))
+
+    @property
+    def template_syntax(self) -> str:
+        return str(self._data.get("template_syntax", "jinja2"))
+
+    @property
+    def persistent(self) -> list[str]:
+        return list(self._data.get("persistent", []))
+
+    @property
+    def volatile(self) -> list[str]:
+        return list(self._data.get("volatile", []))
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        """The free ``x-*`` keys at the top level."""
+        return {k: copy.deepcopy(v) for k, v in self._data.items() if k.startswith("x-")}
+
+    @property
+    def label(self) -> str:
+        """``name-version`` (or just the name), for file names and messages."""
+        return f"{self.name}-{self.version}" if self.version else self.name
+
+    def __repr__(self) -> str:
+        return f"<Manifest {self.label} digest={self.digest[:12]}>"

@@ -1,0 +1,71 @@
+"""Shared fixtures. Stage-specific fixtures live in their own modules."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture
+def dotcloud_manifest_path() -> Path:
+    path = REFERENCE / "dotcloud-sample-manifest.json"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: CI checks out shared/ beside the repository")
+    return path
+
+
+@pytest.fixture
+def complete_manifest() -> dict[str, Any]:
+    """A manifest with every section a render needs."""
+    return {
+        "name": "tiny",
+        "version": "1.0",
+        "arch": "x86_64",
+        "description": "test cloudlet",
+        "author": "cloudlets tests",
+        "filesystem": {"url": "http://mirrors.cloudlets.com/tiny.tar.gz",
+                       "sha256": "a" * 64, "size": 1024},
+        "boot": {"kernel": "/boot/vmlinuz", "initrd": "/boot/initrd.img",
+                 "cmdline": "console=ttyS0", "firmware": "bios"},
+        "args": {"hostname": {"type": "string", "default": "tiny-host"},
+                 "motd": {"type": "string", "default": "hello"}},
+        "templates": ["/etc/hostname"],
+    }
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def static_http(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A static file server on 127.0.0.1 serving a temporary directory."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    def handler(*args: Any, **kwargs: Any) -> _QuietHandler:
+        return _QuietHandler(*args, directory=str(root), **kwargs)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data))
+    return path
