@@ -1,0 +1,611 @@
+"""Fetching tarballs: verified while streaming, resumable, retried, policed.
+
+:class:`Fetcher` downloads one URL (``http``, ``https``, ``file://`` or a local
+path) into a destination file and proves it is the expected content:
+
+- the body is streamed in :attr:`Fetcher.CHUNK_SIZE` pieces, in constant memory;
+- its sha256 (and its size, when known) is checked while it arrives: a body
+  longer than the expected size is cut off at the first extra byte;
+- a dropped connection is resumed with an HTTP ``Range`` request (guarded by
+  ``If-Range``); a server that answers ``200`` instead restarts cleanly;
+- connection errors, timeouts, 5xx and 429 are retried with exponential
+  backoff and jitter, bounded in count and total time (:class:`RetryPolicy`);
+- every request has a connect and a read timeout;
+- the :class:`UrlPolicy` decides which schemes and hosts may be fetched, and
+  every redirect is followed by hand, checked against the policy and bounded;
+- on failure the destination file is removed, and the error
+  (:class:`~cloudlets.errors.FetchError`,
+  :class:`~cloudlets.errors.IntegrityError`) names the URL with its
+  credentials redacted, the HTTP status and what was expected.
+
+:meth:`Fetcher.fetch` also takes :class:`~cloudlets.mirrors.MirrorRules`: each
+candidate URL is tried in order, the origin last.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urljoin, urlsplit
+
+import requests
+import urllib3
+
+from cloudlets.errors import ConfigurationError, FetchError, IntegrityError
+from cloudlets.mirrors import Candidate, MirrorRules
+from cloudlets.progress import STAGE_FETCH, ProgressCallback, null_progress
+from cloudlets.urls import is_url, redact
+
+__all__ = ["FetchResult", "Fetcher", "RetryPolicy", "UrlPolicy"]
+
+log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+def check_sha256(value: str) -> str:
+    """:returns: ``value`` lower-cased.
+
+    :raises ConfigurationError: when it is not 64 hex digits.
+    """
+    low = value.lower() if isinstance(value, str) else ""
+    if not _SHA256.match(low):
+        raise ConfigurationError(f"{value!r} is not a sha256 digest (64 hex digits)")
+    return low
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How failed requests are retried.
+
+    Attempt *n* (from 0) that fails waits ``uniform(0, min(max_delay,
+    backoff * factor ** n))`` seconds ("full jitter") before the next, or the
+    server's ``Retry-After`` when it is longer (capped by ``max_delay``). No
+    new attempt starts once ``total_time`` seconds have passed since the
+    first, or after ``attempts`` attempts in all.
+
+    Retried: connection errors, timeouts, a body cut short, and the statuses
+    in ``retry_statuses`` (429 and every 5xx but 501 and 505, which are
+    permanent). Anything else fails at once.
+
+    :ivar attempts: most attempts per URL, first included (1 = no retry).
+    :ivar backoff: the base delay, in seconds.
+    :ivar factor: growth of the delay per attempt.
+    :ivar max_delay: longest single wait, in seconds.
+    :ivar total_time: no attempt starts later than this after the first one.
+    :ivar retry_statuses: the HTTP statuses worth another attempt.
+    """
+
+    attempts: int = 5
+    backoff: float = 0.5
+    factor: float = 2.0
+    max_delay: float = 30.0
+    total_time: float = 300.0
+    retry_statuses: frozenset[int] = field(default_factory=lambda: frozenset(
+        {429} | set(range(500, 600)) - {501, 505}))
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigurationError(f"RetryPolicy.attempts must be at least 1, not {self.attempts}")
+        for name in ("backoff", "factor", "max_delay", "total_time"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"RetryPolicy.{name} must not be negative")
+
+    def delay(self, attempt: int, retry_after: float | None = None,
+              rng: random.Random | None = None) -> float:
+        """:returns: the seconds to wait after failed attempt ``attempt`` (from 0).
+
+        :param attempt: how many attempts failed before this one, minus one.
+        :param retry_after: the server's ``Retry-After``, in seconds, if any.
+        :param rng: the random source for the jitter.
+        """
+        ceiling = min(self.max_delay, self.backoff * self.factor ** attempt)
+        wait = (rng or random).uniform(0, ceiling)
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.max_delay))
+        return wait
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Which URLs may be fetched.
+
+    :ivar schemes: allowed URL schemes. ``file`` (which also covers plain
+        local paths) is refused unless listed, or unless ``allow_file`` is set.
+    :ivar allow_file: shorthand to add ``file`` to ``schemes``.
+    :ivar hosts: when set, the only host names allowed; an entry starting
+        with a dot (``.example.com``) allows every subdomain of it.
+    :ivar max_redirects: most redirects followed for one request.
+    """
+
+    schemes: frozenset[str] = frozenset({"http", "https"})
+    allow_file: bool = False
+    hosts: frozenset[str] | None = None
+    max_redirects: int = 5
+
+    def __post_init__(self) -> None:
+        schemes = frozenset(s.lower() for s in self.schemes)
+        if self.allow_file:
+            schemes |= {"file"}
+        unknown = schemes - {"http", "https", "file"}
+        if unknown:
+            raise ConfigurationError(f"UrlPolicy: unsupported schemes {sorted(unknown)} "
+                                     "(supported: file, http, https)")
+        object.__setattr__(self, "schemes", schemes)
+        if self.hosts is not None:
+            object.__setattr__(self, "hosts", frozenset(h.lower() for h in self.hosts))
+        if self.max_redirects < 0:
+            raise ConfigurationError("UrlPolicy.max_redirects must not be negative")
+
+    def problem(self, url: str) -> str | None:
+        """:returns: why ``url`` is refused, or ``None`` when it is allowed."""
+        scheme = urlsplit(url).scheme.lower() if is_url(url) else "file"
+        if scheme not in self.schemes:
+            return (f"scheme {scheme!r} is not allowed (allowed: "
+                    f"{', '.join(sorted(self.schemes))})")
+        if scheme == "file" or self.hosts is None:
+            return None
+        host = (urlsplit(url).hostname or "").lower()
+        if host in self.hosts or any(h.startswith(".") and host.endswith(h) for h in self.hosts):
+            return None
+        return f"host {host!r} is not in the allowed hosts"
+
+    def check(self, url: str, what: str = "URL") -> None:
+        """:raises FetchError: when ``url`` is refused, naming why."""
+        problem = self.problem(url)
+        if problem:
+            raise FetchError(f"{what} {redact(url)} refused by the URL policy: {problem}",
+                             url=redact(url))
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What :meth:`Fetcher.fetch` did.
+
+    :ivar url: the URL the content came from, credentials redacted.
+    :ivar mirror_rule: the mirror rule used (``{"prefix", "mirror",
+        "source"}``), or ``None`` when the origin served it.
+    :ivar sha256: the verified digest.
+    :ivar size: the verified size in bytes.
+    :ivar attempts: requests made, across candidates and retries.
+    :ivar resumed: how many times a download resumed with ``Range``.
+    """
+
+    url: str
+    mirror_rule: dict[str, Any] | None
+    sha256: str
+    size: int
+    attempts: int
+    resumed: int
+
+
+@dataclass
+class _Stats:
+    """Counters of one :meth:`Fetcher.fetch` call."""
+
+    attempts: int = 0
+    resumes: int = 0
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way worth another try."""
+
+    def __init__(self, message: str, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class _Sink:
+    """The destination file with its running digest and byte count."""
+
+    def __init__(self, path: Path, url: str, sha256: str, size: int | None) -> None:
+        self.path = path
+        self.url = url
+        self.expected_sha256 = sha256
+        self.expected_size = size
+        self.file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.hasher = hashlib.sha256()
+        self.done = 0
+
+    def restart(self) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+        self.hasher = hashlib.sha256()
+        self.done = 0
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        if self.expected_size is not None and self.done + len(chunk) > self.expected_size:
+            raise IntegrityError(
+                f"{redact(self.url)}: more data than the expected {self.expected_size} bytes",
+                url=redact(self.url), expected=str(self.expected_size),
+                actual=f"more than {self.expected_size} bytes")
+        self.hasher.update(chunk)
+        self.file.write(chunk)
+        self.done += len(chunk)
+
+    def finish(self) -> str:
+        """Check size and digest; flush to disk.
+
+        :returns: the digest.
+        :raises IntegrityError: on a mismatch.
+        """
+        where = redact(self.url)
+        if self.expected_size is not None and self.done != self.expected_size:
+            raise IntegrityError(
+                f"{where}: size mismatch: expected {self.expected_size} bytes, got {self.done}",
+                url=where, expected=str(self.expected_size), actual=str(self.done))
+        actual = self.hasher.hexdigest()
+        if actual != self.expected_sha256:
+            raise IntegrityError(
+                f"{where}: sha256 mismatch: expected {self.expected_sha256}, got {actual} "
+                f"({self.done} bytes)", url=where, expected=self.expected_sha256, actual=actual)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        return actual
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _local_path(url: str) -> Path:
+    if not is_url(url):
+        return Path(url)
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise FetchError(f"{redact(url)}: a file:// URL must not name a remote host "
+                         f"({parts.netloc!r})", url=redact(url))
+    return Path(unquote(parts.path))
+
+
+class Fetcher:
+    """Downloads one tarball at a time into a local file, verified.
+
+    A Fetcher may be shared by threads: unless ``session`` is given, each
+    thread gets its own :class:`requests.Session` (connection reuse).
+
+    :param policy: which URLs may be fetched; http and https by default.
+    :param retry: how failures are retried.
+    :param connect_timeout: seconds to wait for a connection.
+    :param read_timeout: seconds to wait for any bytes from the server.
+    :param session: one HTTP session for every thread (by default, a new one
+        per thread).
+    :param user_agent: the ``User-Agent`` header.
+    :param sleep: how to wait between attempts (tests pass a fake clock).
+    """
+
+    #: Bytes read and written at a time.
+    CHUNK_SIZE = 1 << 20
+
+    def __init__(self, *, policy: UrlPolicy | None = None, retry: RetryPolicy | None = None,
+                 connect_timeout: float = 10.0, read_timeout: float = 60.0,
+                 session: requests.Session | None = None,
+                 user_agent: str = "cloudlets-fetch/1",
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if connect_timeout <= 0 or read_timeout <= 0:
+            raise ConfigurationError("Fetcher timeouts must be positive numbers of seconds")
+        self.policy = policy or UrlPolicy()
+        self.retry = retry or RetryPolicy()
+        self.timeout = (connect_timeout, read_timeout)
+        self._shared_session = session
+        self._local = threading.local()
+        self.user_agent = user_agent
+        self._sleep = sleep
+        self._rng = random.Random()
+
+    @property
+    def session(self) -> requests.Session:
+        """The HTTP session of the calling thread."""
+        if self._shared_session is not None:
+            return self._shared_session
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+    # -- public API ---------------------------------------------------------
+
+    def fetch(self, url: str, dest: str | os.PathLike[str], *, sha256: str,
+              size: int | None = None, mirrors: MirrorRules | None = None,
+              progress: ProgressCallback | None = None) -> FetchResult:
+        """Download ``url`` (or its mirrors) into ``dest`` and verify it.
+
+        Candidates from ``mirrors.rewrite(url)`` are tried in order, the
+        origin last; each gets the full :class:`RetryPolicy`. A candidate the
+        URL policy refuses is skipped.
+
+        :param url: ``http(s)://``, ``file://`` URL or local path.
+        :param dest: the file to write; replaced. Removed again on failure.
+        :param sha256: the expected digest (64 hex digits).
+        :param size: the expected size in bytes, when known.
+        :param mirrors: mirror rules to apply to ``url``.
+        :param progress: called with ``(STAGE_FETCH, done, total)``.
+        :returns: what was fetched, from where.
+        :raises FetchError: when no candidate could be downloaded.
+        :raises IntegrityError: when every candidate that answered served the
+            wrong content (digest or size).
+        :raises ConfigurationError: when ``sha256`` is not a digest.
+        """
+        sha256 = check_sha256(sha256)
+        if size is not None and size < 0:
+            raise ConfigurationError(f"expected size must not be negative, not {size}")
+        candidates = (mirrors or MirrorRules()).rewrite(url)
+        failures: list[Exception] = []
+        stats = _Stats()
+        for candidate in candidates:
+            problem = self.policy.problem(candidate.url)
+            if problem:
+                where = "mirror" if candidate.rule else "URL"
+                failures.append(FetchError(f"{where} {redact(candidate.url)} refused by the "
+                                           f"URL policy: {problem}", url=redact(candidate.url)))
+                continue
+            try:
+                digest, done = self._fetch_one(candidate, Path(dest), sha256, size,
+                                               progress or null_progress, stats)
+            except (FetchError, IntegrityError) as exc:
+                failures.append(exc)
+                if not candidate.is_origin:
+                    log.warning("mirror failed, trying the next candidate: %s", exc)
+                continue
+            return FetchResult(redact(candidate.url), candidate.rule_dict(), digest, done,
+                               stats.attempts, stats.resumes)
+        raise self._combined(failures)
+
+    # -- one candidate ------------------------------------------------------
+
+    def _fetch_one(self, candidate: Candidate, dest: Path, sha256: str, size: int | None,
+                   progress: ProgressCallback, stats: _Stats) -> tuple[str, int]:
+        """:returns: the verified sha256 and size."""
+        url = candidate.url
+        sink = _Sink(dest, url, sha256, size)
+        ok = False
+        try:
+            if not is_url(url) or urlsplit(url).scheme.lower() == "file":
+                stats.attempts += 1
+                self._copy_local(url, sink, progress)
+                digest = sink.finish()
+                ok = True
+                return digest, sink.done
+            resumes_before = stats.resumes
+            self._download(url, sink, progress, stats)
+            try:
+                digest = sink.finish()
+            except IntegrityError:
+                if stats.resumes == resumes_before:
+                    raise
+                # The pieces may come from two versions of the file (a server
+                # without validators): try once more in one piece.
+                log.warning("GET %s: resumed download failed verification; fetching it "
+                            "again in one piece", redact(url))
+                sink.restart()
+                self._download(url, sink, progress, stats)
+                digest = sink.finish()
+            ok = True
+            return digest, sink.done
+        finally:
+            sink.close()
+            if not ok:
+                dest.unlink(missing_ok=True)
+
+    def _copy_local(self, url: str, sink: _Sink, progress: ProgressCallback) -> None:
+        path = _local_path(url)
+        try:
+            with open(path, "rb") as src:
+                total = os.fstat(src.fileno()).st_size
+                if sink.expected_size is not None and total != sink.expected_size:
+                    raise IntegrityError(
+                        f"{redact(url)}: size mismatch: expected {sink.expected_size} bytes, "
+                        f"the file has {total}", url=redact(url),
+                        expected=str(sink.expected_size), actual=str(total))
+                buf = bytearray(self.CHUNK_SIZE)
+                view = memoryview(buf)
+                while True:
+                    n = src.readinto(buf)
+                    if not n:
+                        break
+                    sink.write(view[:n])
+                    progress(STAGE_FETCH, sink.done, total)
+        except OSError as exc:
+            raise FetchError(f"cannot read {redact(url)}: {exc.strerror or exc}",
+                             url=redact(url)) from None
+
+    def _download(self, url: str, sink: _Sink, progress: ProgressCallback,
+                  stats: _Stats) -> None:
+        """Run the attempts for one HTTP URL, counting them in ``stats``."""
+        policy = self.retry
+        started = time.monotonic()
+        validator: str | None = None
+        attempt = 0
+        while True:
+            attempt += 1
+            stats.attempts += 1
+            stats.resumes += 1 if sink.done else 0
+            try:
+                validator = self._attempt(url, sink, progress, validator)
+                return
+            except _Retryable as exc:
+                elapsed = time.monotonic() - started
+                wait = policy.delay(attempt - 1, exc.retry_after, self._rng)
+                if attempt >= policy.attempts or elapsed + wait > policy.total_time:
+                    why = (f"{attempt} attempts" if attempt >= policy.attempts
+                           else f"retry budget of {policy.total_time:g}s")
+                    raise FetchError(f"GET {redact(url)} failed after {why}: {exc}",
+                                     url=redact(url), status=exc.status) from None
+                log.info("GET %s: %s; attempt %d of %d in %.2fs", redact(url), exc,
+                         attempt + 1, policy.attempts, wait)
+                self._sleep(wait)
+
+    def _attempt(self, url: str, sink: _Sink, progress: ProgressCallback,
+                 validator: str | None) -> str | None:
+        """One request (following redirects) and its body.
+
+        :returns: the resume validator (ETag or Last-Modified), if any.
+        """
+        headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
+        offset = sink.done
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if validator:
+                headers["If-Range"] = validator
+        response = self._request(url, headers)
+        with response:
+            where = redact(response.url or url)
+            status = response.status_code
+            if status == 206 and offset:
+                self._check_range(response, where, offset, sink.expected_size)
+            elif status == 200:
+                if offset:
+                    log.info("GET %s: server ignored Range, restarting from byte 0", where)
+                    sink.restart()
+                    progress(STAGE_FETCH, 0, sink.expected_size)
+            elif status == 416 and offset:
+                sink.restart()
+                raise _Retryable(f"HTTP 416 for bytes={offset}-; restarting from byte 0",
+                                 status=status)
+            elif status in self.retry.retry_statuses:
+                raise _Retryable(f"HTTP {status} {response.reason}", status=status,
+                                 retry_after=_retry_after(response.headers.get("Retry-After")))
+            else:
+                raise FetchError(f"GET {where} failed: HTTP {status} {response.reason} "
+                                 f"(expected 200{' or 206' if offset else ''})",
+                                 url=where, status=status)
+            validator = validator or _validator(response)
+            total = sink.expected_size
+            length = response.headers.get("Content-Length")
+            if status == 200 and length and length.isdigit():
+                if total is not None and int(length) != total:
+                    raise IntegrityError(
+                        f"{where}: size mismatch: expected {total} bytes, the server announces "
+                        f"{length} (Content-Length)", url=where, expected=str(total),
+                        actual=length)
+                total = int(length) if total is None else total
+            try:
+                for chunk in _body(response, self.CHUNK_SIZE):
+                    sink.write(chunk)
+                    progress(STAGE_FETCH, sink.done, total)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise _Retryable(f"connection lost after {sink.done} bytes: "
+                                 f"{_describe(exc)}") from None
+            if total is not None and sink.done < total:
+                raise _Retryable(f"body ended after {sink.done} of {total} bytes")
+            return validator
+
+    def _request(self, url: str, headers: dict[str, str]) -> requests.Response:
+        """Send a GET, following redirects by hand within the policy."""
+        seen = [url]
+        current = url
+        for _hop in range(self.policy.max_redirects + 1):
+            try:
+                response = self.session.get(current, headers=headers, stream=True,
+                                            allow_redirects=False, timeout=self.timeout)
+            except requests.Timeout as exc:
+                raise _Retryable(f"timed out: {_describe(exc)}") from None
+            except requests.ConnectionError as exc:
+                raise _Retryable(f"connection failed: {_describe(exc)}") from None
+            except requests.RequestException as exc:
+                raise FetchError(f"GET {redact(current)} failed: {_describe(exc)}",
+                                 url=redact(current)) from None
+            if response.status_code not in _REDIRECTS:
+                return response
+            location = response.headers.get("Location")
+            response.close()
+            if not location:
+                raise FetchError(f"GET {redact(current)}: HTTP {response.status_code} without "
+                                 "a Location header", url=redact(current),
+                                 status=response.status_code)
+            target = urljoin(current, location)
+            problem = self.policy.problem(target)
+            if problem:
+                raise FetchError(f"GET {redact(current)}: redirect to {redact(target)} refused "
+                                 f"by the URL policy: {problem}", url=redact(current),
+                                 status=response.status_code)
+            if target in seen:
+                raise FetchError(f"GET {redact(url)}: redirect loop at {redact(target)}",
+                                 url=redact(url), status=response.status_code)
+            log.debug("GET %s: redirected to %s", redact(current), redact(target))
+            seen.append(target)
+            current = target
+        raise FetchError(f"GET {redact(url)}: more than {self.policy.max_redirects} redirects",
+                         url=redact(url))
+
+    @staticmethod
+    def _check_range(response: requests.Response, where: str, offset: int,
+                     size: int | None) -> None:
+        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
+        if not match or int(match.group(1)) != offset:
+            raise FetchError(f"GET {where}: asked for bytes={offset}-, the server answered "
+                             f"206 with Content-Range {response.headers.get('Content-Range')!r}",
+                             url=where, status=206)
+        whole = match.group(3)
+        if size is not None and whole != "*" and int(whole) != size:
+            raise IntegrityError(f"{where}: size mismatch: expected {size} bytes, the server "
+                                 f"announces {whole} (Content-Range)", url=where,
+                                 expected=str(size), actual=whole)
+
+    @staticmethod
+    def _combined(failures: list[Exception]) -> Exception:
+        """One error for every failed candidate: the type and facts of the
+        last one (the origin), a message listing them all."""
+        last = failures[-1]
+        if len(failures) == 1:
+            return last
+        lines = "\n".join(f"  - {f}" for f in failures)
+        message = f"every candidate URL failed:\n{lines}"
+        if isinstance(last, IntegrityError):
+            return IntegrityError(message, url=last.url, expected=last.expected,
+                                  actual=last.actual)
+        assert isinstance(last, FetchError)
+        return FetchError(message, url=last.url, status=last.status)
+
+
+def _validator(response: requests.Response) -> str | None:
+    """A strong ETag, else Last-Modified: what ``If-Range`` may carry."""
+    etag = response.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified")
+
+
+def _body(response: requests.Response, chunk_size: int) -> Iterator[bytes]:
+    """The body as sent: no content decoding, so a ``.tar.gz`` served with
+    ``Content-Encoding: gzip`` keeps its bytes and its digest."""
+    raw = response.raw
+    while True:
+        chunk = raw.read(chunk_size, decode_content=False)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason, without the URL (which may hold credentials)."""
+    text = str(exc)
+    text = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact(m.group(0)), text)
+    text = re.sub(r"(?i)(url: )\S+", r"\1<redacted>", text)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
