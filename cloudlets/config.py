@@ -1,0 +1,266 @@
+"""Render configuration: what the hosting provider presets and the requester
+supplies (host name, IP interfaces, DNS, SSH keys, mirrors, manifest args).
+
+Merge order: the manifest's argument defaults < provider :class:`Presets` <
+the request. A provider may lock preset keys (dotted paths such as ``ip`` or
+``dns.nameservers``); a request that sets a locked key, or anything above or
+below it, fails with :class:`~cloudlets.errors.LockedKeyError` naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from cloudlets.errors import ConfigError, LockedKeyError, Problem
+from cloudlets.jsondoc import (
+    JSONSyntaxError,
+    digest,
+    parse_json,
+    pointer,
+    schema_problems,
+    validate_subschema,
+)
+
+if TYPE_CHECKING:
+    from cloudlets.manifest import Manifest
+
+__all__ = ["Presets", "RenderConfig", "load_config_file", "resolve_config", "set_dotted"]
+
+#: File name of the render config schema in ``cloudlets/schemas/``.
+SCHEMA_NAME = "config-v1.json"
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a render config (or presets) JSON file.
+
+    :raises ConfigError: when it cannot be read or is not a JSON object.
+    """
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([Problem("", f"cannot read: {exc.strerror or exc}")], str(path)) \
+            from None
+    try:
+        data = parse_json(text)
+    except JSONSyntaxError as exc:
+        raise ConfigError([exc.problem], str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("", "a render config must be a JSON object")], str(path))
+    return data
+
+
+def validate_config(data: Mapping[str, Any], source: str | None = None) -> None:
+    """Check a (partial) config against the config schema.
+
+    :raises ConfigError: listing every problem.
+    """
+    problems = schema_problems(dict(data), SCHEMA_NAME)
+    problems.extend(_interface_problems(data))
+    if problems:
+        raise ConfigError(problems, source)
+
+
+def _interface_problems(data: Mapping[str, Any]) -> list[Problem]:
+    interfaces = data.get("ip", {}).get("interfaces") if isinstance(data.get("ip"), dict) else None
+    if not isinstance(interfaces, list):
+        return []
+    problems = []
+    seen: set[str] = set()
+    for index, iface in enumerate(interfaces):
+        if not isinstance(iface, dict):
+            continue
+        where = f"/ip/interfaces/{index}"
+        name = iface.get("name")
+        if name in seen:
+            problems.append(Problem(f"{where}/name", f"interface {name!r} is listed twice"))
+        seen.add(str(name))
+        if iface.get("dhcp"):
+            continue
+        if "address" not in iface:
+            problems.append(Problem(where, "a static interface needs 'address' "
+                                           "(or set \"dhcp\": true)"))
+            continue
+        try:
+            address = ipaddress.ip_address(iface["address"])
+        except ValueError:
+            continue
+        prefix = iface.get("prefix", 24 if address.version == 4 else 64)
+        if isinstance(prefix, int) and address.version == 4 and prefix > 32:
+            problems.append(Problem(f"{where}/prefix", f"{prefix} is longer than 32 for IPv4"))
+    return problems
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating the levels in between.
+
+    :raises ConfigError: when a level in between is not an object.
+    """
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError([Problem("", f"{key!r} is not a dotted key")])
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError([Problem(pointer(parts[: depth + 1]),
+                                       f"cannot set {key!r}: {where!r} is not an object")])
+        node = child
+    node[parts[-1]] = value
+
+
+def _leaf_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tuple[str, ...]]:
+    for key, value in data.items():
+        path = (*prefix, key)
+        if isinstance(value, Mapping) and value:
+            yield from _leaf_paths(value, path)
+        else:
+            yield path
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+@dataclass(frozen=True)
+class Presets:
+    """What a hosting provider presets for every render, and which of those
+    keys a request may not override.
+
+    :ivar values: a (partial) render config.
+    :ivar locked: dotted keys a request cannot set (``ip``, ``dns.nameservers``).
+    """
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+    locked: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", copy.deepcopy(dict(self.values)))
+        object.__setattr__(self, "locked", frozenset(self.locked))
+        validate_config(self.values, "presets")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Presets:
+        """Read presets from a JSON file: ``{"config": {...}, "locked": [...]}``.
+
+        :raises ConfigError: when the file is invalid.
+        """
+        data = load_config_file(path)
+        unknown = sorted(set(data) - {"config", "locked"})
+        if unknown:
+            raise ConfigError([Problem(f"/{k}", "unknown key (known keys: config, locked)")
+                               for k in unknown], str(path))
+        locked = data.get("locked", [])
+        if not isinstance(locked, list) or not all(isinstance(k, str) for k in locked):
+            raise ConfigError([Problem("/locked", "must be a list of dotted keys")], str(path))
+        return cls(values=data.get("config", {}), locked=frozenset(locked))
+
+    def violations(self, request: Mapping[str, Any]) -> list[str]:
+        """:returns: the locked keys ``request`` tries to set, sorted."""
+        hits = set()
+        for path in _leaf_paths(request):
+            dotted = ".".join(path)
+            for locked in self.locked:
+                if dotted == locked or dotted.startswith(locked + ".") \
+                        or locked.startswith(dotted + "."):
+                    hits.add(locked)
+        return sorted(hits)
+
+
+class RenderConfig:
+    """A merged, validated render configuration. Build it with
+    :func:`resolve_config`."""
+
+    def __init__(self, data: Mapping[str, Any], manifest_name: str) -> None:
+        self._data = copy.deepcopy(dict(data))
+        self._manifest_name = manifest_name
+        self.digest: str = digest(self._data)
+        """sha256 of the canonical JSON form of the merged config."""
+
+    @property
+    def data(self) -> Mapping[str, Any]:
+        """The merged config (read-only view)."""
+        return MappingProxyType(self._data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """:returns: a deep copy of the merged config."""
+        return copy.deepcopy(self._data)
+
+    @property
+    def hostname(self) -> str:
+        """The host name: ``hostname``, else the ``hostname`` argument, else
+        the manifest name."""
+        if "hostname" in self._data:
+            return str(self._data["hostname"])
+        arg = self._data.get("args", {}).get("hostname")
+        return str(arg) if isinstance(arg, str) and arg else self._manifest_name
+
+    @property
+    def interfaces(self) -> list[dict[str, Any]]:
+        return copy.deepcopy(self._data.get("ip", {}).get("interfaces", []))
+
+    @property
+    def dns(self) -> dict[str, list[str]]:
+        dns = self._data.get("dns", {})
+        return {"nameservers": list(dns.get("nameservers", [])),
+                "search": list(dns.get("search", []))}
+
+    @property
+    def ssh_authorized_keys(self) -> list[str]:
+        return list(self._data.get("ssh_authorized_keys", []))
+
+    @property
+    def mirrors(self) -> list[dict[str, Any]]:
+        return copy.deepcopy(self._data.get("mirrors", []))
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return copy.deepcopy(self._data.get("args", {}))
+
+    def __repr__(self) -> str:
+        return f"<RenderConfig hostname={self.hostname!r} digest={self.digest[:12]}>"
+
+
+def resolve_config(manifest: Manifest, presets: Presets | None = None,
+                   request: Mapping[str, Any] | None = None) -> RenderConfig:
+    """Merge manifest defaults < presets < request, and validate the result.
+
+    :param manifest: supplies the argument schemas and their defaults.
+    :param presets: the provider's presets and locks.
+    :param request: what the requester asked for.
+    :raises LockedKeyError: when the request sets a locked key.
+    :raises ConfigError: when the request or the merged config is invalid.
+    """
+    presets = presets or Presets()
+    request = dict(request or {})
+    validate_config(request, "request")
+    violations = presets.violations(request)
+    if violations:
+        raise LockedKeyError(violations)
+    arg_schemas = manifest.args
+    merged: dict[str, Any] = {"args": {name: copy.deepcopy(schema["default"])
+                                       for name, schema in arg_schemas.items()
+                                       if "default" in schema}}
+    _deep_merge(merged, presets.values)
+    _deep_merge(merged, request)
+    validate_config(merged, "merged config")
+    problems = validate_subschema(merged.get("args", {}), {
+        "type": "object",
+        "properties": arg_schemas,
+        "required": sorted(n for n, s in arg_schemas.items() if "default" not in s),
+        "additionalProperties": False,
+    }, ["args"])
+    if problems:
+        raise ConfigError(problems, "render config")
+    return RenderConfig(merged, manifest.name)

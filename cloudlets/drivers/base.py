@@ -1,0 +1,448 @@
+"""The two driver contracts: :class:`FormatDriver` and :class:`StorageDriver`.
+
+A **format driver** turns the bootable raw disk (and, when it asks for it, the
+rendered root filesystem) into the files a consumer imports. It never stores
+anything itself: it writes :class:`OutputFile` objects into a work directory
+the Renderer owns.
+
+A **storage driver** puts a stream of bytes at a location and reports a
+:class:`StoredArtifact` (location, size, sha256). It never learns which format
+produced the bytes. The base class counts and hashes what passes through,
+checks the driver's declared capabilities before dispatch and refuses to
+report success for bytes that do not match the expected digest.
+
+Where a format needs a step after storing (EC2 registers an AMI once the disk
+is on S3) it implements :meth:`FormatDriver.publish`, which receives the
+stored artifacts and the storage driver; the two families never import each
+other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+
+from cloudlets.drivers.types import FormatCapability, StorageCapability
+from cloudlets.errors import ConfigurationError, StorageError
+from cloudlets.urls import redact
+
+if TYPE_CHECKING:
+    from cloudlets.config import RenderConfig
+    from cloudlets.manifest import Manifest
+
+__all__ = [
+    "DiskImage",
+    "FormatContext",
+    "FormatDriver",
+    "OutputFile",
+    "PublishResult",
+    "StorageDriver",
+    "StoredArtifact",
+    "UploadSource",
+]
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    """The bootable disk the disk stage built, handed to format drivers.
+
+    :ivar path: the raw disk image (sparse file).
+    :ivar size: its virtual size in bytes.
+    :ivar firmware: ``bios``, ``uefi`` or ``both``.
+    :ivar tree_tar: the rendered root filesystem as a normalized tar, for
+        formats that ship the tree rather than a disk.
+    :ivar details: facts the disk stage records (partition table, root
+        filesystem UUID...).
+    """
+
+    path: Path
+    size: int
+    firmware: str = "bios"
+    tree_tar: Path | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FormatContext:
+    """Everything a format driver receives.
+
+    :ivar manifest: the validated manifest.
+    :ivar config: the merged render configuration.
+    :ivar disk: the bootable raw disk.
+    :ivar workdir: an empty directory the driver writes its outputs into;
+        the Renderer deletes it after storing.
+    :ivar basename: the file stem outputs should use (``debian-12``).
+    """
+
+    manifest: Manifest
+    config: RenderConfig
+    disk: DiskImage
+    workdir: Path
+    basename: str
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file a format driver produced.
+
+    :ivar role: what the file is (``disk``, ``descriptor``, ``manifest``,
+        ``domain-config``...).
+    :ivar path: where the driver wrote it (inside the work directory).
+    :ivar name: the file name to store it under, relative to the output base.
+    :ivar media_type: its MIME type.
+    """
+
+    role: str
+    path: Path
+    name: str
+    media_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """One artifact as the storage driver stored it.
+
+    :ivar role: copied from the :class:`OutputFile`.
+    :ivar location: where it is now (a path or URL, credentials redacted).
+    :ivar size: bytes stored.
+    :ivar sha256: hex digest of the bytes stored.
+    :ivar media_type: its MIME type.
+    :ivar extra: driver-specific facts (a presigned URL, an ETag...).
+    """
+
+    role: str
+    location: str
+    size: int
+    sha256: str
+    media_type: str = "application/octet-stream"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """:returns: a JSON-ready dict."""
+        return {
+            "role": self.role,
+            "location": self.location,
+            "size": self.size,
+            "sha256": self.sha256,
+            "media_type": self.media_type,
+            "extra": dict(self.extra),
+        }
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What :meth:`FormatDriver.publish` reports, e.g. a registered AMI.
+
+    :ivar image_id: the consumer's id for the image, if it assigned one.
+    :ivar details: anything else worth recording.
+    """
+
+    image_id: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class UploadSource:
+    """Bytes on their way to a storage driver.
+
+    The base class builds this from a path, a binary file or an iterator of
+    bytes, and hashes and counts every chunk a driver pulls through
+    :meth:`chunks`. Drivers that hand a file to an external tool may read
+    :attr:`path` instead (set only when the source is a regular file).
+
+    :ivar path: the source file, when there is one.
+    :ivar size: the length in bytes, when known beforehand.
+    :ivar sha256: the expected digest, when known beforehand.
+    :ivar media_type: the MIME type.
+    """
+
+    path: Path | None
+    size: int | None
+    sha256: str | None
+    media_type: str
+    _iterable: Iterable[bytes] | None = None
+    _file: BinaryIO | None = None
+    _hash: Any = field(default_factory=hashlib.sha256)
+    bytes_read: int = 0
+    _consumed: bool = False
+
+    def chunks(self, chunk_size: int) -> Iterator[bytes]:
+        """Yield the content once, in chunks of at most ``chunk_size`` bytes
+        (iterator sources yield their own chunk sizes).
+
+        :raises StorageError: when called twice on a non-rewindable source.
+        """
+        if self._consumed and self.path is None:
+            raise StorageError("upload source is a stream and was already consumed")
+        self._consumed = True
+        self._hash = hashlib.sha256()
+        self.bytes_read = 0
+        if self._iterable is not None:
+            for chunk in self._iterable:
+                if chunk:
+                    self._account(chunk)
+                    yield chunk
+            return
+        handle: BinaryIO
+        close = False
+        if self.path is not None:
+            handle = open(self.path, "rb")  # noqa: SIM115
+            close = True
+        else:
+            assert self._file is not None
+            handle = self._file
+        try:
+            while True:
+                chunk = handle.read(chunk_size)
+                if not chunk:
+                    break
+                self._account(chunk)
+                yield chunk
+        finally:
+            if close:
+                handle.close()
+
+    def _account(self, chunk: bytes) -> None:
+        self._hash.update(chunk)
+        self.bytes_read += len(chunk)
+
+    def verify(self, location: str) -> None:
+        """Check the bytes pulled so far against the expected size and digest.
+        Drivers call this before making an artifact visible at its final
+        location; the base calls it again after :meth:`StorageDriver._upload`.
+
+        :raises StorageError: on a mismatch.
+        """
+        shown = redact(location)
+        if self.size is not None and self.bytes_read != self.size:
+            raise StorageError(f"upload to {shown} sent {self.bytes_read} bytes, "
+                               f"expected {self.size}", shown)
+        if self.sha256 is not None and self.digest != self.sha256:
+            raise StorageError(f"upload to {shown} sent content with sha256 {self.digest}, "
+                               f"expected {self.sha256}", shown)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the bytes pulled through :meth:`chunks` so far."""
+        return str(self._hash.hexdigest())
+
+    def mark_read_externally(self) -> None:
+        """Declare that a driver handed :attr:`path` to an external tool
+        instead of pulling :meth:`chunks`; the base then trusts the
+        precomputed :attr:`sha256` and :attr:`size`."""
+        if self.path is None or self.sha256 is None or self.size is None:
+            raise StorageError("only a file source with a known digest can be read externally")
+        self._consumed = True
+        self.bytes_read = self.size
+        self._hash = _FixedDigest(self.sha256)
+
+
+class _FixedDigest:
+    def __init__(self, hexdigest: str) -> None:
+        self._hex = hexdigest
+
+    def hexdigest(self) -> str:
+        return self._hex
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """:returns: the hex sha256 of a file, read in constant memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FormatDriver(ABC):
+    """Base of every output type.
+
+    Subclasses declare :attr:`name`, :attr:`website`, :attr:`capabilities`
+    and :attr:`description`, and implement :meth:`convert`.
+    """
+
+    #: Registry name (a :class:`~cloudlets.drivers.types.Format` value for ours).
+    name: ClassVar[str]
+    #: Where the format is specified.
+    website: ClassVar[str] = ""
+    #: One line for ``cloudlets drivers`` and the docs matrix.
+    description: ClassVar[str] = ""
+    #: What the driver can do.
+    capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+
+    @abstractmethod
+    def convert(self, context: FormatContext) -> list[OutputFile]:
+        """Convert the disk into this format.
+
+        :param context: the manifest, config, disk and an empty work directory.
+        :returns: the files written, the primary one first; every path lies
+            inside ``context.workdir``.
+        :raises FormatError: when the conversion fails.
+        """
+
+    def publish(self, context: FormatContext, stored: list[StoredArtifact],
+                storage: StorageDriver) -> PublishResult | None:
+        """Run a step after storing, e.g. register the stored disk as an image.
+        Only called when :attr:`capabilities` has ``PUBLISH``.
+
+        :param context: the same context :meth:`convert` received.
+        :param stored: the stored artifacts, in :meth:`convert`'s order.
+        :param storage: the storage driver that stored them.
+        :returns: the published image, or ``None``.
+        """
+        return None
+
+
+class StorageDriver(ABC):
+    """Base of every output provider.
+
+    Subclasses declare :attr:`name`, :attr:`website`, :attr:`capabilities`
+    and implement :meth:`_upload`, and, as their capabilities say,
+    :meth:`_delete`, :meth:`_open` and :meth:`exists`. Callers use the public
+    :meth:`upload`, :meth:`delete` and :meth:`open`, which check capabilities,
+    hash what passes and clean up on failure.
+    """
+
+    #: Registry name (a :class:`~cloudlets.drivers.types.Storage` value for ours).
+    name: ClassVar[str]
+    #: Where the target is documented.
+    website: ClassVar[str] = ""
+    #: One line for ``cloudlets drivers`` and the docs matrix.
+    description: ClassVar[str] = ""
+    #: What the driver can do.
+    capabilities: ClassVar[StorageCapability] = StorageCapability.NONE
+    #: Bytes per read when streaming a file source.
+    CHUNK_SIZE: ClassVar[int] = 4 * 1024 * 1024
+
+    # -- public API ---------------------------------------------------------
+
+    def upload(self, source: Path | str | BinaryIO | Iterable[bytes], location: str, *,
+               size: int | None = None, sha256: str | None = None,
+               media_type: str = "application/octet-stream", role: str = "disk",
+               overwrite: bool = False) -> StoredArtifact:
+        """Store ``source`` at ``location``.
+
+        :param source: a file path, a binary file object or an iterator of bytes.
+        :param location: where to store it, in this driver's location syntax.
+        :param size: the length, when known (required unless the driver can
+            ``STREAM``).
+        :param sha256: the expected digest; a mismatch fails the upload.
+        :param media_type: the MIME type.
+        :param role: the artifact's role, copied into the result.
+        :param overwrite: replace an existing object instead of refusing.
+        :returns: the stored artifact.
+        :raises StorageError: on failure; nothing complete-looking is left at
+            ``location``.
+        """
+        upload_source = self._make_source(source, size, sha256, media_type)
+        if upload_source.size is None and not self.capabilities & StorageCapability.STREAM:
+            raise StorageError(
+                f"storage driver {self.name!r} cannot store a stream of unknown length",
+                redact(location))
+        if not overwrite and self.exists(location):
+            raise StorageError(f"refusing to overwrite existing {redact(location)}",
+                               redact(location))
+        try:
+            final = self._upload(upload_source, location, overwrite=overwrite)
+            upload_source.verify(location)
+        except BaseException:
+            self._cleanup_failed(location)
+            raise
+        extra = self._extra(final)
+        return StoredArtifact(role=role, location=final, size=upload_source.bytes_read,
+                              sha256=upload_source.digest, media_type=media_type, extra=extra)
+
+    def delete(self, location: str) -> None:
+        """Delete what was stored at ``location``.
+
+        :raises ConfigurationError: when the driver cannot delete.
+        :raises StorageError: when the deletion fails.
+        """
+        self._require(StorageCapability.DELETE, "delete")
+        self._delete(location)
+
+    def open(self, location: str) -> BinaryIO:
+        """Open what was stored at ``location`` for reading.
+
+        :raises ConfigurationError: when the driver cannot read back.
+        :raises StorageError: when it is missing or unreadable.
+        """
+        self._require(StorageCapability.READ, "read back")
+        return self._open(location)
+
+    @abstractmethod
+    def exists(self, location: str) -> bool:
+        """:returns: whether something is stored at ``location``."""
+
+    # -- for subclasses -----------------------------------------------------
+
+    @abstractmethod
+    def _upload(self, source: UploadSource, location: str, *, overwrite: bool) -> str:
+        """Store the bytes of ``source`` at ``location``.
+
+        Pull bytes with ``source.chunks(self.CHUNK_SIZE)``; the base hashes
+        them. Make the artifact appear complete only once every byte is
+        written and, when given, ``source.sha256`` matches ``source.digest``.
+
+        :returns: the final location (credentials redacted).
+        """
+
+    def _delete(self, location: str) -> None:
+        raise ConfigurationError(f"storage driver {self.name!r} does not implement delete")
+
+    def _open(self, location: str) -> BinaryIO:
+        raise ConfigurationError(f"storage driver {self.name!r} does not implement read back")
+
+    def _cleanup_failed(self, location: str) -> None:
+        """Remove whatever a failed upload left at ``location``. Atomic
+        drivers never leave anything, so nothing is deleted for them (that
+        could remove an object that existed before). Errors here are
+        swallowed: the original failure is what the caller needs."""
+        atomic = self.capabilities & StorageCapability.ATOMIC
+        if self.capabilities & StorageCapability.DELETE and not atomic:
+            try:
+                if self.exists(location):
+                    self._delete(location)
+            except Exception:  # noqa: BLE001 - best effort, the upload error wins
+                pass
+
+    def _extra(self, location: str) -> dict[str, str]:
+        """Driver-specific facts to record about a stored artifact."""
+        return {}
+
+    # -- private helpers ----------------------------------------------------
+
+    def _require(self, capability: StorageCapability, what: str) -> None:
+        if not self.capabilities & capability:
+            raise ConfigurationError(f"storage driver {self.name!r} cannot {what}")
+
+    @staticmethod
+    def _make_source(source: Path | str | BinaryIO | Iterable[bytes], size: int | None,
+                     sha256: str | None, media_type: str) -> UploadSource:
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.is_file():
+                raise StorageError(f"upload source {path} is not a regular file", str(path))
+            actual_size = path.stat().st_size
+            if size is not None and size != actual_size:
+                raise StorageError(f"upload source {path} has {actual_size} bytes, "
+                                   f"expected {size}", str(path))
+            if sha256 is None:
+                sha256 = sha256_file(path)
+            return UploadSource(path=path, size=actual_size, sha256=sha256,
+                                media_type=media_type)
+        if isinstance(source, (io.IOBase,)) or hasattr(source, "read"):
+            return UploadSource(path=None, size=size, sha256=sha256, media_type=media_type,
+                                _file=source)  # type: ignore[arg-type]
+        if isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+            return UploadSource(path=None, size=len(data), sha256=sha256,
+                                media_type=media_type, _iterable=[data])
+        return UploadSource(path=None, size=size, sha256=sha256, media_type=media_type,
+                            _iterable=source)

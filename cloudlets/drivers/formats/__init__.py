@@ -1,0 +1,1 @@
+"""Format drivers shipped with cloudlets, one module per format."""

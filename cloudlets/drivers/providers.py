@@ -1,0 +1,205 @@
+"""The driver registry: built-in drivers, entry points and :func:`set_driver`.
+
+Built-in drivers are a lazy ``name -> (module, class)`` map: nothing is
+imported until a driver is asked for, so an optional dependency of one driver
+never breaks another. A provider's own package adds drivers without touching
+ours, through the entry-point groups :data:`FORMAT_ENTRY_POINT_GROUP` and
+:data:`STORAGE_ENTRY_POINT_GROUP`::
+
+    # the provider's pyproject.toml
+    [project.entry-points."cloudlets.formats"]
+    acme-disk = "acme_cloudlets.formats:AcmeDiskFormat"
+
+or at run time with :func:`set_driver`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import threading
+from importlib.metadata import entry_points
+from typing import Any
+
+from cloudlets.drivers.base import FormatDriver, StorageDriver
+from cloudlets.drivers.types import DriverKind, Format, Storage
+from cloudlets.errors import ConfigurationError, DriverNotFoundError
+
+__all__ = [
+    "FORMAT_ENTRY_POINT_GROUP",
+    "STORAGE_ENTRY_POINT_GROUP",
+    "get_driver",
+    "list_drivers",
+    "set_driver",
+    "unset_driver",
+]
+
+#: Entry-point group for format drivers.
+FORMAT_ENTRY_POINT_GROUP = "cloudlets.formats"
+#: Entry-point group for storage drivers.
+STORAGE_ENTRY_POINT_GROUP = "cloudlets.storage"
+
+_GROUPS = {DriverKind.FORMAT: FORMAT_ENTRY_POINT_GROUP,
+           DriverKind.STORAGE: STORAGE_ENTRY_POINT_GROUP}
+_BASES: dict[DriverKind, type] = {DriverKind.FORMAT: FormatDriver,
+                                  DriverKind.STORAGE: StorageDriver}
+
+_F = "cloudlets.drivers.formats"
+_S = "cloudlets.drivers.storage"
+
+#: Built-in drivers; a module that does not exist yet is simply not listed.
+BUILTIN: dict[DriverKind, dict[str, tuple[str, str]]] = {
+    DriverKind.FORMAT: {
+        Format.EC2: (f"{_F}.ec2", "EC2Format"),
+        Format.OVA: (f"{_F}.ovf", "OVAFormat"),
+        Format.OVF: (f"{_F}.ovf", "OVFFormat"),
+        Format.QCOW2: (f"{_F}.qcow2", "Qcow2Format"),
+        Format.RAW: (f"{_F}.raw", "RawFormat"),
+        Format.TAR: (f"{_F}.tar", "TarFormat"),
+        Format.VHD: (f"{_F}.vhd", "VHDFormat"),
+        Format.XEN: (f"{_F}.xen", "XenFormat"),
+    },
+    DriverKind.STORAGE: {
+        Storage.HTTP: (f"{_S}.http", "HTTPStorage"),
+        Storage.LIBCLOUD: (f"{_S}.libcloud", "LibcloudStorage"),
+        Storage.LOCAL: (f"{_S}.local", "LocalStorage"),
+        Storage.S3: (f"{_S}.s3", "S3Storage"),
+        Storage.SAN: (f"{_S}.san", "SANStorage"),
+    },
+}
+
+_lock = threading.RLock()
+_registered: dict[DriverKind, dict[str, type]] = {DriverKind.FORMAT: {}, DriverKind.STORAGE: {}}
+_entry_points_loaded: dict[DriverKind, dict[str, Any]] = {}
+
+
+def _kind(kind: DriverKind | str) -> DriverKind:
+    try:
+        return DriverKind(kind)
+    except ValueError:
+        raise ConfigurationError(
+            f"unknown driver kind {kind!r} (known: format, storage)") from None
+
+
+def _module_exists(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _entry_points(kind: DriverKind) -> dict[str, Any]:
+    with _lock:
+        if kind not in _entry_points_loaded:
+            _entry_points_loaded[kind] = {ep.name: ep for ep in
+                                          entry_points(group=_GROUPS[kind])}
+        return _entry_points_loaded[kind]
+
+
+def refresh_entry_points() -> None:
+    """Forget the cached entry points (after installing a package at run time)."""
+    with _lock:
+        _entry_points_loaded.clear()
+
+
+def _check_class(kind: DriverKind, name: str, cls: Any, origin: str) -> type:
+    base = _BASES[kind]
+    if not isinstance(cls, type) or not issubclass(cls, base):
+        raise ConfigurationError(
+            f"{kind} driver {name!r} from {origin} is not a subclass of {base.__name__}")
+    declared = getattr(cls, "name", None)
+    if declared != name:
+        raise ConfigurationError(
+            f"{kind} driver {name!r} from {origin} declares name {declared!r}")
+    return cls
+
+
+def _import(kind: DriverKind, name: str, module: str, attr: str) -> type:
+    origin = f"{module}:{attr}"
+    try:
+        loaded = importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"{kind} driver {name!r} cannot be imported from {module}: {exc}") from exc
+    try:
+        cls = getattr(loaded, attr)
+    except AttributeError:
+        raise ConfigurationError(f"{kind} driver {name!r}: {module} has no {attr}") from None
+    return _check_class(kind, name, cls, origin)
+
+
+def get_driver(kind: DriverKind | str, name: str) -> type:
+    """Find a driver class.
+
+    Lookup order: drivers added with :func:`set_driver`, then entry points,
+    then the built-in drivers.
+
+    :param kind: ``format`` or ``storage``.
+    :param name: the driver's name (``qcow2``, ``Format.QCOW2``...).
+    :returns: the driver class.
+    :raises DriverNotFoundError: when no driver has that name.
+    :raises ConfigurationError: when it exists but cannot be loaded.
+    """
+    kind = _kind(kind)
+    name = str(name)
+    with _lock:
+        if name in _registered[kind]:
+            return _registered[kind][name]
+        point = _entry_points(kind).get(name)
+    if point is not None:
+        try:
+            cls = point.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not crash lookup
+            raise ConfigurationError(
+                f"{kind} driver {name!r} from entry point {point.value} failed to load: "
+                f"{type(exc).__name__}: {exc}") from exc
+        return _check_class(kind, name, cls, f"entry point {point.value}")
+    builtin = BUILTIN[kind].get(name)
+    if builtin is not None and _module_exists(builtin[0]):
+        return _import(kind, name, *builtin)
+    raise DriverNotFoundError(str(kind), name, list_drivers(kind))
+
+
+def set_driver(kind: DriverKind | str, name: str, module: str, cls: str, *,
+               replace: bool = False) -> type:
+    """Register a driver at run time.
+
+    The class is imported and checked right away; if that fails nothing is
+    registered.
+
+    :param kind: ``format`` or ``storage``.
+    :param name: the name to register (must equal the class's ``name``).
+    :param module: dotted module path.
+    :param cls: class name in that module.
+    :param replace: allow replacing an existing driver of that name.
+    :returns: the driver class.
+    :raises ConfigurationError: on a duplicate name or a broken driver.
+    """
+    kind = _kind(kind)
+    with _lock:
+        if not replace and name in list_drivers(kind):
+            raise ConfigurationError(
+                f"a {kind} driver named {name!r} already exists; pass replace=True to replace it")
+        previous = _registered[kind].get(name)
+        try:
+            driver = _import(kind, name, module, cls)
+        except ConfigurationError:
+            if previous is not None:
+                _registered[kind][name] = previous
+            raise
+        _registered[kind][name] = driver
+        return driver
+
+
+def unset_driver(kind: DriverKind | str, name: str) -> None:
+    """Remove a driver added with :func:`set_driver` (built-ins and entry
+    points stay)."""
+    kind = _kind(kind)
+    with _lock:
+        _registered[kind].pop(name, None)
+
+
+def list_drivers(kind: DriverKind | str) -> list[str]:
+    """:returns: the names of every driver available for ``kind``, sorted."""
+    kind = _kind(kind)
+    with _lock:
+        names = set(_registered[kind]) | set(_entry_points(kind))
+    names |= {name for name, (module, _) in BUILTIN[kind].items() if _module_exists(module)}
+    return sorted(str(n) for n in names)

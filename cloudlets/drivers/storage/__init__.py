@@ -1,0 +1,1 @@
+"""Storage drivers shipped with cloudlets, one module per target."""

@@ -1,0 +1,329 @@
+"""The render pipeline, and nothing else.
+
+Data flows one way: manifest and config in; fetch → verified tarball; rootfs
+→ a filtered file tree; templates → the rendered tree; disk → a raw image;
+format driver → output files; storage driver → stored artifacts; publish →
+an image id. Each stage lives in its own module; only this one knows the
+order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloudlets.config import Presets, RenderConfig, resolve_config
+from cloudlets.drivers.base import (
+    DiskImage,
+    FormatContext,
+    FormatDriver,
+    OutputFile,
+    StorageDriver,
+    StoredArtifact,
+)
+from cloudlets.drivers.providers import get_driver
+from cloudlets.drivers.types import DriverKind, FormatCapability, StorageCapability
+from cloudlets.errors import (
+    CloudletsError,
+    ConfigurationError,
+    FormatError,
+    RenderError,
+    StageNotAvailableError,
+    StorageError,
+)
+from cloudlets.manifest import Manifest
+from cloudlets.paths import default_cache_dir, default_data_dir
+from cloudlets.result import RenderResult
+from cloudlets.urls import redact
+
+__all__ = ["ProgressCallback", "Renderer"]
+
+#: ``progress(stage, done, total)``; ``total`` is ``None`` when unknown.
+ProgressCallback = Callable[[str, int, "int | None"], None]
+
+#: Pipeline stages, in order. Each records its time in ``RenderResult.timings``.
+STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "convert", "store", "publish")
+
+#: Where each stage lives, for the message when a build lacks it.
+_STAGE_MODULES = {
+    "fetch": ("cloudlets.cache", "the verified tarball fetcher and cache"),
+    "rootfs": ("cloudlets.rootfs", "the safe tarball reader"),
+    "templates": ("cloudlets.templates", "the sandboxed template engine"),
+    "disk": ("cloudlets.disk", "the rootless bootable disk builder"),
+}
+
+ManifestSource = Manifest | Mapping[str, Any] | str | Path
+
+
+@dataclass
+class _Run:
+    """State of one render, passed from stage to stage."""
+
+    manifest: Manifest
+    config: RenderConfig
+    fmt: FormatDriver
+    storage: StorageDriver
+    output: str
+    workdir: Path
+    progress: ProgressCallback | None
+    overwrite: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Renderer:
+    """Renders cloudlets into bootable images.
+
+    :param cache_dir: where downloaded tarballs and cached base filesystems
+        live; default ``$CLOUDLETS_CACHE_DIR`` or ``$XDG_CACHE_HOME/cloudlets``.
+    :param presets: the hosting provider's presets and locked keys, applied
+        to every render.
+    :param mirrors: mirror rules applied to every render, before the
+        presets' rules: ``[{"prefix": ..., "mirrors": [...]}]``.
+    :param data_dir: where state lives (the image catalog); default
+        ``$CLOUDLETS_HOME`` or ``$XDG_DATA_HOME/cloudlets``.
+    :param work_dir: where temporary work directories are created; default
+        the system temporary directory.
+    :param ex_allow_file_urls: allow ``file://`` URLs and local paths for
+        tarballs (off by default: a request must not read host files).
+    :param ex_source_date_epoch: fixed timestamp for reproducible output;
+        default ``$SOURCE_DATE_EPOCH``, else derived from the inputs.
+    """
+
+    def __init__(self, cache_dir: str | Path | None = None, presets: Presets | None = None,
+                 mirrors: list[Mapping[str, Any]] | None = None, *,
+                 data_dir: str | Path | None = None, work_dir: str | Path | None = None,
+                 ex_allow_file_urls: bool = False,
+                 ex_source_date_epoch: int | None = None) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.presets = presets or Presets()
+        self.mirrors = [dict(rule) for rule in (mirrors or [])]
+        if self.mirrors:
+            # Validate the rules with the config schema: same shape, same messages.
+            Presets(values={"mirrors": self.mirrors})
+        self.allow_file_urls = ex_allow_file_urls
+        epoch = ex_source_date_epoch
+        if epoch is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
+            epoch = int(os.environ["SOURCE_DATE_EPOCH"])
+        self.source_date_epoch = epoch
+
+    # -- public API ---------------------------------------------------------
+
+    def render(self, manifest: ManifestSource, output_path: str,
+               storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
+               config: Mapping[str, Any] | None = None,
+               progress: ProgressCallback | None = None, *,
+               overwrite: bool = False) -> RenderResult:
+        """Render a cloudlet and store the result.
+
+        :param manifest: a :class:`~cloudlets.manifest.Manifest`, a dict, a
+            JSON string, a URL or a path.
+        :param output_path: where to store the output, in the storage
+            driver's location syntax. A value ending in ``/`` is a directory:
+            files are named ``NAME-VERSION.EXT`` under it. Otherwise it is
+            the base name the format's extension is appended to
+            (``out/web`` → ``out/web.qcow2``); an extension already there is
+            kept.
+        :param storage: a storage driver instance or a registered name.
+        :param format: a format driver instance or a registered name.
+        :param config: the request's render config.
+        :param progress: called as ``progress(stage, done, total)``.
+        :param overwrite: replace existing artifacts instead of refusing.
+        :returns: the render's :class:`~cloudlets.result.RenderResult`.
+        :raises CloudletsError: a subclass naming the problem and where; no
+            complete-looking artifact is left at the output location.
+        """
+        started = time.monotonic()
+        loaded = Manifest.load(manifest)
+        loaded.require_renderable()
+        merged = self._config(loaded, config)
+        fmt = self._driver(DriverKind.FORMAT, format)
+        store = self._driver(DriverKind.STORAGE, storage)
+        assert isinstance(fmt, FormatDriver) and isinstance(store, StorageDriver)
+        with self._workdir() as workdir:
+            run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
+                       output=output_path, workdir=workdir, progress=progress,
+                       overwrite=overwrite)
+            run.timings["prepare"] = time.monotonic() - started
+            disk = self._build(run)
+            context = FormatContext(manifest=loaded, config=merged, disk=disk,
+                                    workdir=workdir / "format", basename=loaded.label)
+            context.workdir.mkdir()
+            with self._stage(run, "convert"):
+                outputs = self._convert(fmt, context)
+            with self._stage(run, "store"):
+                stored = self._store(run, outputs, loaded.label)
+            image_id = self.image_id(loaded, merged, fmt.name, store.name, stored[0].location)
+            if fmt.capabilities & FormatCapability.PUBLISH:
+                with self._stage(run, "publish"):
+                    published = fmt.publish(context, stored, store)
+                if published is not None:
+                    run.details["publish"] = dict(published.details)
+                    image_id = published.image_id or image_id
+        return RenderResult(
+            image_id=image_id, format=fmt.name, storage=store.name, artifacts=tuple(stored),
+            manifest_name=loaded.name, manifest_version=loaded.version,
+            manifest_digest=loaded.digest, config_digest=merged.digest,
+            timings=dict(run.timings), details=dict(run.details))
+
+    def resolve_config(self, manifest: ManifestSource,
+                       config: Mapping[str, Any] | None = None) -> RenderConfig:
+        """Merge the manifest defaults, this renderer's presets and mirrors,
+        and ``config``, as :meth:`render` does.
+
+        :raises ConfigError: when the result is invalid or a locked key is set.
+        """
+        return self._config(Manifest.load(manifest), config)
+
+    @staticmethod
+    def image_id(manifest: Manifest, config: RenderConfig, format_name: str,
+                 storage_name: str, location: str) -> str:
+        """:returns: the stable id of a render: ``img-`` and 20 hex digits of
+        the sha256 over the manifest digest, config digest, format, storage
+        and primary location."""
+        key = "\0".join([manifest.digest, config.digest, format_name, storage_name, location])
+        return "img-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+
+    # -- stages -------------------------------------------------------------
+
+    def _build(self, run: _Run) -> DiskImage:
+        """Run fetch → rootfs → templates → disk, as far as this build has them."""
+        for stage in ("fetch", "rootfs", "templates", "disk"):
+            module, what = _STAGE_MODULES[stage]
+            if importlib.util.find_spec(module) is None:
+                raise StageNotAvailableError(stage, f"{what} ({module}) is not built yet")
+        raise StageNotAvailableError("fetch", "the pipeline after validation is not wired yet")
+
+    def _convert(self, fmt: FormatDriver, context: FormatContext) -> list[OutputFile]:
+        try:
+            outputs = fmt.convert(context)
+        except CloudletsError:
+            raise
+        except Exception as exc:
+            raise FormatError(f"format driver {fmt.name!r} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if not outputs:
+            raise FormatError(f"format driver {fmt.name!r} produced no output")
+        for output in outputs:
+            inside = context.workdir.resolve() in output.path.resolve().parents
+            if not inside or not output.path.is_file():
+                raise FormatError(f"format driver {fmt.name!r} returned {output.path}, "
+                                  "not a file inside its work directory")
+            if not output.name.startswith(context.basename) or "/" in output.name:
+                raise FormatError(f"format driver {fmt.name!r} named an output "
+                                  f"{output.name!r}; names start with {context.basename!r}")
+        return outputs
+
+    def _store(self, run: _Run, outputs: list[OutputFile], basename: str) -> list[StoredArtifact]:
+        locations = output_locations(run.output, basename, [o.name for o in outputs])
+        if not run.overwrite:
+            taken = [loc for loc in locations if run.storage.exists(loc)]
+            if taken:
+                raise StorageError(f"refusing to overwrite existing {redact(taken[0])} "
+                                   "(pass overwrite=True to replace it)", redact(taken[0]))
+        stored: list[StoredArtifact] = []
+        try:
+            for output, location in zip(outputs, locations, strict=True):
+                stored.append(run.storage.upload(
+                    output.path, location, media_type=output.media_type, role=output.role,
+                    overwrite=run.overwrite))
+                if run.progress:
+                    run.progress("store", len(stored), len(outputs))
+        except BaseException:
+            self._roll_back(run.storage, stored)
+            raise
+        return stored
+
+    @staticmethod
+    def _roll_back(storage: StorageDriver, stored: list[StoredArtifact]) -> None:
+        """Delete the artifacts of a render that failed half-way, so no
+        incomplete set looks complete."""
+        if not storage.capabilities & StorageCapability.DELETE:
+            return
+        for artifact in stored:
+            try:
+                storage.delete(artifact.location)
+            except CloudletsError:
+                pass
+
+    # -- helpers ------------------------------------------------------------
+
+    def _config(self, manifest: Manifest, request: Mapping[str, Any] | None) -> RenderConfig:
+        presets = self.presets
+        if self.mirrors:
+            values = dict(presets.values)
+            values["mirrors"] = self.mirrors + list(values.get("mirrors", []))
+            presets = Presets(values=values, locked=presets.locked)
+        return resolve_config(manifest, presets, request)
+
+    @staticmethod
+    def _driver(kind: DriverKind, driver: object) -> FormatDriver | StorageDriver:
+        base = FormatDriver if kind is DriverKind.FORMAT else StorageDriver
+        if isinstance(driver, base):
+            return driver
+        if isinstance(driver, type) and issubclass(driver, base):
+            return driver()
+        if isinstance(driver, str):
+            cls = get_driver(kind, driver)
+            try:
+                return cls()  # type: ignore[no-any-return]
+            except TypeError as exc:
+                raise ConfigurationError(
+                    f"{kind} driver {driver!r} needs arguments; pass an instance: {exc}") \
+                    from None
+        raise ConfigurationError(f"not a {kind} driver: {driver!r}")
+
+    @contextmanager
+    def _workdir(self) -> Iterator[Path]:
+        if self.work_dir is not None:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="cloudlets-render-", dir=self.work_dir))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @contextmanager
+    def _stage(self, run: _Run, stage: str) -> Iterator[None]:
+        if run.progress:
+            run.progress(stage, 0, None)
+        started = time.monotonic()
+        try:
+            yield
+        except CloudletsError:
+            raise
+        except Exception as exc:
+            raise RenderError(f"stage {stage!r} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            run.timings[stage] = time.monotonic() - started
+
+
+def output_locations(output: str, basename: str, names: list[str]) -> list[str]:
+    """Map output file names to storage locations.
+
+    :param output: ``dir/`` (names go under it) or a base (``out/web``:
+        each name's part after ``basename`` is appended; a base that already
+        ends with the first name's suffix, ``out/web.qcow2``, loses it first).
+    :param basename: the stem every name starts with.
+    :param names: the format driver's output names, primary first.
+    :returns: one location per name.
+    """
+    if not output:
+        raise StorageError("the output location is empty")
+    if output.endswith("/"):
+        return [output + name for name in names]
+    primary_suffix = names[0][len(basename):]
+    if primary_suffix and output.endswith(primary_suffix):
+        output = output[: -len(primary_suffix)]
+    return [output + name[len(basename):] for name in names]

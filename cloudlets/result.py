@@ -1,0 +1,61 @@
+"""What a render returns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudlets.drivers.base import StoredArtifact
+
+__all__ = ["RenderResult"]
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    """The outcome of :meth:`cloudlets.Renderer.render`.
+
+    :ivar image_id: a stable id: the same manifest, config, format and
+        output give the same id; a format that registers the image with a
+        consumer (EC2) reports the consumer's id instead.
+    :ivar format: the format driver's name.
+    :ivar storage: the storage driver's name.
+    :ivar artifacts: what was stored, the primary artifact first.
+    :ivar manifest_name: the manifest's name.
+    :ivar manifest_version: the manifest's version, if any.
+    :ivar manifest_digest: sha256 of the manifest's canonical form.
+    :ivar config_digest: sha256 of the merged render config's canonical form.
+    :ivar timings: seconds spent per stage, in pipeline order.
+    :ivar details: facts stages recorded (mirror rule used, cache hit,
+        persistent paths, disk layout, publish result...).
+    """
+
+    image_id: str
+    format: str
+    storage: str
+    artifacts: tuple[StoredArtifact, ...]
+    manifest_name: str
+    manifest_version: str | None
+    manifest_digest: str
+    config_digest: str
+    timings: Mapping[str, float] = field(default_factory=dict)
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> StoredArtifact:
+        """The main artifact (the disk, the OVA, the descriptor...)."""
+        return self.artifacts[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """:returns: a JSON-ready dict (what ``cloudlets render --json`` prints)."""
+        return {
+            "image_id": self.image_id,
+            "format": self.format,
+            "storage": self.storage,
+            "artifacts": [a.to_dict() for a in self.artifacts],
+            "manifest": {"name": self.manifest_name, "version": self.manifest_version,
+                         "digest": self.manifest_digest},
+            "config_digest": self.config_digest,
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+            "details": dict(self.details),
+        }

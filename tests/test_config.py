@@ -1,0 +1,145 @@
+"""Render config: schema, merge order, locked presets, manifest args."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudlets import ConfigError, LockedKeyError, Manifest, Presets, resolve_config
+from cloudlets.config import set_dotted
+
+
+@pytest.fixture
+def manifest(complete_manifest: dict[str, Any]) -> Manifest:
+    return Manifest.load(complete_manifest)
+
+
+PRESETS = Presets(
+    values={"ip": {"interfaces": [{"name": "eth0", "address": "192.0.2.10", "prefix": 24,
+                                   "gateway": "192.0.2.1"}]},
+            "dns": {"nameservers": ["192.0.2.53"], "search": ["example.net"]},
+            "hostname": "preset-host"},
+    locked=frozenset({"ip", "dns.nameservers"}),
+)
+
+
+def test_merge_order_manifest_defaults_then_presets_then_request(manifest: Manifest) -> None:
+    config = resolve_config(manifest, PRESETS, {"hostname": "asked", "args": {"motd": "hi"}})
+    assert config.hostname == "asked"
+    assert config.args == {"hostname": "tiny-host", "motd": "hi"}
+    assert config.interfaces[0]["address"] == "192.0.2.10"
+    assert config.dns == {"nameservers": ["192.0.2.53"], "search": ["example.net"]}
+
+
+def test_preset_applies_when_request_is_silent(manifest: Manifest) -> None:
+    assert resolve_config(manifest, PRESETS, {}).hostname == "preset-host"
+
+
+def test_hostname_falls_back_to_arg_then_manifest_name(manifest: Manifest,
+                                                       complete_manifest: dict[str, Any]) -> None:
+    assert resolve_config(manifest).hostname == "tiny-host"
+    del complete_manifest["args"]
+    assert resolve_config(Manifest.load(complete_manifest)).hostname == "tiny"
+
+
+@pytest.mark.parametrize(("request_", "locked"), [
+    ({"ip": {"interfaces": [{"name": "eth0", "dhcp": True}]}}, "ip"),
+    ({"dns": {"nameservers": ["198.51.100.1"]}}, "dns.nameservers"),
+    ({"dns": {"nameservers": []}}, "dns.nameservers"),
+])
+def test_locked_preset_cannot_be_overridden(manifest: Manifest, request_: dict[str, Any],
+                                            locked: str) -> None:
+    with pytest.raises(LockedKeyError) as caught:
+        resolve_config(manifest, PRESETS, request_)
+    assert caught.value.keys == [locked]
+    assert f"'{locked}' is locked" in str(caught.value)
+
+
+def test_unlocked_sibling_of_locked_key_is_allowed(manifest: Manifest) -> None:
+    config = resolve_config(manifest, PRESETS, {"dns": {"search": ["corp.example"]}})
+    assert config.dns["search"] == ["corp.example"]
+    assert config.dns["nameservers"] == ["192.0.2.53"]
+
+
+def test_parent_of_locked_key_is_refused(manifest: Manifest) -> None:
+    presets = Presets(values={"dns": {"nameservers": ["192.0.2.53"]}},
+                      locked=frozenset({"dns.nameservers"}))
+    with pytest.raises(LockedKeyError):
+        resolve_config(manifest, presets, {"dns": {"nameservers": ["192.0.2.54"],
+                                                   "search": []}})
+
+
+@pytest.mark.parametrize(("request_", "pointer", "fragment"), [
+    ({"hostname": "bad_host!"}, "/hostname", "not a valid host name"),
+    ({"ip": {"interfaces": [{"name": "eth0", "address": "300.1.1.1"}]}},
+     "/ip/interfaces/0/address", "not an IPv4 or IPv6 address"),
+    ({"ip": {"interfaces": [{"name": "eth0"}]}}, "/ip/interfaces/0", "needs 'address'"),
+    ({"ip": {"interfaces": [{"name": "eth0", "dhcp": True}, {"name": "eth0", "dhcp": True}]}},
+     "/ip/interfaces/1/name", "listed twice"),
+    ({"ip": {"interfaces": [{"name": "eth0", "address": "192.0.2.1", "prefix": 33}]}},
+     "/ip/interfaces/0/prefix", "longer than 32"),
+    ({"ip": {"interfaces": [{"name": "eth0", "dhcp": True, "mac": "zz"}]}},
+     "/ip/interfaces/0/mac", "not a MAC address"),
+    ({"dns": {"nameservers": ["dns.google"]}}, "/dns/nameservers/0", "not an IPv4"),
+    ({"ssh_authorized_keys": ["hello"]}, "/ssh_authorized_keys/0", "OpenSSH public key"),
+    ({"mirrors": [{"prefix": "ftp://x/", "mirrors": ["http://y/"]}]}, "/mirrors/0/prefix",
+     "URL prefix"),
+    ({"args": {"motd": 5}}, "/args/motd", "5 is not a string"),
+    ({"args": {"nosuch": "x"}}, "/args/nosuch", "unknown key"),
+    ({"colour": "blue"}, "/colour", "unknown key"),
+])
+def test_invalid_request_names_the_key(manifest: Manifest, request_: dict[str, Any],
+                                       pointer: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(manifest, None, request_)
+    found = [(p.pointer, p.message) for p in caught.value.problems]
+    assert any(p == pointer and fragment in m for p, m in found), found
+
+
+def test_required_arg_without_default(complete_manifest: dict[str, Any]) -> None:
+    complete_manifest["args"]["token"] = {"type": "string", "minLength": 8}
+    manifest = Manifest.load(complete_manifest)
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(manifest)
+    assert [p.pointer for p in caught.value.problems] == ["/args/token"]
+    with pytest.raises(ConfigError, match="too short"):
+        resolve_config(manifest, None, {"args": {"token": "short"}})
+    assert resolve_config(manifest, None, {"args": {"token": "long-enough"}}).args["token"] \
+        == "long-enough"
+
+
+def test_config_digest_tracks_content(manifest: Manifest) -> None:
+    first = resolve_config(manifest, None, {"hostname": "a", "dns": {"search": ["x.org"]}})
+    same = resolve_config(manifest, None, {"dns": {"search": ["x.org"]}, "hostname": "a"})
+    other = resolve_config(manifest, None, {"hostname": "b"})
+    assert first.digest == same.digest != other.digest
+
+
+def test_presets_are_validated() -> None:
+    with pytest.raises(ConfigError, match="presets"):
+        Presets(values={"hostname": "-bad-"})
+
+
+def test_presets_load_from_file(tmp_path: Path, manifest: Manifest) -> None:
+    path = tmp_path / "presets.json"
+    path.write_text(json.dumps({"config": {"hostname": "p"}, "locked": ["hostname"]}))
+    presets = Presets.load(path)
+    with pytest.raises(LockedKeyError, match="'hostname' is locked"):
+        resolve_config(manifest, presets, {"hostname": "q"})
+    path.write_text(json.dumps({"config": {}, "lock": []}))
+    with pytest.raises(ConfigError, match="/lock"):
+        Presets.load(path)
+
+
+def test_set_dotted_builds_levels() -> None:
+    data: dict[str, Any] = {}
+    set_dotted(data, "dns.search", ["a"])
+    set_dotted(data, "dns.nameservers", ["192.0.2.1"])
+    assert data == {"dns": {"search": ["a"], "nameservers": ["192.0.2.1"]}}
+    with pytest.raises(ConfigError, match="not an object"):
+        set_dotted(data, "dns.search.x", 1)
+    with pytest.raises(ConfigError, match="not a dotted key"):
+        set_dotted(data, "a..b", 1)

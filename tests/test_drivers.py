@@ -1,0 +1,222 @@
+"""The driver registry: built-ins, set_driver, entry points from another
+distribution."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cloudlets import ConfigurationError, DriverNotFoundError, Storage, get_driver, set_driver
+from cloudlets.drivers import providers
+from cloudlets.drivers.storage.local import LocalStorage
+from cloudlets.drivers.types import DriverKind, Format
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_builtin_lookup_by_enum_and_string() -> None:
+    assert get_driver("storage", "local") is LocalStorage
+    assert get_driver(DriverKind.STORAGE, Storage.LOCAL) is LocalStorage
+
+
+def test_unknown_driver_lists_known_ones() -> None:
+    with pytest.raises(DriverNotFoundError) as caught:
+        get_driver("storage", "ftp")
+    assert "no storage driver named 'ftp'" in str(caught.value)
+    assert "local" in str(caught.value)
+
+
+def test_unknown_kind() -> None:
+    with pytest.raises(ConfigurationError, match="unknown driver kind 'network'"):
+        get_driver("network", "x")
+
+
+def test_enums_are_alphabetical_and_documented() -> None:
+    for enum_cls in (Format, Storage):
+        names = [member.name for member in enum_cls]
+        assert names == sorted(names)
+    assert set(providers.BUILTIN[DriverKind.FORMAT]) == set(Format)
+    assert set(providers.BUILTIN[DriverKind.STORAGE]) == set(Storage)
+
+
+# A module holding test drivers, importable by set_driver.
+class MemoryStorage(LocalStorage):
+    name = "memory-test"
+
+
+class NotADriver:
+    name = "broken-test"
+
+
+class WrongName(LocalStorage):
+    name = "something-else"
+
+
+def test_set_driver_registers_and_refuses_duplicates() -> None:
+    try:
+        cls = set_driver("storage", "memory-test", __name__, "MemoryStorage")
+        assert cls is MemoryStorage
+        assert get_driver("storage", "memory-test") is MemoryStorage
+        assert "memory-test" in providers.list_drivers("storage")
+        with pytest.raises(ConfigurationError, match="already exists"):
+            set_driver("storage", "memory-test", __name__, "MemoryStorage")
+        set_driver("storage", "memory-test", __name__, "MemoryStorage", replace=True)
+    finally:
+        providers.unset_driver("storage", "memory-test")
+    assert "memory-test" not in providers.list_drivers("storage")
+
+
+def test_set_driver_refuses_builtin_name_without_replace() -> None:
+    with pytest.raises(ConfigurationError, match="already exists"):
+        set_driver("storage", "local", __name__, "MemoryStorage")
+
+
+@pytest.mark.parametrize(("name", "module", "cls", "fragment"), [
+    ("broken-test", __name__, "NotADriver", "not a subclass of StorageDriver"),
+    ("memory-test", __name__, "WrongName", "declares name 'something-else'"),
+    ("memory-test", "no.such.module", "X", "cannot be imported"),
+    ("memory-test", __name__, "Missing", "has no Missing"),
+])
+def test_set_driver_checks_import_and_rolls_back(name: str, module: str, cls: str,
+                                                 fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=fragment):
+        set_driver("storage", name, module, cls)
+    assert name not in providers.list_drivers("storage")
+
+
+def test_failed_replace_keeps_previous_driver() -> None:
+    try:
+        set_driver("storage", "memory-test", __name__, "MemoryStorage")
+        with pytest.raises(ConfigurationError):
+            set_driver("storage", "memory-test", __name__, "WrongName", replace=True)
+        assert get_driver("storage", "memory-test") is MemoryStorage
+    finally:
+        providers.unset_driver("storage", "memory-test")
+
+
+PLUGIN_SETUP = """
+from setuptools import setup
+setup(
+    name="acme-cloudlets-plugin",
+    version="0.1",
+    py_modules=["acme_cloudlets"],
+    entry_points={
+        "cloudlets.formats": ["acme-disk = acme_cloudlets:AcmeDiskFormat"],
+        "cloudlets.storage": ["acme-store = acme_cloudlets:AcmeStorage"],
+    },
+)
+"""
+
+PLUGIN_MODULE = '''
+import shutil
+from cloudlets.drivers.base import FormatDriver, OutputFile
+from cloudlets.drivers.storage.local import LocalStorage
+from cloudlets.drivers.types import FormatCapability
+
+
+class AcmeDiskFormat(FormatDriver):
+    name = "acme-disk"
+    description = "Acme's raw disk with an .acme extension"
+    capabilities = FormatCapability.BOOTABLE
+
+    def convert(self, context):
+        target = context.workdir / f"{context.basename}.acme"
+        shutil.copyfile(context.disk.path, target)
+        return [OutputFile(role="disk", path=target, name=target.name)]
+
+
+class AcmeStorage(LocalStorage):
+    name = "acme-store"
+    description = "Acme's storage"
+'''
+
+PLUGIN_CONFORMANCE = '''
+import pytest
+from cloudlets.drivers.providers import get_driver
+from cloudlets.testing.formats import FormatDriverConformance
+from cloudlets.testing.storage import StorageDriverConformance
+
+
+class TestAcmeFormat(FormatDriverConformance):
+    @pytest.fixture
+    def format_driver(self):
+        return get_driver("format", "acme-disk")()
+
+    def extract_raw(self, outputs, tmp_path):
+        return outputs[0].path
+
+
+class TestAcmeStorage(StorageDriverConformance):
+    @pytest.fixture
+    def storage(self, tmp_path):
+        return get_driver("storage", "acme-store")(root=tmp_path)
+
+    @pytest.fixture
+    def new_location(self):
+        names = iter(range(1000))
+        return lambda name: f"{next(names)}-{name}"
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A third-party distribution installed with pip into its own directory."""
+    work = tmp_path_factory.mktemp("plugin")
+    source = work / "src"
+    source.mkdir()
+    (source / "setup.py").write_text(PLUGIN_SETUP)
+    (source / "acme_cloudlets.py").write_text(PLUGIN_MODULE)
+    site = work / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(site), str(source)],
+        capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr
+    assert any(p.name.startswith("acme_cloudlets_plugin") for p in site.glob("*.dist-info"))
+    return site
+
+
+def _run_with(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": f"{site}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(site)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=180, env=env, check=False)
+
+
+def test_entry_point_driver_from_separate_distribution(plugin_site: Path) -> None:
+    code = textwrap.dedent("""
+        import json
+        from cloudlets import get_driver, list_drivers
+        fmt = get_driver("format", "acme-disk")
+        store = get_driver("storage", "acme-store")
+        print(json.dumps({"format": fmt.__module__ + "." + fmt.__name__,
+                          "storage": store.__name__,
+                          "formats": list_drivers("format")}))
+    """)
+    result = _run_with(plugin_site, "-c", code)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["format"] == "acme_cloudlets.AcmeDiskFormat"
+    assert found["storage"] == "AcmeStorage"
+    assert "acme-disk" in found["formats"]
+
+
+def test_entry_point_driver_listed_by_cli(plugin_site: Path) -> None:
+    result = _run_with(plugin_site, "-m", "cloudlets", "drivers", "--json")
+    assert result.returncode == 0, result.stderr
+    formats = {row["name"]: row for row in json.loads(result.stdout)["format"]}
+    assert formats["acme-disk"]["available"] is True
+    assert formats["acme-disk"]["class"] == "acme_cloudlets.AcmeDiskFormat"
+
+
+def test_third_party_runs_the_conformance_suites(plugin_site: Path, tmp_path: Path) -> None:
+    test_file = tmp_path / "test_acme_conformance.py"
+    test_file.write_text(PLUGIN_CONFORMANCE)
+    result = _run_with(plugin_site, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                       "-p", "no:randomly", str(test_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed" in result.stdout and "failed" not in result.stdout
