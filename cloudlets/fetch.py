@@ -50,6 +50,38 @@ __all__ = ["FetchResult", "Fetcher", "RetryPolicy", "UrlPolicy"]
 
 log = logging.getLogger(__name__)
 
+
+class _ScrubFilter(logging.Filter):
+    """Redact credentials from the log records of the HTTP stack: urllib3
+    logs every request line at DEBUG, query string (signatures) included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        scrubbed = _scrub(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, ()
+        return True
+
+
+def _scrub(text: str) -> str:
+    """Redact every URL in ``text``, and the query of every bare path."""
+    text = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+", lambda m: redact(m.group(0)), text)
+    return re.sub(r"(?<![^\s\"'])/[^\s\"'?]*\?[^\s\"']*",
+                  lambda m: redact("http://h" + m.group(0))[len("http://h"):], text)
+
+
+_SCRUB = _ScrubFilter()
+
+
+def _install_scrubber() -> None:
+    for name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.response"):
+        logger = logging.getLogger(name)
+        if _SCRUB not in logger.filters:
+            logger.addFilter(_SCRUB)
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -220,12 +252,15 @@ class _Sink:
         self.file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed by close()
         self.hasher = hashlib.sha256()
         self.done = 0
+        #: ETag or Last-Modified of the bytes written so far, for ``If-Range``.
+        self.validator: str | None = None
 
     def restart(self) -> None:
         self.file.seek(0)
         self.file.truncate()
         self.hasher = hashlib.sha256()
         self.done = 0
+        self.validator = None
 
     def write(self, chunk: bytes | memoryview) -> None:
         if self.expected_size is not None and self.done + len(chunk) > self.expected_size:
@@ -314,6 +349,7 @@ class Fetcher:
         self.retry = retry or RetryPolicy()
         self.timeout = (connect_timeout, read_timeout)
         self._shared_session = session
+        _install_scrubber()
         self._local = threading.local()
         self.user_agent = user_agent
         self._sleep = sleep
@@ -440,14 +476,13 @@ class Fetcher:
         """Run the attempts for one HTTP URL, counting them in ``stats``."""
         policy = self.retry
         started = time.monotonic()
-        validator: str | None = None
         attempt = 0
         while True:
             attempt += 1
             stats.attempts += 1
             stats.resumes += 1 if sink.done else 0
             try:
-                validator = self._attempt(url, sink, progress, validator)
+                self._attempt(url, sink, progress)
                 return
             except _Retryable as exc:
                 elapsed = time.monotonic() - started
@@ -461,18 +496,14 @@ class Fetcher:
                          attempt + 1, policy.attempts, wait)
                 self._sleep(wait)
 
-    def _attempt(self, url: str, sink: _Sink, progress: ProgressCallback,
-                 validator: str | None) -> str | None:
-        """One request (following redirects) and its body.
-
-        :returns: the resume validator (ETag or Last-Modified), if any.
-        """
+    def _attempt(self, url: str, sink: _Sink, progress: ProgressCallback) -> None:
+        """One request (following redirects) and its body, appended to ``sink``."""
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
         offset = sink.done
         if offset:
             headers["Range"] = f"bytes={offset}-"
-            if validator:
-                headers["If-Range"] = validator
+            if sink.validator:
+                headers["If-Range"] = sink.validator
         response = self._request(url, headers)
         with response:
             where = redact(response.url or url)
@@ -495,7 +526,8 @@ class Fetcher:
                 raise FetchError(f"GET {where} failed: HTTP {status} {response.reason} "
                                  f"(expected 200{' or 206' if offset else ''})",
                                  url=where, status=status)
-            validator = validator or _validator(response)
+            if status == 200:
+                sink.validator = _validator(response)
             total = sink.expected_size
             length = response.headers.get("Content-Length")
             if status == 200 and length and length.isdigit():
@@ -514,7 +546,6 @@ class Fetcher:
                                  f"{_describe(exc)}") from None
             if total is not None and sink.done < total:
                 raise _Retryable(f"body ended after {sink.done} of {total} bytes")
-            return validator
 
     def _request(self, url: str, headers: dict[str, str]) -> requests.Response:
         """Send a GET, following redirects by hand within the policy."""
@@ -597,7 +628,7 @@ def _body(response: requests.Response, chunk_size: int) -> Iterator[bytes]:
     ``Content-Encoding: gzip`` keeps its bytes and its digest."""
     raw = response.raw
     while True:
-        chunk = raw.read(chunk_size, decode_content=False)
+        chunk = raw.read1(chunk_size, decode_content=False)
         if not chunk:
             return
         yield chunk
@@ -605,7 +636,5 @@ def _body(response: requests.Response, chunk_size: int) -> Iterator[bytes]:
 
 def _describe(exc: BaseException) -> str:
     """A short reason, without the URL (which may hold credentials)."""
-    text = str(exc)
-    text = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact(m.group(0)), text)
-    text = re.sub(r"(?i)(url: )\S+", r"\1<redacted>", text)
+    text = _scrub(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
