@@ -1,0 +1,44 @@
+"""``qcow2``: QEMU copy-on-write v2, compact and self-contained.
+
+Written with ``qemu-img convert`` (holes stay unallocated). Never with a
+backing file: the output must stand alone wherever it is imported, and the
+driver checks that before returning it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
+from cloudlets.drivers.formats import qemuimg
+from cloudlets.drivers.types import Format, FormatCapability
+from cloudlets.errors import FormatError
+
+__all__ = ["Qcow2Format"]
+
+
+class Qcow2Format(FormatDriver):
+    """qcow2 (compat 1.1), no backing file.
+
+    :param ex_compress: compress clusters with zlib (smaller, slower).
+    """
+
+    name: ClassVar[str] = Format.QCOW2
+    website: ClassVar[str] = "https://www.qemu.org/docs/master/interop/qcow2.html"
+    description: ClassVar[str] = "QEMU qcow2 v3 image, self-contained (.qcow2)"
+    capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+
+    def __init__(self, ex_compress: bool = False) -> None:
+        self.compress = ex_compress
+
+    def convert(self, context: FormatContext) -> list[OutputFile]:
+        name = f"{context.basename}.qcow2"
+        target = context.workdir / name
+        qemuimg.convert(context.disk.path, target, "qcow2", options={"compat": "1.1"},
+                        compress=self.compress)
+        details = qemuimg.info(target)
+        if details.get("format") != "qcow2" or "backing-filename" in details:
+            raise FormatError(f"qemu-img wrote {target.name} as {details.get('format')!r} "
+                              f"with backing file {details.get('backing-filename')!r}")
+        return [OutputFile(role="disk", path=target, name=name,
+                           media_type="application/x-qemu-disk")]

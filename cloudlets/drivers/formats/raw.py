@@ -1,0 +1,26 @@
+"""``raw``: the bootable disk as is, a sparse file."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
+from cloudlets.drivers.types import Format, FormatCapability
+from cloudlets.sparse import copy_sparse
+
+__all__ = ["RawFormat"]
+
+
+class RawFormat(FormatDriver):
+    """The raw disk image, holes kept as holes."""
+
+    name: ClassVar[str] = Format.RAW
+    website: ClassVar[str] = "https://en.wikipedia.org/wiki/IMG_(file_format)"
+    description: ClassVar[str] = "Raw sparse disk image (.raw)"
+    capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+
+    def convert(self, context: FormatContext) -> list[OutputFile]:
+        name = f"{context.basename}.raw"
+        target = context.workdir / name
+        copy_sparse(context.disk.path, target)
+        return [OutputFile(role="disk", path=target, name=name)]
