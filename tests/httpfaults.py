@@ -15,7 +15,8 @@ every request):
 - ``ranges=False``: ignore ``Range`` and answer 200 with the whole body;
 - ``extra``: bytes sent after the body (``length="announce"`` counts them in
   ``Content-Length``; ``length="none"`` sends no length and closes);
-- ``delay``: seconds to wait before answering (widens concurrency windows).
+- ``delay``: seconds to wait before answering (widens concurrency windows);
+- ``next_etag``: the ETag from the second request on (the file changed).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Literal
+from typing import Literal, Self
 
 __all__ = ["FaultServer", "Route"]
 
@@ -49,6 +50,8 @@ class Route:
     length: Literal["exact", "announce", "none"] = "exact"
     delay: float = 0.0
     etag: str | None = '"v1"'
+    #: the ETag served from the second request on (the file changed)
+    next_etag: str | None = None
     #: counters, updated by the server
     requests: int = 0
     full_bodies: int = 0
@@ -64,10 +67,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         """Keep test output quiet."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         route = self.server.routes.get(path)
         if route is None:
@@ -78,6 +81,8 @@ class _Handler(BaseHTTPRequestHandler):
             route.requests += 1
             route.headers.append(dict(self.headers.items()))
         faulty = route.fault_count is None or index < route.fault_count
+        if index and route.next_etag is not None:
+            route.etag = route.next_etag
         if route.delay:
             time.sleep(route.delay)
         if index < len(route.statuses):
@@ -187,7 +192,7 @@ class FaultServer:
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True)
 
-    def start(self) -> FaultServer:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -197,7 +202,7 @@ class FaultServer:
         self._server.server_close()
         self._thread.join(5)
 
-    def __enter__(self) -> FaultServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
