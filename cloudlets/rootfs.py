@@ -1,0 +1,973 @@
+"""Reading a root filesystem tarball from someone we do not trust.
+
+:func:`read_tarball` streams the archive once (uncompressed, gzip, xz, bzip2
+or zstd, told apart by their magic bytes), checks every member against an
+:class:`ArchivePolicy`, leaves out the manifest's ``volatile`` paths, and
+builds a :class:`RootTree`: the metadata of every member in memory, the content
+of regular files in one anonymous spool file. Nothing is ever extracted to the
+host filesystem, so no member (and no symlink, however it points) can reach
+outside the work area: paths are only ever looked up in the model.
+
+:meth:`RootTree.write_tar` then writes the tree the disk stage consumes: a
+clean, normalized, uncompressed PAX tar, sorted (parents before children),
+with numeric owners, ``SCHILY.xattr.*`` extended attributes, rendered
+templates in place of their sources, and mtimes clamped to
+``SOURCE_DATE_EPOCH`` when one is given.
+
+Typical use::
+
+    with read_tarball(path, volatile=manifest.volatile,
+                      persistent=manifest.persistent) as tree:
+        tree.write_tar(work / "tree.tar", replacements=rendered)
+"""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import enum
+import gzip
+import json
+import lzma
+import os
+import posixpath
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO, Self
+from urllib.parse import unquote_to_bytes
+
+from cloudlets.errors import UnsafeArchiveError
+
+__all__ = [
+    "METADATA_PATH",
+    "ArchivePolicy",
+    "Compression",
+    "Entry",
+    "EntryType",
+    "RootTree",
+    "detect_compression",
+    "image_metadata",
+    "read_tarball",
+]
+
+#: Where :func:`image_metadata` is meant to be stored inside the image.
+METADATA_PATH = "/etc/cloudlets/image.json"
+
+_KIB = 1024
+_MIB = 1024 * _KIB
+_GIB = 1024 * _MIB
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_CHUNK = _MIB
+_MAX_ID = 2**32 - 2
+_CONTROL = re.compile(r"[\x01-\x1f\x7f]")
+_XATTR_PREFIX = "SCHILY.xattr."
+_LIBARCHIVE_XATTR_PREFIX = "LIBARCHIVE.xattr."
+_SYMLINK_HOPS = 40
+
+
+class Compression(str, enum.Enum):
+    """How a tarball is compressed, as told by its first bytes."""
+
+    BZIP2 = "bzip2"
+    GZIP = "gzip"
+    NONE = "none"
+    XZ = "xz"
+    ZSTD = "zstd"
+
+
+class EntryType(str, enum.Enum):
+    """The kind of a file in the tree."""
+
+    BLOCKDEV = "blockdev"
+    CHARDEV = "chardev"
+    DIR = "dir"
+    FIFO = "fifo"
+    FILE = "file"
+    HARDLINK = "hardlink"
+    SYMLINK = "symlink"
+
+
+_FROM_TAR = {
+    tarfile.REGTYPE: EntryType.FILE,
+    tarfile.AREGTYPE: EntryType.FILE,
+    tarfile.CONTTYPE: EntryType.FILE,
+    tarfile.GNUTYPE_SPARSE: EntryType.FILE,
+    tarfile.DIRTYPE: EntryType.DIR,
+    tarfile.SYMTYPE: EntryType.SYMLINK,
+    tarfile.LNKTYPE: EntryType.HARDLINK,
+    tarfile.CHRTYPE: EntryType.CHARDEV,
+    tarfile.BLKTYPE: EntryType.BLOCKDEV,
+    tarfile.FIFOTYPE: EntryType.FIFO,
+}
+_TO_TAR = {
+    EntryType.FILE: tarfile.REGTYPE,
+    EntryType.DIR: tarfile.DIRTYPE,
+    EntryType.SYMLINK: tarfile.SYMTYPE,
+    EntryType.HARDLINK: tarfile.LNKTYPE,
+    EntryType.CHARDEV: tarfile.CHRTYPE,
+    EntryType.BLOCKDEV: tarfile.BLKTYPE,
+    EntryType.FIFO: tarfile.FIFOTYPE,
+}
+
+
+@dataclass(frozen=True)
+class ArchivePolicy:
+    """What a root filesystem tarball may contain. Every limit is checked while
+    streaming, so a bomb fails as soon as it crosses one.
+
+    :ivar max_total_size: bytes the archive may expand to (tar stream, and
+        separately the sum of the members' sizes, sparse files counted whole).
+    :ivar max_member_size: bytes one member may hold.
+    :ivar max_members: number of members.
+    :ivar max_compression_ratio: uncompressed bytes per compressed byte, checked
+        once ``ratio_grace`` bytes have come out of the decompressor.
+    :ivar ratio_grace: uncompressed bytes read before the ratio is enforced.
+    :ivar max_path_length: bytes in a path (and in a symlink target).
+    :ivar max_name_length: bytes in one path component.
+    :ivar max_header_size: bytes of tar headers (PAX records, GNU long names,
+        sparse maps) one member may bring.
+    :ivar allow_sparse: accept sparse members (they are stored dense).
+    :ivar allow_control_characters: accept control characters (newline, tab,
+        escape...) in member names; they break line-oriented tools downstream.
+    :ivar xattr_prefixes: extended attributes kept; others are dropped and
+        noted in :attr:`RootTree.notes`.
+    :ivar max_xattr_size: bytes one extended attribute value may hold.
+    """
+
+    max_total_size: int = 16 * _GIB
+    max_member_size: int = 8 * _GIB
+    max_members: int = 1_000_000
+    max_compression_ratio: float = 200.0
+    ratio_grace: int = 64 * _MIB
+    max_path_length: int = 4095
+    max_name_length: int = 255
+    max_header_size: int = 1 * _MIB
+    allow_sparse: bool = True
+    allow_control_characters: bool = False
+    xattr_prefixes: tuple[str, ...] = ("security.", "trusted.", "user.",
+                                       "system.posix_acl_access", "system.posix_acl_default")
+    max_xattr_size: int = 64 * _KIB
+
+
+@dataclass(eq=False)
+class Entry:
+    """One file of the tree.
+
+    :ivar path: absolute path inside the image (``/`` for the root).
+    :ivar type: what kind of file it is.
+    :ivar mode: permission bits with setuid, setgid and sticky (``0o7777``).
+    :ivar uid: numeric owner.
+    :ivar gid: numeric group.
+    :ivar mtime: modification time, seconds since the epoch.
+    :ivar size: content bytes (regular files and hardlinks to them).
+    :ivar linkname: a symlink's target as stored (resolved inside the image
+        only), or the absolute path a hardlink was made to.
+    :ivar devmajor: device major number (device nodes).
+    :ivar devminor: device minor number (device nodes).
+    :ivar xattrs: extended attributes, name to value.
+    """
+
+    path: str
+    type: EntryType
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    size: int = 0
+    linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    _offset: int = field(default=-1, repr=False)
+    _data: bytes | None = field(default=None, repr=False)
+    _origin: Entry | None = field(default=None, repr=False)
+
+    @property
+    def capabilities(self) -> bytes | None:
+        """The ``security.capability`` extended attribute (file capabilities)."""
+        return self.xattrs.get("security.capability")
+
+    @property
+    def inode(self) -> Entry:
+        """The entry that owns the content: a hardlink's origin, else itself."""
+        return self._origin if self._origin is not None else self
+
+    @property
+    def is_regular(self) -> bool:
+        """Whether this is a regular file (directly or as a hardlink to one)."""
+        return self.inode.type is EntryType.FILE
+
+
+# -- streams -------------------------------------------------------------------
+
+
+class _Prefixed:
+    """A reader that returns ``head`` first, then the rest of ``raw``, and counts
+    the bytes taken from ``raw``."""
+
+    def __init__(self, head: bytes, raw: IO[bytes]) -> None:
+        self._head = head
+        self._raw = raw
+        self.count = len(head)
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            if size < 0 or size >= len(self._head):
+                data, self._head = self._head, b""
+                if size < 0:
+                    rest = self._raw.read()
+                elif size > len(data):
+                    rest = self._raw.read(size - len(data))
+                else:
+                    rest = b""
+                self.count += len(rest)
+                return data + rest
+            data, self._head = self._head[:size], self._head[size:]
+            return data
+        data = self._raw.read(size)
+        self.count += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+class _Limiter:
+    """The uncompressed tar stream, metered against the policy."""
+
+    def __init__(self, raw: Any, source: _Prefixed, compressed: bool,
+                 policy: ArchivePolicy) -> None:
+        self._raw = raw
+        self._source = source
+        self._compressed = compressed
+        self._policy = policy
+        self.total = 0
+        self.member: str | None = None
+        self._header_mode = False
+        self._header_bytes = 0
+
+    def headers(self) -> None:
+        """What is read from now on is headers, until :meth:`content`."""
+        self._header_mode = True
+        self._header_bytes = 0
+
+    def content(self, member: str) -> None:
+        self._header_mode = False
+        self.member = member
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._raw.read(size)
+        policy = self._policy
+        self.total += len(data)
+        if self.total > policy.max_total_size:
+            raise UnsafeArchiveError(
+                f"the archive expands beyond {policy.max_total_size} bytes "
+                "(ArchivePolicy.max_total_size)", self.member)
+        if self._compressed and self.total > policy.ratio_grace:
+            ratio = self.total / max(self._source.count, 1)
+            if ratio > policy.max_compression_ratio:
+                raise UnsafeArchiveError(
+                    f"compression ratio {ratio:.0f}:1 exceeds "
+                    f"{policy.max_compression_ratio:.0f}:1 (ArchivePolicy.max_compression_ratio)"
+                    ": a decompression bomb?", self.member)
+        if self._header_mode:
+            self._header_bytes += len(data)
+            if self._header_bytes > policy.max_header_size + _RECORD:
+                raise UnsafeArchiveError(
+                    f"tar headers after this member exceed {policy.max_header_size} bytes "
+                    "(ArchivePolicy.max_header_size)", self.member)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+def detect_compression(head: bytes) -> Compression:
+    """Tell how a tarball is compressed from its first 512 bytes.
+
+    :param head: the first bytes of the file (512 or all of a shorter file).
+    :returns: the compression.
+    :raises UnsafeArchiveError: when it is neither a tar archive nor one of the
+        supported compressions.
+    """
+    if head.startswith(b"\x1f\x8b"):
+        return Compression.GZIP
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return Compression.XZ
+    if head.startswith(b"BZh") and head[3:4].isdigit():
+        return Compression.BZIP2
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return Compression.ZSTD
+    if head.startswith(b"\x04\x22\x4d\x18"):
+        raise UnsafeArchiveError("lz4 compression is not supported (use gzip, xz, bzip2 or zstd)")
+    if not head:
+        raise UnsafeArchiveError("the tarball is empty")
+    if head[257:262] == b"ustar":
+        return Compression.NONE
+    try:
+        tarfile.TarInfo.frombuf(head[:_BLOCK], "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        raise UnsafeArchiveError(
+            "not a tar archive, nor a gzip, xz, bzip2 or zstd compressed one") from None
+    return Compression.NONE
+
+
+def _decompressor(kind: Compression, prefixed: _Prefixed) -> Any:
+    source: Any = prefixed
+    if kind is Compression.GZIP:
+        return gzip.GzipFile(fileobj=source, mode="rb")
+    if kind is Compression.XZ:
+        return lzma.LZMAFile(source, mode="rb")
+    if kind is Compression.BZIP2:
+        return bz2.BZ2File(source, mode="rb")
+    if kind is Compression.ZSTD:
+        try:
+            import zstandard
+        except ImportError:  # pragma: no cover - a core dependency
+            raise UnsafeArchiveError(
+                "the tarball is zstd-compressed and the 'zstandard' package is not "
+                "installed") from None
+        return zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
+    return source
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [tarfile.TarError, OSError, EOFError, lzma.LZMAError,
+                                         ValueError]
+    try:
+        import zstandard
+        errors.append(zstandard.ZstdError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+# -- names ---------------------------------------------------------------------
+
+
+def _encoded(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _normalize(name: str, policy: ArchivePolicy, what: str = "member name") -> str:
+    """Map a tar member name to an absolute path inside the image.
+
+    :raises UnsafeArchiveError: (without the member; the caller adds it).
+    """
+    if not name:
+        raise UnsafeArchiveError(f"empty {what}")
+    if "\x00" in name:
+        raise UnsafeArchiveError(f"NUL byte in {what}")
+    if name.startswith("/"):
+        raise UnsafeArchiveError(f"absolute {what} {name!r}")
+    if not policy.allow_control_characters and _CONTROL.search(name):
+        raise UnsafeArchiveError(
+            f"control character in {what} (ArchivePolicy.allow_control_characters)")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchiveError(f"'..' in {what} {name!r}")
+    path = "/" + "/".join(parts)
+    if len(_encoded(path)) > policy.max_path_length:
+        raise UnsafeArchiveError(
+            f"{what} longer than {policy.max_path_length} bytes (ArchivePolicy.max_path_length)")
+    for part in parts:
+        if len(_encoded(part)) > policy.max_name_length:
+            raise UnsafeArchiveError(
+                f"a component of the {what} is longer than {policy.max_name_length} bytes "
+                "(ArchivePolicy.max_name_length)")
+    return path
+
+
+def _parent(path: str) -> str:
+    return posixpath.dirname(path)
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    """Yield the ancestors of an absolute path, nearest last, without ``/``."""
+    index = path.find("/", 1)
+    while index != -1:
+        yield path[:index]
+        index = path.find("/", index + 1)
+
+
+# -- the tree ------------------------------------------------------------------
+
+
+class RootTree:
+    """A root filesystem: entry metadata in memory, file content in a spool.
+
+    Build one with :func:`read_tarball`; close it (or use it as a context
+    manager) to free the spool.
+
+    :ivar persistent: the manifest's persistent paths, normalized and sorted.
+    :ivar dropped: paths left out because they matched a volatile pattern (or
+        lay under a dropped directory), in archive order.
+    :ivar notes: neutralized oddities (dropped xattrs, parents synthesized...).
+    :ivar compression: how the tarball was compressed.
+    :ivar stream_bytes: uncompressed bytes read from the tarball.
+    """
+
+    def __init__(self, spool: IO[bytes], persistent: Sequence[str] = ()) -> None:
+        self._spool = spool
+        self._entries: dict[str, Entry] = {"/": Entry("/", EntryType.DIR, 0o755)}
+        self._implied: set[str] = set()
+        self.persistent = sorted(set(persistent))
+        self.dropped: list[str] = []
+        self.notes: list[str] = []
+        self.compression = Compression.NONE
+        self.stream_bytes = 0
+        self._root_seen = False
+
+    # -- mapping ---------------------------------------------------------
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._entries
+
+    def __getitem__(self, path: str) -> Entry:
+        return self._entries[path]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Entry]:
+        """Entries in output order: sorted by path bytes, parents first."""
+        for path in self.paths():
+            yield self._entries[path]
+
+    def get(self, path: str) -> Entry | None:
+        """:returns: the entry at an absolute path, or ``None``."""
+        return self._entries.get(path)
+
+    def paths(self) -> list[str]:
+        """:returns: every path, sorted by bytes (parents before children)."""
+        return sorted(self._entries, key=_encoded)
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of regular file content (each hardlinked inode once)."""
+        seen: set[int] = set()
+        total = 0
+        for entry in self._entries.values():
+            inode = entry.inode
+            if inode.type is EntryType.FILE and id(inode) not in seen:
+                seen.add(id(inode))
+                total += inode.size
+        return total
+
+    # -- lookups inside the image ----------------------------------------
+
+    def resolve(self, path: str) -> Entry | None:
+        """Find what an absolute path names inside the image, following
+        symlinks the way the image's kernel would (absolute targets from the
+        image root, ``..`` stopping at the root). The host is never consulted.
+
+        :param path: an absolute path inside the image.
+        :returns: the entry, or ``None`` when it does not exist or a symlink
+            loop is found.
+        """
+        pending = [p for p in path.split("/") if p]
+        current = "/"
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part == ".":
+                continue
+            if part == "..":
+                current = _parent(current) or "/"
+                continue
+            candidate = posixpath.join(current, part)
+            entry = self._entries.get(candidate)
+            if entry is None:
+                return None
+            if entry.inode.type is EntryType.SYMLINK:
+                hops += 1
+                if hops > _SYMLINK_HOPS:
+                    return None
+                target = entry.inode.linkname
+                pending = [p for p in target.split("/") if p] + pending
+                if target.startswith("/"):
+                    current = "/"
+                continue
+            if pending and entry.type is not EntryType.DIR:
+                return None
+            current = candidate
+        return self._entries.get(current)
+
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        """Read a regular file's content.
+
+        :param path: absolute path of a regular file (or a hardlink to one).
+        :param limit: refuse files larger than this many bytes.
+        :returns: the content, rendered replacement included.
+        :raises KeyError: when there is no such entry.
+        :raises ValueError: when it is not a regular file or is too large.
+        """
+        entry = self._entries[path]
+        inode = entry.inode
+        if inode.type is not EntryType.FILE:
+            raise ValueError(f"{path} is a {entry.type.value}, not a regular file")
+        if limit is not None and inode.size > limit:
+            raise ValueError(f"{path} is {inode.size} bytes, more than {limit}")
+        if inode._data is not None:
+            return inode._data
+        if inode.size == 0:
+            return b""
+        self._spool.flush()
+        return os.pread(self._spool.fileno(), inode.size, inode._offset)
+
+    # -- changes -----------------------------------------------------------
+
+    def set_content(self, path: str, data: bytes) -> None:
+        """Replace a regular file's content, keeping its mode, owner and
+        hardlinks (a rendered template).
+
+        :raises KeyError: when there is no such entry.
+        :raises ValueError: when it is not a regular file.
+        """
+        entry = self._entries[path]
+        inode = entry.inode
+        if inode.type is not EntryType.FILE:
+            raise ValueError(f"{path} is a {entry.type.value}, not a regular file")
+        inode._data = bytes(data)
+        inode.size = len(data)
+        for other in self._entries.values():
+            if other._origin is inode:
+                other.size = len(data)
+
+    def add_file(self, path: str, data: bytes, *, mode: int = 0o644, uid: int = 0,
+                 gid: int = 0, mtime: int | None = None) -> Entry:
+        """Add (or replace) a regular file, e.g. the image metadata. Missing
+        parent directories are created ``0755 root:root``.
+
+        :param path: absolute path inside the image.
+        :raises ValueError: when the path is not a clean absolute path or a
+            directory or symlink is in the way.
+        """
+        clean = posixpath.normpath(path)
+        if not path.startswith("/") or clean != path or path == "/":
+            raise ValueError(f"{path!r} is not a clean absolute path")
+        for ancestor in _ancestors(path):
+            found = self._entries.get(ancestor)
+            if found is not None and found.type is not EntryType.DIR:
+                raise ValueError(f"cannot add {path}: {ancestor} is a {found.type.value}")
+        existing = self._entries.get(path)
+        if existing is not None and existing.type is EntryType.DIR:
+            raise ValueError(f"cannot add {path}: it is a directory")
+        stamp = mtime if mtime is not None else self._entries["/"].mtime
+        entry = Entry(path, EntryType.FILE, mode & 0o7777, uid, gid, stamp, len(data),
+                      _data=bytes(data))
+        self._entries[path] = entry
+        self._fill_parents()
+        return entry
+
+    def _fill_parents(self) -> None:
+        stamp = self._entries["/"].mtime
+        for path in list(self._entries):
+            for ancestor in _ancestors(path):
+                if ancestor not in self._entries:
+                    self._entries[ancestor] = Entry(ancestor, EntryType.DIR, 0o755, mtime=stamp)
+                    self.notes.append(f"{ancestor}: missing parent directory created 0755 "
+                                      "root:root")
+
+    # -- output ------------------------------------------------------------
+
+    def write_tar(self, dest: str | os.PathLike[str], *,
+                  replacements: Mapping[str, bytes] | None = None,
+                  source_date_epoch: int | None = None) -> Path:
+        """Write the tree as a clean, normalized, uncompressed PAX tar.
+
+        Members are named ``./path``, sorted by path bytes (so parents come
+        before children and the output is reproducible), with numeric owners
+        and no user or group names, extended attributes as ``SCHILY.xattr.*``.
+        The first path of each hardlinked inode carries the content; the
+        others link to it.
+
+        :param dest: file to write (created or truncated).
+        :param replacements: absolute path to new content for regular files
+            (rendered templates); mode and owner are kept.
+        :param source_date_epoch: clamp every mtime to this time.
+        :returns: ``dest`` as a :class:`~pathlib.Path`.
+        :raises KeyError: a replacement names a path not in the tree.
+        :raises ValueError: a replacement names something not a regular file.
+        """
+        for path, data in (replacements or {}).items():
+            self.set_content(path, data)
+        dest = Path(dest)
+        self._spool.flush()
+        spool_fd = self._spool.fileno()
+        primaries: dict[int, str] = {}
+        with open(dest, "wb") as out:
+            for path in self.paths():
+                entry = self._entries[path]
+                inode = entry.inode
+                key = id(inode)
+                info = tarfile.TarInfo("." + path if path != "/" else ".")
+                mtime = max(0, inode.mtime)
+                if source_date_epoch is not None:
+                    mtime = min(mtime, source_date_epoch)
+                info.mode, info.uid, info.gid, info.mtime = inode.mode, inode.uid, inode.gid, mtime
+                info.uname = info.gname = ""
+                primary = primaries.get(key)
+                if primary is not None and inode.type is not EntryType.DIR:
+                    info.type = tarfile.LNKTYPE
+                    info.linkname = "." + primary
+                    out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+                    continue
+                primaries[key] = path
+                info.type = _TO_TAR[inode.type]
+                if inode.type is EntryType.SYMLINK:
+                    info.linkname = inode.linkname
+                elif inode.type in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+                    info.devmajor, info.devminor = inode.devmajor, inode.devminor
+                elif inode.type is EntryType.FILE:
+                    info.size = inode.size
+                info.pax_headers = {
+                    _XATTR_PREFIX + name: value.decode("utf-8", "surrogateescape")
+                    for name, value in sorted(inode.xattrs.items())
+                }
+                out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+                if inode.type is EntryType.FILE and inode.size:
+                    if inode._data is not None:
+                        out.write(inode._data)
+                    else:
+                        out.flush()
+                        _copy_range(spool_fd, out.fileno(), inode._offset, inode.size)
+                    remainder = inode.size % _BLOCK
+                    if remainder:
+                        out.write(b"\0" * (_BLOCK - remainder))
+            out.write(b"\0" * (2 * _BLOCK))
+            position = out.tell()
+            if position % _RECORD:
+                out.write(b"\0" * (_RECORD - position % _RECORD))
+        return dest
+
+    def close(self) -> None:
+        """Free the spool file. The tree can no longer be read or written."""
+        self._spool.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<RootTree {len(self._entries)} entries, {self.total_size} bytes>"
+
+
+def _copy_range(src: int, dst: int, offset: int, size: int) -> None:
+    """Copy ``size`` bytes at ``offset`` of ``src`` to the end of ``dst``."""
+    done = 0
+    try:
+        while done < size:
+            copied = os.copy_file_range(src, dst, size - done, offset + done)
+            if copied <= 0:
+                break
+            done += copied
+    except (OSError, AttributeError):
+        pass
+    while done < size:
+        chunk = os.pread(src, min(_CHUNK, size - done), offset + done)
+        if not chunk:
+            raise OSError(f"spool file ended {size - done} bytes early")
+        os.write(dst, chunk)
+        done += len(chunk)
+
+
+# -- reading -------------------------------------------------------------------
+
+
+def _xattrs(info: tarfile.TarInfo, policy: ArchivePolicy, path: str,
+            notes: list[str]) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for key, value in info.pax_headers.items():
+        if key.startswith(_XATTR_PREFIX):
+            found[key[len(_XATTR_PREFIX):]] = _encoded(value)
+    for key, value in info.pax_headers.items():
+        if key.startswith(_LIBARCHIVE_XATTR_PREFIX):
+            name = unquote_to_bytes(key[len(_LIBARCHIVE_XATTR_PREFIX):]).decode(
+                "utf-8", "surrogateescape")
+            if name not in found:
+                try:
+                    found[name] = base64.b64decode(value + "=" * (-len(value) % 4))
+                except ValueError:
+                    raise UnsafeArchiveError(f"extended attribute {name!r} is not valid base64",
+                                             info.name) from None
+    kept: dict[str, bytes] = {}
+    for name, data in found.items():
+        if "\x00" in name or not name:
+            raise UnsafeArchiveError("extended attribute with an empty or NUL name", info.name)
+        if len(data) > policy.max_xattr_size:
+            raise UnsafeArchiveError(
+                f"extended attribute {name!r} holds {len(data)} bytes, more than "
+                f"{policy.max_xattr_size} (ArchivePolicy.max_xattr_size)", info.name)
+        if name.startswith(policy.xattr_prefixes):
+            kept[name] = data
+        else:
+            notes.append(f"{path}: extended attribute {name!r} dropped "
+                         "(not in ArchivePolicy.xattr_prefixes)")
+    return kept
+
+
+class _Reader:
+    """One pass over a tarball, building a :class:`RootTree`."""
+
+    def __init__(self, tree: RootTree, policy: ArchivePolicy, volatile: Sequence[str],
+                 persistent: set[str], limiter: _Limiter) -> None:
+        self.tree = tree
+        self.policy = policy
+        self.volatile = [re.compile(pattern) for pattern in volatile]
+        self.persistent = persistent
+        self.limiter = limiter
+        self.members = 0
+        self.data_total = 0
+        self.dropped_dirs: set[str] = set()
+        self.dropped_files: set[str] = set()
+        self.max_mtime = 0
+
+    def run(self, stream: Any) -> None:
+        limiter = self.limiter
+        limiter.headers()
+        archive = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 - read by next()
+        while True:
+            limiter.headers()
+            info = archive.next()
+            if info is None:
+                break
+            limiter.content(info.name)
+            self.member(info, archive)
+            opened: Any = archive
+            opened.fileobj.seek(opened.offset)
+            opened.members.clear()
+        self.tree.stream_bytes = limiter.total
+
+    def _is_volatile(self, path: str) -> bool:
+        if path in self.persistent:
+            return False
+        return any(pattern.match(path) for pattern in self.volatile)
+
+    def member(self, info: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+        policy = self.policy
+        name = info.name
+        self.members += 1
+        if self.members > policy.max_members:
+            raise UnsafeArchiveError(
+                f"more than {policy.max_members} members (ArchivePolicy.max_members)", name)
+        try:
+            path = _normalize(name, policy)
+        except UnsafeArchiveError as exc:
+            raise UnsafeArchiveError(str(exc), name) from None
+        kind = _FROM_TAR.get(info.type)
+        if kind is None:
+            raise UnsafeArchiveError(f"unsupported member type {info.type!r}", name)
+        if info.issparse() and not policy.allow_sparse:
+            raise UnsafeArchiveError("sparse member (ArchivePolicy.allow_sparse)", name)
+        for number, what in ((info.uid, "uid"), (info.gid, "gid")):
+            if not 0 <= number <= _MAX_ID:
+                raise UnsafeArchiveError(f"{what} {number} is out of range", name)
+        if kind is EntryType.FILE:
+            if info.size > policy.max_member_size:
+                raise UnsafeArchiveError(
+                    f"{info.size} bytes, more than {policy.max_member_size} "
+                    "(ArchivePolicy.max_member_size)", name)
+            self.data_total += info.size
+            if self.data_total > policy.max_total_size:
+                raise UnsafeArchiveError(
+                    f"the members add up to more than {policy.max_total_size} bytes "
+                    "(ArchivePolicy.max_total_size)", name)
+
+        # volatile paths, and everything under a dropped directory
+        if path != "/" and (any(a in self.dropped_dirs for a in _ancestors(path))
+                            or self._is_volatile(path)):
+            self.tree.dropped.append(path)
+            if kind is EntryType.DIR:
+                self.dropped_dirs.add(path)
+            else:
+                self.dropped_files.add(path)
+            return
+
+        tree = self.tree
+        entries = tree._entries
+        if path == "/" and kind is not EntryType.DIR:
+            raise UnsafeArchiveError(f"the root of the tree is a {kind.value}", name)
+        for ancestor in _ancestors(path):
+            found = entries.get(ancestor)
+            if found is None:
+                continue
+            if found.inode.type is EntryType.SYMLINK:
+                raise UnsafeArchiveError(
+                    f"written through the symlink {ancestor} "
+                    f"(-> {found.inode.linkname!r})", name)
+            if found.type is not EntryType.DIR:
+                raise UnsafeArchiveError(
+                    f"its parent {ancestor} is a {found.inode.type.value}, not a directory", name)
+        existing = entries.get(path)
+        if kind is not EntryType.DIR and (path in tree._implied or (
+                existing is not None and existing.type is EntryType.DIR)):
+            raise UnsafeArchiveError(
+                f"a {kind.value} replaces the directory {path} seen earlier", name)
+
+        mtime = int(info.mtime)
+        self.max_mtime = max(self.max_mtime, mtime)
+        entry = Entry(path, kind, info.mode & 0o7777, info.uid, info.gid, mtime,
+                      xattrs=_xattrs(info, policy, path, tree.notes))
+        if kind is EntryType.FILE:
+            entry.size = info.size
+            entry._offset = self._spool_content(info, archive)
+        elif kind is EntryType.SYMLINK:
+            target = info.linkname
+            if not target or "\x00" in target:
+                raise UnsafeArchiveError("symlink with an empty or NUL target", name)
+            if len(_encoded(target)) > policy.max_path_length:
+                raise UnsafeArchiveError(
+                    f"symlink target longer than {policy.max_path_length} bytes", name)
+            entry.linkname = target
+        elif kind is EntryType.HARDLINK:
+            try:
+                target_path = _normalize(info.linkname, policy, "hardlink target")
+            except UnsafeArchiveError as exc:
+                raise UnsafeArchiveError(str(exc), name) from None
+            if target_path in self.dropped_files or any(
+                    a in self.dropped_dirs for a in _ancestors(target_path)):
+                tree.dropped.append(path)
+                tree.notes.append(f"{path}: hardlink to the volatile {target_path} dropped too")
+                return
+            linked = entries.get(target_path)
+            if linked is None:
+                raise UnsafeArchiveError(
+                    f"hardlink to {info.linkname!r}, which is not a member seen earlier", name)
+            if linked.type is EntryType.DIR:
+                raise UnsafeArchiveError(f"hardlink to the directory {target_path}", name)
+            if target_path == path:
+                return
+            origin = linked.inode
+            entry = Entry(path, EntryType.HARDLINK, origin.mode, origin.uid, origin.gid,
+                          origin.mtime, origin.size, target_path, origin.devmajor,
+                          origin.devminor, origin.xattrs, _origin=origin)
+        elif kind in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+            entry.devmajor, entry.devminor = info.devmajor, info.devminor
+
+        if path == "/":
+            entries["/"] = entry
+            tree._root_seen = True
+            return
+        entries[path] = entry
+        tree._implied.update(_ancestors(path))
+
+    def _spool_content(self, info: tarfile.TarInfo, archive: tarfile.TarFile) -> int:
+        spool = self.tree._spool
+        offset = spool.tell()
+        handle = archive.extractfile(info)
+        if handle is None:  # pragma: no cover - regular files always have one
+            raise UnsafeArchiveError("no content", info.name)
+        remaining = info.size
+        while remaining:
+            chunk = handle.read(min(_CHUNK, remaining))
+            if not chunk:
+                raise UnsafeArchiveError(
+                    f"content ends {remaining} bytes early (truncated archive)", info.name)
+            spool.write(chunk)
+            remaining -= len(chunk)
+        return offset
+
+    def finish(self) -> None:
+        tree = self.tree
+        entries = tree._entries
+        root = entries["/"]
+        if not tree._root_seen:
+            root.mtime = self.max_mtime
+        for path in tree.persistent:
+            if path not in entries:
+                found = [a for a in _ancestors(path) if a in entries
+                         and entries[a].type is not EntryType.DIR]
+                if found:
+                    raise UnsafeArchiveError(
+                        f"persistent path {path} cannot be created: {found[0]} is not a "
+                        "directory")
+                entries[path] = Entry(path, EntryType.DIR, 0o755, mtime=root.mtime)
+                tree.notes.append(f"{path}: persistent path missing, created as an empty "
+                                  "directory 0755 root:root")
+        tree._fill_parents()
+
+
+def read_tarball(source: str | os.PathLike[str] | BinaryIO,
+                 policy: ArchivePolicy | None = None, *,
+                 volatile: Sequence[str] = (), persistent: Iterable[str] = (),
+                 workdir: str | os.PathLike[str] | None = None) -> RootTree:
+    """Read a root filesystem tarball into a :class:`RootTree`, in one
+    streaming pass with constant memory (besides the entries' metadata).
+
+    :param source: a path, or a binary file object positioned at the start.
+    :param policy: the limits and rules; :class:`ArchivePolicy` defaults.
+    :param volatile: regular expressions; a member whose absolute path
+        (``/var/log/syslog``) they match with :func:`re.match` (anchored at the
+        start, as the dotCloud tool did) is left out, and a left-out directory
+        takes its whole subtree with it.
+    :param persistent: absolute paths kept even if a volatile pattern matches
+        them, listed in :attr:`RootTree.persistent`, created as empty
+        directories when the tarball lacks them.
+    :param workdir: directory for the spool file (the system's temporary
+        directory by default); nothing else is written.
+    :returns: the tree; close it when done.
+    :raises UnsafeArchiveError: naming the member that breaks the policy, or
+        when the archive is malformed.
+    """
+    policy = policy or ArchivePolicy()
+    clean_persistent = set()
+    for path in persistent:
+        if not path.startswith("/"):
+            raise UnsafeArchiveError(f"persistent path {path!r} is not absolute")
+        clean_persistent.add(_normalize(path[1:] or ".", policy, "persistent path"))
+    owned: IO[bytes] | None = None
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            owned = open(source, "rb")  # noqa: SIM115 - closed in the finally below
+        except OSError as exc:
+            raise UnsafeArchiveError(f"cannot open tarball {source}: {exc.strerror}") from None
+        raw: IO[bytes] = owned
+    else:
+        raw = source
+    spool = tempfile.TemporaryFile(dir=workdir)  # noqa: SIM115 - owned by the tree
+    tree = RootTree(spool, sorted(clean_persistent))
+    limiter: _Limiter | None = None
+    try:
+        head = raw.read(_BLOCK)
+        kind = detect_compression(head)
+        tree.compression = kind
+        prefixed = _Prefixed(head, raw)
+        stream = _decompressor(kind, prefixed)
+        limiter = _Limiter(stream, prefixed, kind is not Compression.NONE, policy)
+        reader = _Reader(tree, policy, volatile, clean_persistent, limiter)
+        try:
+            reader.run(limiter)
+        except UnsafeArchiveError:
+            raise
+        except _stream_errors() as exc:
+            raise UnsafeArchiveError(f"malformed {kind.value} tar archive: {exc}",
+                                     limiter.member) from None
+        reader.finish()
+    except BaseException:
+        tree.close()
+        raise
+    finally:
+        if owned is not None:
+            owned.close()
+    return tree
+
+
+def image_metadata(*, name: str, version: str | None, digest: str,
+                   persistent: Sequence[str]) -> bytes:
+    """The image's own description, stored at :data:`METADATA_PATH`.
+
+    :returns: canonical JSON (sorted keys, newline-terminated): ``name``,
+        ``version``, ``digest`` (the manifest's) and ``persistent`` (sorted).
+    """
+    document = {"name": name, "version": version, "digest": digest,
+                "persistent": sorted(persistent)}
+    return (json.dumps(document, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
