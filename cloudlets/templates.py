@@ -1,0 +1,659 @@
+"""Rendering a cloudlet's template files inside a sandbox.
+
+The files a manifest lists under ``templates`` are rendered with Jinja2's
+:class:`~jinja2.sandbox.ImmutableSandboxedEnvironment`: no attribute starting
+with ``_`` (so no walk to ``__subclasses__`` or ``__globals__``), no mutation
+of the context, ``str.format`` sandboxed, :class:`~jinja2.StrictUndefined`
+(a misspelt name is an error, not an empty string) and no autoescaping (these
+are configuration files, not HTML). On top of Jinja's sandbox:
+
+* the ``cycler``, ``joiner`` and ``lipsum`` globals are removed;
+* includes, imports and extends resolve only inside the image's
+  :class:`~cloudlets.rootfs.RootTree` (relative names from the including
+  file's directory, symlinks followed inside the image), never on the host;
+* every operation that can allocate much (``*``, ``**``, ``+``, ``%``, ``~``,
+  ``str.ljust``/``center``/``zfill``/``replace``/``join``/``format``, the
+  ``center``/``indent``/``wordwrap``/``batch``/``slice``/``join``/``sum``...
+  filters, printing a container) is checked *before* it runs against
+  :attr:`TemplateLimits.max_output_bytes`; ``range`` is capped; the output is
+  counted while it streams; and a watchdog stops a template that runs longer
+  than :attr:`TemplateLimits.timeout`.
+
+Manifests with ``"template_syntax": "dotcloud"`` use the first cloudlets
+tool's ``<%= args.hostname %>`` form: plain dotted-name substitution, looked up
+through the same sandbox, with no expressions at all.
+
+Every failure is a :class:`~cloudlets.errors.TemplateError` naming the file
+(its path inside the image) and the line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import posixpath
+import re
+import string
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, Undefined
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.environment import Environment
+from jinja2.exceptions import SecurityError, UndefinedError
+from jinja2.nodes import Concat
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from cloudlets.errors import TemplateError
+
+if TYPE_CHECKING:
+    from cloudlets.config import RenderConfig
+    from cloudlets.manifest import Manifest
+    from cloudlets.rootfs import RootTree
+
+__all__ = [
+    "TemplateLimits",
+    "render_template",
+    "render_templates",
+    "template_context",
+]
+
+#: Prefix of the file names Jinja sees, so a traceback never names (and
+#: :mod:`linecache` never reads) a host file such as ``/etc/shadow``.
+_FILENAME_PREFIX = "cloudlet-image:"
+_REMOVED_GLOBALS = ("cycler", "joiner", "lipsum")
+_WIDTH = re.compile(r"%[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_NUMBER = re.compile(r"\d+")
+_DOTCLOUD_TAG = re.compile(r"<%=(.*?)(-?)%>(\n?)", re.DOTALL)
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*\Z")
+
+
+@dataclass(frozen=True)
+class TemplateLimits:
+    """How much a template may take.
+
+    :ivar max_source_bytes: size of a template file (and of an included one).
+    :ivar max_output_bytes: size of one rendered file, and of any single
+        string or sequence an expression builds.
+    :ivar max_range: items a ``range()`` (or ``batch``/``slice`` count) may have.
+    :ivar max_int_bits: bits an integer ``*`` or ``**`` may produce.
+    :ivar timeout: seconds one template may take to render (``0`` disables the
+        watchdog).
+    """
+
+    max_source_bytes: int = 1024 * 1024
+    max_output_bytes: int = 4 * 1024 * 1024
+    max_range: int = 100_000
+    max_int_bits: int = 8192
+    timeout: float = 10.0
+
+
+class _LimitError(Exception):
+    """A template tried to build something larger than the limits allow."""
+
+
+class _RenderTimeout(Exception):
+    """Raised asynchronously in the rendering thread by the watchdog."""
+
+
+# -- size estimates ------------------------------------------------------------
+
+
+def _estimate(value: Any, budget: int) -> int:
+    """Characters ``str(value)`` would produce, counted no further than
+    ``budget`` + 1 (so a huge nested structure costs little to reject)."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (int, float, bool)) or value is None:
+        return 24
+    total = 2
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (str, bytes)):
+            total += len(item) + 4
+        elif isinstance(item, Mapping):
+            total += 2 + 2 * len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            total += 2 + 2 * len(item)
+            stack.extend(item)
+        else:
+            total += 24
+        if total > budget:
+            return total
+    return total
+
+
+class _CheckedCodeGenerator(CodeGenerator):
+    """Compiles ``a ~ b`` to the sandbox's size-checked concatenation."""
+
+    def visit_Concat(self, node: Concat, frame: Frame) -> None:
+        self.write("environment.checked_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox with size checks, a capped ``range`` and
+    loading from the image only."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%", "//"})
+    code_generator_class = _CheckedCodeGenerator
+
+    def __init__(self, limits: TemplateLimits, loader: BaseLoader) -> None:
+        super().__init__(loader=loader, undefined=StrictUndefined, autoescape=False,
+                         keep_trailing_newline=True, auto_reload=False,
+                         finalize=self._finalize)
+        self.limits = limits
+        for name in _REMOVED_GLOBALS:
+            self.globals.pop(name, None)
+        self.globals["range"] = self._range
+        self._wrap_filters()
+
+    # -- checks ------------------------------------------------------------
+
+    def _check_size(self, size: int, what: str) -> None:
+        cap = self.limits.max_output_bytes
+        if size > cap:
+            raise _LimitError(f"{what} would produce {size} characters or items, more than "
+                              f"the {cap} allowed (TemplateLimits.max_output_bytes)")
+
+    def _check_value(self, value: Any, what: str) -> None:
+        self._check_size(_estimate(value, self.limits.max_output_bytes), what)
+
+    def _check_count(self, count: Any, what: str) -> None:
+        if isinstance(count, int) and count > self.limits.max_range:
+            raise _LimitError(f"{what} of {count} is more than the {self.limits.max_range} "
+                              "allowed (TemplateLimits.max_range)")
+
+    def _check_printf(self, fmt: str, args: Any) -> None:
+        for match in _WIDTH.finditer(fmt):
+            for number in match.groups():
+                if number == "*":
+                    raise _LimitError("'*' widths are not allowed in % formatting")
+                if number is not None:
+                    self._check_size(int(number), "a % format width")
+        self._check_size(len(fmt) + _estimate(args, self.limits.max_output_bytes),
+                         "% formatting")
+
+    def _check_format(self, fmt: str, args: Iterable[Any]) -> None:
+        try:
+            fields = list(string.Formatter().parse(fmt))
+        except ValueError:
+            return  # str.format reports the error itself
+        for _, _, spec, _ in fields:
+            if spec and "{" in spec:
+                raise _LimitError("nested replacement fields are not allowed in format specs")
+            for number in _NUMBER.findall(spec or ""):
+                self._check_size(int(number), "a format width")
+        total = len(fmt)
+        for arg in args:
+            total += _estimate(arg, self.limits.max_output_bytes)
+        self._check_size(total, "str.format")
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        """Check ``*``, ``**``, ``+``, ``%`` before they run."""
+        sequence = (str, bytes, list, tuple)
+        if operator == "*":
+            if isinstance(left, int) and isinstance(right, int):
+                if left.bit_length() + right.bit_length() > self.limits.max_int_bits:
+                    raise _LimitError(f"integer product larger than "
+                                      f"{self.limits.max_int_bits} bits")
+            elif isinstance(left, sequence) and isinstance(right, int):
+                self._check_size(len(left) * right, "'*'")
+            elif isinstance(right, sequence) and isinstance(left, int):
+                self._check_size(len(right) * left, "'*'")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and right > 0 \
+                    and abs(left) > 1 and left.bit_length() * right > self.limits.max_int_bits:
+                raise _LimitError(f"'**' result larger than {self.limits.max_int_bits} bits")
+        elif operator == "+":
+            if isinstance(left, sequence) and isinstance(right, sequence):
+                self._check_size(len(left) + len(right), "'+'")
+        elif operator == "%" and isinstance(left, str):
+            self._check_printf(left, right)
+        return super().call_binop(context, operator, left, right)
+
+    def checked_concat(self, values: Iterable[Any]) -> str:
+        """The ``~`` operator, with its size checked first."""
+        items = list(values)
+        total = 0
+        for item in items:
+            total += _estimate(item, self.limits.max_output_bytes)
+            self._check_size(total, "'~'")
+        return "".join(str(item) for item in items)
+
+    def _finalize(self, value: Any) -> Any:
+        if not isinstance(value, str):
+            self._check_value(value, "printing a value")
+        return value
+
+    def _range(self, *args: int) -> range:
+        result = range(*args)
+        if len(result) > self.limits.max_range:
+            raise _LimitError(f"range() of {len(result)} items is more than the "
+                              f"{self.limits.max_range} allowed (TemplateLimits.max_range)")
+        return result
+
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Check the string methods that can grow a string before calling."""
+        owner = getattr(obj, "__self__", None)
+        if isinstance(owner, (str, bytes)):
+            self._check_string_method(owner, getattr(obj, "__name__", ""), args)
+        return super().call(context, obj, *args, **kwargs)
+
+    def _check_string_method(self, owner: str | bytes, name: str, args: tuple[Any, ...]) -> None:
+        if name in ("center", "ljust", "rjust", "zfill") and args:
+            if isinstance(args[0], int):
+                self._check_size(args[0], f"str.{name}()")
+        elif name == "expandtabs":
+            tab = args[0] if args and isinstance(args[0], int) else 8
+            self._check_size(len(owner) * max(tab, 1), "str.expandtabs()")
+        elif name == "replace" and len(args) >= 2:
+            old, new = args[0], args[1]
+            if isinstance(old, (str, bytes)) and isinstance(new, (str, bytes)):
+                hits = len(owner) + 1 if not old else owner.count(old)  # type: ignore[arg-type]
+                self._check_size(len(owner) + hits * len(new), "str.replace()")
+        elif name == "join" and args:
+            items = args[0]
+            if isinstance(items, (list, tuple)):
+                total = sum(_estimate(item, self.limits.max_output_bytes) for item in items)
+                self._check_size(total + len(owner) * len(items), "str.join()")
+            else:
+                raise _LimitError("str.join() needs a list or tuple here")
+        elif name in ("translate", "maketrans"):
+            raise SecurityError(f"str.{name}() is not available in templates")
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """Sandboxed ``str.format``/``format_map`` with sizes checked first."""
+        wrapper = super().wrap_str_format(value)
+        if wrapper is None:
+            return None
+        fmt = value.__self__
+        checked = wrapper
+
+        def format_checked(*args: Any, **kwargs: Any) -> str:
+            values: list[Any] = list(args) + list(kwargs.values())
+            if value.__name__ == "format_map" and args and isinstance(args[0], Mapping):
+                values = list(args[0].values())
+            self._check_format(fmt, values)
+            return checked(*args, **kwargs)
+
+        return format_checked
+
+    # -- filters -----------------------------------------------------------
+
+    def _wrap_filters(self) -> None:
+        for name, function in list(self.filters.items()):
+            self.filters[name] = self._checked_filter(name, function)
+
+    def _checked_filter(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap a filter: its input and its size-like arguments are checked
+        before it runs. The wrapper keeps Jinja's ``pass_*`` marker."""
+        sandbox = self
+
+        def check(value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            sandbox._check_value(value, f"the {name} filter's input")
+            if name == "center":
+                sandbox._check_size(_int_arg(args, kwargs, 0, "width", 80), "the center filter")
+            elif name == "indent":
+                width = _arg(args, kwargs, 0, "width", 4)
+                per_line = width if isinstance(width, int) else len(str(width))
+                lines = str(value).count("\n") + 1 if isinstance(value, str) else 1
+                sandbox._check_size(_estimate(value, sandbox.limits.max_output_bytes)
+                                    + lines * per_line, "the indent filter")
+            elif name == "wordwrap":
+                wrap = _arg(args, kwargs, 2, "wrapstring", None) or "\n"
+                size = _estimate(value, sandbox.limits.max_output_bytes)
+                sandbox._check_size(size * (len(str(wrap)) + 1), "the wordwrap filter")
+            elif name in ("batch", "slice"):
+                sandbox._check_count(_int_arg(args, kwargs, 0, "linecount" if name == "batch"
+                                              else "slices", 0), f"the {name} filter count")
+            elif name == "format":
+                if isinstance(value, str):
+                    sandbox._check_printf(value, (args, kwargs))
+            elif name == "replace":
+                old, new = _arg(args, kwargs, 0, "old", ""), _arg(args, kwargs, 1, "new", "")
+                text = str(value)
+                hits = len(text) + 1 if not old else text.count(str(old))
+                sandbox._check_size(len(text) + hits * len(str(new)), "the replace filter")
+            elif name == "join":
+                separator = str(_arg(args, kwargs, 0, "d", ""))
+                items = list(value) if isinstance(value, (list, tuple)) else []
+                total = 0
+                for item in items:
+                    total += _estimate(item, sandbox.limits.max_output_bytes) + len(separator)
+                    sandbox._check_size(total, "the join filter")
+            elif name == "sum" and isinstance(value, (list, tuple)):
+                total = 0
+                for item in value:
+                    if isinstance(item, (list, tuple, str)):
+                        total += len(item)
+                        sandbox._check_size(total, "the sum filter")
+
+        marker = getattr(function, "jinja_pass_arg", None)
+        if marker is None:
+            def plain(value: Any, *args: Any, **kwargs: Any) -> Any:
+                check(value, args, kwargs)
+                return function(value, *args, **kwargs)
+            return plain
+
+        def passing(first: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+            check(value, args, kwargs)
+            return function(first, value, *args, **kwargs)
+
+        passing.jinja_pass_arg = marker  # type: ignore[attr-defined]
+        return passing
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str,
+         default: Any) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _int_arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str,
+             default: int) -> int:
+    value = _arg(args, kwargs, index, name, default)
+    return value if isinstance(value, int) else default
+
+
+# -- loading from the image --------------------------------------------------
+
+
+def _decode(data: bytes, path: str) -> str:
+    if b"\x00" in data:
+        raise TemplateError("binary file (it contains NUL bytes): a template must be text",
+                            path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise TemplateError(f"not UTF-8 text (byte {exc.start}): a template must be text",
+                            path, line) from None
+
+
+def _clean(path: str) -> str:
+    return "/" + posixpath.normpath("/" + path).lstrip("/")
+
+
+class _TreeLoader(BaseLoader):
+    """Loads templates from the image's tree and nowhere else."""
+
+    def __init__(self, tree: RootTree, limits: TemplateLimits) -> None:
+        self._tree = tree
+        self._limits = limits
+
+    def get_source(self, environment: Environment,
+                   template: str) -> tuple[str, str, Callable[[], bool]]:
+        path = _clean(template)
+        entry = self._tree.resolve(path)
+        if entry is None or not entry.is_regular:
+            raise TemplateNotFound(path)
+        if entry.inode.size > self._limits.max_source_bytes:
+            raise TemplateError(f"{entry.inode.size} bytes, more than the "
+                                f"{self._limits.max_source_bytes} allowed "
+                                "(TemplateLimits.max_source_bytes)", path)
+        text = _decode(self._tree.read_bytes(entry.path), path)
+        return text, _FILENAME_PREFIX + path, lambda: True
+
+
+class _ImageEnvironment(_Sandbox):
+    """Resolves relative include names from the including template's directory."""
+
+    def join_path(self, template: str, parent: str) -> str:
+        if template.startswith("/"):
+            return _clean(template)
+        return _clean(posixpath.join(posixpath.dirname(_clean(parent)), template))
+
+
+# -- the watchdog ------------------------------------------------------------
+
+
+class _Watchdog:
+    """Raises :class:`_RenderTimeout` in the current thread after ``seconds``.
+
+    CPython delivers it between bytecodes, so a template stuck in a loop stops;
+    every single operation that could run long in C is bounded by the size
+    checks. On exit a still-pending timeout is withdrawn.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._thread = threading.get_ident()
+        self._lock = threading.Lock()
+        self._active = False
+        self._timer: threading.Timer | None = None
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._active:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self._thread), ctypes.py_object(_RenderTimeout))
+
+    def __enter__(self) -> Self:
+        if self._seconds > 0 and hasattr(ctypes, "pythonapi"):
+            self._active = True
+            self._timer = threading.Timer(self._seconds, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._timer is None:
+            return
+        self._timer.cancel()
+        with self._lock:
+            self._active = False
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread), None)
+
+
+# -- rendering ---------------------------------------------------------------
+
+
+def _location(exc: BaseException, default: str) -> tuple[str, int | None]:
+    """The innermost template frame of a Jinja traceback: (path, line)."""
+    path, line = default, None
+    if isinstance(exc, TemplateSyntaxError):
+        name = exc.filename or exc.name or ""
+        if name.startswith(_FILENAME_PREFIX):
+            return name[len(_FILENAME_PREFIX):], exc.lineno
+        return default, exc.lineno
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename.startswith(_FILENAME_PREFIX):
+            path, line = filename[len(_FILENAME_PREFIX):], tb.tb_lineno
+        tb = tb.tb_next
+    return path, line
+
+
+def _describe(exc: BaseException, limits: TemplateLimits) -> str:
+    if isinstance(exc, _RenderTimeout):
+        return f"rendering took longer than {limits.timeout:g} s (TemplateLimits.timeout)"
+    if isinstance(exc, TemplateNotFound):
+        return f"include or import of {exc.name!r}, which is not a regular file in the image"
+    if isinstance(exc, TemplateSyntaxError):
+        return f"syntax error: {exc.message}"
+    if isinstance(exc, SecurityError):
+        return f"blocked by the sandbox: {exc}"
+    if isinstance(exc, UndefinedError):
+        return f"undefined: {exc.message}"
+    if isinstance(exc, _LimitError):
+        return str(exc)
+    if isinstance(exc, RecursionError):
+        return "recursion too deep"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _render_jinja(env: _ImageEnvironment, path: str, context: Mapping[str, Any],
+                  limits: TemplateLimits) -> str:
+    chunks: list[str] = []
+    size = 0
+    try:
+        with _Watchdog(limits.timeout):
+            template = env.get_template(path)
+            for chunk in template.generate(dict(context)):
+                size += len(chunk)
+                if size > limits.max_output_bytes:
+                    raise _LimitError(
+                        f"the output exceeds {limits.max_output_bytes} characters "
+                        "(TemplateLimits.max_output_bytes)")
+                chunks.append(chunk)
+    except TemplateError as exc:
+        raise exc from None
+    except Exception as exc:  # noqa: BLE001 - any failure is the template's
+        where, line = _location(exc, path)
+        raise TemplateError(_describe(exc, limits), where, line) from None
+    return "".join(chunks)
+
+
+def _render_dotcloud(env: _ImageEnvironment, path: str, text: str,
+                     context: Mapping[str, Any], limits: TemplateLimits) -> str:
+    out: list[str] = []
+    position = 0
+    size = 0
+    for match in _DOTCLOUD_TAG.finditer(text):
+        line = text.count("\n", 0, match.start()) + 1
+        out.append(text[position:match.start()])
+        position = match.end()
+        name = match.group(1).strip()
+        if not _DOTTED.match(name):
+            raise TemplateError(f"<%= {name} %>: only dotted names (args.hostname) may be "
+                                "substituted in the dotcloud syntax", path, line)
+        parts = name.split(".")
+        if parts[0] not in context:
+            raise TemplateError(f"undefined: {parts[0]!r} is undefined", path, line)
+        value: Any = context[parts[0]]
+        for depth, part in enumerate(parts[1:], start=1):
+            if part.startswith("_"):
+                raise TemplateError(f"blocked by the sandbox: {part!r} in {name!r}", path, line)
+            if part.isdigit() and isinstance(value, (list, tuple)):
+                value = env.getitem(value, int(part))
+            else:
+                value = env.getattr(value, part)
+            if isinstance(value, Undefined):
+                where = ".".join(parts[:depth])
+                raise TemplateError(f"undefined: {where!r} has no {part!r}", path, line)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            kind = "null" if value is None else type(value).__name__
+            raise TemplateError(f"<%= {name} %> is a {kind}, not a string or number", path,
+                                line)
+        rendered = str(value)
+        out.append(rendered)
+        if not match.group(2):
+            out.append(match.group(3))
+        size += len(rendered)
+        if size + position > limits.max_output_bytes:
+            raise TemplateError(f"the output exceeds {limits.max_output_bytes} characters "
+                                "(TemplateLimits.max_output_bytes)", path, line)
+    rest = text[position:]
+    if "<%=" in rest:
+        line = text.count("\n", 0, position + rest.index("<%=")) + 1
+        raise TemplateError("'<%=' without its closing '%>'", path, line)
+    out.append(rest)
+    return "".join(out)
+
+
+def template_context(manifest: Manifest, config: RenderConfig, *,
+                     mirror: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """The variables a template sees.
+
+    :returns: ``args``, ``hostname``, ``ip`` (``{"interfaces": [...]}``),
+        ``dns`` (``nameservers``, ``search``), ``ssh_authorized_keys``,
+        ``image`` (``name``, ``version``, ``digest``) and ``mirror(url)``.
+    """
+    rewrite = mirror or (lambda url: url)
+
+    def mirror_url(url: str) -> str:
+        """Rewrite a URL to the provider's mirror (identity without one)."""
+        if not isinstance(url, str):
+            raise TypeError("mirror() takes a URL string")
+        return str(rewrite(url))
+
+    return {
+        "args": config.args,
+        "hostname": config.hostname,
+        "ip": {"interfaces": config.interfaces},
+        "dns": config.dns,
+        "ssh_authorized_keys": config.ssh_authorized_keys,
+        "image": {"name": manifest.name, "version": manifest.version,
+                  "digest": manifest.digest},
+        "mirror": mirror_url,
+    }
+
+
+def render_template(tree: RootTree, path: str, context: Mapping[str, Any], *,
+                    syntax: str = "jinja2", limits: TemplateLimits | None = None) -> bytes:
+    """Render one file of the tree.
+
+    :param tree: the image's file tree; the template and whatever it includes
+        are read from it.
+    :param path: absolute path of the template inside the image.
+    :param context: the variables (see :func:`template_context`).
+    :param syntax: ``"jinja2"`` or ``"dotcloud"``.
+    :param limits: the limits; :class:`TemplateLimits` defaults.
+    :returns: the rendered content, UTF-8.
+    :raises TemplateError: naming the file and line: the file is missing, not a
+        regular file, binary, too large, malformed, uses an undefined name,
+        trips the sandbox or a limit.
+    """
+    limits = limits or TemplateLimits()
+    clean = _clean(path)
+    entry = tree.get(clean)
+    if entry is None:
+        raise TemplateError("listed as a template but not in the root filesystem "
+                            "(or left out as volatile)", clean)
+    if not entry.is_regular:
+        raise TemplateError(f"listed as a template but it is a {entry.inode.type.value}, "
+                            "not a regular file", clean)
+    if entry.inode.size > limits.max_source_bytes:
+        raise TemplateError(f"{entry.inode.size} bytes, more than the "
+                            f"{limits.max_source_bytes} allowed "
+                            "(TemplateLimits.max_source_bytes)", clean)
+    text = _decode(tree.read_bytes(clean), clean)
+    env = _ImageEnvironment(limits, _TreeLoader(tree, limits))
+    if syntax == "dotcloud":
+        rendered = _render_dotcloud(env, clean, text, context, limits)
+    elif syntax == "jinja2":
+        rendered = _render_jinja(env, clean, context, limits)
+    else:
+        raise TemplateError(f"unknown template syntax {syntax!r} (jinja2, dotcloud)", clean)
+    return rendered.encode("utf-8")
+
+
+def render_templates(tree: RootTree, manifest: Manifest, config: RenderConfig, *,
+                     mirror: Callable[[str], str] | None = None,
+                     limits: TemplateLimits | None = None) -> dict[str, bytes]:
+    """Render every file the manifest lists under ``templates``.
+
+    Pass the result to :meth:`RootTree.write_tar
+    <cloudlets.rootfs.RootTree.write_tar>` as ``replacements``: each file keeps
+    its mode, owner and hardlinks.
+
+    :param tree: the image's file tree.
+    :param manifest: lists the templates and chooses the syntax.
+    :param config: the render configuration (the template variables).
+    :param mirror: rewrites a URL to the provider's mirror; identity by default.
+    :param limits: the limits; :class:`TemplateLimits` defaults.
+    :returns: absolute path inside the image → rendered bytes.
+    :raises TemplateError: for the first template that fails, naming it and
+        the line.
+    """
+    context = template_context(manifest, config, mirror=mirror)
+    rendered: dict[str, bytes] = {}
+    for path in manifest.templates:
+        rendered[_clean(path)] = render_template(tree, path, context,
+                                                 syntax=manifest.template_syntax,
+                                                 limits=limits)
+    return rendered
+
