@@ -205,7 +205,8 @@ Path(go + "." + str(__import__("os").getpid())).touch()
 while not Path(go).exists():
     time.sleep(0.005)
 with TarballCache(root).get(url, sha) as entry:
-    print(json.dumps({"hit": entry.hit, "ok": entry.path.read_bytes() == Path(sys.argv[5]).read_bytes()}))
+    same = entry.path.read_bytes() == Path(sys.argv[5]).read_bytes()
+    print(json.dumps({"hit": entry.hit, "ok": same}))
 """
 
 
@@ -233,7 +234,7 @@ def test_threads_and_processes_download_once(server: FaultServer, tmp_path: Path
             with TarballCache(root).get(server.url("/t.tar"), SHA) as entry:
                 assert entry.path.read_bytes() == BODY
                 hits.append(entry.hit)
-        except BaseException as exc:  # reported below
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
