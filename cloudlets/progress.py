@@ -14,6 +14,7 @@ draws a bar on a terminal and stays silent when its stream is not a TTY.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Protocol, TextIO
@@ -87,7 +88,7 @@ class TerminalProgress:
         self.min_interval = min_interval
         self.width = width
         self._stage: str | None = None
-        self._last_draw = 0.0
+        self._last_draw = -math.inf
         self._started = 0.0
         self._line_open = False
 
@@ -100,7 +101,7 @@ class TerminalProgress:
             self._finish_line()
             self._stage = stage
             self._started = now
-            self._last_draw = 0.0
+            self._last_draw = -math.inf
         finished = total is not None and done >= total
         if not finished and now - self._last_draw < self.min_interval:
             return
