@@ -1,0 +1,416 @@
+"""The tarball reader, the tree model and the normalized tar it writes.
+
+Every tarball is built here with :mod:`tarfile`; nothing binary is committed.
+The builders are shared with the hostile-corpus, volatile and template tests.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import os
+import tarfile
+import time
+import tracemalloc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from cloudlets.errors import UnsafeArchiveError
+from cloudlets.rootfs import (
+    METADATA_PATH,
+    ArchivePolicy,
+    Compression,
+    EntryType,
+    RootTree,
+    detect_compression,
+    image_metadata,
+    read_tarball,
+)
+
+MTIME = 1_700_000_000
+
+
+@dataclass
+class M:
+    """One member to put in a test tarball."""
+
+    name: str
+    data: bytes = b""
+    type: bytes = tarfile.REGTYPE
+    linkname: str = ""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime: int = MTIME
+    devmajor: int = 0
+    devminor: int = 0
+    pax: dict[str, str] = field(default_factory=dict)
+    uname: str = ""
+
+
+def D(name: str, mode: int = 0o755, **kwargs: object) -> M:  # noqa: N802 - a builder
+    """A directory member."""
+    return M(name, type=tarfile.DIRTYPE, mode=mode, **kwargs)  # type: ignore[arg-type]
+
+
+def L(name: str, target: str, **kwargs: object) -> M:  # noqa: N802
+    """A symlink member."""
+    return M(name, type=tarfile.SYMTYPE, linkname=target, mode=0o777,
+             **kwargs)  # type: ignore[arg-type]
+
+
+def H(name: str, target: str) -> M:  # noqa: N802
+    """A hardlink member."""
+    return M(name, type=tarfile.LNKTYPE, linkname=target)
+
+
+def build_tar(members: Sequence[M], fmt: int = tarfile.PAX_FORMAT,
+              global_pax: dict[str, str] | None = None) -> bytes:
+    """An uncompressed tarball holding ``members`` in order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt,
+                      pax_headers=global_pax or {}) as archive:
+        for member in members:
+            info = tarfile.TarInfo(member.name)
+            info.type = member.type
+            info.linkname = member.linkname
+            info.mode = member.mode
+            info.uid, info.gid = member.uid, member.gid
+            info.uname = info.gname = member.uname
+            info.mtime = member.mtime
+            info.devmajor, info.devminor = member.devmajor, member.devminor
+            info.pax_headers = dict(member.pax)
+            if member.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                info.size = len(member.data)
+                archive.addfile(info, io.BytesIO(member.data))
+            else:
+                archive.addfile(info)
+    return buf.getvalue()
+
+
+def compress(data: bytes, kind: Compression) -> bytes:
+    """``data`` compressed the given way."""
+    if kind is Compression.GZIP:
+        return gzip.compress(data, mtime=0)
+    if kind is Compression.XZ:
+        return lzma.compress(data)
+    if kind is Compression.BZIP2:
+        return bz2.compress(data)
+    if kind is Compression.ZSTD:
+        return zstandard.ZstdCompressor().compress(data)
+    return data
+
+
+def read(members: Sequence[M], policy: ArchivePolicy | None = None, **kwargs: object) -> RootTree:
+    """Build and read a tarball in memory."""
+    return read_tarball(io.BytesIO(build_tar(members)), policy, **kwargs)  # type: ignore[arg-type]
+
+
+def members_of(path: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path, "r:") as archive:
+        return archive.getmembers()
+
+
+SAMPLE = [
+    D("./"),
+    D("./etc"),
+    M("./etc/hostname", b"localhost\n"),
+    M("./etc/shadow", b"root:*:1::::::\n", mode=0o640, gid=42),
+    D("./tmp", mode=0o1777),
+    D("./usr/bin"),
+    M("./usr/bin/passwd", b"\x7fELF passwd", mode=0o4755),
+    M("./usr/bin/wall", b"\x7fELF wall", mode=0o2755, gid=5),
+    M("./usr/bin/ping", b"\x7fELF ping", mode=0o755,
+      pax={"SCHILY.xattr.security.capability": "\x01\x00\x00\x02\x00\x20\x00\x00"}),
+    H("./usr/bin/ping6", "./usr/bin/ping"),
+    L("./bin", "usr/bin"),
+    L("./etc/localtime", "/usr/share/zoneinfo/UTC"),
+    M("./dev/null", type=tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666),
+    M("./dev/sda", type=tarfile.BLKTYPE, devmajor=8, devminor=0, mode=0o660, gid=6),
+    M("./run/initctl", type=tarfile.FIFOTYPE, mode=0o600),
+    M("./home/user/.profile", b"export A=1\n", uid=1000, gid=1000),
+    M("./srv/big-ids", b"x", uid=100_000, gid=4_000_000_000),
+]
+
+
+# -- compression -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(Compression))
+def test_every_compression_is_read_by_its_magic_bytes(tmp_path: Path, kind: Compression) -> None:
+    # a misleading file name: detection must not look at it
+    path = tmp_path / "rootfs.txt"
+    path.write_bytes(compress(build_tar(SAMPLE), kind))
+    with read_tarball(path) as tree:
+        assert tree.compression is kind
+        assert tree.read_bytes("/etc/hostname") == b"localhost\n"
+        assert tree["/usr/bin/passwd"].mode == 0o4755
+
+
+def test_detect_compression_rejects_unknown_formats() -> None:
+    with pytest.raises(UnsafeArchiveError, match="lz4"):
+        detect_compression(b"\x04\x22\x4d\x18" + b"\0" * 100)
+    with pytest.raises(UnsafeArchiveError, match="not a tar archive"):
+        detect_compression(b"PK\x03\x04" + b"junk" * 200)
+    with pytest.raises(UnsafeArchiveError, match="empty"):
+        detect_compression(b"")
+
+
+def test_concatenated_zstd_frames_are_read_across(tmp_path: Path) -> None:
+    data = build_tar(SAMPLE)
+    half = len(data) // 2
+    framed = zstandard.ZstdCompressor().compress(data[:half]) + \
+        zstandard.ZstdCompressor().compress(data[half:])
+    with read_tarball(io.BytesIO(framed)) as tree:
+        assert tree.read_bytes("/home/user/.profile") == b"export A=1\n"
+
+
+# -- the model ---------------------------------------------------------------
+
+
+def test_model_keeps_every_attribute_faithfully() -> None:
+    with read(SAMPLE) as tree:
+        assert tree["/tmp"].mode == 0o1777
+        assert tree["/usr/bin/passwd"].mode == 0o4755
+        assert tree["/usr/bin/wall"].mode == 0o2755
+        assert (tree["/etc/shadow"].mode, tree["/etc/shadow"].gid) == (0o640, 42)
+        assert (tree["/srv/big-ids"].uid, tree["/srv/big-ids"].gid) == (100_000, 4_000_000_000)
+        assert tree["/etc/hostname"].mtime == MTIME
+        assert tree["/etc/hostname"].size == len(b"localhost\n")
+        null = tree["/dev/null"]
+        assert (null.type, null.devmajor, null.devminor, null.mode) == \
+            (EntryType.CHARDEV, 1, 3, 0o666)
+        assert (tree["/dev/sda"].type, tree["/dev/sda"].devmajor) == (EntryType.BLOCKDEV, 8)
+        assert tree["/run/initctl"].type is EntryType.FIFO
+        assert tree["/bin"].type is EntryType.SYMLINK
+        assert tree["/bin"].linkname == "usr/bin"
+        # absolute symlinks are kept as they are: resolved inside the image only
+        assert tree["/etc/localtime"].linkname == "/usr/share/zoneinfo/UTC"
+        ping6 = tree["/usr/bin/ping6"]
+        assert ping6.type is EntryType.HARDLINK and ping6.linkname == "/usr/bin/ping"
+        assert ping6.is_regular and ping6.inode is tree["/usr/bin/ping"]
+        assert tree["/usr/bin/ping"].capabilities == b"\x01\x00\x00\x02\x00\x20\x00\x00"
+        assert tree.read_bytes("/usr/bin/ping6") == b"\x7fELF ping"
+
+
+def test_libarchive_xattrs_are_read_too() -> None:
+    tree = read([M("f", b"x", pax={"LIBARCHIVE.xattr.user.comment": "aGVsbG8",
+                                   "LIBARCHIVE.xattr.user.with%20space": "AAE"})])
+    with tree:
+        assert tree["/f"].xattrs == {"user.comment": b"hello", "user.with space": b"\x00\x01"}
+
+
+def test_dot_slash_and_bare_names_are_the_same_paths() -> None:
+    with read([D("."), M("./a", b"1"), M("b", b"2"), M(".//c/./d", b"3")]) as tree:
+        assert {e.path for e in tree} == {"/", "/a", "/b", "/c", "/c/d"}
+
+
+def test_duplicates_later_member_replaces_earlier() -> None:
+    with read([M("etc/motd", b"old", mode=0o600), M("etc/motd", b"new", mode=0o644),
+               D("etc", mode=0o700), D("etc", mode=0o755, uid=3)]) as tree:
+        assert tree.read_bytes("/etc/motd") == b"new"
+        assert tree["/etc/motd"].mode == 0o644
+        assert (tree["/etc"].mode, tree["/etc"].uid) == (0o755, 3)
+
+
+def test_a_directory_may_replace_a_file_or_symlink() -> None:
+    with read([M("a", b"x"), D("a"), M("a/b", b"y"), L("c", "/x"), D("c"), M("c/d")]) as tree:
+        assert tree["/a"].type is EntryType.DIR and tree["/c"].type is EntryType.DIR
+        assert tree.read_bytes("/a/b") == b"y"
+
+
+def test_hardlink_keeps_the_content_it_was_made_with() -> None:
+    # tar semantics: replacing the link's target later does not change the link
+    with read([M("a", b"first"), H("b", "a"), M("a", b"second")]) as tree:
+        assert tree.read_bytes("/b") == b"first"
+        assert tree.read_bytes("/a") == b"second"
+
+
+def test_resolve_follows_symlinks_inside_the_image_only() -> None:
+    members = [D("usr/lib"), M("usr/lib/os-release", b"ID=test\n"), L("lib", "/usr/lib"),
+               L("etc/os-release", "../lib/os-release"), L("loop1", "loop2"),
+               L("loop2", "loop1"), L("up", "../../../../../usr")]
+    with read(members) as tree:
+        found = tree.resolve("/etc/os-release")
+        assert found is not None and found.path == "/usr/lib/os-release"
+        up = tree.resolve("/up/lib/os-release")
+        assert up is not None and up.path == "/usr/lib/os-release"  # '..' stops at the root
+        assert tree.resolve("/loop1") is None
+        assert tree.resolve("/etc/passwd") is None  # present on the host, not in the image
+        assert tree.resolve("/usr/lib/os-release/x") is None
+
+
+def test_read_bytes_and_set_content_refuse_non_files() -> None:
+    with read(SAMPLE) as tree:
+        with pytest.raises(ValueError, match="not a regular file"):
+            tree.read_bytes("/dev/null")
+        with pytest.raises(ValueError, match="not a regular file"):
+            tree.set_content("/bin", b"x")
+        with pytest.raises(KeyError):
+            tree.set_content("/nope", b"x")
+        with pytest.raises(ValueError, match="more than"):
+            tree.read_bytes("/etc/hostname", limit=3)
+
+
+def test_spool_lives_in_workdir_and_leaves_nothing(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    tree = read_tarball(io.BytesIO(build_tar(SAMPLE)), workdir=work)
+    assert list(work.iterdir()) == []  # an anonymous, already unlinked spool
+    tree.close()
+    assert list(work.iterdir()) == []
+
+
+def test_read_tarball_reports_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(UnsafeArchiveError, match="cannot open"):
+        read_tarball(tmp_path / "absent.tar")
+
+
+# -- the normalized tar ------------------------------------------------------
+
+
+def test_write_tar_is_sorted_pax_numeric_and_parents_first(tmp_path: Path) -> None:
+    with read(SAMPLE) as tree:
+        out = tree.write_tar(tmp_path / "tree.tar")
+    members = members_of(out)
+    names = [m.name for m in members]
+    assert names[0] == "."
+    assert all(n == "." or n.startswith("./") for n in names)
+    paths = [n[1:] or "/" for n in names]
+    assert paths == sorted(paths, key=lambda p: p.encode())
+    seen = set()
+    for member in members:
+        path = member.name[1:] or "/"
+        parent = os.path.dirname(path)
+        assert path == "/" or parent in seen, f"{path} before its parent"
+        if member.isdir():
+            seen.add(path)
+        assert member.uname == "" and member.gname == ""
+    with out.open("rb") as handle:
+        assert handle.read()[:512].find(b"ustar\x0000") == 257
+    by_name = {m.name: m for m in members}
+    assert by_name["./usr/bin/passwd"].mode == 0o4755
+    assert by_name["./srv/big-ids"].gid == 4_000_000_000
+    assert by_name["./dev/null"].devmajor == 1 and by_name["./dev/null"].devminor == 3
+    assert by_name["./etc/localtime"].linkname == "/usr/share/zoneinfo/UTC"
+    assert by_name["./usr/bin/ping"].pax_headers["SCHILY.xattr.security.capability"] \
+        .encode("utf-8", "surrogateescape") == b"\x01\x00\x00\x02\x00\x20\x00\x00"
+    assert by_name["./usr/bin/ping6"].islnk()
+    assert by_name["./usr/bin/ping6"].linkname == "./usr/bin/ping"
+    assert out.stat().st_size % tarfile.RECORDSIZE == 0
+
+
+def test_missing_parents_are_synthesized_root_owned(tmp_path: Path) -> None:
+    with read([M("a/b/c", b"x", uid=7, gid=7)]) as tree:
+        assert any("/a/b: missing parent" in note for note in tree.notes)
+        out = tree.write_tar(tmp_path / "t.tar")
+    by_name = {m.name: m for m in members_of(out)}
+    for name in ("./a", "./a/b"):
+        assert by_name[name].isdir()
+        assert (by_name[name].mode, by_name[name].uid, by_name[name].gid) == (0o755, 0, 0)
+
+
+def test_hardlink_sorted_before_its_target_is_reelected(tmp_path: Path) -> None:
+    # "z/data" is the original, "a/link" sorts first: it must carry the content
+    with read([M("z/data", b"payload", mode=0o600, uid=9), H("a/link", "z/data")]) as tree:
+        out = tree.write_tar(tmp_path / "t.tar")
+    with tarfile.open(out) as archive:
+        first = archive.getmember("./a/link")
+        assert first.isfile() and (first.mode, first.uid) == (0o600, 9)
+        second = archive.getmember("./z/data")
+        assert second.islnk() and second.linkname == "./a/link"
+        extracted = archive.extractfile(first)
+        assert extracted is not None and extracted.read() == b"payload"
+
+
+def test_output_is_reproducible_whatever_the_input_order(tmp_path: Path) -> None:
+    reordered = list(reversed(SAMPLE[1:]))
+    # the hardlink must still follow its target
+    reordered.remove(SAMPLE[9])
+    reordered.append(SAMPLE[9])
+    with read(SAMPLE) as one, read([SAMPLE[0], *reordered]) as two:
+        a = one.write_tar(tmp_path / "a.tar", source_date_epoch=MTIME)
+        b = two.write_tar(tmp_path / "b.tar", source_date_epoch=MTIME)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_source_date_epoch_clamps_mtimes(tmp_path: Path) -> None:
+    with read([M("old", b"", mtime=100), M("new", b"", mtime=MTIME + 5000)]) as tree:
+        out = tree.write_tar(tmp_path / "t.tar", source_date_epoch=MTIME)
+    mtimes = {m.name: m.mtime for m in members_of(out)}
+    assert mtimes["./old"] == 100 and mtimes["./new"] == MTIME
+
+
+def test_replacements_keep_mode_owner_and_hardlinks(tmp_path: Path) -> None:
+    members = [M("etc/hostname", b"{{ hostname }}\n", mode=0o640, uid=0, gid=4),
+               H("etc/hostname.link", "etc/hostname")]
+    with read(members) as tree:
+        out = tree.write_tar(tmp_path / "t.tar", replacements={"/etc/hostname": b"web-1\n"})
+    with tarfile.open(out) as archive:
+        info = archive.getmember("./etc/hostname")
+        assert (info.mode, info.gid, info.size) == (0o640, 4, 6)
+        handle = archive.extractfile(info)
+        assert handle is not None and handle.read() == b"web-1\n"
+        assert archive.getmember("./etc/hostname.link").linkname == "./etc/hostname"
+
+
+def test_replacement_of_a_non_file_is_refused(tmp_path: Path) -> None:
+    with read(SAMPLE) as tree, pytest.raises(ValueError, match="not a regular file"):
+        tree.write_tar(tmp_path / "t.tar", replacements={"/dev/null": b"x"})
+
+
+def test_image_metadata_file(tmp_path: Path) -> None:
+    with read([D("var/log")], persistent=["/var/log", "/srv/data"]) as tree:
+        assert tree.persistent == ["/srv/data", "/var/log"]
+        assert tree["/srv/data"].type is EntryType.DIR  # created for the volume
+        tree.add_file(METADATA_PATH, image_metadata(
+            name="tiny", version="1.0", digest="ab" * 32, persistent=tree.persistent))
+        out = tree.write_tar(tmp_path / "t.tar")
+    with tarfile.open(out) as archive:
+        handle = archive.extractfile("./etc/cloudlets/image.json")
+        assert handle is not None
+        text = handle.read().decode()
+    assert '"persistent": [\n    "/srv/data",\n    "/var/log"\n  ]' in text
+    assert '"name": "tiny"' in text
+
+
+def test_add_file_refuses_unclean_paths_and_symlinked_parents() -> None:
+    with read(SAMPLE) as tree:
+        for bad in ("relative", "/a/../b", "/"):
+            with pytest.raises(ValueError, match="clean absolute"):
+                tree.add_file(bad, b"")
+        with pytest.raises(ValueError, match="symlink"):
+            tree.add_file("/bin/evil", b"")
+        with pytest.raises(ValueError, match="directory"):
+            tree.add_file("/etc", b"")
+
+
+# -- streaming ----------------------------------------------------------------
+
+
+def test_reading_streams_with_constant_memory(tmp_path: Path) -> None:
+    big = os.urandom(1024 * 1024) * 48  # 48 MiB, compressible only by dedup windows
+    members = [D("data"), M("data/big.bin", big)]
+    members += [M(f"data/small/{n:05d}", b"s" * (n % 700)) for n in range(3000)]
+    path = tmp_path / "big.tar.zst"
+    path.write_bytes(zstandard.ZstdCompressor(level=1).compress(build_tar(members)))
+    del big
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with read_tarball(path) as tree:
+            assert len(tree) == 3000 + 4
+            peak = tracemalloc.get_traced_memory()[1]
+            out = tree.write_tar(tmp_path / "tree.tar")
+    finally:
+        tracemalloc.stop()
+    elapsed = time.perf_counter() - started
+    assert peak < 16 * 1024 * 1024, f"peak {peak} bytes while reading"
+    assert out.stat().st_size > 48 * 1024 * 1024
+    assert elapsed < 30
