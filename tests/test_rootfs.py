@@ -54,18 +54,18 @@ class M:
     uname: str = ""
 
 
-def D(name: str, mode: int = 0o755, **kwargs: object) -> M:  # noqa: N802 - a builder
+def D(name: str, mode: int = 0o755, **kwargs: object) -> M:
     """A directory member."""
     return M(name, type=tarfile.DIRTYPE, mode=mode, **kwargs)  # type: ignore[arg-type]
 
 
-def L(name: str, target: str, **kwargs: object) -> M:  # noqa: N802
+def L(name: str, target: str, **kwargs: object) -> M:
     """A symlink member."""
     return M(name, type=tarfile.SYMTYPE, linkname=target, mode=0o777,
              **kwargs)  # type: ignore[arg-type]
 
 
-def H(name: str, target: str) -> M:  # noqa: N802
+def H(name: str, target: str) -> M:
     """A hardlink member."""
     return M(name, type=tarfile.LNKTYPE, linkname=target)
 
