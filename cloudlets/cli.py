@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -101,13 +101,14 @@ def _build_parser() -> argparse.ArgumentParser:
                      epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cloudlets {__version__}")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    validate = sub.add_parser("validate", parents=[common], help="check a manifest against the v1 schema")
+    validate = sub.add_parser("validate", parents=[common],
+                              help="check a manifest against the v1 schema")
     validate.add_argument("manifest", help="path, URL or JSON string")
     validate.add_argument("--renderable", action="store_true",
                           help="also require what a render needs (filesystem, boot)")
@@ -117,7 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("manifest", help="path, URL or JSON string")
     inspect.set_defaults(handler=_cmd_inspect)
 
-    render = sub.add_parser("render", parents=[common], help="render a cloudlet into an image")
+    render = sub.add_parser("render", parents=[common],
+                            help="render a cloudlet into an image")
     render.add_argument("manifest", help="path, URL or JSON string")
     render.add_argument("--format", "-f", required=True, help="output type (see `drivers`)")
     render.add_argument("--storage", "-s", default="local",
@@ -137,7 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
     render.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     render.set_defaults(handler=_cmd_render)
 
-    drivers = sub.add_parser("drivers", parents=[common], help="list format and storage drivers")
+    drivers = sub.add_parser("drivers", parents=[common],
+                             help="list format and storage drivers")
     drivers.set_defaults(handler=_cmd_drivers)
 
     for extension in _EXTENSIONS:
@@ -229,7 +232,7 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
     for key, value in _flatten(parse_set(args.sets)):
         set_dotted(request, key, value)
     presets = Presets.load(args.presets) if args.presets else None
-    mirrors = []
+    mirrors: list[Mapping[str, Any]] = []
     for item in args.mirrors:
         prefix, sep, target = item.partition("=")
         if not sep:
@@ -277,8 +280,9 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
     report: dict[str, list[dict[str, Any]]] = {}
+    kind: DriverKind
     for kind in DriverKind:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name in list_drivers(kind):
             try:
                 cls = get_driver(kind, name)
@@ -294,11 +298,11 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         _print_json(out, report)
         return EXIT_OK
-    for kind, rows in report.items():
-        out.write(f"{kind} drivers:\n")
+    for kind_name, rows in report.items():
+        out.write(f"{kind_name} drivers:\n")
         for row in rows:
             if row["available"]:
-                caps = ",".join(row["capabilities"]).lower() or "-"
+                caps = ",".join(str(c) for c in row["capabilities"]).lower() or "-"
                 out.write(f"  {row['name']:<10} {row['description']}  [{caps}]\n")
             else:
                 out.write(f"  {row['name']:<10} unavailable: {row['error']}\n")

@@ -150,7 +150,8 @@ def check_schema(schema: Any, base: Iterable[str | int]) -> list[Problem]:
 
 def _problem(error: ValidationError) -> Problem:
     path = list(error.absolute_path)
-    custom = error.schema.get("x-error") if isinstance(error.schema, dict) else None
+    schema: Mapping[str, Any] = error.schema if isinstance(error.schema, Mapping) else {}
+    custom = schema.get("x-error")
     keyword = error.validator
     instance = error.instance
     if keyword == "required":
@@ -158,26 +159,26 @@ def _problem(error: ValidationError) -> Problem:
         key = missing.group(1) if missing else "?"
         return Problem(pointer([*path, key]), "is required but missing")
     if keyword == "additionalProperties" and custom is None:
-        known = sorted(error.schema.get("properties", {}))
+        known = sorted(schema.get("properties", {}))
         extras = sorted(set(instance) - set(known)) if isinstance(instance, dict) else []
         extras = [k for k in extras if not k.startswith("x-")] or extras
         hint = f"known keys: {', '.join(known)}" if known else "no keys are allowed here"
-        if error.schema.get("patternProperties", {}).get("^x-") is not None:
+        if schema.get("patternProperties", {}).get("^x-") is not None:
             hint += "; free extension keys start with 'x-'"
         key = extras[0] if extras else "?"
         if len(extras) > 1:
             return Problem(pointer(path), f"unknown keys {', '.join(map(repr, extras))} ({hint})")
         return Problem(pointer([*path, key]), f"unknown key ({hint})")
     if keyword == "propertyNames" or "propertyNames" in error.relative_schema_path:
-        names = error.schema.get("propertyNames", error.schema)
+        names = schema.get("propertyNames", schema)
         message = names.get("x-error") or "is not an allowed key"
         return Problem(pointer([*path, str(instance)]), f"{str(instance)!r} {message}")
     if custom is not None:
         return Problem(pointer(path), f"{_show(instance)} {custom}")
     if keyword == "type":
-        wanted = error.validator_value
-        names = [wanted] if isinstance(wanted, str) else list(wanted)
-        expected = " or ".join(_TYPE_NAMES.get(n, n) for n in names)
+        wanted: Any = error.validator_value
+        types = [wanted] if isinstance(wanted, str) else list(wanted)
+        expected = " or ".join(_TYPE_NAMES.get(n, n) for n in types)
         return Problem(pointer(path), f"{_show(instance)} is not {expected}")
     if keyword == "uniqueItems":
         return Problem(pointer(path), "has duplicate items")

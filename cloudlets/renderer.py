@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +100,7 @@ class Renderer:
     """
 
     def __init__(self, cache_dir: str | Path | None = None, presets: Presets | None = None,
-                 mirrors: list[Mapping[str, Any]] | None = None, *,
+                 mirrors: Sequence[Mapping[str, Any]] | None = None, *,
                  data_dir: str | Path | None = None, work_dir: str | Path | None = None,
                  ex_allow_file_urls: bool = False,
                  ex_source_date_epoch: int | None = None) -> None:
@@ -189,9 +189,11 @@ class Renderer:
     @staticmethod
     def image_id(manifest: Manifest, config: RenderConfig, format_name: str,
                  storage_name: str, location: str) -> str:
-        """:returns: the stable id of a render: ``img-`` and 20 hex digits of
-        the sha256 over the manifest digest, config digest, format, storage
-        and primary location."""
+        """The stable id of a render.
+
+        :returns: ``img-`` and 20 hex digits of the sha256 over the manifest
+            digest, config digest, format, storage and primary location.
+        """
         key = "\0".join([manifest.digest, config.digest, format_name, storage_name, location])
         return "img-" + hashlib.sha256(key.encode()).hexdigest()[:20]
 

@@ -322,13 +322,14 @@ class StorageDriver(ABC):
 
     # -- public API ---------------------------------------------------------
 
-    def upload(self, source: Path | str | BinaryIO | Iterable[bytes], location: str, *,
+    def upload(self, source: Path | str | bytes | BinaryIO | Iterable[bytes], location: str, *,
                size: int | None = None, sha256: str | None = None,
                media_type: str = "application/octet-stream", role: str = "disk",
                overwrite: bool = False) -> StoredArtifact:
         """Store ``source`` at ``location``.
 
-        :param source: a file path, a binary file object or an iterator of bytes.
+        :param source: a file path, the content as ``bytes``, a binary file
+            object or an iterator of bytes.
         :param location: where to store it, in this driver's location syntax.
         :param size: the length, when known (required unless the driver can
             ``STREAM``).
@@ -423,7 +424,7 @@ class StorageDriver(ABC):
             raise ConfigurationError(f"storage driver {self.name!r} cannot {what}")
 
     @staticmethod
-    def _make_source(source: Path | str | BinaryIO | Iterable[bytes], size: int | None,
+    def _make_source(source: Path | str | bytes | BinaryIO | Iterable[bytes], size: int | None,
                      sha256: str | None, media_type: str) -> UploadSource:
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)

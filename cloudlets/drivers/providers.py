@@ -146,7 +146,7 @@ def get_driver(kind: DriverKind | str, name: str) -> type:
     if point is not None:
         try:
             cls = point.load()
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not crash lookup
+        except Exception as exc:
             raise ConfigurationError(
                 f"{kind} driver {name!r} from entry point {point.value} failed to load: "
                 f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,61 @@
+"""cloudlets: render portable server images from a manifest and a root
+filesystem tarball."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+TEST = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "moto[server]==5.2.1",
+    "boto3>=1.34",
+    "werkzeug>=3",
+    "setuptools>=68",
+    "wheel>=0.42",
+]
+DOCS = ["sphinx>=7.2"]
+LINT = ["ruff>=0.6", "mypy>=1.10", "types-requests", "types-jsonschema"]
+
+setup(
+    name="cloudlets",
+    version="0.1.0",
+    description="Render portable server images (raw, qcow2, OVF/OVA, Xen, VHD, EC2) "
+                "from a manifest and a root filesystem tarball, rootless",
+    long_description=(HERE / "README.rst").read_text(encoding="utf-8"),
+    long_description_content_type="text/x-rst",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["cloudlets", "cloudlets.*"]),
+    package_data={"cloudlets": ["py.typed", "schemas/*.json"]},
+    install_requires=[
+        "apache-libcloud>=3.8",
+        "requests>=2.31",
+        "jinja2>=3.1",
+        "jsonschema>=4.21",
+        "cryptography>=42",
+        # zstd-compressed rootfs tarballs: the standard library has no zstd
+        # before Python 3.14, and the bindings stream in constant memory.
+        "zstandard>=0.22",
+    ],
+    extras_require={
+        "test": TEST,
+        "docs": DOCS,
+        "lint": LINT,
+        "dev": TEST + DOCS + LINT,
+    },
+    entry_points={
+        "console_scripts": ["cloudlets = cloudlets.cli:entry_point"],
+    },
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "License :: OSI Approved :: Apache Software License",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: System :: Installation/Setup",
+        "Typing :: Typed",
+    ],
+)
