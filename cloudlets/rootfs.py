@@ -70,7 +70,7 @@ _LIBARCHIVE_XATTR_PREFIX = "LIBARCHIVE.xattr."
 _SYMLINK_HOPS = 40
 
 
-class Compression(str, enum.Enum):
+class Compression(enum.StrEnum):
     """How a tarball is compressed, as told by its first bytes."""
 
     BZIP2 = "bzip2"
@@ -80,7 +80,7 @@ class Compression(str, enum.Enum):
     ZSTD = "zstd"
 
 
-class EntryType(str, enum.Enum):
+class EntryType(enum.StrEnum):
     """The kind of a file in the tree."""
 
     BLOCKDEV = "blockdev"
@@ -694,7 +694,8 @@ def _xattrs(info: tarfile.TarInfo, policy: ArchivePolicy, path: str,
                 "utf-8", "surrogateescape")
             if name not in found:
                 try:
-                    found[name] = base64.b64decode(value + "=" * (-len(value) % 4))
+                    padded = value + "=" * (-len(value) % 4)
+                    found[name] = base64.b64decode(padded, validate=True)
                 except ValueError:
                     raise UnsafeArchiveError(f"extended attribute {name!r} is not valid base64",
                                              info.name) from None
