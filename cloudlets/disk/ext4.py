@@ -206,7 +206,7 @@ def scan_tree(tree_tar: Path) -> TreeStats:
         max_mtime = max(max_mtime, entry.mtime)
         if member.isreg():
             data += _round_block(member.size)
-        elif member.isdir() or member.issym() and len(member.linkname.encode()) >= 60:
+        elif member.isdir() or (member.issym() and len(member.linkname.encode()) >= 60):
             data += BLOCK_SIZE
         if any(name not in ("security.capability",) for name in entry.xattrs):
             with_xattrs.append(entry)
@@ -324,7 +324,7 @@ def make_ext4(
     workdir.mkdir(parents=True, exist_ok=True)
     profile = workdir / "mke2fs.conf"
     profile.write_text(_MKE2FS_PROFILE)
-    env = tool_environment(timestamp, profile)
+    env = tool_environment(timestamp, profile, e2fsprogs=True)
     image.unlink(missing_ok=True)
     with open(image, "wb") as handle:
         handle.truncate(size)
@@ -364,8 +364,10 @@ def make_ext4(
     try:
         run("mke2fs", args, env=env)
     except DiskError as exc:
+        full = re.search(r"Could not allocate|No space left|Could not allocate inode", str(exc))
+        hint = "the tree does not fit; raise boot.root_size. " if full else ""
         raise DiskError(
-            f"{exc} (root filesystem of {size} bytes for {stats.entries} entries, "
+            f"{exc} ({hint}root filesystem of {size} bytes for {stats.entries} entries, "
             f"{stats.data_bytes} bytes of data, from {tree_tar})"
         ) from exc
 
@@ -492,7 +494,7 @@ def patch_ext4(
     if not files:
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    env = tool_environment(timestamp)
+    env = tool_environment(timestamp, e2fsprogs=True)
     lines: list[str] = []
     for index, (raw_path, content) in enumerate(sorted(files.items())):
         path = _member_path(raw_path)

@@ -33,11 +33,16 @@ __all__ = [
 #: Tool name -> Debian package that provides it.
 TOOLS: Mapping[str, str] = {
     "debugfs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
     "mke2fs": "e2fsprogs",
+    "sfdisk": "fdisk",
     "grub-mkimage": "grub-common",
     "mkfs.fat": "dosfstools",
     "mcopy": "mtools",
+    "mdir": "mtools",
     "mmd": "mtools",
+    "mtype": "mtools",
 }
 
 #: GRUB platform directories and the Debian packages that ship them.
@@ -93,7 +98,9 @@ def grub_platform_dir(directory: Path) -> Path:
     return directory
 
 
-def tool_environment(timestamp: int, mke2fs_config: Path | None = None) -> dict[str, str]:
+def tool_environment(
+    timestamp: int, mke2fs_config: Path | None = None, *, e2fsprogs: bool = False
+) -> dict[str, str]:
     """Return an environment that pins the tools' clocks and locale.
 
     ``E2FSPROGS_FAKE_TIME`` fixes the times mke2fs and debugfs write into the
@@ -103,6 +110,9 @@ def tool_environment(timestamp: int, mke2fs_config: Path | None = None) -> dict[
 
     :param timestamp: seconds since the epoch to use as "now".
     :param mke2fs_config: the mke2fs profile to use, if any.
+    :param e2fsprogs: the environment is for mke2fs or debugfs: drop
+        ``SOURCE_DATE_EPOCH``, which e2fsprogs >= 1.47.1 would also use to
+        clamp the tree's own mtimes (we keep those exactly).
     :returns: a copy of ``os.environ`` with those variables set.
     """
     env = dict(os.environ)
@@ -117,6 +127,8 @@ def tool_environment(timestamp: int, mke2fs_config: Path | None = None) -> dict[
     )
     if mke2fs_config is not None:
         env["MKE2FS_CONFIG"] = os.fspath(mke2fs_config)
+    if e2fsprogs:
+        del env["SOURCE_DATE_EPOCH"]
     return env
 
 
@@ -126,7 +138,7 @@ def run(
     *,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
-    input: bytes | None = None,
+    stdin_data: bytes | None = None,
     check_stderr: str | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a host tool and fail loudly.
@@ -135,7 +147,7 @@ def run(
     :param args: its arguments (without the program name).
     :param env: the environment; the caller's environment if ``None``.
     :param cwd: the working directory.
-    :param input: bytes fed to its standard input.
+    :param stdin_data: bytes fed to its standard input.
     :param check_stderr: a regular expression; if it matches standard error the
         run counts as failed even with exit code 0 (debugfs reports errors in
         scripts this way).
@@ -150,8 +162,8 @@ def run(
             argv,
             env=None if env is None else dict(env),
             cwd=cwd,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
+            input=stdin_data,
+            stdin=None if stdin_data is not None else subprocess.DEVNULL,
             capture_output=True,
             check=False,
         )
@@ -162,9 +174,8 @@ def run(
     if not failed and check_stderr is not None and re.search(check_stderr, stderr, re.MULTILINE):
         failed = True
     if failed:
-        tail = (
-            stderr.strip()[-STDERR_TAIL:] or proc.stdout.decode("utf-8", "replace")[-STDERR_TAIL:]
-        )
+        output = stderr.strip() or proc.stdout.decode("utf-8", "replace").strip()
+        tail = output[-STDERR_TAIL:]
         raise DiskError(f"{name} failed with exit code {proc.returncode}: {tail}")
     return proc
 
