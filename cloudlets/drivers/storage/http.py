@@ -1,0 +1,370 @@
+"""HTTP(S) storage: ``PUT`` to a web server, WebDAV ``MOVE`` into place.
+
+The body is streamed, with a ``Content-Length`` when the size is known and
+chunked transfer encoding otherwise. To keep a half-written file from ever
+looking complete, the bytes go to a hidden temporary name beside the target
+(``.name.<random>.partial``), are checked there (size with ``HEAD``; digest
+with the server's ETag when it is the body's MD5, else read back with
+``GET``), and only then renamed with WebDAV ``MOVE`` (``Overwrite: F`` unless
+asked to overwrite, so the server itself refuses to clobber). A server that
+does not implement ``MOVE`` (probed once per origin with a ``MOVE`` of a name
+that does not exist) gets the bytes at the final name directly, and the
+driver deletes them itself when the upload fails.
+
+Credentials come from the URL (``https://user:password@host/path``), from
+the constructor (basic or bearer) or as custom headers; they never appear in
+errors, logs or results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import BinaryIO, ClassVar, Literal, cast
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from cloudlets.drivers.base import StorageDriver, UploadSource
+from cloudlets.drivers.types import Storage, StorageCapability
+from cloudlets.errors import ConfigurationError, StorageError
+from cloudlets.urls import redact
+
+__all__ = ["HTTPStorage"]
+
+log = logging.getLogger(__name__)
+
+#: Statuses worth another attempt: the server or a proxy is briefly unwell.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class _Body:
+    """The request body: an iterable of chunks that knows its length (so
+    requests sends ``Content-Length`` instead of chunked encoding) and keeps
+    an MD5 beside the base's sha256, to compare with an ETag."""
+
+    def __init__(self, source: UploadSource, chunk_size: int, location: str) -> None:
+        self._source = source
+        self._chunk_size = chunk_size
+        self._location = location
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def __len__(self) -> int:
+        assert self._source.size is not None
+        return self._source.size
+
+    def __bool__(self) -> bool:  # requests replaces a falsy body with {}
+        return True
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        size = self._source.size
+        for chunk in self._source.chunks(self._chunk_size):
+            if size is not None and self._source.bytes_read > size:
+                # Never send more than the announced Content-Length.
+                self._source.verify(self._location)
+            self.md5.update(chunk)
+            yield chunk
+        if size is not None and self._source.bytes_read != size:
+            # Fail now rather than leave the server waiting for the rest.
+            self._source.verify(self._location)
+
+
+class _ChunkedBody(_Body):
+    """A body of unknown length: sent with chunked transfer encoding."""
+
+    def __len__(self) -> int:  # requests treats 0 as "unknown": chunked
+        return 0
+
+
+class HTTPStorage(StorageDriver):
+    """Store artifacts on a web server with ``PUT`` (WebDAV, nginx ``dav``,
+    Apache ``mod_dav``, an object store's HTTP API...).
+
+    Location syntax: ``http(s)://[user:password@]host[:port]/path/name``.
+
+    :param username: user for HTTP basic authentication (overrides the URL's).
+    :param password: its password.
+    :param token: a bearer token, sent as ``Authorization: Bearer <token>``.
+    :param headers: extra headers for every request (an API key...); their
+        values are treated as secrets and never logged.
+    :param verify_tls: check the server's certificate (or a CA bundle path).
+    :param timeout: seconds to wait for the server to connect or answer.
+    :param retries: attempts after the first for a failed request; a ``PUT``
+        is retried only when its source can be read again (a file).
+    :param backoff: seconds before the first retry, doubled each time
+        (at most 30 s between attempts).
+    :param ex_move: upload to a temporary name and ``MOVE`` it into place;
+        ``False`` writes the final name directly (for servers without WebDAV).
+    :param ex_verify: how to check the stored bytes: ``"digest"`` (the
+        ETag when it is the body's MD5, else read it back with ``GET``) or
+        ``"size"`` (``HEAD`` only).
+    """
+
+    name: ClassVar[str] = Storage.HTTP
+    website: ClassVar[str] = "https://www.rfc-editor.org/rfc/rfc4918"
+    description: ClassVar[str] = "HTTP(S) PUT, verified, WebDAV MOVE into place"
+    capabilities: ClassVar[StorageCapability] = (
+        StorageCapability.STREAM | StorageCapability.VERIFY | StorageCapability.DELETE
+        | StorageCapability.READ | StorageCapability.ATOMIC)
+    CHUNK_SIZE: ClassVar[int] = 1024 * 1024
+    #: Largest pause between two attempts, in seconds.
+    MAX_BACKOFF: ClassVar[float] = 30.0
+
+    def __init__(self, username: str | None = None, password: str | None = None, *,
+                 token: str | None = None, headers: Mapping[str, str] | None = None,
+                 verify_tls: bool | str = True, timeout: float = 60.0, retries: int = 3,
+                 backoff: float = 0.5, ex_move: bool = True,
+                 ex_verify: Literal["digest", "size"] = "digest") -> None:
+        if token is not None and (username is not None or password is not None):
+            raise ConfigurationError("HTTP storage takes basic credentials or a bearer "
+                                     "token, not both")
+        if ex_verify not in ("digest", "size"):
+            raise ConfigurationError(f"ex_verify must be 'digest' or 'size', not {ex_verify!r}")
+        if retries < 0:
+            raise ConfigurationError("retries must be zero or more")
+        self.username = username
+        self._password = password
+        self._token = token
+        self._headers = dict(headers or {})
+        self.verify_tls = verify_tls
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.ex_move = ex_move
+        self.ex_verify = ex_verify
+        self._move_support: dict[str, bool] = {}
+        self._session = requests.Session()
+        # Idempotent requests are retried by urllib3; PUT and MOVE by us.
+        retry = Retry(total=retries, connect=retries, read=retries, status=retries,
+                      backoff_factor=backoff, backoff_max=self.MAX_BACKOFF,
+                      status_forcelist=sorted(RETRY_STATUSES),
+                      allowed_methods=frozenset({"GET", "HEAD", "DELETE", "OPTIONS"}),
+                      raise_on_status=False, respect_retry_after_header=True)
+        adapter = HTTPAdapter(max_retries=retry)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def __repr__(self) -> str:
+        return f"HTTPStorage(username={self.username!r}, ex_move={self.ex_move})"
+
+    # -- standard API -------------------------------------------------------
+
+    def exists(self, location: str) -> bool:
+        url, _ = self._target(location)
+        response = self._request("HEAD", location, url)
+        if response.status_code == 404:
+            return False
+        self._check(response, location, "check")
+        return True
+
+    # -- for the base class -------------------------------------------------
+
+    def _upload(self, source: UploadSource, location: str, *, overwrite: bool) -> str:
+        url, _ = self._target(location)
+        shown = redact(location)
+        use_move = self.ex_move and self._supports_move(location, url)
+        put_url = self._temporary(url) if use_move else url
+        try:
+            body = self._put(source, location, put_url)
+            source.verify(location)
+            self._verify_stored(source, body, location, put_url)
+            if use_move:
+                self._move(location, put_url, url, overwrite=overwrite)
+        except BaseException:
+            # The base deletes nothing for an atomic driver: clean up here.
+            self._discard(location, put_url)
+            raise
+        log.debug("stored %d bytes at %s", source.bytes_read, shown)
+        return shown
+
+    def _delete(self, location: str) -> None:
+        url, _ = self._target(location)
+        response = self._request("DELETE", location, url)
+        if response.status_code == 404:
+            raise StorageError(f"{redact(location)} does not exist", redact(location))
+        self._check(response, location, "delete")
+
+    def _open(self, location: str) -> BinaryIO:
+        url, _ = self._target(location)
+        response = self._request("GET", location, url, stream=True)
+        self._check(response, location, "read")
+        raw = response.raw
+        raw.decode_content = True
+        return cast(BinaryIO, raw)
+
+    # -- private helpers ----------------------------------------------------
+
+    def _target(self, location: str) -> tuple[str, tuple[str, str] | None]:
+        """Split credentials off a location.
+
+        :returns: the URL without userinfo and the basic credentials to use.
+        :raises StorageError: for anything but an http(s) URL with a path.
+        """
+        shown = redact(location)
+        try:
+            parts = urlsplit(location)
+            port = parts.port
+        except ValueError:
+            raise StorageError(f"not a valid HTTP location: {shown}", shown) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise StorageError(f"HTTP storage needs an http(s)://host/path location, "
+                               f"not {shown}", shown)
+        if parts.path in ("", "/") or parts.path.endswith("/"):
+            raise StorageError(f"HTTP location {shown} names a directory, not a file", shown)
+        host = parts.hostname
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = host if port is None else f"{host}:{port}"
+        url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        auth: tuple[str, str] | None = None
+        if self.username is not None:
+            auth = (self.username, self._password or "")
+        elif parts.username is not None:
+            auth = (unquote(parts.username), unquote(parts.password or ""))
+        return url, auth
+
+    def _headers_for(self) -> dict[str, str]:
+        headers = dict(self._headers)
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
+    def _request(self, method: str, location: str, url: str, *,
+                 headers: Mapping[str, str] | None = None, data: Iterable[bytes] | None = None,
+                 stream: bool = False) -> requests.Response:
+        _, auth = self._target(location)
+        all_headers = self._headers_for()
+        all_headers.update(headers or {})
+        try:
+            return self._session.request(method, url, headers=all_headers, data=data,
+                                         auth=auth, stream=stream, timeout=self.timeout,
+                                         verify=self.verify_tls, allow_redirects=False)
+        except requests.RequestException as exc:
+            shown = redact(location)
+            reason = type(exc).__name__
+            raise StorageError(f"{method} {shown} failed: {reason}", shown) from None
+
+    def _check(self, response: requests.Response, location: str, what: str) -> None:
+        if response.status_code < 300:
+            return
+        shown = redact(location)
+        raise StorageError(f"cannot {what} {shown}: HTTP {response.status_code} "
+                           f"{response.reason}", shown)
+
+    def _put(self, source: UploadSource, location: str, url: str) -> _Body:
+        """PUT the source, retrying within the bound when it can be re-read."""
+        attempt = 0
+        while True:
+            body = (_Body(source, self.CHUNK_SIZE, location) if source.size is not None
+                    else _ChunkedBody(source, self.CHUNK_SIZE, location))
+            headers = {"Content-Type": source.media_type}
+            retryable = source.path is not None and attempt < self.retries
+            try:
+                response = self._request("PUT", location, url, headers=headers, data=body)
+            except StorageError:
+                if not retryable:
+                    raise
+            else:
+                if response.status_code < 300:
+                    return body
+                if not (retryable and response.status_code in RETRY_STATUSES):
+                    self._check(response, location, "upload to")
+            attempt += 1
+            delay = min(self.backoff * 2 ** (attempt - 1), self.MAX_BACKOFF)
+            log.debug("retrying PUT to %s in %.1f s (attempt %d of %d)", redact(location),
+                      delay, attempt + 1, self.retries + 1)
+            time.sleep(delay)
+
+    def _verify_stored(self, source: UploadSource, body: _Body, location: str,
+                       url: str) -> None:
+        """Check what the server holds at ``url`` against what was sent."""
+        shown = redact(location)
+        response = self._request("HEAD", location, url)
+        self._check(response, location, "verify")
+        length = response.headers.get("Content-Length")
+        if length is not None and int(length) != source.bytes_read:
+            raise StorageError(f"{shown} holds {length} bytes after upload, "
+                               f"sent {source.bytes_read}", shown)
+        if self.ex_verify == "size":
+            if length is None:
+                raise StorageError(f"{shown} reports no size to verify", shown)
+            return
+        etag = response.headers.get("ETag", "").removeprefix("W/").strip('"').lower()
+        if etag == body.md5.hexdigest():
+            return
+        digest = hashlib.sha256()
+        size = 0
+        response = self._request("GET", location, url, stream=True)
+        try:
+            self._check(response, location, "read back")
+            for chunk in response.iter_content(self.CHUNK_SIZE):
+                digest.update(chunk)
+                size += len(chunk)
+        except requests.RequestException as exc:
+            raise StorageError(f"reading back {shown} failed: {type(exc).__name__}",
+                               shown) from None
+        finally:
+            response.close()
+        if size != source.bytes_read or digest.hexdigest() != source.digest:
+            raise StorageError(f"{shown} reads back {size} bytes with sha256 "
+                               f"{digest.hexdigest()}, sent {source.bytes_read} bytes "
+                               f"with sha256 {source.digest}", shown)
+
+    def _move(self, location: str, source_url: str, final_url: str, *,
+              overwrite: bool) -> None:
+        headers = {"Destination": final_url, "Overwrite": "T" if overwrite else "F"}
+        attempt = 0
+        while True:
+            response = self._request("MOVE", location, source_url, headers=headers)
+            if response.status_code in (201, 204):
+                return
+            if response.status_code == 412:
+                shown = redact(location)
+                raise StorageError(f"refusing to overwrite existing {shown}", shown)
+            if response.status_code in RETRY_STATUSES and attempt < self.retries:
+                attempt += 1
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), self.MAX_BACKOFF))
+                continue
+            self._check(response, location, "move into place")
+            # A 2xx other than 201/204 still means the rename happened.
+            return
+
+    def _supports_move(self, location: str, url: str) -> bool:
+        """Probe, once per origin, whether the server implements ``MOVE``:
+        moving a name that does not exist answers 404 (or 409) when it does,
+        405 or 501 when it does not."""
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        if origin not in self._move_support:
+            probe = self._temporary(url)
+            headers = {"Destination": self._temporary(url), "Overwrite": "F"}
+            response = self._request("MOVE", location, probe, headers=headers)
+            if response.status_code in (401, 403):
+                self._check(response, location, "probe MOVE on")
+            supported = response.status_code in (404, 409, 412)
+            if not supported:
+                log.info("%s does not implement WebDAV MOVE (HTTP %d): writing the final "
+                         "name directly", origin, response.status_code)
+            self._move_support[origin] = supported
+        return self._move_support[origin]
+
+    @staticmethod
+    def _temporary(url: str) -> str:
+        parts = urlsplit(url)
+        directory, _, name = parts.path.rpartition("/")
+        tmp = f".{unquote(name)}.{secrets.token_hex(8)}.partial"
+        return urlunsplit((parts.scheme, parts.netloc, f"{directory}/{quote(tmp)}",
+                           parts.query, ""))
+
+    def _discard(self, location: str, url: str) -> None:
+        """Best-effort DELETE of what a failed upload left at ``url``."""
+        try:
+            self._request("DELETE", location, url)
+        except Exception:  # noqa: BLE001 - the upload error is what the caller needs
+            log.debug("could not delete the partial upload for %s", redact(location))

@@ -1,0 +1,343 @@
+"""HTTPStorage against a real nginx with WebDAV, plus a flaky server for retries."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from cloudlets.drivers.providers import get_driver
+from cloudlets.drivers.storage.http import HTTPStorage
+from cloudlets.errors import ConfigurationError, StorageError
+from cloudlets.testing.storage import StorageDriverConformance
+from tests.nginx_fixture import (
+    API_KEY,
+    BASIC_PASSWORD,
+    BASIC_USER,
+    BEARER_TOKEN,
+    Nginx,
+    nginx_server,
+)
+
+__all__ = ["nginx_server"]  # the fixture, imported for pytest
+
+_counter = itertools.count()
+
+
+def _locator(server: Nginx, area: str, *, userinfo: str = "") -> Callable[[str], str]:
+    def new(name: str) -> str:
+        base = server.base.replace("http://", f"http://{userinfo}")
+        return f"{base}/{area}/{next(_counter)}/{name}"
+    return new
+
+
+def _leftovers(server: Nginx) -> list[str]:
+    return sorted(p.name for p in server.root.rglob("*.partial"))
+
+
+class TestHTTPStorageConformance(StorageDriverConformance):
+    @pytest.fixture
+    def storage(self) -> HTTPStorage:
+        return HTTPStorage()
+
+    @pytest.fixture
+    def new_location(self, nginx_server: Nginx) -> Callable[[str], str]:
+        return _locator(nginx_server, "dav")
+
+
+class TestHTTPStorageWithoutMoveConformance(StorageDriverConformance):
+    """A server with PUT and DELETE only: the fallback path."""
+
+    @pytest.fixture
+    def storage(self) -> HTTPStorage:
+        return HTTPStorage()
+
+    @pytest.fixture
+    def new_location(self, nginx_server: Nginx) -> Callable[[str], str]:
+        return _locator(nginx_server, "nomove")
+
+
+class TestHTTPStorageSizeOnlyConformance(StorageDriverConformance):
+    @pytest.fixture
+    def storage(self) -> HTTPStorage:
+        return HTTPStorage(ex_verify="size", ex_move=False)
+
+    @pytest.fixture
+    def new_location(self, nginx_server: Nginx) -> Callable[[str], str]:
+        return _locator(nginx_server, "dav")
+
+
+def test_registered_under_its_name() -> None:
+    assert get_driver("storage", "http") is HTTPStorage
+
+
+def test_stored_bytes_on_disk_match(nginx_server: Nginx, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 5000
+    source = tmp_path / "image.raw"
+    source.write_bytes(data)
+    location = _locator(nginx_server, "dav")("disk.raw")
+    artifact = HTTPStorage().upload(source, location)
+    on_disk = nginx_server.root / location.split("/", 3)[3]
+    assert on_disk.read_bytes() == data
+    assert artifact.sha256 == hashlib.sha256(data).hexdigest()
+    assert artifact.location == location
+    assert _leftovers(nginx_server) == []
+
+
+def test_content_length_and_chunked_bodies(nginx_server: Nginx) -> None:
+    storage = HTTPStorage()
+    new = _locator(nginx_server, "dav")
+    data = b"z" * 3_000_000
+    known = storage.upload(iter([data[:1000], data[1000:]]), new("known.img"),
+                           size=len(data))
+    unknown = storage.upload(iter([data[:1000], data[1000:]]), new("unknown.img"))
+    assert known.sha256 == unknown.sha256 == hashlib.sha256(data).hexdigest()
+    log = (nginx_server.prefix / "logs" / "access.log").read_text()
+    assert "PUT /dav/" in log
+
+
+def test_partial_upload_is_never_visible_at_the_final_name(nginx_server: Nginx) -> None:
+    storage = HTTPStorage()
+    location = _locator(nginx_server, "dav")("atomic.img")
+    seen: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(5):
+            seen.append(requests.head(location, timeout=5).status_code)
+            yield b"x" * 100_000
+
+    storage.upload(chunks(), location)
+    assert seen == [404] * 5
+    assert requests.get(location, timeout=5).content == b"x" * 500_000
+
+
+def test_failed_overwrite_keeps_the_old_object(nginx_server: Nginx) -> None:
+    storage = HTTPStorage()
+    location = _locator(nginx_server, "dav")("keep.img")
+    storage.upload(b"old", location, size=3)
+    with pytest.raises(StorageError, match="sha256"):
+        storage.upload(b"new", location, sha256="1" * 64, overwrite=True)
+    assert requests.get(location, timeout=5).content == b"old"
+    assert _leftovers(nginx_server) == []
+
+
+def test_move_refuses_to_clobber_an_object_created_meanwhile(nginx_server: Nginx) -> None:
+    """Overwrite: F makes the server refuse, even if the name appears after
+    the base's existence check (a concurrent writer)."""
+    storage = HTTPStorage()
+    location = _locator(nginx_server, "dav")("race.img")
+
+    def chunks() -> Iterator[bytes]:
+        yield b"mine"
+        requests.put(location, data=b"theirs", timeout=5).raise_for_status()
+
+    with pytest.raises(StorageError, match="overwrite"):
+        storage.upload(chunks(), location)
+    assert requests.get(location, timeout=5).content == b"theirs"
+    assert _leftovers(nginx_server) == []
+
+
+def test_basic_auth_from_url_and_arguments(nginx_server: Nginx) -> None:
+    in_url = _locator(nginx_server, "basic", userinfo=f"{BASIC_USER}:{BASIC_PASSWORD}@")
+    artifact = HTTPStorage().upload(b"hello", in_url("a.img"))
+    assert BASIC_PASSWORD not in artifact.location
+    assert "***" in artifact.location
+    plain = _locator(nginx_server, "basic")
+    storage = HTTPStorage(BASIC_USER, BASIC_PASSWORD)
+    location = plain("b.img")
+    storage.upload(b"hello", location)
+    with storage.open(location) as handle:
+        assert handle.read() == b"hello"
+    storage.delete(location)
+    assert not storage.exists(location)
+
+
+def test_wrong_credentials_fail_without_leaking_them(nginx_server: Nginx) -> None:
+    location = _locator(nginx_server, "basic", userinfo=f"{BASIC_USER}:wrong-pw@")("c.img")
+    with pytest.raises(StorageError) as info:
+        HTTPStorage().upload(b"hello", location)
+    assert "401" in str(info.value)
+    assert "wrong-pw" not in str(info.value)
+    assert "wrong-pw" not in (info.value.location or "")
+    assert "127.0.0.1" in str(info.value)
+
+
+def test_bearer_token_and_custom_headers(nginx_server: Nginx) -> None:
+    bearer = _locator(nginx_server, "bearer")("t.img")
+    with pytest.raises(StorageError, match="401"):
+        HTTPStorage().upload(b"x", bearer)
+    HTTPStorage(token=BEARER_TOKEN).upload(b"x", bearer)
+    keyed = _locator(nginx_server, "apikey")("k.img")
+    with pytest.raises(StorageError, match="401"):
+        HTTPStorage(headers={"X-Api-Key": "nope"}).upload(b"x", keyed)
+    storage = HTTPStorage(headers={"X-Api-Key": API_KEY})
+    storage.upload(b"x", keyed)
+    assert storage.exists(keyed)
+
+
+def test_credentials_never_logged(nginx_server: Nginx, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    location = _locator(nginx_server, "basic",
+                        userinfo=f"{BASIC_USER}:{BASIC_PASSWORD}@")("logged.img")
+    HTTPStorage(headers={"X-Trace": "trace-secret"}).upload(b"data", location)
+    HTTPStorage(token=BEARER_TOKEN).upload(b"data", _locator(nginx_server, "bearer")("l.img"))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "PUT" in text or "stored" in text
+    for secret in (BASIC_PASSWORD, BEARER_TOKEN, "trace-secret"):
+        assert secret not in text
+
+
+def test_without_move_a_failure_deletes_the_partial_file(nginx_server: Nginx) -> None:
+    storage = HTTPStorage()
+    location = _locator(nginx_server, "nomove")("partial.img")
+    with pytest.raises(StorageError, match="sha256"):
+        storage.upload(b"abc" * 1000, location, sha256="2" * 64)
+    assert not storage.exists(location)
+    assert storage._move_support == {nginx_server.base: False}
+
+
+def test_unreachable_server_names_the_target() -> None:
+    with socket_port() as port:
+        location = f"http://bob:pw-xyz@127.0.0.1:{port}/x.img"
+    with pytest.raises(StorageError) as info:
+        HTTPStorage(retries=0, timeout=2).upload(b"x", location)
+    assert f"127.0.0.1:{port}/x.img" in str(info.value)
+    assert "pw-xyz" not in str(info.value)
+
+
+@pytest.mark.parametrize("location", ["ftp://host/x", "http://host/", "http:///x", "s3://b/k"])
+def test_rejects_foreign_locations(location: str) -> None:
+    with pytest.raises(StorageError):
+        HTTPStorage().exists(location)
+
+
+def test_configuration_is_checked() -> None:
+    with pytest.raises(ConfigurationError):
+        HTTPStorage("u", "p", token="t")
+    with pytest.raises(ConfigurationError):
+        HTTPStorage(ex_verify="md5")  # type: ignore[arg-type]
+
+
+# -- retries, against a server that fails on purpose ---------------------------
+
+
+class socket_port:
+    """A port nobody listens on (bound then released)."""
+
+    def __enter__(self) -> int:
+        import socket
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        return int(self._sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """PUT answers 503 for the first ``failures`` requests, then stores."""
+
+    protocol_version = "HTTP/1.1"
+    store: dict[str, bytes] = {}
+    failures = 0
+    puts = 0
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def _answer(self, status: int, body: bytes = b"", length: int | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_PUT(self) -> None:
+        body = self._read_body()
+        type(self).puts += 1
+        if type(self).puts <= self.failures:
+            self._answer(503)
+            return
+        self.store[self.path] = body
+        self._answer(201)
+
+    def do_HEAD(self) -> None:
+        if self.path in self.store:
+            self._answer(200, length=len(self.store[self.path]))
+        else:
+            self._answer(404)
+
+    def do_GET(self) -> None:
+        if self.path in self.store:
+            self._answer(200, self.store[self.path])
+        else:
+            self._answer(404)
+
+    def do_DELETE(self) -> None:
+        self._answer(204 if self.store.pop(self.path, None) is not None else 404)
+
+    def do_MOVE(self) -> None:
+        self._answer(405)
+
+
+@pytest.fixture
+def flaky() -> Iterator[tuple[str, type[_Flaky]]]:
+    handler = type("Flaky", (_Flaky,), {"store": {}, "failures": 2, "puts": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_file_upload_is_retried_within_the_bound(flaky: tuple[str, type[_Flaky]],
+                                                 tmp_path: Path) -> None:
+    base, handler = flaky
+    source = tmp_path / "a.img"
+    source.write_bytes(b"payload" * 1000)
+    artifact = HTTPStorage(retries=2, backoff=0.01).upload(source, f"{base}/a.img")
+    assert handler.puts == 3
+    assert handler.store["/a.img"] == b"payload" * 1000
+    assert artifact.size == 7000
+
+
+def test_retries_give_up_after_the_bound(flaky: tuple[str, type[_Flaky]],
+                                         tmp_path: Path) -> None:
+    base, handler = flaky
+    source = tmp_path / "a.img"
+    source.write_bytes(b"payload")
+    with pytest.raises(StorageError, match="503"):
+        HTTPStorage(retries=1, backoff=0.01).upload(source, f"{base}/a.img")
+    assert handler.puts == 2
+    assert "/a.img" not in handler.store
+
+
+def test_a_stream_is_not_retried(flaky: tuple[str, type[_Flaky]]) -> None:
+    base, handler = flaky
+    with pytest.raises(StorageError, match="503"):
+        HTTPStorage(retries=3, backoff=0.01).upload(iter([b"once"]), f"{base}/s.img")
+    assert handler.puts == 1
