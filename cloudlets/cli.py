@@ -260,10 +260,8 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _progress_callback() -> Any:
-    try:
-        from cloudlets.progress import terminal_progress  # type: ignore[attr-defined]
-    except ImportError:
-        return None
+    from cloudlets.progress import terminal_progress
+
     return terminal_progress(sys.stderr)
 
 

@@ -35,6 +35,8 @@ __all__ = ["Presets", "RenderConfig", "load_config_file", "resolve_config", "set
 #: File name of the render config schema in ``cloudlets/schemas/``.
 SCHEMA_NAME = "config-v1.json"
 
+_INTERFACE_KEYS = ("name", "dhcp", "address", "prefix", "gateway", "mac", "mtu")
+
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a render config (or presets) JSON file.
@@ -208,7 +210,20 @@ class RenderConfig:
 
     @property
     def interfaces(self) -> list[dict[str, Any]]:
-        return copy.deepcopy(self._data.get("ip", {}).get("interfaces", []))
+        """Interfaces with every key present, so templates can test any of
+        them: ``name``, ``dhcp`` (default false), ``address``, ``prefix``
+        (default 24 for IPv4, 64 for IPv6 on a static interface), ``gateway``,
+        ``mac``, ``mtu`` (``None`` when not set)."""
+        result = []
+        for iface in self._data.get("ip", {}).get("interfaces", []):
+            full = {key: None for key in _INTERFACE_KEYS}
+            full.update(copy.deepcopy(iface))
+            full["dhcp"] = bool(full["dhcp"])
+            if not full["dhcp"] and full["address"] is not None and full["prefix"] is None:
+                version = ipaddress.ip_address(full["address"]).version
+                full["prefix"] = 24 if version == 4 else 64
+            result.append(full)
+        return result
 
     @property
     def dns(self) -> dict[str, list[str]]:

@@ -10,17 +10,17 @@ order.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloudlets.cache import TarballCache
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import (
     DiskImage,
@@ -37,29 +37,27 @@ from cloudlets.errors import (
     ConfigurationError,
     FormatError,
     RenderError,
-    StageNotAvailableError,
     StorageError,
 )
+from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.manifest import Manifest
+from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
+from cloudlets.progress import ProgressCallback
 from cloudlets.result import RenderResult
+from cloudlets.rootfs import ArchivePolicy
 from cloudlets.urls import redact
 
 __all__ = ["ProgressCallback", "Renderer"]
 
-#: ``progress(stage, done, total)``; ``total`` is ``None`` when unknown.
-ProgressCallback = Callable[[str, int, "int | None"], None]
+#: Pipeline stages, in order. Each records its time in ``RenderResult.timings``
+#: (``tree`` replaces ``disk`` for formats that ship the tree, not a disk).
+STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "tree", "convert", "store",
+          "publish")
 
-#: Pipeline stages, in order. Each records its time in ``RenderResult.timings``.
-STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "convert", "store", "publish")
-
-#: Where each stage lives, for the message when a build lacks it.
-_STAGE_MODULES = {
-    "fetch": ("cloudlets.cache", "the verified tarball fetcher and cache"),
-    "rootfs": ("cloudlets.rootfs", "the safe tarball reader"),
-    "templates": ("cloudlets.templates", "the sandboxed template engine"),
-    "disk": ("cloudlets.disk", "the rootless bootable disk builder"),
-}
+#: Bump when the base tree a render builds from the same inputs changes, so
+#: cached base filesystems from older versions are not reused.
+_BASE_FORMAT = "cloudlets-base-1"
 
 ManifestSource = Manifest | Mapping[str, Any] | str | Path
 
@@ -97,13 +95,21 @@ class Renderer:
         tarballs (off by default: a request must not read host files).
     :param ex_source_date_epoch: fixed timestamp for reproducible output;
         default ``$SOURCE_DATE_EPOCH``, else derived from the inputs.
+    :param ex_archive_policy: limits and rules for reading tarballs.
+    :param ex_cache_max_bytes: bound the tarball cache (LRU eviction).
+    :param ex_fetcher: the downloader (timeouts, retries, URL policy); by
+        default one whose policy allows http and https, and ``file`` only
+        with ``ex_allow_file_urls``.
     """
 
     def __init__(self, cache_dir: str | Path | None = None, presets: Presets | None = None,
                  mirrors: Sequence[Mapping[str, Any]] | None = None, *,
                  data_dir: str | Path | None = None, work_dir: str | Path | None = None,
                  ex_allow_file_urls: bool = False,
-                 ex_source_date_epoch: int | None = None) -> None:
+                 ex_source_date_epoch: int | None = None,
+                 ex_archive_policy: ArchivePolicy | None = None,
+                 ex_cache_max_bytes: int | None = None,
+                 ex_fetcher: Fetcher | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.work_dir = Path(work_dir) if work_dir is not None else None
@@ -113,6 +119,10 @@ class Renderer:
             # Validate the rules with the config schema: same shape, same messages.
             Presets(values={"mirrors": self.mirrors})
         self.allow_file_urls = ex_allow_file_urls
+        self.archive_policy = ex_archive_policy or ArchivePolicy()
+        self.cache_max_bytes = ex_cache_max_bytes
+        self.fetcher = ex_fetcher or Fetcher(policy=UrlPolicy(allow_file=ex_allow_file_urls))
+        self._mirror_rules = MirrorRules.from_config(self.mirrors, source="renderer")
         epoch = ex_source_date_epoch
         if epoch is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
             epoch = int(os.environ["SOURCE_DATE_EPOCH"])
@@ -200,12 +210,70 @@ class Renderer:
     # -- stages -------------------------------------------------------------
 
     def _build(self, run: _Run) -> DiskImage:
-        """Run fetch → rootfs → templates → disk, as far as this build has them."""
-        for stage in ("fetch", "rootfs", "templates", "disk"):
-            module, what = _STAGE_MODULES[stage]
-            if importlib.util.find_spec(module) is None:
-                raise StageNotAvailableError(stage, f"{what} ({module}) is not built yet")
-        raise StageNotAvailableError("fetch", "the pipeline after validation is not wired yet")
+        """fetch → rootfs → templates → disk: the bootable raw disk (and, for
+        formats that ship the tree, the rendered tree tarball)."""
+        from cloudlets.disk import BootSpec as DiskBootSpec
+        from cloudlets.disk import build_disk
+        from cloudlets.rootfs import METADATA_PATH, image_metadata, read_tarball
+        from cloudlets.templates import render_templates
+
+        manifest, config = run.manifest, run.config
+        fs, boot = manifest.filesystem, manifest.boot
+        assert fs is not None and boot is not None  # require_renderable() checked
+        rules = MirrorRules.for_render(self._mirror_rules, config.mirrors)
+        with self._stage(run, "fetch"):
+            entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
+                                      progress=run.progress)
+        with entry:
+            run.details["tarball"] = entry.details()
+            with self._stage(run, "rootfs"):
+                tree = read_tarball(entry.path, self.archive_policy, volatile=manifest.volatile,
+                                    persistent=manifest.persistent, workdir=run.workdir)
+        with tree:
+            with self._stage(run, "templates"):
+                rendered = render_templates(tree, manifest, config,
+                                            mirror=rules.template_function())
+                tree.add_file(METADATA_PATH, image_metadata(
+                    name=manifest.name, version=manifest.version, digest=manifest.digest,
+                    persistent=tree.persistent))
+            run.details["rootfs"] = {"entries": len(tree), "dropped": len(tree.dropped),
+                                     "persistent": list(tree.persistent),
+                                     "templates": sorted(rendered),
+                                     "compression": tree.compression.value}
+            tree_tar: Path | None = None
+            if run.fmt.capabilities & FormatCapability.NEEDS_TREE:
+                with self._stage(run, "tree"):
+                    tree_tar = tree.write_tar(run.workdir / "rendered-tree.tar",
+                                              replacements=rendered,
+                                              source_date_epoch=self.source_date_epoch)
+                return DiskImage(path=tree_tar, size=tree_tar.stat().st_size,
+                                 firmware=boot.firmware, tree_tar=tree_tar,
+                                 details={"kind": "tree"})
+            seed = hashlib.sha256(f"{manifest.digest}\0{fs.sha256}".encode()).hexdigest()
+            base_key = hashlib.sha256(
+                f"{_BASE_FORMAT}\0{manifest.digest}\0{fs.sha256}\0{self.source_date_epoch}"
+                .encode()).hexdigest()
+            with self._stage(run, "disk"):
+                base_tar = tree.write_tar(run.workdir / "base-tree.tar",
+                                          source_date_epoch=self.source_date_epoch)
+                base_dir = self.cache_dir / "bases"
+                image = build_disk(
+                    base_tar, DiskBootSpec(
+                        kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline,
+                        firmware=boot.firmware,  # type: ignore[arg-type]
+                        partition_table=boot.partition_table,  # type: ignore[arg-type]
+                        fstype=boot.fstype,  # type: ignore[arg-type]
+                        root_size=boot.root_size, label=boot.label),
+                    run.workdir / "disk.raw", seed=seed, workdir=run.workdir / "disk",
+                    source_date_epoch=self.source_date_epoch, base_cache=base_dir,
+                    patch_files=rendered, tree_digest=base_key)
+        run.details["disk"] = {
+            "size": image.size, "firmware": image.firmware,
+            "partition_table": image.partition_table, "root_uuid": image.root_uuid,
+            "disk_guid": image.disk_guid, "partitions": image.partition_uuids,
+            "base_cached": image.base_cached, "source_date_epoch": image.source_date_epoch}
+        return DiskImage(path=image.path, size=image.size, firmware=image.firmware,
+                         tree_tar=None, details=dict(run.details["disk"]))
 
     def _convert(self, fmt: FormatDriver, context: FormatContext) -> list[OutputFile]:
         try:
@@ -260,6 +328,10 @@ class Renderer:
                 pass
 
     # -- helpers ------------------------------------------------------------
+
+    def _cache(self) -> TarballCache:
+        return TarballCache(self.cache_dir, max_bytes=self.cache_max_bytes,
+                            fetcher=self.fetcher)
 
     def _config(self, manifest: Manifest, request: Mapping[str, Any] | None) -> RenderConfig:
         presets = self.presets

@@ -143,3 +143,15 @@ def test_set_dotted_builds_levels() -> None:
         set_dotted(data, "dns.search.x", 1)
     with pytest.raises(ConfigError, match="not a dotted key"):
         set_dotted(data, "a..b", 1)
+
+
+def test_interfaces_have_every_key_for_templates(manifest: Manifest) -> None:
+    config = resolve_config(manifest, None, {"ip": {"interfaces": [
+        {"name": "eth0", "address": "192.0.2.10"},
+        {"name": "eth1", "address": "2001:db8::1"},
+        {"name": "eth2", "dhcp": True, "mtu": 9000}]}})
+    eth0, eth1, eth2 = config.interfaces
+    assert eth0 == {"name": "eth0", "dhcp": False, "address": "192.0.2.10", "prefix": 24,
+                    "gateway": None, "mac": None, "mtu": None}
+    assert eth1["prefix"] == 64
+    assert eth2["dhcp"] is True and eth2["prefix"] is None and eth2["mtu"] == 9000

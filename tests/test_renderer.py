@@ -1,0 +1,357 @@
+"""The Renderer end to end on small tarballs: fetch over HTTP on 127.0.0.1,
+rootfs, templates, disk, format, storage; outputs read back with real tools."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from cloudlets import (
+    FetchError,
+    Manifest,
+    Presets,
+    Renderer,
+    StorageError,
+    TemplateError,
+    UnsafeArchiveError,
+)
+from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile, UploadSource
+from cloudlets.drivers.storage.local import LocalStorage
+from cloudlets.drivers.types import FormatCapability
+from cloudlets.renderer import output_locations
+
+HOSTNAME_TEMPLATE = b"{{ hostname }}\n"
+INTERFACES_TEMPLATE = b"""{% for i in ip.interfaces %}iface {{ i.name }} {{ 'dhcp' if i.dhcp else 'static' }}
+{% if not i.dhcp %}  address {{ i.address }}/{{ i.prefix }}
+{% endif %}{% endfor %}nameservers {{ dns.nameservers | join(' ') }}
+"""
+
+
+def make_tarball(files: dict[str, bytes], dirs: tuple[str, ...] = ()) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for directory in ("boot", "etc", "etc/network", "var", "var/log", "tmp", *dirs):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_600_000_000
+            archive.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 1_600_000_000
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+BASE_FILES = {
+    "boot/vmlinuz": b"not really a kernel\n" * 100,
+    "etc/hostname": HOSTNAME_TEMPLATE,
+    "etc/network/interfaces": INTERFACES_TEMPLATE,
+    "var/log/old.log": b"volatile\n",
+    "tmp/junk": b"volatile\n",
+}
+
+
+@pytest.fixture
+def cloudlet(static_http: tuple[str, Path]) -> Callable[..., dict[str, Any]]:
+    """Publish a tarball on the loopback HTTP server; return its manifest."""
+    base, root = static_http
+
+    def publish(files: dict[str, bytes] | None = None, name: str = "tiny",
+                **extra: Any) -> dict[str, Any]:
+        data = make_tarball(files if files is not None else BASE_FILES)
+        digest = hashlib.sha256(data).hexdigest()
+        (root / f"{digest}.tar.gz").write_bytes(data)
+        manifest = {
+            "name": name, "version": "1.0",
+            "filesystem": {"url": f"{base}/{digest}.tar.gz", "sha256": digest,
+                           "size": len(data)},
+            "boot": {"kernel": "/boot/vmlinuz", "cmdline": "console=ttyS0"},
+            "args": {"hostname": {"type": "string", "default": "tiny-host"}},
+            "templates": ["/etc/hostname", "/etc/network/interfaces"],
+            "persistent": ["/var/log"],
+            "volatile": ["/var/log/.+", "/tmp/.+"],
+        }
+        manifest.update(extra)
+        return manifest
+
+    return publish
+
+
+@pytest.fixture
+def renderer(tmp_path: Path) -> Renderer:
+    return Renderer(cache_dir=tmp_path / "cache", data_dir=tmp_path / "data",
+                    work_dir=tmp_path / "work", ex_source_date_epoch=1_700_000_000)
+
+
+def root_partition_offset(disk: Path) -> int:
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True,
+                                      text=True, check=True, timeout=30).stdout)
+    partitions = table["partitiontable"]["partitions"]
+    largest = max(partitions, key=lambda p: p["size"])
+    return int(largest["start"]) * 512
+
+
+def read_from_disk(disk: Path, path: str) -> bytes:
+    image = f"{disk}?offset={root_partition_offset(disk)}"
+    result = subprocess.run(["debugfs", "-R", f"cat {path}", image], capture_output=True,
+                            check=True, timeout=30)
+    return result.stdout
+
+
+def ls_disk(disk: Path, path: str) -> str:
+    image = f"{disk}?offset={root_partition_offset(disk)}"
+    return subprocess.run(["debugfs", "-R", f"ls -l {path}", image], capture_output=True,
+                          text=True, check=True, timeout=30).stdout
+
+
+CONFIG = {"hostname": "web1",
+          "ip": {"interfaces": [{"name": "eth0", "address": "192.0.2.10", "prefix": 24}]},
+          "dns": {"nameservers": ["192.0.2.53"]}}
+
+
+def test_render_raw_end_to_end(renderer: Renderer, cloudlet: Callable[..., dict[str, Any]],
+                               tmp_path: Path) -> None:
+    seen: list[str] = []
+    result = renderer.render(cloudlet(), str(tmp_path / "out") + "/", storage="local",
+                             format="raw", config=CONFIG,
+                             progress=lambda stage, done, total: seen.append(stage))
+    disk = Path(result.primary.location)
+    assert disk == tmp_path / "out" / "tiny-1.0.raw"
+    assert result.primary.sha256 == hashlib.sha256(disk.read_bytes()).hexdigest()
+    assert result.primary.size == disk.stat().st_size
+    assert read_from_disk(disk, "/etc/hostname") == b"web1\n"
+    interfaces = read_from_disk(disk, "/etc/network/interfaces").decode()
+    assert "iface eth0 static\n  address 192.0.2.10/24\n" in interfaces
+    assert "nameservers 192.0.2.53" in interfaces
+    metadata = json.loads(read_from_disk(disk, "/etc/cloudlets/image.json"))
+    assert metadata["digest"] == result.manifest_digest
+    assert metadata["persistent"] == ["/var/log"]
+    assert "old.log" not in ls_disk(disk, "/var/log")
+    assert "junk" not in ls_disk(disk, "/tmp")
+    for stage in ("fetch", "rootfs", "templates", "disk", "convert", "store"):
+        assert stage in result.timings
+        assert stage in seen
+    assert result.details["tarball"]["cache_hit"] is False
+    assert result.details["rootfs"]["templates"] == ["/etc/hostname", "/etc/network/interfaces"]
+    assert result.image_id.startswith("img-")
+
+
+def test_same_inputs_give_identical_images(renderer: Renderer,
+                                           cloudlet: Callable[..., dict[str, Any]],
+                                           tmp_path: Path) -> None:
+    manifest = cloudlet()
+    first = renderer.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
+    fresh = Renderer(cache_dir=tmp_path / "cache2", work_dir=tmp_path / "work2",
+                     ex_source_date_epoch=1_700_000_000)
+    second = fresh.render(manifest, str(tmp_path / "b") + "/", "local", "raw", CONFIG)
+    assert first.primary.sha256 == second.primary.sha256
+    assert second.details["disk"]["base_cached"] is False
+    other = renderer.render(manifest, str(tmp_path / "c") + "/", "local", "raw",
+                            {**CONFIG, "hostname": "web2"})
+    assert other.primary.sha256 != first.primary.sha256
+
+
+def test_rerender_reuses_cached_base_and_tarball(renderer: Renderer,
+                                                 cloudlet: Callable[..., dict[str, Any]],
+                                                 tmp_path: Path) -> None:
+    manifest = cloudlet()
+    renderer.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
+    again = renderer.render(manifest, str(tmp_path / "b") + "/", "local", "raw",
+                            {"hostname": "second"})
+    assert again.details["tarball"]["cache_hit"] is True
+    assert again.details["disk"]["base_cached"] is True
+    assert read_from_disk(Path(again.primary.location), "/etc/hostname") == b"second\n"
+
+
+def test_qcow2_and_tar_outputs(renderer: Renderer, cloudlet: Callable[..., dict[str, Any]],
+                               tmp_path: Path) -> None:
+    manifest = cloudlet()
+    qcow2 = renderer.render(manifest, str(tmp_path / "out" / "web"), "local", "qcow2", CONFIG)
+    assert qcow2.primary.location == str(tmp_path / "out" / "web.qcow2")
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json",
+                                      qcow2.primary.location], capture_output=True,
+                                     check=True, text=True).stdout)
+    assert info["format"] == "qcow2" and "backing-filename" not in info
+    tar = renderer.render(manifest, str(tmp_path / "out" / "web.tar.gz"), "local", "tar",
+                          CONFIG)
+    assert tar.primary.location == str(tmp_path / "out" / "web.tar.gz")
+    with tarfile.open(tar.primary.location) as archive:
+        names = archive.getnames()
+        hostname = archive.extractfile("./etc/hostname")
+        assert hostname is not None and hostname.read() == b"web1\n"
+    assert "./tmp/junk" not in names and "./etc/cloudlets/image.json" in names
+    assert "disk" not in tar.timings and "tree" in tar.timings
+
+
+def test_existing_output_is_refused_then_overwritten(renderer: Renderer,
+                                                     cloudlet: Callable[..., dict[str, Any]],
+                                                     tmp_path: Path) -> None:
+    target = tmp_path / "out" / "tiny-1.0.raw"
+    target.parent.mkdir()
+    target.write_bytes(b"precious")
+    with pytest.raises(StorageError, match="refusing to overwrite"):
+        renderer.render(cloudlet(), str(tmp_path / "out") + "/", "local", "raw", CONFIG)
+    assert target.read_bytes() == b"precious"
+    result = renderer.render(cloudlet(), str(tmp_path / "out") + "/", "local", "raw", CONFIG,
+                             overwrite=True)
+    assert target.stat().st_size == result.primary.size > 8
+
+
+def test_template_error_leaves_nothing(renderer: Renderer,
+                                       cloudlet: Callable[..., dict[str, Any]],
+                                       tmp_path: Path) -> None:
+    files = {**BASE_FILES, "etc/hostname": b"line one\n{{ nosuchvar }}\n"}
+    with pytest.raises(TemplateError) as caught:
+        renderer.render(cloudlet(files), str(tmp_path / "out") + "/", "local", "raw", CONFIG)
+    assert caught.value.path == "/etc/hostname" and caught.value.line == 2
+    assert not (tmp_path / "out").exists()
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_missing_kernel_is_named(renderer: Renderer, cloudlet: Callable[..., dict[str, Any]],
+                                 tmp_path: Path) -> None:
+    from cloudlets import DiskError
+
+    files = {k: v for k, v in BASE_FILES.items() if k != "boot/vmlinuz"}
+    with pytest.raises(DiskError, match="/boot/vmlinuz"):
+        renderer.render(cloudlet(files), str(tmp_path / "out") + "/", "local", "raw")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hostile_tarball_is_refused(renderer: Renderer, static_http: tuple[str, Path],
+                                    cloudlet: Callable[..., dict[str, Any]],
+                                    tmp_path: Path) -> None:
+    base, root = static_http
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("../../etc/evil")
+        info.size = 4
+        archive.addfile(info, io.BytesIO(b"evil"))
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    (root / "evil.tar").write_bytes(data)
+    manifest = cloudlet()
+    manifest["filesystem"] = {"url": f"{base}/evil.tar", "sha256": digest}
+    with pytest.raises(UnsafeArchiveError) as caught:
+        renderer.render(manifest, str(tmp_path / "out") + "/", "local", "raw")
+    assert "../../etc/evil" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_unreachable_origin_is_a_fetch_error(renderer: Renderer,
+                                             cloudlet: Callable[..., dict[str, Any]],
+                                             tmp_path: Path) -> None:
+    from cloudlets.fetch import Fetcher, RetryPolicy
+
+    manifest = cloudlet()
+    manifest["filesystem"]["url"] = f"http://127.0.0.1:{_closed_port()}/x.tar.gz"
+    quick = Renderer(cache_dir=tmp_path / "c", work_dir=tmp_path / "w",
+                     ex_fetcher=Fetcher(retry=RetryPolicy(attempts=2, backoff=0.01,
+                                                          max_delay=0.02, total_time=5)))
+    with pytest.raises(FetchError, match="127.0.0.1"):
+        quick.render(manifest, str(tmp_path / "out") + "/", "local", "raw")
+    assert not (tmp_path / "out").exists()
+
+
+def test_mirror_rule_is_used_and_recorded(cloudlet: Callable[..., dict[str, Any]],
+                                          static_http: tuple[str, Path],
+                                          tmp_path: Path) -> None:
+    base, _ = static_http
+    manifest = cloudlet()
+    filename = manifest["filesystem"]["url"].rsplit("/", 1)[1]
+    manifest["filesystem"]["url"] = f"http://mirrors.cloudlets.com/tiny/{filename}"
+    renderer = Renderer(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work",
+                        mirrors=[{"prefix": "http://mirrors.cloudlets.com/tiny/",
+                                  "mirrors": [base + "/"]}])
+    result = renderer.render(manifest, str(tmp_path / "out") + "/", "local", "raw", CONFIG)
+    rule = result.details["tarball"]["mirror_rule"]
+    assert rule is not None and rule["prefix"] == "http://mirrors.cloudlets.com/tiny/"
+    assert result.details["tarball"]["source_url"].startswith(base)
+
+
+def test_locked_preset_applies_to_the_image(cloudlet: Callable[..., dict[str, Any]],
+                                            tmp_path: Path) -> None:
+    from cloudlets import LockedKeyError
+
+    presets = Presets(values={"dns": {"nameservers": ["198.51.100.53"]}},
+                      locked=frozenset({"dns.nameservers"}))
+    renderer = Renderer(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work",
+                        presets=presets)
+    with pytest.raises(LockedKeyError):
+        renderer.render(cloudlet(), str(tmp_path / "o") + "/", "local", "raw",
+                        {"dns": {"nameservers": ["192.0.2.1"]}})
+    result = renderer.render(cloudlet(), str(tmp_path / "o") + "/", "local", "raw",
+                             {"hostname": "h"})
+    assert b"nameservers 198.51.100.53" in read_from_disk(
+        Path(result.primary.location), "/etc/network/interfaces")
+
+
+class TwoFiles(FormatDriver):
+    """A two-artifact format for the rollback test."""
+
+    name: ClassVar[str] = "two-files"
+    description: ClassVar[str] = "two files"
+    capabilities: ClassVar[FormatCapability] = FormatCapability.MULTI_ARTIFACT
+
+    def convert(self, context: FormatContext) -> list[OutputFile]:
+        outputs = []
+        for suffix in (".a", ".b"):
+            path = context.workdir / f"{context.basename}{suffix}"
+            path.write_bytes(suffix.encode() * 10)
+            outputs.append(OutputFile(role=suffix[1:], path=path, name=path.name))
+        return outputs
+
+
+class RefusesB(LocalStorage):
+    """Local storage whose disk 'fills up' on files ending in .b."""
+
+    name: ClassVar[str] = "refuses-b"
+
+    def _upload(self, source: UploadSource, location: str, *, overwrite: bool) -> str:
+        if location.endswith(".b"):
+            raise StorageError("disk full", location)
+        return super()._upload(source, location, overwrite=overwrite)
+
+
+def test_half_stored_output_is_rolled_back(renderer: Renderer,
+                                           cloudlet: Callable[..., dict[str, Any]],
+                                           tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="disk full"):
+        renderer.render(cloudlet(), str(tmp_path / "out" / "x"), RefusesB(), TwoFiles())
+    assert not (tmp_path / "out" / "x.a").exists()
+    assert not (tmp_path / "out" / "x.b").exists()
+
+
+@pytest.mark.parametrize(("output", "names", "expected"), [
+    ("out/", ["w-1.ovf", "w-1-disk1.vmdk"], ["out/w-1.ovf", "out/w-1-disk1.vmdk"]),
+    ("out/web", ["w-1.ovf", "w-1-disk1.vmdk"], ["out/web.ovf", "out/web-disk1.vmdk"]),
+    ("out/web.ovf", ["w-1.ovf", "w-1.mf"], ["out/web.ovf", "out/web.mf"]),
+    ("s3://b/k/", ["w-1.raw"], ["s3://b/k/w-1.raw"]),
+])
+def test_output_locations(output: str, names: list[str], expected: list[str]) -> None:
+    assert output_locations(output, "w-1", names) == expected
+
+
+def test_manifest_object_and_path_are_accepted(renderer: Renderer,
+                                               cloudlet: Callable[..., dict[str, Any]],
+                                               tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(cloudlet()))
+    by_path = renderer.render(str(path), str(tmp_path / "a") + "/", "local", "raw")
+    by_object = renderer.render(Manifest.load(path), str(tmp_path / "b") + "/", "local", "raw")
+    assert by_path.primary.sha256 == by_object.primary.sha256
+    assert by_path.manifest_digest == by_object.manifest_digest
