@@ -30,7 +30,8 @@ from cloudlets.drivers.types import FormatCapability
 from cloudlets.renderer import output_locations
 
 HOSTNAME_TEMPLATE = b"{{ hostname }}\n"
-INTERFACES_TEMPLATE = b"""{% for i in ip.interfaces %}iface {{ i.name }} {{ 'dhcp' if i.dhcp else 'static' }}
+INTERFACES_TEMPLATE = b"""{% for i in ip.interfaces %}iface {{ i.name }} \
+{{- ' dhcp' if i.dhcp else ' static' }}
 {% if not i.dhcp %}  address {{ i.address }}/{{ i.prefix }}
 {% endif %}{% endfor %}nameservers {{ dns.nameservers | join(' ') }}
 """
@@ -262,7 +263,7 @@ def test_unreachable_origin_is_a_fetch_error(renderer: Renderer,
     quick = Renderer(cache_dir=tmp_path / "c", work_dir=tmp_path / "w",
                      ex_fetcher=Fetcher(retry=RetryPolicy(attempts=2, backoff=0.01,
                                                           max_delay=0.02, total_time=5)))
-    with pytest.raises(FetchError, match="127.0.0.1"):
+    with pytest.raises(FetchError, match=r"127\.0\.0\.1"):
         quick.render(manifest, str(tmp_path / "out") + "/", "local", "raw")
     assert not (tmp_path / "out").exists()
 
