@@ -461,6 +461,7 @@ class TarballCache:
         try:
             result = self.fetcher.fetch(url, tmp, sha256=sha, size=size, mirrors=mirrors,
                                         progress=progress)
+            _fsync_file(tmp)
             os.chmod(tmp, 0o444)
             obj.parent.mkdir(exist_ok=True)
             os.replace(tmp, obj)
@@ -573,6 +574,14 @@ def _hash_file(path: Path, progress: ProgressCallback) -> str:
             done += n
             progress(STAGE_VERIFY, done, total)
     return hasher.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -28,6 +28,7 @@ import email.utils
 import hashlib
 import logging
 import os
+import queue
 import random
 import re
 import threading
@@ -130,7 +131,8 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
-            raise ConfigurationError(f"RetryPolicy.attempts must be at least 1, not {self.attempts}")
+            raise ConfigurationError(
+                f"RetryPolicy.attempts must be at least 1, not {self.attempts}")
         for name in ("backoff", "factor", "max_delay", "total_time"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"RetryPolicy.{name} must not be negative")
@@ -242,42 +244,67 @@ class _Retryable(Exception):
 
 
 class _Sink:
-    """The destination file with its running digest and byte count."""
+    """The destination file with its running digest and byte count.
+
+    Hashing and writing run on a worker thread fed through a short queue, so
+    they overlap with reading the socket (``hashlib`` and file writes release
+    the GIL): memory stays bounded by ``QUEUE_DEPTH`` chunks. The size bound
+    is checked as chunks arrive, before they are queued.
+    """
+
+    #: Chunks waiting to be hashed and written, at most.
+    QUEUE_DEPTH = 4
 
     def __init__(self, path: Path, url: str, sha256: str, size: int | None) -> None:
         self.path = path
         self.url = url
         self.expected_sha256 = sha256
         self.expected_size = size
-        self.file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed by close()
+        try:
+            self.file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise FetchError(f"cannot write the download of {redact(url)} to {path}: "
+                             f"{exc.strerror}", url=redact(url)) from None
         self.hasher = hashlib.sha256()
         self.done = 0
         #: ETag or Last-Modified of the bytes written so far, for ``If-Range``.
         self.validator: str | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_DEPTH)
+        self._worker: threading.Thread | None = None
+        self._error: OSError | None = None
 
     def restart(self) -> None:
+        self._drain()
         self.file.seek(0)
         self.file.truncate()
         self.hasher = hashlib.sha256()
         self.done = 0
         self.validator = None
 
-    def write(self, chunk: bytes | memoryview) -> None:
+    def write(self, chunk: bytes) -> None:
         if self.expected_size is not None and self.done + len(chunk) > self.expected_size:
             raise IntegrityError(
                 f"{redact(self.url)}: more data than the expected {self.expected_size} bytes",
                 url=redact(self.url), expected=str(self.expected_size),
                 actual=f"more than {self.expected_size} bytes")
-        self.hasher.update(chunk)
-        self.file.write(chunk)
+        self._raise_error()
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="cloudlets-fetch-sink",
+                                            daemon=True)
+            self._worker.start()
+        self._queue.put(chunk)
         self.done += len(chunk)
 
     def finish(self) -> str:
-        """Check size and digest; flush to disk.
+        """Check size and digest; flush Python's buffer (durability, ``fsync``,
+        is the caller's business: the cache does it before its rename).
 
         :returns: the digest.
         :raises IntegrityError: on a mismatch.
+        :raises FetchError: when the file could not be written.
         """
+        self._drain()
+        self._raise_error()
         where = redact(self.url)
         if self.expected_size is not None and self.done != self.expected_size:
             raise IntegrityError(
@@ -289,11 +316,32 @@ class _Sink:
                 f"{where}: sha256 mismatch: expected {self.expected_sha256}, got {actual} "
                 f"({self.done} bytes)", url=where, expected=self.expected_sha256, actual=actual)
         self.file.flush()
-        os.fsync(self.file.fileno())
         return actual
 
     def close(self) -> None:
+        self._drain()
         self.file.close()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.hasher.update(chunk)
+                    self.file.write(chunk)
+                except OSError as exc:
+                    self._error = exc
+
+    def _drain(self) -> None:
+        """Wait until every queued chunk is hashed and written."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise FetchError(f"cannot write the download of {redact(self.url)} to {self.path}: "
+                             f"{self._error.strerror or self._error}", url=redact(self.url))
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -459,13 +507,8 @@ class Fetcher:
                         f"{redact(url)}: size mismatch: expected {sink.expected_size} bytes, "
                         f"the file has {total}", url=redact(url),
                         expected=str(sink.expected_size), actual=str(total))
-                buf = bytearray(self.CHUNK_SIZE)
-                view = memoryview(buf)
-                while True:
-                    n = src.readinto(buf)
-                    if not n:
-                        break
-                    sink.write(view[:n])
+                while chunk := src.read(self.CHUNK_SIZE):
+                    sink.write(chunk)
                     progress(STAGE_FETCH, sink.done, total)
         except OSError as exc:
             raise FetchError(f"cannot read {redact(url)}: {exc.strerror or exc}",
@@ -625,10 +668,15 @@ def _validator(response: requests.Response) -> str | None:
 
 def _body(response: requests.Response, chunk_size: int) -> Iterator[bytes]:
     """The body as sent: no content decoding, so a ``.tar.gz`` served with
-    ``Content-Encoding: gzip`` keeps its bytes and its digest."""
+    ``Content-Encoding: gzip`` keeps its bytes and its digest.
+
+    Whole chunks are read (``read``, not ``read1``: one socket read returns
+    some 64 KiB, and the per-call overhead halves the throughput). A read that
+    times out loses its partial chunk; the resume starts after the last whole
+    one. A connection closed early returns its partial chunk first."""
     raw = response.raw
     while True:
-        chunk = raw.read1(chunk_size, decode_content=False)
+        chunk = raw.read(chunk_size, decode_content=False)
         if not chunk:
             return
         yield chunk
