@@ -110,6 +110,10 @@ class _Lock:
             os.close(self._fd)
             self._fd = None
 
+    def __del__(self) -> None:
+        # A CacheEntry that was never closed: do not hold its lock forever.
+        self.release()
+
     def remove(self) -> None:
         """Remove the lock file, then release. Only while held exclusively."""
         with contextlib.suppress(FileNotFoundError):

@@ -335,3 +335,13 @@ def test_parse_size() -> None:
     assert parse_size("512") == 512 and parse_size("1.5k") == 1500
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size("lots")
+
+
+def test_a_forgotten_entry_is_released_when_collected(server: FaultServer,
+                                                      tmp_path: Path) -> None:
+    server.add("/t.tar", Route(BODY))
+    cache = new_cache(tmp_path)
+    entry = cache.get(server.url("/t.tar"), SHA)
+    assert cache._in_use(SHA)
+    del entry
+    assert not cache._in_use(SHA)
