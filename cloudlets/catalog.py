@@ -193,8 +193,16 @@ CREATE UNIQUE INDEX images_one_in_flight ON images (key)
 """
 
 
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run statements one by one: ``executescript`` would commit the
+    migration's transaction half-way."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 def _migrate_v1(conn: sqlite3.Connection) -> None:
-    conn.executescript(_V1)
+    _run_script(conn, _V1)
 
 
 def _migrate_v2(conn: sqlite3.Connection) -> None:
@@ -202,7 +210,7 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
     owner and lease of a render in flight, a label, the storage class and the
     render details. SQLite cannot change a CHECK constraint in place, so the
     table is rebuilt."""
-    conn.executescript(_V2_TABLES)
+    _run_script(conn, _V2_TABLES)
     conn.execute("""
         INSERT INTO images_v2 (entry_id, key, image_id, label, manifest_name,
             manifest_version, manifest_digest, config_digest, format, storage, output,
@@ -220,6 +228,11 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
         FROM images
     """)
     rows = conn.execute("SELECT entry_id, artifacts FROM images").fetchall()
+    # Drop the old table before filling ``artifacts``: with foreign keys on,
+    # dropping the table its rows reference would cascade to them.
+    conn.execute("DROP TABLE images")
+    conn.execute("ALTER TABLE images_v2 RENAME TO images")
+    _run_script(conn, _V2_INDEXES)
     for entry_id, artifacts in rows:
         for position, item in enumerate(json.loads(artifacts or "[]")):
             conn.execute(
@@ -228,9 +241,6 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
                  int(item["size"]), item["sha256"],
                  item.get("media_type", "application/octet-stream"),
                  json.dumps(item.get("extra", {}), sort_keys=True)))
-    conn.execute("DROP TABLE images")
-    conn.execute("ALTER TABLE images_v2 RENAME TO images")
-    conn.executescript(_V2_INDEXES)
 
 
 #: Schema steps, in order: step ``n`` (1-based) upgrades version ``n - 1`` to
