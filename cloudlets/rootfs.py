@@ -63,6 +63,7 @@ _GIB = 1024 * _MIB
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 _CHUNK = _MIB
+_STREAM_BUFSIZE = 64 * _KIB
 _MAX_ID = 2**32 - 2
 _CONTROL = re.compile(r"[\x01-\x1f\x7f]")
 _XATTR_PREFIX = "SCHILY.xattr."
@@ -277,7 +278,7 @@ class _Limiter:
                     ": a decompression bomb?", self.member)
         if self._header_mode:
             self._header_bytes += len(data)
-            if self._header_bytes > policy.max_header_size + _RECORD:
+            if self._header_bytes > policy.max_header_size + _STREAM_BUFSIZE:
                 raise UnsafeArchiveError(
                     f"tar headers after this member exceed {policy.max_header_size} bytes "
                     "(ArchivePolicy.max_header_size)", self.member)
@@ -734,7 +735,7 @@ class _Reader:
     def run(self, stream: Any) -> None:
         limiter = self.limiter
         limiter.headers()
-        archive = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 - read by next()
+        archive = tarfile.open(fileobj=stream, mode="r|", bufsize=_STREAM_BUFSIZE)  # noqa: SIM115
         while True:
             limiter.headers()
             info = archive.next()
