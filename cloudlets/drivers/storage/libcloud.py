@@ -175,12 +175,12 @@ class LibcloudStorage(StorageDriver):
             self._check_stored(container_name, target, source, location)
             if not self.ex_atomic:
                 self._promote(container, target, name, source, location, overwrite=overwrite)
+            self._after_upload(container, name, source, location)
         except BaseException:
             if target != name or not overwrite:
                 # Ours alone: a temporary object, or a name that was free.
                 self._discard(container_name, target)
             raise
-        self._after_upload(container, name, source, location)
         return location
 
     def _delete(self, location: str) -> None:
