@@ -203,7 +203,7 @@ class S3Storage(LibcloudStorage):
 
     def _make_driver(self) -> Any:
         try:
-            from libcloud.storage.drivers.s3 import S3StorageDriver
+            from libcloud.storage.drivers import s3 as libcloud_s3
         except ImportError:  # pragma: no cover - a core dependency
             raise ConfigurationError("S3 storage needs apache-libcloud: "
                                      "pip install cloudlets[s3]") from None
@@ -225,7 +225,7 @@ class S3Storage(LibcloudStorage):
         try:
             driver_cls: Any = libcloud_s3.S3StorageDriver
             return driver_cls(self._key, self._secret, secure=secure, host=host,
-                                   port=port, region=self.region, token=self._token)
+                              port=port, region=self.region, token=self._token)
         except ValueError:
             raise ConfigurationError(f"libcloud does not know the S3 region {self.region!r}; "
                                      f"for another store pass ex_endpoint_url and a known "
