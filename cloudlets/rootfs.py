@@ -789,8 +789,11 @@ class _Reader:
             self.tree.dropped.append(path)
             if kind is EntryType.DIR:
                 self.dropped_dirs.add(path)
+                if path in self.tree._implied:
+                    self._drop_subtree(path)
             else:
                 self.dropped_files.add(path)
+            self.tree._entries.pop(path, None)
             return
 
         tree = self.tree
@@ -860,6 +863,14 @@ class _Reader:
             return
         entries[path] = entry
         tree._implied.update(_ancestors(path))
+
+    def _drop_subtree(self, path: str) -> None:
+        """A volatile directory came after members below it: drop those too."""
+        prefix = path + "/"
+        for below in [p for p in self.tree._entries if p.startswith(prefix)]:
+            del self.tree._entries[below]
+            self.tree.dropped.append(below)
+            self.dropped_files.add(below)
 
     def _spool_content(self, info: tarfile.TarInfo, archive: tarfile.TarFile) -> int:
         spool = self.tree._spool

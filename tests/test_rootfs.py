@@ -414,3 +414,19 @@ def test_reading_streams_with_constant_memory(tmp_path: Path) -> None:
     assert peak < 16 * 1024 * 1024, f"peak {peak} bytes while reading"
     assert out.stat().st_size > 48 * 1024 * 1024
     assert elapsed < 30
+
+
+def test_binary_names_and_xattr_values_survive_the_round_trip(tmp_path: Path) -> None:
+    name = b"srv/caf\xe9-latin1".decode("utf-8", "surrogateescape")
+    value = b"\x01\x00\x00\x02\xff\xfe\x00\x80"
+    members = [M(name, b"x"),
+               M("bin/ping", b"y",
+                 pax={"SCHILY.xattr.security.capability": value.decode("utf-8",
+                                                                       "surrogateescape")})]
+    with read(members) as tree:
+        assert "/" + name in tree
+        assert tree["/bin/ping"].capabilities == value
+        out = tree.write_tar(tmp_path / "t.tar")
+    with read_tarball(out) as again:
+        assert "/" + name in again
+        assert again["/bin/ping"].capabilities == value

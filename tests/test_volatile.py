@@ -143,3 +143,10 @@ def test_template_listed_in_the_sample_survives_the_volatile_patterns(tree: Root
 def test_relative_persistent_path_is_refused() -> None:
     with pytest.raises(UnsafeArchiveError, match="not absolute"):
         read([D("var")], persistent=["var/log"])
+
+
+def test_volatile_directory_after_its_children_drops_them_too() -> None:
+    with read([M("cache/a/b", b"x"), M("cache/c", b"y"), M("cached", b"z"), D("cache")],
+              volatile=["/cache$"]) as tree:
+        assert {e.path for e in tree} == {"/", "/cached"}
+        assert sorted(tree.dropped) == ["/cache", "/cache/a/b", "/cache/c"]
