@@ -271,7 +271,7 @@ class _Sink:
         self.validator: str | None = None
         self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_DEPTH)
         self._worker: threading.Thread | None = None
-        self._error: OSError | None = None
+        self._error: Exception | None = None
 
     def restart(self) -> None:
         self._drain()
@@ -328,7 +328,7 @@ class _Sink:
                 try:
                     self.hasher.update(chunk)
                     self.file.write(chunk)
-                except OSError as exc:
+                except Exception as exc:  # noqa: BLE001 - re-raised by the reading thread
                     self._error = exc
 
     def _drain(self) -> None:
@@ -340,8 +340,9 @@ class _Sink:
 
     def _raise_error(self) -> None:
         if self._error is not None:
+            reason = getattr(self._error, "strerror", None) or self._error
             raise FetchError(f"cannot write the download of {redact(self.url)} to {self.path}: "
-                             f"{self._error.strerror or self._error}", url=redact(self.url))
+                             f"{reason}", url=redact(self.url))
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -580,13 +581,18 @@ class Fetcher:
                         f"{length} (Content-Length)", url=where, expected=str(total),
                         actual=length)
                 total = int(length) if total is None else total
-            try:
-                for chunk in _body(response, self.CHUNK_SIZE):
-                    sink.write(chunk)
-                    progress(STAGE_FETCH, sink.done, total)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-                raise _Retryable(f"connection lost after {sink.done} bytes: "
-                                 f"{_describe(exc)}") from None
+            chunks = _body(response, self.CHUNK_SIZE)
+            while True:
+                try:
+                    chunk = next(chunks, None)
+                except (requests.RequestException, urllib3.exceptions.HTTPError,
+                        OSError) as exc:
+                    raise _Retryable(f"connection lost after {sink.done} bytes: "
+                                     f"{_describe(exc)}") from None
+                if chunk is None:
+                    break
+                sink.write(chunk)
+                progress(STAGE_FETCH, sink.done, total)
             if total is not None and sink.done < total:
                 raise _Retryable(f"body ended after {sink.done} of {total} bytes")
 

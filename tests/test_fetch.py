@@ -346,3 +346,21 @@ def test_delay_is_bounded(attempt: int, retry_after: float | None) -> None:
     assert wait <= 0.5 * 2 ** attempt or (retry_after is not None and wait <= retry_after)
     if retry_after is not None:
         assert wait >= min(retry_after, 30)
+
+
+def test_a_failing_progress_callback_is_not_a_network_error(server: FaultServer,
+                                                            tmp_path: Path) -> None:
+    route = server.add("/t.tar", Route(BODY))
+
+    def broken(stage: str, done: int, total: int | None) -> None:
+        raise BrokenPipeError("stderr is gone")
+
+    with pytest.raises(BrokenPipeError):
+        fetcher().fetch(server.url("/t.tar"), tmp_path / "out", sha256=SHA, progress=broken)
+    assert route.requests == 1 and not (tmp_path / "out").exists()
+
+
+def test_unwritable_destination(server: FaultServer, tmp_path: Path) -> None:
+    server.add("/t.tar", Route(BODY))
+    with pytest.raises(FetchError, match="cannot write the download"):
+        fetcher().fetch(server.url("/t.tar"), tmp_path / "missing" / "out", sha256=SHA)
