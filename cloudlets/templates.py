@@ -331,6 +331,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 for item in items:
                     total += _estimate(item, sandbox.limits.max_output_bytes) + len(separator)
                     sandbox._check_size(total, "the join filter")
+            elif name == "tojson":
+                indent = _arg(args, kwargs, 0, "indent", None)
+                if isinstance(indent, int):
+                    depth = _estimate(value, sandbox.limits.max_output_bytes)
+                    sandbox._check_size(indent * depth, "the tojson filter")
             elif name == "sum" and isinstance(value, (list, tuple)):
                 total = 0
                 for item in value:
