@@ -51,13 +51,22 @@ class AWSError(FormatError):
         cloudlets code for transport failures (``ConnectionError``,
         ``HTTP 502``).
     :ivar aws_message: AWS's message.
+    :ivar transient: whether retrying the same call later may succeed
+        (throttling, a 5xx answer, a network failure).
     """
 
-    def __init__(self, service: str, action: str, code: str, message: str) -> None:
+    #: AWS error codes that mean "slow down" or "try again".
+    TRANSIENT_CODES: ClassVar[frozenset[str]] = frozenset({
+        "InternalError", "InternalFailure", "RequestLimitExceeded", "ServiceUnavailable",
+        "Throttling", "ThrottlingException", "Unavailable"})
+
+    def __init__(self, service: str, action: str, code: str, message: str, *,
+                 transient: bool | None = None) -> None:
         self.service = service
         self.action = action
         self.code = code
         self.aws_message = message
+        self.transient = code in self.TRANSIENT_CODES if transient is None else transient
         super().__init__(f"{service.upper()} {action} failed: {code}: {message}")
 
 
@@ -281,10 +290,11 @@ class EC2Client:
         try:
             response = self.driver.connection.request(self._path, params=query)
         except self._error_cls as exc:
-            raise AWSError(self.service, action, exc.code, exc.aws_message) from None
+            raise AWSError(self.service, action, exc.code, exc.aws_message,
+                           transient=exc.status >= 500 or None) from None
         except OSError as exc:
             raise AWSError(self.service, action, type(exc).__name__,
-                           f"cannot reach {self._where()}: {exc}") from None
+                           f"cannot reach {self._where()}: {exc}", transient=True) from None
         except self._libcloud_errors as exc:  # malformed responses and the like
             raise AWSError(self.service, action, type(exc).__name__,
                            str(exc)[:300]) from None

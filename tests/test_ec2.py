@@ -447,6 +447,7 @@ class TestEC2VMDKConformance(FormatDriverConformance):
 class TestEC2BundleConformance(FormatDriverConformance):
     @pytest.fixture
     def format_driver(self, keys: dict[str, KeyPair]) -> FormatDriver:
+        self.keys = keys
         return _bundle_driver(keys)
 
     def test_reproducible(self, format_driver: FormatDriver, manifest: Manifest,
@@ -461,7 +462,10 @@ class TestEC2BundleConformance(FormatDriverConformance):
         assert manifests[0] != manifests[1]
 
     def extract_raw(self, outputs: list[OutputFile], tmp_path: Path) -> Path | None:
-        return None
+        assert [o.role for o in outputs] == ["manifest"] + ["bundle-part"] * (len(outputs) - 1)
+        raw = tmp_path / "unbundled.raw"
+        raw.write_bytes(_tar_member(_open_bundle(outputs[0].path, self.keys).tar)[1])
+        return raw
 
 
 # -- the image facts -----------------------------------------------------------
@@ -612,6 +616,27 @@ def test_aws_errors_name_the_call_and_code(tmp_path: Path, aws_standin: AWSStand
     assert str(error) == (f"EC2 {action} failed: UnauthorizedOperation: "
                           "You are not authorized to perform this operation.")
     assert SECRET not in str(error) and SECRET not in repr(driver)
+
+
+def test_throttled_polls_are_retried(tmp_path: Path, aws_standin: AWSStandIn, s3: Any) -> None:
+    aws_standin.fail_next("DescribeImportSnapshotTasks", "RequestLimitExceeded",
+                          "Request limit exceeded.", status=503)
+    driver = EC2Format(ex_endpoint_url=aws_standin.url, **FAST)  # type: ignore[arg-type]
+    _, published = _render(driver, tmp_path, s3)
+    assert published.image_id.startswith("ami-")
+    assert aws_standin.calls.count("DescribeImportSnapshotTasks") == 3
+
+
+def test_register_needs_an_existing_root_snapshot(aws_standin: AWSStandIn) -> None:
+    """The stand-in's RegisterImage checks the snapshot, as EC2 does."""
+    client = EC2Format(ex_endpoint_url=aws_standin.url).ex_client()
+    with pytest.raises(AWSError, match=r"RegisterImage failed: InvalidSnapshot\.NotFound"):
+        client.call("RegisterImage", {
+            "Name": "x", "RootDeviceName": "/dev/xvda", "Architecture": "x86_64",
+            "BlockDeviceMapping.1.DeviceName": "/dev/xvda",
+            "BlockDeviceMapping.1.Ebs.SnapshotId": "snap-0123456789abcdef0"})
+    with pytest.raises(AWSError, match="InvalidBlockDeviceMapping"):
+        client.call("RegisterImage", {"Name": "y", "RootDeviceName": "/dev/xvda"})
 
 
 def test_duplicate_ami_name_is_an_aws_error(tmp_path: Path, aws_standin: AWSStandIn,

@@ -268,11 +268,22 @@ class EC2Format(FormatDriver):
         :raises FormatError: at once when the task fails (with its status
             message), or once :attr:`poll_deadline` passes (the task is then
             cancelled, best effort).
+        :raises AWSError: when a poll fails for a reason retrying cannot fix;
+            throttling, 5xx answers and network failures are retried until
+            the deadline.
         """
         started = self._clock()
-        detail: ET.Element | None = None
+        status = message = ""
         while True:
-            response = client.call("DescribeImportSnapshotTasks", {"ImportTaskId.1": task_id})
+            try:
+                response = client.call("DescribeImportSnapshotTasks",
+                                       {"ImportTaskId.1": task_id})
+            except AWSError as exc:
+                if not exc.transient or self._clock() - started >= self.poll_deadline:
+                    raise
+                log.warning("EC2 import task %s: %s; polling again", task_id, exc)
+                self._sleep(self.poll_interval)
+                continue
             item = response.find("importSnapshotTaskSet/item")
             if item is None:
                 raise FormatError(f"EC2 import task {task_id} has disappeared")
