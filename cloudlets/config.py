@@ -216,7 +216,7 @@ class RenderConfig:
         ``mac``, ``mtu`` (``None`` when not set)."""
         result = []
         for iface in self._data.get("ip", {}).get("interfaces", []):
-            full = {key: None for key in _INTERFACE_KEYS}
+            full: dict[str, Any] = dict.fromkeys(_INTERFACE_KEYS)
             full.update(copy.deepcopy(iface))
             full["dhcp"] = bool(full["dhcp"])
             if not full["dhcp"] and full["address"] is not None and full["prefix"] is None:

@@ -24,6 +24,8 @@ def test_exit_codes_are_distinct_and_documented() -> None:
     assert sorted(EXIT_CODES) == [0, 1, 2, 3, 4, 5]
     code, out, _ = run("--help")
     assert code == 0
+    for number, meaning in EXIT_CODES.items():
+        assert f"{number}  {meaning}" in out
 
 
 def test_validate_dotcloud(dotcloud_manifest_path: Path) -> None:
@@ -61,8 +63,8 @@ def test_invalid_json_reports_line_and_column(tmp_path: Path) -> None:
 
 def test_render_dotcloud_names_what_is_missing(dotcloud_manifest_path: Path,
                                               tmp_path: Path) -> None:
-    code, out, err = run("render", str(dotcloud_manifest_path), "--format", "raw",
-                         "--output", str(tmp_path / "out") + "/")
+    code, _, err = run("render", str(dotcloud_manifest_path), "--format", "raw",
+                       "--output", str(tmp_path / "out") + "/")
     assert code == 3
     assert "/filesystem: a render needs the root filesystem tarball" in err
     assert "/boot: a render needs to know how the image boots" in err
