@@ -167,7 +167,9 @@ def _entries(tree_tar: Path) -> Iterator[tuple[tarfile.TarInfo, TreeEntry]]:
                     kind = stat.S_IFIFO
                 else:
                     kind = stat.S_IFREG
-                rdev = (member.devmajor, member.devminor) if member.isdev() else None
+                # tarfile's isdev() includes FIFOs, which have no device number.
+                device = member.ischr() or member.isblk()
+                rdev = (member.devmajor, member.devminor) if device else None
                 yield (
                     member,
                     TreeEntry(
@@ -381,8 +383,8 @@ def make_ext4(
 def _extract(tree_tar: Path, target: Path) -> list[TreeEntry]:
     """Extract a tree as the invoking user for ``mke2fs -d dir``.
 
-    Regular files, directories, symlinks and hardlinks are created; device
-    nodes and FIFOs are left to debugfs. Modes are made owner-accessible so the
+    Regular files, directories, symlinks, hardlinks and FIFOs (no privilege
+    needed) are created; device nodes are left to debugfs. Modes are made owner-accessible so the
     extraction works unprivileged; the real modes are restored by debugfs.
 
     :returns: every member, for the fix-up script.
@@ -405,6 +407,8 @@ def _extract(tree_tar: Path, target: Path) -> list[TreeEntry]:
                 os.symlink(member.linkname, dest)
             elif member.islnk():
                 os.link(target / _member_path(member.linkname).lstrip("/"), dest)
+            elif member.isfifo():
+                os.mkfifo(dest, 0o644)
             elif member.isreg():
                 source = archive.extractfile(member.name)
                 if source is None:
@@ -421,14 +425,11 @@ def _fixup_commands(entries: list[TreeEntry], workdir: Path) -> list[str]:
     lines: list[str] = []
     for entry in entries:
         path = _quote(entry.path)
-        if entry.rdev is not None or stat.S_ISFIFO(entry.mode):
+        if entry.rdev is not None:
             parent, _, name = entry.path.rpartition("/")
+            kind = "c" if stat.S_ISCHR(entry.mode) else "b"
             lines.append(f"cd {_quote(parent or '/')}")
-            if entry.rdev is not None:
-                kind = "c" if stat.S_ISCHR(entry.mode) else "b"
-                lines.append(f"mknod {_quote(name)} {kind} {entry.rdev[0]} {entry.rdev[1]}")
-            else:
-                lines.append(f"mknod {_quote(name)} p")
+            lines.append(f"mknod {_quote(name)} {kind} {entry.rdev[0]} {entry.rdev[1]}")
             lines.append("cd /")
         if not stat.S_ISLNK(entry.mode):
             lines.append(f"sif {path} mode 0{entry.mode:o}")
