@@ -430,3 +430,45 @@ def test_binary_names_and_xattr_values_survive_the_round_trip(tmp_path: Path) ->
     with read_tarball(out) as again:
         assert "/" + name in again
         assert again["/bin/ping"].capabilities == value
+
+
+def _mke2fs_reads_tar() -> bool:
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("mke2fs") is None or shutil.which("debugfs") is None:
+        return False
+    banner = subprocess.run(["mke2fs", "-V"], capture_output=True, text=True).stderr
+    found = re.search(r"mke2fs (\d+)\.(\d+)\.(\d+)", banner)
+    return found is not None and tuple(map(int, found.groups())) >= (1, 47, 1)
+
+
+@pytest.mark.skipif(not _mke2fs_reads_tar(), reason="needs mke2fs >= 1.47.1 and debugfs")
+def test_mke2fs_builds_the_filesystem_from_the_normalized_tar(tmp_path: Path) -> None:
+    import subprocess
+
+    with read([*SAMPLE, M("z/data", b"payload"), H("a/link", "z/data")]) as tree:
+        out = tree.write_tar(tmp_path / "tree.tar", replacements={"/etc/hostname": b"web-1\n"})
+    image = tmp_path / "fs.img"
+    with image.open("wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "ext_attr", "-d", str(out),
+                    str(image)], check=True)
+
+    def debugfs(request: str) -> str:
+        return subprocess.run(["debugfs", "-R", request, str(image)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, check=True).stdout
+
+    assert debugfs("cat /etc/hostname").endswith("\nweb-1\n")  # after debugfs's banner
+    assert "Mode:  04755" in debugfs("stat /usr/bin/passwd")
+    ids = debugfs("stat /srv/big-ids").split()
+    assert ids[ids.index("User:") + 1] == "100000"
+    # debugfs prints a 32-bit gid signed
+    assert int(ids[ids.index("Group:") + 1]) % 2**32 == 4_000_000_000
+    assert "security.capability (8) = 01 00 00 02 00 20 00 00" in \
+        debugfs("ea_list /usr/bin/ping")
+    assert "01:03" in debugfs("stat /dev/null")
+    link, data = debugfs("stat /a/link"), debugfs("stat /z/data")
+    assert link.split()[1] == data.split()[1]  # the same inode
+    assert "Links: 2" in link

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -171,64 +172,44 @@ def _base_key(digest: str, boot: BootSpec, seed: str, source_date_epoch: int | N
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class _Base:
-    image: Path
-    size: int
-    timestamp: int
-    cached: bool
+def _plan_root(
+    boot: BootSpec, tree_tar: Path, epoch: int | None
+) -> tuple[int, ext4.TreeStats | None, int]:
+    """Root size, the tree summary if it had to be read first, and the clock.
+
+    The tree is scanned before mke2fs only when the size or the clock depend on
+    it; otherwise the scan overlaps with mke2fs.
+    """
+    stats: ext4.TreeStats | None = None
+    timestamp = resolve_timestamp(epoch, -1)
+    if boot.root_size is None or timestamp < 0:
+        stats = ext4.scan_tree(tree_tar)
+        timestamp = resolve_timestamp(epoch, stats.max_mtime)
+    if boot.root_size is not None:
+        size = boot.root_size
+    else:
+        assert stats is not None
+        size = ext4.root_size_for(stats)
+    return -(-size // ALIGN) * ALIGN, stats, timestamp
 
 
-def _root_filesystem(
-    tree_tar: Path,
-    boot: BootSpec,
-    *,
-    seed: str,
-    root_uuid: str,
-    workdir: Path,
-    source_date_epoch: int | None,
-    base_cache: Path | None,
-    tree_digest: str | None,
-) -> _Base:
-    """Build the base ext4 filesystem, or take it from the cache."""
-    key = None
-    if base_cache is not None:
-        key = _base_key(tree_digest or _tree_digest(tree_tar), boot, seed, source_date_epoch)
-        cached_image = base_cache / f"{key}.ext4"
-        cached_meta = base_cache / f"{key}.json"
-        if cached_image.is_file() and cached_meta.is_file():
-            meta = json.loads(cached_meta.read_text())
-            return _Base(cached_image, int(meta["size"]), int(meta["timestamp"]), True)
-
-    stats = ext4.scan_tree(tree_tar)
+def _check_boot_files(boot: BootSpec, stats: ext4.TreeStats, tree_tar: Path) -> None:
     for what, path in (("kernel", boot.kernel), ("initrd", boot.initrd)):
         if path is not None and path not in stats.paths:
             raise DiskError(f"boot.{what} {path} is not in the tree {tree_tar}")
-    timestamp = resolve_timestamp(source_date_epoch, stats.max_mtime)
-    size = boot.root_size if boot.root_size is not None else ext4.root_size_for(stats)
-    size = -(-size // ALIGN) * ALIGN
-    image = workdir / "root.ext4"
-    ext4.make_ext4(
-        tree_tar,
-        image,
-        size=size,
-        uuid=root_uuid,
-        hash_seed=derive_uuid(seed, "root-fs-hash-seed"),
-        label=boot.label,
-        timestamp=timestamp,
-        workdir=workdir / "ext4",
-        stats=stats,
-    )
-    if base_cache is not None and key is not None:
-        base_cache.mkdir(parents=True, exist_ok=True)
-        partial = base_cache / f"{key}.ext4.partial-{os.getpid()}"
-        with open(partial, "wb") as out:
-            out.truncate(size)
-            _copy_sparse(image, out.fileno(), 0)
-        os.replace(partial, base_cache / f"{key}.ext4")
-        meta = {"size": size, "timestamp": timestamp}
-        (base_cache / f"{key}.json").write_text(json.dumps(meta))
-    return _Base(image, size, timestamp, False)
+
+
+def _cache_lookup(base_cache: Path, key: str) -> tuple[Path, int, int] | None:
+    """A cached base filesystem: (image, size, timestamp), or ``None``."""
+    image = base_cache / f"{key}.ext4"
+    meta_file = base_cache / f"{key}.json"
+    if not (image.is_file() and meta_file.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        return image, int(meta["size"]), int(meta["timestamp"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def build_disk(
@@ -273,23 +254,37 @@ def build_disk(
     boot.validate()
     workdir.mkdir(parents=True, exist_ok=True)
     root_uuid = derive_uuid(seed, "root-fs")
-    base = _root_filesystem(
-        tree_tar,
-        boot,
-        seed=seed,
-        root_uuid=root_uuid,
-        workdir=workdir,
-        source_date_epoch=source_date_epoch,
-        base_cache=base_cache,
-        tree_digest=tree_digest,
-    )
-    layout = _layout(boot, base.size, seed)
+    cached: tuple[Path, int, int] | None = None
+    key = None
+    if base_cache is not None:
+        key = _base_key(tree_digest or _tree_digest(tree_tar), boot, seed, source_date_epoch)
+        cached = _cache_lookup(base_cache, key)
+    stats: ext4.TreeStats | None = None
+    if cached is not None:
+        _, size, timestamp = cached
+    else:
+        size, stats, timestamp = _plan_root(boot, tree_tar, source_date_epoch)
+        if stats is not None:
+            _check_boot_files(boot, stats, tree_tar)
+    layout = _layout(boot, size, seed)
     config = bootloader.grub_config(
         kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline, root_uuid=root_uuid
     )
     disk_guid = derive_uuid(seed, "disk")
     signature = int.from_bytes(hashlib.sha256(f"{seed}\0mbr".encode()).digest()[:4], "little")
     volume_id = int.from_bytes(hashlib.sha256(f"{seed}\0esp".encode()).digest()[:4], "little")
+    make_root = functools.partial(
+        ext4.make_ext4,
+        tree_tar,
+        size=size,
+        uuid=root_uuid,
+        hash_seed=derive_uuid(seed, "root-fs-hash-seed"),
+        label=boot.label,
+        timestamp=timestamp,
+        workdir=workdir / "ext4",
+        stats=stats,
+        inodes=ext4.inode_count(size, stats if boot.root_size is None else None),
+    )
 
     esp_image = None
     if layout.esp_index is not None:
@@ -299,7 +294,7 @@ def build_disk(
             size=ESP_SIZE,
             efi_binary=bootloader.build_efi_binary(config, workdir),
             volume_id=volume_id,
-            timestamp=base.timestamp,
+            timestamp=timestamp,
             workdir=workdir,
         )
     core = bootloader.build_bios_core(config, workdir) if layout.core_offset is not None else None
@@ -327,12 +322,26 @@ def build_disk(
             )
             if esp_image is not None and layout.esp_index is not None:
                 _copy_sparse(esp_image, fd, layout.partitions[layout.esp_index].start)
-            _copy_sparse(base.image, fd, root.start)
+            if cached is not None:
+                _copy_sparse(cached[0], fd, root.start)
+            elif base_cache is not None and key is not None:
+                base_cache.mkdir(parents=True, exist_ok=True)
+                partial = base_cache / f"{key}.ext4.partial-{os.getpid()}"
+                try:
+                    _check_boot_files(boot, make_root(partial), tree_tar)
+                    _copy_sparse(partial, fd, root.start)
+                    os.replace(partial, base_cache / f"{key}.ext4")
+                finally:
+                    partial.unlink(missing_ok=True)
+                meta = {"size": size, "timestamp": timestamp}
+                (base_cache / f"{key}.json").write_text(json.dumps(meta))
+        if cached is None and base_cache is None:
+            _check_boot_files(boot, make_root(output, offset=root.start), tree_tar)
         if patch_files:
             ext4.patch_ext4(
                 f"{output}?offset={root.start}",
                 patch_files,
-                timestamp=base.timestamp,
+                timestamp=timestamp,
                 workdir=workdir / "patch",
             )
     except BaseException:
@@ -349,6 +358,6 @@ def build_disk(
         root_label=boot.label,
         partitions=layout.partitions,
         root_partition=layout.root_index,
-        source_date_epoch=base.timestamp,
-        base_cached=base.cached,
+        source_date_epoch=timestamp,
+        base_cached=cached is not None,
     )

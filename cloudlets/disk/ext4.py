@@ -26,9 +26,10 @@ import stat
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from cloudlets.disk.tools import e2fsprogs_version, run, tool_environment
+from cloudlets.disk import tarscan
+from cloudlets.disk.tools import e2fsprogs_version, finish, run, start, tool_environment
 from cloudlets.errors import DiskError
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "TreeEntry",
     "TreeStats",
     "inode_attributes",
+    "inode_count",
     "make_ext4",
     "patch_ext4",
     "populate_method",
@@ -121,69 +123,58 @@ class TreeStats:
 
 def _member_path(name: str) -> str:
     """Map a tar member name to an absolute path ("" for the root itself)."""
-    parts = [p for p in PurePosixPath(name).parts if p not in ("/", ".")]
-    if any(p == ".." for p in parts):
+    parts = [p for p in name.split("/") if p and p != "."]
+    if ".." in parts:
         raise DiskError(f"tree tarball member {name!r} escapes the root")
     return "/" + "/".join(parts) if parts else ""
 
 
-def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
-    prefix = "SCHILY.xattr."
-    return {
-        key[len(prefix) :]: value.encode("utf-8", "surrogateescape")
-        for key, value in member.pax_headers.items()
-        if key.startswith(prefix)
-    }
+_KINDS = {
+    tarscan.REGULAR: stat.S_IFREG,
+    tarscan.HARDLINK: stat.S_IFREG,
+    tarscan.SYMLINK: stat.S_IFLNK,
+    tarscan.CHARDEV: stat.S_IFCHR,
+    tarscan.BLOCKDEV: stat.S_IFBLK,
+    tarscan.DIRECTORY: stat.S_IFDIR,
+    tarscan.FIFO: stat.S_IFIFO,
+}
 
 
-def _entries(tree_tar: Path) -> Iterator[tuple[tarfile.TarInfo, TreeEntry]]:
+def _entries(tree_tar: Path) -> Iterator[tuple[tarscan.TarHeader, TreeEntry]]:
     """Yield each member of a tree tarball with its :class:`TreeEntry`.
 
-    :raises DiskError: the tarball cannot be read, is compressed, or lists a
-        child before its parent directory.
+    :raises DiskError: the tarball cannot be read, is compressed, holds a
+        member type a filesystem cannot, or lists a child before its parent.
     """
     seen_dirs: set[str] = {""}
-    try:
-        with tarfile.open(tree_tar, "r:") as archive:
-            for member in archive:
-                path = _member_path(member.name)
-                parent = path.rsplit("/", 1)[0] if path else ""
-                if path and parent not in seen_dirs:
-                    raise DiskError(
-                        f"tree tarball {tree_tar}: member {member.name!r} comes before "
-                        f"its parent directory"
-                    )
-                if member.isdir():
-                    seen_dirs.add(path)
-                if member.isdir():
-                    kind = stat.S_IFDIR
-                elif member.issym():
-                    kind = stat.S_IFLNK
-                elif member.ischr():
-                    kind = stat.S_IFCHR
-                elif member.isblk():
-                    kind = stat.S_IFBLK
-                elif member.isfifo():
-                    kind = stat.S_IFIFO
-                else:
-                    kind = stat.S_IFREG
-                # tarfile's isdev() includes FIFOs, which have no device number.
-                device = member.ischr() or member.isblk()
-                rdev = (member.devmajor, member.devminor) if device else None
-                yield (
-                    member,
-                    TreeEntry(
-                        path=path or "/",
-                        mode=kind | (member.mode & 0o7777),
-                        uid=member.uid,
-                        gid=member.gid,
-                        mtime=int(member.mtime),
-                        rdev=rdev,
-                        xattrs=_xattrs(member),
-                    ),
-                )
-    except (tarfile.TarError, OSError) as exc:
-        raise DiskError(f"cannot read tree tarball {tree_tar}: {exc}") from exc
+    for header in tarscan.iter_headers(tree_tar):
+        path = _member_path(header.name)
+        parent = path.rsplit("/", 1)[0] if path else ""
+        if path and parent not in seen_dirs:
+            raise DiskError(
+                f"tree tarball {tree_tar}: member {header.name!r} comes before its parent directory"
+            )
+        kind = _KINDS.get(header.kind)
+        if kind is None:
+            raise DiskError(
+                f"tree tarball {tree_tar}: member {header.name!r} has unsupported "
+                f"type {header.kind!r}"
+            )
+        if kind == stat.S_IFDIR:
+            seen_dirs.add(path)
+        device = header.kind in (tarscan.CHARDEV, tarscan.BLOCKDEV)
+        yield (
+            header,
+            TreeEntry(
+                path=path or "/",
+                mode=kind | header.mode,
+                uid=header.uid,
+                gid=header.gid,
+                mtime=header.mtime,
+                rdev=(header.devmajor, header.devminor) if device else None,
+                xattrs=header.xattrs,
+            ),
+        )
 
 
 def _round_block(size: int) -> int:
@@ -202,13 +193,15 @@ def scan_tree(tree_tar: Path) -> TreeStats:
     max_mtime = 0
     with_xattrs: list[TreeEntry] = []
     paths: set[str] = set()
-    for member, entry in _entries(tree_tar):
+    for header, entry in _entries(tree_tar):
         entries += 1
         paths.add(entry.path)
         max_mtime = max(max_mtime, entry.mtime)
-        if member.isreg():
-            data += _round_block(member.size)
-        elif member.isdir() or (member.issym() and len(member.linkname.encode()) >= 60):
+        if header.kind == tarscan.REGULAR:
+            data += _round_block(header.size)
+        elif header.kind == tarscan.DIRECTORY or (
+            header.kind == tarscan.SYMLINK and len(header.linkname.encode()) >= 60
+        ):
             data += BLOCK_SIZE
         if any(name not in ("security.capability",) for name in entry.xattrs):
             with_xattrs.append(entry)
@@ -233,9 +226,17 @@ def root_size_for(stats: TreeStats) -> int:
     return -(-size // _MIB) * _MIB
 
 
-def _inode_count(stats: TreeStats, size: int) -> int:
-    """Inodes for the filesystem: the tree's with room to spare, or the usual ratio."""
-    return max(stats.entries * 2 + 1024, size // 16384)
+def inode_count(size: int, stats: TreeStats | None = None) -> int:
+    """Inodes for a filesystem: one per 16 KiB, and with ``stats`` at least twice the tree's.
+
+    :param size: filesystem size in bytes.
+    :param stats: the tree's summary, if known.
+    :returns: the inode count.
+    """
+    count = max(size // 16384, 1024)
+    if stats is not None:
+        count = max(count, stats.entries * 2 + 1024)
+    return count
 
 
 def populate_method() -> str:
@@ -294,25 +295,35 @@ def make_ext4(
     label: str,
     timestamp: int,
     workdir: Path,
+    offset: int = 0,
     stats: TreeStats | None = None,
+    inodes: int | None = None,
     method: str | None = None,
-) -> None:
-    """Make an ext4 filesystem image holding a tree, without root.
+) -> TreeStats:
+    """Make an ext4 filesystem holding a tree, without root.
 
-    The image is a sparse file of exactly ``size`` bytes. Its UUID, hash seed
-    and every timestamp mke2fs would take from the clock are fixed, so the same
-    inputs give the same bytes.
+    Its UUID, hash seed and every timestamp mke2fs would take from the clock
+    are fixed, so the same inputs give the same bytes. Without ``stats`` (the
+    usual case when the size is known up front) mke2fs starts at once and the
+    tarball's headers are scanned while it runs; the inode count is then
+    derived from the size alone. With ``stats`` it also accounts for the
+    number of entries.
 
     :param tree_tar: the tree as an uncompressed tar, parents before children.
-    :param image: the file to create (replaced if it exists).
+    :param image: with ``offset`` 0, the file to create (replaced if it exists,
+        a sparse file of exactly ``size`` bytes); otherwise an existing disk
+        image to write the filesystem into at ``offset``.
     :param size: filesystem size in bytes, a multiple of :data:`BLOCK_SIZE`.
     :param uuid: the filesystem UUID.
     :param hash_seed: the directory hash seed (a UUID).
     :param label: the volume label (at most 16 bytes).
     :param timestamp: the clock mke2fs and debugfs see.
     :param workdir: a scratch directory (the ``directory`` method extracts here).
+    :param offset: byte offset of the filesystem inside ``image``.
     :param stats: the tree's summary if already computed.
+    :param inodes: the inode count; by default :func:`inode_count`.
     :param method: ``"tar"`` or ``"directory"``; by default :func:`populate_method`.
+    :returns: the tree's summary.
     :raises DiskError: a tool failed, e.g. the tree does not fit in ``size``;
         the message names mke2fs and quotes its error.
     :raises ConfigurationError: e2fsprogs is not installed.
@@ -321,24 +332,39 @@ def make_ext4(
         raise DiskError(f"ext4 label {label!r} is longer than 16 bytes")
     if size % BLOCK_SIZE:
         raise DiskError(f"root filesystem size {size} is not a multiple of {BLOCK_SIZE}")
-    stats = stats or scan_tree(tree_tar)
     method = method or populate_method()
     workdir.mkdir(parents=True, exist_ok=True)
     profile = workdir / "mke2fs.conf"
     profile.write_text(_MKE2FS_PROFILE)
     env = tool_environment(timestamp, profile, e2fsprogs=True)
-    image.unlink(missing_ok=True)
-    with open(image, "wb") as handle:
-        handle.truncate(size)
+    if offset == 0:
+        image.unlink(missing_ok=True)
+        with open(image, "wb") as handle:
+            handle.truncate(size)
+    elif image.stat().st_size < offset + size:
+        raise DiskError(f"{image} is too small for a filesystem of {size} bytes at {offset}")
 
+    entries: list[TreeEntry] = []
     if method == "tar":
         source = tree_tar
     elif method == "directory":
         source = workdir / "tree"
         entries = _extract(tree_tar, source)
+        stats = stats or scan_tree(tree_tar)
     else:
         raise DiskError(f"unknown populate method {method!r}")
 
+    if inodes is None:
+        inodes = inode_count(size, stats)
+    extended = [
+        f"hash_seed={hash_seed}",
+        "root_owner=0:0",
+        "lazy_itable_init=0",
+        "lazy_journal_init=0",
+        "nodiscard",
+    ]
+    if offset:
+        extended.append(f"offset={offset}")
     args: list[str | os.PathLike[str]] = [
         "-q",
         "-F",
@@ -349,7 +375,7 @@ def make_ext4(
         "-I",
         str(INODE_SIZE),
         "-N",
-        str(_inode_count(stats, size)),
+        str(inodes),
         "-m",
         "0",
         "-L",
@@ -357,27 +383,36 @@ def make_ext4(
         "-U",
         uuid,
         "-E",
-        f"hash_seed={hash_seed},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0,nodiscard",
+        ",".join(extended),
         "-d",
         source,
         image,
         str(size // 1024) + "k",
     ]
+    proc = start("mke2fs", args, env=env)
     try:
-        run("mke2fs", args, env=env)
+        if stats is None:
+            stats = scan_tree(tree_tar)  # while mke2fs works
+        finish("mke2fs", proc)
     except DiskError as exc:
-        full = re.search(r"Could not allocate|No space left|Could not allocate inode", str(exc))
+        proc.kill()
+        proc.wait()
+        if stats is None or "mke2fs" not in str(exc):
+            raise
+        full = re.search(r"Could not allocate|No space left", str(exc))
         hint = "the tree does not fit; raise boot.root_size. " if full else ""
         raise DiskError(
-            f"{exc} ({hint}root filesystem of {size} bytes for {stats.entries} entries, "
-            f"{stats.data_bytes} bytes of data, from {tree_tar})"
+            f"{exc} ({hint}root filesystem of {size} bytes, {inodes} inodes, for "
+            f"{stats.entries} entries and {stats.data_bytes} bytes of data from {tree_tar})"
         ) from exc
 
     if method == "tar":
         lines = _xattr_commands(stats.xattr_entries, workdir, skip_caps=True)
     else:
         lines = _fixup_commands(entries, workdir)
-    _debugfs_script(os.fspath(image), lines, workdir, env)
+    target = f"{image}?offset={offset}" if offset else os.fspath(image)
+    _debugfs_script(target, lines, workdir, env)
+    return stats
 
 
 def _extract(tree_tar: Path, target: Path) -> list[TreeEntry]:
@@ -396,7 +431,7 @@ def _extract(tree_tar: Path, target: Path) -> list[TreeEntry]:
     target.mkdir(parents=True)
     entries: list[TreeEntry] = []
     with tarfile.open(tree_tar, "r:") as archive:
-        for member, entry in _entries(tree_tar):
+        for member, (_, entry) in zip(archive, _entries(tree_tar), strict=True):
             entries.append(entry)
             if entry.path == "/":
                 continue
@@ -410,7 +445,7 @@ def _extract(tree_tar: Path, target: Path) -> list[TreeEntry]:
             elif member.isfifo():
                 os.mkfifo(dest, 0o644)
             elif member.isreg():
-                source = archive.extractfile(member.name)
+                source = archive.extractfile(member)
                 if source is None:
                     raise DiskError(f"cannot read {member.name!r} from {tree_tar}")
                 with source, open(dest, "wb") as out:

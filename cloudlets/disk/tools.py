@@ -25,8 +25,10 @@ __all__ = [
     "TOOLS",
     "e2fsprogs_version",
     "find_tool",
+    "finish",
     "grub_platform_dir",
     "run",
+    "start",
     "tool_environment",
 ]
 
@@ -156,28 +158,73 @@ def run(
     :raises DiskError: the program exited non-zero (or ``check_stderr`` matched);
         the message names the program, its exit code and its stderr tail.
     """
+    proc = start(name, args, env=env, cwd=cwd, stdin_data=stdin_data is not None)
+    stdout, stderr = proc.communicate(stdin_data)
+    return _judge(name, proc, stdout, stderr, check_stderr)
+
+
+def start(
+    name: str,
+    args: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin_data: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a host tool in the background; collect it with :func:`finish`.
+
+    :param name: the program, a key of :data:`TOOLS`.
+    :param args: its arguments.
+    :param env: the environment; the caller's if ``None``.
+    :param cwd: the working directory.
+    :param stdin_data: open a pipe to its standard input.
+    :returns: the running process, its output captured.
+    :raises ConfigurationError: the program is not installed.
+    :raises DiskError: it could not be started.
+    """
     argv = [find_tool(name), *(os.fspath(a) for a in args)]
     try:
-        proc = subprocess.run(
+        return subprocess.Popen(
             argv,
             env=None if env is None else dict(env),
             cwd=cwd,
-            input=stdin_data,
-            stdin=None if stdin_data is not None else subprocess.DEVNULL,
-            capture_output=True,
-            check=False,
+            stdin=subprocess.PIPE if stdin_data else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
     except OSError as exc:
         raise DiskError(f"{name} could not be started: {exc}") from exc
-    stderr = proc.stderr.decode("utf-8", "replace")
+
+
+def finish(name: str, proc: subprocess.Popen[bytes]) -> subprocess.CompletedProcess[bytes]:
+    """Wait for a tool started with :func:`start` and fail loudly.
+
+    :param name: the program's name, for the error message.
+    :param proc: the process.
+    :returns: the completed process.
+    :raises DiskError: it exited non-zero; the message names it, its exit code
+        and its stderr tail.
+    """
+    stdout, stderr = proc.communicate()
+    return _judge(name, proc, stdout, stderr, None)
+
+
+def _judge(
+    name: str,
+    proc: subprocess.Popen[bytes],
+    stdout: bytes,
+    stderr_bytes: bytes,
+    check_stderr: str | None,
+) -> subprocess.CompletedProcess[bytes]:
+    stderr = stderr_bytes.decode("utf-8", "replace")
     failed = proc.returncode != 0
     if not failed and check_stderr is not None and re.search(check_stderr, stderr, re.MULTILINE):
         failed = True
     if failed:
-        output = stderr.strip() or proc.stdout.decode("utf-8", "replace").strip()
+        output = stderr.strip() or stdout.decode("utf-8", "replace").strip()
         tail = output[-STDERR_TAIL:]
         raise DiskError(f"{name} failed with exit code {proc.returncode}: {tail}")
-    return proc
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr_bytes)
 
 
 @functools.cache
