@@ -10,7 +10,7 @@ HERE = Path(__file__).parent
 TEST = [
     "pytest>=8",
     "hypothesis>=6.100",
-    "moto[server]==5.2.1",
+    "moto[server]==5.2.5",
     # libcloud's LOCAL storage driver (the generic adapter's test target)
     # imports fasteners, which libcloud does not declare.
     "fasteners>=0.19",

@@ -278,3 +278,85 @@ def test_catalog_is_shared_between_drivers_by_format_and_storage(tmp_path: Path)
     with pytest.raises(NotImplementedError):
         other.get_image(image.id)
     assert catalog.get(image.id).ready
+
+
+# -- EC2: libcloud's EC2 driver against the AWS stand-in -------------------------
+
+def _aws_standin_fixture() -> Any:
+    """The stand-in's fixture, or a skip saying what is missing."""
+    try:
+        import boto3  # type: ignore[import-untyped]  # noqa: F401
+        import moto  # type: ignore[import-untyped]  # noqa: F401
+
+        from tests.awsstandin import aws_standin
+    except ImportError as exc:
+        reason = f"the AWS stand-in (tests/awsstandin.py, moto[server], boto3) is missing: {exc}"
+
+        @pytest.fixture
+        def unavailable() -> None:
+            pytest.skip(reason)
+
+        return unavailable
+    return aws_standin
+
+
+aws_standin = _aws_standin_fixture()
+
+
+def test_ec2_driver_renders_lists_and_deletes_amis(tmp_path: Path, aws_standin: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+    from libcloud.compute.drivers.ec2 import EC2NodeDriver  # type: ignore[import-untyped]
+
+    from cloudlets.catalog import storage_driver_for
+    from cloudlets.drivers.formats.ec2 import EC2Format
+    from cloudlets.drivers.storage.s3 import S3Storage
+
+    class ProviderEC2(CloudletsImageMixin, EC2NodeDriver):  # type: ignore[misc]
+        pass
+
+    # Every AWS client (S3Storage, EC2Format, a storage driver rebuilt from
+    # the catalog) finds the stand-in through the environment.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws_standin.url)
+    s3 = boto3.client("s3", endpoint_url=aws_standin.url, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    ec2 = boto3.client("ec2", endpoint_url=aws_standin.url, region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="provider-images")
+    port = int(aws_standin.url.rsplit(":", 1)[1])
+    # SigV4, as AWS requires: its credential scope is also how moto's server
+    # tells an EC2 call from an S3 one on a shared endpoint.
+    driver = ProviderEC2("testing", "testing", region="us-east-1", host="127.0.0.1",
+                         port=port, secure=False, signature_version="4")
+    driver.ex_configure_cloudlets(
+        renderer=_renderer(tmp_path),
+        format=EC2Format(ex_poll_interval=0.05, ex_poll_deadline=20.0),
+        storage=S3Storage(), output="s3://provider-images/{name}/{key}/",
+        catalog=tmp_path / "catalog.sqlite3")
+    manifest = make_cloudlet(tmp_path / "src", name="web", version="2.0")
+    image = driver.create_image(manifest)
+    assert image.id.startswith("ami-")  # the provider's image id
+    described = ec2.describe_images(ImageIds=[image.id])["Images"][0]
+    tags = {t["Key"]: t["Value"] for t in described["Tags"]}
+    assert tags["cloudlets:version"] == "2.0"
+    assert tags["cloudlets:digest"] == image.extra[EXTRA_KEY]["manifest"]["digest"]
+    entry = driver.ex_cloudlets.catalog.get(image.id)
+    assert entry.published and entry.artifacts[0].location.startswith("s3://provider-images/web/")
+    assert storage_driver_for(entry).name == "s3"  # rebuildable from the record + environment
+
+    listed = [i for i in driver.list_images() if i.id == image.id]
+    assert len(listed) == 1  # EC2's own AMI, annotated, not listed twice
+    assert listed[0].extra["root_device_type"] == "ebs"
+    assert listed[0].extra[EXTRA_KEY]["manifest"]["version"] == "2.0"
+    got = driver.get_image(image.id)
+    assert got.extra["architecture"] == "x86_64" and got.extra[EXTRA_KEY]["status"] == "ready"
+    assert driver.create_image(manifest).id == image.id  # idempotent: no second AMI
+    assert len(ec2.describe_images()["Images"]) == 1
+
+    key = entry.artifacts[0].location.removeprefix("s3://provider-images/")
+    assert s3.head_object(Bucket="provider-images", Key=key)
+    assert driver.delete_image(got) is True
+    assert ec2.describe_images()["Images"] == []  # deregistered
+    with pytest.raises(s3.exceptions.ClientError):
+        s3.head_object(Bucket="provider-images", Key=key)
+    assert driver.ex_cloudlets.catalog.get(image.id).status is ImageStatus.DELETED
