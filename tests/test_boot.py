@@ -1,6 +1,6 @@
 """Proof by boot: disks built by the disk stage boot in QEMU (TCG) and show the rendered files.
 
-The cloudlet comes from :mod:`bootfixture` (a Debian kernel and busybox, built
+The cloudlet comes from :mod:`cloudlets.testing.boot` (a Debian kernel and busybox, built
 at test time and cached). Its ``/etc/hostname`` and ``/etc/network/interfaces``
 are rendered into the disk through ``patch_files`` on top of a cached base
 filesystem, exactly as a render with templates does; the tests then read them
@@ -21,11 +21,7 @@ from pathlib import Path
 import pytest
 
 from cloudlets.disk import BootSpec, DiskImage, build_disk
-
-try:
-    from tests import bootfixture
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    import bootfixture  # type: ignore[no-redef]
+from cloudlets.testing import boot as bootfixture
 
 pytestmark = pytest.mark.boot
 

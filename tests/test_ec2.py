@@ -802,7 +802,7 @@ def test_register_checks_the_bundle_manifest_exists(tmp_path: Path, keys: dict[s
 
 @pytest.fixture
 def boot_cloudlet() -> Iterator[Any]:
-    from tests import bootfixture
+    from cloudlets.testing import boot as bootfixture
 
     try:
         yield bootfixture.build_boot_cloudlet()

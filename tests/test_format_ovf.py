@@ -23,8 +23,8 @@ from cloudlets.drivers.providers import get_driver
 from cloudlets.drivers.types import DriverKind, Format
 from cloudlets.errors import FormatError
 from cloudlets.manifest import Manifest
+from cloudlets.testing.boot import FixtureUnavailable, build_boot_cloudlet, cache_dir
 from cloudlets.testing.formats import FormatDriverConformance, synthetic_disk
-from tests.bootfixture import FixtureUnavailable, build_boot_cloudlet, cache_dir
 
 SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "ovf-schema"
 OVF = "http://schemas.dmtf.org/ovf/envelope/1"
@@ -306,7 +306,7 @@ def _boot_disk(tmp_path: Path, firmware: str) -> tuple[DiskImage, Manifest]:
 
 
 def _boot_from_ova(tmp_path: Path, firmware: str, driver: FormatDriver) -> str:
-    from tests.bootfixture import MARKER, boot
+    from cloudlets.testing.boot import MARKER, boot
 
     disk, manifest = _boot_disk(tmp_path, firmware)
     [ova] = driver.convert(make_context(tmp_path, disk, manifest))
@@ -327,7 +327,7 @@ def test_vmdk_from_ova_boots_bios(tmp_path: Path) -> None:
 
 @pytest.mark.boot
 def test_vmdk_from_ova_boots_uefi(tmp_path: Path) -> None:
-    from tests.bootfixture import OVMF_CODE
+    from cloudlets.testing.boot import OVMF_CODE
 
     if not OVMF_CODE.is_file():
         pytest.skip("OVMF is not installed (Debian package ovmf)")

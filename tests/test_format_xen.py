@@ -41,14 +41,14 @@ from cloudlets.drivers.providers import get_driver
 from cloudlets.drivers.types import DriverKind, Format
 from cloudlets.errors import FormatError
 from cloudlets.manifest import Manifest
-from cloudlets.testing.formats import FormatDriverConformance, synthetic_disk
-from tests.bootfixture import (
+from cloudlets.testing.boot import (
     MARKER,
     BootCloudlet,
     FixtureUnavailable,
     build_boot_cloudlet,
     cache_dir,
 )
+from cloudlets.testing.formats import FormatDriverConformance, synthetic_disk
 
 #: Library packages pygrub's extension and libxlutil need besides xen-utils.
 XEN_LIBRARIES = ("libxencall1", "libxendevicemodel1", "libxenevtchn1", "libxenforeignmemory1",

@@ -1,15 +1,30 @@
-"""A tiny real cloudlet, built at test time from Debian packages, and a QEMU runner.
+"""A tiny real cloudlet built from Debian packages, and a QEMU runner: boot proofs.
 
 The cloudlet is a Debian kernel, ``busybox-static`` and a small initramfs that
 loads just the modules a virtio disk with ext4 needs, mounts the root by the
 ``root=`` of the kernel command line and switches to it. The root's
-``/sbin/init`` prints :data:`MARKER`, then ``/etc/hostname`` and
-``/etc/network/interfaces`` between delimiter lines, to the serial console
-and powers off.
+``/sbin/init`` prints :data:`MARKER`, then ``/etc/hostname``,
+``/etc/network/interfaces`` and ``/etc/resolv.conf`` between delimiter lines,
+to the serial console and powers off. An *overlay* replaces or adds files
+(templates, say) before the tarball is packed.
 
-Nothing binary is committed: the ``.deb`` files and the built tarballs are
-cached under ``$CLOUDLETS_TEST_CACHE`` (default ``~/.cache/cloudlets-tests``),
-keyed by the package versions and :data:`FIXTURE_VERSION`.
+cloudlets' own tests boot every bootable format with it, the example in
+``examples/`` is built from it, and a driver author can prove that their
+format's output boots::
+
+    from cloudlets.testing.boot import MARKER, boot, build_boot_cloudlet
+
+    cloudlet = build_boot_cloudlet()            # cached after the first call
+    # ... render a manifest whose filesystem is cloudlet.tarball ...
+    result = boot(image, firmware="bios", disk_format="raw", workdir=tmp)
+    assert MARKER in result.console
+
+It needs a Debian host (``apt-get download`` and ``dpkg-deb`` work as any
+user) and, to boot, ``qemu-system-x86_64`` (OVMF for UEFI). QEMU runs with
+software emulation (``accel=tcg``), so no KVM is needed. Nothing binary is
+committed: the ``.deb`` files and the built tarballs are cached under
+``$CLOUDLETS_TEST_CACHE`` (default ``~/.cache/cloudlets-tests``), keyed by the
+package versions, the overlay and :data:`FIXTURE_VERSION`.
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ __all__ = [
 #: Printed by the cloudlet's init once the root filesystem is up.
 MARKER = "CLOUDLETS-BOOT-OK"
 #: Bump when the built tree changes, to invalidate cached tarballs.
-FIXTURE_VERSION = 3
+FIXTURE_VERSION = 4
 #: Reproducible mtime for every member of the tree.
 TREE_MTIME = 1_700_000_000
 #: Modules the initramfs must load (their dependencies are added).
@@ -104,6 +119,8 @@ echo ---hostname---
 cat /etc/hostname
 echo ---network---
 cat /etc/network/interfaces
+echo ---resolv---
+cat /etc/resolv.conf 2>/dev/null
 echo ---end---
 poweroff -f
 """
@@ -309,9 +326,13 @@ def _initramfs(busybox: bytes, modules: Mapping[str, bytes], order: list[str]) -
 
 
 def _tree(
-    busybox: bytes, kernel: bytes, kernel_version: str, initrd: bytes
+    busybox: bytes,
+    kernel: bytes,
+    kernel_version: str,
+    initrd: bytes,
+    overlay: Mapping[str, bytes] | None = None,
 ) -> list[tuple[tarfile.TarInfo, bytes | None]]:
-    """The root tree's members, parents before children."""
+    """The root tree's members, parents before children, overlay applied."""
     members: list[tuple[tarfile.TarInfo, bytes | None]] = []
 
     def add(name: str, kind: bytes, mode: int, data: bytes | None = None, **extra: object) -> None:
@@ -351,13 +372,35 @@ def _tree(
     add("sbin/poweroff", symlink, 0o777, linkname="/bin/busybox")
     add("sys", directory, 0o555)
     add("tmp", directory, 0o1777)
+    for name, data in sorted((overlay or {}).items()):
+        name = name.strip("/")
+        index = {info.name: i for i, (info, _) in enumerate(members)}
+        if name in index:
+            info, _ = members[index[name]]
+            if not info.isreg():
+                raise ValueError(f"overlay {name}: the tree has a non-regular file there")
+            info.size = len(data)
+            members[index[name]] = (info, data)
+            continue
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent not in index:
+                add(parent, directory, 0o755)
+                index[parent] = len(members) - 1
+        add(name, regular, 0o644, data)
     return members
 
 
-def build_boot_cloudlet(cache: Path | None = None) -> BootCloudlet:
+def build_boot_cloudlet(
+    cache: Path | None = None, overlay: Mapping[str, bytes] | None = None
+) -> BootCloudlet:
     """Build (or take from the cache) the boot cloudlet.
 
     :param cache: the cache directory; :func:`cache_dir` by default.
+    :param overlay: files to replace or add, path inside the tree -> content
+        (a replaced file keeps its mode; an added one is 0644, its missing
+        parent directories 0755), e.g. template sources.
     :returns: the cloudlet's tarballs and boot paths.
     :raises FixtureUnavailable: apt lists or the network are missing.
     """
@@ -365,8 +408,12 @@ def build_boot_cloudlet(cache: Path | None = None) -> BootCloudlet:
     kernel_pkg = _kernel_package()
     kernel_ver = _package_version(kernel_pkg)
     busybox_ver = _package_version("busybox-static")
+    overlay_digest = hashlib.sha256()
+    for name, data in sorted((overlay or {}).items()):
+        overlay_digest.update(f"{name}\0{len(data)}\0".encode() + data)
     key = hashlib.sha256(
-        f"{FIXTURE_VERSION}\0{kernel_pkg}\0{kernel_ver}\0{busybox_ver}".encode()
+        f"{FIXTURE_VERSION}\0{kernel_pkg}\0{kernel_ver}\0{busybox_ver}\0"
+        f"{overlay_digest.hexdigest() if overlay else ''}".encode()
     ).hexdigest()[:16]
     kernel_version = kernel_pkg.removeprefix("linux-image-")
     tree_tar = cache / f"cloudlet-{key}.tar"
@@ -386,8 +433,8 @@ def build_boot_cloudlet(cache: Path | None = None) -> BootCloudlet:
         initrd = _initramfs(busybox, modules, _module_load_order(modules, ROOT_MODULES))
         partial = tree_tar.with_suffix(f".partial-{os.getpid()}")
         with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as archive:
-            for info, data in _tree(busybox, kernel, kernel_version, initrd):
-                archive.addfile(info, io.BytesIO(data) if data is not None else None)
+            for info, content in _tree(busybox, kernel, kernel_version, initrd, overlay):
+                archive.addfile(info, io.BytesIO(content) if content is not None else None)
         gz_partial = tarball.with_suffix(f".partial-{os.getpid()}")
         with (
             open(partial, "rb") as src,
