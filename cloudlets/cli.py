@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -138,6 +139,13 @@ def _build_parser() -> argparse.ArgumentParser:
     render.add_argument("--allow-file-urls", action="store_true",
                         help="allow file:// URLs and local paths for the tarball")
     render.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
+    render.add_argument("--format-option", "-F", dest="format_options", action="append",
+                        default=[], metavar="KEY=VALUE",
+                        help="an argument of the format driver, e.g. ex_mode=instance-store "
+                             "(JSON value, else a string)")
+    render.add_argument("--storage-option", "-S", dest="storage_options", action="append",
+                        default=[], metavar="KEY=VALUE",
+                        help="an argument of the storage driver, e.g. ex_acl=private")
     render.set_defaults(handler=_cmd_render)
 
     drivers = sub.add_parser("drivers", parents=[common],
@@ -242,9 +250,12 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
         mirrors.append({"prefix": prefix, "mirrors": [target]})
     renderer = Renderer(cache_dir=args.cache_dir, presets=presets, mirrors=mirrors,
                         ex_allow_file_urls=args.allow_file_urls)
+    fmt = _driver(DriverKind.FORMAT, args.format, args.format_options, "--format-option")
+    storage = _driver(DriverKind.STORAGE, args.storage, args.storage_options,
+                      "--storage-option")
     progress = _progress_callback()
-    result = renderer.render(args.manifest, args.output, storage=args.storage,
-                             format=args.format, config=request, progress=progress,
+    result = renderer.render(args.manifest, args.output, storage=storage,
+                             format=fmt, config=request, progress=progress,
                              overwrite=args.overwrite)
     if args.json:
         _print_json(out, result.to_dict())
@@ -258,6 +269,34 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"  took {total:.2f} s (" + ", ".join(
         f"{k} {v:.2f}" for k, v in result.timings.items()) + ")\n")
     return EXIT_OK
+
+
+def _driver(kind: DriverKind, name: str, items: Sequence[str], flag: str) -> Any:
+    """The driver ``name``, built with the ``KEY=VALUE`` arguments of ``flag``
+    (the registered name alone when there are none).
+
+    :raises ConfigError: an item is not ``KEY=VALUE``.
+    :raises ConfigurationError: the driver takes no such argument.
+    """
+    if not items:
+        return name
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError([Problem("", f"{flag} {item!r}: expected KEY=VALUE")], flag)
+        try:
+            options[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.strip()] = raw
+    cls = get_driver(kind, name)
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as exc:
+        accepted = [p for p in inspect.signature(cls).parameters if p not in ("self",)]
+        raise ConfigurationError(f"{kind} driver {name!r}: {exc}; it takes "
+                                 f"{', '.join(accepted) or 'no arguments'}") from None
+    return cls(**options)
 
 
 def _progress_callback() -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -155,3 +156,74 @@ def test_module_entry_point_runs() -> None:
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0
     assert result.stdout.startswith("cloudlets ")
+
+
+# -- render end to end ------------------------------------------------------------
+
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Cache and catalog under the test's directory; a fixed clock."""
+    monkeypatch.setenv("CLOUDLETS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CLOUDLETS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    return tmp_path
+
+
+def test_render_json_prints_the_result(cli_env: Path) -> None:
+    from tests.test_catalog import make_cloudlet
+
+    manifest = write_manifest(cli_env, make_cloudlet(cli_env / "src", name="web", version="3.1"))
+    code, out, err = run("render", str(manifest), "--format", "raw", "--output",
+                         str(cli_env / "out") + "/", "--allow-file-urls",
+                         "--set", "args.motd=bonjour", "--set", "hostname=web-9", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    disk = cli_env / "out" / "web-3.1.raw"
+    assert result["image_id"].startswith("img-")
+    assert result["manifest"] == {"name": "web", "version": "3.1",
+                                  "digest": result["manifest"]["digest"]}
+    assert len(result["manifest"]["digest"]) == 64
+    [artifact] = result["artifacts"]
+    assert artifact["location"] in (str(disk), disk.as_uri())
+    assert artifact["size"] == disk.stat().st_size
+    assert artifact["sha256"] == hashlib.sha256(disk.read_bytes()).hexdigest()
+    assert result["details"]["rootfs"]["templates"] == ["/etc/motd"]
+    # The same request again is refused (no silent overwrite), exit 4.
+    code, _, err = run("render", str(manifest), "-f", "raw", "-o", str(cli_env / "out") + "/",
+                       "--allow-file-urls", "--set", "args.motd=bonjour", "--set",
+                       "hostname=web-9")
+    assert code == 4 and "refusing to overwrite" in err
+
+
+def test_render_passes_driver_options(cli_env: Path) -> None:
+    from tests.test_catalog import make_cloudlet
+
+    manifest = write_manifest(cli_env, make_cloudlet(cli_env / "src"))
+    sizes = {}
+    for compress in ("false", "true"):
+        out_dir = cli_env / f"out-{compress}"
+        code, out, err = run("render", str(manifest), "-f", "qcow2", "-o", str(out_dir) + "/",
+                             "--allow-file-urls", "-F", f"ex_compress={compress}", "--json")
+        assert code == 0, err
+        sizes[compress] = json.loads(out)["artifacts"][0]["size"]
+    assert sizes["true"] < sizes["false"]  # the JSON boolean reached Qcow2Format
+
+
+def test_unknown_driver_option_names_what_the_driver_takes(cli_env: Path) -> None:
+    from tests.test_catalog import make_cloudlet
+
+    manifest = write_manifest(cli_env, make_cloudlet(cli_env / "src"))
+    code, _, err = run("render", str(manifest), "-f", "qcow2", "-o", str(cli_env / "o") + "/",
+                       "--allow-file-urls", "-F", "ex_colour=blue")
+    assert code == 5
+    assert "format driver 'qcow2'" in err and "ex_colour" in err and "ex_compress" in err
+    code, _, err = run("render", str(manifest), "-f", "raw", "-o", str(cli_env / "o") + "/",
+                       "--allow-file-urls", "-S", "no-equals-sign")
+    assert code == 3 and "--storage-option 'no-equals-sign': expected KEY=VALUE" in err
+    assert not (cli_env / "o").exists()
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
+    path = directory / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    return path

@@ -847,3 +847,48 @@ def test_render_to_an_ami(tmp_path: Path, aws_standin: AWSStandIn, s3: Any, ec2:
     assert tags["cloudlets:digest"] == result.manifest_digest
     task = aws_standin.tasks[result.details["publish"]["import_task_id"]]
     assert (task.bucket, task.key) == (BUCKET, "prefix/bootlet-1.0.raw")
+
+
+@pytest.mark.slow
+def test_cli_prints_the_ami_id(tmp_path: Path, aws_standin: AWSStandIn, s3: Any, ec2: Any,
+                               boot_cloudlet: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cloudlets render --format ec2 --storage s3``: endpoints and credentials
+    from the environment, the AMI id on stdout (human and --json)."""
+    import io
+    import json
+
+    from cloudlets.cli import main
+
+    for name, value in {"AWS_ENDPOINT_URL": aws_standin.url, "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": SECRET,
+                        "CLOUDLETS_CACHE_DIR": str(tmp_path / "cache"),
+                        "CLOUDLETS_HOME": str(tmp_path / "home")}.items():
+        monkeypatch.setenv(name, value)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({
+        "name": "clilet", "version": "2.0", "arch": "x86_64",
+        "filesystem": {"url": boot_cloudlet.tarball.as_uri(), "sha256": boot_cloudlet.sha256},
+        "boot": {"kernel": boot_cloudlet.kernel, "initrd": boot_cloudlet.initrd,
+                 "cmdline": "console=ttyS0", "firmware": "uefi"},
+    }))
+
+    def render(*extra: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["render", str(manifest), "--format", "ec2", "--storage", "s3",
+                     "--allow-file-urls", "-F", "ex_poll_interval=0.05",
+                     "-F", "ex_poll_deadline=20", *extra], out=out, err=err)
+        return code, out.getvalue(), err.getvalue()
+
+    code, out, err = render("--output", f"s3://{BUCKET}/json/", "-F", "ex_image_name=cli-json",
+                            "--json")
+    assert code == 0, err
+    ami = json.loads(out)["image_id"]
+    assert ami.startswith("ami-")
+    code, out, err = render("--output", f"s3://{BUCKET}/human/", "-F", "ex_image_name=cli-text")
+    assert code == 0, err
+    human = re.search(r"image (ami-[0-9a-f]+)", out)
+    assert human is not None and human.group(1) != ami
+    images = {i["ImageId"]: i for i in ec2.describe_images()["Images"]}
+    assert images[ami]["Name"] == "cli-json" and images[ami]["BootMode"] == "uefi"
+    assert images[human.group(1)]["Name"] == "cli-text"
+    assert SECRET not in out + err
