@@ -17,13 +17,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-__all__ = ["MotoServer", "moto_server", "ACCESS_KEY", "SECRET_KEY", "REGION"]
+__all__ = ["MotoServer", "moto_server", "running_moto", "ACCESS_KEY", "SECRET_KEY", "REGION"]
 
 ACCESS_KEY = "AKIACLOUDLETSTEST000"
 SECRET_KEY = "cloudlets-moto-secret-key-not-real"
@@ -109,11 +110,21 @@ def stop_moto(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    """moto_server on 127.0.0.1 for a test module, stopped afterwards."""
-    server = start_moto(tmp_path_factory.mktemp("moto"))
+@contextmanager
+def running_moto(workdir: Path) -> Iterator[MotoServer]:
+    """moto_server (log in ``workdir``) for the ``with`` block, stopped
+    afterwards (for scripts such as ``benchmarks/bench_upload.py`` as well as
+    the fixture). Outside pytest, a missing moto raises pytest's ``Skipped``:
+    check for ``moto.server`` first."""
+    server = start_moto(workdir)
     try:
         yield server
     finally:
         stop_moto(server.process)
+
+
+@pytest.fixture(scope="module")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto_server on 127.0.0.1 for a test module, stopped afterwards."""
+    with running_moto(tmp_path_factory.mktemp("moto")) as server:
+        yield server

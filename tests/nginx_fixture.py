@@ -21,12 +21,14 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-__all__ = ["Nginx", "nginx_server", "BASIC_USER", "BASIC_PASSWORD", "BEARER_TOKEN", "API_KEY"]
+__all__ = ["Nginx", "nginx_server", "running_nginx", "BASIC_USER", "BASIC_PASSWORD",
+           "BEARER_TOKEN", "API_KEY"]
 
 BASIC_USER = "alice"
 BASIC_PASSWORD = "s3cr3t"
@@ -178,11 +180,21 @@ def stop_nginx(process: subprocess.Popen[bytes]) -> None:
         process.stderr.close()
 
 
-@pytest.fixture(scope="module")
-def nginx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
-    """A WebDAV nginx on 127.0.0.1 for a test module, stopped afterwards."""
-    server = start_nginx(tmp_path_factory.mktemp("nginx"))
+@contextmanager
+def running_nginx(prefix: Path) -> Iterator[Nginx]:
+    """nginx under ``prefix`` for the ``with`` block, stopped afterwards (for
+    scripts such as ``benchmarks/bench_upload.py`` as well as the fixture).
+    Outside pytest, a missing nginx raises pytest's ``Skipped``: check for
+    the binary first."""
+    server = start_nginx(prefix)
     try:
         yield server
     finally:
         stop_nginx(server.process)
+
+
+@pytest.fixture(scope="module")
+def nginx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    """A WebDAV nginx on 127.0.0.1 for a test module, stopped afterwards."""
+    with running_nginx(tmp_path_factory.mktemp("nginx")) as server:
+        yield server

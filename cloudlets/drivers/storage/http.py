@@ -5,7 +5,9 @@ chunked transfer encoding otherwise. To keep a half-written file from ever
 looking complete, the bytes go to a hidden temporary name beside the target
 (``.name.<random>.partial``), are checked there (size with ``HEAD``; digest
 with the server's ETag when it is the body's MD5, else read back with
-``GET``), and only then renamed with WebDAV ``MOVE`` (``Overwrite: F`` unless
+``GET``; the MD5 of a file source is computed only when the ETag looks like
+one, so a server whose ETags are not digests costs no MD5 pass), and only
+then renamed with WebDAV ``MOVE`` (``Overwrite: F`` unless
 asked to overwrite, so the server itself refuses to clobber). A server that
 does not implement ``MOVE`` (probed once per origin with a ``MOVE`` of a name
 that does not exist) gets the bytes at the final name directly, and the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -41,18 +44,23 @@ log = logging.getLogger(__name__)
 
 #: Statuses worth another attempt: the server or a proxy is briefly unwell.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: An ETag that may be the body's MD5 (object stores' HTTP APIs): 32 hex digits.
+MD5_ETAG = re.compile(r"[0-9a-f]{32}")
 
 
 class _Body:
     """The request body: an iterable of chunks that knows its length (so
-    requests sends ``Content-Length`` instead of chunked encoding) and keeps
-    an MD5 beside the base's sha256, to compare with an ETag."""
+    requests sends ``Content-Length`` instead of chunked encoding) and, when
+    asked (a stream, which cannot be read again), keeps an MD5 beside the
+    base's sha256, to compare with an ETag."""
 
-    def __init__(self, source: UploadSource, chunk_size: int, location: str) -> None:
+    def __init__(self, source: UploadSource, chunk_size: int, location: str, *,
+                 md5: bool) -> None:
         self._source = source
         self._chunk_size = chunk_size
         self._location = location
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self._with_md5 = md5
+        self.md5: hashlib._Hash | None = None
 
     def __len__(self) -> int:
         assert self._source.size is not None
@@ -62,13 +70,15 @@ class _Body:
         return True
 
     def __iter__(self) -> Iterator[bytes]:
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        md5 = hashlib.md5(usedforsecurity=False) if self._with_md5 else None
+        self.md5 = md5
         size = self._source.size
         for chunk in self._source.chunks(self._chunk_size):
             if size is not None and self._source.bytes_read > size:
                 # Never send more than the announced Content-Length.
                 self._source.verify(self._location)
-            self.md5.update(chunk)
+            if md5 is not None:
+                md5.update(chunk)
             yield chunk
         if size is not None and self._source.bytes_read != size:
             # Fail now rather than leave the server waiting for the rest.
@@ -261,8 +271,9 @@ class HTTPStorage(StorageDriver):
         """PUT the source, retrying within the bound when it can be re-read."""
         attempt = 0
         while True:
-            body = (_Body(source, self.CHUNK_SIZE, location) if source.size is not None
-                    else _ChunkedBody(source, self.CHUNK_SIZE, location))
+            # A file's MD5 is computed later, and only if the ETag may be one.
+            body_cls = _Body if source.size is not None else _ChunkedBody
+            body = body_cls(source, self.CHUNK_SIZE, location, md5=source.path is None)
             headers = {"Content-Type": source.media_type}
             retryable = source.path is not None and attempt < self.retries
             try:
@@ -296,7 +307,7 @@ class HTTPStorage(StorageDriver):
                 raise StorageError(f"{shown} reports no size to verify", shown)
             return
         etag = response.headers.get("ETag", "").removeprefix("W/").strip('"').lower()
-        if etag == body.md5.hexdigest():
+        if MD5_ETAG.fullmatch(etag) and etag == self._md5_sent(source, body):
             return
         digest = hashlib.sha256()
         size = 0
@@ -315,6 +326,26 @@ class HTTPStorage(StorageDriver):
             raise StorageError(f"{shown} reads back {size} bytes with sha256 "
                                f"{digest.hexdigest()}, sent {source.bytes_read} bytes "
                                f"with sha256 {source.digest}", shown)
+
+    def _md5_sent(self, source: UploadSource, body: _Body) -> str | None:
+        """The MD5 of what was sent: kept on the way for a stream, read again
+        from a file (whose sha256 the base checked as it was sent: a file
+        changed since gives another MD5, and the caller reads back instead).
+
+        :returns: the hex digest, or ``None`` when it cannot be known.
+        """
+        if body.md5 is not None:
+            return body.md5.hexdigest()
+        if source.path is None:
+            return None
+        digest = hashlib.md5(usedforsecurity=False)
+        try:
+            with open(source.path, "rb") as handle:
+                while chunk := handle.read(self.CHUNK_SIZE):
+                    digest.update(chunk)
+        except OSError:
+            return None
+        return digest.hexdigest()
 
     def _move(self, location: str, source_url: str, final_url: str, *,
               overwrite: bool) -> None:
