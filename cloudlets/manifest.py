@@ -201,10 +201,12 @@ class Manifest:
                         f"({pattern!r}), so it could never be rendered"))
         return problems
 
-    def render_problems(self) -> list[Problem]:
+    def render_problems(self, *, needs_boot: bool = True) -> list[Problem]:
         """What this manifest still lacks for a render (it may be a valid
         manifest without them, as the dotCloud manifests were).
 
+        :param needs_boot: whether the render builds a disk (formats that
+            ship the root filesystem tree, such as ``tar``, need no ``boot``).
         :returns: problems with pointers to the missing sections.
         """
         problems = []
@@ -212,16 +214,17 @@ class Manifest:
             problems.append(Problem(
                 "/filesystem", "a render needs the root filesystem tarball: add "
                 "{\"url\": ..., \"sha256\": ...} (optionally \"size\", \"compression\")"))
-        if "boot" not in self._data:
+        if needs_boot and "boot" not in self._data:
             problems.append(Problem(
                 "/boot", "a render needs to know how the image boots: add at least "
                 "{\"kernel\": \"/boot/vmlinuz\"} (optionally \"initrd\", \"cmdline\", "
                 "\"firmware\", \"partition_table\", \"root\")"))
         return problems
 
-    def require_renderable(self) -> None:
-        """:raises ManifestError: naming every section a render still needs."""
-        problems = self.render_problems()
+    def require_renderable(self, *, needs_boot: bool = True) -> None:
+        """:param needs_boot: as for :meth:`render_problems`.
+        :raises ManifestError: naming every section a render still needs."""
+        problems = self.render_problems(needs_boot=needs_boot)
         if problems:
             raise ManifestError(problems, self.source)
 

@@ -48,7 +48,7 @@ from cloudlets.result import RenderResult
 from cloudlets.rootfs import ArchivePolicy
 from cloudlets.urls import redact
 
-__all__ = ["ProgressCallback", "Renderer"]
+__all__ = ["OutputPlan", "ProgressCallback", "Renderer", "plan_output"]
 
 #: Pipeline stages, in order. Each records its time in ``RenderResult.timings``
 #: (``tree`` replaces ``disk`` for formats that ship the tree, not a disk).
@@ -156,11 +156,19 @@ class Renderer:
         """
         started = time.monotonic()
         loaded = Manifest.load(manifest)
-        loaded.require_renderable()
-        merged = self._config(loaded, config)
         fmt = self._driver(DriverKind.FORMAT, format)
         store = self._driver(DriverKind.STORAGE, storage)
         assert isinstance(fmt, FormatDriver) and isinstance(store, StorageDriver)
+        loaded.require_renderable(
+            needs_boot=not fmt.capabilities & FormatCapability.NEEDS_TREE)
+        merged = self._config(loaded, config)
+        plan = plan_output(output_path, loaded.label, extension=fmt.extension,
+                           block=bool(store.capabilities & StorageCapability.BLOCK))
+        if plan.block and fmt.capabilities & FormatCapability.MULTI_ARTIFACT:
+            raise StorageError(
+                f"format {fmt.name!r} makes several files and storage {store.name!r} writes "
+                f"one block target ({redact(output_path)}): store them in a directory or an "
+                f"object store", redact(output_path))
         with self._workdir() as workdir:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
                        output=output_path, workdir=workdir, progress=progress,
@@ -168,16 +176,22 @@ class Renderer:
             run.timings["prepare"] = time.monotonic() - started
             disk = self._build(run)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
-                                    workdir=workdir / "format", basename=loaded.label)
+                                    workdir=workdir / "format", basename=plan.basename)
             context.workdir.mkdir()
             with self._stage(run, "convert"):
                 outputs = self._convert(fmt, context)
+            locations = plan.locations([o.name for o in outputs])
             with self._stage(run, "store"):
-                stored = self._store(run, outputs, loaded.label)
+                stored = self._store(run, outputs, locations)
             image_id = self.image_id(loaded, merged, fmt.name, store.name, stored[0].location)
             if fmt.capabilities & FormatCapability.PUBLISH:
-                with self._stage(run, "publish"):
-                    published = fmt.publish(context, stored, store)
+                try:
+                    with self._stage(run, "publish"):
+                        published = fmt.publish(context, stored, store)
+                except BaseException:
+                    # An image that was never registered is not left behind.
+                    self._roll_back(store, locations)
+                    raise
                 if published is not None:
                     run.details["publish"] = dict(published.details)
                     image_id = published.image_id or image_id
@@ -219,7 +233,7 @@ class Renderer:
 
         manifest, config = run.manifest, run.config
         fs, boot = manifest.filesystem, manifest.boot
-        assert fs is not None and boot is not None  # require_renderable() checked
+        assert fs is not None  # require_renderable() checked (and boot, for disks)
         rules = MirrorRules.for_render(self._mirror_rules, config.mirrors)
         with self._stage(run, "fetch"):
             entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
@@ -247,8 +261,9 @@ class Renderer:
                                               replacements=rendered,
                                               source_date_epoch=self.source_date_epoch)
                 return DiskImage(path=tree_tar, size=tree_tar.stat().st_size,
-                                 firmware=boot.firmware, tree_tar=tree_tar,
-                                 details={"kind": "tree"})
+                                 firmware=boot.firmware if boot is not None else "bios",
+                                 tree_tar=tree_tar, details={"kind": "tree"})
+            assert boot is not None
             seed = hashlib.sha256(f"{manifest.digest}\0{fs.sha256}".encode()).hexdigest()
             base_key = hashlib.sha256(
                 f"{_BASE_FORMAT}\0{manifest.digest}\0{fs.sha256}\0{self.source_date_epoch}"
@@ -295,8 +310,8 @@ class Renderer:
                                   f"{output.name!r}; names start with {context.basename!r}")
         return outputs
 
-    def _store(self, run: _Run, outputs: list[OutputFile], basename: str) -> list[StoredArtifact]:
-        locations = output_locations(run.output, basename, [o.name for o in outputs])
+    def _store(self, run: _Run, outputs: list[OutputFile],
+               locations: list[str]) -> list[StoredArtifact]:
         if not run.overwrite:
             taken = [loc for loc in locations if run.storage.exists(loc)]
             if taken:
@@ -311,19 +326,21 @@ class Renderer:
                 if run.progress:
                     run.progress("store", len(stored), len(outputs))
         except BaseException:
-            self._roll_back(run.storage, stored)
+            self._roll_back(run.storage, locations[:len(stored)])
             raise
         return stored
 
     @staticmethod
-    def _roll_back(storage: StorageDriver, stored: list[StoredArtifact]) -> None:
+    def _roll_back(storage: StorageDriver, locations: list[str]) -> None:
         """Delete the artifacts of a render that failed half-way, so no
-        incomplete set looks complete."""
+        incomplete set looks complete. ``locations`` are the ones the render
+        stored to, credentials included: a stored artifact's own location is
+        redacted and may not be enough to log in."""
         if not storage.capabilities & StorageCapability.DELETE:
             return
-        for artifact in stored:
+        for location in locations:
             try:
-                storage.delete(artifact.location)
+                storage.delete(location)
             except CloudletsError:
                 pass
 
@@ -383,21 +400,59 @@ class Renderer:
             run.timings[stage] = time.monotonic() - started
 
 
-def output_locations(output: str, basename: str, names: list[str]) -> list[str]:
-    """Map output file names to storage locations.
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where a render's files go, decided before the format runs so the
+    files can name each other (an OVF descriptor names its disk).
 
-    :param output: ``dir/`` (names go under it) or a base (``out/web``:
-        each name's part after ``basename`` is appended; a base that already
-        ends with the first name's suffix, ``out/web.qcow2``, loses it first).
-    :param basename: the stem every name starts with.
-    :param names: the format driver's output names, primary first.
-    :returns: one location per name.
+    :ivar basename: the stem the format driver names its files with.
+    :ivar prefix: what each file name is appended to; ``None`` for a block
+        target, which takes the one image at :attr:`target` itself.
+    :ivar target: the output location as given.
+    """
+
+    basename: str
+    prefix: str | None
+    target: str
+
+    @property
+    def block(self) -> bool:
+        """Whether the output is one block target."""
+        return self.prefix is None
+
+    def locations(self, names: Sequence[str]) -> list[str]:
+        """:returns: the storage location of each output file name.
+        :raises StorageError: several files for one block target."""
+        if self.prefix is None:
+            if len(names) != 1:
+                shown = redact(self.target)
+                raise StorageError(f"a block target holds one image; the format made "
+                                   f"{len(names)} files ({', '.join(names)})", shown)
+            return [self.target]
+        return [self.prefix + name for name in names]
+
+
+def plan_output(output: str, label: str, *, extension: str = "",
+                block: bool = False) -> OutputPlan:
+    """Decide the file stem and the locations of a render's outputs.
+
+    :param output: ``dir/`` (files are named ``label.*`` under it), a base
+        (``out/web``: files are named ``web.*`` beside it; a base ending in
+        the format's ``extension``, ``out/web.qcow2``, loses it first), or,
+        for a block target, the target itself.
+    :param label: the manifest's ``NAME-VERSION``.
+    :param extension: the format's primary suffix (``.qcow2``).
+    :param block: the storage driver writes a block target.
+    :returns: the plan.
+    :raises StorageError: the output is empty.
     """
     if not output:
         raise StorageError("the output location is empty")
+    if block:
+        return OutputPlan(basename=label, prefix=None, target=output)
     if output.endswith("/"):
-        return [output + name for name in names]
-    primary_suffix = names[0][len(basename):]
-    if primary_suffix and output.endswith(primary_suffix):
-        output = output[: -len(primary_suffix)]
-    return [output + name[len(basename):] for name in names]
+        return OutputPlan(basename=label, prefix=output, target=output)
+    head, slash, name = output.rpartition("/")
+    if extension and name.endswith(extension) and len(name) > len(extension):
+        name = name[: -len(extension)]
+    return OutputPlan(basename=name, prefix=head + slash, target=output)

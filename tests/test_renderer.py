@@ -27,7 +27,7 @@ from cloudlets import (
 from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile, UploadSource
 from cloudlets.drivers.storage.local import LocalStorage
 from cloudlets.drivers.types import FormatCapability
-from cloudlets.renderer import output_locations
+from cloudlets.renderer import plan_output
 
 HOSTNAME_TEMPLATE = b"{{ hostname }}\n"
 INTERFACES_TEMPLATE = b"""{% for i in ip.interfaces %}iface {{ i.name }} \
@@ -337,14 +337,86 @@ def test_half_stored_output_is_rolled_back(renderer: Renderer,
     assert not (tmp_path / "out" / "x.b").exists()
 
 
-@pytest.mark.parametrize(("output", "names", "expected"), [
-    ("out/", ["w-1.ovf", "w-1-disk1.vmdk"], ["out/w-1.ovf", "out/w-1-disk1.vmdk"]),
-    ("out/web", ["w-1.ovf", "w-1-disk1.vmdk"], ["out/web.ovf", "out/web-disk1.vmdk"]),
-    ("out/web.ovf", ["w-1.ovf", "w-1.mf"], ["out/web.ovf", "out/web.mf"]),
-    ("s3://b/k/", ["w-1.raw"], ["s3://b/k/w-1.raw"]),
+@pytest.mark.parametrize(("output", "extension", "basename", "names", "expected"), [
+    ("out/", ".ovf", "w-1", ["w-1.ovf", "w-1.vmdk"], ["out/w-1.ovf", "out/w-1.vmdk"]),
+    ("out/web", ".ovf", "web", ["web.ovf", "web.vmdk"], ["out/web.ovf", "out/web.vmdk"]),
+    ("out/web.ovf", ".ovf", "web", ["web.ovf", "web.mf"], ["out/web.ovf", "out/web.mf"]),
+    ("out/web.ovf", "", "web.ovf", ["web.ovf.x"], ["out/web.ovf.x"]),
+    ("web.tar.gz", ".tar.gz", "web", ["web.tar.gz"], ["web.tar.gz"]),
+    ("s3://b/k/", ".raw", "w-1", ["w-1.raw"], ["s3://b/k/w-1.raw"]),
+    ("s3://b/k/disk", ".raw", "disk", ["disk.raw"], ["s3://b/k/disk.raw"]),
 ])
-def test_output_locations(output: str, names: list[str], expected: list[str]) -> None:
-    assert output_locations(output, "w-1", names) == expected
+def test_output_plan(output: str, extension: str, basename: str, names: list[str],
+                     expected: list[str]) -> None:
+    plan = plan_output(output, "w-1", extension=extension)
+    assert plan.basename == basename and not plan.block
+    assert plan.locations(names) == expected
+
+
+def test_output_plan_for_a_block_target() -> None:
+    plan = plan_output("nbd://127.0.0.1:10809/lun0", "w-1", extension=".raw", block=True)
+    assert plan.block and plan.locations(["w-1.raw"]) == ["nbd://127.0.0.1:10809/lun0"]
+    with pytest.raises(StorageError, match="a block target holds one image"):
+        plan.locations(["w-1.img", "w-1.cfg"])
+    with pytest.raises(StorageError, match="empty"):
+        plan_output("", "w-1")
+
+
+def test_named_output_names_the_files_inside_each_other(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    """A base name (not a directory) reaches the format before it runs: the
+    OVF descriptor and .mf name the stored VMDK, the Xen config its disk."""
+    result = renderer.render(cloudlet(), str(tmp_path / "out" / "vm"), "local", "ovf")
+    stored = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert stored == ["vm.mf", "vm.ovf", "vm.vmdk"]
+    descriptor = (tmp_path / "out" / "vm.ovf").read_text()
+    assert 'ovf:href="vm.vmdk"' in descriptor and "tiny-1.0.vmdk" not in descriptor
+    assert "SHA256(vm.vmdk)= " in (tmp_path / "out" / "vm.mf").read_text()
+    assert result.primary.location.endswith("vm.ovf")
+    renderer.render(cloudlet(), str(tmp_path / "xen" / "guest.img"), "local", "xen")
+    config = (tmp_path / "xen" / "guest.cfg").read_text()
+    assert "/var/lib/xen/images/guest.img'" in config
+    assert (tmp_path / "xen" / "guest.img").is_file()
+
+
+def test_tar_format_needs_no_boot_section(renderer: Renderer,
+                                          cloudlet: Callable[..., dict[str, Any]],
+                                          tmp_path: Path) -> None:
+    manifest = cloudlet()
+    del manifest["boot"]
+    result = renderer.render(manifest, str(tmp_path / "t") + "/", "local", "tar",
+                             {"hostname": "treeonly"})
+    with tarfile.open(Path(result.primary.location.removeprefix("file://"))) as archive:
+        hostname = archive.extractfile("./etc/hostname")
+        assert hostname is not None and hostname.read() == b"treeonly\n"
+    with pytest.raises(Exception, match="/boot: a render needs"):
+        renderer.render(manifest, str(tmp_path / "r") + "/", "local", "raw")
+
+
+class FailsToPublish(FormatDriver):
+    """A format whose registration step fails after the disk was stored."""
+
+    name: ClassVar[str] = "fails-to-publish"
+    capabilities: ClassVar[FormatCapability] = (FormatCapability.BOOTABLE
+                                                | FormatCapability.PUBLISH)
+
+    def convert(self, context: FormatContext) -> list[OutputFile]:
+        path = context.workdir / f"{context.basename}.img"
+        path.write_bytes(b"disk")
+        return [OutputFile(role="disk", path=path, name=path.name)]
+
+    def publish(self, context: FormatContext, stored: Any, storage: Any) -> Any:
+        assert Path(stored[0].location.removeprefix("file://")).is_file()
+        raise StorageError("the consumer refused the image", stored[0].location)
+
+
+def test_failed_publish_removes_what_was_stored(renderer: Renderer,
+                                                cloudlet: Callable[..., dict[str, Any]],
+                                                tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="refused"):
+        renderer.render(cloudlet(), str(tmp_path / "p") + "/", "local", FailsToPublish())
+    assert list((tmp_path / "p").iterdir()) == []  # nothing left to refuse a retry
+    renderer.render(cloudlet(), str(tmp_path / "p") + "/", "local", "raw")
 
 
 def test_manifest_object_and_path_are_accepted(renderer: Renderer,

@@ -275,6 +275,11 @@ class FormatDriver(ABC):
     description: ClassVar[str] = ""
     #: What the driver can do.
     capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    #: The suffix of the primary output's name (``".qcow2"``). An output
+    #: location given as a base that already ends with it (``out/web.qcow2``)
+    #: names the files ``web.*``; without it that suffix is not recognized.
+    #: An instance may set its own (EC2's depends on the disk format).
+    extension: str = ""
 
     @abstractmethod
     def convert(self, context: FormatContext) -> list[OutputFile]:

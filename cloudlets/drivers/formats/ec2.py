@@ -186,6 +186,8 @@ class EC2Format(FormatDriver):
         self.region = region
         self.mode = ex_mode
         self.disk_format = ex_disk_format
+        self.extension = (".manifest.xml" if ex_mode == "instance-store"
+                          else "." + DISK_FORMATS[ex_disk_format][0])
         self.endpoint_url = ex_endpoint_url
         self.profile = ex_profile
         self.image_name = ex_image_name

@@ -142,6 +142,7 @@ class OVFFormat(FormatDriver):
         "OVF 1.x descriptor, streamOptimized VMDK and SHA256 manifest (.ovf, .vmdk, .mf)"
     capabilities: ClassVar[FormatCapability] = \
         FormatCapability.BOOTABLE | FormatCapability.MULTI_ARTIFACT
+    extension = ".ovf"
 
     def __init__(self, ex_network: str | None = None, ex_nic_type: str = "E1000",
                  ex_disk_controller: str = "lsilogic", ex_hardware_version: str = "vmx-10",
@@ -324,6 +325,7 @@ class OVAFormat(OVFFormat):
     name: ClassVar[str] = Format.OVA
     description: ClassVar[str] = "OVF 1.x package as a single ustar archive (.ova)"
     capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    extension = ".ova"
 
     #: ustar stores sizes in 11 octal digits.
     USTAR_MAX_SIZE: ClassVar[int] = 8**11 - 1

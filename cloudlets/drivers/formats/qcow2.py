@@ -27,6 +27,7 @@ class Qcow2Format(FormatDriver):
     website: ClassVar[str] = "https://www.qemu.org/docs/master/interop/qcow2.html"
     description: ClassVar[str] = "QEMU qcow2 v3 image, self-contained (.qcow2)"
     capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    extension = ".qcow2"
 
     def __init__(self, ex_compress: bool = False) -> None:
         self.compress = ex_compress

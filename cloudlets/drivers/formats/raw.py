@@ -18,6 +18,7 @@ class RawFormat(FormatDriver):
     website: ClassVar[str] = "https://en.wikipedia.org/wiki/IMG_(file_format)"
     description: ClassVar[str] = "Raw sparse disk image (.raw)"
     capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    extension = ".raw"
 
     def convert(self, context: FormatContext) -> list[OutputFile]:
         name = f"{context.basename}.raw"

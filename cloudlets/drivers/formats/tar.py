@@ -29,6 +29,7 @@ class TarFormat(FormatDriver):
     website: ClassVar[str] = "https://www.gnu.org/software/tar/manual/html_node/Formats.html"
     description: ClassVar[str] = "Configured root filesystem tarball (.tar.gz)"
     capabilities: ClassVar[FormatCapability] = FormatCapability.NEEDS_TREE
+    extension = ".tar.gz"
 
     def __init__(self, ex_compresslevel: int = 6) -> None:
         self.compresslevel = ex_compresslevel

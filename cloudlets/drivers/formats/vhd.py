@@ -180,6 +180,7 @@ class VHDFormat(FormatDriver):
         "https://www.microsoft.com/en-us/download/details.aspx?id=23850"
     description: ClassVar[str] = "Fixed VHD, size aligned to 1 MiB (Azure, Hyper-V) (.vhd)"
     capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    extension = ".vhd"
 
     def __init__(self, ex_timestamp: int | None = None) -> None:
         self.timestamp = ex_timestamp

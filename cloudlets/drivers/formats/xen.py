@@ -163,6 +163,7 @@ class XenFormat(FormatDriver):
         "Xen PV (pygrub) or HVM disk with its xl domain configuration (.img, .cfg)"
     capabilities: ClassVar[FormatCapability] = \
         FormatCapability.BOOTABLE | FormatCapability.MULTI_ARTIFACT
+    extension = ".img"
 
     def __init__(self, ex_mode: str = "pv", ex_image_dir: str = "/var/lib/xen/images",
                  ex_bridge: str = "xenbr0", ex_timestamp: int | None = None) -> None:
