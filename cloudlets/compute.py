@@ -122,8 +122,11 @@ class CloudletsImages:
 
     @staticmethod
     def node_image(entry: CatalogEntry, driver: Any) -> NodeImage:
-        """:returns: a ``NodeImage`` for a ready entry, its ``extra`` holding
-        the catalog facts under :data:`EXTRA_KEY`."""
+        """A ``NodeImage`` for a ready entry.
+
+        :returns: the image, its ``extra`` holding the catalog facts under
+            :data:`EXTRA_KEY`.
+        """
         assert entry.image_id is not None
         return NodeImage(id=entry.image_id, name=entry.label, driver=driver,
                          extra={EXTRA_KEY: image_extra(entry)})
@@ -392,9 +395,11 @@ class CloudletsNodeDriver:
 # -- helpers --------------------------------------------------------------------
 
 def image_extra(entry: CatalogEntry) -> dict[str, Any]:
-    """:returns: the catalog facts shown in ``NodeImage.extra["cloudlets"]``:
-    the manifest's name, version and digest, config digest, format, storage,
-    artifacts and timestamps."""
+    """The catalog facts shown in ``NodeImage.extra["cloudlets"]``.
+
+    :returns: the entry id, status, the manifest's name, version and digest,
+        the config digest, format, storage, output, artifacts and timestamps.
+    """
     data = entry.to_dict()
     return {key: data[key] for key in (
         "entry_id", "status", "manifest", "config_digest", "format", "storage", "output",

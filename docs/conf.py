@@ -28,3 +28,8 @@ suppress_warnings = ["ref.python"]
 
 schema_doc.generate(HERE / "generated")
 driver_matrix.generate(HERE / "generated")
+
+
+def setup(app: object) -> None:
+    """The ``driver-capabilities`` directive of the per-driver pages."""
+    driver_matrix.setup(app)
