@@ -693,6 +693,25 @@ def test_endpoint_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_endpoint("ec2", "ftp://x", environ={})
 
 
+def test_region_from_the_environment(tmp_path: Path, aws_standin: AWSStandIn, s3: Any,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")  # wins, as in the AWS SDKs
+    driver = EC2Format("testing", "testing", ex_endpoint_url=aws_standin.url, **FAST)  # type: ignore[arg-type]
+    assert driver.region == "eu-west-1"
+    _, published = _render(driver, tmp_path, s3)
+    assert published.details["region"] == "eu-west-1"
+
+    def images(region: str) -> list[str]:
+        client = boto3.client("ec2", endpoint_url=aws_standin.url, region_name=region,
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        return [i["ImageId"] for i in client.describe_images()["Images"]]
+
+    assert images("eu-west-1") == [published.image_id]
+    assert images("us-east-1") == []
+    assert EC2Format("k", "s", region="us-west-2").region == "us-west-2"
+
+
 def test_explicit_endpoint_beats_the_environment(tmp_path: Path, aws_standin: AWSStandIn,
                                                  s3: Any,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,7 @@ from cloudlets.drivers.formats.ovf import OVAFormat, OVFFormat
 from cloudlets.drivers.formats.vmdk import read_descriptor, sparse_header
 from cloudlets.drivers.providers import get_driver
 from cloudlets.drivers.types import DriverKind, Format
-from cloudlets.errors import FormatError
+from cloudlets.errors import ConfigurationError
 from cloudlets.manifest import Manifest
 from cloudlets.testing.boot import FixtureUnavailable, build_boot_cloudlet, cache_dir
 from cloudlets.testing.formats import FormatDriverConformance, synthetic_disk
@@ -193,11 +193,11 @@ def test_firmware_declared(tmp_path: Path, disk_firmware: str, option: str | Non
 
 
 def test_bad_options_are_refused() -> None:
-    with pytest.raises(FormatError, match="ex_nic_type"):
+    with pytest.raises(ConfigurationError, match="ex_nic_type"):
         OVFFormat(ex_nic_type="virtio")
-    with pytest.raises(FormatError, match="ex_disk_controller"):
+    with pytest.raises(ConfigurationError, match="ex_disk_controller"):
         OVFFormat(ex_disk_controller="nvme2")
-    with pytest.raises(FormatError, match="ex_firmware"):
+    with pytest.raises(ConfigurationError, match="ex_firmware"):
         OVFFormat(ex_firmware="uefi")
 
 

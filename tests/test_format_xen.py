@@ -39,7 +39,7 @@ from cloudlets.drivers.base import DiskImage, FormatContext, OutputFile
 from cloudlets.drivers.formats.xen import XenFormat, find_root_filesystem, pygrub_config
 from cloudlets.drivers.providers import get_driver
 from cloudlets.drivers.types import DriverKind, Format
-from cloudlets.errors import FormatError
+from cloudlets.errors import ConfigurationError, FormatError
 from cloudlets.manifest import Manifest
 from cloudlets.testing.boot import (
     MARKER,
@@ -494,7 +494,7 @@ def test_unexpressible_arguments_are_refused() -> None:
 
 
 def test_bad_options_are_refused() -> None:
-    with pytest.raises(FormatError, match="ex_mode"):
+    with pytest.raises(ConfigurationError, match="ex_mode"):
         XenFormat(ex_mode="pvh")
-    with pytest.raises(FormatError, match="ex_image_dir"):
+    with pytest.raises(ConfigurationError, match="ex_image_dir"):
         XenFormat(ex_image_dir="/srv/it's")

@@ -23,6 +23,7 @@ through libcloud's EC2 driver (:class:`cloudlets.aws.EC2Client`).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -116,7 +117,8 @@ class EC2Format(FormatDriver):
     :param key: AWS access key id (else the environment or a profile).
     :param secret: AWS secret access key.
     :param token: AWS session token.
-    :param region: the EC2 region to import into and register in.
+    :param region: the EC2 region to import into and register in (else
+        ``AWS_REGION``, ``AWS_DEFAULT_REGION``, ``us-east-1``).
     :param ex_mode: ``ebs`` (ImportSnapshot + RegisterImage) or
         ``instance-store`` (encrypted bundle + RegisterImage).
     :param ex_disk_format: the disk uploaded for ``ebs``: ``raw``, ``vmdk``
@@ -150,7 +152,7 @@ class EC2Format(FormatDriver):
         FormatCapability.BOOTABLE | FormatCapability.MULTI_ARTIFACT | FormatCapability.PUBLISH)
 
     def __init__(self, key: str | None = None, secret: str | None = None, *,
-                 token: str | None = None, region: str = "us-east-1",
+                 token: str | None = None, region: str | None = None,
                  ex_mode: str = "ebs", ex_disk_format: str = "raw",
                  ex_endpoint_url: str | None = None, ex_profile: str | None = None,
                  ex_image_name: str | None = None, ex_description: str | None = None,
@@ -183,7 +185,8 @@ class EC2Format(FormatDriver):
         self.key = key
         self._secret = secret
         self._token = token
-        self.region = region
+        self.region = (region or os.environ.get("AWS_REGION")
+                       or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
         self.mode = ex_mode
         self.disk_format = ex_disk_format
         self.extension = (".manifest.xml" if ex_mode == "instance-store"

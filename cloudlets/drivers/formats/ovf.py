@@ -37,7 +37,7 @@ from typing import ClassVar
 from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile, sha256_file
 from cloudlets.drivers.formats.vmdk import write_stream_optimized
 from cloudlets.drivers.types import Format, FormatCapability
-from cloudlets.errors import FormatError
+from cloudlets.errors import ConfigurationError, FormatError
 
 __all__ = ["OVAFormat", "OVFFormat", "OVFPackage"]
 
@@ -148,12 +148,12 @@ class OVFFormat(FormatDriver):
                  ex_disk_controller: str = "lsilogic", ex_hardware_version: str = "vmx-10",
                  ex_firmware: str | None = None, ex_os_type: str | None = None) -> None:
         if ex_nic_type not in NIC_TYPES:
-            raise FormatError(f"ex_nic_type {ex_nic_type!r} is not one of {NIC_TYPES}")
+            raise ConfigurationError(f"ex_nic_type {ex_nic_type!r} is not one of {NIC_TYPES}")
         if ex_disk_controller not in DISK_CONTROLLERS:
-            raise FormatError(f"ex_disk_controller {ex_disk_controller!r} is not one of "
+            raise ConfigurationError(f"ex_disk_controller {ex_disk_controller!r} is not one of "
                               f"{tuple(DISK_CONTROLLERS)}")
         if ex_firmware not in (None, "bios", "efi"):
-            raise FormatError(f"ex_firmware {ex_firmware!r} is not 'bios' or 'efi'")
+            raise ConfigurationError(f"ex_firmware {ex_firmware!r} is not 'bios' or 'efi'")
         self.network = ex_network
         self.nic_type = ex_nic_type
         self.disk_controller = ex_disk_controller

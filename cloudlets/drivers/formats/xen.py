@@ -36,7 +36,7 @@ from typing import ClassVar
 
 from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
 from cloudlets.drivers.types import Format, FormatCapability
-from cloudlets.errors import FormatError
+from cloudlets.errors import ConfigurationError, FormatError
 from cloudlets.sparse import copy_sparse
 from cloudlets.tools import run
 
@@ -168,10 +168,10 @@ class XenFormat(FormatDriver):
     def __init__(self, ex_mode: str = "pv", ex_image_dir: str = "/var/lib/xen/images",
                  ex_bridge: str = "xenbr0", ex_timestamp: int | None = None) -> None:
         if ex_mode not in ("pv", "hvm"):
-            raise FormatError(f"ex_mode {ex_mode!r} is not 'pv' or 'hvm'")
+            raise ConfigurationError(f"ex_mode {ex_mode!r} is not 'pv' or 'hvm'")
         for label, value in (("ex_image_dir", ex_image_dir), ("ex_bridge", ex_bridge)):
             if not _SAFE_CFG_STRING.match(value) or "," in value:
-                raise FormatError(f"{label} {value!r} cannot be written into an xl "
+                raise ConfigurationError(f"{label} {value!r} cannot be written into an xl "
                                   "configuration (quotes, backslashes, commas, newlines)")
         self.mode = ex_mode
         self.image_dir = ex_image_dir
