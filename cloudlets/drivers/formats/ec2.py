@@ -42,7 +42,7 @@ from cloudlets.drivers.base import (
     StorageDriver,
     StoredArtifact,
 )
-from cloudlets.drivers.formats import qemuimg
+from cloudlets.drivers.formats.vmdk import write_stream_optimized
 from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import ConfigurationError, FormatError
 from cloudlets.sparse import copy_sparse
@@ -233,8 +233,8 @@ class EC2Format(FormatDriver):
             from cloudlets.drivers.formats.vhd import VHDFormat
 
             return VHDFormat().convert(context)
-        qemuimg.convert(context.disk.path, target, "vmdk",
-                        options={"subformat": "streamOptimized"})
+        # Reproducible (content-derived CID), version 3, as the OVF driver's.
+        write_stream_optimized(context.disk.path, target)
         return [OutputFile(role="disk", path=target, name=name,
                            media_type="application/x-vmdk")]
 
