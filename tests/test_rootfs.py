@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from cloudlets import rootfs, tarstream
 from cloudlets.errors import UnsafeArchiveError
 from cloudlets.rootfs import (
     METADATA_PATH,
@@ -472,3 +475,192 @@ def test_mke2fs_builds_the_filesystem_from_the_normalized_tar(tmp_path: Path) ->
     link, data = debugfs("stat /a/link"), debugfs("stat /z/data")
     assert link.split()[1] == data.split()[1]  # the same inode
     assert "Links: 2" in link
+
+
+# -- the fast paths: the same results as tarfile's, whatever the chunking ------
+
+_PLAIN_KINDS = [tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.DIRTYPE,
+                tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE,
+                tarfile.FIFOTYPE]
+_names = st.text(st.characters(codec="utf-8") | st.sampled_from("/./é"), max_size=90)
+
+
+@st.composite
+def _header_blocks(draw: st.DrawFn) -> bytes:
+    """A ustar, GNU or v7-ish header block, sometimes damaged in its numbers."""
+    info = tarfile.TarInfo(draw(_names))
+    info.type = draw(st.sampled_from(_PLAIN_KINDS))
+    info.mode = draw(st.integers(0, 0o7777))
+    info.uid, info.gid = draw(st.integers(0, 8**7 - 1)), draw(st.integers(0, 8**7 - 1))
+    info.size = draw(st.integers(0, 8**11 - 1))
+    info.mtime = draw(st.integers(0, 8**11 - 1))
+    info.linkname = draw(_names)
+    info.devmajor, info.devminor = draw(st.integers(0, 4095)), draw(st.integers(0, 2**20 - 1))
+    fmt = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+    try:
+        block = bytearray(info.tobuf(fmt, "utf-8", "surrogateescape")[-512:])
+    except ValueError:  # a name ustar cannot split
+        block = bytearray(tarfile.TarInfo("x").tobuf(fmt)[-512:])
+    for _ in range(draw(st.integers(0, 3))):
+        where = draw(st.sampled_from([100, 107, 108, 124, 130, 135, 136, 148, 150, 154, 155,
+                                      156, 329, 336, 337, 345, 400, 0, 99]))
+        block[where] = draw(st.sampled_from(b" \0 0789-+_xe\x80\xff"))
+    return bytes(block)
+
+
+@settings(max_examples=400, deadline=None)
+@given(block=_header_blocks())
+def test_plain_header_parses_as_tarfile_does(block: bytes) -> None:
+    ours = rootfs._plain_header(block)
+    try:
+        theirs = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        assert ours is None  # tarfile refuses it (or ends the archive there): so do we
+        return
+    if ours is None:
+        return  # left to tarfile
+    if theirs.isdir():
+        theirs.name = theirs.name.rstrip("/")  # as its _proc_builtin does
+    fields = ("name", "type", "mode", "uid", "gid", "size", "mtime", "linkname", "devmajor",
+              "devminor", "sparse", "pax_headers")
+    assert [getattr(ours, f) for f in fields] == [getattr(theirs, f) for f in fields]
+
+
+@given(st.binary(min_size=512, max_size=512))
+def test_byte_sum_is_the_sum_of_the_bytes(block: bytes) -> None:
+    assert rootfs._byte_sum(block) == sum(block)
+
+
+_raw_names = st.binary(min_size=1, max_size=130).map(
+    lambda raw: raw.replace(b"\0", b"x").decode("utf-8", "surrogateescape"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=_raw_names, linkname=_raw_names,
+       kind=st.sampled_from(_PLAIN_KINDS[:1] + _PLAIN_KINDS[3:]),
+       mode=st.integers(0, 0o7777), uid=st.integers(0, 2**32 - 2), gid=st.integers(0, 2**32 - 2),
+       size=st.integers(0, 2**40), mtime=st.integers(0, 2**40), devmajor=st.integers(0, 4095),
+       devminor=st.integers(0, 2**20 - 1),
+       xattrs=st.dictionaries(st.sampled_from(["user.a", "security.capability", "user.é"]),
+                              st.binary(max_size=40), max_size=3))
+def test_header_writer_writes_what_tarfile_writes(
+        name: str, linkname: str, kind: bytes, mode: int, uid: int, gid: int, size: int,
+        mtime: int, devmajor: int, devminor: int, xattrs: dict[str, bytes]) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.uid, info.gid, info.mtime = kind, mode, uid, gid, mtime
+    info.size, info.linkname = size, linkname
+    info.devmajor, info.devminor = devmajor, devminor
+    info.uname = info.gname = ""
+    info.pax_headers = {"SCHILY.xattr." + key: value.decode("utf-8", "surrogateescape")
+                        for key, value in sorted(xattrs.items())}
+    if kind == tarfile.DIRTYPE and not name.endswith("/"):
+        name += "/"  # tarfile adds it; write_tar does
+    ours = rootfs._pax_member(name, kind, mode, uid, gid, size, mtime, linkname=linkname,
+                              devmajor=devmajor, devminor=devminor, xattrs=xattrs)
+    assert ours == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _chunky_members() -> list[M]:
+    rng = __import__("random").Random(7)
+    members: list[M] = [D("./"), *SAMPLE[1:]]
+    for n in range(120):
+        members.append(M(f"./data/{n:03d}/" + "n" * (n % 140), rng.randbytes(n * 37 % 3000)))
+    members.append(M("./srv/" + "é" * 70, b"long name"))
+    return members
+
+
+@pytest.mark.parametrize("kind", [Compression.NONE, Compression.GZIP, Compression.XZ,
+                                  Compression.ZSTD])
+def test_chunk_boundaries_do_not_change_the_tree(tmp_path: Path, kind: Compression,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # headers across chunks take tarfile's path, whole ones the fast path: same bytes out
+    data = compress(build_tar(_chunky_members()), kind)
+    outputs = []
+    for chunk in (tarstream.CHUNK_SIZE, 700, 4099, 512):
+        monkeypatch.setattr(tarstream, "CHUNK_SIZE", chunk)
+        with read_tarball(io.BytesIO(data)) as tree:
+            outputs.append(tree.write_tar(tmp_path / f"{chunk}.tar",
+                                          source_date_epoch=MTIME).read_bytes())
+    assert all(output == outputs[0] for output in outputs)
+    with read_tarball(io.BytesIO(outputs[0])) as again:
+        assert again.read_bytes("/srv/" + "é" * 70) == b"long name"
+
+
+def test_concatenated_streams_are_read_across(tmp_path: Path) -> None:
+    data = build_tar(SAMPLE)
+    half = len(data) // 2
+    framed = {
+        "gzip": gzip.compress(data[:half]) + bytes(100) + gzip.compress(data[half:]) + bytes(9),
+        "xz": lzma.compress(data[:half]) + lzma.compress(data[half:]) + b"junk",  # as LZMAFile
+        "bzip2": bz2.compress(data[:half]) + bz2.compress(data[half:]),
+    }
+    for kind, packed in framed.items():
+        with read_tarball(io.BytesIO(packed)) as tree:
+            assert tree.compression == kind
+            assert tree.read_bytes("/home/user/.profile") == b"export A=1\n", kind
+
+
+def test_a_binary_xattr_name_survives_the_round_trip(tmp_path: Path) -> None:
+    # a LIBARCHIVE.xattr name is URL-encoded bytes: not always UTF-8
+    with read([M("f", b"x", pax={"LIBARCHIVE.xattr.user.%FF": "AAE"})]) as tree:
+        name = b"user.\xff".decode("utf-8", "surrogateescape")
+        assert tree["/f"].xattrs == {name: b"\x00\x01"}
+        out = tree.write_tar(tmp_path / "t.tar")
+    with read_tarball(out) as again:
+        assert again["/f"].xattrs == {name: b"\x00\x01"}
+    with tarfile.open(out) as archive:
+        assert archive.getmember("./f").pax_headers["SCHILY.xattr." + name] == "\x00\x01"
+
+
+_pax_keys = st.sampled_from(["path", "linkpath", "size", "uid", "gid", "mtime", "atime", "uname",
+                             "comment", "SCHILY.xattr.user.a", "SCHILY.xattr.security.x",
+                             "LIBARCHIVE.xattr.user.b", "GNU.sparse.size", "hdrcharset"])
+_pax_values = st.sampled_from(["0", "12", " 7", "1_0", "-5", "abc", "1.5", "inf", "", "a/b/",
+                               "etc/x", "../up", "é", "AAE", "4294967296"]) | st.text(max_size=8)
+
+
+@st.composite
+def _extended_members(draw: st.DrawFn) -> bytes:
+    """Members with PAX records, some of them odd, written by hand so that
+    tarfile's own writer does not tidy them."""
+    out = io.BytesIO()
+    for index in range(draw(st.integers(1, 4))):
+        info = tarfile.TarInfo(f"m{index}")
+        info.type = draw(st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE]))
+        data = draw(st.binary(max_size=600)) if info.type == tarfile.REGTYPE else b""
+        info.size = len(data)
+        info.linkname = "t" if info.type == tarfile.SYMTYPE else ""
+        records = draw(st.dictionaries(_pax_keys, _pax_values, max_size=4))
+        if records:
+            payload = tarfile.TarInfo._create_pax_generic_header(  # type: ignore[attr-defined]
+                records, tarfile.XHDTYPE, "utf-8")[512:].rstrip(b"\0")
+            if draw(st.booleans()):  # a raw record tarfile would not write
+                payload += b"%d junk\n" % draw(st.integers(0, 12))
+            extended = tarfile.TarInfo("././@PaxHeader")
+            extended.type, extended.size = tarfile.XHDTYPE, len(payload)
+            out.write(extended.tobuf(tarfile.USTAR_FORMAT))
+            out.write(payload + bytes(-len(payload) % 512))
+        out.write(info.tobuf(tarfile.USTAR_FORMAT))
+        out.write(data + bytes(-len(data) % 512))
+    out.write(bytes(1024))
+    return out.getvalue()
+
+
+def _outcome(data: bytes) -> object:
+    try:
+        with read_tarball(io.BytesIO(data)) as tree:
+            return [(e.path, e.type, e.mode, e.uid, e.gid, e.mtime, e.size, e.linkname, e.xattrs,
+                     tree.read_bytes(e.path) if e.type is EntryType.FILE else None)
+                    for e in tree] + tree.notes
+    except UnsafeArchiveError as exc:
+        return str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_extended_members())
+def test_fast_paths_read_what_tarfile_reads(data: bytes) -> None:
+    fast = _outcome(data)
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(rootfs, "_fast_member", lambda peek: None)
+        slow = _outcome(data)
+    assert fast == slow

@@ -6,10 +6,12 @@ outside its directory.
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +67,8 @@ REJECTED: list[tuple[str, list[M], str | None, str]] = [
     ("xattr-too-large", [M("f", b"", pax={"SCHILY.xattr.user.big": "x" * 70000})], "f",
      "more than 65536"),
     ("xattr-bad-base64", [M("f", b"", pax={"LIBARCHIVE.xattr.user.a": "!!!"})], "f", "base64"),
+    ("negative-size", [M("f", b"", pax={"size": "-1"})], "f", "negative size"),
+    ("mtime-infinite", [M("f", b"", pax={"mtime": "inf"})], "f", "malformed"),
 ]
 
 
@@ -210,6 +214,69 @@ def test_malformed_archives_are_refused(damage: str) -> None:
         data = packed[: len(packed) // 2]
     with pytest.raises(UnsafeArchiveError):
         read_tarball(io.BytesIO(data))
+
+
+def test_device_numbers_beyond_a_tar_header_are_refused() -> None:
+    # GNU base-256 numbers hold what the normalized tar could not write back
+    data = build_tar([M("dev/x", type=tarfile.CHRTYPE, devmajor=2**30)], fmt=tarfile.GNU_FORMAT)
+    with pytest.raises(UnsafeArchiveError, match="device number") as caught:
+        read_tarball(io.BytesIO(data))
+    assert caught.value.member == "dev/x"
+
+
+def test_a_bomb_is_metered_while_its_content_is_skipped() -> None:
+    # a volatile member's content is never spooled, but still decompressed and counted
+    started = time.perf_counter()
+    with pytest.raises(UnsafeArchiveError, match="compression ratio") as caught:
+        read_tarball(io.BytesIO(_zero_bomb(512 * 1024 * 1024)), volatile=["/var"])
+    assert caught.value.member == "var/bomb"
+    assert time.perf_counter() - started < 5
+
+
+def _decompressing() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "cloudlets-decompress" and t.is_alive()]
+
+
+@pytest.mark.parametrize("kind", [Compression.GZIP, Compression.ZSTD])
+def test_the_decompressing_thread_stops_when_a_member_is_refused(kind: Compression) -> None:
+    # the thread is ahead of the parser, blocked on a full queue, when the parser refuses
+    noise = os.urandom(1024 * 1024)
+    members = [M("ok", b"fine"), M("../evil", b"x")]
+    members += [M(f"data/{n}", noise) for n in range(24)]
+    data = compress(build_tar(members), kind)
+    with pytest.raises(UnsafeArchiveError, match=r"'\.\.'"):
+        read_tarball(io.BytesIO(data))
+    assert _decompressing() == []
+
+
+def test_a_corrupt_stream_is_reported_and_the_thread_stops() -> None:
+    text = b"".join(b"line %d of a configuration file\n" % n for n in range(200_000))
+    packed = bytearray(gzip.compress(build_tar([M("a", b"x"), M("big", text), M("c", b"y")])))
+    packed[len(packed) // 2] ^= 0x55
+    with pytest.raises(UnsafeArchiveError, match="malformed gzip tar archive") as caught:
+        read_tarball(io.BytesIO(bytes(packed)))
+    assert caught.value.member in ("big", "c")
+    assert _decompressing() == []
+
+
+def test_the_source_is_left_alone_once_read_tarball_returns() -> None:
+    class Watched(io.BytesIO):
+        reads = 0
+
+        def read(self, size: int | None = -1) -> bytes:
+            self.reads += 1
+            return super().read(size)
+
+    source = Watched(compress(build_tar(SAMPLE_BIG), Compression.GZIP))
+    with read_tarball(source) as tree:
+        assert _decompressing() == []
+        reads = source.reads
+        time.sleep(0.05)
+        assert source.reads == reads
+        assert tree.read_bytes("/big/0")[:4] == b"\0\0\0\0"
+
+
+SAMPLE_BIG = [M(f"big/{n}", bytes(300_000)) for n in range(40)]
 
 
 # -- neutralized: accepted, but made harmless or kept faithfully inside ------
