@@ -392,8 +392,9 @@ def s3_target(work: Path, stack: ExitStack) -> Target | str:
     return Target(
         name="s3", server="moto_server (tests/moto_fixture.py), spools objects to temp files",
         variants=[Variant("s3", "s3", options,
-                          "exists() HEAD; multipart in 5 MiB parts, one at a time, each with "
-                          "Content-MD5; HEAD for size and x-amz-meta-sha256; no read-back")],
+                          "exists() HEAD; file hashed first (sha256 metadata); multipart in "
+                          "8 MiB parts, 4 in flight; HEAD for size and x-amz-meta-sha256; "
+                          "no read-back")],
         plain=plain, destination=destination, reset=reset)
 
 
@@ -519,7 +520,8 @@ def print_table(report: dict[str, Any]) -> None:
           f"{report['cpus']} CPUs")
     print("cloudlets call: upload(path, location)"
           + (" with sha256 given" if report["known_digest"]
-             else " without sha256 (the base hashes the file first, as for the Renderer)"))
+             else " without sha256, as the Renderer calls it (hashed once while stored, "
+                  "first only for drivers that send it up front: S3)"))
     header = (f"{'target':<7}{'cloudlets':<21}{'plain tool':<20}{'cl. s':>7}{'plain s':>8}"
               f"{'ratio':>7}{'cl. MiB':>8}{'plain MiB':>10}{'base s':>7}{'base MiB':>9}"
               f"  result")

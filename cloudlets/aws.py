@@ -218,7 +218,7 @@ def _ec2_classes() -> tuple[type[Any], type[Any], tuple[type[BaseException], ...
         from libcloud.compute.drivers.ec2 import EC2Connection, EC2NodeDriver, EC2Response
     except ImportError:  # pragma: no cover - depends on the installation
         raise ConfigurationError("the EC2 format needs apache-libcloud: "
-                                 "pip install cloudlets[ec2]") from None
+                                 "pip install apache-libcloud") from None
 
     class _Error(LibcloudError):  # type: ignore[misc]
         def __init__(self, code: str, message: str, status: int) -> None:

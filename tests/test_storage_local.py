@@ -1,7 +1,9 @@
-"""LocalStorage: the conformance suite plus atomicity on the filesystem."""
+"""LocalStorage: the conformance suite plus atomicity and sparseness on the filesystem."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cloudlets import StorageError
-from cloudlets.drivers.storage.local import LocalStorage
+from cloudlets.drivers.storage.local import LocalStorage, _Copier
 from cloudlets.testing.storage import StorageDriverConformance
 
 
@@ -100,3 +102,153 @@ def test_artifact_is_fsynced_and_readable(tmp_path: Path) -> None:
     artifact = LocalStorage().upload(b"data", str(target))
     assert oct(os.stat(target).st_mode & 0o777) == oct(0o644)
     assert artifact.size == 4
+
+
+# -- sparse, in-kernel copies -------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def _sparse_source(path: Path) -> bytes:
+    """A 64 MiB file: 3 MiB of data in four places, 2 MiB of written zeros,
+    the rest holes. :returns: its content."""
+    pieces = {0: os.urandom(MiB), 10 * MiB + 123: os.urandom(5000),
+              20 * MiB: bytes(2 * MiB), 40 * MiB - 7: os.urandom(MiB + 9),
+              64 * MiB - 1000: os.urandom(1000)}
+    with open(path, "wb") as handle:
+        handle.truncate(64 * MiB)
+        for offset, data in pieces.items():
+            handle.seek(offset)
+            handle.write(data)
+    return path.read_bytes()
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_sparse_source_stays_sparse(tmp_path: Path) -> None:
+    source = tmp_path / "disk.raw"
+    data = _sparse_source(source)
+    if _allocated(source) > 16 * MiB:
+        pytest.skip("this filesystem does not keep holes")
+    target = tmp_path / "out" / "disk.raw"
+    artifact = LocalStorage().upload(source, str(target))
+    assert target.read_bytes() == data
+    assert artifact.size == len(data) == 64 * MiB
+    assert artifact.sha256 == hashlib.sha256(data).hexdigest()
+    # 3 MiB of data, each piece rounded out to whole 1 MiB zero blocks at
+    # most; the 2 MiB of written zeros are not written again.
+    assert _allocated(target) <= 8 * MiB
+    assert _allocated(target) < _allocated(source)
+
+
+def test_stream_zeros_are_not_written(tmp_path: Path) -> None:
+    data = os.urandom(100) + bytes(16 * MiB) + os.urandom(MiB) + bytes(8 * MiB)
+    target = tmp_path / "stream.raw"
+
+    def chunks() -> Iterator[bytes]:
+        for offset in range(0, len(data), 3 * MiB + 5):  # unaligned chunks
+            yield data[offset:offset + 3 * MiB + 5]
+
+    artifact = LocalStorage().upload(chunks(), str(target))
+    assert target.read_bytes() == data
+    assert artifact.sha256 == hashlib.sha256(data).hexdigest()
+    assert os.path.getsize(target) == len(data)
+    assert _allocated(target) <= 4 * MiB
+
+
+def test_all_zero_and_empty_sources(tmp_path: Path) -> None:
+    zeros = tmp_path / "zeros.raw"
+    zeros.write_bytes(bytes(3 * MiB + 1))
+    empty = tmp_path / "empty.raw"
+    empty.write_bytes(b"")
+    for source in (zeros, empty):
+        target = tmp_path / "out" / source.name
+        artifact = LocalStorage().upload(source, str(target))
+        assert target.read_bytes() == source.read_bytes()
+        assert artifact.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert _allocated(target) <= 64 * 1024
+
+
+@pytest.mark.parametrize("unsupported", [("copy_file_range",),
+                                         ("copy_file_range", "sendfile")])
+def test_copy_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                         unsupported: tuple[str, ...]) -> None:
+    """Across filesystems (EXDEV) or where a call is missing, the copy falls
+    back to sendfile, then to pread/pwrite, with the same result."""
+    calls: list[str] = []
+
+    def refuse(name: str) -> Callable[..., int]:
+        def refused(*args: object) -> int:
+            calls.append(name)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return refused
+
+    for name in unsupported:
+        monkeypatch.setattr(os, name, refuse(name))
+    source = tmp_path / "disk.raw"
+    data = _sparse_source(source)
+    target = tmp_path / "out" / "disk.raw"
+    artifact = LocalStorage().upload(source, str(target))
+    assert target.read_bytes() == data
+    assert artifact.sha256 == hashlib.sha256(data).hexdigest()
+    assert sorted(set(calls)) == sorted(unsupported)
+
+
+def test_copy_error_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    source = tmp_path / "disk.raw"
+    _sparse_source(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StorageError, match="No space left on device"):
+        LocalStorage().upload(source, str(out / "disk.raw"))
+    assert list(out.iterdir()) == []
+
+
+def test_source_changing_size_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "disk.raw"
+    _sparse_source(source)
+    runs = _Copier._data_runs
+
+    def grow_then_list(self: _Copier) -> list[tuple[int, int]]:
+        found = runs(self)
+        with open(source, "ab") as handle:
+            handle.write(b"late")
+        return found
+
+    monkeypatch.setattr(_Copier, "_data_runs", grow_then_list)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StorageError, match="changed size"):
+        LocalStorage().upload(source, str(out / "disk.raw"))
+    assert list(out.iterdir()) == []
+
+
+def test_caller_digest_still_checked_for_files(tmp_path: Path) -> None:
+    source = tmp_path / "disk.raw"
+    data = _sparse_source(source)
+    target = tmp_path / "disk-copy.raw"
+    with pytest.raises(StorageError, match="sha256"):
+        LocalStorage().upload(source, str(target), sha256="2" * 64)
+    assert not target.exists()
+    digest = hashlib.sha256(data).hexdigest()
+    assert LocalStorage().upload(source, str(target), sha256=digest).sha256 == digest
+
+
+def test_file_source_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hashing pass before the copy: the digest is taken from the copy."""
+    import cloudlets.drivers.base as base
+
+    def no_prehash(path: Path, chunk_size: int = 0) -> str:
+        raise AssertionError("the file was hashed before the upload")
+
+    monkeypatch.setattr(base, "sha256_file", no_prehash)
+    source = tmp_path / "disk.raw"
+    data = _sparse_source(source)
+    artifact = LocalStorage().upload(source, str(tmp_path / "copy.raw"))
+    assert artifact.sha256 == hashlib.sha256(data).hexdigest()

@@ -11,6 +11,13 @@ produced the bytes. The base class counts and hashes what passes through,
 checks the driver's declared capabilities before dispatch and refuses to
 report success for bytes that do not match the expected digest.
 
+The digest is computed once, as the bytes stream: that is the artifact's
+digest. Only a driver that declares :attr:`StorageDriver.NEEDS_DIGEST_FIRST`
+(it sends the digest before the first byte, e.g. as S3 object metadata at
+the start of a multipart upload) gets a file source hashed beforehand when
+the caller gave no ``sha256``; the streamed bytes are still hashed and must
+match it.
+
 Where a format needs a step after storing (EC2 registers an AMI once the disk
 is on S3) it implements :meth:`FormatDriver.publish`, which receives the
 stored artifacts and the storage driver; the two families never import each
@@ -208,7 +215,29 @@ class UploadSource:
             if close:
                 handle.close()
 
-    def _account(self, chunk: bytes) -> None:
+    def account(self, data: bytes | bytearray | memoryview) -> None:
+        """Count and hash bytes a driver moved itself, in order.
+
+        For a driver that copies :attr:`path` without pulling :meth:`chunks`
+        (in the kernel, say): it reads back what it stored and passes it
+        here, so the digest is of the bytes as stored.
+
+        :raises StorageError: for a stream source (pull :meth:`chunks`).
+        """
+        if self.path is None:
+            raise StorageError("a stream source is read through chunks()")
+        self._consumed = True
+        self._account(data)
+
+    def account_zeros(self, length: int) -> None:
+        """Like :meth:`account` for ``length`` zero bytes: a hole the driver
+        left in what it stored, which reads as zeros."""
+        while length > 0:
+            step = min(length, len(_ZEROS))
+            self.account(_ZEROS_VIEW[:step])
+            length -= step
+
+    def _account(self, chunk: bytes | bytearray | memoryview) -> None:
         self._hash.update(chunk)
         self.bytes_read += len(chunk)
 
@@ -235,12 +264,18 @@ class UploadSource:
     def mark_read_externally(self) -> None:
         """Declare that a driver handed :attr:`path` to an external tool
         instead of pulling :meth:`chunks`; the base then trusts the
-        precomputed :attr:`sha256` and :attr:`size`."""
+        precomputed :attr:`sha256` and :attr:`size` (a driver doing this
+        declares :attr:`StorageDriver.NEEDS_DIGEST_FIRST`)."""
         if self.path is None or self.sha256 is None or self.size is None:
             raise StorageError("only a file source with a known digest can be read externally")
         self._consumed = True
         self.bytes_read = self.size
         self._hash = _FixedDigest(self.sha256)
+
+
+#: Zeros for :meth:`UploadSource.account_zeros`.
+_ZEROS = bytes(1024 * 1024)
+_ZEROS_VIEW = memoryview(_ZEROS)
 
 
 class _FixedDigest:
@@ -324,6 +359,12 @@ class StorageDriver(ABC):
     capabilities: ClassVar[StorageCapability] = StorageCapability.NONE
     #: Bytes per read when streaming a file source.
     CHUNK_SIZE: ClassVar[int] = 4 * 1024 * 1024
+    #: Whether :meth:`_upload` needs the expected digest before the first
+    #: byte goes out (S3 sends it as object metadata when a multipart upload
+    #: starts). The base then hashes a file source first when the caller
+    #: gave no ``sha256``; for every other driver the digest of what was
+    #: streamed is the artifact's, and the file is read once.
+    NEEDS_DIGEST_FIRST: ClassVar[bool] = False
 
     # -- public API ---------------------------------------------------------
 
@@ -339,6 +380,7 @@ class StorageDriver(ABC):
         :param size: the length, when known (required unless the driver can
             ``STREAM``).
         :param sha256: the expected digest; a mismatch fails the upload.
+            Without it, the digest of the bytes stored is reported.
         :param media_type: the MIME type.
         :param role: the artifact's role, copied into the result.
         :param overwrite: replace an existing object instead of refusing.
@@ -354,6 +396,13 @@ class StorageDriver(ABC):
         if not overwrite and self.exists(location):
             raise StorageError(f"refusing to overwrite existing {redact(location)}",
                                redact(location))
+        if self.NEEDS_DIGEST_FIRST and upload_source.path is not None \
+                and upload_source.sha256 is None:
+            try:
+                upload_source.sha256 = sha256_file(upload_source.path, self.CHUNK_SIZE)
+            except OSError as exc:
+                raise StorageError(f"cannot read upload source {upload_source.path}: "
+                                   f"{exc.strerror or exc}", str(upload_source.path)) from None
         try:
             final = self._upload(upload_source, location, overwrite=overwrite)
             upload_source.verify(location)
@@ -393,8 +442,11 @@ class StorageDriver(ABC):
         """Store the bytes of ``source`` at ``location``.
 
         Pull bytes with ``source.chunks(self.CHUNK_SIZE)``; the base hashes
-        them. Make the artifact appear complete only once every byte is
-        written and, when given, ``source.sha256`` matches ``source.digest``.
+        them (a driver that copies ``source.path`` itself feeds what it
+        stored to ``source.account``). Make the artifact appear complete only
+        once every byte is written and ``source.verify`` passed: it checks
+        the size, and the digest when ``source.sha256`` is known (always for
+        a file source when :attr:`NEEDS_DIGEST_FIRST` is set).
 
         :returns: the final location (credentials redacted).
         """
@@ -439,8 +491,6 @@ class StorageDriver(ABC):
             if size is not None and size != actual_size:
                 raise StorageError(f"upload source {path} has {actual_size} bytes, "
                                    f"expected {size}", str(path))
-            if sha256 is None:
-                sha256 = sha256_file(path)
             return UploadSource(path=path, size=actual_size, sha256=sha256,
                                 media_type=media_type)
         if isinstance(source, (io.IOBase,)) or hasattr(source, "read"):

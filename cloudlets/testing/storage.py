@@ -118,6 +118,16 @@ class StorageDriverConformance:
             storage.upload(b"payload", location, size=7, sha256="0" * 64)
         assert not storage.exists(location)
 
+    def test_file_digest_mismatch_leaves_nothing(self, storage: StorageDriver,
+                                                 new_location: NewLocation,
+                                                 tmp_path: Path) -> None:
+        source = tmp_path / "mismatch.img"
+        source.write_bytes(_payload(70_001, seed=2))
+        location = new_location("file-mismatch.img")
+        with pytest.raises(StorageError, match="sha256"):
+            storage.upload(source, location, sha256="1" * 64)
+        assert not storage.exists(location)
+
     def test_failing_source_leaves_nothing(self, storage: StorageDriver,
                                            new_location: NewLocation) -> None:
         self._needs(storage, StorageCapability.STREAM)

@@ -104,6 +104,9 @@ class LibcloudStorage(StorageDriver):
         StorageCapability.STREAM | StorageCapability.VERIFY | StorageCapability.DELETE
         | StorageCapability.READ | StorageCapability.ATOMIC)
     CHUNK_SIZE: ClassVar[int] = 1024 * 1024
+    #: The sha256 goes into the object's metadata, which providers take with
+    #: the first request of an upload.
+    NEEDS_DIGEST_FIRST: ClassVar[bool] = True
     #: The location scheme this driver accepts (besides ``container/object``).
     SCHEME: ClassVar[str] = "libcloud"
     #: Whether ``container/object`` without a scheme is accepted.

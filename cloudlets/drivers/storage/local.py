@@ -4,12 +4,31 @@ Writes go to a hidden temporary file in the target directory, are fsynced,
 checked against the expected digest, then linked into place (refusing to
 clobber) or renamed over the old file when ``overwrite`` is asked for. A
 reader never sees a partial artifact at the final path.
+
+**Sparse.** Zeros are not written: the holes of a file source (found with
+``SEEK_DATA``/``SEEK_HOLE``) and any all-zero :attr:`LocalStorage.ZERO_BLOCK`
+of data or of a stream are skipped, and the file gets its length with
+``ftruncate``. A sparse raw or VHD disk stays sparse.
+
+**A file source** is copied in the kernel (``copy_file_range``, else
+``sendfile``, else ``pread``/``pwrite``), data run by data run, by a helper
+thread that fsyncs the copy once it is done. Meanwhile the calling thread
+reads back each range of the copy as soon as it is written and hashes it, so
+the digest is of the bytes as stored, and hashing (the bottleneck) overlaps
+the copy and the fsync. Measured in process on ext4, warm 512 MiB file, on
+a shared 2-CPU machine (best of 5): 0.46 s, as ``cp --sparse=never`` plus
+``sync FILE`` (0.45 s); 2 GiB: 2.0 s against 1.8 s. Reading each block into
+Python, hashing it and writing it took 0.72 s with a writer thread, 0.75 s
+without; an ``fdatasync`` every 128 MiB cost CPU and gained nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import queue
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO, ClassVar
 from urllib.parse import unquote, urlsplit
@@ -19,6 +38,12 @@ from cloudlets.drivers.types import Storage, StorageCapability
 from cloudlets.errors import StorageError
 
 __all__ = ["LocalStorage"]
+
+#: Errors meaning "this way of copying does not work for these files".
+_UNSUPPORTED = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
+                          errno.EBADF})
+#: Bytes read first to tell a data block from a zero block.
+_PROBE = 4096
 
 
 class LocalStorage(StorageDriver):
@@ -30,11 +55,16 @@ class LocalStorage(StorageDriver):
 
     name: ClassVar[str] = Storage.LOCAL
     website: ClassVar[str] = "https://en.wikipedia.org/wiki/File_URI_scheme"
-    description: ClassVar[str] = "Local files: atomic write (temp, fsync, link/rename)"
+    description: ClassVar[str] = ("Local files: sparse, atomic write (temp, fsync, "
+                                  "link/rename)")
     capabilities: ClassVar[StorageCapability] = (
         StorageCapability.STREAM | StorageCapability.VERIFY | StorageCapability.DELETE
         | StorageCapability.READ | StorageCapability.ATOMIC)
-    CHUNK_SIZE: ClassVar[int] = 1024 * 1024
+    #: Bytes per read of a stream, and per copy and read-back of a file source.
+    CHUNK_SIZE: ClassVar[int] = 8 * 1024 * 1024
+    #: The unit of zero detection: an aligned block of zeros this long is not
+    #: written (at most :attr:`CHUNK_SIZE`).
+    ZERO_BLOCK: ClassVar[int] = 1024 * 1024
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).resolve() if root is not None else None
@@ -78,11 +108,13 @@ class LocalStorage(StorageDriver):
                                         dir=final.parent)
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                for chunk in source.chunks(self.CHUNK_SIZE):
-                    handle.write(chunk)
-                handle.flush()
-                os.fsync(handle.fileno())
+            try:
+                if source.path is not None:
+                    self._copy_file(source, fd, location)
+                else:
+                    self._write_stream(source, fd)
+            finally:
+                os.close(fd)
             source.verify(location)
             os.chmod(tmp, 0o644)
             if overwrite:
@@ -118,6 +150,55 @@ class LocalStorage(StorageDriver):
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror}", location) from None
 
+    # -- private helpers ----------------------------------------------------
+
+    def _write_stream(self, source: UploadSource, fd: int) -> None:
+        """Write the chunks the base hashes, skipping aligned zero blocks;
+        set the length and fsync."""
+        offset = 0
+        for chunk in source.chunks(self.CHUNK_SIZE):
+            view = memoryview(chunk)
+            start = 0
+            while start < len(view):
+                # Up to the next ZERO_BLOCK boundary of the file.
+                end = min(len(view), start + self.ZERO_BLOCK - (offset + start) % self.ZERO_BLOCK)
+                if not _is_zero(chunk, start, end):
+                    _pwrite_all(fd, view[start:end], offset + start)
+                start = end
+            offset += len(view)
+        os.ftruncate(fd, offset)
+        os.fsync(fd)
+
+    def _copy_file(self, source: UploadSource, fd: int, location: str) -> None:
+        """Copy a file source in the kernel on a helper thread while this
+        thread hashes what was stored; the helper fsyncs at the end."""
+        assert source.path is not None and source.size is not None
+        with open(source.path, "rb") as handle:
+            os.ftruncate(fd, source.size)
+            copier = _Copier(handle.fileno(), fd, source.size, self.CHUNK_SIZE,
+                             self.ZERO_BLOCK, location)
+            thread = threading.Thread(target=copier.run, name="cloudlets-local-copy",
+                                      daemon=True)
+            thread.start()
+            try:
+                buffer = bytearray(self.CHUNK_SIZE)
+                view = memoryview(buffer)
+                while (step := copier.steps.get()) is not None:
+                    if isinstance(step, BaseException):
+                        raise step
+                    offset, length, data = step
+                    if not data:
+                        source.account_zeros(length)
+                        continue
+                    got = os.preadv(fd, [view[:length]], offset)
+                    if got != length:
+                        raise StorageError(f"short read-back of {location} at {offset}",
+                                           location)
+                    source.account(view[:length])
+            finally:
+                copier.stop.set()
+                thread.join()
+
     @staticmethod
     def _fsync_dir(directory: Path) -> None:
         fd = os.open(directory, os.O_RDONLY)
@@ -125,3 +206,150 @@ class LocalStorage(StorageDriver):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class _Copier:
+    """Copies a file's non-zero ranges into another, in the kernel, and
+    reports each range, in file order, on :attr:`steps`: ``(offset, length,
+    True)`` once copied, ``(offset, length, False)`` for a range left as a
+    hole; then ``None`` after the fsync, or the exception that stopped it."""
+
+    def __init__(self, src: int, dst: int, size: int, chunk_size: int, zero_block: int,
+                 location: str) -> None:
+        self.src = src
+        self.dst = dst
+        self.size = size
+        self.chunk_size = chunk_size
+        self.zero_block = zero_block
+        self.location = location
+        self.steps: queue.SimpleQueue[tuple[int, int, bool] | BaseException | None] = \
+            queue.SimpleQueue()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self._mode = "copy_file_range"
+
+    def run(self) -> None:
+        try:
+            offset = 0
+            for start, end in self._data_runs():
+                if start > offset:
+                    self.steps.put((offset, start - offset, False))
+                self._copy_run(start, end)
+                offset = end
+            if offset < self.size:
+                self.steps.put((offset, self.size - offset, False))
+            if os.fstat(self.src).st_size != self.size:
+                raise StorageError(f"the source of {self.location} changed size while "
+                                   f"being stored", self.location)
+            os.fsync(self.dst)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            self.error = exc
+            self.steps.put(exc)
+            return
+        self.steps.put(None)
+
+    def _data_runs(self) -> list[tuple[int, int]]:
+        """:returns: the ``[start, end)`` ranges of the source that may hold data."""
+        runs: list[tuple[int, int]] = []
+        offset = 0
+        while offset < self.size:
+            try:
+                start = os.lseek(self.src, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
+                    break
+                return [(0, self.size)]  # no SEEK_DATA here: all of it is data
+            if start >= self.size:
+                break
+            end = min(os.lseek(self.src, start, os.SEEK_HOLE), self.size)
+            runs.append((start, end))
+            offset = end
+        return runs
+
+    def _copy_run(self, start: int, end: int) -> None:
+        """Copy a data run in steps of at most ``chunk_size``, skipping its
+        aligned zero blocks."""
+        pending = start  # start of the data not yet copied
+        position = start
+        while position < end:
+            if self.stop.is_set():
+                raise StorageError(f"copy to {self.location} interrupted", self.location)
+            block_end = min(end, position + self.zero_block - position % self.zero_block)
+            if self._zero(position, block_end):
+                self._flush(pending, position)
+                self.steps.put((position, block_end - position, False))
+                pending = block_end
+            elif block_end - pending > self.chunk_size:
+                self._flush(pending, position)
+                pending = position
+            position = block_end
+        self._flush(pending, end)
+
+    def _flush(self, start: int, end: int) -> None:
+        if end > start:
+            self._copy(start, end - start)
+            self.steps.put((start, end - start, True))
+
+    def _zero(self, start: int, end: int) -> bool:
+        probe = os.pread(self.src, min(_PROBE, end - start), start)
+        if not _is_zero(probe, 0, len(probe)):
+            return False
+        block = os.pread(self.src, end - start, start)
+        if len(block) != end - start:
+            raise StorageError(f"the source of {self.location} ended early", self.location)
+        return _is_zero(block, 0, len(block))
+
+    def _copy(self, offset: int, length: int) -> None:
+        """Copy ``length`` bytes at ``offset`` (same offset in both files)."""
+        done = 0
+        while done < length:
+            position = offset + done
+            count = length - done
+            try:
+                if self._mode == "copy_file_range":
+                    sent = os.copy_file_range(self.src, self.dst, count, position, position)
+                elif self._mode == "sendfile":
+                    os.lseek(self.dst, position, os.SEEK_SET)
+                    sent = os.sendfile(self.dst, self.src, position, count)
+                else:
+                    data = os.pread(self.src, min(count, self.chunk_size), position)
+                    if data:
+                        _pwrite_all(self.dst, memoryview(data), position)
+                    sent = len(data)
+            except OSError as exc:
+                if exc.errno in _UNSUPPORTED and done == 0 and self._mode != "pread":
+                    self._mode = "sendfile" if self._mode == "copy_file_range" else "pread"
+                    continue
+                raise
+            if sent == 0:
+                raise StorageError(f"the source of {self.location} ended early",
+                                   self.location)
+            done += sent
+
+
+_ZERO_BLOCK_BYTES = bytes(LocalStorage.ZERO_BLOCK)
+
+
+def _is_zero(data: bytes | bytearray, start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` is all zeros (a memcmp; stops at the first
+    non-zero byte)."""
+    length = end - start
+    if length > len(_ZERO_BLOCK_BYTES):
+        return all(_is_zero(data, position, min(end, position + len(_ZERO_BLOCK_BYTES)))
+                   for position in range(start, end, len(_ZERO_BLOCK_BYTES)))
+    if start == 0 and length == len(data):
+        piece: bytes | bytearray = data
+    else:
+        if data[start] or data[end - 1]:
+            return False
+        piece = data[start:end]
+    if length == len(_ZERO_BLOCK_BYTES):
+        return piece == _ZERO_BLOCK_BYTES
+    return piece == _ZERO_BLOCK_BYTES[:length]
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data = data[written:]
+        offset += written
