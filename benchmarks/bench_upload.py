@@ -416,9 +416,9 @@ def nbd_target(work: Path, size: int, stack: ExitStack) -> Target | str:
     return Target(
         name="nbd", server="nbdkit file plugin, writes to a file on disk",
         variants=[Variant("nbd", "san", {},
-                          "exists() reads the first MiB; 4 MiB writes, one in flight; FLUSH; "
-                          "reads the whole image back for its sha256; first MiB written last "
-                          "and read back"),
+                          "exists() reads the first MiB; 4 MiB writes, up to 8 in flight; "
+                          "FLUSH; reads the whole image back for its sha256 (8 reads in "
+                          "flight); first MiB written last and read back"),
                   Variant("nbd ex_verify=False", "san", {"ex_verify": False},
                           "as above without the read-back", variant=True)],
         plain=[Plain("qemu-img convert -n",

@@ -3,6 +3,9 @@
 - :func:`nbd_server`: two ``nbdkit`` processes (the ``file`` plugin with
   ``dir=``: every file of one directory is an export named after it), one
   on a TCP port of 127.0.0.1, one on a Unix socket (``nbd+unix://``).
+- :class:`ScriptedNBDServer`: a small NBD server of our own on 127.0.0.1,
+  for what nbdkit will not do on request: hold replies back and send them
+  in reverse order, count the requests in flight, fail one request.
 - :func:`iscsi_server`: Debian's ``tgtd`` with its iSCSI portal on
   127.0.0.1, its control socket in the test's directory
   (``TGT_IPC_SOCKET``), and one target per LUN the test asks for, bound
@@ -34,9 +37,12 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import select
 import shutil
 import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,6 +57,7 @@ __all__ = [
     "IQN_PREFIX",
     "ISCSIServer",
     "NBDServer",
+    "ScriptedNBDServer",
     "fill_target",
     "iscsi_server",
     "nbd_server",
@@ -198,6 +205,162 @@ def nbd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NBDServer]:
     finally:
         for process in processes:
             _stop(process)
+
+
+# -- a scripted NBD server ---------------------------------------------------------
+
+
+_NBD_REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+_NBD_CMD_NAMES = {0: "read", 1: "write", 2: "disc", 3: "flush"}
+_EIO = 5
+
+
+@dataclass
+class NBDRequest:
+    """A request the server received."""
+
+    command: str
+    offset: int
+    length: int
+    #: requests received before this one and not yet answered
+    outstanding: int
+
+
+class ScriptedNBDServer:
+    """An NBD server (fixed newstyle, ``NBD_OPT_GO``, simple replies) on
+    127.0.0.1 over one in-memory export, one connection at a time.
+
+    It holds replies back until :attr:`hold` are waiting or the client
+    sends nothing for :attr:`idle` seconds, then sends them newest first:
+    a client that waits for each reply sees one request at a time answered
+    late; a client that keeps several in flight sees them answered out of
+    order. Writes land in :attr:`data` as they arrive.
+
+    :param fail: ``(command, offset)`` of requests to answer with ``EIO``
+        (a failed write changes nothing; a failed read sends no payload,
+        as nbdkit does).
+    :param hang_up: ``(command, offset)`` of requests on which to close the
+        connection instead of answering (and of any held back).
+    """
+
+    def __init__(self, data: bytes, *, hold: int = 4, idle: float = 0.1,
+                 fail: set[tuple[str, int]] | frozenset[tuple[str, int]] = frozenset(),
+                 hang_up: set[tuple[str, int]] | frozenset[tuple[str, int]] = frozenset(),
+                 ) -> None:
+        self.data = bytearray(data)
+        self.hold = hold
+        self.idle = idle
+        self.fail = set(fail)
+        self.hang_up = set(hang_up)
+        #: every connection's requests, in the order received
+        self.connections: list[list[NBDRequest]] = []
+        #: whether any reply went out before that of an earlier request
+        self.reordered = False
+        #: connections the client ended with NBD_CMD_DISC
+        self.disconnects = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)  # to notice the end
+        self.port = self._listener.getsockname()[1]
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def location(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/scripted"
+
+    def max_outstanding(self, command: str) -> int:
+        """:returns: the most requests in flight when a ``command`` arrived
+        (that one included)."""
+        return max((r.outstanding + 1 for c in self.connections for r in c
+                    if r.command == command), default=0)
+
+    def __enter__(self) -> ScriptedNBDServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=TIMEOUT)
+        self._listener.close()
+        assert not self._thread.is_alive(), "the scripted NBD server did not stop"
+        assert not self.errors, self.errors
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                with conn:
+                    conn.settimeout(TIMEOUT)
+                    self._handshake(conn)
+                    self._transmit(conn)
+            except (ConnectionError, EOFError):
+                pass  # the client hung up
+            except Exception as exc:  # noqa: BLE001 - reported by __exit__
+                self.errors.append(exc)
+
+    @staticmethod
+    def _recv(conn: socket.socket, length: int) -> bytes:
+        data = bytearray()
+        while len(data) < length:
+            chunk = conn.recv(min(length - len(data), 1 << 20))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return bytes(data)
+
+    def _handshake(self, conn: socket.socket) -> None:
+        conn.sendall(b"NBDMAGIC" + struct.pack(">QH", 0x49484156454F5054, 0b11))
+        self._recv(conn, 4)  # the client's flags
+        while True:
+            _magic, option, length = struct.unpack(">QII", self._recv(conn, 16))
+            self._recv(conn, length)
+            if option != 7:  # NBD_OPT_GO only
+                conn.sendall(struct.pack(">QIII", 0x3E889045565A9, option, 1 << 31 | 1, 0))
+                continue
+            flags = 1 | 1 << 2  # NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH
+            info = struct.pack(">HQH", 0, len(self.data), flags)
+            conn.sendall(struct.pack(">QIII", 0x3E889045565A9, option, 3, len(info)) + info)
+            conn.sendall(struct.pack(">QIII", 0x3E889045565A9, option, 1, 0))
+            return
+
+    def _transmit(self, conn: socket.socket) -> None:
+        log: list[NBDRequest] = []
+        self.connections.append(log)
+        held: list[tuple[int, bytes]] = []  # (sequence, reply), oldest first
+        sequence = itertools.count()
+        last_sent = -1
+        while True:
+            if held and (len(held) >= self.hold
+                         or not select.select([conn], [], [], self.idle)[0]):
+                for number, reply in reversed(held):
+                    self.reordered |= number < last_sent
+                    last_sent = max(last_sent, number)
+                    conn.sendall(reply)
+                held.clear()
+                continue
+            magic, _flags, kind, cookie, offset, length = _NBD_REQUEST.unpack(
+                self._recv(conn, _NBD_REQUEST.size))
+            assert magic == 0x25609513, f"bad request magic {magic:#x}"
+            command = _NBD_CMD_NAMES[kind]
+            log.append(NBDRequest(command, offset, length, len(held)))
+            payload = self._recv(conn, length) if command == "write" else b""
+            if command == "disc":
+                self.disconnects += 1
+                return
+            if (command, offset) in self.hang_up:
+                return
+            failed = (command, offset) in self.fail
+            assert offset + length <= len(self.data), "request past the end of the export"
+            reply = struct.pack(">IIQ", 0x67446698, _EIO if failed else 0, cookie)
+            if command == "write" and not failed:
+                self.data[offset:offset + length] = payload
+            elif command == "read" and not failed:
+                reply += self.data[offset:offset + length]
+            held.append((next(sequence), reply))
 
 
 # -- iSCSI ----------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 
 from cloudlets import Renderer
 from cloudlets.drivers.providers import get_driver
-from cloudlets.drivers.storage.san import HEADER_SIZE, SANStorage, redact_target
+from cloudlets.drivers.storage.san import HEADER_SIZE, SANStorage, _NBDTarget, redact_target
 from cloudlets.drivers.types import StorageCapability
 from cloudlets.errors import StorageError
 from cloudlets.testing.storage import StorageDriverConformance
@@ -35,6 +35,7 @@ from tests.san_fixture import (
     IQN_PREFIX,
     ISCSIServer,
     NBDServer,
+    ScriptedNBDServer,
     fill_target,
     iscsi_server,
     nbd_server,
@@ -194,6 +195,24 @@ def test_target_smaller_than_the_image_is_refused_untouched(new_target: NewTarge
     assert backing.read_bytes() == before
 
 
+@pytest.mark.parametrize("tail", [0, 4321])
+def test_a_source_that_reuses_its_buffer(new_target: NewTarget, tail: int) -> None:
+    """Blocks may be sent after the source's next chunk (NBD): never from
+    its buffer, which it may refill in place or resize (the tail)."""
+    image = _image(6 * MiB + tail)
+    location, backing = new_target("reused.img", 8 * MiB, PATTERN)
+
+    def pieces() -> Iterator[bytearray]:
+        buffer = bytearray()
+        for offset in range(0, len(image), 2 * MiB):
+            buffer[:] = image[offset:offset + 2 * MiB]
+            yield buffer
+
+    artifact = SANStorage(ex_verify=False).upload(pieces(), location, overwrite=True)
+    assert artifact.sha256 == _sha(image)
+    assert backing.read_bytes()[:len(image)] == image
+
+
 def test_stream_larger_than_the_target_fails_header_unwritten(new_target: NewTarget) -> None:
     location, backing = new_target("short.img", 2 * MiB, b"")
     image = _image(3 * MiB)
@@ -285,6 +304,97 @@ def test_target_smaller_than_the_header(new_target: NewTarget) -> None:
     assert on_disk[len(image):] == _pattern(512 * 1024)[len(image):]
     storage.delete(location)
     assert backing.read_bytes() == bytes(512 * 1024)
+
+
+# -- requests in flight: a scripted server that answers out of order -------------------
+
+
+class _MiBChunks(SANStorage):
+    """Enough requests for several windows in a small image."""
+
+    CHUNK_SIZE = MiB
+
+
+@pytest.mark.parametrize("write_behind", [0, 2])
+def test_nbd_keeps_requests_in_flight_and_takes_replies_in_any_order(
+        monkeypatch: pytest.MonkeyPatch, write_behind: int) -> None:
+    monkeypatch.setattr(_NBDTarget, "WRITE_BEHIND", write_behind)  # from this thread, or another
+    monkeypatch.setattr(_NBDTarget, "FLUSH_EVERY", 4 * MiB)
+    image = _image(16 * MiB + 12345)
+    size = 20 * MiB
+    with ScriptedNBDServer(_pattern(size)) as server:
+        artifact = _MiBChunks().upload(image, server.location, overwrite=True)
+        assert bytes(server.data[:len(image)]) == image
+        assert bytes(server.data[len(image):]) == _pattern(size)[len(image):]
+        assert artifact.sha256 == _sha(image)
+        assert server.reordered
+        # several writes, then several read-back reads, in flight at once; never
+        # more than the window
+        assert 1 < server.max_outstanding("write") <= _NBDTarget.WINDOW
+        assert 1 < server.max_outstanding("read") <= _NBDTarget.WINDOW
+        *_, upload = server.connections
+        assert upload[-1].command == "disc"
+        # the old header is wiped and flushed before the body; the new one goes
+        # last, alone, once the body is answered, flushed and read back
+        wipe, header = (i for i, r in enumerate(upload) if r.command == "write" and r.offset == 0)
+        body = [i for i, r in enumerate(upload) if r.command == "write" and r.offset > 0]
+        assert upload[wipe + 1].command == "flush"
+        assert wipe + 1 < min(body)
+        # FLUSHes on the way (FLUSH_EVERY), not waited for; the last one follows the body
+        flushes = [i for i, r in enumerate(upload) if r.command == "flush" and body[0] < i < header]
+        assert len(flushes) >= 3
+        assert any(upload[i].outstanding > 0 and i < max(body) for i in flushes)
+        assert max(body) < flushes[-1]
+        assert upload[header].outstanding == 0
+        assert sum(r.length for r in upload[flushes[-1]:header] if r.command == "read") \
+            == len(image) - HEADER_SIZE
+        assert [r.command for r in upload[header:]] == ["write", "flush", "read", "disc"]
+
+
+@pytest.mark.parametrize("write_behind", [0, 2])
+def test_nbd_failed_write_in_a_window_names_its_offset(monkeypatch: pytest.MonkeyPatch,
+                                                       write_behind: int) -> None:
+    monkeypatch.setattr(_NBDTarget, "WRITE_BEHIND", write_behind)
+    image = _image(16 * MiB)
+    failing = 6 * MiB
+    with ScriptedNBDServer(bytes(20 * MiB), fail={("write", failing)}) as server:
+        storage = _MiBChunks()
+        storage.upload(_image(3 * MiB, seed=1), server.location)  # an old image
+        with pytest.raises(StorageError, match=f"failed an NBD write at offset {failing}: "
+                                               f"Input/output error") as caught:
+            storage.upload(image, server.location, overwrite=True)
+        assert caught.value.location == server.location
+        assert bytes(server.data[:HEADER_SIZE]) == bytes(HEADER_SIZE)
+        assert not storage.exists(server.location)
+        upload = server.connections[-2]
+        (failed,) = [r for r in upload if r.command == "write" and r.offset == failing]
+        assert failed.outstanding > 0  # it failed in the middle of a window
+        assert upload[-1].command == "disc"  # the client waited for the rest and said goodbye
+
+
+@pytest.mark.parametrize("write_behind", [0, 2])
+def test_nbd_server_gone_in_a_window(monkeypatch: pytest.MonkeyPatch, write_behind: int) -> None:
+    monkeypatch.setattr(_NBDTarget, "WRITE_BEHIND", write_behind)
+    with ScriptedNBDServer(_pattern(20 * MiB), hang_up={("write", 7 * MiB)}) as server:
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=r"closed the NBD connection|connection .* failed"):
+            _MiBChunks().upload(_image(16 * MiB), server.location, overwrite=True)
+        assert time.monotonic() - started < 5
+        assert bytes(server.data[:HEADER_SIZE]) == bytes(HEADER_SIZE)
+    assert not [t for t in threading.enumerate() if t.name.startswith("cloudlets-")]
+
+
+def test_nbd_failed_read_back_names_its_offset() -> None:
+    image = _image(8 * MiB)
+    failing = 5 * MiB
+    with ScriptedNBDServer(_pattern(10 * MiB), fail={("read", failing)}) as server:
+        with pytest.raises(StorageError, match=f"failed an NBD read at offset {failing}"):
+            _MiBChunks().upload(image, server.location, overwrite=True)
+        assert bytes(server.data[:HEADER_SIZE]) == bytes(HEADER_SIZE)
+        assert bytes(server.data[HEADER_SIZE:len(image)]) == image[HEADER_SIZE:]
+        # a failed simple READ may or may not carry its payload: the client
+        # hangs up instead of guessing
+        assert server.connections[-1][-1].command == "read"
 
 
 # -- O_DIRECT --------------------------------------------------------------------------
