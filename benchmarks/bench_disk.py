@@ -94,24 +94,16 @@ def _peak_rss_mib() -> float:
 
 
 def _manifest(tarball: Path) -> dict[str, object]:
+    from cloudlets.drivers.base import sha256_file
+
     return {
         "name": "bench", "version": "1.0", "arch": "x86_64",
-        "filesystem": {"url": tarball.as_uri(), "sha256": _sha256(tarball),
+        "filesystem": {"url": tarball.as_uri(), "sha256": sha256_file(tarball),
                        "size": tarball.stat().st_size},
         "boot": {"kernel": "/boot/vmlinuz", "cmdline": "console=ttyS0", "firmware": "both",
                  "root": {"size": ROOT_SIZE}},
         "templates": ["/etc/hostname"],
     }
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _qcow2(source: Path, target: Path) -> None:

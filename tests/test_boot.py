@@ -9,7 +9,6 @@ back from the serial console of the booted guest.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from cloudlets.disk import BootSpec, DiskImage, build_disk
+from cloudlets.drivers.base import sha256_file
 from cloudlets.testing import boot as bootfixture
 
 pytestmark = pytest.mark.boot
@@ -35,14 +35,6 @@ CMDLINE = "console=ttyS0 panic=-1"
 SEED = "test-boot-seed"
 EPOCH = 1_700_000_000
 BOOT_TIMEOUT = 90
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +175,7 @@ def test_build_is_bit_identical(cloudlet: bootfixture.BootCloudlet, tmp_path: Pa
             source_date_epoch=EPOCH,
             patch_files=RENDERED,
         )
-        digests.append(_sha256(image.path))
+        digests.append(sha256_file(image.path))
     assert digests[0] == digests[1]
     assert digests[2] != digests[0]
 
@@ -210,7 +202,7 @@ def test_patched_cached_base_equals_cold_build(
             )
         )
     assert [image.base_cached for image in images] == [False, False, True]
-    assert len({_sha256(image.path) for image in images}) == 1
+    assert len({sha256_file(image.path) for image in images}) == 1
 
 
 @pytest.fixture
@@ -269,7 +261,7 @@ def test_rootless_build_matches_and_boots(
         source_date_epoch=EPOCH,
         patch_files=RENDERED,
     )
-    assert _sha256(out) == _sha256(reference.path)
+    assert sha256_file(out) == sha256_file(reference.path)
     _assert_booted(
         bootfixture.boot(out, firmware="uefi", disk_format="raw", workdir=tmp_path / "qemu")
     )

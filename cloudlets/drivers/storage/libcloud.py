@@ -284,22 +284,35 @@ class LibcloudStorage(StorageDriver):
 
     def _check_stored(self, container: str, name: str, source: UploadSource,
                       location: str) -> None:
+        obj = self._stored_object(container, name, source, location)
+        if self.ex_read_back:
+            self._read_back(obj, source, location)
+
+    def _stored_object(self, container: str, name: str, source: UploadSource,
+                       location: str) -> Any:
+        """:returns: the uploaded object, which must hold what was sent.
+        :raises StorageError: it is missing or of another size."""
         obj = self._get_object(container, name, location)
         if obj is None:
             raise StorageError(f"{location} is missing after upload", location)
         if obj.size is not None and int(obj.size) != source.bytes_read:
             raise StorageError(f"{location} holds {obj.size} bytes after upload, "
                                f"sent {source.bytes_read}", location)
-        if self.ex_read_back:
-            digest = hashlib.sha256()
-            try:
-                for chunk in self.driver.download_object_as_stream(obj, self.CHUNK_SIZE):
-                    digest.update(chunk)
-            except Exception as exc:  # noqa: BLE001
-                raise self._error("read back", location, exc) from None
-            if digest.hexdigest() != source.digest:
-                raise StorageError(f"{location} reads back with sha256 {digest.hexdigest()},"
-                                   f" sent {source.digest}", location)
+        return obj
+
+    def _read_back(self, obj: Any, source: UploadSource, location: str) -> None:
+        """Download the object and compare its sha256 with what was sent.
+
+        :raises StorageError: on a mismatch or a failed download."""
+        digest = hashlib.sha256()
+        try:
+            for chunk in self.driver.download_object_as_stream(obj, self.CHUNK_SIZE):
+                digest.update(chunk)
+        except Exception as exc:  # noqa: BLE001
+            raise self._error("read back", location, exc) from None
+        if digest.hexdigest() != source.digest:
+            raise StorageError(f"{location} reads back with sha256 {digest.hexdigest()},"
+                               f" sent {source.digest}", location)
 
     def _promote(self, container: Any, temporary: str, name: str, source: UploadSource,
                  location: str, *, overwrite: bool) -> None:

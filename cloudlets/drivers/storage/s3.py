@@ -248,19 +248,14 @@ class S3Storage(LibcloudStorage):
                       location: str) -> None:
         """``HEAD`` the object: its size and ``x-amz-meta-sha256`` must be
         what was sent (then read it back, when asked)."""
-        obj = self._get_object(container, name, location)
-        if obj is None:
-            raise StorageError(f"{location} is missing after upload", location)
-        if obj.size is not None and int(obj.size) != source.bytes_read:
-            raise StorageError(f"{location} holds {obj.size} bytes after upload, "
-                               f"sent {source.bytes_read}", location)
+        obj = self._stored_object(container, name, source, location)
         if source.sha256 is not None or source.bytes_read <= MAX_COPY_SIZE:
             stored = (obj.meta_data or {}).get("sha256")
             if stored != source.digest:
                 raise StorageError(f"{location} has x-amz-meta-sha256 {stored}, "
                                    f"expected {source.digest}", location)
         if self.ex_read_back:
-            super()._check_stored(container, name, source, location)
+            self._read_back(obj, source, location)
 
     def _extra(self, location: str) -> dict[str, str]:
         if not self.ex_presign_seconds:
