@@ -246,13 +246,14 @@ class _Retryable(Exception):
 class _Sink:
     """The destination file with its running digest and byte count.
 
-    Hashing and writing run on a worker thread fed through a short queue, so
-    they overlap with reading the socket (``hashlib`` and file writes release
-    the GIL): memory stays bounded by ``QUEUE_DEPTH`` chunks. The size bound
-    is checked as chunks arrive, before they are queued.
+    Hashing and writing run on two worker threads, each fed the same chunks
+    through a short queue, so they overlap with each other and with reading
+    the socket (``hashlib`` and file writes release the GIL): memory stays
+    bounded by twice ``QUEUE_DEPTH`` chunks. The size bound is checked as
+    chunks arrive, before they are queued.
     """
 
-    #: Chunks waiting to be hashed and written, at most.
+    #: Chunks waiting to be hashed, and to be written, at most.
     QUEUE_DEPTH = 4
 
     def __init__(self, path: Path, url: str, sha256: str, size: int | None) -> None:
@@ -269,8 +270,7 @@ class _Sink:
         self.done = 0
         #: ETag or Last-Modified of the bytes written so far, for ``If-Range``.
         self.validator: str | None = None
-        self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_DEPTH)
-        self._worker: threading.Thread | None = None
+        self._workers: list[tuple[threading.Thread, queue.Queue[bytes | None]]] = []
         self._error: Exception | None = None
 
     def restart(self) -> None:
@@ -288,11 +288,15 @@ class _Sink:
                 url=redact(self.url), expected=str(self.expected_size),
                 actual=f"more than {self.expected_size} bytes")
         self._raise_error()
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._run, name="cloudlets-fetch-sink",
-                                            daemon=True)
-            self._worker.start()
-        self._queue.put(chunk)
+        if not self._workers:
+            for name, task in (("hash", self._hash), ("write", self._write)):
+                work: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_DEPTH)
+                thread = threading.Thread(target=self._run, args=(task, work),
+                                          name=f"cloudlets-fetch-{name}", daemon=True)
+                thread.start()
+                self._workers.append((thread, work))
+        for _, work in self._workers:
+            work.put(chunk)
         self.done += len(chunk)
 
     def finish(self) -> str:
@@ -322,21 +326,27 @@ class _Sink:
         self._drain()
         self.file.close()
 
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
+    def _hash(self, chunk: bytes) -> None:
+        self.hasher.update(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+
+    def _run(self, task: Callable[[bytes], None], work: queue.Queue[bytes | None]) -> None:
+        while (chunk := work.get()) is not None:
             if self._error is None:
                 try:
-                    self.hasher.update(chunk)
-                    self.file.write(chunk)
+                    task(chunk)
                 except Exception as exc:  # noqa: BLE001 - re-raised by the reading thread
                     self._error = exc
 
     def _drain(self) -> None:
         """Wait until every queued chunk is hashed and written."""
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join()
-            self._worker = None
+        for _, work in self._workers:
+            work.put(None)
+        for thread, _ in self._workers:
+            thread.join()
+        self._workers = []
 
     def _raise_error(self) -> None:
         if self._error is not None:
