@@ -37,6 +37,7 @@ __all__ = [
     "Endpoint",
     "resolve_credentials",
     "resolve_endpoint",
+    "resolve_region",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,17 @@ class Endpoint:
             raise ConfigurationError(f"AWS endpoint {redact(url)!r}: {exc}") from None
         return cls(host=parts.hostname, port=port, secure=secure, path=parts.path or "/",
                    url=redact(url))
+
+
+def resolve_region(override: str | None = None) -> str:
+    """The AWS region, as the SDKs find it.
+
+    :param override: an explicit region, which wins.
+    :returns: ``override``, else ``AWS_REGION``, else ``AWS_DEFAULT_REGION``,
+        else ``us-east-1``.
+    """
+    return (override or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1")
 
 
 def resolve_endpoint(service: str, override: str | None = None, *,

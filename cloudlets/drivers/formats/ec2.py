@@ -23,7 +23,6 @@ through libcloud's EC2 driver (:class:`cloudlets.aws.EC2Client`).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -33,7 +32,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
-from cloudlets.aws import AWSError, EC2Client, resolve_credentials, resolve_endpoint
+from cloudlets.aws import (
+    AWSError,
+    EC2Client,
+    resolve_credentials,
+    resolve_endpoint,
+    resolve_region,
+)
 from cloudlets.drivers.base import (
     FormatContext,
     FormatDriver,
@@ -185,8 +190,7 @@ class EC2Format(FormatDriver):
         self.key = key
         self._secret = secret
         self._token = token
-        self.region = (region or os.environ.get("AWS_REGION")
-                       or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+        self.region = resolve_region(region)
         self.mode = ex_mode
         self.disk_format = ex_disk_format
         self.extension = (".manifest.xml" if ex_mode == "instance-store"

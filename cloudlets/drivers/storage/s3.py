@@ -64,7 +64,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit
 
-from cloudlets.aws import resolve_credentials
+from cloudlets.aws import resolve_credentials, resolve_region
 from cloudlets.drivers.base import UploadSource
 from cloudlets.drivers.storage.libcloud import LibcloudStorage
 from cloudlets.drivers.types import Storage, StorageCapability
@@ -154,8 +154,7 @@ class S3Storage(LibcloudStorage):
                                      f"{', '.join(sorted(CANNED_ACLS))}")
         if not 0 <= ex_presign_seconds <= MAX_PRESIGN_SECONDS:
             raise ConfigurationError(f"ex_presign_seconds must be 0 to {MAX_PRESIGN_SECONDS}")
-        self.region = (region or os.environ.get("AWS_REGION")
-                       or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+        self.region = resolve_region(region)
         self.endpoint_url = (ex_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
                              or os.environ.get("AWS_ENDPOINT_URL") or None)
         self.ex_acl = ex_acl
