@@ -81,6 +81,10 @@ TREE = [
     Member("home/alice", tarfile.DIRTYPE, 0o2750, uid=1000, gid=1000),
     Member("home/alice/notes", tarfile.REGTYPE, 0o600, uid=1000, gid=1000, data=b"hi\n"),
     Member("tmp", tarfile.DIRTYPE, 0o1777, mtime=EPOCH - 99),
+    Member("usr", tarfile.DIRTYPE, 0o755),
+    Member("usr/caf\u00e9", tarfile.REGTYPE, 0o644, data=b"UTF-8 name\n"),
+    Member(b"usr/caf\xe9-latin1".decode("utf-8", "surrogateescape"), tarfile.REGTYPE, 0o644,
+           data=b"not UTF-8\n"),
 ]
 
 

@@ -262,7 +262,7 @@ def _debugfs_script(image: str, lines: list[str], workdir: Path, env: Mapping[st
     if not lines:
         return
     script = workdir / "debugfs.script"
-    script.write_text("\n".join(lines) + "\n")
+    script.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
     run("debugfs", ["-w", "-f", script, image], env=env, check_stderr=_DEBUGFS_ERROR)
 
 

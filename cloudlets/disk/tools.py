@@ -131,6 +131,9 @@ def tool_environment(
         env["MKE2FS_CONFIG"] = os.fspath(mke2fs_config)
     if e2fsprogs:
         del env["SOURCE_DATE_EPOCH"]
+        # libarchive (mke2fs -d tar) converts member names to the locale's
+        # charset: in plain C, any UTF-8 name fails the whole build.
+        env["LC_ALL"] = "C.UTF-8"
     return env
 
 
