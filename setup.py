@@ -44,6 +44,9 @@ setup(
         # zstd-compressed rootfs tarballs: the standard library has no zstd
         # before Python 3.14, and the bindings stream in constant memory.
         "zstandard>=0.22",
+        # gzip'd tarballs: ISA-L inflates 1.5x faster than zlib (0.96 s vs
+        # 1.43 s for a 302 MB rootfs), the largest single cost of a render.
+        "isal>=1.6",
     ],
     extras_require={
         "test": TEST,

@@ -43,7 +43,7 @@ from typing import IO, Any, BinaryIO, Self
 from urllib.parse import unquote_to_bytes
 
 from cloudlets.errors import UnsafeArchiveError
-from cloudlets.tarstream import TarStream, open_stream
+from cloudlets.tarstream import TarStream, gzip_errors, open_stream
 
 __all__ = [
     "METADATA_PATH",
@@ -250,7 +250,7 @@ def detect_compression(head: bytes) -> Compression:
 
 def _stream_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [tarfile.TarError, OSError, EOFError, lzma.LZMAError,
-                                         ValueError, OverflowError, zlib.error]
+                                         ValueError, OverflowError, *gzip_errors()]
     try:
         import zstandard
         errors.append(zstandard.ZstdError)

@@ -1,7 +1,8 @@
 """The uncompressed stream of a hostile tarball, for :mod:`cloudlets.rootfs`.
 
-:func:`open_stream` decompresses on a worker thread (zlib, lzma and bz2
-release the GIL while they inflate; zstd inflates too fast to matter), in
+:func:`open_stream` decompresses on a worker thread (ISA-L or zlib for gzip,
+lzma and bz2 release the GIL while they inflate; zstd inflates too fast to
+matter), in
 chunks of at most :data:`CHUNK_SIZE` bytes handed over through a bounded
 queue, so inflating runs on one core while the tar headers are parsed on
 another, and memory stays bounded whatever the archive holds.
@@ -11,6 +12,11 @@ meters everything against the :class:`~cloudlets.rootfs.ArchivePolicy`: the
 bytes the archive expands to, the compression ratio, the bytes of headers one
 member brings. The worker has no limits of its own: it can only run
 :data:`QUEUE_DEPTH` chunks ahead of the metering.
+
+The worker takes the GIL once per chunk, so chunks are large: with 256 KiB
+reads and 1 MiB chunks, reading a 302 MB gzip'd tarball took 1.21 s (median
+of 5), with 2 MiB of each 1.11 s; ISA-L alone inflates it in 0.96 s (zlib
+1.43 s).
 
 External decompressors were measured and not kept: piping ``gzip -dc`` in
 took 2.1 s for a 302 MB tarball that zlib inflates in 1.3 s on the worker,
@@ -28,7 +34,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from cloudlets.errors import UnsafeArchiveError
 
@@ -41,9 +47,9 @@ _KIB = 1024
 _MIB = 1024 * _KIB
 
 #: Uncompressed bytes the worker hands over at a time (at most).
-CHUNK_SIZE = 1 * _MIB
+CHUNK_SIZE = 2 * _MIB
 #: Compressed bytes read from the tarball at a time.
-INPUT_SIZE = 256 * _KIB
+INPUT_SIZE = 2 * _MIB
 #: Chunks that may wait in the queue: memory in flight is bounded by
 #: ``(QUEUE_DEPTH + 2) * CHUNK_SIZE``.
 QUEUE_DEPTH = 8
@@ -79,13 +85,33 @@ class _Source:
 # -- decompressing (on the worker thread) -------------------------------------------
 
 
+def _gzip_inflater() -> Any:
+    """An inflater for one gzip member: ISA-L's (``isal``, 1.5x zlib's speed
+    on a rootfs tarball) when installed, else zlib's. Both check the CRC and
+    length and have the same interface."""
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - a platform without isal wheels
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+    return isal_zlib.decompressobj(isal_zlib.MAX_WBITS | 16)
+
+
+def gzip_errors() -> tuple[type[BaseException], ...]:
+    """What the gzip inflater raises on damaged input."""
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover
+        return (zlib.error,)
+    return (zlib.error, cast("type[BaseException]", isal_zlib.error))
+
+
 def _zlib_chunks(source: _Source) -> Iterator[tuple[bytes, int]]:
     """Inflate gzip members one after the other, as :mod:`gzip` does: zero
     bytes may pad the file between and after members; anything else must be
-    another member (zlib checks each member's CRC and length)."""
+    another member (the inflater checks each member's CRC and length)."""
     data = source.read()
     while True:
-        inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        inflater = _gzip_inflater()
         while not inflater.eof:
             out = inflater.decompress(data, CHUNK_SIZE)
             data = inflater.unconsumed_tail
