@@ -228,65 +228,108 @@ class Renderer:
         formats that ship the tree, the rendered tree tarball)."""
         from cloudlets.disk import BootSpec as DiskBootSpec
         from cloudlets.disk import build_disk
-        from cloudlets.rootfs import METADATA_PATH, image_metadata, read_tarball
+        from cloudlets.disk.assemble import BaseStream, base_cached
+        from cloudlets.rootfs import METADATA_PATH, RootTree, image_metadata, read_tarball
         from cloudlets.templates import render_templates
 
         manifest, config = run.manifest, run.config
         fs, boot = manifest.filesystem, manifest.boot
         assert fs is not None  # require_renderable() checked (and boot, for disks)
         rules = MirrorRules.for_render(self._mirror_rules, config.mirrors)
+        wants_tree = bool(run.fmt.capabilities & FormatCapability.NEEDS_TREE)
+        seed = hashlib.sha256(f"{manifest.digest}\0{fs.sha256}".encode()).hexdigest()
+        base_key = hashlib.sha256(
+            f"{_BASE_FORMAT}\0{manifest.digest}\0{fs.sha256}\0{self.source_date_epoch}"
+            .encode()).hexdigest()
+        base_dir = self.cache_dir / "bases"
+        disk_boot = None
+        if not wants_tree:
+            assert boot is not None
+            disk_boot = DiskBootSpec(
+                kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline,
+                firmware=boot.firmware,  # type: ignore[arg-type]
+                partition_table=boot.partition_table,  # type: ignore[arg-type]
+                fstype=boot.fstype,  # type: ignore[arg-type]
+                root_size=boot.root_size, label=boot.label)
+            disk_boot.validate()
         with self._stage(run, "fetch"):
             entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
                                       progress=run.progress)
-        with entry:
-            run.details["tarball"] = entry.details()
-            with self._stage(run, "rootfs"):
-                tree = read_tarball(entry.path, self.archive_policy, volatile=manifest.volatile,
-                                    persistent=manifest.persistent, workdir=run.workdir)
-        with tree:
-            with self._stage(run, "templates"):
-                rendered = render_templates(tree, manifest, config,
-                                            mirror=rules.template_function())
-                tree.add_file(METADATA_PATH, image_metadata(
-                    name=manifest.name, version=manifest.version, digest=manifest.digest,
-                    persistent=tree.persistent))
-            run.details["rootfs"] = {"entries": len(tree), "dropped": len(tree.dropped),
-                                     "persistent": list(tree.persistent),
-                                     "templates": sorted(rendered),
-                                     "compression": tree.compression.value}
-            tree_tar: Path | None = None
-            if run.fmt.capabilities & FormatCapability.NEEDS_TREE:
-                with self._stage(run, "tree"):
-                    tree_tar = tree.write_tar(run.workdir / "rendered-tree.tar",
-                                              replacements=rendered,
-                                              source_date_epoch=self.source_date_epoch)
-                return DiskImage(path=tree_tar, size=tree_tar.stat().st_size,
-                                 firmware=boot.firmware if boot is not None else "bios",
-                                 tree_tar=tree_tar, details={"kind": "tree"})
-            assert boot is not None
-            seed = hashlib.sha256(f"{manifest.digest}\0{fs.sha256}".encode()).hexdigest()
-            base_key = hashlib.sha256(
-                f"{_BASE_FORMAT}\0{manifest.digest}\0{fs.sha256}\0{self.source_date_epoch}"
-                .encode()).hexdigest()
-            with self._stage(run, "disk"):
-                base_tar = tree.write_tar(run.workdir / "base-tree.tar",
-                                          source_date_epoch=self.source_date_epoch)
-                base_dir = self.cache_dir / "bases"
-                image = build_disk(
-                    base_tar, DiskBootSpec(
-                        kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline,
-                        firmware=boot.firmware,  # type: ignore[arg-type]
-                        partition_table=boot.partition_table,  # type: ignore[arg-type]
-                        fstype=boot.fstype,  # type: ignore[arg-type]
-                        root_size=boot.root_size, label=boot.label),
-                    run.workdir / "disk.raw", seed=seed, workdir=run.workdir / "disk",
-                    source_date_epoch=self.source_date_epoch, base_cache=base_dir,
-                    patch_files=rendered, tree_digest=base_key)
+        def read_tree(path: Path, sink: BaseStream | None) -> RootTree:
+            tree = read_tarball(path, self.archive_policy, volatile=manifest.volatile,
+                                persistent=manifest.persistent, workdir=run.workdir,
+                                sink=sink.sink if sink is not None else None,
+                                keep_content=sink is None)
+            tree.add_file(METADATA_PATH, image_metadata(
+                name=manifest.name, version=manifest.version, digest=manifest.digest,
+                persistent=tree.persistent))
+            return tree
+
+        stream: BaseStream | None = None
+        streamed = False
+        try:
+            with entry:
+                run.details["tarball"] = entry.details()
+                if disk_boot is not None:
+                    # mke2fs builds the base while the tarball is read (when not cached)
+                    stream = BaseStream.open(
+                        disk_boot, seed=seed, tree_digest=base_key,
+                        source_date_epoch=self.source_date_epoch, base_cache=base_dir,
+                        workdir=run.workdir / "stream", clamp=self.source_date_epoch)
+                with self._stage(run, "rootfs"):
+                    tree = read_tree(entry.path, stream)
+                    if stream is not None:
+                        try:
+                            streamed = stream.close(tree)
+                        except BaseException:
+                            tree.close()
+                            raise
+                        if streamed:  # templates read from the base mke2fs built
+                            tree.content_reader = stream.read_file
+                        else:  # the rare tarball that cannot be streamed: read it again
+                            tree.close()
+                            tree = read_tree(entry.path, None)
+            with tree:
+                with self._stage(run, "templates"):
+                    rendered = render_templates(tree, manifest, config,
+                                                mirror=rules.template_function())
+                run.details["rootfs"] = {"entries": len(tree), "dropped": len(tree.dropped),
+                                         "persistent": list(tree.persistent),
+                                         "templates": sorted(rendered),
+                                         "compression": tree.compression.value}
+                if disk_boot is None:
+                    with self._stage(run, "tree"):
+                        tree_tar = tree.write_tar(run.workdir / "rendered-tree.tar",
+                                                  replacements=rendered,
+                                                  source_date_epoch=self.source_date_epoch)
+                    return DiskImage(path=tree_tar, size=tree_tar.stat().st_size,
+                                     firmware=boot.firmware if boot is not None else "bios",
+                                     tree_tar=tree_tar, details={"kind": "tree"})
+                if stream is not None:
+                    run.details["rootfs"]["streamed"] = streamed
+                    if not streamed:
+                        run.details["rootfs"]["not_streamed"] = stream.reason
+                with self._stage(run, "disk"):
+                    base_tar = None
+                    if not streamed and not base_cached(
+                            disk_boot, seed=seed, tree_digest=base_key,
+                            source_date_epoch=self.source_date_epoch, base_cache=base_dir):
+                        base_tar = tree.write_tar(run.workdir / "base-tree.tar",
+                                                  source_date_epoch=self.source_date_epoch)
+                    image = build_disk(
+                        base_tar, disk_boot, run.workdir / "disk.raw", seed=seed,
+                        workdir=run.workdir / "disk",
+                        source_date_epoch=self.source_date_epoch, base_cache=base_dir,
+                        patch_files=rendered, tree_digest=base_key)
+        finally:
+            if stream is not None:
+                stream.abort()
         run.details["disk"] = {
             "size": image.size, "firmware": image.firmware,
             "partition_table": image.partition_table, "root_uuid": image.root_uuid,
             "disk_guid": image.disk_guid, "partitions": image.partition_uuids,
-            "base_cached": image.base_cached, "source_date_epoch": image.source_date_epoch}
+            "base_cached": image.base_cached and not streamed,
+            "source_date_epoch": image.source_date_epoch}
         return DiskImage(path=image.path, size=image.size, firmware=image.firmware,
                          tree_tar=None, details=dict(run.details["disk"]))
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import json
 import lzma
 import os
@@ -52,6 +53,7 @@ __all__ = [
     "Entry",
     "EntryType",
     "RootTree",
+    "TreeStream",
     "detect_compression",
     "image_metadata",
     "read_tarball",
@@ -394,6 +396,25 @@ def _pax_member(name: str, kind: bytes, mode: int, uid: int, gid: int, size: int
     return extended + payload + bytes(-len(payload) % _BLOCK) + header
 
 
+def _member_header(path: str, inode: Entry, source_date_epoch: int | None, *,
+                   link_to: str | None = None) -> bytes:
+    """The normalized tar header of ``path`` (named ``./path``) whose inode is
+    ``inode``; with ``link_to``, a hardlink to that earlier path."""
+    name = "." + path if path != "/" else "."
+    mtime = max(0, inode.mtime)
+    if source_date_epoch is not None:
+        mtime = min(mtime, source_date_epoch)
+    if link_to is not None:
+        return _pax_member(name, tarfile.LNKTYPE, inode.mode, inode.uid, inode.gid, 0, mtime,
+                           linkname="." + link_to)
+    kind = _TO_TAR[inode.type]
+    return _pax_member(
+        name + "/" if kind == tarfile.DIRTYPE else name, kind, inode.mode, inode.uid,
+        inode.gid, inode.size if inode.type is EntryType.FILE else 0, mtime,
+        linkname=inode.linkname if inode.type is EntryType.SYMLINK else "",
+        devmajor=inode.devmajor, devminor=inode.devminor, xattrs=inode.xattrs)
+
+
 # -- the tree ------------------------------------------------------------------
 
 
@@ -409,10 +430,17 @@ class RootTree:
     :ivar notes: neutralized oddities (dropped xattrs, parents synthesized...).
     :ivar compression: how the tarball was compressed.
     :ivar stream_bytes: uncompressed bytes read from the tarball.
+    :ivar kept: whether file content was kept in the spool (``False`` when
+        it only went to a :class:`TreeStream`).
+    :ivar content_reader: for a tree whose content was not kept, a function
+        ``(path, size) -> bytes`` reading a file back from where the stream
+        put it (the built filesystem), for templates.
     """
 
     def __init__(self, spool: IO[bytes], persistent: Sequence[str] = ()) -> None:
         self._spool = spool
+        self.kept = True
+        self.content_reader: Callable[[str, int], bytes] | None = None
         self._entries: dict[str, Entry] = {"/": Entry("/", EntryType.DIR, 0o755)}
         self._implied: set[str] = set()
         self.persistent = sorted(set(persistent))
@@ -516,6 +544,10 @@ class RootTree:
             return inode._data
         if inode.size == 0:
             return b""
+        if inode._offset < 0:
+            if self.content_reader is None:
+                raise ValueError(f"{path}: the content was streamed, not kept")
+            return self.content_reader(inode.path, inode.size)
         self._spool.flush()
         return os.pread(self._spool.fileno(), inode.size, inode._offset)
 
@@ -594,6 +626,9 @@ class RootTree:
         :raises KeyError: a replacement names a path not in the tree.
         :raises ValueError: a replacement names something not a regular file.
         """
+        if not self.kept:
+            raise ValueError("the tree's content was streamed, not kept: read the tarball "
+                             "again to write it")
         for path, data in (replacements or {}).items():
             self.set_content(path, data)
         dest = Path(dest)
@@ -605,23 +640,13 @@ class RootTree:
             for path in self.paths():
                 inode = self._entries[path].inode
                 key = id(inode)
-                name = "." + path if path != "/" else "."
-                mtime = max(0, inode.mtime)
-                if source_date_epoch is not None:
-                    mtime = min(mtime, source_date_epoch)
                 primary = primaries.get(key)
                 if primary is not None and inode.type is not EntryType.DIR:
-                    writer.add(_pax_member(name, tarfile.LNKTYPE, inode.mode, inode.uid,
-                                           inode.gid, 0, mtime, linkname="." + primary))
+                    writer.add(_member_header(path, inode, source_date_epoch, link_to=primary))
                     continue
                 primaries[key] = path
-                kind = _TO_TAR[inode.type]
+                writer.add(_member_header(path, inode, source_date_epoch))
                 size = inode.size if inode.type is EntryType.FILE else 0
-                writer.add(_pax_member(
-                    name + "/" if kind == tarfile.DIRTYPE else name, kind, inode.mode,
-                    inode.uid, inode.gid, size, mtime,
-                    linkname=inode.linkname if inode.type is EntryType.SYMLINK else "",
-                    devmajor=inode.devmajor, devminor=inode.devminor, xattrs=inode.xattrs))
                 if size:
                     if inode._data is not None:
                         writer.add(inode._data)
@@ -632,6 +657,10 @@ class RootTree:
             writer.pad(-writer.position % _RECORD)
             writer.flush()
         return dest
+
+    def _spool_fd(self) -> int:
+        self._spool.flush()
+        return self._spool.fileno()
 
     def close(self) -> None:
         """Free the spool file. The tree can no longer be read or written."""
@@ -664,7 +693,7 @@ class _Writer:
         if self._used + size > len(self._buffer):
             self.flush()
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes | memoryview) -> None:
         size = len(data)
         if size > len(self._buffer):
             self.flush()
@@ -698,6 +727,121 @@ class _Writer:
     def flush(self) -> None:
         _write_all(self._fd, self._view[:self._used])
         self._used = 0
+
+
+class TreeStream:
+    """The normalized tar of a tree, written while :func:`read_tarball` reads
+    it, for a consumer that reads a tar from a pipe (``mke2fs -d -``).
+
+    Members go out in the order the tarball has them, normalized as
+    :meth:`RootTree.write_tar` normalizes them; the root directory's header
+    goes last, once its attributes are final (mke2fs applies it to the
+    existing root). A tree that cannot be written this way is only
+    detected, never written wrong: a member before its parent directory, a
+    path seen twice, a member a later volatile directory takes back, a file
+    changed after it was sent. :attr:`broken` then says why, nothing more is
+    sent, and the consumer's output must be thrown away (write the tree with
+    :meth:`RootTree.write_tar` instead).
+
+    :param fd: where the tar goes (a pipe's write end).
+    :param source_date_epoch: clamp every mtime to this time.
+    """
+
+    def __init__(self, fd: int, *, source_date_epoch: int | None = None) -> None:
+        self._writer = _Writer(fd)
+        self._epoch = source_date_epoch
+        self._sent: dict[str, Entry] = {}
+        self._primaries: dict[int, str] = {}
+        #: why the tree could not be streamed, or ``None``
+        self.broken: str | None = None
+        #: bytes sent so far
+        self.position = 0
+
+    def _break(self, reason: str) -> bool:
+        if self.broken is None:
+            self.broken = reason
+        return False
+
+    def entry(self, entry: Entry) -> bool:
+        """Send one member's header; for a regular file that returns ``True``
+        its content must follow (:meth:`content`, then :meth:`end_content`)."""
+        if self.broken is not None:
+            return False
+        path = entry.path
+        if path == "/":
+            return False  # sent last
+        if path in self._sent:
+            return self._break(f"{path} appears twice in the tarball")
+        parent = _parent(path)
+        if parent != "/" and parent not in self._sent:
+            return self._break(f"{path} comes before its parent directory")
+        inode = entry.inode
+        link_to = None
+        if entry.type is EntryType.HARDLINK or inode is not entry:
+            link_to = self._primaries.get(id(inode))
+            if link_to is None:
+                return self._break(f"{path} links to an inode that was not sent")
+        else:
+            self._primaries[id(inode)] = path
+        self._sent[path] = entry
+        self._send(self._writer.add, _member_header(path, inode, self._epoch, link_to=link_to))
+        return (self.broken is None and link_to is None and inode.type is EntryType.FILE
+                and inode.size > 0)
+
+    def _send(self, write: Callable[[Any], None], data: Any) -> None:
+        if self.broken is None:
+            try:
+                write(data)
+            except OSError as exc:  # the consumer exited: its own error says why
+                self._break(f"the consumer stopped reading ({exc.strerror or exc})")
+
+    def content(self, data: bytes | memoryview) -> None:
+        """Send content bytes of the file whose header went last."""
+        self._send(self._writer.add, data)
+
+    def end_content(self, size: int) -> None:
+        """Pad the content of a ``size``-byte file to a whole block."""
+        self._send(self._writer.pad, -size % _BLOCK)
+
+    def close(self, tree: RootTree) -> str | None:
+        """Send what the tree gained after reading (the image metadata, the
+        persistent directories), the root and the end of the archive.
+
+        :param tree: the tree as it will be built.
+        :returns: :attr:`broken`: ``None`` when the consumer got the whole tree.
+        """
+        if self.broken is None:
+            for path, sent in self._sent.items():
+                if tree.get(path) is not sent:
+                    self._break(f"{path} changed after it was read")
+                    break
+        if self.broken is None:
+            spool_fd = tree._spool_fd()
+            for path in tree.paths():
+                entry = tree[path]
+                if path == "/" or path in self._sent:
+                    continue
+                if self.entry(entry):
+                    inode = entry.inode
+                    if inode._data is not None:
+                        self.content(inode._data)
+                    else:
+                        self._send(functools.partial(self._writer.copy, spool_fd,
+                                                     inode._offset), inode.size)
+                    self.end_content(inode.size)
+                if self.broken is not None:
+                    break
+        writer = self._writer
+        self._send(writer.add, _member_header("/", tree["/"], self._epoch))
+        self._send(writer.pad, 2 * _BLOCK)
+        self._send(writer.pad, -writer.position % _RECORD)
+        self._send(lambda _: writer.flush(), None)
+        self.position = writer.position
+        return self.broken
+
+
+def _discard(data: bytes | memoryview) -> None:
+    pass
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -894,8 +1038,11 @@ class _Reader:
     """One pass over a tarball, building a :class:`RootTree`."""
 
     def __init__(self, tree: RootTree, policy: ArchivePolicy, volatile: Sequence[str],
-                 persistent: set[str], stream: TarStream) -> None:
+                 persistent: set[str], stream: TarStream,
+                 sink: TreeStream | None = None, keep: bool = True) -> None:
         self.tree = tree
+        self.sink = sink
+        self.keep = keep
         self.policy = policy
         self.volatile = [re.compile(pattern) for pattern in volatile]
         self.persistent = persistent
@@ -1024,7 +1171,6 @@ class _Reader:
                       xattrs=_xattrs(info, policy, path, tree.notes))
         if kind is EntryType.FILE:
             entry.size = info.size
-            entry._offset = self._spool_content(info, archive)
         elif kind is EntryType.SYMLINK:
             target = info.linkname
             if not target or "\x00" in target:
@@ -1065,6 +1211,12 @@ class _Reader:
             entries["/"] = entry
             tree._root_seen = True
             return
+        sink = self.sink
+        send = sink is not None and sink.entry(entry)
+        if kind is EntryType.FILE:
+            entry._offset = self._spool_content(info, archive, sink if send else None)
+            if not self.keep:
+                entry._offset = -1
         entries[path] = entry
         tree._implied.update(ancestors)
 
@@ -1076,8 +1228,20 @@ class _Reader:
             self.tree.dropped.append(below)
             self.dropped_files.add(below)
 
-    def _spool_content(self, info: tarfile.TarInfo, archive: tarfile.TarFile) -> int:
+    def _spool_content(self, info: tarfile.TarInfo, archive: tarfile.TarFile,
+                       sink: TreeStream | None) -> int:
         offset = self._spooled
+        write: Callable[[bytes | memoryview], object] = self._write
+        if not self.keep:
+            write = sink.content if sink is not None else _discard
+        elif sink is not None:
+            spool, send = self._write, sink.content
+
+            def tee(data: bytes | memoryview) -> None:
+                spool(data)
+                send(data)
+
+            write = tee
         if info.sparse is not None:  # stored dense: tarfile fills the holes
             handle = archive.extractfile(info)
             if handle is None:  # pragma: no cover - regular files always have one
@@ -1088,16 +1252,19 @@ class _Reader:
                 if not chunk:
                     raise UnsafeArchiveError(
                         f"content ends {remaining} bytes early (truncated archive)", info.name)
-                self._write(chunk)
+                write(chunk)
                 remaining -= len(chunk)
         else:
             self.stream.seek(info.offset_data)
-            copied = self.stream.copy_to(self._write, info.size)
+            copied = self.stream.copy_to(write, info.size)
             if copied < info.size:
                 raise UnsafeArchiveError(
                     f"content ends {info.size - copied} bytes early (truncated archive)",
                     info.name)
-        self._spooled += info.size
+        if self.keep:
+            self._spooled += info.size
+        if sink is not None:
+            sink.end_content(info.size)
         return offset
 
     def finish(self) -> None:
@@ -1123,7 +1290,8 @@ class _Reader:
 def read_tarball(source: str | os.PathLike[str] | BinaryIO,
                  policy: ArchivePolicy | None = None, *,
                  volatile: Sequence[str] = (), persistent: Iterable[str] = (),
-                 workdir: str | os.PathLike[str] | None = None) -> RootTree:
+                 workdir: str | os.PathLike[str] | None = None,
+                 sink: TreeStream | None = None, keep_content: bool = True) -> RootTree:
     """Read a root filesystem tarball into a :class:`RootTree`, in one
     streaming pass with constant memory (besides the entries' metadata).
 
@@ -1138,6 +1306,12 @@ def read_tarball(source: str | os.PathLike[str] | BinaryIO,
         directories when the tarball lacks them.
     :param workdir: directory for the spool file (the system's temporary
         directory by default); nothing else is written.
+    :param sink: also send the tree as a normalized tar while reading it;
+        finish with :meth:`TreeStream.close` once the tree is complete.
+    :param keep_content: with a sink, ``False`` sends file content only
+        there: nothing is spooled, :meth:`RootTree.read_bytes` goes through
+        :attr:`RootTree.content_reader` and the tree cannot be written
+        with :meth:`RootTree.write_tar` (read the tarball again for that).
     :returns: the tree; close it when done.
     :raises UnsafeArchiveError: naming the member that breaks the policy, or
         when the archive is malformed.
@@ -1160,12 +1334,13 @@ def read_tarball(source: str | os.PathLike[str] | BinaryIO,
     # owned by the tree, which closes it
     spool = tempfile.TemporaryFile(dir=workdir, buffering=_SPOOL_BUFFER)  # noqa: SIM115
     tree = RootTree(spool, sorted(clean_persistent))
+    tree.kept = keep_content or sink is None
     try:
         head = raw.read(_BLOCK)
         kind = detect_compression(head)
         tree.compression = kind
         with open_stream(kind.value, head, raw, policy) as stream:
-            reader = _Reader(tree, policy, volatile, clean_persistent, stream)
+            reader = _Reader(tree, policy, volatile, clean_persistent, stream, sink, tree.kept)
             try:
                 reader.run()
             except UnsafeArchiveError:

@@ -94,14 +94,25 @@ def test_readme_demo_renders_raw_and_qcow2(example_manifest: dict[str, object],
 
 
 @pytest.mark.boot
-@pytest.mark.parametrize(("disk_format", "firmware"), [("raw", "bios"), ("qcow2", "uefi")])
+@pytest.mark.parametrize(("disk_format", "firmware", "one_pass"),
+                         [("raw", "bios", False), ("qcow2", "uefi", True)],
+                         ids=["raw-bios-two-pass", "qcow2-uefi-one-pass"])
 def test_rendered_example_boots_with_the_render_config(
-    example_manifest: dict[str, object], tmp_path: Path, disk_format: str, firmware: str
+    example_manifest: dict[str, object], tmp_path: Path, disk_format: str, firmware: str,
+    one_pass: bool,
 ) -> None:
-    renderer = Renderer(cache_dir=bootfixture.cache_dir() / "example-cache",
-                        data_dir=tmp_path / "home", ex_allow_file_urls=True)
-    result = renderer.render(example_manifest, str(tmp_path / "out") + "/", storage="local",
+    manifest = dict(example_manifest)
+    epoch = None
+    if one_pass:  # a root size and a clock: mke2fs reads the tree while it is read
+        manifest["boot"] = {**manifest["boot"], "root": {"size": "96M"}}  # type: ignore[dict-item]
+        epoch = 1_700_000_000
+    renderer = Renderer(cache_dir=tmp_path / "cache",  # build the base, do not reuse one
+                        data_dir=tmp_path / "home", ex_allow_file_urls=True,
+                        ex_source_date_epoch=epoch)
+    result = renderer.render(manifest, str(tmp_path / "out") + "/", storage="local",
                              format=disk_format, config=CONFIG)
+    assert result.details["rootfs"].get("streamed", False) is one_pass
+    assert result.details["disk"]["base_cached"] is False
     assert result.details["rootfs"]["templates"] == [
         "/etc/hostname", "/etc/motd", "/etc/network/interfaces", "/etc/resolv.conf"]
     image = Path(result.primary.location.removeprefix("file://"))

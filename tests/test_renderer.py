@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import socket
 import subprocess
 import tarfile
@@ -66,8 +67,8 @@ def cloudlet(static_http: tuple[str, Path]) -> Callable[..., dict[str, Any]]:
     base, root = static_http
 
     def publish(files: dict[str, bytes] | None = None, name: str = "tiny",
-                **extra: Any) -> dict[str, Any]:
-        data = make_tarball(files if files is not None else BASE_FILES)
+                dirs: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+        data = make_tarball(files if files is not None else BASE_FILES, dirs)
         digest = hashlib.sha256(data).hexdigest()
         (root / f"{digest}.tar.gz").write_bytes(data)
         manifest = {
@@ -428,3 +429,111 @@ def test_manifest_object_and_path_are_accepted(renderer: Renderer,
     by_object = renderer.render(Manifest.load(path), str(tmp_path / "b") + "/", "local", "raw")
     assert by_path.primary.sha256 == by_object.primary.sha256
     assert by_path.manifest_digest == by_object.manifest_digest
+
+
+# -- the cold render's one pass: mke2fs reads the tree while the tarball is read --
+
+STREAMED_BOOT = {"kernel": "/boot/vmlinuz", "cmdline": "console=ttyS0", "root": {"size": "64M"}}
+
+
+def fs_listing(disk: Path) -> dict[str, tuple[str, ...]]:
+    """Every path of the root filesystem: mode, owner, size, mtime, xattrs, content digest."""
+    image = f"{disk}?offset={root_partition_offset(disk)}"
+
+    def debugfs(request: str) -> bytes:
+        return subprocess.run(["debugfs", "-R", request, image], capture_output=True,
+                              check=True, timeout=30).stdout
+
+    listing: dict[str, tuple[str, ...]] = {}
+    pending = ["/"]
+    while pending:
+        directory = pending.pop()
+        for line in debugfs(f"ls -p {directory}").decode().splitlines():
+            fields = line.strip().split("/")  # /inode/mode/uid/gid/name/size/
+            if len(fields) < 7 or fields[5] in (".", ".."):
+                continue
+            _, _, mode, uid, gid, name, size = fields[:7]
+            path = directory.rstrip("/") + "/" + name
+            stat = debugfs(f"stat {path}").decode()
+            mtime = re.search(r"mtime: (0x[0-9a-f]+)", stat)
+            assert mtime is not None, stat
+            xattrs = debugfs(f"ea_list {path}").decode().strip()
+            directory_entry = mode.startswith("04")  # its blocks hold inode numbers
+            content = "" if directory_entry else hashlib.sha256(debugfs(f"cat {path}")).hexdigest()
+            listing[path] = (mode, uid, gid, size, mtime.group(1), xattrs, content)
+            if directory_entry:
+                pending.append(path)
+    return listing
+
+
+def root_filesystem_is_clean(disk: Path, tmp_path: Path) -> None:
+    offset = root_partition_offset(disk)
+    part = tmp_path / "root.ext4"
+    with disk.open("rb") as source, part.open("wb") as target:
+        source.seek(offset)
+        while chunk := source.read(1 << 20):
+            target.write(chunk)
+    check = subprocess.run(["e2fsck", "-fn", str(part)], capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_cold_render_streams_the_tree_into_mke2fs(cloudlet: Callable[..., dict[str, Any]],
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudlets.disk.assemble import BaseStream
+
+    manifest = cloudlet(boot=STREAMED_BOOT)
+    one_pass = Renderer(cache_dir=tmp_path / "c1", work_dir=tmp_path / "w1",
+                        ex_source_date_epoch=1_700_000_000)
+    first = one_pass.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
+    assert first.details["rootfs"]["streamed"] is True
+    assert first.details["disk"]["base_cached"] is False
+    disk = Path(first.primary.location)
+    root_filesystem_is_clean(disk, tmp_path)
+    assert read_from_disk(disk, "/etc/hostname") == b"web1\n"
+    assert "old.log" not in ls_disk(disk, "/var/log")
+
+    # the same inputs built the two-pass way (write the tree's tar, then mke2fs)
+    monkeypatch.setattr(BaseStream, "open", classmethod(lambda cls, *a, **k: None))
+    two_pass = Renderer(cache_dir=tmp_path / "c2", work_dir=tmp_path / "w2",
+                        ex_source_date_epoch=1_700_000_000)
+    second = two_pass.render(manifest, str(tmp_path / "b") + "/", "local", "raw", CONFIG)
+    assert "streamed" not in second.details["rootfs"]
+    listing = fs_listing(disk)
+    assert "/etc/cloudlets/image.json" in listing and "/boot/vmlinuz" in listing
+    assert listing == fs_listing(Path(second.primary.location))
+
+    # and the streamed base serves re-renders like any cached base
+    again = one_pass.render(manifest, str(tmp_path / "c") + "/", "local", "raw",
+                            {"hostname": "second"})
+    assert again.details["disk"]["base_cached"] is True
+    assert read_from_disk(Path(again.primary.location), "/etc/hostname") == b"second\n"
+
+
+def test_a_tree_that_cannot_be_streamed_is_built_in_two_passes(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    files = {**BASE_FILES, "opt/tool/run": b"#!/bin/sh\n"}  # no opt/ member: implied
+    result = renderer.render(cloudlet(files, boot=STREAMED_BOOT), str(tmp_path / "out") + "/",
+                             "local", "raw", CONFIG)
+    assert result.details["rootfs"]["streamed"] is False
+    assert result.details["rootfs"]["not_streamed"] == \
+        "/opt/tool/run comes before its parent directory"
+    disk = Path(result.primary.location)
+    assert read_from_disk(disk, "/opt/tool/run") == b"#!/bin/sh\n"
+    assert read_from_disk(disk, "/etc/hostname") == b"web1\n"
+    assert not list((tmp_path / "cache" / "bases").glob("*partial*"))
+
+
+def test_a_streamed_tree_that_does_not_fit_is_named_and_leaves_nothing(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    from cloudlets import DiskError
+
+    many = {f"var/lib/f{index:05d}": b"" for index in range(5000)}  # 64M has 4096 inodes
+    files = {**BASE_FILES, **many}
+    with pytest.raises(DiskError, match=r"does not fit; raise boot\.root_size"):
+        renderer.render(cloudlet(files, dirs=("var/lib",), boot=STREAMED_BOOT),
+                        str(tmp_path / "out") + "/", "local", "raw", CONFIG)
+    assert not (tmp_path / "out").exists()
+    assert list((tmp_path / "cache" / "bases").iterdir()) == []
+    assert list((tmp_path / "work").iterdir()) == []

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloudlets.disk import bootloader, ext4
 from cloudlets.disk.partition import (
@@ -26,7 +27,17 @@ from cloudlets.disk.spec import BootSpec, DiskImage
 from cloudlets.disk.tools import e2fsprogs_version
 from cloudlets.errors import DiskError
 
-__all__ = ["ESP_SIZE", "build_disk", "derive_uuid", "resolve_timestamp"]
+if TYPE_CHECKING:
+    from cloudlets.rootfs import RootTree
+
+__all__ = [
+    "ESP_SIZE",
+    "BaseStream",
+    "base_cached",
+    "build_disk",
+    "derive_uuid",
+    "resolve_timestamp",
+]
 
 _MIB = 1024 * 1024
 #: Alignment of every partition.
@@ -36,7 +47,7 @@ BIOS_BOOT_SIZE = _MIB
 #: Size of the EFI system partition (FAT32 needs at least 65525 clusters).
 ESP_SIZE = 64 * _MIB
 #: Bumped whenever the base filesystem's bytes would change for the same inputs.
-_BASE_FORMAT = 1
+_BASE_FORMAT = 2
 
 
 def derive_uuid(seed: str, purpose: str) -> str:
@@ -212,8 +223,132 @@ def _cache_lookup(base_cache: Path, key: str) -> tuple[Path, int, int] | None:
         return None
 
 
+class BaseStream:
+    """Build a base root filesystem into the cache while the tree is read.
+
+    The cold render's fast path: ``mke2fs -d -`` reads the normalized tar
+    :func:`~cloudlets.rootfs.read_tarball` writes to :attr:`sink` as it reads
+    the tarball, so the tree is never written out as a tar first. On success
+    the base is in ``base_cache`` under the key :func:`build_disk` looks up
+    (same inputs, same key), and :func:`build_disk` only copies and patches
+    it. Use :meth:`open`, which says when the path does not apply.
+
+    :ivar sink: where the tree goes while it is read.
+    :ivar reason: why the tree could not be streamed, after :meth:`close`
+        returned ``False``.
+    """
+
+    def __init__(self, boot: BootSpec, *, seed: str, tree_digest: str,
+                 source_date_epoch: int | None, base_cache: Path, workdir: Path,
+                 clamp: int | None) -> None:
+        from cloudlets.rootfs import TreeStream
+
+        assert boot.root_size is not None
+        self._boot = boot
+        self._key = _base_key(tree_digest, boot, seed, source_date_epoch)
+        self._cache = base_cache
+        self._size = -(-boot.root_size // ALIGN) * ALIGN
+        self._timestamp = resolve_timestamp(source_date_epoch, -1)
+        base_cache.mkdir(parents=True, exist_ok=True)
+        self._partial = base_cache / f"{self._key}.ext4.partial-{os.getpid()}"
+        self._mkfs = ext4.Ext4Stream(
+            self._partial, size=self._size, uuid=derive_uuid(seed, "root-fs"),
+            hash_seed=derive_uuid(seed, "root-fs-hash-seed"), label=boot.label,
+            timestamp=self._timestamp, workdir=workdir,
+            inodes=ext4.inode_count(self._size))
+        self.sink = TreeStream(self._mkfs.fd, source_date_epoch=clamp)
+        self.reason: str | None = None
+        #: the cached base, once :meth:`close` built it
+        self.image: Path | None = None
+        self._done = False
+
+    @classmethod
+    def open(cls, boot: BootSpec, *, seed: str, tree_digest: str,
+             source_date_epoch: int | None, base_cache: Path, workdir: Path,
+             clamp: int | None = None) -> BaseStream | None:
+        """Start mke2fs for a base that is not cached yet, if it can be streamed.
+
+        :param boot: the boot section; streaming needs ``root_size`` (the
+            filesystem is made before the tree is known).
+        :param seed: as for :func:`build_disk`.
+        :param tree_digest: as for :func:`build_disk` (here required).
+        :param source_date_epoch: as for :func:`build_disk`; streaming needs a
+            clock (this or ``$SOURCE_DATE_EPOCH``), as the tree's newest mtime
+            is not known in advance.
+        :param base_cache: as for :func:`build_disk`.
+        :param workdir: a scratch directory.
+        :param clamp: the mtime clamp the tree's tar would be written with.
+        :returns: the stream, or ``None`` when the base is cached already or
+            cannot be streamed (no root size, no clock, e2fsprogs too old).
+        """
+        if (boot.root_size is None or resolve_timestamp(source_date_epoch, -1) < 0
+                or ext4.populate_method() != "tar"):
+            return None
+        key = _base_key(tree_digest, boot, seed, source_date_epoch)
+        if _cache_lookup(base_cache, key) is not None:
+            return None
+        return cls(boot, seed=seed, tree_digest=tree_digest,
+                   source_date_epoch=source_date_epoch, base_cache=base_cache,
+                   workdir=workdir, clamp=clamp)
+
+    def close(self, tree: RootTree) -> bool:
+        """Send the rest of the tree and store the base in the cache.
+
+        :param tree: the complete tree (as :meth:`~cloudlets.rootfs.RootTree.write_tar`
+            would write it).
+        :returns: ``True`` when the base is cached; ``False`` when the tree
+            could not be streamed (see :attr:`reason`): nothing was cached and
+            the caller builds the disk from the tree's tar as usual.
+        :raises DiskError: mke2fs failed, or the boot files are missing.
+        """
+        from cloudlets.rootfs import EntryType
+
+        self._done = True
+        self.reason = self.sink.close(tree)
+        if self.reason is not None:
+            self._mkfs.abort()
+            return False
+        xattrs = [ext4.TreeEntry(path=e.path, mode=e.mode, uid=e.uid, gid=e.gid,
+                                 mtime=e.mtime, xattrs=e.xattrs)
+                  for e in tree if e.type is not EntryType.HARDLINK
+                  and any(name != "security.capability" for name in e.xattrs)]
+        try:
+            self._mkfs.finish(xattrs)
+            for what, path in (("kernel", self._boot.kernel), ("initrd", self._boot.initrd)):
+                if path is not None and path not in tree:
+                    raise DiskError(f"boot.{what} {path} is not in the tree")
+            os.replace(self._partial, self._cache / f"{self._key}.ext4")
+        finally:
+            self._partial.unlink(missing_ok=True)
+        meta = {"size": self._size, "timestamp": self._timestamp}
+        (self._cache / f"{self._key}.json").write_text(json.dumps(meta))
+        self.image = self._cache / f"{self._key}.ext4"
+        return True
+
+    def read_file(self, path: str, size: int) -> bytes:
+        """Read a file back from the base built by :meth:`close` (for templates
+        of a tree whose content was streamed, not kept)."""
+        if self.image is None:
+            raise DiskError("the base filesystem was not built")
+        return ext4.read_file(self.image, path, size)
+
+    def abort(self) -> None:
+        """Stop mke2fs and cache nothing (safe to call after :meth:`close`)."""
+        if not self._done:
+            self._done = True
+            self._mkfs.abort()
+
+
+def base_cached(boot: BootSpec, *, seed: str, tree_digest: str,
+                source_date_epoch: int | None, base_cache: Path) -> bool:
+    """Whether ``base_cache`` holds the base filesystem :func:`build_disk`
+    would make for these inputs (it then needs no tree tar)."""
+    key = _base_key(tree_digest, boot, seed, source_date_epoch)
+    return _cache_lookup(base_cache, key) is not None
+
+
 def build_disk(
-    tree_tar: Path,
+    tree_tar: Path | None,
     boot: BootSpec,
     output: Path,
     *,
@@ -232,7 +367,9 @@ def build_disk(
     in the tree).
 
     :param tree_tar: the rendered root filesystem as an uncompressed, normalized
-        tar (parents before children; PAX headers with owners, modes, xattrs).
+        tar (parents before children; PAX headers with owners, modes, xattrs);
+        ``None`` when ``base_cache`` holds the base already (a
+        :class:`BaseStream` put it there).
     :param boot: the boot section.
     :param output: the raw image to write (replaced if it exists).
     :param seed: the render's seed; derive it from the manifest and tarball
@@ -257,11 +394,19 @@ def build_disk(
     cached: tuple[Path, int, int] | None = None
     key = None
     if base_cache is not None:
-        key = _base_key(tree_digest or _tree_digest(tree_tar), boot, seed, source_date_epoch)
+        if tree_digest is not None:
+            digest = tree_digest
+        elif tree_tar is not None:
+            digest = _tree_digest(tree_tar)
+        else:
+            raise DiskError("build_disk needs the tree's tar or its digest")
+        key = _base_key(digest, boot, seed, source_date_epoch)
         cached = _cache_lookup(base_cache, key)
     stats: ext4.TreeStats | None = None
     if cached is not None:
         _, size, timestamp = cached
+    elif tree_tar is None:
+        raise DiskError("no tree tar given and no base filesystem cached for it")
     else:
         size, stats, timestamp = _plan_root(boot, tree_tar, source_date_epoch)
         if stats is not None:
@@ -273,9 +418,10 @@ def build_disk(
     disk_guid = derive_uuid(seed, "disk")
     signature = int.from_bytes(hashlib.sha256(f"{seed}\0mbr".encode()).digest()[:4], "little")
     volume_id = int.from_bytes(hashlib.sha256(f"{seed}\0esp".encode()).digest()[:4], "little")
+    tar_path = tree_tar if tree_tar is not None else Path()  # read only when not cached
     make_root = functools.partial(
         ext4.make_ext4,
-        tree_tar,
+        tar_path,
         size=size,
         uuid=root_uuid,
         hash_seed=derive_uuid(seed, "root-fs-hash-seed"),
@@ -328,7 +474,7 @@ def build_disk(
                 base_cache.mkdir(parents=True, exist_ok=True)
                 partial = base_cache / f"{key}.ext4.partial-{os.getpid()}"
                 try:
-                    _check_boot_files(boot, make_root(partial), tree_tar)
+                    _check_boot_files(boot, make_root(partial), tar_path)
                     _copy_sparse(partial, fd, root.start)
                     os.replace(partial, base_cache / f"{key}.ext4")
                 finally:
@@ -336,7 +482,7 @@ def build_disk(
                 meta = {"size": size, "timestamp": timestamp}
                 (base_cache / f"{key}.json").write_text(json.dumps(meta))
         if cached is None and base_cache is None:
-            _check_boot_files(boot, make_root(output, offset=root.start), tree_tar)
+            _check_boot_files(boot, make_root(output, offset=root.start), tar_path)
         if patch_files:
             ext4.patch_ext4(
                 f"{output}?offset={root.start}",

@@ -20,20 +20,31 @@ write, not from the host's ``/etc/mke2fs.conf``.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import stat
+import subprocess
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudlets.disk import tarscan
-from cloudlets.disk.tools import e2fsprogs_version, finish, run, start, tool_environment
+from cloudlets.disk.tools import (
+    STDERR_TAIL,
+    e2fsprogs_version,
+    find_tool,
+    finish,
+    run,
+    start,
+    tool_environment,
+)
 from cloudlets.errors import DiskError
 
 __all__ = [
     "BLOCK_SIZE",
+    "Ext4Stream",
     "TreeEntry",
     "TreeStats",
     "inode_attributes",
@@ -41,6 +52,7 @@ __all__ = [
     "make_ext4",
     "patch_ext4",
     "populate_method",
+    "read_file",
     "root_size_for",
     "scan_tree",
 ]
@@ -75,6 +87,9 @@ _MKE2FS_PROFILE = """\
 \t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
 \t}
 """
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PIPE_SIZE = _MIB
 
 _DEBUGFS_ERROR = r"^(?!debugfs \d)(?!\s*$).+"
 _SAFE_NAME = re.compile(r'^[^"\n\\]+$')
@@ -328,10 +343,7 @@ def make_ext4(
         the message names mke2fs and quotes its error.
     :raises ConfigurationError: e2fsprogs is not installed.
     """
-    if len(label.encode()) > 16:
-        raise DiskError(f"ext4 label {label!r} is longer than 16 bytes")
-    if size % BLOCK_SIZE:
-        raise DiskError(f"root filesystem size {size} is not a multiple of {BLOCK_SIZE}")
+    _check_label_size(label, size)
     method = method or populate_method()
     workdir.mkdir(parents=True, exist_ok=True)
     profile = workdir / "mke2fs.conf"
@@ -356,39 +368,8 @@ def make_ext4(
 
     if inodes is None:
         inodes = inode_count(size, stats)
-    extended = [
-        f"hash_seed={hash_seed}",
-        "root_owner=0:0",
-        "lazy_itable_init=0",
-        "lazy_journal_init=0",
-        "nodiscard",
-    ]
-    if offset:
-        extended.append(f"offset={offset}")
-    args: list[str | os.PathLike[str]] = [
-        "-q",
-        "-F",
-        "-t",
-        "ext4",
-        "-b",
-        str(BLOCK_SIZE),
-        "-I",
-        str(INODE_SIZE),
-        "-N",
-        str(inodes),
-        "-m",
-        "0",
-        "-L",
-        label,
-        "-U",
-        uuid,
-        "-E",
-        ",".join(extended),
-        "-d",
-        source,
-        image,
-        str(size // 1024) + "k",
-    ]
+    args = _mke2fs_args(source, image, size=size, uuid=uuid, hash_seed=hash_seed, label=label,
+                        inodes=inodes, offset=offset)
     proc = start("mke2fs", args, env=env)
     try:
         if stats is None:
@@ -413,6 +394,122 @@ def make_ext4(
     target = f"{image}?offset={offset}" if offset else os.fspath(image)
     _debugfs_script(target, lines, workdir, env)
     return stats
+
+
+def _check_label_size(label: str, size: int) -> None:
+    if len(label.encode()) > 16:
+        raise DiskError(f"ext4 label {label!r} is longer than 16 bytes")
+    if size % BLOCK_SIZE:
+        raise DiskError(f"root filesystem size {size} is not a multiple of {BLOCK_SIZE}")
+
+
+def _mke2fs_args(source: str | os.PathLike[str], image: Path, *, size: int, uuid: str,
+                 hash_seed: str, label: str, inodes: int, offset: int = 0
+                 ) -> list[str | os.PathLike[str]]:
+    extended = [
+        f"hash_seed={hash_seed}",
+        "root_owner=0:0",
+        "lazy_itable_init=0",
+        "lazy_journal_init=0",
+        "nodiscard",
+    ]
+    if offset:
+        extended.append(f"offset={offset}")
+    return [
+        "-q", "-F", "-t", "ext4", "-b", str(BLOCK_SIZE), "-I", str(INODE_SIZE),
+        "-N", str(inodes), "-m", "0", "-L", label, "-U", uuid, "-E", ",".join(extended),
+        "-d", source, image, str(size // 1024) + "k",
+    ]
+
+
+class Ext4Stream:
+    """``mke2fs -d -``: an ext4 filesystem populated from a tar written to a
+    pipe while the tree is still being read (the ``tar`` method only).
+
+    Write the normalized tar to :attr:`fd`, then call :meth:`finish`, or
+    :meth:`abort` to throw the filesystem away. The parameters are those of
+    :func:`make_ext4`; the same tar gives the same bytes as
+    :func:`make_ext4` would.
+
+    :raises ConfigurationError: e2fsprogs is not installed.
+    :raises DiskError: mke2fs could not be started or cannot read tarballs.
+    """
+
+    def __init__(self, image: Path, *, size: int, uuid: str, hash_seed: str, label: str,
+                 timestamp: int, workdir: Path, inodes: int | None = None) -> None:
+        _check_label_size(label, size)
+        if populate_method() != "tar":
+            raise DiskError("mke2fs cannot read a tar from a pipe before e2fsprogs "
+                            f"{'.'.join(map(str, TAR_POPULATE_VERSION))}")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._workdir = workdir
+        self._image = image
+        profile = workdir / "mke2fs.conf"
+        profile.write_text(_MKE2FS_PROFILE)
+        self._env = tool_environment(timestamp, profile, e2fsprogs=True)
+        image.unlink(missing_ok=True)
+        with open(image, "wb") as handle:
+            handle.truncate(size)
+        self._size = size
+        self._inodes = inode_count(size) if inodes is None else inodes
+        args = _mke2fs_args("-", image, size=size, uuid=uuid, hash_seed=hash_seed, label=label,
+                            inodes=self._inodes)
+        self._stderr = open(workdir / "mke2fs.stderr", "w+b")  # noqa: SIM115 - closed below
+        try:
+            self._proc = subprocess.Popen(
+                [find_tool("mke2fs"), *(os.fspath(arg) for arg in args)], env=self._env,
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        except OSError as exc:
+            self._stderr.close()
+            raise DiskError(f"mke2fs could not be started: {exc}") from exc
+        assert self._proc.stdin is not None
+        #: the write end of mke2fs's standard input
+        self.fd = self._proc.stdin.fileno()
+        try:  # fewer, larger hand-overs to mke2fs (Linux; 64 KiB otherwise)
+            fcntl.fcntl(self.fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:  # pragma: no cover - above /proc/sys/fs/pipe-max-size
+            pass
+
+    def finish(self, xattr_entries: Iterable[TreeEntry] = ()) -> None:
+        """Wait for mke2fs, then set the extended attributes it does not copy.
+
+        :param xattr_entries: entries whose xattrs besides
+            ``security.capability`` must be set.
+        :raises DiskError: mke2fs failed (e.g. the tree does not fit); the
+            message quotes its error.
+        """
+        try:
+            self._close_input()
+            code = self._proc.wait()
+            self._stderr.seek(0)
+            output = self._stderr.read().decode("utf-8", "replace").strip()
+        finally:
+            self._stderr.close()
+        if code != 0:
+            full = re.search(r"Could not allocate|No space left", output)
+            hint = " (the tree does not fit; raise boot.root_size)" if full else ""
+            raise DiskError(f"mke2fs failed with exit code {code}: {output[-STDERR_TAIL:]}"
+                            f"{hint}; root filesystem of {self._size} bytes, "
+                            f"{self._inodes} inodes")
+        lines = _xattr_commands(list(xattr_entries), self._workdir, skip_caps=True)
+        _debugfs_script(os.fspath(self._image), lines, self._workdir, self._env)
+
+    def abort(self) -> None:
+        """Stop mke2fs and remove the image."""
+        self._close_input()
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._stderr.close()
+        self._image.unlink(missing_ok=True)
+
+    def _close_input(self) -> None:
+        stdin = self._proc.stdin
+        if stdin is not None and not stdin.closed:
+            try:
+                stdin.close()
+            except OSError:  # BrokenPipe: mke2fs stopped early; wait() says why
+                pass
 
 
 def _extract(tree_tar: Path, target: Path) -> list[TreeEntry]:
@@ -502,6 +599,24 @@ def inode_attributes(image: str, path: str) -> dict[str, str] | None:
             return None
         result[key] = match.group(1)
     return result
+
+
+def read_file(image: str | os.PathLike[str], path: str, size: int) -> bytes:
+    """Read a regular file out of an ext4 image (``debugfs cat``).
+
+    :param image: the filesystem image (or ``file?offset=N``).
+    :param path: absolute path inside the filesystem.
+    :param size: the file's expected size.
+    :returns: its content.
+    :raises DiskError: the file cannot be read, or is not ``size`` bytes long.
+    """
+    proc = run("debugfs", ["-R", f"cat {_quote(path)}", image],
+               env=tool_environment(0, e2fsprogs=True))
+    if len(proc.stdout) != size:
+        detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+        raise DiskError(f"cannot read {path} from {image}: {len(proc.stdout)} bytes, "
+                        f"expected {size} {' '.join(detail)}".rstrip())
+    return proc.stdout
 
 
 def patch_ext4(
