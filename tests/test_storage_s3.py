@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from cloudlets.drivers.providers import get_driver
-from cloudlets.drivers.storage.s3 import S3Storage
+from cloudlets.drivers.storage.s3 import S3Storage, _crc32_b64, composite_crc32
 from cloudlets.errors import ConfigurationError, StorageError
 from cloudlets.testing.storage import StorageDriverConformance
 from tests.moto_fixture import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, moto_server
@@ -63,6 +63,41 @@ def test_multipart_upload_with_digest_metadata(moto_server: MotoServer, tmp_path
     assert head["ETag"].strip('"').endswith("-3")  # a multipart upload of three parts
     assert artifact.sha256 == hashlib.sha256(data).hexdigest()
     assert artifact.location == f"s3://{BUCKET}/images/disk.raw"
+
+
+def test_multipart_parts_carry_crc32_checksums_the_store_records(
+        moto_server: MotoServer, tmp_path: Path) -> None:
+    import base64
+    import zlib
+
+    data = os.urandom(2 * S3Storage.PART_SIZE + 1000)  # 3 parts
+    source = tmp_path / "disk.raw"
+    source.write_bytes(data)
+    _storage(moto_server).upload(source, f"s3://{BUCKET}/images/crc.raw")
+    head = moto_server.client().head_object(Bucket=BUCKET, Key="images/crc.raw",
+                                            ChecksumMode="ENABLED")
+    # computed here from the file, independently of the driver
+    size = S3Storage.PART_SIZE
+    part_crcs = [zlib.crc32(data[start:start + size]).to_bytes(4, "big")
+                 for start in range(0, len(data), size)]
+    composite = base64.b64encode(zlib.crc32(b"".join(part_crcs)).to_bytes(4, "big")).decode()
+    assert head["ChecksumCRC32"].partition("-")[0] == composite
+    assert composite_crc32(base64.b64encode(c).decode() for c in part_crcs) == \
+        f"{composite}-3"
+
+
+def test_a_composite_checksum_that_differs_is_refused(moto_server: MotoServer,
+                                                       tmp_path: Path) -> None:
+    storage = _storage(moto_server)
+    source = tmp_path / "disk.raw"
+    source.write_bytes(os.urandom(S3Storage.PART_SIZE + 1))  # 2 parts
+    storage.upload(source, f"s3://{BUCKET}/images/crc2.raw")
+    path = f"/{BUCKET}/images/crc2.raw"
+    storage._check_composite(path, composite_crc32(
+        [_crc32_b64(source.read_bytes()[:S3Storage.PART_SIZE]),
+         _crc32_b64(source.read_bytes()[S3Storage.PART_SIZE:])]), "s3://x")  # agrees
+    with pytest.raises(StorageError, match=r"composite CRC32 .* its parts were sent with"):
+        storage._check_composite(path, "AAAAAA==-2", f"s3://{BUCKET}/images/crc2.raw")
 
 
 def test_stream_of_unknown_digest_gets_its_metadata(moto_server: MotoServer) -> None:
