@@ -38,8 +38,9 @@ tarball, then turned into a 1 GiB qcow2 image by:
 Each pipeline runs in a fresh process, ``--rounds`` times (virt-make-fs once:
 it takes a minute), interleaved, each after removing the last run's output
 and a ``sync`` (untimed), so that one run's writeback does not land on the
-next; the table shows the best and the median wall time and the peak RSS of the largest process involved (Python or tool). The
-page cache is warm (the tarballs are read once before timing).
+next; the table shows the best and the median wall time and the peak RSS
+of the largest process involved (Python or tool). The page cache is warm
+(the tarballs are read once before timing).
 """
 
 from __future__ import annotations
