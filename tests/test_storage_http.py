@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -249,6 +251,12 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
     store: dict[str, bytes] = {}
     failures = 0
     puts = 0
+    gets = 0
+    #: flip a byte of what is stored (damage on the server's side)
+    corrupt = False
+    #: the digest HEAD reports of what is stored: "repr-digest", "digest",
+    #: "md5-etag", "other-etag" (32 hex digits that are no MD5) or None
+    report: str | None = None
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
@@ -265,9 +273,12 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
-    def _answer(self, status: int, body: bytes = b"", length: int | None = None) -> None:
+    def _answer(self, status: int, body: bytes = b"", length: int | None = None,
+                headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Length", str(len(body) if length is None else length))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -278,16 +289,28 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
         if type(self).puts <= self.failures:
             self._answer(503)
             return
+        if self.corrupt and body:
+            body = bytes([body[0] ^ 1]) + body[1:]
         self.store[self.path] = body
         self._answer(201)
 
+    def _digest_headers(self, data: bytes) -> dict[str, str]:
+        sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        return {"repr-digest": {"Repr-Digest": f"sha-256=:{sha}:"},
+                "digest": {"Digest": f"SHA-256={sha}"},
+                "md5-etag": {"ETag": f'"{hashlib.md5(data).hexdigest()}"'},
+                "other-etag": {"ETag": '"0123456789abcdef0123456789abcdef"'},
+                }.get(self.report or "", {})
+
     def do_HEAD(self) -> None:
         if self.path in self.store:
-            self._answer(200, length=len(self.store[self.path]))
+            data = self.store[self.path]
+            self._answer(200, length=len(data), headers=self._digest_headers(data))
         else:
             self._answer(404)
 
     def do_GET(self) -> None:
+        type(self).gets += 1
         if self.path in self.store:
             self._answer(200, self.store[self.path])
         else:
@@ -302,7 +325,7 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def flaky() -> Iterator[tuple[str, type[_Flaky]]]:
-    handler = type("Flaky", (_Flaky,), {"store": {}, "failures": 2, "puts": 0})
+    handler = type("Flaky", (_Flaky,), {"store": {}, "failures": 2, "puts": 0, "gets": 0})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -341,3 +364,46 @@ def test_a_stream_is_not_retried(flaky: tuple[str, type[_Flaky]]) -> None:
     with pytest.raises(StorageError, match="503"):
         HTTPStorage(retries=3, backoff=0.01).upload(iter([b"once"]), f"{base}/s.img")
     assert handler.puts == 1
+
+
+# -- verification: what the server reports, or a read-back when asked -----------
+
+
+@pytest.mark.parametrize("report", ["repr-digest", "digest", "md5-etag"])
+def test_a_digest_the_server_reports_is_checked_without_reading_back(
+        flaky: tuple[str, type[_Flaky]], tmp_path: Path, report: str) -> None:
+    base, handler = flaky
+    handler.failures, handler.report = 0, report
+    source = tmp_path / "a.img"
+    source.write_bytes(os.urandom(100_000))
+    HTTPStorage(ex_move=False).upload(source, f"{base}/a.img")
+    assert handler.gets == 0
+    handler.corrupt = True
+    with pytest.raises(StorageError, match=r"b\.img (reports sha256|reads back)") as caught:
+        HTTPStorage(ex_move=False).upload(source, f"{base}/b.img", overwrite=True)
+    assert "/b.img" not in handler.store  # deleted: nothing complete-looking is left
+    # an MD5 ETag that does not match could be a non-MD5 ETag: it is read back to tell
+    assert handler.gets == (1 if report == "md5-etag" else 0), caught.value
+
+
+def test_without_a_reported_digest_the_size_is_checked_and_digest_reads_back(
+        flaky: tuple[str, type[_Flaky]], tmp_path: Path) -> None:
+    base, handler = flaky
+    handler.failures, handler.corrupt = 0, True  # same size, one byte flipped
+    source = tmp_path / "a.img"
+    source.write_bytes(os.urandom(100_000))
+    HTTPStorage(ex_move=False).upload(source, f"{base}/a.img")  # the default trusts the size
+    assert handler.gets == 0
+    with pytest.raises(StorageError, match="reads back 100000 bytes with sha256"):
+        HTTPStorage(ex_move=False, ex_verify="digest").upload(source, f"{base}/b.img")
+    assert handler.gets == 1 and "/b.img" not in handler.store
+
+
+def test_an_etag_that_only_looks_like_an_md5_is_read_back(flaky: tuple[str, type[_Flaky]],
+                                                          tmp_path: Path) -> None:
+    base, handler = flaky
+    handler.failures, handler.report = 0, "other-etag"
+    source = tmp_path / "a.img"
+    source.write_bytes(os.urandom(100_000))
+    HTTPStorage(ex_move=False).upload(source, f"{base}/a.img")
+    assert handler.gets == 1 and handler.store["/a.img"] == source.read_bytes()

@@ -323,7 +323,7 @@ def test_nbd_keeps_requests_in_flight_and_takes_replies_in_any_order(
     image = _image(16 * MiB + 12345)
     size = 20 * MiB
     with ScriptedNBDServer(_pattern(size)) as server:
-        artifact = _MiBChunks().upload(image, server.location, overwrite=True)
+        artifact = _MiBChunks(ex_verify=True).upload(image, server.location, overwrite=True)
         assert bytes(server.data[:len(image)]) == image
         assert bytes(server.data[len(image):]) == _pattern(size)[len(image):]
         assert artifact.sha256 == _sha(image)
@@ -389,7 +389,7 @@ def test_nbd_failed_read_back_names_its_offset() -> None:
     failing = 5 * MiB
     with ScriptedNBDServer(_pattern(10 * MiB), fail={("read", failing)}) as server:
         with pytest.raises(StorageError, match=f"failed an NBD read at offset {failing}"):
-            _MiBChunks().upload(image, server.location, overwrite=True)
+            _MiBChunks(ex_verify=True).upload(image, server.location, overwrite=True)
         assert bytes(server.data[:HEADER_SIZE]) == bytes(HEADER_SIZE)
         assert bytes(server.data[HEADER_SIZE:len(image)]) == image[HEADER_SIZE:]
         # a failed simple READ may or may not carry its payload: the client
@@ -635,3 +635,16 @@ def test_render_to_an_nbd_export(nbd_server: NBDServer, static_http: tuple[str, 
     with open(backing, "rb") as handle:
         handle.seek(size)
         assert handle.read() == _pattern(96 * MiB)[size:]
+
+
+def test_without_read_back_only_the_first_mib_is_read(tmp_path: Path) -> None:
+    with ScriptedNBDServer(_pattern(10 * MiB)) as server:
+        image = _image(8 * MiB)
+        artifact = _MiBChunks().upload(image, server.location, overwrite=True)
+        assert bytes(server.data[:len(image)]) == image and artifact.sha256 == _sha(image)
+        *_, upload = server.connections
+        reads = [(r.offset, r.length) for r in upload if r.command == "read"]
+        # only the check for something stored; the body is never read back:
+        # the default trusts the flushed, acknowledged writes
+        assert reads == [(0, HEADER_SIZE)]
+        assert any(r.command == "flush" for r in upload)

@@ -3,11 +3,13 @@
 The body is streamed, with a ``Content-Length`` when the size is known and
 chunked transfer encoding otherwise. To keep a half-written file from ever
 looking complete, the bytes go to a hidden temporary name beside the target
-(``.name.<random>.partial``), are checked there (size with ``HEAD``; digest
-with the server's ETag when it is the body's MD5, else read back with
-``GET``; the MD5 of a file source is computed only when the ETag looks like
-one, so a server whose ETags are not digests costs no MD5 pass), and only
-then renamed with WebDAV ``MOVE`` (``Overwrite: F`` unless
+(``.name.<random>.partial``), are checked there (size with ``HEAD``, and
+the digest the server reports on it: an ETag that is the body's MD5, as
+object stores' are, or an RFC 9530 ``Repr-Digest``/``Digest`` sha-256; the
+MD5 of a file source is computed only when the ETag looks like one, so a
+server whose ETags are not digests costs no MD5 pass; with
+``ex_verify="digest"`` a server that reports no digest has the bytes read
+back with ``GET``), and only then renamed with WebDAV ``MOVE`` (``Overwrite: F`` unless
 asked to overwrite, so the server itself refuses to clobber). A server that
 does not implement ``MOVE`` (probed once per origin with a ``MOVE`` of a name
 that does not exist) gets the bytes at the final name directly, and the
@@ -20,6 +22,7 @@ errors, logs or results.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import re
@@ -46,6 +49,25 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: An ETag that may be the body's MD5 (object stores' HTTP APIs): 32 hex digits.
 MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+
+
+def _reported_sha256(headers: Mapping[str, str]) -> str | None:
+    """The sha-256 an RFC 9530 ``Repr-Digest`` (or RFC 3230 ``Digest``) header
+    states, as hex, or ``None``."""
+    for name in ("Repr-Digest", "Digest"):
+        value = headers.get(name)
+        if not value:
+            continue
+        for item in value.split(","):
+            algorithm, _, encoded = item.strip().partition("=")
+            if algorithm.strip().lower() in ("sha-256", "sha256"):
+                try:
+                    raw = base64.b64decode(encoded.strip().strip(":"), validate=True)
+                except ValueError:
+                    continue
+                if len(raw) == 32:
+                    return raw.hex()
+    return None
 
 
 class _Body:
@@ -111,9 +133,12 @@ class HTTPStorage(StorageDriver):
         (at most 30 s between attempts).
     :param ex_move: upload to a temporary name and ``MOVE`` it into place;
         ``False`` writes the final name directly (for servers without WebDAV).
-    :param ex_verify: how to check the stored bytes: ``"digest"`` (the
-        ETag when it is the body's MD5, else read it back with ``GET``) or
-        ``"size"`` (``HEAD`` only).
+    :param ex_verify: how to check the stored bytes: ``"reported"`` (the
+        default: the size, and the digest when ``HEAD`` reports one: an MD5
+        ETag, a sha-256 ``Repr-Digest`` or ``Digest``), ``"digest"`` (the
+        same, and when the server reports no digest, read everything back
+        with ``GET`` and compare its sha256: twice the traffic) or
+        ``"size"`` (the size only).
     """
 
     name: ClassVar[str] = Storage.HTTP
@@ -130,12 +155,13 @@ class HTTPStorage(StorageDriver):
                  token: str | None = None, headers: Mapping[str, str] | None = None,
                  verify_tls: bool | str = True, timeout: float = 60.0, retries: int = 3,
                  backoff: float = 0.5, ex_move: bool = True,
-                 ex_verify: Literal["digest", "size"] = "digest") -> None:
+                 ex_verify: Literal["reported", "digest", "size"] = "reported") -> None:
         if token is not None and (username is not None or password is not None):
             raise ConfigurationError("HTTP storage takes basic credentials or a bearer "
                                      "token, not both")
-        if ex_verify not in ("digest", "size"):
-            raise ConfigurationError(f"ex_verify must be 'digest' or 'size', not {ex_verify!r}")
+        if ex_verify not in ("reported", "digest", "size"):
+            raise ConfigurationError("ex_verify must be 'reported', 'digest' or 'size', "
+                                     f"not {ex_verify!r}")
         if retries < 0:
             raise ConfigurationError("retries must be zero or more")
         self.username = username
@@ -306,9 +332,20 @@ class HTTPStorage(StorageDriver):
             if length is None:
                 raise StorageError(f"{shown} reports no size to verify", shown)
             return
-        etag = response.headers.get("ETag", "").removeprefix("W/").strip('"').lower()
-        if MD5_ETAG.fullmatch(etag) and etag == self._md5_sent(source, body):
+        reported = _reported_sha256(response.headers)
+        if reported is not None:
+            if reported != source.digest:
+                raise StorageError(f"{shown} reports sha256 {reported} after upload, sent "
+                                   f"{source.digest}", shown)
             return
+        etag = response.headers.get("ETag", "").removeprefix("W/").strip('"').lower()
+        md5_like = MD5_ETAG.fullmatch(etag) is not None
+        if md5_like and etag == self._md5_sent(source, body):
+            return
+        if self.ex_verify == "reported" and not md5_like:
+            return  # the server reports no digest: the size it is
+        # asked to, or an ETag that looks like an MD5 but is not this one:
+        # damage, or not an MD5 at all; reading it back tells
         digest = hashlib.sha256()
         size = 0
         response = self._request("GET", location, url, stream=True)
