@@ -756,6 +756,8 @@ class TreeStream:
         self.broken: str | None = None
         #: bytes sent so far
         self.position = 0
+        #: the stream broke because the consumer stopped reading
+        self.consumer_failed = False
 
     def _break(self, reason: str) -> bool:
         if self.broken is None:
@@ -793,6 +795,7 @@ class TreeStream:
             try:
                 write(data)
             except OSError as exc:  # the consumer exited: its own error says why
+                self.consumer_failed = self.broken is None
                 self._break(f"the consumer stopped reading ({exc.strerror or exc})")
 
     def content(self, data: bytes | memoryview) -> None:

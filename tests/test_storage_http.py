@@ -185,6 +185,32 @@ def test_bearer_token_and_custom_headers(nginx_server: Nginx) -> None:
     assert storage.exists(keyed)
 
 
+@pytest.mark.parametrize("size", [5, 8 * 1024 * 1024 + 3])  # one send, and many
+def test_file_sent_in_the_kernel_with_every_kind_of_credentials(
+        nginx_server: Nginx, tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    source = tmp_path / "disk.raw"
+    source.write_bytes(data)
+    cases = [
+        (HTTPStorage(), _locator(nginx_server, "basic",
+                                 userinfo=f"{BASIC_USER}:{BASIC_PASSWORD}@")("a.img")),
+        (HTTPStorage(BASIC_USER, BASIC_PASSWORD), _locator(nginx_server, "basic")("b.img")),
+        (HTTPStorage(token=BEARER_TOKEN), _locator(nginx_server, "bearer")("c.img")),
+        (HTTPStorage(headers={"X-Api-Key": API_KEY}), _locator(nginx_server, "apikey")("d.img")),
+    ]
+    for storage, location in cases:
+        artifact = storage.upload(source, location)
+        assert artifact.sha256 == hashlib.sha256(data).hexdigest() and artifact.size == size
+        stored = nginx_server.root / location.split("/", 3)[3].split("@")[-1]
+        assert stored.read_bytes() == data
+    # refused before the body is read: the server's answer, not a broken pipe
+    wrong = _locator(nginx_server, "basic", userinfo=f"{BASIC_USER}:wrong-pw@")("e.img")
+    with pytest.raises(StorageError, match="HTTP 401") as info:
+        HTTPStorage(retries=0).upload(source, wrong)
+    assert "wrong-pw" not in str(info.value)
+    assert _leftovers(nginx_server) == []
+
+
 def test_credentials_never_logged(nginx_server: Nginx, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     location = _locator(nginx_server, "basic",

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -210,6 +211,13 @@ def _check_boot_files(boot: BootSpec, stats: ext4.TreeStats, tree_tar: Path) -> 
             raise DiskError(f"boot.{what} {path} is not in the tree {tree_tar}")
 
 
+def _partial_name(key: str) -> str:
+    """A base being built: unique to this process and thread (two renders of
+    one cloudlet may build the same base at once; the last rename wins, and
+    both are the same bytes)."""
+    return f"{key}.ext4.partial-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _cache_lookup(base_cache: Path, key: str) -> tuple[Path, int, int] | None:
     """A cached base filesystem: (image, size, timestamp), or ``None``."""
     image = base_cache / f"{key}.ext4"
@@ -250,7 +258,7 @@ class BaseStream:
         self._size = -(-boot.root_size // ALIGN) * ALIGN
         self._timestamp = resolve_timestamp(source_date_epoch, -1)
         base_cache.mkdir(parents=True, exist_ok=True)
-        self._partial = base_cache / f"{self._key}.ext4.partial-{os.getpid()}"
+        self._partial = base_cache / _partial_name(self._key)
         self._mkfs = ext4.Ext4Stream(
             self._partial, size=self._size, uuid=derive_uuid(seed, "root-fs"),
             hash_seed=derive_uuid(seed, "root-fs-hash-seed"), label=boot.label,
@@ -305,6 +313,13 @@ class BaseStream:
 
         self._done = True
         self.reason = self.sink.close(tree)
+        if self.reason is not None and self.sink.consumer_failed:
+            # mke2fs stopped reading: its own error (the tree does not fit...)
+            # is the render's error; reading the tarball again would only repeat it
+            try:
+                self._mkfs.finish()
+            finally:
+                self._mkfs.abort()
         if self.reason is not None:
             self._mkfs.abort()
             return False
@@ -472,7 +487,7 @@ def build_disk(
                 _copy_sparse(cached[0], fd, root.start)
             elif base_cache is not None and key is not None:
                 base_cache.mkdir(parents=True, exist_ok=True)
-                partial = base_cache / f"{key}.ext4.partial-{os.getpid()}"
+                partial = base_cache / _partial_name(key)
                 try:
                     _check_boot_files(boot, make_root(partial), tar_path)
                     _copy_sparse(partial, fd, root.start)

@@ -229,6 +229,14 @@ class UploadSource:
         self._consumed = True
         self._account(data)
 
+    def restart(self) -> None:
+        """Forget what :meth:`account` counted: a driver sends a file again
+        (a retried upload). :meth:`chunks` does this itself."""
+        if self.path is None:
+            raise StorageError("a stream source cannot be sent again")
+        self._hash = hashlib.sha256()
+        self.bytes_read = 0
+
     def account_zeros(self, length: int) -> None:
         """Like :meth:`account` for ``length`` zero bytes: a hole the driver
         left in what it stored, which reads as zeros."""

@@ -23,10 +23,15 @@ errors, logs or results.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import http.client
 import logging
+import queue
 import re
 import secrets
+import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import BinaryIO, ClassVar, Literal, cast
@@ -49,6 +54,19 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: An ETag that may be the body's MD5 (object stores' HTTP APIs): 32 hex digits.
 MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+#: Buffers a file upload cycles through (sent, then hashed, then reused).
+_SEND_BUFFERS = 4
+
+
+def _basic_auth(username: str, password: str) -> str:
+    """An ``Authorization`` value for HTTP basic authentication (Latin-1 when
+    it can be, as requests sends it; else UTF-8, RFC 7617's charset)."""
+    text = f"{username}:{password}"
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8")
+    return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
 def _reported_sha256(headers: Mapping[str, str]) -> str | None:
@@ -296,6 +314,9 @@ class HTTPStorage(StorageDriver):
     def _put(self, source: UploadSource, location: str, url: str) -> _Body:
         """PUT the source, retrying within the bound when it can be re-read."""
         attempt = 0
+        shown = redact(location)
+        in_kernel = (source.path is not None and source.size is not None
+                     and urlsplit(url).scheme == "http")
         while True:
             # A file's MD5 is computed later, and only if the ETag may be one.
             body_cls = _Body if source.size is not None else _ChunkedBody
@@ -303,20 +324,124 @@ class HTTPStorage(StorageDriver):
             headers = {"Content-Type": source.media_type}
             retryable = source.path is not None and attempt < self.retries
             try:
-                response = self._request("PUT", location, url, headers=headers, data=body)
+                if in_kernel:
+                    status, reason = self._put_file(source, location, url, headers)
+                else:
+                    response = self._request("PUT", location, url, headers=headers, data=body)
+                    status, reason = response.status_code, response.reason
             except StorageError:
                 if not retryable:
                     raise
             else:
-                if response.status_code < 300:
+                if status < 300:
                     return body
-                if not (retryable and response.status_code in RETRY_STATUSES):
-                    self._check(response, location, "upload to")
+                if not (retryable and status in RETRY_STATUSES):
+                    raise StorageError(f"cannot upload to {shown}: HTTP {status} {reason}",
+                                       shown)
             attempt += 1
             delay = min(self.backoff * 2 ** (attempt - 1), self.MAX_BACKOFF)
             log.debug("retrying PUT to %s in %.1f s (attempt %d of %d)", redact(location),
                       delay, attempt + 1, self.retries + 1)
             time.sleep(delay)
+
+    def _put_file(self, source: UploadSource, location: str, url: str,
+                  headers: Mapping[str, str]) -> tuple[int, str]:
+        """PUT a file over plain HTTP on a connection of our own: a helper
+        thread reads and sends while this one hashes what it sent. Through
+        requests (each chunk read, hashed, then sent, one after the other)
+        2 GiB to nginx on loopback took 1.6-1.9x curl's time. (HTTPS goes
+        through requests.)
+
+        :returns: the response's status and reason.
+        :raises StorageError: the connection failed, or the file changed size.
+        """
+        assert source.path is not None and source.size is not None
+        shown = redact(location)
+        parts = urlsplit(url)
+        _, auth = self._target(location)
+        all_headers = self._headers_for()
+        all_headers.update(headers)
+        all_headers["Content-Length"] = str(source.size)
+        if auth is not None:
+            all_headers["Authorization"] = _basic_auth(*auth)
+        source.restart()
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
+                                                timeout=self.timeout)
+        try:
+            connection.putrequest("PUT", urlunsplit(("", "", parts.path or "/", parts.query,
+                                                     "")), skip_accept_encoding=True)
+            for name, value in all_headers.items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            assert connection.sock is not None
+            try:
+                self._send_file(connection.sock, source, shown)
+            except OSError:
+                # the server may have answered (401, 413...) and closed early
+                response = connection.getresponse()
+                if response.status < 300:
+                    raise
+            else:
+                response = connection.getresponse()
+            response.read()
+            return response.status, response.reason
+        except (OSError, http.client.HTTPException) as exc:
+            raise StorageError(f"PUT {shown} failed: {type(exc).__name__}", shown) from None
+        finally:
+            connection.close()
+
+    def _send_file(self, sock: socket.socket, source: UploadSource, shown: str) -> None:
+        """Read and send on a helper thread; hash here what it sent, from the
+        same buffers (a few of :attr:`CHUNK_SIZE`), so hashing overlaps the
+        sending and the digest is of the bytes sent."""
+        assert source.path is not None and source.size is not None
+        size = source.size
+        buffers = [bytearray(self.CHUNK_SIZE) for _ in range(_SEND_BUFFERS)]
+        free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for index in range(len(buffers)):
+            free.put(index)
+        sent: queue.SimpleQueue[tuple[int, int] | BaseException | None] = queue.SimpleQueue()
+        stop = threading.Event()
+
+        path = source.path
+
+        def send() -> None:
+            try:
+                with open(path, "rb", buffering=0) as handle:
+                    left = size
+                    while left > 0:
+                        index = free.get()
+                        if stop.is_set():
+                            return
+                        view = memoryview(buffers[index])[:min(self.CHUNK_SIZE, left)]
+                        got = handle.readinto(view)
+                        if not got:
+                            raise StorageError(f"{source.path} ended {left} bytes early "
+                                               f"while sent to {shown}", shown)
+                        sock.sendall(view[:got])
+                        sent.put((index, got))
+                        left -= got
+                sent.put(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread
+                sent.put(exc)
+
+        sender = threading.Thread(target=send, name="cloudlets-http-send", daemon=True)
+        sender.start()
+        try:
+            while (step := sent.get()) is not None:
+                if isinstance(step, BaseException):
+                    raise step
+                index, length = step
+                source.account(memoryview(buffers[index])[:length])
+                free.put(index)
+        except BaseException:
+            stop.set()
+            free.put(0)  # wakes a sender waiting for a buffer
+            with contextlib.suppress(OSError):  # unblocks a send in progress
+                sock.shutdown(socket.SHUT_RDWR)
+            raise
+        finally:
+            sender.join()
 
     def _verify_stored(self, source: UploadSource, body: _Body, location: str,
                        url: str) -> None:
