@@ -52,7 +52,7 @@ CHUNK_SIZE = 2 * _MIB
 INPUT_SIZE = 2 * _MIB
 #: Chunks that may wait in the queue: memory in flight is bounded by
 #: ``(QUEUE_DEPTH + 2) * CHUNK_SIZE``.
-QUEUE_DEPTH = 8
+QUEUE_DEPTH = 4
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
