@@ -180,6 +180,8 @@ class Renderer:
             context.workdir.mkdir()
             with self._stage(run, "convert"):
                 outputs = self._convert(fmt, context)
+                if not fmt.capabilities & FormatCapability.PUBLISH:
+                    _discard_intermediates(disk, outputs)
             locations = plan.locations([o.name for o in outputs])
             with self._stage(run, "store"):
                 stored = self._store(run, outputs, locations)
@@ -321,6 +323,8 @@ class Renderer:
                         workdir=run.workdir / "disk",
                         source_date_epoch=self.source_date_epoch, base_cache=base_dir,
                         patch_files=rendered, tree_digest=base_key)
+                    if base_tar is not None:  # see _discard_intermediates
+                        base_tar.unlink()
         finally:
             if stream is not None:
                 stream.abort()
@@ -473,6 +477,25 @@ class OutputPlan:
                                    f"{len(names)} files ({', '.join(names)})", shown)
             return [self.target]
         return [self.prefix + name for name in names]
+
+
+def _discard_intermediates(disk: DiskImage, outputs: Sequence[OutputFile]) -> None:
+    """Remove the raw disk (or tree tar) once the format converted it, unless
+    an output is that very file. It would go with the work directory anyway;
+    gone now, its dirty pages are dropped unwritten, whereas the storage's
+    fsync of the output would otherwise write them out too (ext4 commits
+    them in the same journal transaction): for a 1 GiB disk holding 316 MB
+    of data, the store stage went from 0.9-1.2 s to 0.3-0.6 s on a virtual
+    disk under load. Formats that publish keep it (their publish step may
+    read it)."""
+    for path in {p for p in (disk.path, disk.tree_tar) if p is not None}:
+        try:
+            if any(output.path.exists() and os.path.samefile(output.path, path)
+                   for output in outputs):
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def plan_output(output: str, label: str, *, extension: str = "",

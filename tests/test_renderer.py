@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import socket
 import subprocess
@@ -25,7 +26,13 @@ from cloudlets import (
     TemplateError,
     UnsafeArchiveError,
 )
-from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile, UploadSource
+from cloudlets.drivers.base import (
+    DiskImage,
+    FormatContext,
+    FormatDriver,
+    OutputFile,
+    UploadSource,
+)
 from cloudlets.drivers.storage.local import LocalStorage
 from cloudlets.drivers.types import FormatCapability
 from cloudlets.renderer import plan_output
@@ -537,3 +544,47 @@ def test_a_streamed_tree_that_does_not_fit_is_named_and_leaves_nothing(
     assert not (tmp_path / "out").exists()
     assert list((tmp_path / "cache" / "bases").iterdir()) == []
     assert list((tmp_path / "work").iterdir()) == []
+
+
+class SeesTheWorkdir(LocalStorage):
+    """Local storage that notes which intermediates are still there when it stores."""
+
+    name: ClassVar[str] = "sees-the-workdir"
+    workdir: ClassVar[Path]
+    seen: ClassVar[list[list[str]]] = []
+
+    def _upload(self, source: UploadSource, location: str, *, overwrite: bool) -> str:
+        self.seen.append(sorted(p.name for p in self.workdir.rglob("*")
+                                if p.name in ("disk.raw", "base-tree.tar")))
+        return super()._upload(source, location, overwrite=overwrite)
+
+
+@pytest.mark.parametrize("boot", [None, STREAMED_BOOT], ids=["two-pass", "one-pass"])
+def test_the_raw_disk_is_gone_before_the_output_is_stored(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
+        boot: dict[str, Any] | None) -> None:
+    SeesTheWorkdir.workdir, SeesTheWorkdir.seen = tmp_path / "work", []
+    manifest = cloudlet(**({"boot": boot} if boot else {}))
+    result = renderer.render(manifest, str(tmp_path / "out") + "/", SeesTheWorkdir(),
+                             "qcow2", CONFIG)
+    assert SeesTheWorkdir.seen == [[]]  # neither the raw disk nor the tree's tar
+    assert result.primary.size == Path(result.primary.location).stat().st_size
+    # a raw output is a copy of the disk: the stored image is whole
+    raw = renderer.render(manifest, str(tmp_path / "raw") + "/", SeesTheWorkdir(), "raw",
+                          CONFIG)
+    assert read_from_disk(Path(raw.primary.location), "/etc/hostname") == b"web1\n"
+
+
+def test_an_output_that_is_the_disk_itself_is_kept(tmp_path: Path) -> None:
+    from cloudlets.renderer import _discard_intermediates
+
+    disk, other = tmp_path / "disk.raw", tmp_path / "out.qcow2"
+    disk.write_bytes(b"disk")
+    other.write_bytes(b"qcow2")
+    image = DiskImage(path=disk, size=4, firmware="bios", tree_tar=None, details={})
+    _discard_intermediates(image, [OutputFile("disk", other, "out.qcow2")])
+    assert not disk.exists() and other.exists()
+    disk.write_bytes(b"disk")
+    os.link(disk, tmp_path / "same.raw")
+    _discard_intermediates(image, [OutputFile("disk", tmp_path / "same.raw", "same.raw")])
+    assert disk.exists()
