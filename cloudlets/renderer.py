@@ -9,6 +9,8 @@ order.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -229,8 +231,8 @@ class Renderer:
         """fetch → rootfs → templates → disk: the bootable raw disk (and, for
         formats that ship the tree, the rendered tree tarball)."""
         from cloudlets.disk import BootSpec as DiskBootSpec
-        from cloudlets.disk import build_disk
-        from cloudlets.disk.assemble import BaseStream, base_cached
+        from cloudlets.disk import build_disk, ext4
+        from cloudlets.disk.assemble import BaseStream, base_cached, base_paths
         from cloudlets.rootfs import METADATA_PATH, RootTree, image_metadata, read_tarball
         from cloudlets.templates import render_templates
 
@@ -254,9 +256,6 @@ class Renderer:
                 fstype=boot.fstype,  # type: ignore[arg-type]
                 root_size=boot.root_size, label=boot.label)
             disk_boot.validate()
-        with self._stage(run, "fetch"):
-            entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
-                                      progress=run.progress)
         def read_tree(path: Path, sink: BaseStream | None) -> RootTree:
             tree = read_tarball(path, self.archive_policy, volatile=manifest.volatile,
                                 persistent=manifest.persistent, workdir=run.workdir,
@@ -267,30 +266,51 @@ class Renderer:
                 persistent=tree.persistent))
             return tree
 
+        tree: RootTree | None = None
+        index_path: Path | None = None
+        if disk_boot is not None:
+            base_image, index_path = base_paths(
+                disk_boot, seed=seed, tree_digest=base_key,
+                source_date_epoch=self.source_date_epoch, base_cache=base_dir)
+            if base_cached(disk_boot, seed=seed, tree_digest=base_key,
+                           source_date_epoch=self.source_date_epoch, base_cache=base_dir):
+                # A re-render: with the base and the tree's index cached, the
+                # templates' sources come from the base; the tarball is not read.
+                with contextlib.suppress(ValueError):
+                    tree = RootTree.from_index(
+                        index_path, functools.partial(ext4.read_file, base_image),
+                        workdir=run.workdir)
+        from_index = tree is not None
         stream: BaseStream | None = None
         streamed = False
         try:
-            with entry:
-                run.details["tarball"] = entry.details()
-                if disk_boot is not None:
-                    # mke2fs builds the base while the tarball is read (when not cached)
-                    stream = BaseStream.open(
-                        disk_boot, seed=seed, tree_digest=base_key,
-                        source_date_epoch=self.source_date_epoch, base_cache=base_dir,
-                        workdir=run.workdir / "stream", clamp=self.source_date_epoch)
-                with self._stage(run, "rootfs"):
-                    tree = read_tree(entry.path, stream)
-                    if stream is not None:
-                        try:
-                            streamed = stream.close(tree)
-                        except BaseException:
-                            tree.close()
-                            raise
-                        if streamed:  # templates read from the base mke2fs built
-                            tree.content_reader = stream.read_file
-                        else:  # the rare tarball that cannot be streamed: read it again
-                            tree.close()
-                            tree = read_tree(entry.path, None)
+            if tree is not None:
+                run.details["tarball"] = {"read": False, "reason": "base filesystem cached"}
+            else:
+                with self._stage(run, "fetch"):
+                    entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
+                                              progress=run.progress)
+                with entry:
+                    run.details["tarball"] = entry.details()
+                    if disk_boot is not None:
+                        # mke2fs builds the base while the tarball is read (when not cached)
+                        stream = BaseStream.open(
+                            disk_boot, seed=seed, tree_digest=base_key,
+                            source_date_epoch=self.source_date_epoch, base_cache=base_dir,
+                            workdir=run.workdir / "stream", clamp=self.source_date_epoch)
+                    with self._stage(run, "rootfs"):
+                        tree = read_tree(entry.path, stream)
+                        if stream is not None:
+                            try:
+                                streamed = stream.close(tree)
+                            except BaseException:
+                                tree.close()
+                                raise
+                            if streamed:  # templates read from the base mke2fs built
+                                tree.content_reader = stream.read_file
+                            else:  # the rare tarball that cannot be streamed: read again
+                                tree.close()
+                                tree = read_tree(entry.path, None)
             with tree:
                 with self._stage(run, "templates"):
                     rendered = render_templates(tree, manifest, config,
@@ -325,6 +345,8 @@ class Renderer:
                         patch_files=rendered, tree_digest=base_key)
                     if base_tar is not None:  # see _discard_intermediates
                         base_tar.unlink()
+                    if index_path is not None and not from_index:
+                        tree.write_index(index_path)  # for the next re-render
         finally:
             if stream is not None:
                 stream.abort()

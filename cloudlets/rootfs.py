@@ -658,6 +658,82 @@ class RootTree:
             writer.flush()
         return dest
 
+    # -- the index: the tree without its content ---------------------------
+
+    #: Bumped when the index's layout changes.
+    INDEX_FORMAT = 1
+
+    def write_index(self, dest: str | os.PathLike[str]) -> None:
+        """Save what the tree knows without its content: every entry's path,
+        type, mode, owner, mtime, size, link and device numbers (not xattrs),
+        the persistent and dropped paths, the notes. :meth:`from_index` reads
+        it back, with content read through :attr:`content_reader` (a re-render
+        reads templates from the cached base filesystem, not the tarball).
+
+        :param dest: the file to write (replaced atomically).
+        """
+        origins: dict[int, str] = {}
+        rows = []
+        for path, entry in self._entries.items():
+            inode = entry.inode
+            if inode is entry:
+                origins[id(entry)] = path
+        for path, entry in self._entries.items():
+            origin = origins.get(id(entry.inode)) if entry.inode is not entry else None
+            rows.append([path, entry.type.value, entry.mode, entry.uid, entry.gid,
+                         entry.mtime, entry.size, entry.linkname, entry.devmajor,
+                         entry.devminor, origin])
+        document = {"format": self.INDEX_FORMAT, "entries": rows,
+                    "persistent": self.persistent, "dropped": self.dropped,
+                    "notes": self.notes, "compression": self.compression.value,
+                    "stream_bytes": self.stream_bytes}
+        dest = Path(dest)
+        partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}-{id(self):x}")
+        try:
+            partial.write_text(json.dumps(document, separators=(",", ":")),
+                               encoding="utf-8", errors="surrogateescape")
+            os.replace(partial, dest)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    @classmethod
+    def from_index(cls, source: str | os.PathLike[str],
+                   content_reader: Callable[[str, int], bytes],
+                   workdir: str | os.PathLike[str] | None = None) -> RootTree:
+        """A tree from :meth:`write_index`, its content read on demand.
+
+        :param source: the index file.
+        :param content_reader: ``(path, size) -> bytes`` for regular files.
+        :param workdir: directory for the (empty) spool file.
+        :raises ValueError: the index is unreadable or of another format.
+        """
+        try:
+            document = json.loads(Path(source).read_text(encoding="utf-8",
+                                                         errors="surrogateescape"))
+            if document.get("format") != cls.INDEX_FORMAT:
+                raise ValueError(f"index format {document.get('format')!r}")
+            spool = tempfile.TemporaryFile(dir=workdir)  # noqa: SIM115 - owned by the tree
+            tree = cls(spool, document["persistent"])
+            entries: dict[str, Entry] = {}
+            for (path, kind, mode, uid, gid, mtime, size, linkname, major, minor,
+                 _origin) in document["entries"]:
+                entries[path] = Entry(path, EntryType(kind), mode, uid, gid, mtime, size,
+                                      linkname, major, minor)
+            for path, *_, origin in document["entries"]:
+                if origin is not None:
+                    entries[path]._origin = entries[origin]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot read the tree index {source}: {exc}") from None
+        tree._entries = entries
+        tree._root_seen = True
+        tree.dropped = list(document["dropped"])
+        tree.notes = list(document["notes"])
+        tree.compression = Compression(document["compression"])
+        tree.stream_bytes = int(document["stream_bytes"])
+        tree.kept = False
+        tree.content_reader = content_reader
+        return tree
+
     def _spool_fd(self) -> int:
         self._spool.flush()
         return self._spool.fileno()

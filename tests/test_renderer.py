@@ -175,7 +175,8 @@ def test_rerender_reuses_cached_base_and_tarball(renderer: Renderer,
     renderer.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
     again = renderer.render(manifest, str(tmp_path / "b") + "/", "local", "raw",
                             {"hostname": "second"})
-    assert again.details["tarball"]["cache_hit"] is True
+    assert again.details["tarball"] == {"read": False, "reason": "base filesystem cached"}
+    assert "fetch" not in again.timings and "rootfs" not in again.timings
     assert again.details["disk"]["base_cached"] is True
     assert read_from_disk(Path(again.primary.location), "/etc/hostname") == b"second\n"
 
@@ -588,3 +589,45 @@ def test_an_output_that_is_the_disk_itself_is_kept(tmp_path: Path) -> None:
     os.link(disk, tmp_path / "same.raw")
     _discard_intermediates(image, [OutputFile("disk", tmp_path / "same.raw", "same.raw")])
     assert disk.exists()
+
+
+
+@pytest.mark.parametrize("boot", [None, STREAMED_BOOT], ids=["two-pass", "one-pass"])
+def test_a_rerender_from_the_cached_base_is_the_image_a_full_render_makes(
+        cloudlet: Callable[..., dict[str, Any]], static_http: tuple[str, Path],
+        tmp_path: Path, boot: dict[str, Any] | None) -> None:
+    manifest = cloudlet(**({"boot": boot} if boot else {}))
+    other = {**CONFIG, "hostname": "web2", "dns": {"nameservers": ["192.0.2.54"]}}
+    cached = Renderer(cache_dir=tmp_path / "c1", work_dir=tmp_path / "w1",
+                      ex_source_date_epoch=1_700_000_000)
+    cached.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
+    published = {path: path.read_bytes() for path in static_http[1].iterdir()}
+    for path in published:  # the re-render must not need the tarball
+        path.unlink()
+    again = cached.render(manifest, str(tmp_path / "b") + "/", "local", "raw", other)
+    assert again.details["tarball"]["read"] is False
+    assert again.details["rootfs"]["templates"] == ["/etc/hostname", "/etc/network/interfaces"]
+    assert read_from_disk(Path(again.primary.location), "/etc/hostname") == b"web2\n"
+    # the same render from scratch, in a fresh cache, from the tarball
+    for path, data in published.items():
+        path.write_bytes(data)
+    fresh = Renderer(cache_dir=tmp_path / "c2", work_dir=tmp_path / "w2",
+                     ex_source_date_epoch=1_700_000_000)
+    full = fresh.render(manifest, str(tmp_path / "c") + "/", "local", "raw", other)
+    assert full.details["tarball"]["cache_hit"] is False
+    assert again.primary.sha256 == full.primary.sha256
+
+
+def test_a_damaged_tree_index_means_reading_the_tarball(renderer: Renderer,
+                                                        cloudlet: Callable[..., dict[str, Any]],
+                                                        tmp_path: Path) -> None:
+    manifest = cloudlet()
+    renderer.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
+    (index,) = (tmp_path / "cache" / "bases").glob("*.tree.json")
+    index.write_text("{not json")
+    again = renderer.render(manifest, str(tmp_path / "b") + "/", "local", "raw",
+                            {"hostname": "second"})
+    assert again.details["tarball"]["cache_hit"] is True  # read, and the index rewritten
+    assert again.details["disk"]["base_cached"] is True
+    assert read_from_disk(Path(again.primary.location), "/etc/hostname") == b"second\n"
+    assert json.loads(index.read_text())["format"] == 1

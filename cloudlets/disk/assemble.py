@@ -35,6 +35,7 @@ __all__ = [
     "ESP_SIZE",
     "BaseStream",
     "base_cached",
+    "base_paths",
     "build_disk",
     "derive_uuid",
     "resolve_timestamp",
@@ -360,6 +361,15 @@ def base_cached(boot: BootSpec, *, seed: str, tree_digest: str,
     would make for these inputs (it then needs no tree tar)."""
     key = _base_key(tree_digest, boot, seed, source_date_epoch)
     return _cache_lookup(base_cache, key) is not None
+
+
+def base_paths(boot: BootSpec, *, seed: str, tree_digest: str,
+               source_date_epoch: int | None, base_cache: Path) -> tuple[Path, Path]:
+    """The cached base filesystem for these inputs and the file beside it
+    where the caller may keep the tree's index
+    (:meth:`~cloudlets.rootfs.RootTree.write_index`); neither need exist."""
+    key = _base_key(tree_digest, boot, seed, source_date_epoch)
+    return base_cache / f"{key}.ext4", base_cache / f"{key}.tree.json"
 
 
 def build_disk(
