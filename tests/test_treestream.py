@@ -145,14 +145,21 @@ def test_a_consumer_that_stops_reading_breaks_the_stream_not_the_read(tmp_path: 
         os.close(write_end)
 
 
-@pytest.mark.skipif(not _mke2fs_reads_tar(), reason="needs mke2fs >= 1.47.1 and debugfs")
-def test_mke2fs_builds_the_filesystem_from_the_stream(tmp_path: Path) -> None:
-    from cloudlets.disk.ext4 import Ext4Stream, TreeEntry
+def _mkfs(image: Path, mib: int, tmp_path: Path) -> Any:
+    """``mke2fs -d -`` making a ``mib`` MiB filesystem in ``image``."""
+    from cloudlets.disk.ext4 import Ext4Stream
 
-    image = tmp_path / "fs.img"
-    mkfs = Ext4Stream(image, size=64 * 1024 * 1024, uuid="2b5f1c9e-7d1a-4e0b-9c2a-5d6e7f809a1b",
+    return Ext4Stream(image, size=mib * 1024 * 1024, uuid="2b5f1c9e-7d1a-4e0b-9c2a-5d6e7f809a1b",
                       hash_seed="6a1d2c3b-4e5f-4a6b-8c7d-9e0f1a2b3c4d", label="root",
                       timestamp=MTIME, workdir=tmp_path / "mkfs")
+
+
+@pytest.mark.skipif(not _mke2fs_reads_tar(), reason="needs mke2fs >= 1.47.1 and debugfs")
+def test_mke2fs_builds_the_filesystem_from_the_stream(tmp_path: Path) -> None:
+    from cloudlets.disk.ext4 import TreeEntry
+
+    image = tmp_path / "fs.img"
+    mkfs = _mkfs(image, 64, tmp_path)
     sink = TreeStream(mkfs.fd)
     with read_tarball(io.BytesIO(build_tar(FULL)), sink=sink) as tree:
         assert sink.close(tree) is None
@@ -177,13 +184,10 @@ def test_mke2fs_builds_the_filesystem_from_the_stream(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not _mke2fs_reads_tar(), reason="needs mke2fs >= 1.47.1 and debugfs")
 def test_mke2fs_failing_midway_is_reported_and_its_image_removed(tmp_path: Path) -> None:
-    from cloudlets.disk.ext4 import Ext4Stream
     from cloudlets.errors import DiskError
 
     image = tmp_path / "fs.img"
-    mkfs = Ext4Stream(image, size=8 * 1024 * 1024, uuid="2b5f1c9e-7d1a-4e0b-9c2a-5d6e7f809a1b",
-                      hash_seed="6a1d2c3b-4e5f-4a6b-8c7d-9e0f1a2b3c4d", label="root",
-                      timestamp=MTIME, workdir=tmp_path / "mkfs")
+    mkfs = _mkfs(image, 8, tmp_path)
     sink = TreeStream(mkfs.fd)
     big = [D("./"), D("srv"), *(M(f"srv/f{i}", os.urandom(1024 * 1024)) for i in range(12))]
     with read_tarball(io.BytesIO(build_tar(big)), sink=sink) as tree:

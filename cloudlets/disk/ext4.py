@@ -380,8 +380,7 @@ def make_ext4(
         proc.wait()
         if stats is None or "mke2fs" not in str(exc):
             raise
-        full = re.search(r"Could not allocate|No space left", str(exc))
-        hint = "the tree does not fit; raise boot.root_size. " if full else ""
+        hint = f"{_DOES_NOT_FIT}. " if _full(str(exc)) else ""
         raise DiskError(
             f"{exc} ({hint}root filesystem of {size} bytes, {inodes} inodes, for "
             f"{stats.entries} entries and {stats.data_bytes} bytes of data from {tree_tar})"
@@ -394,6 +393,14 @@ def make_ext4(
     target = f"{image}?offset={offset}" if offset else os.fspath(image)
     _debugfs_script(target, lines, workdir, env)
     return stats
+
+
+_DOES_NOT_FIT = "the tree does not fit; raise boot.root_size"
+
+
+def _full(mke2fs_output: str) -> bool:
+    """Whether mke2fs failed because the filesystem is full (blocks or inodes)."""
+    return re.search(r"Could not allocate|No space left", mke2fs_output) is not None
 
 
 def _check_label_size(label: str, size: int) -> None:
@@ -486,8 +493,7 @@ class Ext4Stream:
         finally:
             self._stderr.close()
         if code != 0:
-            full = re.search(r"Could not allocate|No space left", output)
-            hint = " (the tree does not fit; raise boot.root_size)" if full else ""
+            hint = f" ({_DOES_NOT_FIT})" if _full(output) else ""
             raise DiskError(f"mke2fs failed with exit code {code}: {output[-STDERR_TAIL:]}"
                             f"{hint}; root filesystem of {self._size} bytes, "
                             f"{self._inodes} inodes")
