@@ -413,11 +413,17 @@ def _check_label_size(label: str, size: int) -> None:
 def _mke2fs_args(source: str | os.PathLike[str], image: Path, *, size: int, uuid: str,
                  hash_seed: str, label: str, inodes: int, offset: int = 0
                  ) -> list[str | os.PathLike[str]]:
+    """mke2fs's arguments. Inode tables are always zeroed (a lazily initialized
+    one is flagged so, and the kernel zeroes it at the first mount). The
+    journal is zeroed only inside an existing image (offset > 0), which may
+    hold old data: a file we just created is sparse and reads as zeros, so
+    skipping that write gives the same bytes (checked: same sha256) and saves
+    the journal's 32 MiB per GiB, a third of mke2fs's time on the bench."""
     extended = [
         f"hash_seed={hash_seed}",
         "root_owner=0:0",
         "lazy_itable_init=0",
-        "lazy_journal_init=0",
+        f"lazy_journal_init={0 if offset else 1}",
         "nodiscard",
     ]
     if offset:
