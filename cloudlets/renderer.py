@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from cloudlets.cache import TarballCache
 from cloudlets.config import Presets, RenderConfig, resolve_config
@@ -256,6 +256,10 @@ class Renderer:
                 fstype=boot.fstype,  # type: ignore[arg-type]
                 root_size=boot.root_size, label=boot.label)
             disk_boot.validate()
+        # what identifies the cached base filesystem, for every look-up below
+        base = _BaseLookup(seed=seed, tree_digest=base_key,
+                           source_date_epoch=self.source_date_epoch, base_cache=base_dir)
+
         def read_tree(path: Path, sink: BaseStream | None) -> RootTree:
             tree = read_tarball(path, self.archive_policy, volatile=manifest.volatile,
                                 persistent=manifest.persistent, workdir=run.workdir,
@@ -269,11 +273,8 @@ class Renderer:
         tree: RootTree | None = None
         index_path: Path | None = None
         if disk_boot is not None:
-            base_image, index_path = base_paths(
-                disk_boot, seed=seed, tree_digest=base_key,
-                source_date_epoch=self.source_date_epoch, base_cache=base_dir)
-            if base_cached(disk_boot, seed=seed, tree_digest=base_key,
-                           source_date_epoch=self.source_date_epoch, base_cache=base_dir):
+            base_image, index_path = base_paths(disk_boot, **base)
+            if base_cached(disk_boot, **base):
                 # A re-render: with the base and the tree's index cached, the
                 # templates' sources come from the base; the tarball is not read.
                 with contextlib.suppress(ValueError):
@@ -294,10 +295,9 @@ class Renderer:
                     run.details["tarball"] = entry.details()
                     if disk_boot is not None:
                         # mke2fs builds the base while the tarball is read (when not cached)
-                        stream = BaseStream.open(
-                            disk_boot, seed=seed, tree_digest=base_key,
-                            source_date_epoch=self.source_date_epoch, base_cache=base_dir,
-                            workdir=run.workdir / "stream", clamp=self.source_date_epoch)
+                        stream = BaseStream.open(disk_boot, **base,
+                                                 workdir=run.workdir / "stream",
+                                                 clamp=self.source_date_epoch)
                     with self._stage(run, "rootfs"):
                         tree = read_tree(entry.path, stream)
                         if stream is not None:
@@ -333,9 +333,7 @@ class Renderer:
                         run.details["rootfs"]["not_streamed"] = stream.reason
                 with self._stage(run, "disk"):
                     base_tar = None
-                    if not streamed and not base_cached(
-                            disk_boot, seed=seed, tree_digest=base_key,
-                            source_date_epoch=self.source_date_epoch, base_cache=base_dir):
+                    if not streamed and not base_cached(disk_boot, **base):
                         base_tar = tree.write_tar(run.workdir / "base-tree.tar",
                                                   source_date_epoch=self.source_date_epoch)
                     image = build_disk(
@@ -499,6 +497,15 @@ class OutputPlan:
                                    f"{len(names)} files ({', '.join(names)})", shown)
             return [self.target]
         return [self.prefix + name for name in names]
+
+
+class _BaseLookup(TypedDict):
+    """The arguments that identify a cached base filesystem (cloudlets.disk.assemble)."""
+
+    seed: str
+    tree_digest: str
+    source_date_epoch: int | None
+    base_cache: Path
 
 
 def _discard_intermediates(disk: DiskImage, outputs: Sequence[OutputFile]) -> None:

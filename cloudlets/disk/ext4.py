@@ -346,9 +346,7 @@ def make_ext4(
     _check_label_size(label, size)
     method = method or populate_method()
     workdir.mkdir(parents=True, exist_ok=True)
-    profile = workdir / "mke2fs.conf"
-    profile.write_text(_MKE2FS_PROFILE)
-    env = tool_environment(timestamp, profile, e2fsprogs=True)
+    env = _mke2fs_environment(timestamp, workdir)
     if offset == 0:
         image.unlink(missing_ok=True)
         with open(image, "wb") as handle:
@@ -401,6 +399,13 @@ _DOES_NOT_FIT = "the tree does not fit; raise boot.root_size"
 def _full(mke2fs_output: str) -> bool:
     """Whether mke2fs failed because the filesystem is full (blocks or inodes)."""
     return re.search(r"Could not allocate|No space left", mke2fs_output) is not None
+
+
+def _mke2fs_environment(timestamp: int, workdir: Path) -> dict[str, str]:
+    """The pinned environment for mke2fs, with our profile written to ``workdir``."""
+    profile = workdir / "mke2fs.conf"
+    profile.write_text(_MKE2FS_PROFILE)
+    return tool_environment(timestamp, profile, e2fsprogs=True)
 
 
 def _check_label_size(label: str, size: int) -> None:
@@ -457,9 +462,7 @@ class Ext4Stream:
         workdir.mkdir(parents=True, exist_ok=True)
         self._workdir = workdir
         self._image = image
-        profile = workdir / "mke2fs.conf"
-        profile.write_text(_MKE2FS_PROFILE)
-        self._env = tool_environment(timestamp, profile, e2fsprogs=True)
+        self._env = _mke2fs_environment(timestamp, workdir)
         image.unlink(missing_ok=True)
         with open(image, "wb") as handle:
             handle.truncate(size)
