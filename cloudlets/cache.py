@@ -43,14 +43,16 @@ import json
 import logging
 import os
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, BinaryIO, Literal, Self
 
 from cloudlets.errors import CacheError, IntegrityError
-from cloudlets.fetch import Fetcher, check_sha256
+from cloudlets.fetch import DownloadWatch, Fetcher, check_sha256
 from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir
 from cloudlets.progress import STAGE_VERIFY, ProgressCallback, null_progress
@@ -178,6 +180,13 @@ class CacheEntry:
     """A verified tarball from the cache, protected from eviction until
     :meth:`close` (use it as a context manager).
 
+    An entry from ``get(..., follow=True)`` whose tarball was missing is
+    still being fetched on a thread of its own: :meth:`open` reads the
+    download as it lands, :meth:`wait` returns once it is complete,
+    verified and in the cache (and raises if not). Until then, ``path``
+    does not exist yet and ``size``, ``source_url`` and ``mirror_rule`` are
+    not known.
+
     :ivar path: the tarball; read-only, do not modify it.
     :ivar sha256: its verified digest.
     :ivar size: its size in bytes.
@@ -185,24 +194,61 @@ class CacheEntry:
     :ivar mirror_rule: the mirror rule used (``{"prefix", "mirror",
         "source"}``), or ``None`` when the origin served it.
     :ivar hit: ``True`` when no download was needed for this call.
+    :ivar fetch_seconds: how long the download took (``0.0`` for a hit).
     """
 
-    def __init__(self, lock: _Lock, path: Path, meta: dict[str, Any], hit: bool) -> None:
+    def __init__(self, lock: _Lock, path: Path, meta: dict[str, Any], hit: bool,
+                 pending: _Fill | None = None) -> None:
         self._lock = lock
+        self._pending = pending
         self.path = path
         self.sha256: str = meta["sha256"]
-        self.size: int = meta["size"]
+        self.hit = hit
+        self.fetch_seconds = 0.0
+        self._adopt(meta)
+
+    def _adopt(self, meta: dict[str, Any]) -> None:
+        self.size: int | None = meta.get("size")
         self.source_url: str | None = meta.get("source_url")
         self.mirror_rule: dict[str, Any] | None = meta.get("mirror_rule")
-        self.hit = hit
+
+    @property
+    def pending(self) -> bool:
+        """Whether the tarball is still being fetched (see :meth:`wait`)."""
+        return self._pending is not None and not self._pending.finished
+
+    def open(self) -> BinaryIO:
+        """:returns: the tarball, read from its start; while it is still
+        being fetched, a reader that follows the download (see
+        :meth:`cloudlets.fetch.DownloadWatch.reader`). What it returns is
+        verified only once :meth:`wait` returns."""
+        if self._pending is not None and not self._pending.finished:
+            return self._pending.watch.reader()  # type: ignore[return-value]
+        return open(self.path, "rb")
+
+    def wait(self) -> None:
+        """Block until the tarball is fetched, verified and cached.
+
+        :raises FetchError: when it cannot be downloaded.
+        :raises IntegrityError: when what was downloaded is not the expected content.
+        :raises CacheError: when it cannot be stored.
+        """
+        if self._pending is None:
+            return
+        meta = self._pending.result()
+        self._adopt(meta)
+        self.fetch_seconds = self._pending.seconds
 
     def details(self) -> dict[str, Any]:
-        """:returns: what a render records about its tarball."""
+        """:returns: what a render records about its tarball (after :meth:`wait`)."""
         return {"sha256": self.sha256, "size": self.size, "source_url": self.source_url,
                 "mirror_rule": self.mirror_rule, "cache_hit": self.hit}
 
     def close(self) -> None:
-        """Release the entry: it may be evicted from now on."""
+        """Release the entry: it may be evicted from now on. A download still
+        running is stopped (and left out of the cache)."""
+        if self._pending is not None:
+            self._pending.cancel()
         self._lock.release()
 
     def __enter__(self) -> Self:
@@ -214,6 +260,58 @@ class CacheEntry:
 
     def __repr__(self) -> str:
         return f"<CacheEntry {self.sha256[:12]} {self.size} bytes hit={self.hit}>"
+
+
+class _Fill:
+    """One tarball fetched into the cache on a thread of its own, holding
+    the entry's fill lock until it is done (:meth:`TarballCache.get` with
+    ``follow=True``)."""
+
+    def __init__(self, cache: TarballCache, fill: _Lock, url: str, sha: str, size: int | None,
+                 mirrors: MirrorRules | None, progress: ProgressCallback) -> None:
+        self.watch = DownloadWatch()
+        self.finished = False
+        self.seconds = 0.0
+        self._cache = cache
+        self._fill = fill
+        self._meta: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(url, sha, size, mirrors, progress),
+            name="cloudlets-cache-fill", daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, sha: str, size: int | None, mirrors: MirrorRules | None,
+             progress: ProgressCallback) -> None:
+        started = time.monotonic()
+        try:
+            self._meta = self._cache._insert(url, sha, size, mirrors, progress, self.watch)
+        except BaseException as exc:  # noqa: BLE001 - raised by result() on the caller's thread
+            self._error = exc
+        finally:
+            self.seconds = time.monotonic() - started
+            self._fill.release()
+            self.watch.finish(self._error)
+
+    def result(self) -> dict[str, Any]:
+        """Wait for the fetch. :returns: the entry's metadata, or raises its failure."""
+        self._thread.join()
+        self.finished = True
+        if self._error is not None:
+            raise self._error
+        assert self._meta is not None
+        if self._cache.max_bytes is not None:
+            self._cache.prune(self._cache.max_bytes)
+        return self._meta
+
+    def cancel(self) -> None:
+        """Stop the fetch (when still running), wait for its thread and let
+        go of the download's file."""
+        if not self.finished:
+            self.watch.cancel()
+            self._thread.join()
+            self.finished = True
+        self.watch.close()
 
 
 _State = Literal["valid", "missing", "corrupt"]
@@ -245,18 +343,25 @@ class TarballCache:
 
     def get(self, url: str, sha256: str, *, size: int | None = None,
             mirrors: MirrorRules | None = None,
-            progress: ProgressCallback | None = None) -> CacheEntry:
+            progress: ProgressCallback | None = None, follow: bool = False) -> CacheEntry:
         """Return the tarball with digest ``sha256``, fetching it from ``url``
         (or its mirrors) when it is not cached or its cached copy is corrupt.
 
         Concurrent calls for the same digest, from threads or processes,
         download it once: the others wait and then use the same file.
 
+        With ``follow``, a missing tarball is fetched on a thread of its own
+        and the entry comes back at once: read it with
+        :meth:`CacheEntry.open` while it downloads, and act on what was read
+        only after :meth:`CacheEntry.wait` (which raises what ``get`` would
+        have raised). ``progress`` is then called from that thread.
+
         :param url: where to fetch it from.
         :param sha256: its expected digest.
         :param size: its expected size, when known.
         :param mirrors: mirror rules for ``url``.
         :param progress: called with ``("fetch" | "verify", done, total)``.
+        :param follow: fetch in the background (see above).
         :returns: the entry, held in use until closed.
         :raises FetchError: when it cannot be downloaded.
         :raises IntegrityError: when what was downloaded is not the expected content.
@@ -270,8 +375,9 @@ class TarballCache:
         try:
             state, meta = self._check(sha, size, progress)
             hit = state == "valid"
+            pending: _Fill | None = None
             if not hit:
-                fill = _Lock.take(self._fill_lock(sha), exclusive=True)
+                fill: _Lock | None = _Lock.take(self._fill_lock(sha), exclusive=True)
                 assert fill is not None
                 try:
                     # Someone else may have fetched it while we waited.
@@ -279,18 +385,23 @@ class TarballCache:
                     hit = state == "valid"
                     if state == "corrupt":
                         self._drop_files(sha)
-                    if not hit:
+                    if not hit and follow:
+                        pending = _Fill(self, fill, url, sha, size, mirrors, progress)
+                        fill = None  # released by the fill's thread
+                        meta = {"sha256": sha, "size": size}
+                    elif not hit:
                         meta = self._insert(url, sha, size, mirrors, progress)
                 finally:
-                    fill.release()
+                    if fill is not None:
+                        fill.release()
             assert meta is not None
             with contextlib.suppress(OSError):
                 os.utime(self._use_lock(sha))
-            entry = CacheEntry(use, self._object(sha), meta, hit)
+            entry = CacheEntry(use, self._object(sha), meta, hit, pending)
         except BaseException:
             use.release()
             raise
-        if not hit and self.max_bytes is not None:
+        if not hit and pending is None and self.max_bytes is not None:
             self.prune(self.max_bytes)
         return entry
 
@@ -458,13 +569,18 @@ class TarballCache:
     # -- changing -----------------------------------------------------------
 
     def _insert(self, url: str, sha: str, size: int | None, mirrors: MirrorRules | None,
-                progress: ProgressCallback) -> dict[str, Any]:
+                progress: ProgressCallback,
+                watch: DownloadWatch | None = None) -> dict[str, Any]:
         """Fetch into ``tmp/``, verify, rename into place. Hold the fill lock."""
         tmp = self.root / "tmp" / f"{sha}.{os.getpid()}.{secrets.token_hex(4)}.part"
         obj = self._object(sha)
         try:
-            result = self.fetcher.fetch(url, tmp, sha256=sha, size=size, mirrors=mirrors,
-                                        progress=progress)
+            if watch is None:
+                result = self.fetcher.fetch(url, tmp, sha256=sha, size=size, mirrors=mirrors,
+                                            progress=progress)
+            else:
+                result = self.fetcher.fetch(url, tmp, sha256=sha, size=size, mirrors=mirrors,
+                                            progress=progress, watch=watch)
             _fsync_file(tmp)
             os.chmod(tmp, 0o444)
             obj.parent.mkdir(exist_ok=True)

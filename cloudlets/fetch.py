@@ -20,12 +20,17 @@ path) into a destination file and proves it is the expected content:
 
 :meth:`Fetcher.fetch` also takes :class:`~cloudlets.mirrors.MirrorRules`: each
 candidate URL is tried in order, the origin last.
+
+A :class:`DownloadWatch` passed to :meth:`Fetcher.fetch` lets another thread
+read the download while it lands (:meth:`DownloadWatch.reader`); nothing it
+reads is verified until the fetch returns.
 """
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
+import io
 import logging
 import os
 import queue
@@ -47,7 +52,8 @@ from cloudlets.mirrors import Candidate, MirrorRules
 from cloudlets.progress import STAGE_FETCH, ProgressCallback, null_progress
 from cloudlets.urls import is_url, redact
 
-__all__ = ["FetchResult", "Fetcher", "RetryPolicy", "UrlPolicy"]
+__all__ = ["DownloadCancelled", "DownloadRestarted", "DownloadWatch", "FetchResult", "Fetcher",
+           "RetryPolicy", "UrlPolicy"]
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +249,157 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class DownloadRestarted(FetchError):
+    """A download being followed started over (a server ignored ``Range``,
+    or the next mirror was tried) after the reader had taken bytes of the
+    first attempt: read the finished file instead."""
+
+
+class DownloadCancelled(FetchError):
+    """The reader no longer wants the download (:meth:`DownloadWatch.cancel`)."""
+
+
+class DownloadWatch:
+    """The progress of one download into its file, so that another thread
+    can read the bytes already written while the rest arrives.
+
+    The fetching side (:class:`_Sink`, then whoever runs the fetch) reports
+    each file it (re)creates, each chunk written and the end; readers block
+    until the bytes they want are there. A reader gets the bytes as written,
+    unverified: the digest is known only when the fetch is over, so act on
+    what was read only after the caller's verdict (:meth:`CacheEntry.wait
+    <cloudlets.cache.CacheEntry.wait>`). A read asking for more than has
+    arrived waits for it or for the end, and the end comes with the
+    verdict: a reader that reads to EOF gets the download's failure
+    instead of its last bytes.
+    Readers read through descriptors of their own, so a rename or unlink
+    of the file does not disturb them. :meth:`close` when done.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._fd: int | None = None
+        self._written = 0
+        #: Bumped whenever the file is created or truncated again.
+        self._generation = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self.cancelled = False
+
+    # -- the fetching side --------------------------------------------------
+
+    def created(self, fd: int) -> None:
+        """The file was (re)created or truncated, empty; ``fd`` (a readable
+        descriptor of it, now owned by the watch) reads it from now on."""
+        with self._cond:
+            self._close_fd()
+            self._fd = fd
+            self._written = 0
+            self._generation += 1
+            self._cond.notify_all()
+
+    def advance(self, count: int) -> None:
+        """``count`` more bytes are in the file, readable by another descriptor."""
+        with self._cond:
+            self._written += count
+            self._cond.notify_all()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The download is over: complete and verified, or failed with ``error``."""
+        with self._cond:
+            self._done = True
+            self._error = error
+            self._cond.notify_all()
+
+    # -- the reading side ---------------------------------------------------
+
+    def cancel(self) -> None:
+        """Ask the fetch to stop: its next chunk raises :class:`DownloadCancelled`."""
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+
+    def reader(self) -> _Follower:
+        """:returns: a binary file object reading the download from its start,
+        blocking for bytes not written yet; it ends where the finished
+        download ends and raises the download's failure, or
+        :class:`DownloadRestarted` when the download started over after
+        bytes were read."""
+        return _Follower(self)
+
+    def close(self) -> None:
+        """Release the watch's descriptor (readers keep their own)."""
+        with self._cond:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _available(self, position: int, want: int, generation: int) \
+            -> tuple[int, int, int | None]:
+        """Wait until ``want`` bytes past ``position`` are written, or the
+        download is over. :returns: how many are readable, the generation,
+        and for a reader of an older generation a new descriptor of the
+        file (its own, to close)."""
+        with self._cond:
+            while True:
+                if self._generation != generation and position:
+                    raise DownloadRestarted(
+                        "the download started over after "
+                        f"{position} bytes had been read from it")
+                if self._error is not None:
+                    raise self._error
+                if self._written - position >= want or self._done:
+                    break
+                self._cond.wait()
+            fd = None
+            if self._generation != generation and self._fd is not None:
+                fd = os.dup(self._fd)
+            return max(0, min(want, self._written - position)), self._generation, fd
+
+
+class _Follower(io.RawIOBase):
+    """Reads a :class:`DownloadWatch`'s file as it grows (see
+    :meth:`DownloadWatch.reader`)."""
+
+    def __init__(self, watch: DownloadWatch) -> None:
+        super().__init__()
+        self._watch = watch
+        self._position = 0
+        self._generation = 0
+        self._fd: int | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        count, generation, fd = self._watch._available(self._position, len(view),
+                                                       self._generation)
+        if generation != self._generation:  # nothing read yet: read the new file
+            self._close_fd()
+            self._generation, self._fd = generation, fd
+        if count == 0 or self._fd is None:
+            return 0
+        got = os.preadv(self._fd, [view[:count]], self._position)
+        if got < count:  # truncated under us: the download started over
+            raise DownloadRestarted(f"the download shrank under its reader at byte "
+                                    f"{self._position + got}")
+        self._position += got
+        return got
+
+    def close(self) -> None:
+        self._close_fd()
+        super().close()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class _Sink:
     """The destination file with its running digest and byte count.
 
@@ -256,16 +413,21 @@ class _Sink:
     #: Chunks waiting to be hashed, and to be written, at most.
     QUEUE_DEPTH = 4
 
-    def __init__(self, path: Path, url: str, sha256: str, size: int | None) -> None:
+    def __init__(self, path: Path, url: str, sha256: str, size: int | None,
+                 watch: DownloadWatch | None = None) -> None:
         self.path = path
+        self.watch = watch
         self.url = url
         self.expected_sha256 = sha256
         self.expected_size = size
         try:
-            self.file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed by close()
+            # readable too: a watch's readers follow it through a duplicate
+            self.file: IO[bytes] = open(path, "w+b")  # noqa: SIM115 - closed by close()
         except OSError as exc:
             raise FetchError(f"cannot write the download of {redact(url)} to {path}: "
                              f"{exc.strerror}", url=redact(url)) from None
+        if watch is not None:
+            watch.created(os.dup(self.file.fileno()))
         self.hasher = hashlib.sha256()
         self.done = 0
         #: ETag or Last-Modified of the bytes written so far, for ``If-Range``.
@@ -277,11 +439,14 @@ class _Sink:
         self._drain()
         self.file.seek(0)
         self.file.truncate()
+        if self.watch is not None:
+            self.watch.created(os.dup(self.file.fileno()))
         self.hasher = hashlib.sha256()
         self.done = 0
         self.validator = None
 
     def write(self, chunk: bytes) -> None:
+        self.check_cancelled()
         if self.expected_size is not None and self.done + len(chunk) > self.expected_size:
             raise IntegrityError(
                 f"{redact(self.url)}: more data than the expected {self.expected_size} bytes",
@@ -298,6 +463,11 @@ class _Sink:
         for _, work in self._workers:
             work.put(chunk)
         self.done += len(chunk)
+
+    def check_cancelled(self) -> None:
+        if self.watch is not None and self.watch.cancelled:
+            raise DownloadCancelled(f"download of {redact(self.url)} cancelled by its reader",
+                                    url=redact(self.url))
 
     def finish(self) -> str:
         """Check size and digest; flush Python's buffer (durability, ``fsync``,
@@ -331,6 +501,9 @@ class _Sink:
 
     def _write(self, chunk: bytes) -> None:
         self.file.write(chunk)
+        if self.watch is not None:  # readable through another descriptor from now on
+            self.file.flush()
+            self.watch.advance(len(chunk))
 
     def _run(self, task: Callable[[bytes], None], work: queue.Queue[bytes | None]) -> None:
         while (chunk := work.get()) is not None:
@@ -428,7 +601,8 @@ class Fetcher:
 
     def fetch(self, url: str, dest: str | os.PathLike[str], *, sha256: str,
               size: int | None = None, mirrors: MirrorRules | None = None,
-              progress: ProgressCallback | None = None) -> FetchResult:
+              progress: ProgressCallback | None = None,
+              watch: DownloadWatch | None = None) -> FetchResult:
         """Download ``url`` (or its mirrors) into ``dest`` and verify it.
 
         Candidates from ``mirrors.rewrite(url)`` are tried in order, the
@@ -441,6 +615,9 @@ class Fetcher:
         :param size: the expected size in bytes, when known.
         :param mirrors: mirror rules to apply to ``url``.
         :param progress: called with ``(STAGE_FETCH, done, total)``.
+        :param watch: told of every byte written to ``dest``, so that another
+            thread can read it meanwhile; the caller calls
+            :meth:`DownloadWatch.finish` once this returns or raises.
         :returns: what was fetched, from where.
         :raises FetchError: when no candidate could be downloaded.
         :raises IntegrityError: when every candidate that answered served the
@@ -462,7 +639,9 @@ class Fetcher:
                 continue
             try:
                 digest, done = self._fetch_one(candidate, Path(dest), sha256, size,
-                                               progress or null_progress, stats)
+                                               progress or null_progress, stats, watch)
+            except DownloadCancelled:
+                raise
             except (FetchError, IntegrityError) as exc:
                 failures.append(exc)
                 if not candidate.is_origin:
@@ -475,10 +654,11 @@ class Fetcher:
     # -- one candidate ------------------------------------------------------
 
     def _fetch_one(self, candidate: Candidate, dest: Path, sha256: str, size: int | None,
-                   progress: ProgressCallback, stats: _Stats) -> tuple[str, int]:
+                   progress: ProgressCallback, stats: _Stats,
+                   watch: DownloadWatch | None) -> tuple[str, int]:
         """:returns: the verified sha256 and size."""
         url = candidate.url
-        sink = _Sink(dest, url, sha256, size)
+        sink = _Sink(dest, url, sha256, size, watch)
         ok = False
         try:
             if not is_url(url) or urlsplit(url).scheme.lower() == "file":
@@ -552,6 +732,7 @@ class Fetcher:
 
     def _attempt(self, url: str, sink: _Sink, progress: ProgressCallback) -> None:
         """One request (following redirects) and its body, appended to ``sink``."""
+        sink.check_cancelled()
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
         offset = sink.done
         if offset:

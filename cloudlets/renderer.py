@@ -16,13 +16,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, BinaryIO, TypedDict
 
-from cloudlets.cache import TarballCache
+from cloudlets.cache import CacheEntry, TarballCache
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import (
     DiskImage,
@@ -41,19 +41,25 @@ from cloudlets.errors import (
     RenderError,
     StorageError,
 )
-from cloudlets.fetch import Fetcher, UrlPolicy
+from cloudlets.fetch import DownloadRestarted, Fetcher, UrlPolicy
 from cloudlets.manifest import Manifest
 from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
 from cloudlets.progress import ProgressCallback
 from cloudlets.result import RenderResult
 from cloudlets.rootfs import ArchivePolicy
+
+if TYPE_CHECKING:
+    from cloudlets.disk.assemble import BaseStream
+    from cloudlets.rootfs import RootTree
 from cloudlets.urls import redact
 
 __all__ = ["OutputPlan", "ProgressCallback", "Renderer", "plan_output"]
 
 #: Pipeline stages, in order. Each records its time in ``RenderResult.timings``
 #: (``tree`` replaces ``disk`` for formats that ship the tree, not a disk).
+#: A tarball that is not cached yet is read while it downloads: ``fetch`` is
+#: then the download's own time, which overlaps ``rootfs``.
 STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "tree", "convert", "store",
           "publish")
 
@@ -260,8 +266,8 @@ class Renderer:
         base = _BaseLookup(seed=seed, tree_digest=base_key,
                            source_date_epoch=self.source_date_epoch, base_cache=base_dir)
 
-        def read_tree(path: Path, sink: BaseStream | None) -> RootTree:
-            tree = read_tarball(path, self.archive_policy, volatile=manifest.volatile,
+        def read_tree(source: Path | BinaryIO, sink: BaseStream | None) -> RootTree:
+            tree = read_tarball(source, self.archive_policy, volatile=manifest.volatile,
                                 persistent=manifest.persistent, workdir=run.workdir,
                                 sink=sink.sink if sink is not None else None,
                                 keep_content=sink is None)
@@ -288,19 +294,29 @@ class Renderer:
             if tree is not None:
                 run.details["tarball"] = {"read": False, "reason": "base filesystem cached"}
             else:
-                with self._stage(run, "fetch"):
-                    entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
-                                              progress=run.progress)
+                started = time.monotonic()
+                # A missing tarball downloads on a thread of its own while it is
+                # read; nothing read is used before entry.wait() has verified it.
+                entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
+                                          progress=run.progress, follow=True)
                 with entry:
-                    run.details["tarball"] = entry.details()
                     if disk_boot is not None:
                         # mke2fs builds the base while the tarball is read (when not cached)
                         stream = BaseStream.open(disk_boot, **base,
                                                  workdir=run.workdir / "stream",
                                                  clamp=self.source_date_epoch)
                     with self._stage(run, "rootfs"):
-                        tree = read_tree(entry.path, stream)
-                        if stream is not None:
+                        tree = self._read_following(entry, read_tree, stream)
+                        run.timings["fetch"] = (entry.fetch_seconds if not entry.hit
+                                                else time.monotonic() - started)
+                        run.details["tarball"] = {**entry.details(),
+                                                  "read_while_fetched": not entry.hit}
+                        if tree is None:  # the download started over under its reader
+                            if stream is not None:
+                                stream.abort()
+                                stream.reason = "the download started over while read"
+                            tree = read_tree(entry.path, None)
+                        elif stream is not None:
                             try:
                                 streamed = stream.close(tree)
                             except BaseException:
@@ -356,6 +372,33 @@ class Renderer:
             "source_date_epoch": image.source_date_epoch}
         return DiskImage(path=image.path, size=image.size, firmware=image.firmware,
                          tree_tar=None, details=dict(run.details["disk"]))
+
+    @staticmethod
+    def _read_following(entry: CacheEntry, read_tree: Callable[[BinaryIO, BaseStream | None],
+                                                               RootTree],
+                        stream: BaseStream | None) -> RootTree | None:
+        """Read the tree from ``entry`` while it may still be downloading,
+        then wait for the download's verdict: a tree from a tarball that
+        failed verification is never used.
+
+        :returns: the tree, or ``None`` when the download started over after
+            bytes were read (read the finished file instead).
+        """
+        with entry.open() as source:
+            try:
+                tree = read_tree(source, stream)
+            except DownloadRestarted:
+                entry.wait()
+                return None
+            except CloudletsError:
+                entry.wait()  # a failed download explains a broken archive best
+                raise
+        try:
+            entry.wait()
+        except BaseException:
+            tree.close()
+            raise
+        return tree
 
     def _convert(self, fmt: FormatDriver, context: FormatContext) -> list[OutputFile]:
         try:

@@ -345,3 +345,106 @@ def test_a_forgotten_entry_is_released_when_collected(server: FaultServer,
     assert cache._in_use(SHA)
     del entry
     assert not cache._in_use(SHA)
+
+
+# -- follow=True: reading a tarball while it downloads --------------------------------
+
+BIG = blob(7, 3 * 1024 * 1024)  # three of the fetcher's 1 MiB chunks
+BIG_SHA = hashlib.sha256(BIG).hexdigest()
+
+
+class FirstChunkGate:
+    """A progress callback that holds the download after its first chunk
+    until the test has read from the entry: proof that reading overlaps
+    the download, not a race the test hopes to win."""
+
+    def __init__(self) -> None:
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if done and not self.held.is_set():
+            self.held.set()
+            assert self.release.wait(10)
+
+
+def test_follow_reads_the_download_as_it_lands(server: FaultServer, tmp_path: Path) -> None:
+    server.add("/t.tar", Route(BIG))
+    cache = new_cache(tmp_path / "cache")
+    gate = FirstChunkGate()
+    with cache.get(server.url("/t.tar"), BIG_SHA, size=len(BIG), progress=gate,
+                   follow=True) as entry:
+        assert not entry.hit
+        with entry.open() as reader:
+            first = reader.read(4096)
+            assert gate.held.wait(10)
+            # the download is held after its first chunk: nothing is cached yet
+            assert entry.pending and not entry.path.exists()
+            assert first == BIG[:4096]
+            gate.release.set()
+            rest = reader.read()
+        entry.wait()
+        assert first + rest == BIG
+        assert entry.path.read_bytes() == BIG and entry.size == len(BIG)
+        assert entry.details()["source_url"] == server.url("/t.tar")
+        assert entry.fetch_seconds > 0
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+    with cache.get(server.url("/t.tar"), BIG_SHA, follow=True) as again:
+        assert again.hit and not again.pending
+        with again.open() as reader:
+            assert reader.read() == BIG
+
+
+def test_follow_restarted_download_is_reported_to_its_reader(server: FaultServer,
+                                                             tmp_path: Path) -> None:
+    from cloudlets.fetch import DownloadRestarted
+
+    # drops after 1.5 MiB; the retry gets a 200 from byte 0 (no Range support)
+    route = server.add("/t.tar", Route(BIG, drop_after=3 << 19, ranges=False, etag=None))
+    cache = new_cache(tmp_path / "cache")
+    gate = FirstChunkGate()
+    with cache.get(server.url("/t.tar"), BIG_SHA, size=len(BIG), progress=gate,
+                   follow=True) as entry:
+        with entry.open() as reader:
+            assert reader.read(100) == BIG[:100]
+            assert gate.held.wait(10)
+            gate.release.set()
+            with pytest.raises(DownloadRestarted, match=r"started over after \d+ bytes"):
+                while reader.read(1 << 20):
+                    pass
+        entry.wait()  # the download itself recovered
+        assert route.requests == 2 and entry.path.read_bytes() == BIG
+
+
+def test_follow_wrong_content_is_never_cached(server: FaultServer, tmp_path: Path) -> None:
+    server.add("/t.tar", Route(BIG))
+    cache = new_cache(tmp_path / "cache")
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    with cache.get(server.url("/t.tar"), wrong, follow=True) as entry:
+        with entry.open() as reader, pytest.raises(IntegrityError, match="sha256 mismatch"):
+            while reader.read(1 << 20):
+                pass
+        with pytest.raises(IntegrityError, match="sha256 mismatch"):
+            entry.wait()
+        assert not entry.path.exists()
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+    assert cache.list() == []
+
+
+def test_follow_closing_the_entry_stops_the_download(server: FaultServer,
+                                                     tmp_path: Path) -> None:
+    # the first answer stalls after one chunk; a retry would complete it
+    route = server.add("/t.tar", Route(BIG, stall_after=1 << 20))
+    fetcher = Fetcher(connect_timeout=2, read_timeout=0.5,
+                      retry=RetryPolicy(attempts=5, backoff=0.01, max_delay=0.02))
+    cache = TarballCache(tmp_path / "cache", fetcher=fetcher)
+    entry = cache.get(server.url("/t.tar"), BIG_SHA, follow=True)
+    with entry.open() as reader:
+        assert reader.read(1000) == BIG[:1000]
+    started = time.monotonic()
+    entry.close()  # while the download stalls
+    assert time.monotonic() - started < 3
+    assert route.requests == 1  # no retry after the cancel
+    assert not entry.path.exists() and cache.list() == []
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+    assert not cache._in_use(BIG_SHA)

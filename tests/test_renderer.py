@@ -631,3 +631,79 @@ def test_a_damaged_tree_index_means_reading_the_tarball(renderer: Renderer,
     assert again.details["disk"]["base_cached"] is True
     assert read_from_disk(Path(again.primary.location), "/etc/hostname") == b"second\n"
     assert json.loads(index.read_text())["format"] == 1
+
+
+# -- the tarball is read while it downloads ----------------------------------------------
+
+def _served_manifest(url: str, data: bytes) -> dict[str, Any]:
+    return {"name": "tiny", "version": "1.0",
+            "filesystem": {"url": url, "sha256": hashlib.sha256(data).hexdigest(),
+                           "size": len(data)},
+            "boot": STREAMED_BOOT, "templates": ["/etc/hostname"]}
+
+
+def test_a_download_that_starts_over_under_its_reader_is_read_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    from cloudlets.disk.assemble import BaseStream
+    from cloudlets.fetch import Fetcher, RetryPolicy
+    from tests.httpfaults import FaultServer, Route
+
+    # 3 MiB that do not compress: the fetcher gets them in several chunks
+    files = {**BASE_FILES, "opt/blob": random.Random(3).randbytes(3 << 20)}
+    data = make_tarball(files, ("opt",))
+    fetcher = Fetcher(connect_timeout=2, read_timeout=0.5,
+                      retry=RetryPolicy(attempts=3, backoff=0.01, max_delay=0.02))
+    with FaultServer() as server:
+        # The first answer stalls after 1.5 MiB (the reader has taken the first
+        # chunk meanwhile); the retry's Range is ignored: a 200 from byte 0.
+        route = server.add("/t.tar.gz", Route(data, stall_after=3 << 19, ranges=False,
+                                              etag=None))
+        manifest = _served_manifest(server.url("/t.tar.gz"), data)
+        renderer = Renderer(cache_dir=tmp_path / "c1", work_dir=tmp_path / "w1",
+                            ex_source_date_epoch=1_700_000_000, ex_fetcher=fetcher)
+        result = renderer.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
+        assert route.requests == 2
+        assert result.details["tarball"]["read_while_fetched"] is True
+        assert result.details["rootfs"]["streamed"] is False
+        assert result.details["rootfs"]["not_streamed"] == "the download started over while read"
+        disk = Path(result.primary.location)
+        assert read_from_disk(disk, "/opt/blob") == files["opt/blob"]
+        assert read_from_disk(disk, "/etc/hostname") == b"web1\n"
+
+        # the same image as a two-pass render whose download went through at once
+        monkeypatch.setattr(BaseStream, "open", classmethod(lambda cls, *a, **k: None))
+        clean = Renderer(cache_dir=tmp_path / "c2", work_dir=tmp_path / "w2",
+                         ex_source_date_epoch=1_700_000_000, ex_fetcher=fetcher)
+        second = clean.render(manifest, str(tmp_path / "b") + "/", "local", "raw", CONFIG)
+        assert route.requests == 3 and "streamed" not in second.details["rootfs"]
+        assert second.primary.sha256 == result.primary.sha256
+
+
+def test_a_tarball_that_fails_verification_after_it_was_read_leaves_nothing(
+        tmp_path: Path, static_http: tuple[str, Path]) -> None:
+    from cloudlets import IntegrityError
+
+    def plain_tar(hostname: bytes) -> bytes:  # uncompressed: same size, parses either way
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            for name, data in (("boot/vmlinuz", b"kernel\n"), ("etc/hostname", hostname)):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 1_600_000_000
+                archive.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    base, root = static_http
+    good, tampered = plain_tar(b"{{ hostname }}\n"), plain_tar(b"{{ hostnamf }}\n")
+    assert len(good) == len(tampered)
+    (root / "t.tar").write_bytes(tampered)
+    renderer = Renderer(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work",
+                        ex_source_date_epoch=1_700_000_000)
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        renderer.render(_served_manifest(f"{base}/t.tar", good), str(tmp_path / "out") + "/",
+                        "local", "raw", CONFIG)
+    # mke2fs was fed the tree: and still no base, no tarball, no output
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()
+                and "locks" not in p.parts]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
