@@ -31,11 +31,11 @@ import lzma
 import queue
 import tarfile
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any
 
+from cloudlets import fastzlib
 from cloudlets.errors import UnsafeArchiveError
 
 if TYPE_CHECKING:
@@ -86,23 +86,14 @@ class _Source:
 
 
 def _gzip_inflater() -> Any:
-    """An inflater for one gzip member: ISA-L's (``isal``, 1.5x zlib's speed
-    on a rootfs tarball) when installed, else zlib's. Both check the CRC and
-    length and have the same interface."""
-    try:
-        from isal import isal_zlib
-    except ImportError:  # pragma: no cover - a platform without isal wheels
-        return zlib.decompressobj(zlib.MAX_WBITS | 16)
-    return isal_zlib.decompressobj(isal_zlib.MAX_WBITS | 16)
+    """An inflater for one gzip member (ISA-L's when installed: see
+    :mod:`cloudlets.fastzlib`); it checks the CRC and length."""
+    return fastzlib.module.decompressobj(fastzlib.module.MAX_WBITS | 16)
 
 
 def gzip_errors() -> tuple[type[BaseException], ...]:
     """What the gzip inflater raises on damaged input."""
-    try:
-        from isal import isal_zlib
-    except ImportError:  # pragma: no cover
-        return (zlib.error,)
-    return (zlib.error, cast("type[BaseException]", isal_zlib.error))
+    return fastzlib.ERRORS
 
 
 def _zlib_chunks(source: _Source) -> Iterator[tuple[bytes, int]]:

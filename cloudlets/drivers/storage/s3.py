@@ -69,13 +69,13 @@ import os
 import queue
 import re
 import time
-import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit
 
+from cloudlets import fastzlib
 from cloudlets.aws import resolve_credentials, resolve_region
 from cloudlets.drivers.base import UploadSource
 from cloudlets.drivers.storage.libcloud import LibcloudStorage
@@ -100,15 +100,8 @@ CANNED_ACLS = frozenset({
 _UNRESERVED = "-_.~"
 
 
-def _crc32_function() -> Any:
-    try:  # ISA-L's is several times faster than zlib's; the same CRC
-        from isal import isal_zlib
-    except ImportError:  # pragma: no cover
-        return zlib.crc32
-    return isal_zlib.crc32
-
-
-_crc32 = _crc32_function()
+#: ISA-L's CRC32 when installed (several times zlib's speed, the same CRC).
+_crc32 = fastzlib.module.crc32
 
 
 def _crc32_b64(data: bytes) -> str:
