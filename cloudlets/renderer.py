@@ -356,7 +356,8 @@ class Renderer:
                         base_tar, disk_boot, run.workdir / "disk.raw", seed=seed,
                         workdir=run.workdir / "disk",
                         source_date_epoch=self.source_date_epoch, base_cache=base_dir,
-                        patch_files=rendered, tree_digest=base_key)
+                        patch_files=rendered, tree_digest=base_key,
+                        sync=False)  # an intermediate: the storage makes its copy durable
                     if base_tar is not None:  # see _discard_intermediates
                         base_tar.unlink()
                     if index_path is not None and not from_index:

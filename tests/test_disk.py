@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -267,6 +268,7 @@ def test_child_before_parent_is_refused(tmp_path: Path) -> None:
 def build(tree: Path, tmp_path: Path, name: str = "disk", **options: object) -> DiskImage:
     patch = options.pop("patch_files", None)
     cache = options.pop("base_cache", None)
+    sync = bool(options.pop("sync", True))
     boot = BootSpec(kernel="/boot/vmlinuz", cmdline="console=ttyS0", **options)  # type: ignore[arg-type]
     return build_disk(
         tree,
@@ -277,6 +279,7 @@ def build(tree: Path, tmp_path: Path, name: str = "disk", **options: object) -> 
         source_date_epoch=EPOCH,
         patch_files=patch,  # type: ignore[arg-type]
         base_cache=cache,  # type: ignore[arg-type]
+        sync=sync,
     )
 
 
@@ -423,6 +426,37 @@ def test_patch_on_cached_base_leaves_the_cache_alone(tree: Path, tmp_path: Path)
     assert debugfs(inside, "cat /etc/hostname") == "db-7\n"
     cold = build(tree, tmp_path, "cold", patch_files={"/etc/hostname": b"db-7\n"})
     assert second.path.read_bytes() == cold.path.read_bytes()
+
+
+def _fsync_calls(argv: list[str], env: dict[str, str]) -> int:
+    """How many fsync/fdatasync system calls a command makes (strace)."""
+    log = Path(env["TMP_TRACE"])
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(log),
+                    *argv], env=env, check=True, capture_output=True, timeout=60)
+    return sum(1 for line in log.read_text().splitlines() if "sync(" in line)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed "
+                    "(scripts/dev installs it)")
+def test_an_intermediate_image_is_patched_without_flushing_it(tree: Path,
+                                                               tmp_path: Path) -> None:
+    import os
+
+    if tools._eatmydata() is None:
+        pytest.fail("libeatmydata is not installed (apt-get install eatmydata; scripts/dev "
+                    "installs it)")
+    image = build(tree, tmp_path, "flushed")
+    inside = f"{image.path}?offset={image.root.start}"
+    argv = [tools.find_tool("debugfs"), "-R", "stat /etc/hostname", inside]
+    env = {**os.environ, "TMP_TRACE": str(tmp_path / "trace")}
+    assert _fsync_calls(argv, env) >= 1  # debugfs flushes what it opened, even read-only
+    assert _fsync_calls(argv, tools.unsynced(env)) == 0
+
+    # and the image is the same either way
+    files = {"/etc/hostname": b"db-7\n", "/etc/motd": b"hello\n"}
+    synced = build(tree, tmp_path, "synced", patch_files=files)
+    unsynced = build(tree, tmp_path, "unsynced", patch_files=files, sync=False)
+    assert synced.path.read_bytes() == unsynced.path.read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -383,6 +383,7 @@ def build_disk(
     base_cache: Path | None = None,
     patch_files: Mapping[str, bytes] | None = None,
     tree_digest: str | None = None,
+    sync: bool = True,
 ) -> DiskImage:
     """Build a bootable raw disk image from a tree tarball, without root.
 
@@ -408,6 +409,11 @@ def build_disk(
         file's mode and owner: the templated files of a render.
     :param tree_digest: the tree tarball's sha256, if the caller knows it
         (saves hashing it for the cache key).
+    :param sync: let debugfs flush ``output`` to the medium as it patches
+        it. ``False`` when the image is an intermediate that is converted,
+        or stored by a driver that makes its own copy durable (the Renderer):
+        that flush wrote the whole copied base for nothing. The base cache is
+        flushed either way.
     :returns: the description of the image.
     :raises DiskError: the tree does not fit, a tool failed, or the boot
         section is inconsistent with the tree.
@@ -514,6 +520,7 @@ def build_disk(
                 patch_files,
                 timestamp=timestamp,
                 workdir=workdir / "patch",
+                sync=sync,
             )
     except BaseException:
         output.unlink(missing_ok=True)

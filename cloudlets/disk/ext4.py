@@ -39,6 +39,7 @@ from cloudlets.disk.tools import (
     run,
     start,
     tool_environment,
+    unsynced,
 )
 from cloudlets.errors import DiskError
 
@@ -596,16 +597,18 @@ _STAT_RE = {
 }
 
 
-def inode_attributes(image: str, path: str) -> dict[str, str] | None:
+def inode_attributes(image: str, path: str,
+                     env: Mapping[str, str] | None = None) -> dict[str, str] | None:
     """Read an inode's type, mode, owner and group with ``debugfs stat``.
 
     :param image: the filesystem image (``file`` or ``file?offset=N``).
     :param path: absolute path inside the filesystem.
+    :param env: debugfs's environment (the caller's if ``None``).
     :returns: ``{"type", "mode", "uid", "gid"}`` as debugfs prints them, or
         ``None`` if the path does not exist.
     :raises DiskError: debugfs failed.
     """
-    proc = run("debugfs", ["-R", f"stat {_quote(path)}", image])
+    proc = run("debugfs", ["-R", f"stat {_quote(path)}", image], env=env)
     text = proc.stdout.decode("utf-8", "replace")
     result: dict[str, str] = {}
     for key, pattern in _STAT_RE.items():
@@ -640,6 +643,7 @@ def patch_ext4(
     *,
     timestamp: int,
     workdir: Path,
+    sync: bool = True,
 ) -> None:
     """Replace (or add) files in an ext4 image, keeping each file's mode and owner.
 
@@ -654,6 +658,8 @@ def patch_ext4(
     :param files: absolute path inside the filesystem -> new content.
     :param timestamp: the files' times, and the clock debugfs sees.
     :param workdir: a scratch directory for the new contents and the script.
+    :param sync: let debugfs flush the image to the medium when it exits;
+        ``False`` for an intermediate image (see :func:`~cloudlets.disk.tools.unsynced`).
     :raises DiskError: a path is not a regular file, its parent is missing, or
         debugfs failed.
     """
@@ -661,15 +667,17 @@ def patch_ext4(
         return
     workdir.mkdir(parents=True, exist_ok=True)
     env = tool_environment(timestamp, e2fsprogs=True)
+    if not sync:
+        env = unsynced(env)
     lines: list[str] = []
     for index, (raw_path, content) in enumerate(sorted(files.items())):
         path = _member_path(raw_path)
         if not path:
             raise DiskError("cannot patch the root directory as a file")
-        attrs = inode_attributes(image, path)
+        attrs = inode_attributes(image, path, env)
         if attrs is None:
             parent = path.rsplit("/", 1)[0] or "/"
-            parent_attrs = inode_attributes(image, parent)
+            parent_attrs = inode_attributes(image, parent, env)
             if parent_attrs is None or parent_attrs["type"] != "directory":
                 raise DiskError(f"cannot add {path}: {parent} is not a directory in the image")
             attrs = {"type": "regular", "mode": "0644", "uid": "0", "gid": "0"}

@@ -30,6 +30,7 @@ __all__ = [
     "run",
     "start",
     "tool_environment",
+    "unsynced",
 ]
 
 #: Tool name -> Debian package that provides it.
@@ -81,6 +82,44 @@ def find_tool(name: str) -> str:
             f"the disk stage needs {name!r}, which is not installed: apt-get install {package}"
         )
     return path
+
+
+#: Where Debian's ``libeatmydata1`` installs the library, by soname.
+EATMYDATA = "libeatmydata.so.1"
+
+
+@functools.cache
+def _eatmydata() -> str | None:
+    """The path of libeatmydata, or ``None`` when it is not installed."""
+    for directory in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
+                      "/usr/lib"):
+        candidate = Path(directory) / EATMYDATA
+        if candidate.is_file():
+            return os.fspath(candidate)
+    return None
+
+
+def unsynced(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """An environment in which a tool's ``fsync`` calls do nothing, for
+    tools that work on an intermediate file the caller throws away or
+    stores elsewhere (which then makes its own copy durable).
+
+    debugfs fsyncs the image it opened when it exits, even read-only: on a
+    disk image just filled with a 316 MB copy of the base filesystem that is
+    0.14-0.17 s of writing to the medium for a file deleted a moment later.
+    Debian's ``eatmydata`` (``LD_PRELOAD`` of libeatmydata, made to run
+    tools on throwaway data) turns those calls into no-ops. Without it the
+    tools run as they are, only slower.
+
+    :param env: the environment to extend (``os.environ`` if ``None``).
+    :returns: a copy, with libeatmydata first in ``LD_PRELOAD`` when installed.
+    """
+    result = dict(os.environ if env is None else env)
+    library = _eatmydata()
+    if library is not None:
+        preload = result.get("LD_PRELOAD", "")
+        result["LD_PRELOAD"] = f"{library} {preload}".strip()
+    return result
 
 
 def grub_platform_dir(directory: Path) -> Path:
