@@ -41,16 +41,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urljoin, urlsplit
-
-import requests
-import urllib3
 
 from cloudlets.errors import ConfigurationError, FetchError, IntegrityError
 from cloudlets.mirrors import Candidate, MirrorRules
 from cloudlets.progress import STAGE_FETCH, ProgressCallback, null_progress
 from cloudlets.urls import is_url, redact
+
+if TYPE_CHECKING:  # imported when a download over HTTP needs them (0.04 s)
+    import requests
 
 __all__ = ["DownloadCancelled", "DownloadRestarted", "DownloadWatch", "FetchResult", "Fetcher",
            "RetryPolicy", "UrlPolicy"]
@@ -594,6 +594,8 @@ class Fetcher:
             return self._shared_session
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
+            import requests
+
             session = self._local.session = requests.Session()
         return session
 
@@ -772,6 +774,9 @@ class Fetcher:
                         f"{length} (Content-Length)", url=where, expected=str(total),
                         actual=length)
                 total = int(length) if total is None else total
+            import requests
+            import urllib3
+
             chunks = _body(response, self.CHUNK_SIZE)
             while True:
                 try:
@@ -789,6 +794,8 @@ class Fetcher:
 
     def _request(self, url: str, headers: dict[str, str]) -> requests.Response:
         """Send a GET, following redirects by hand within the policy."""
+        import requests
+
         seen = [url]
         current = url
         for _hop in range(self.policy.max_redirects + 1):
