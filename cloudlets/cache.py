@@ -214,7 +214,8 @@ class CacheEntry:
 
     @property
     def pending(self) -> bool:
-        """Whether the tarball is still being fetched (see :meth:`wait`)."""
+        """Whether the tarball was fetched in the background and :meth:`wait`
+        has not returned yet (nothing read from it is verified until then)."""
         return self._pending is not None and not self._pending.finished
 
     def open(self) -> BinaryIO:
@@ -575,12 +576,10 @@ class TarballCache:
         tmp = self.root / "tmp" / f"{sha}.{os.getpid()}.{secrets.token_hex(4)}.part"
         obj = self._object(sha)
         try:
-            if watch is None:
-                result = self.fetcher.fetch(url, tmp, sha256=sha, size=size, mirrors=mirrors,
-                                            progress=progress)
-            else:
-                result = self.fetcher.fetch(url, tmp, sha256=sha, size=size, mirrors=mirrors,
-                                            progress=progress, watch=watch)
+            # (a Fetcher subclass from before watch= still works without follow)
+            followed: dict[str, Any] = {"watch": watch} if watch is not None else {}
+            result = self.fetcher.fetch(url, tmp, sha256=sha, size=size, mirrors=mirrors,
+                                        progress=progress, **followed)
             _fsync_file(tmp)
             os.chmod(tmp, 0o444)
             obj.parent.mkdir(exist_ok=True)

@@ -299,6 +299,7 @@ class Renderer:
                 # read; nothing read is used before entry.wait() has verified it.
                 entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
                                           progress=run.progress, follow=True)
+                looked_up = time.monotonic() - started  # a hit: verified by now
                 with entry:
                     if disk_boot is not None:
                         # mke2fs builds the base while the tarball is read (when not cached)
@@ -307,8 +308,7 @@ class Renderer:
                                                  clamp=self.source_date_epoch)
                     with self._stage(run, "rootfs"):
                         tree = self._read_following(entry, read_tree, stream)
-                        run.timings["fetch"] = (entry.fetch_seconds if not entry.hit
-                                                else time.monotonic() - started)
+                        run.timings["fetch"] = entry.fetch_seconds or looked_up
                         run.details["tarball"] = {**entry.details(),
                                                   "read_while_fetched": not entry.hit}
                         if tree is None:  # the download started over under its reader
