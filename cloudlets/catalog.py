@@ -740,6 +740,31 @@ class ImageCatalog:
             raise CatalogError(f"no image {ref!r} in the catalog {self.path}")
         return entry
 
+    def superseded(self, entry: CatalogEntry) -> list[CatalogEntry]:
+        """:returns: the entries a forced render of ``entry``'s key superseded
+        that were published under another image id (an older AMI), oldest
+        first: what :meth:`retire` is for once the provider let go of them."""
+        with self._read() as conn:
+            found = self._select(conn, "key = ? AND status = 'superseded' AND image_id IS NOT NULL"
+                                       " AND image_id != ? ORDER BY created_at",
+                                 (entry.key, entry.image_id or ""))
+        return [old for old in found if old.published]
+
+    def retire(self, entry_id: str) -> CatalogEntry:
+        """Mark a superseded entry deleted (its provider image is gone; its
+        artifacts were deleted or belong to the entry that replaced it).
+
+        :raises CatalogError: when the entry is not superseded.
+        """
+        with self._write() as conn:
+            entry = self._get_entry(conn, entry_id)
+            if entry.status is not ImageStatus.SUPERSEDED:
+                raise CatalogError(f"image {entry.ref} is {entry.status}, not superseded",
+                                   entry_id)
+            conn.execute("UPDATE images SET status = 'deleted', updated_at = ? "
+                         "WHERE entry_id = ?", (time.time(), entry_id))
+            return self._get_entry(conn, entry_id)
+
     def find_ready(self, image_id: str) -> CatalogEntry | None:
         """:returns: the ready entry with this image id, if any."""
         with self._read() as conn:

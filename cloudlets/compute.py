@@ -19,6 +19,7 @@ driver's own images.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from cloudlets.config import Presets
 from cloudlets.drivers.base import FormatDriver, StorageDriver
 from cloudlets.drivers.providers import get_driver
 from cloudlets.drivers.types import DriverKind
-from cloudlets.errors import ConfigurationError
+from cloudlets.errors import CloudletsError, ConfigurationError
 from cloudlets.renderer import ManifestSource, ProgressCallback, Renderer
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "CloudletsNodeDriver",
     "image_extra",
 ]
+
+log = logging.getLogger(__name__)
 
 #: ``NodeImage.extra`` key marking an image as rendered by cloudlets.
 EXTRA_KEY = "cloudlets"
@@ -92,15 +95,46 @@ class CloudletsImages:
 
     def create(self, manifest: ManifestSource, *, label: str | None = None,
                config: Mapping[str, Any] | None = None, output: str | None = None,
-               force: bool = False, progress: ProgressCallback | None = None) -> CatalogEntry:
+               force: bool = False, progress: ProgressCallback | None = None,
+               withdraw: Callable[[str, str], bool] | None = None) -> CatalogEntry:
         """Render ``manifest`` (or find it rendered) and record it.
 
+        :param force: render again even if the same image is ready.
+        :param withdraw: ``withdraw(image_id, name)`` deletes an image with
+            the provider's own ``delete_image``. A forced
+            render of a published image registers a new one (EC2: a new AMI,
+            its name carries the time); the ones it superseded are then
+            deregistered with it, and their artifacts that the new image does
+            not share are deleted.
         :returns: the ready catalog entry.
         """
-        return self.catalog.render(
+        entry = self.catalog.render(
             self.renderer, manifest, output or self.output, self.storage, self.format, config,
             progress, label=label, force=force, wait_timeout=self.wait_timeout,
             poll_interval=self.poll_interval)
+        if force and withdraw is not None:
+            self._withdraw_superseded(entry, withdraw)
+        return entry
+
+    def _withdraw_superseded(self, entry: CatalogEntry,
+                             withdraw: Callable[[str, str], bool]) -> None:
+        """See :meth:`create`. A failure is logged, not raised: the new image
+        is ready, and the old entry stays superseded for the next forced
+        render (or an operator) to withdraw."""
+        keep = {artifact.location for artifact in entry.artifacts}
+        for old in self.catalog.superseded(entry):
+            assert old.image_id is not None
+            try:
+                if not withdraw(old.image_id, old.label):
+                    raise CloudletsError(f"the provider did not delete {old.image_id}")
+                for artifact in old.artifacts:
+                    if artifact.location not in keep and self.storage.exists(artifact.location):
+                        self.storage.delete(artifact.location)
+            except Exception as exc:  # noqa: BLE001 - the provider's errors are its own
+                log.warning("image %s superseded by %s is still registered: %s",
+                            old.image_id, entry.image_id, exc)
+                continue
+            self.catalog.retire(old.entry_id)
 
     def entries(self) -> list[CatalogEntry]:
         """:returns: the ready images this setup's format and storage made."""
@@ -243,8 +277,13 @@ class CloudletsImageMixin:
             extra = sorted([*kwargs, *(["description"] if description is not None else [])])
             raise TypeError(f"create_image(manifest) does not take {', '.join(extra)}")
         images = self.ex_cloudlets
+        native: Callable[[NodeImage], bool] = super().delete_image  # type: ignore[misc]
+
+        def withdraw(image_id: str, label: str) -> bool:
+            return native(NodeImage(id=image_id, name=label, driver=self))  # type: ignore[arg-type]
+
         entry = images.create(node, label=name, config=ex_config, output=ex_output,
-                              force=ex_force, progress=ex_progress)
+                              force=ex_force, progress=ex_progress, withdraw=withdraw)
         return images.node_image(entry, self)
 
     def list_images(self, location: Any = None, **kwargs: Any) -> list[NodeImage]:
@@ -375,8 +414,13 @@ class CloudletsNodeDriver:
         if description is not None or kwargs:
             extra = sorted([*kwargs, *(["description"] if description is not None else [])])
             raise TypeError(f"create_image(manifest) does not take {', '.join(extra)}")
+        def withdraw(image_id: str, label: str) -> bool:
+            deleted: bool = self.ex_driver.delete_image(
+                NodeImage(id=image_id, name=label, driver=self.ex_driver))
+            return deleted
+
         entry = self.ex_cloudlets.create(node, label=name, config=ex_config, output=ex_output,
-                                         force=ex_force, progress=ex_progress)
+                                         force=ex_force, progress=ex_progress, withdraw=withdraw)
         return self.ex_cloudlets.node_image(entry, self)
 
     def list_images(self, location: Any = None, **kwargs: Any) -> list[NodeImage]:

@@ -259,6 +259,57 @@ def test_published_images_carry_the_provider_id_and_are_deregistered(tmp_path: P
     assert provider.ex_cloudlets.catalog.get(image.id).status is ImageStatus.DELETED
 
 
+class CountingFormat(RegisteringFormat):
+    """Registers every publish under a new id, as EC2 names each AMI with its time."""
+
+    name: ClassVar[str] = "counting-tar"
+
+    def __init__(self, registry: RegistryDummy) -> None:
+        super().__init__(registry)
+        self.count = 0
+
+    def publish(self, context: FormatContext, stored: list[StoredArtifact],
+                storage: StorageDriver) -> PublishResult:
+        self.count += 1
+        image_id = f"reg-{self.count}"
+        self.registry.registered[image_id] = NodeImage(
+            id=image_id, name=context.basename, driver=self.registry,
+            extra={"state": "available", "location": stored[0].location})
+        return PublishResult(image_id=image_id, details={"registered": image_id})
+
+
+def test_a_forced_render_withdraws_the_published_image_it_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    provider = RegistryProvider(0)
+    provider.ex_configure_cloudlets(renderer=_renderer(tmp_path, locked=False),
+                                    format=CountingFormat(provider), storage="local",
+                                    output=str(tmp_path / "out") + "/{key}/",
+                                    catalog=tmp_path / "c.sqlite3")
+    manifest = make_cloudlet(tmp_path / "src")
+    catalog = provider.ex_cloudlets.catalog
+    first = provider.create_image(manifest)
+    assert provider.create_image(manifest).id == first.id == "reg-1"  # no force: the same
+    forced = provider.create_image(manifest, ex_force=True)
+    assert forced.id == "reg-2"
+    assert list(provider.registered) == ["reg-2"]  # reg-1 deregistered
+    assert [i.id for i in provider.list_images() if i.id.startswith("reg-")] == ["reg-2"]
+    assert catalog.get("reg-1").status is ImageStatus.DELETED
+    stored = Path(forced.extra[EXTRA_KEY]["artifacts"][0]["location"])
+    assert stored.is_file()  # the same location: the new image's artifact, kept
+
+    # a provider that will not let go: the new image stands, the old one stays
+    # superseded (and registered) for the next forced render to withdraw
+    monkeypatch.setattr(RegistryDummy, "delete_image", lambda self, image: False)
+    third = provider.create_image(manifest, ex_force=True)
+    assert third.id == "reg-3" and set(provider.registered) == {"reg-2", "reg-3"}
+    assert catalog.get("reg-2").status is ImageStatus.SUPERSEDED
+    assert catalog.get("reg-3").status is ImageStatus.READY
+    monkeypatch.undo()
+    fourth = provider.create_image(manifest, ex_force=True)
+    assert list(provider.registered) == [fourth.id] == ["reg-4"]
+    assert catalog.get("reg-2").status is catalog.get("reg-3").status is ImageStatus.DELETED
+
+
 class _NamedStorage(LocalStorage):
     name: ClassVar[str] = "elsewhere"
 
@@ -353,10 +404,17 @@ def test_ec2_driver_renders_lists_and_deletes_amis(tmp_path: Path, aws_standin: 
     assert driver.create_image(manifest).id == image.id  # idempotent: no second AMI
     assert len(ec2.describe_images()["Images"]) == 1
 
+    # a forced render registers a new AMI and deregisters the one it replaced
+    forced = driver.create_image(manifest, ex_force=True)
+    assert forced.id.startswith("ami-") and forced.id != image.id
+    assert [i["ImageId"] for i in ec2.describe_images()["Images"]] == [forced.id]
+    assert driver.ex_cloudlets.catalog.get(image.id).status is ImageStatus.DELETED
+    got = driver.get_image(forced.id)
+
     key = entry.artifacts[0].location.removeprefix("s3://provider-images/")
-    assert s3.head_object(Bucket="provider-images", Key=key)
+    assert s3.head_object(Bucket="provider-images", Key=key)  # the new AMI's too: kept
     assert driver.delete_image(got) is True
     assert ec2.describe_images()["Images"] == []  # deregistered
     with pytest.raises(s3.exceptions.ClientError):
         s3.head_object(Bucket="provider-images", Key=key)
-    assert driver.ex_cloudlets.catalog.get(image.id).status is ImageStatus.DELETED
+    assert driver.ex_cloudlets.catalog.get(forced.id).status is ImageStatus.DELETED
