@@ -35,6 +35,7 @@ __all__ = [
     "Credentials",
     "EC2Client",
     "Endpoint",
+    "endpoint_url",
     "resolve_credentials",
     "resolve_endpoint",
     "resolve_region",
@@ -134,10 +135,18 @@ def resolve_endpoint(service: str, override: str | None = None, *,
     :returns: the endpoint, or ``None`` for the public AWS endpoint.
     :raises ConfigurationError: when the URL is unusable.
     """
-    env = os.environ if environ is None else environ
-    url = (override or env.get(f"AWS_ENDPOINT_URL_{service.upper().replace('-', '_')}")
-           or env.get("AWS_ENDPOINT_URL"))
+    url = endpoint_url(service, override, environ=environ)
     return Endpoint.parse(url) if url else None
+
+
+def endpoint_url(service: str, override: str | None = None, *,
+                 environ: Mapping[str, str] | None = None) -> str | None:
+    """The endpoint URL for ``service`` as the AWS SDKs find it, unparsed:
+    ``override``, else ``AWS_ENDPOINT_URL_<SERVICE>``, else
+    ``AWS_ENDPOINT_URL``; ``None`` for the public AWS endpoint."""
+    env = os.environ if environ is None else environ
+    return (override or env.get(f"AWS_ENDPOINT_URL_{service.upper().replace('-', '_')}")
+            or env.get("AWS_ENDPOINT_URL") or None)
 
 
 def resolve_credentials(key: str | None = None, secret: str | None = None,

@@ -65,7 +65,6 @@ import hashlib
 import hmac
 import itertools
 import logging
-import os
 import queue
 import re
 import time
@@ -76,7 +75,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit
 
 from cloudlets import fastzlib
-from cloudlets.aws import resolve_credentials, resolve_region
+from cloudlets.aws import endpoint_url, resolve_credentials, resolve_region
 from cloudlets.drivers.base import UploadSource
 from cloudlets.drivers.storage.libcloud import LibcloudStorage
 from cloudlets.drivers.types import Storage, StorageCapability
@@ -183,8 +182,7 @@ class S3Storage(LibcloudStorage):
         if not 0 <= ex_presign_seconds <= MAX_PRESIGN_SECONDS:
             raise ConfigurationError(f"ex_presign_seconds must be 0 to {MAX_PRESIGN_SECONDS}")
         self.region = resolve_region(region)
-        self.endpoint_url = (ex_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-                             or os.environ.get("AWS_ENDPOINT_URL") or None)
+        self.endpoint_url = endpoint_url("s3", ex_endpoint_url)
         self.ex_acl = ex_acl
         self.ex_presign_seconds = ex_presign_seconds
         #: Where the credentials came from (``arguments``, ``environment``, ``profile NAME``).
