@@ -283,18 +283,21 @@ class HTTPStorage(StorageDriver):
             auth = (unquote(parts.username), unquote(parts.password or ""))
         return url, auth
 
-    def _headers_for(self) -> dict[str, str]:
+    def _headers_for(self, location: str, extra: Mapping[str, str] | None = None
+                     ) -> tuple[dict[str, str], tuple[str, str] | None]:
+        """The headers of a request to ``location`` (configured, bearer
+        token, then ``extra``) and its basic credentials, if any."""
+        _, auth = self._target(location)
         headers = dict(self._headers)
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token}"
-        return headers
+        headers.update(extra or {})
+        return headers, auth
 
     def _request(self, method: str, location: str, url: str, *,
                  headers: Mapping[str, str] | None = None, data: Iterable[bytes] | None = None,
                  stream: bool = False) -> requests.Response:
-        _, auth = self._target(location)
-        all_headers = self._headers_for()
-        all_headers.update(headers or {})
+        all_headers, auth = self._headers_for(location, headers)
         try:
             return self._session.request(method, url, headers=all_headers, data=data,
                                          auth=auth, stream=stream, timeout=self.timeout,
@@ -358,9 +361,7 @@ class HTTPStorage(StorageDriver):
         assert source.path is not None and source.size is not None
         shown = redact(location)
         parts = urlsplit(url)
-        _, auth = self._target(location)
-        all_headers = self._headers_for()
-        all_headers.update(headers)
+        all_headers, auth = self._headers_for(location, headers)
         all_headers["Content-Length"] = str(source.size)
         if auth is not None:
             all_headers["Authorization"] = _basic_auth(*auth)
