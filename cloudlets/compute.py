@@ -131,7 +131,7 @@ class CloudletsImages:
                     if artifact.location not in keep and self.storage.exists(artifact.location):
                         self.storage.delete(artifact.location)
             except Exception as exc:  # noqa: BLE001 - the provider's errors are its own
-                log.warning("image %s superseded by %s is still registered: %s",
+                log.warning("image %s superseded by %s was not withdrawn: %s",
                             old.image_id, entry.image_id, exc)
                 continue
             self.catalog.retire(old.entry_id)
@@ -277,11 +277,7 @@ class CloudletsImageMixin:
             extra = sorted([*kwargs, *(["description"] if description is not None else [])])
             raise TypeError(f"create_image(manifest) does not take {', '.join(extra)}")
         images = self.ex_cloudlets
-        native: Callable[[NodeImage], bool] = super().delete_image  # type: ignore[misc]
-
-        def withdraw(image_id: str, label: str) -> bool:
-            return native(NodeImage(id=image_id, name=label, driver=self))  # type: ignore[arg-type]
-
+        withdraw = _withdrawer(super().delete_image, self)  # type: ignore[misc]
         entry = images.create(node, label=name, config=ex_config, output=ex_output,
                               force=ex_force, progress=ex_progress, withdraw=withdraw)
         return images.node_image(entry, self)
@@ -414,13 +410,10 @@ class CloudletsNodeDriver:
         if description is not None or kwargs:
             extra = sorted([*kwargs, *(["description"] if description is not None else [])])
             raise TypeError(f"create_image(manifest) does not take {', '.join(extra)}")
-        def withdraw(image_id: str, label: str) -> bool:
-            deleted: bool = self.ex_driver.delete_image(
-                NodeImage(id=image_id, name=label, driver=self.ex_driver))
-            return deleted
-
-        entry = self.ex_cloudlets.create(node, label=name, config=ex_config, output=ex_output,
-                                         force=ex_force, progress=ex_progress, withdraw=withdraw)
+        entry = self.ex_cloudlets.create(
+            node, label=name, config=ex_config, output=ex_output, force=ex_force,
+            progress=ex_progress, withdraw=_withdrawer(self.ex_driver.delete_image,
+                                                       self.ex_driver))
         return self.ex_cloudlets.node_image(entry, self)
 
     def list_images(self, location: Any = None, **kwargs: Any) -> list[NodeImage]:
@@ -437,6 +430,17 @@ class CloudletsNodeDriver:
 
 
 # -- helpers --------------------------------------------------------------------
+
+def _withdrawer(delete_image: Callable[[NodeImage], bool],
+                driver: Any) -> Callable[[str, str], bool]:
+    """``withdraw(image_id, name)`` for :meth:`CloudletsImages.create`,
+    through a provider driver's own ``delete_image``."""
+
+    def withdraw(image_id: str, label: str) -> bool:
+        return bool(delete_image(NodeImage(id=image_id, name=label, driver=driver)))
+
+    return withdraw
+
 
 def image_extra(entry: CatalogEntry) -> dict[str, Any]:
     """The catalog facts shown in ``NodeImage.extra["cloudlets"]``.
