@@ -741,9 +741,9 @@ class ImageCatalog:
         return entry
 
     def superseded(self, entry: CatalogEntry) -> list[CatalogEntry]:
-        """:returns: the entries a forced render of ``entry``'s key superseded
-        that were published under another image id (an older AMI), oldest
-        first: what :meth:`retire` is for once the provider let go of them."""
+        """The entries a forced render of ``entry``'s key superseded that were
+        published under another image id (an older AMI), oldest first: what
+        :meth:`retire` is for once the provider let go of them."""
         with self._read() as conn:
             found = self._select(conn, "key = ? AND status = 'superseded' AND image_id IS NOT NULL"
                                        " AND image_id != ? ORDER BY created_at",
