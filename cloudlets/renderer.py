@@ -433,7 +433,7 @@ class Renderer:
             for output, location in zip(outputs, locations, strict=True):
                 stored.append(run.storage.upload(
                     output.path, location, media_type=output.media_type, role=output.role,
-                    overwrite=run.overwrite))
+                    overwrite=run.overwrite, disposable=True))  # the work dir goes next
                 if run.progress:
                     run.progress("store", len(stored), len(outputs))
         except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from cloudlets.drivers.base import OutputFile
 from cloudlets.drivers.formats.qcow2 import Qcow2Format
 from cloudlets.drivers.formats.raw import RawFormat
 from cloudlets.drivers.formats.tar import TarFormat
-from cloudlets.sparse import copy_sparse
+from cloudlets.sparse import copy_sparse, link_or_copy
 from cloudlets.testing.formats import FormatDriverConformance, synthetic_disk
 
 
@@ -93,3 +94,43 @@ def test_copy_sparse_keeps_holes(tmp_path: Path) -> None:
     assert target.stat().st_blocks * 512 < source.stat().st_size // 2
     with pytest.raises(FileExistsError):
         copy_sparse(source, target)
+
+
+def test_link_or_copy_links_on_one_file_system(tmp_path: Path) -> None:
+    source = synthetic_disk(tmp_path).path
+    target = tmp_path / "linked.raw"
+    link_or_copy(source, target)
+    assert os.path.samefile(source, target)
+    with pytest.raises(FileExistsError):
+        link_or_copy(source, target)
+
+
+def test_link_or_copy_copies_across_file_systems(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) \
+            or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no writable /dev/shm on another file system than the test's")
+    source = synthetic_disk(tmp_path).path
+    target = shm / f"cloudlets-test-{os.getpid()}.raw"
+    try:
+        link_or_copy(source, target)
+        assert not os.path.samefile(source, target)
+        assert target.read_bytes() == source.read_bytes()
+        assert target.stat().st_blocks * 512 < source.stat().st_size // 2  # holes kept
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def test_raw_output_is_the_disk_without_a_copy(tmp_path: Path) -> None:
+    from cloudlets.config import resolve_config
+    from cloudlets.drivers.base import FormatContext
+    from cloudlets.manifest import Manifest
+
+    disk = synthetic_disk(tmp_path)
+    manifest = Manifest({"name": "r", "version": "1"})
+    context = FormatContext(manifest=manifest, config=resolve_config(manifest),
+                            disk=disk, workdir=tmp_path / "w", basename=manifest.label)
+    context.workdir.mkdir()
+    [output] = RawFormat().convert(context)
+    assert output.name == "r-1.raw"
+    assert os.path.samefile(output.path, disk.path)

@@ -576,6 +576,40 @@ def test_the_raw_disk_is_gone_before_the_output_is_stored(
     assert read_from_disk(Path(raw.primary.location), "/etc/hostname") == b"web1\n"
 
 
+class NotesTheSource(LocalStorage):
+    """Local storage that notes whether the stored file is the render's own
+    output file (linked into place) and the raw disk itself."""
+
+    name: ClassVar[str] = "notes-the-source"
+    workdir: ClassVar[Path]
+    seen: ClassVar[list[tuple[bool, bool, bool]]] = []
+
+    def _upload(self, source: UploadSource, location: str, *, overwrite: bool) -> str:
+        final = super()._upload(source, location, overwrite=overwrite)
+        assert source.path is not None
+        disks = list(self.workdir.rglob("disk.raw"))
+        self.seen.append((source.disposable, os.path.samefile(source.path, final),
+                          any(os.path.samefile(disk, final) for disk in disks)))
+        return final
+
+
+def test_a_local_render_writes_its_output_once(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    NotesTheSource.workdir, NotesTheSource.seen = tmp_path / "work", []
+    manifest = cloudlet()
+    qcow2 = renderer.render(manifest, str(tmp_path / "out") + "/", NotesTheSource(), "qcow2",
+                            CONFIG)
+    raw = renderer.render(manifest, str(tmp_path / "raw") + "/", NotesTheSource(), "raw",
+                          CONFIG)
+    # the qcow2 is qemu-img's file linked into place; the raw image is the disk itself
+    assert NotesTheSource.seen == [(True, True, False), (True, True, True)]
+    assert list((tmp_path / "work").iterdir()) == []
+    assert os.stat(raw.primary.location).st_nlink == 1  # the work dir's name is gone
+    assert read_from_disk(Path(raw.primary.location), "/etc/hostname") == b"web1\n"
+    assert qcow2.primary.sha256 == hashlib.sha256(
+        Path(qcow2.primary.location).read_bytes()).hexdigest()
+
+
 def test_an_output_that_is_the_disk_itself_is_kept(tmp_path: Path) -> None:
     from cloudlets.renderer import _discard_intermediates
 

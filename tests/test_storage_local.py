@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from cloudlets import StorageError
-from cloudlets.drivers.storage.local import LocalStorage, _Copier
+from cloudlets.drivers.storage import local
+from cloudlets.drivers.storage.local import LocalStorage
 from cloudlets.testing.storage import StorageDriverConformance
 
 
@@ -213,15 +214,15 @@ def test_copy_error_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_source_changing_size_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "disk.raw"
     _sparse_source(source)
-    runs = _Copier._data_runs
+    runs = local._data_runs
 
-    def grow_then_list(self: _Copier) -> list[tuple[int, int]]:
-        found = runs(self)
+    def grow_then_list(fd: int, size: int) -> list[tuple[int, int]]:
+        found = runs(fd, size)
         with open(source, "ab") as handle:
             handle.write(b"late")
         return found
 
-    monkeypatch.setattr(_Copier, "_data_runs", grow_then_list)
+    monkeypatch.setattr(local, "_data_runs", grow_then_list)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(StorageError, match="changed size"):
@@ -252,3 +253,72 @@ def test_file_source_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     data = _sparse_source(source)
     artifact = LocalStorage().upload(source, str(tmp_path / "copy.raw"))
     assert artifact.sha256 == hashlib.sha256(data).hexdigest()
+
+
+# -- disposable sources: linked into place, not copied ---------------------------
+
+
+def test_disposable_source_is_linked_not_copied(tmp_path: Path) -> None:
+    source = tmp_path / "work" / "disk.raw"
+    source.parent.mkdir()
+    data = _sparse_source(source)
+    target = tmp_path / "out" / "disk.raw"
+    artifact = LocalStorage().upload(source, str(target), disposable=True)
+    assert os.path.samefile(source, target)  # the same inode: no byte copied
+    assert artifact.size == len(data)
+    assert artifact.sha256 == hashlib.sha256(data).hexdigest()
+    assert oct(os.stat(target).st_mode & 0o777) == oct(0o644)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["disk.raw"]  # no temp left
+    source.unlink()  # what the renderer does with its work directory
+    assert target.read_bytes() == data
+
+
+def test_disposable_source_is_still_verified(tmp_path: Path) -> None:
+    source = tmp_path / "disk.raw"
+    data = _sparse_source(source)
+    target = tmp_path / "out" / "disk.raw"
+    with pytest.raises(StorageError, match="sha256"):
+        LocalStorage().upload(source, str(target), sha256="2" * 64, disposable=True)
+    assert sorted(p.name for p in target.parent.iterdir()) == []
+    assert source.read_bytes() == data  # the caller's file is untouched
+    assert os.stat(source).st_nlink == 1
+
+
+def test_disposable_source_refuses_to_overwrite(tmp_path: Path) -> None:
+    source = tmp_path / "disk.raw"
+    source.write_bytes(b"new")
+    target = tmp_path / "old.raw"
+    target.write_bytes(b"old")
+    with pytest.raises(StorageError, match="overwrite"):
+        LocalStorage().upload(source, str(target), disposable=True)
+    assert target.read_bytes() == b"old"
+    LocalStorage().upload(source, str(target), disposable=True, overwrite=True)
+    assert target.read_bytes() == b"new" and os.path.samefile(source, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw", "old.raw"]
+
+
+def test_disposable_source_on_another_file_system_is_copied(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK) \
+            or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no writable /dev/shm on another file system than the test's")
+    source = shm / f"cloudlets-test-{os.getpid()}.raw"
+    try:
+        data = _sparse_source(source)
+        target = tmp_path / "out" / "disk.raw"
+        artifact = LocalStorage().upload(source, str(target), disposable=True)
+        assert not os.path.samefile(source, target)
+        assert target.read_bytes() == data
+        assert artifact.sha256 == hashlib.sha256(data).hexdigest()
+    finally:
+        source.unlink(missing_ok=True)
+
+
+def test_non_disposable_source_is_copied(tmp_path: Path) -> None:
+    source = tmp_path / "disk.raw"
+    source.write_bytes(b"keep me apart")
+    target = tmp_path / "copy.raw"
+    LocalStorage().upload(source, str(target))
+    assert not os.path.samefile(source, target)
+    source.write_bytes(b"changed")
+    assert target.read_bytes() == b"keep me apart"

@@ -167,12 +167,16 @@ class UploadSource:
     :ivar size: the length in bytes, when known beforehand.
     :ivar sha256: the expected digest, when known beforehand.
     :ivar media_type: the MIME type.
+    :ivar disposable: the caller gives the file up (see
+        :meth:`StorageDriver.upload`): a driver may move it into place
+        instead of copying it.
     """
 
     path: Path | None
     size: int | None
     sha256: str | None
     media_type: str
+    disposable: bool = False
     _iterable: Iterable[bytes] | None = None
     _file: BinaryIO | None = None
     _hash: Any = field(default_factory=hashlib.sha256)
@@ -379,7 +383,7 @@ class StorageDriver(ABC):
     def upload(self, source: Path | str | bytes | BinaryIO | Iterable[bytes], location: str, *,
                size: int | None = None, sha256: str | None = None,
                media_type: str = "application/octet-stream", role: str = "disk",
-               overwrite: bool = False) -> StoredArtifact:
+               overwrite: bool = False, disposable: bool = False) -> StoredArtifact:
         """Store ``source`` at ``location``.
 
         :param source: a file path, the content as ``bytes``, a binary file
@@ -392,11 +396,19 @@ class StorageDriver(ABC):
         :param media_type: the MIME type.
         :param role: the artifact's role, copied into the result.
         :param overwrite: replace an existing object instead of refusing.
+        :param disposable: ``source`` is a file the caller deletes afterwards
+            and never changes again (a render's intermediate output). A
+            driver may then take the file itself instead of a copy:
+            :class:`~cloudlets.drivers.storage.local.LocalStorage` links it
+            into place when it is on the same file system. The caller must
+            still delete its own name for the file; the stored artifact keeps
+            the data.
         :returns: the stored artifact.
         :raises StorageError: on failure; nothing complete-looking is left at
             ``location``.
         """
         upload_source = self._make_source(source, size, sha256, media_type)
+        upload_source.disposable = disposable and upload_source.path is not None
         if upload_source.size is None and not self.capabilities & StorageCapability.STREAM:
             raise StorageError(
                 f"storage driver {self.name!r} cannot store a stream of unknown length",

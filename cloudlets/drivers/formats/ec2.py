@@ -50,7 +50,7 @@ from cloudlets.drivers.base import (
 from cloudlets.drivers.formats.vmdk import write_stream_optimized
 from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import ConfigurationError, FormatError
-from cloudlets.sparse import copy_sparse
+from cloudlets.sparse import link_or_copy
 from cloudlets.urls import redact
 
 __all__ = ["EC2Format", "S3Location", "boot_mode", "ec2_architecture", "parse_s3_location"]
@@ -231,7 +231,7 @@ class EC2Format(FormatDriver):
         name = f"{context.basename}.{extension}"
         target = context.workdir / name
         if self.disk_format == "raw":
-            copy_sparse(context.disk.path, target)
+            link_or_copy(context.disk.path, target)
             return [OutputFile(role="disk", path=target, name=name)]
         if self.disk_format == "vhd":
             from cloudlets.drivers.formats.vhd import VHDFormat
