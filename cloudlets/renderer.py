@@ -357,7 +357,8 @@ class Renderer:
                         workdir=run.workdir / "disk",
                         source_date_epoch=self.source_date_epoch, base_cache=base_dir,
                         patch_files=rendered, tree_digest=base_key,
-                        sync=False)  # an intermediate: the storage makes its copy durable
+                        sync=False,  # an intermediate: the storage makes its copy durable
+                        compose=bool(run.fmt.capabilities & FormatCapability.COMPOSED_DISK))
                     if base_tar is not None:  # see _discard_intermediates
                         base_tar.unlink()
                     if index_path is not None and not from_index:
@@ -370,9 +371,10 @@ class Renderer:
             "partition_table": image.partition_table, "root_uuid": image.root_uuid,
             "disk_guid": image.disk_guid, "partitions": image.partition_uuids,
             "base_cached": image.base_cached and not streamed,
+            "composed": bool(image.pieces),
             "source_date_epoch": image.source_date_epoch}
         return DiskImage(path=image.path, size=image.size, firmware=image.firmware,
-                         tree_tar=None, details=dict(run.details["disk"]))
+                         tree_tar=None, details=dict(run.details["disk"]), pieces=image.pieces)
 
     @staticmethod
     def _read_following(entry: CacheEntry, read_tree: Callable[[BinaryIO, BaseStream | None],

@@ -1,11 +1,14 @@
-"""Sparse file copies: holes stay holes (or no copy at all: :func:`link_or_copy`)."""
+"""Sparse file copies: holes stay holes (or no copy at all: :func:`link_or_copy`),
+and files described as pieces of other files (:class:`Piece`)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["copy_sparse", "link_or_copy"]
+__all__ = ["Piece", "copy_sparse", "link_or_copy", "merge_ranges"]
 
 _CHUNK = 4 * 1024 * 1024
 
@@ -52,3 +55,34 @@ def link_or_copy(source: Path, target: Path) -> None:
         raise
     except OSError:  # another file system, no hard links there: copy
         copy_sparse(source, target)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``length`` bytes of ``path`` from ``offset`` on: one piece of a file
+    that is the concatenation of pieces (a disk image made of the cached
+    root filesystem, the blocks a render patched and the rest of the disk)."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def qemu_source(self) -> str:
+        """This piece as a ``qemu-img`` source (a raw slice of the file);
+        ``qemu-img convert`` concatenates several sources in order."""
+        import json
+
+        spec = {"driver": "raw", "offset": self.offset, "size": self.length,
+                "file": {"driver": "file", "filename": str(self.path)}}
+        return "json:" + json.dumps(spec, sort_keys=True)
+
+
+def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping ``[start, end)`` ranges, touching ones joined."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged

@@ -652,6 +652,55 @@ def test_a_rerender_from_the_cached_base_is_the_image_a_full_render_makes(
     assert again.primary.sha256 == full.primary.sha256
 
 
+@pytest.mark.parametrize("boot", [None, STREAMED_BOOT], ids=["two-pass", "one-pass"])
+def test_a_composed_qcow2_holds_the_disk_a_whole_raw_render_writes(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
+        boot: dict[str, Any] | None) -> None:
+    """qcow2 reads the disk as pieces (the cached base, the patched blocks):
+    its content is the raw render's, byte for byte, for templates that grow
+    past a block, shrink, and sit in directories of many files."""
+    big = b"".join(b"line %d of {{ hostname }}\n" % n for n in range(900))  # ~20 KiB
+    many = {f"etc/conf.d/f{n:04d}": b"x" * (n % 7) for n in range(300)}
+    files = {**BASE_FILES, **many, "etc/conf.d/big.conf": big}
+    manifest = cloudlet(files, dirs=("etc/conf.d",), templates=[
+        "/etc/hostname", "/etc/network/interfaces", "/etc/conf.d/big.conf",
+        "/etc/conf.d/f0003"], **({"boot": boot} if boot else {}))
+    longer = "a-much-longer-name." * 3 + "example"
+    for number, config in enumerate([CONFIG, {**CONFIG, "hostname": longer},
+                                     {**CONFIG, "hostname": "b"}]):
+        qcow2 = renderer.render(manifest, str(tmp_path / f"q{number}") + "/", "local",
+                                "qcow2", config)
+        raw = renderer.render(manifest, str(tmp_path / f"r{number}") + "/", "local", "raw",
+                              config)
+        assert qcow2.details["disk"]["composed"] is True
+        assert raw.details["disk"]["composed"] is False
+        back = tmp_path / f"back{number}.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw",
+                        qcow2.primary.location, str(back)], check=True, timeout=120)
+        assert hashlib.sha256(back.read_bytes()).hexdigest() == raw.primary.sha256
+        hostname = config["hostname"].encode()
+        assert read_from_disk(back, "/etc/hostname") == hostname + b"\n"
+        assert read_from_disk(back, "/etc/conf.d/big.conf").count(hostname) == 900
+        back.unlink()
+    # the base is untouched by the patches: one cached base, one metadata image
+    assert len(list((tmp_path / "cache" / "bases").glob("*.ext4"))) == 1
+    assert len(list((tmp_path / "cache" / "bases").glob("*.metadata"))) == 1
+
+
+def test_a_patch_of_too_many_ranges_gets_the_whole_disk_written(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudlets.disk import assemble
+
+    monkeypatch.setattr(assemble, "MAX_PATCHED_RANGES", 1)
+    result = renderer.render(cloudlet(), str(tmp_path / "q") + "/", "local", "qcow2", CONFIG)
+    assert result.details["disk"]["composed"] is False
+    back = tmp_path / "back.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw",
+                    result.primary.location, str(back)], check=True, timeout=120)
+    assert read_from_disk(back, "/etc/hostname") == b"web1\n"
+
+
 def test_a_damaged_tree_index_means_reading_the_tarball(renderer: Renderer,
                                                         cloudlet: Callable[..., dict[str, Any]],
                                                         tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from cloudlets.disk.partition import (
 from cloudlets.disk.spec import BootSpec, DiskImage
 from cloudlets.disk.tools import e2fsprogs_version
 from cloudlets.errors import DiskError
+from cloudlets.sparse import Piece
 
 if TYPE_CHECKING:
     from cloudlets.rootfs import RootTree
@@ -159,6 +160,54 @@ def _copy_sparse(source: Path, fd: int, offset: int) -> None:
                     raise DiskError(f"short copy of {source} into the disk image")
                 data += copied
             pos = hole
+
+
+#: At most this many patched ranges go to qemu-img as pieces; past it the
+#: disk is written whole (a command line of thousands of slices).
+MAX_PATCHED_RANGES = 256
+
+
+def _metadata(base: Path, key: str) -> Path:
+    """The cached base's :func:`~cloudlets.disk.ext4.metadata_image`, made
+    on first use (a few MiB, a fraction of a second)."""
+    path = base.with_name(f"{key}.metadata")
+    if not path.is_file():
+        partial = base.with_name(_partial_name(key) + ".metadata")
+        try:
+            ext4.metadata_image(base, partial)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return path
+
+
+def _compose(disk: Path, size: int, root_start: int, base: Path, metadata: Path,
+             files: Mapping[str, bytes], *, timestamp: int,
+             workdir: Path) -> tuple[Piece, ...]:
+    """The disk as pieces: ``disk`` (everything but the root filesystem),
+    the cached ``base`` at ``root_start`` and over it the ranges the patch
+    changed. :returns: ``()`` when the patch changed too many ranges (then
+    the caller writes the disk whole)."""
+    ranges: list[tuple[int, int]] = []
+    patched = base
+    if files:
+        patched, ranges = ext4.patched_ranges(metadata, files, timestamp=timestamp,
+                                              workdir=workdir)
+        if len(ranges) > MAX_PATCHED_RANGES:
+            return ()
+    base_size = base.stat().st_size
+    pieces = [Piece(disk, 0, root_start)]
+    position = 0
+    for start, end in ranges:
+        if start > position:
+            pieces.append(Piece(base, position, start - position))
+        pieces.append(Piece(patched, start, end - start))
+        position = end
+    if position < base_size:
+        pieces.append(Piece(base, position, base_size - position))
+    if root_start + base_size < size:
+        pieces.append(Piece(disk, root_start + base_size, size - root_start - base_size))
+    return tuple(pieces)
 
 
 def _tree_digest(tree_tar: Path) -> str:
@@ -384,6 +433,7 @@ def build_disk(
     patch_files: Mapping[str, bytes] | None = None,
     tree_digest: str | None = None,
     sync: bool = True,
+    compose: bool = False,
 ) -> DiskImage:
     """Build a bootable raw disk image from a tree tarball, without root.
 
@@ -414,6 +464,14 @@ def build_disk(
         or stored by a driver that makes its own copy durable (the Renderer):
         that flush wrote the whole copied base for nothing. The base cache is
         flushed either way.
+    :param compose: with ``base_cache``, do not copy the base into
+        ``output``: the image returned is :attr:`~DiskImage.pieces`, the
+        cached base with the blocks the patch changed (found by patching a
+        copy of the base's metadata only, see
+        :func:`~cloudlets.disk.ext4.patched_ranges`) between the rest of
+        ``output``. For a consumer that reads the disk as pieces (``qemu-img
+        convert``): the copy of the base, its page cache and its writeback
+        are saved. Without a base cache the image is written whole.
     :returns: the description of the image.
     :raises DiskError: the tree does not fit, a tool failed, or the boot
         section is inconsistent with the tree.
@@ -479,6 +537,9 @@ def build_disk(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.unlink(missing_ok=True)
     root = layout.partitions[layout.root_index]
+    compose = compose and base_cache is not None and key is not None
+    base_image: Path | None = None
+    pieces: tuple[Piece, ...] = ()
     try:
         with open(output, "wb") as handle:
             fd = handle.fileno()
@@ -500,21 +561,27 @@ def build_disk(
             if esp_image is not None and layout.esp_index is not None:
                 _copy_sparse(esp_image, fd, layout.partitions[layout.esp_index].start)
             if cached is not None:
-                _copy_sparse(cached[0], fd, root.start)
+                base_image = cached[0]
             elif base_cache is not None and key is not None:
                 base_cache.mkdir(parents=True, exist_ok=True)
                 partial = base_cache / _partial_name(key)
                 try:
                     _check_boot_files(boot, make_root(partial), tar_path)
-                    _copy_sparse(partial, fd, root.start)
                     os.replace(partial, base_cache / f"{key}.ext4")
                 finally:
                     partial.unlink(missing_ok=True)
                 meta = {"size": size, "timestamp": timestamp}
                 (base_cache / f"{key}.json").write_text(json.dumps(meta))
+                base_image = base_cache / f"{key}.ext4"
+            if base_image is not None and compose and key is not None:
+                pieces = _compose(output, layout.size, root.start, base_image,
+                                  _metadata(base_image, key), patch_files or {},
+                                  timestamp=timestamp, workdir=workdir / "patch")
+            if base_image is not None and not pieces:
+                _copy_sparse(base_image, fd, root.start)
         if cached is None and base_cache is None:
             _check_boot_files(boot, make_root(output, offset=root.start), tar_path)
-        if patch_files:
+        if patch_files and not pieces:
             ext4.patch_ext4(
                 f"{output}?offset={root.start}",
                 patch_files,
@@ -538,4 +605,5 @@ def build_disk(
         root_partition=layout.root_index,
         source_date_epoch=timestamp,
         base_cached=cached is not None,
+        pieces=pieces,
     )

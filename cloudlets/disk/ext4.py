@@ -51,7 +51,9 @@ __all__ = [
     "inode_attributes",
     "inode_count",
     "make_ext4",
+    "metadata_image",
     "patch_ext4",
+    "patched_ranges",
     "populate_method",
     "read_file",
     "root_size_for",
@@ -698,3 +700,84 @@ def patch_ext4(
         for field_name in ("mtime", "atime", "ctime", "crtime"):
             lines.append(f"sif {_quote(path)} {field_name} @{timestamp}")
     _debugfs_script(image, lines, workdir, env)
+
+
+def metadata_image(image: Path, target: Path) -> None:
+    """Write ``target``: a sparse file as long as the ext4 ``image`` holding
+    only its metadata (superblocks, group descriptors, bitmaps, inode
+    tables, directory, extent-tree and xattr blocks), byte for byte at the
+    same offsets; file data and free blocks are holes (``e2image -r``).
+
+    A few MiB for a root filesystem of hundreds: :func:`patched_ranges`
+    patches a copy of it instead of a copy of the whole filesystem.
+
+    :raises DiskError: e2image failed.
+    """
+    target.unlink(missing_ok=True)
+    run("e2image", ["-r", image, target], env=tool_environment(0, e2fsprogs=True))
+    if target.stat().st_size != image.stat().st_size:
+        raise DiskError(f"e2image wrote {target.stat().st_size} bytes for the "
+                        f"{image.stat().st_size} of {image.name}")
+
+
+def patched_ranges(metadata: Path, files: Mapping[str, bytes], *, timestamp: int,
+                   workdir: Path) -> tuple[Path, list[tuple[int, int]]]:
+    """Patch ``files`` (as :func:`patch_ext4`) into a copy of a filesystem's
+    :func:`metadata_image` and say which bytes the patch changed.
+
+    debugfs reads only metadata to remove, write and re-own files, so on the
+    metadata copy it writes exactly what it would write on a full copy of
+    the filesystem: the same metadata blocks changed the same way, and the
+    new content in the same newly allocated blocks. The filesystem patched
+    is therefore the base filesystem with the returned ranges taken from the
+    returned file: a block is changed when it was a hole in ``metadata`` and
+    holds data now (written by the patch, even with zeros), or differs from
+    ``metadata``.
+
+    :returns: the patched copy and the changed ``[start, end)`` byte ranges,
+        sorted, in 4 KiB blocks.
+    :raises DiskError: as :func:`patch_ext4`.
+    """
+    from cloudlets.sparse import copy_sparse, merge_ranges
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    patched = workdir / "root-patch.raw"
+    patched.unlink(missing_ok=True)
+    copy_sparse(metadata, patched)
+    patch_ext4(str(patched), files, timestamp=timestamp, workdir=workdir / "script",
+               sync=False)
+    changed: list[tuple[int, int]] = []
+    with open(metadata, "rb") as old, open(patched, "rb") as new:
+        known = _data_ranges(old.fileno())
+        for start, end in _data_ranges(new.fileno()):
+            start -= start % BLOCK_SIZE
+            for block in range(start, end, BLOCK_SIZE):
+                data = os.pread(new.fileno(), BLOCK_SIZE, block)
+                if not _inside(known, block) or os.pread(old.fileno(), BLOCK_SIZE,
+                                                         block) != data:
+                    changed.append((block, min(block + BLOCK_SIZE, patched.stat().st_size)))
+    return patched, merge_ranges(changed)
+
+
+def _data_ranges(fd: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` ranges of an open file that hold data."""
+    size = os.fstat(fd).st_size
+    ranges: list[tuple[int, int]] = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        ranges.append((start, end))
+        offset = end
+    return ranges
+
+
+def _inside(ranges: list[tuple[int, int]], offset: int) -> bool:
+    """Whether ``offset`` falls in one of the sorted ``ranges``."""
+    import bisect
+
+    index = bisect.bisect_right(ranges, (offset, float("inf"))) - 1
+    return index >= 0 and ranges[index][0] <= offset < ranges[index][1]

@@ -8,6 +8,7 @@ from typing import Literal
 
 from cloudlets.disk.partition import Partition
 from cloudlets.errors import DiskError
+from cloudlets.sparse import Piece
 
 __all__ = ["BootSpec", "DiskImage", "Firmware", "FsType", "PartitionTable"]
 
@@ -85,6 +86,9 @@ class DiskImage:
     :ivar source_date_epoch: the timestamp used for everything the tools would
         have taken from the clock.
     :ivar base_cached: ``True`` if the root filesystem came from the base cache.
+    :ivar pieces: when not empty, the image is these byte ranges of files,
+        in order, and :attr:`path` alone lacks the root filesystem (see
+        :func:`~cloudlets.disk.build_disk`'s ``compose``).
     """
 
     path: Path
@@ -99,6 +103,7 @@ class DiskImage:
     root_partition: int
     source_date_epoch: int
     base_cached: bool = False
+    pieces: tuple[Piece, ...] = ()
 
     @property
     def root(self) -> Partition:

@@ -38,6 +38,7 @@ TOOLS: Mapping[str, str] = {
     "debugfs": "e2fsprogs",
     "dumpe2fs": "e2fsprogs",
     "e2fsck": "e2fsprogs",
+    "e2image": "e2fsprogs",
     "mke2fs": "e2fsprogs",
     "sfdisk": "fdisk",
     "grub-mkimage": "grub-common",

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from cloudlets.drivers.types import FormatCapability, StorageCapability
 from cloudlets.errors import ConfigurationError, StorageError
+from cloudlets.sparse import Piece
 from cloudlets.urls import redact
 
 if TYPE_CHECKING:
@@ -66,6 +67,11 @@ class DiskImage:
         formats that ship the tree rather than a disk.
     :ivar details: facts the disk stage records (partition table, root
         filesystem UUID...).
+    :ivar pieces: only for a driver with
+        :attr:`~cloudlets.drivers.types.FormatCapability.COMPOSED_DISK`, and
+        then possibly not empty: the disk is these byte ranges of files, in
+        order, and :attr:`path` alone lacks the root filesystem.
+        :func:`cloudlets.drivers.formats.qemuimg.convert` reads either form.
     """
 
     path: Path
@@ -73,6 +79,7 @@ class DiskImage:
     firmware: str = "bios"
     tree_tar: Path | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    pieces: tuple[Piece, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,12 @@ class FormatCapability(enum.IntFlag):
     PUBLISH = enum.auto()
     #: Needs the rendered root filesystem tree rather than the disk.
     NEEDS_TREE = enum.auto()
+    #: Reads the disk only through :func:`cloudlets.drivers.formats.qemuimg.convert`
+    #: (or :attr:`DiskImage.pieces <cloudlets.drivers.base.DiskImage.pieces>`
+    #: itself), so the disk stage may hand it a disk made of pieces: the
+    #: cached root filesystem and the blocks the render patched, never
+    #: copied into one file.
+    COMPOSED_DISK = enum.auto()
 
 
 class StorageCapability(enum.IntFlag):

@@ -26,7 +26,8 @@ class Qcow2Format(FormatDriver):
     name: ClassVar[str] = Format.QCOW2
     website: ClassVar[str] = "https://www.qemu.org/docs/master/interop/qcow2.html"
     description: ClassVar[str] = "QEMU qcow2 v3 image, self-contained (.qcow2)"
-    capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    capabilities: ClassVar[FormatCapability] = (FormatCapability.BOOTABLE
+                                                 | FormatCapability.COMPOSED_DISK)
     extension = ".qcow2"
 
     def __init__(self, ex_compress: bool = False) -> None:
@@ -35,7 +36,7 @@ class Qcow2Format(FormatDriver):
     def convert(self, context: FormatContext) -> list[OutputFile]:
         name = f"{context.basename}.qcow2"
         target = context.workdir / name
-        qemuimg.convert(context.disk.path, target, "qcow2", options={"compat": "1.1"},
+        qemuimg.convert(context.disk, target, "qcow2", options={"compat": "1.1"},
                         compress=self.compress)
         details = qemuimg.info(target)
         if details.get("format") != "qcow2" or "backing-filename" in details:
