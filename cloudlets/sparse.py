@@ -3,12 +3,13 @@ and files described as pieces of other files (:class:`Piece`)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Piece", "copy_sparse", "link_or_copy", "merge_ranges"]
+__all__ = ["Piece", "copy_sparse", "data_ranges", "link_or_copy", "merge_ranges"]
 
 _CHUNK = 4 * 1024 * 1024
 
@@ -75,6 +76,29 @@ class Piece:
         spec = {"driver": "raw", "offset": self.offset, "size": self.length,
                 "file": {"driver": "file", "filename": str(self.path)}}
         return "json:" + json.dumps(spec, sort_keys=True)
+
+
+def data_ranges(fd: int, size: int | None = None) -> list[tuple[int, int]]:
+    """:returns: the ``[start, end)`` ranges of the first ``size`` bytes
+    (default: all) of the open file ``fd`` that may hold data, found with
+    ``SEEK_DATA``/``SEEK_HOLE``; all of it where those are missing."""
+    if size is None:
+        size = os.fstat(fd).st_size
+    ranges: list[tuple[int, int]] = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                break
+            return [(0, size)]
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        ranges.append((start, end))
+        offset = end
+    return ranges
 
 
 def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

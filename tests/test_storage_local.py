@@ -214,15 +214,15 @@ def test_copy_error_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_source_changing_size_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "disk.raw"
     _sparse_source(source)
-    runs = local._data_runs
+    runs = local.data_ranges
 
-    def grow_then_list(fd: int, size: int) -> list[tuple[int, int]]:
+    def grow_then_list(fd: int, size: int | None = None) -> list[tuple[int, int]]:
         found = runs(fd, size)
         with open(source, "ab") as handle:
             handle.write(b"late")
         return found
 
-    monkeypatch.setattr(local, "_data_runs", grow_then_list)
+    monkeypatch.setattr(local, "data_ranges", grow_then_list)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(StorageError, match="changed size"):

@@ -738,7 +738,7 @@ def patched_ranges(metadata: Path, files: Mapping[str, bytes], *, timestamp: int
         sorted, in 4 KiB blocks.
     :raises DiskError: as :func:`patch_ext4`.
     """
-    from cloudlets.sparse import copy_sparse, merge_ranges
+    from cloudlets.sparse import copy_sparse, data_ranges, merge_ranges
 
     workdir.mkdir(parents=True, exist_ok=True)
     patched = workdir / "root-patch.raw"
@@ -747,32 +747,17 @@ def patched_ranges(metadata: Path, files: Mapping[str, bytes], *, timestamp: int
     patch_ext4(str(patched), files, timestamp=timestamp, workdir=workdir / "script",
                sync=False)
     changed: list[tuple[int, int]] = []
+    size = patched.stat().st_size
     with open(metadata, "rb") as old, open(patched, "rb") as new:
-        known = _data_ranges(old.fileno())
-        for start, end in _data_ranges(new.fileno()):
+        known = data_ranges(old.fileno())
+        for start, end in data_ranges(new.fileno()):
             start -= start % BLOCK_SIZE
             for block in range(start, end, BLOCK_SIZE):
                 data = os.pread(new.fileno(), BLOCK_SIZE, block)
                 if not _inside(known, block) or os.pread(old.fileno(), BLOCK_SIZE,
                                                          block) != data:
-                    changed.append((block, min(block + BLOCK_SIZE, patched.stat().st_size)))
+                    changed.append((block, min(block + BLOCK_SIZE, size)))
     return patched, merge_ranges(changed)
-
-
-def _data_ranges(fd: int) -> list[tuple[int, int]]:
-    """The ``[start, end)`` ranges of an open file that hold data."""
-    size = os.fstat(fd).st_size
-    ranges: list[tuple[int, int]] = []
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole is left
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        ranges.append((start, end))
-        offset = end
-    return ranges
 
 
 def _inside(ranges: list[tuple[int, int]], offset: int) -> bool:

@@ -44,6 +44,7 @@ from urllib.parse import unquote, urlsplit
 from cloudlets.drivers.base import StorageDriver, UploadSource
 from cloudlets.drivers.types import Storage, StorageCapability
 from cloudlets.errors import StorageError
+from cloudlets.sparse import data_ranges
 
 __all__ = ["LocalStorage"]
 
@@ -264,7 +265,7 @@ class LocalStorage(StorageDriver):
                 buffer = bytearray(self.CHUNK_SIZE)
                 view = memoryview(buffer)
                 offset = 0
-                for start, end in _data_runs(fd, source.size):
+                for start, end in data_ranges(fd, source.size):
                     source.account_zeros(start - offset)
                     while start < end:
                         got = os.preadv(fd, [view[:min(self.CHUNK_SIZE, end - start)]], start)
@@ -314,7 +315,7 @@ class _Copier:
     def run(self) -> None:
         try:
             offset = 0
-            for start, end in _data_runs(self.src, self.size):
+            for start, end in data_ranges(self.src, self.size):
                 if start > offset:
                     self.steps.put((offset, start - offset, False))
                 self._copy_run(start, end)
@@ -390,26 +391,6 @@ class _Copier:
                 raise StorageError(f"the source of {self.location} ended early",
                                    self.location)
             done += sent
-
-
-def _data_runs(fd: int, size: int) -> list[tuple[int, int]]:
-    """:returns: the ``[start, end)`` ranges of the first ``size`` bytes of
-    ``fd`` that may hold data (all of it where ``SEEK_DATA`` is missing)."""
-    runs: list[tuple[int, int]] = []
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole remains
-                break
-            return [(0, size)]
-        if start >= size:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        runs.append((start, end))
-        offset = end
-    return runs
 
 
 _ZERO_BLOCK_BYTES = bytes(LocalStorage.ZERO_BLOCK)
