@@ -15,6 +15,7 @@ from cloudlets.drivers.providers import get_driver, list_drivers, set_driver
 from cloudlets.drivers.types import Format, FormatCapability, Storage, StorageCapability
 from cloudlets.errors import (
     CacheError,
+    CatalogError,
     CloudletsError,
     ConfigError,
     ConfigurationError,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheError",
+    "CatalogError",
     "CloudletsError",
     "ConfigError",
     "ConfigurationError",

@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from cloudlets import __version__
+from cloudlets.catalog import ClaimState
+from cloudlets.catalog.records import INTERRUPTIONS
+from cloudlets.cli_output import print_artifacts, print_json
 from cloudlets.config import Presets, load_config_file, set_dotted
 from cloudlets.drivers.base import FormatDriver, StorageDriver
-from cloudlets.drivers.providers import get_driver, list_drivers
+from cloudlets.drivers.providers import get_driver, list_drivers, make_driver
 from cloudlets.drivers.types import DriverKind
 from cloudlets.errors import (
+    CatalogError,
     CloudletsError,
     ConfigError,
     ConfigurationError,
@@ -38,8 +42,10 @@ from cloudlets.errors import (
     TemplateError,
     UnsafeArchiveError,
 )
+from cloudlets.images import Images
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
+from cloudlets.result import RenderResult
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -78,13 +84,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
+def parse_set(items: Sequence[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
     """Turn ``--set key=value`` items into a nested dict. Values are JSON
     when they parse as JSON, plain strings otherwise.
 
+    :param into: the dict to set the keys in (a config file's request);
+        default a new one.
+    :returns: that dict.
     :raises ConfigError: for an item without ``=`` or a bad dotted key.
     """
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {} if into is None else into
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -138,7 +147,17 @@ def _build_parser() -> argparse.ArgumentParser:
     render.add_argument("--cache-dir", type=Path, help="tarball cache directory")
     render.add_argument("--allow-file-urls", action="store_true",
                         help="allow file:// URLs and local paths for the tarball")
-    render.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
+    render.add_argument("--overwrite", action="store_true",
+                        help="replace existing artifacts the catalog does not know about")
+    render.add_argument("--force", action="store_true",
+                        help="render again although the catalog has this image ready")
+    render.add_argument("--no-catalog", action="store_true",
+                        help="render without recording the image in the catalog")
+    render.add_argument("--catalog", type=Path, metavar="PATH",
+                        help="the catalog database (default: $CLOUDLETS_HOME/catalog.sqlite3)")
+    render.add_argument("--wait-timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="how long to wait for the same render in flight in another "
+                             "process (default: 3600)")
     render.add_argument("--format-option", "-F", dest="format_options", action="append",
                         default=[], metavar="KEY=VALUE",
                         help="an argument of the format driver, e.g. ex_mode=instance-store "
@@ -181,7 +200,7 @@ def _cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
         manifest.require_renderable()
     missing = manifest.render_problems()
     if args.json:
-        _print_json(out, {"valid": True, "name": manifest.name, "version": manifest.version,
+        print_json(out, {"valid": True, "name": manifest.name, "version": manifest.version,
                           "digest": manifest.digest,
                           "render_needs": [{"pointer": p.pointer, "message": p.message}
                                            for p in missing]})
@@ -208,7 +227,7 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
                          for p in manifest.render_problems()],
     }
     if args.json:
-        _print_json(out, info)
+        print_json(out, info)
         return EXIT_OK
     out.write(f"{manifest.label}  ({manifest.arch})\n")
     for key in ("description", "author", "digest"):
@@ -237,9 +256,7 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
-    request: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    for key, value in _flatten(parse_set(args.sets)):
-        set_dotted(request, key, value)
+    request = parse_set(args.sets, load_config_file(args.config) if args.config else {})
     presets = Presets.load(args.presets) if args.presets else None
     mirrors: list[Mapping[str, Any]] = []
     for item in args.mirrors:
@@ -250,36 +267,75 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
         mirrors.append({"prefix": prefix, "mirrors": [target]})
     renderer = Renderer(cache_dir=args.cache_dir, presets=presets, mirrors=mirrors,
                         ex_allow_file_urls=args.allow_file_urls)
-    fmt = _driver(DriverKind.FORMAT, args.format, args.format_options, "--format-option")
-    storage = _driver(DriverKind.STORAGE, args.storage, args.storage_options,
-                      "--storage-option")
+    fmt = make_driver(DriverKind.FORMAT, args.format,
+                      **_options(args.format_options, "--format-option"))
+    storage = make_driver(DriverKind.STORAGE, args.storage,
+                          **_options(args.storage_options, "--storage-option"))
     progress = _progress_callback()
-    result = renderer.render(args.manifest, args.output, storage=storage,
-                             format=fmt, config=request, progress=progress,
-                             overwrite=args.overwrite)
+    if args.no_catalog:
+        result = renderer.render(args.manifest, args.output, storage=storage,
+                                 format=fmt, config=request, progress=progress,
+                                 overwrite=args.overwrite)
+        existing = None
+    else:
+        result, existing = _render_recorded(args, renderer, storage, fmt, request, progress)
     if args.json:
-        _print_json(out, result.to_dict())
+        data = result.to_dict()
+        if existing is not None:
+            data["catalog"] = {"entry_id": existing.entry_id, "existing": existing.existing}
+        print_json(out, data)
+        return EXIT_OK
+    if existing is not None and existing.existing:
+        out.write(f"{result.manifest_name} {result.manifest_version or ''} is already rendered "
+                  f"as {result.format} to {result.storage}: image {result.image_id} "
+                  "(--force renders it again)\n")
+        print_artifacts(out, result.artifacts)
         return EXIT_OK
     out.write(f"rendered {result.manifest_name} {result.manifest_version or ''} as "
               f"{result.format} to {result.storage}: image {result.image_id}\n")
-    for artifact in result.artifacts:
-        out.write(f"  {artifact.role:<10} {artifact.location}  {artifact.size} bytes  "
-                  f"sha256:{artifact.sha256}\n")
+    print_artifacts(out, result.artifacts)
     total = sum(result.timings.values())
     out.write(f"  took {total:.2f} s (" + ", ".join(
         f"{k} {v:.2f}" for k, v in result.timings.items()) + ")\n")
     return EXIT_OK
 
 
-def _driver(kind: DriverKind, name: str, items: Sequence[str], flag: str) -> Any:
-    """The driver ``name``, built with the ``KEY=VALUE`` arguments of ``flag``
-    (the registered name alone when there are none).
+@dataclass(frozen=True)
+class _Recorded:
+    entry_id: str
+    existing: bool
+
+
+def _render_recorded(args: argparse.Namespace, renderer: Renderer, storage: Any, fmt: Any,
+                     request: dict[str, Any], progress: Any) -> tuple[RenderResult, _Recorded]:
+    """Render through the create-image operation, recording the image in the
+    catalog. The same request rendered before is shown, not rendered again;
+    the same request in flight in another process is waited for, up to
+    ``--wait-timeout``, and claimed again if that process died."""
+    images = Images(renderer, args.catalog)
+    for _ in range(2):
+        claim = images.submit(args.manifest, args.output, storage, fmt, request,
+                              force=args.force, overwrite=args.overwrite)
+        if claim.state is ClaimState.CLAIMED:
+            entry = images.run(claim.entry.entry_id, progress)
+            return entry.to_result(), _Recorded(entry.entry_id, existing=False)
+        entry = claim.entry
+        if claim.state is ClaimState.BUSY:
+            entry = images.wait(entry.entry_id, args.wait_timeout)
+        if entry.ready:
+            return entry.to_result(), _Recorded(entry.entry_id, existing=True)
+        if entry.error_type not in INTERRUPTIONS:
+            break
+    raise CatalogError(f"the concurrent render {entry.entry_id} of {entry.label} failed: "
+                       f"{entry.error}", entry.entry_id)
+
+
+def _options(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """The ``KEY=VALUE`` arguments of a driver option flag (JSON values,
+    else strings).
 
     :raises ConfigError: an item is not ``KEY=VALUE``.
-    :raises ConfigurationError: the driver takes no such argument.
     """
-    if not items:
-        return name
     options: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -289,31 +345,13 @@ def _driver(kind: DriverKind, name: str, items: Sequence[str], flag: str) -> Any
             options[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             options[key.strip()] = raw
-    cls = get_driver(kind, name)
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError as exc:
-        accepted = [p for p in inspect.signature(cls).parameters if p not in ("self",)]
-        raise ConfigurationError(f"{kind} driver {name!r}: {exc}; it takes "
-                                 f"{', '.join(accepted) or 'no arguments'}") from None
-    return cls(**options)
+    return options
 
 
 def _progress_callback() -> Any:
     from cloudlets.progress import terminal_progress
 
     return terminal_progress(sys.stderr)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    items: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            items.extend(_flatten(value, dotted + "."))
-        else:
-            items.append((dotted, value))
-    return items
 
 
 def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
@@ -334,7 +372,7 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
                          "capabilities": flags, "class": f"{cls.__module__}.{cls.__name__}"})
         report[str(kind)] = rows
     if args.json:
-        _print_json(out, report)
+        print_json(out, report)
         return EXIT_OK
     for kind_name, rows in report.items():
         out.write(f"{kind_name} drivers:\n")
@@ -345,11 +383,6 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
             else:
                 out.write(f"  {row['name']:<10} unavailable: {row['error']}\n")
     return EXIT_OK
-
-
-def _print_json(out: TextIO, data: Any) -> None:
-    json.dump(data, out, indent=2, sort_keys=False, default=str)
-    out.write("\n")
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
@@ -373,7 +406,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     except CloudletsError as exc:
         code = exit_code_for(exc)
         if getattr(args, "json", False):
-            _print_json(out, {"error": type(exc).__name__, "message": str(exc),
+            print_json(out, {"error": type(exc).__name__, "message": str(exc),
                               "exit_code": code,
                               "problems": [{"pointer": p.pointer, "message": p.message}
                                            for p in getattr(exc, "problems", [])]})

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cloudlets.catalog import CatalogEntry, ImageCatalog, ImageStatus
+from cloudlets.cli_output import print_artifacts, print_json
+from cloudlets.images import Images
 
 __all__ = ["add_images_parser"]
 
@@ -61,6 +63,12 @@ def _catalog(args: argparse.Namespace) -> ImageCatalog:
     return ImageCatalog(args.catalog)
 
 
+def _images(args: argparse.Namespace) -> Images:
+    from cloudlets.renderer import Renderer
+
+    return Images(Renderer(), _catalog(args))
+
+
 def _cmd_images(args: argparse.Namespace, out: TextIO) -> int:
     catalog = _catalog(args)
     catalog.reap_stale()  # a render whose process died shows as failed, not rendering
@@ -68,7 +76,7 @@ def _cmd_images(args: argparse.Namespace, out: TextIO) -> int:
                                                         if s not in HIDDEN])
     entries = catalog.entries(name=args.name, version=args.manifest_version, statuses=statuses)
     if getattr(args, "json", False):
-        _print_json(out, {"catalog": str(catalog.path),
+        print_json(out, {"catalog": str(catalog.path),
                           "images": [e.to_dict() for e in entries]})
         return 0
     if not entries:
@@ -93,15 +101,14 @@ def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     catalog.reap_stale()
     entry = catalog.get(args.id)
     if getattr(args, "json", False):
-        _print_json(out, entry.to_dict())
+        print_json(out, entry.to_dict())
         return 0
     _describe(entry, out)
     return 0
 
 
 def _cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
-    catalog = _catalog(args)
-    entry = catalog.delete(args.id)
+    entry = _images(args).delete(args.id)
     warning = None
     if entry.published:
         warning = (f"{entry.format} published this image as {entry.image_id}; it stays "
@@ -109,7 +116,7 @@ def _cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
     if getattr(args, "json", False):
         data = entry.to_dict()
         data["warning"] = warning
-        _print_json(out, data)
+        print_json(out, data)
         return 0
     out.write(f"deleted {entry.ref} ({_version_label(entry)}): "
               f"{len(entry.artifacts)} artifact(s) removed from {entry.storage}\n")
@@ -143,9 +150,7 @@ def _describe(entry: CatalogEntry, out: TextIO) -> None:
             out.write(f"  {key + ':':<10}{value}\n")
     if entry.artifacts:
         out.write("  artifacts:\n")
-        for artifact in entry.artifacts:
-            out.write(f"    {artifact.role:<10} {artifact.location}  {artifact.size} bytes  "
-                      f"sha256:{artifact.sha256}\n")
+        print_artifacts(out, entry.artifacts, "    ")
     if entry.details.get("publish"):
         out.write(f"  published: {json.dumps(entry.details['publish'], sort_keys=True)}\n")
 
@@ -155,6 +160,3 @@ def _version_label(entry: CatalogEntry) -> str:
     return f"{entry.manifest_name} {version}, manifest {entry.manifest_digest[:12]}"
 
 
-def _print_json(out: TextIO, data: Any) -> None:
-    json.dump(data, out, indent=2, default=str)
-    out.write("\n")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "CacheError",
+    "CatalogError",
     "CloudletsError",
     "ConfigError",
     "ConfigurationError",
@@ -149,6 +150,18 @@ class TemplateError(CloudletsError):
         if path is not None:
             where = f"template {path}" + (f", line {line}" if line is not None else "") + ": "
         super().__init__(f"{where}{message}")
+
+
+class CatalogError(CloudletsError):
+    """The image catalog cannot do what was asked: an unknown image, a
+    database written by a newer cloudlets, a concurrent render that failed.
+
+    :ivar entry_id: the catalog entry concerned, when there is one.
+    """
+
+    def __init__(self, message: str, entry_id: str | None = None) -> None:
+        self.entry_id = entry_id
+        super().__init__(message)
 
 
 class DiskError(CloudletsError):

@@ -10,6 +10,7 @@ order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import os
@@ -31,12 +32,12 @@ from cloudlets.drivers.base import (
     OutputFile,
     StorageDriver,
     StoredArtifact,
+    delete_locations,
 )
-from cloudlets.drivers.providers import get_driver
+from cloudlets.drivers.providers import make_driver
 from cloudlets.drivers.types import DriverKind, FormatCapability, StorageCapability
 from cloudlets.errors import (
     CloudletsError,
-    ConfigurationError,
     FormatError,
     RenderError,
     StorageError,
@@ -46,7 +47,7 @@ from cloudlets.manifest import Manifest
 from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
 from cloudlets.progress import ProgressCallback
-from cloudlets.result import RenderResult
+from cloudlets.result import RenderResult, image_id_for, request_key
 from cloudlets.rootfs import ArchivePolicy
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from cloudlets.rootfs import RootTree
 from cloudlets.urls import redact
 
-__all__ = ["OutputPlan", "ProgressCallback", "Renderer", "plan_output"]
+__all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_output"]
 
 #: Pipeline stages, in order. Each records its time in ``RenderResult.timings``
 #: (``tree`` replaces ``disk`` for formats that ship the tree, not a disk).
@@ -143,7 +144,8 @@ class Renderer:
                config: Mapping[str, Any] | None = None,
                progress: ProgressCallback | None = None, *,
                overwrite: bool = False) -> RenderResult:
-        """Render a cloudlet and store the result.
+        """Render a cloudlet and store the result: :meth:`prepare`, then
+        :meth:`execute`.
 
         :param manifest: a :class:`~cloudlets.manifest.Manifest`, a dict, a
             JSON string, a URL or a path.
@@ -162,26 +164,58 @@ class Renderer:
         :raises CloudletsError: a subclass naming the problem and where; no
             complete-looking artifact is left at the output location.
         """
+        job = self.prepare(manifest, output_path, storage, format, config)
+        return self.execute(job, progress, overwrite=overwrite)
+
+    def prepare(self, manifest: ManifestSource, output_path: str,
+                storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
+                config: Mapping[str, Any] | None = None) -> RenderJob:
+        """Resolve a render's inputs once, before anything is fetched: load
+        the manifest, build the drivers, merge and validate the config, plan
+        the output.
+
+        :param manifest: as for :meth:`render`.
+        :param output_path: as for :meth:`render`.
+        :param storage: a storage driver instance, class or registered name.
+        :param format: a format driver instance, class or registered name.
+        :param config: the request's render config.
+        :returns: the :class:`RenderJob` that :meth:`execute` renders.
+        :raises CloudletsError: for invalid input or an unusable driver.
+        """
         started = time.monotonic()
         loaded = Manifest.load(manifest)
-        fmt = self._driver(DriverKind.FORMAT, format)
-        store = self._driver(DriverKind.STORAGE, storage)
-        assert isinstance(fmt, FormatDriver) and isinstance(store, StorageDriver)
+        fmt = make_driver(DriverKind.FORMAT, format)
+        store = make_driver(DriverKind.STORAGE, storage)
         loaded.require_renderable(
             needs_boot=not fmt.capabilities & FormatCapability.NEEDS_TREE)
         merged = self._config(loaded, config)
-        plan = plan_output(output_path, loaded.label, extension=fmt.extension,
-                           block=bool(store.capabilities & StorageCapability.BLOCK))
-        if plan.block and fmt.capabilities & FormatCapability.MULTI_ARTIFACT:
-            raise StorageError(
-                f"format {fmt.name!r} makes several files and storage {store.name!r} writes "
-                f"one block target ({redact(output_path)}): store them in a directory or an "
-                f"object store", redact(output_path))
+        plan = _plan(loaded, fmt, store, output_path)
+        key = request_key(loaded.digest, merged.digest, fmt.name, store.name, output_path)
+        return RenderJob(manifest=loaded, config=merged, format=fmt, storage=store,
+                         output=output_path, plan=plan, key=key,
+                         prepared_in=time.monotonic() - started)
+
+    def execute(self, job: RenderJob, progress: ProgressCallback | None = None, *,
+                overwrite: bool = False) -> RenderResult:
+        """Render a prepared job: fetch, rootfs, templates, disk, convert,
+        store, publish.
+
+        :param job: from :meth:`prepare` (or :meth:`RenderJob.at`).
+        :param progress: called as ``progress(stage, done, total)``.
+        :param overwrite: replace existing artifacts instead of refusing.
+        :returns: the render's :class:`~cloudlets.result.RenderResult`; its
+            image id is :attr:`RenderJob.image_id` unless the format
+            published the image under the consumer's own id.
+        :raises CloudletsError: as for :meth:`render`.
+        """
+        loaded, merged, fmt, store, plan = (job.manifest, job.config, job.format,
+                                            job.storage, job.plan)
+        started = time.monotonic()
         with self._workdir() as workdir:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
-                       output=output_path, workdir=workdir, progress=progress,
+                       output=job.output, workdir=workdir, progress=progress,
                        overwrite=overwrite)
-            run.timings["prepare"] = time.monotonic() - started
+            run.timings["prepare"] = job.prepared_in + time.monotonic() - started
             disk = self._build(run)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
                                     workdir=workdir / "format", basename=plan.basename)
@@ -193,7 +227,7 @@ class Renderer:
             locations = plan.locations([o.name for o in outputs])
             with self._stage(run, "store"):
                 stored = self._store(run, outputs, locations)
-            image_id = self.image_id(loaded, merged, fmt.name, store.name, stored[0].location)
+            image_id = job.image_id
             if fmt.capabilities & FormatCapability.PUBLISH:
                 try:
                     with self._stage(run, "publish"):
@@ -225,11 +259,12 @@ class Renderer:
                  storage_name: str, location: str) -> str:
         """The stable id of a render.
 
-        :returns: ``img-`` and 20 hex digits of the sha256 over the manifest
-            digest, config digest, format, storage and primary location.
+        :returns: ``img-`` and 20 hex digits of the request's digest
+            (:func:`cloudlets.result.request_key`) over the manifest digest,
+            config digest, format, storage and output location as requested.
         """
-        key = "\0".join([manifest.digest, config.digest, format_name, storage_name, location])
-        return "img-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+        return image_id_for(request_key(manifest.digest, config.digest, format_name,
+                                        storage_name, location))
 
     # -- stages -------------------------------------------------------------
 
@@ -448,14 +483,10 @@ class Renderer:
         """Delete the artifacts of a render that failed half-way, so no
         incomplete set looks complete. ``locations`` are the ones the render
         stored to, credentials included: a stored artifact's own location is
-        redacted and may not be enough to log in."""
-        if not storage.capabilities & StorageCapability.DELETE:
-            return
-        for location in locations:
-            try:
-                storage.delete(location)
-            except CloudletsError:
-                pass
+        redacted and may not be enough to log in. What cannot be deleted
+        stays (the render's own error is what the caller needs)."""
+        if storage.capabilities & StorageCapability.DELETE:
+            delete_locations(storage, locations, check_exists=False)
 
     # -- helpers ------------------------------------------------------------
 
@@ -470,23 +501,6 @@ class Renderer:
             values["mirrors"] = self.mirrors + list(values.get("mirrors", []))
             presets = Presets(values=values, locked=presets.locked)
         return resolve_config(manifest, presets, request)
-
-    @staticmethod
-    def _driver(kind: DriverKind, driver: object) -> FormatDriver | StorageDriver:
-        base = FormatDriver if kind is DriverKind.FORMAT else StorageDriver
-        if isinstance(driver, base):
-            return driver
-        if isinstance(driver, type) and issubclass(driver, base):
-            return driver()
-        if isinstance(driver, str):
-            cls = get_driver(kind, driver)
-            try:
-                return cls()  # type: ignore[no-any-return]
-            except TypeError as exc:
-                raise ConfigurationError(
-                    f"{kind} driver {driver!r} needs arguments; pass an instance: {exc}") \
-                    from None
-        raise ConfigurationError(f"not a {kind} driver: {driver!r}")
 
     @contextmanager
     def _workdir(self) -> Iterator[Path]:
@@ -511,6 +525,57 @@ class Renderer:
             raise RenderError(f"stage {stage!r} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             run.timings[stage] = time.monotonic() - started
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """A render whose inputs were resolved once (:meth:`Renderer.prepare`).
+
+    :ivar manifest: the loaded manifest.
+    :ivar config: the merged, validated render config.
+    :ivar format: the format driver.
+    :ivar storage: the storage driver.
+    :ivar output: where the render stores its files.
+    :ivar plan: the file stem and locations derived from :attr:`output`.
+    :ivar key: the request's digest (:func:`cloudlets.result.request_key`)
+        over the output as requested; :meth:`at` keeps it.
+    :ivar prepared_in: seconds :meth:`Renderer.prepare` took.
+    """
+
+    manifest: Manifest
+    config: RenderConfig
+    format: FormatDriver
+    storage: StorageDriver
+    output: str
+    plan: OutputPlan
+    key: str
+    prepared_in: float = 0.0
+
+    @property
+    def image_id(self) -> str:
+        """The render's image id, from :attr:`key`."""
+        return image_id_for(self.key)
+
+    def at(self, output: str) -> RenderJob:
+        """The same job storing to ``output`` (a catalog's output template,
+        expanded), with the same :attr:`key` and image id.
+
+        :raises StorageError: when ``output`` cannot take this format.
+        """
+        plan = _plan(self.manifest, self.format, self.storage, output)
+        return dataclasses.replace(self, output=output, plan=plan)
+
+
+def _plan(manifest: Manifest, fmt: FormatDriver, store: StorageDriver,
+          output: str) -> OutputPlan:
+    plan = plan_output(output, manifest.label, extension=fmt.extension,
+                       block=bool(store.capabilities & StorageCapability.BLOCK))
+    if plan.block and fmt.capabilities & FormatCapability.MULTI_ARTIFACT:
+        raise StorageError(
+            f"format {fmt.name!r} makes several files and storage {store.name!r} writes "
+            f"one block target ({redact(output)}): store them in a directory or an "
+            f"object store", redact(output))
+    return plan
 
 
 @dataclass(frozen=True)

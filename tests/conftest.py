@@ -14,6 +14,15 @@ import pytest
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
+@pytest.fixture(autouse=True)
+def _private_data_dir(tmp_path_factory: pytest.TempPathFactory,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Renders through the CLI record into a catalog: every test gets its own
+    data directory (tests that want a particular one set CLOUDLETS_HOME
+    themselves), so none writes to the user's."""
+    monkeypatch.setenv("CLOUDLETS_HOME", str(tmp_path_factory.mktemp("cloudlets-home")))
+
+
 @pytest.fixture
 def dotcloud_manifest_path() -> Path:
     path = REFERENCE / "dotcloud-sample-manifest.json"

@@ -17,7 +17,9 @@ import pytest
 from cloudlets.catalog import CatalogEntry, ImageCatalog, ImageStatus
 from cloudlets.cli import EXIT_OK, EXIT_RENDER_FAILED, EXIT_USAGE, main
 from cloudlets.errors import IntegrityError
-from tests.test_catalog import SPAWN, _child_hang, make_cloudlet, make_renderer, wait_for
+from cloudlets.images import Images
+from tests.test_catalog import make_cloudlet, make_renderer, wait_for
+from tests.test_images import SPAWN, _child_hang
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,17 +34,17 @@ def run(*argv: str) -> tuple[int, str, str]:
 def filled(tmp_path: Path) -> tuple[Path, dict[str, CatalogEntry]]:
     """A catalog with web 1.0, 1.10 and 1.9 ready, and a failed db render."""
     catalog = ImageCatalog(tmp_path / "catalog.sqlite3")
-    renderer = make_renderer(tmp_path)
+    images = Images(make_renderer(tmp_path), catalog)
     output = str(tmp_path / "out") + "/{name}-{version}/"
     entries = {}
     for version in ("1.0", "1.10", "1.9"):
-        entries[version] = catalog.render(
-            renderer, make_cloudlet(tmp_path / version, name="web", version=version), output,
+        entries[version] = images.create(
+            make_cloudlet(tmp_path / version, name="web", version=version), output,
             "local", "tar")
     broken = make_cloudlet(tmp_path / "db", name="db", version="3")
     broken["filesystem"]["sha256"] = "0" * 64
     with pytest.raises(IntegrityError):
-        catalog.render(renderer, broken, output, "local", "tar")
+        images.create(broken, output, "local", "tar")
     return catalog.path, entries
 
 

@@ -220,3 +220,51 @@ def test_third_party_runs_the_conformance_suites(plugin_site: Path, tmp_path: Pa
                        "-p", "no:randomly", str(test_file))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "passed" in result.stdout and "failed" not in result.stdout
+
+
+# -- the one driver factory and the one deletion loop ---------------------------
+
+def test_make_driver_takes_names_classes_instances_and_paths(tmp_path: Path) -> None:
+    from cloudlets.drivers.providers import driver_class_path, make_driver
+    from cloudlets.drivers.storage.local import LocalStorage
+    from cloudlets.errors import ConfigurationError, DriverNotFoundError
+
+    by_name = make_driver("storage", "local")
+    assert isinstance(by_name, LocalStorage)
+    built = LocalStorage(root=str(tmp_path))
+    assert make_driver("storage", built) is built
+    assert isinstance(make_driver("storage", LocalStorage), LocalStorage)
+    path = driver_class_path(built)
+    assert path == "cloudlets.drivers.storage.local:LocalStorage"
+    rebuilt = make_driver("storage", path, root=str(tmp_path))
+    assert isinstance(rebuilt, LocalStorage) and rebuilt is not built
+    qcow2 = make_driver("format", "qcow2", ex_compress=True)
+    assert qcow2.name == "qcow2"
+    with pytest.raises(ConfigurationError, match=r"ex_colour.*it takes .*ex_compress"):
+        make_driver("format", "qcow2", ex_colour="blue")
+    with pytest.raises(ConfigurationError, match="already built"):
+        make_driver("storage", built, root="x")
+    with pytest.raises(ConfigurationError, match="not a format driver"):
+        make_driver("format", built)
+    with pytest.raises(ConfigurationError, match="not a storage driver"):
+        make_driver("storage", 42)
+    with pytest.raises(DriverNotFoundError):
+        make_driver("format", "nope")
+    with pytest.raises(ConfigurationError, match="cannot be imported"):
+        make_driver("storage", "no.such.module:Driver")
+
+
+def test_delete_locations_reports_removed_missing_and_failed(tmp_path: Path) -> None:
+    from cloudlets.drivers.base import delete_locations
+    from cloudlets.drivers.storage.local import LocalStorage
+
+    storage = LocalStorage(root=str(tmp_path))
+    for name in ("a", "b"):
+        storage.upload(name.encode(), name)
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "inside").write_text("x")
+    report = delete_locations(storage, ["a", "gone", "blocked", "b", "a"])
+    assert report.removed == ("a", "b") and report.missing == ("gone",)
+    assert [location for location, _ in report.failed] == ["blocked"]
+    assert not report.complete
+    assert not (tmp_path / "a").exists() and (tmp_path / "blocked").exists()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from cloudlets.drivers.types import FormatCapability, StorageCapability
-from cloudlets.errors import ConfigurationError, StorageError
+from cloudlets.errors import CloudletsError, ConfigurationError, StorageError
 from cloudlets.sparse import Piece
 from cloudlets.urls import redact
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from cloudlets.manifest import Manifest
 
 __all__ = [
+    "Deletion",
     "DiskImage",
     "FormatContext",
     "FormatDriver",
@@ -53,6 +54,7 @@ __all__ = [
     "StorageDriver",
     "StoredArtifact",
     "UploadSource",
+    "delete_locations",
 ]
 
 
@@ -529,3 +531,55 @@ class StorageDriver(ABC):
                                 media_type=media_type, _iterable=[data])
         return UploadSource(path=None, size=size, sha256=sha256, media_type=media_type,
                             _iterable=source)
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What :func:`delete_locations` did, location by location (as given:
+    credentials included, so show them through :func:`~cloudlets.urls.redact`).
+
+    :ivar removed: locations deleted.
+    :ivar missing: locations where the driver found nothing.
+    :ivar failed: ``(location, error)`` of those that could not be deleted.
+    """
+
+    removed: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    failed: tuple[tuple[str, CloudletsError], ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """Whether nothing failed."""
+        return not self.failed
+
+
+def delete_locations(storage: StorageDriver, locations: Iterable[str], *,
+                     check_exists: bool = True) -> Deletion:
+    """Delete every location through ``storage``, going on past failures.
+
+    The one loop behind a failed render's roll-back, an image's deletion
+    and the withdrawal of superseded images.
+
+    :param storage: the driver the locations were stored with.
+    :param locations: what to delete, in order; duplicates are deleted once.
+    :param check_exists: ask :meth:`StorageDriver.exists` first and report
+        what it cannot see as missing (a roll-back of what this very process
+        just stored skips the look-up).
+    :returns: the :class:`Deletion` report.
+    :raises ConfigurationError: when the driver cannot delete.
+    """
+    storage._require(StorageCapability.DELETE, "delete")
+    removed: list[str] = []
+    missing: list[str] = []
+    failed: list[tuple[str, CloudletsError]] = []
+    for location in dict.fromkeys(locations):
+        try:
+            if check_exists and not storage.exists(location):
+                missing.append(location)
+                continue
+            storage.delete(location)
+        except CloudletsError as exc:
+            failed.append((location, exc))
+            continue
+        removed.append(location)
+    return Deletion(tuple(removed), tuple(missing), tuple(failed))

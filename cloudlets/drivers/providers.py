@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import threading
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Literal, overload
 
 from cloudlets.drivers.base import FormatDriver, StorageDriver
 from cloudlets.drivers.types import DriverKind, Format, Storage
@@ -28,8 +29,10 @@ from cloudlets.errors import ConfigurationError, DriverNotFoundError
 __all__ = [
     "FORMAT_ENTRY_POINT_GROUP",
     "STORAGE_ENTRY_POINT_GROUP",
+    "driver_class_path",
     "get_driver",
     "list_drivers",
+    "make_driver",
     "set_driver",
     "unset_driver",
 ]
@@ -111,7 +114,8 @@ def _check_class(kind: DriverKind, name: str, cls: Any, origin: str) -> type:
     return cls
 
 
-def _import(kind: DriverKind, name: str, module: str, attr: str) -> type:
+def _import(kind: DriverKind, name: str, module: str, attr: str, *,
+            check_name: bool = True) -> type:
     origin = f"{module}:{attr}"
     try:
         loaded = importlib.import_module(module)
@@ -122,6 +126,8 @@ def _import(kind: DriverKind, name: str, module: str, attr: str) -> type:
         cls = getattr(loaded, attr)
     except AttributeError:
         raise ConfigurationError(f"{kind} driver {name!r}: {module} has no {attr}") from None
+    if not check_name:
+        name = getattr(cls, "name", name)
     return _check_class(kind, name, cls, origin)
 
 
@@ -203,3 +209,83 @@ def list_drivers(kind: DriverKind | str) -> list[str]:
         names = set(_registered[kind]) | set(_entry_points(kind))
     names |= {name for name, (module, _) in BUILTIN[kind].items() if _module_exists(module)}
     return sorted(str(n) for n in names)
+
+
+@overload
+def make_driver(kind: Literal[DriverKind.FORMAT], name_or_spec: object,
+                **options: Any) -> FormatDriver: ...
+
+
+@overload
+def make_driver(kind: Literal[DriverKind.STORAGE], name_or_spec: object,
+                **options: Any) -> StorageDriver: ...
+
+
+@overload
+def make_driver(kind: DriverKind | str, name_or_spec: object,
+                **options: Any) -> FormatDriver | StorageDriver: ...
+
+
+def make_driver(kind: DriverKind | str, name_or_spec: object,
+                **options: Any) -> FormatDriver | StorageDriver:
+    """The one way cloudlets turns what a caller gave into a driver instance.
+
+    :param kind: ``format`` or ``storage``.
+    :param name_or_spec: a driver instance (returned as it is), a driver
+        class, a registered name (``qcow2``), or a ``module:Class`` path (how
+        the catalog records a driver that is not registered everywhere).
+    :param options: keyword arguments of the driver's constructor; checked
+        against its signature before it is called.
+    :returns: the driver instance.
+    :raises DriverNotFoundError: for an unknown name.
+    :raises ConfigurationError: for options the driver does not take, a
+        driver that needs arguments and got none, or an object that is not
+        a driver of ``kind``.
+    """
+    kind = _kind(kind)
+    base = _BASES[kind]
+    if isinstance(name_or_spec, FormatDriver | StorageDriver) and isinstance(name_or_spec, base):
+        if options:
+            raise ConfigurationError(
+                f"{kind} driver {name_or_spec.name!r} is already built; options "
+                f"{', '.join(sorted(options))} cannot be applied to it")
+        return name_or_spec
+    if isinstance(name_or_spec, type) and issubclass(name_or_spec, base):
+        cls: type = name_or_spec
+        shown = getattr(cls, "name", cls.__name__)
+    elif isinstance(name_or_spec, str) and ":" in name_or_spec:
+        module, _, attr = name_or_spec.partition(":")
+        cls = _import(kind, attr, module, attr, check_name=False)
+        shown = getattr(cls, "name", name_or_spec)
+    elif isinstance(name_or_spec, str):
+        cls = get_driver(kind, name_or_spec)
+        shown = name_or_spec
+    else:
+        raise ConfigurationError(f"not a {kind} driver: {name_or_spec!r}")
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # a C-level constructor: let the call decide
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**options)
+        except TypeError as exc:
+            accepted = [p for p in signature.parameters if p != "self"]
+            hint = (f"; pass an instance, or the options {', '.join(accepted)}" if not options
+                    else f"; it takes {', '.join(accepted) or 'no arguments'}")
+            raise ConfigurationError(f"{kind} driver {shown!r}: {exc}{hint}") from None
+    try:
+        driver = cls(**options)
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"{kind} driver {shown!r} needs arguments; pass an instance: {exc}") from None
+    if not isinstance(driver, FormatDriver | StorageDriver) or not isinstance(driver, base):
+        raise ConfigurationError(f"{cls!r} is not a {kind} driver")
+    return driver
+
+
+def driver_class_path(driver: object) -> str:
+    """The ``module:Class`` path of a driver instance or class, which
+    :func:`make_driver` takes back."""
+    cls = driver if isinstance(driver, type) else type(driver)
+    return f"{cls.__module__}:{cls.__qualname__}"
