@@ -9,6 +9,8 @@ Exit codes (also in ``cloudlets --help``):
 3      invalid input (manifest, render config, tarball, template)
 4      render failure (download, disk, format, storage)
 5      setup problem (missing tool, optional dependency or driver)
+130    interrupted (SIGINT); nothing half-written is left
+143    terminated (SIGTERM); nothing half-written is left
 =====  ==========================================================
 """
 
@@ -17,16 +19,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from cloudlets import __version__
 from cloudlets.catalog import ClaimState
 from cloudlets.catalog.records import INTERRUPTIONS
-from cloudlets.cli_output import print_artifacts, print_json
+from cloudlets.cli_output import EscapingWriter, print_artifacts, print_json
 from cloudlets.config import Presets, load_config_file, set_dotted
 from cloudlets.drivers.base import FormatDriver, StorageDriver
 from cloudlets.drivers.providers import get_driver, list_drivers, make_driver
@@ -40,6 +44,7 @@ from cloudlets.errors import (
     ManifestError,
     Problem,
     TemplateError,
+    Terminated,
     UnsafeArchiveError,
 )
 from cloudlets.images import Images
@@ -55,6 +60,9 @@ EXIT_USAGE = 2
 EXIT_INVALID_INPUT = 3
 EXIT_RENDER_FAILED = 4
 EXIT_SETUP = 5
+#: A command stopped by SIGINT or SIGTERM exits as a shell reports it: 128 + the signal.
+EXIT_INTERRUPTED = 128 + 2
+EXIT_TERMINATED = 128 + 15
 
 #: Exit code → meaning, as documented.
 EXIT_CODES = {
@@ -64,6 +72,8 @@ EXIT_CODES = {
     EXIT_INVALID_INPUT: "invalid input (manifest, render config, tarball, template)",
     EXIT_RENDER_FAILED: "render failure (download, disk, format, storage)",
     EXIT_SETUP: "setup problem (missing tool, optional dependency or driver)",
+    EXIT_INTERRUPTED: "interrupted (SIGINT); nothing half-written is left",
+    EXIT_TERMINATED: "terminated (SIGTERM); nothing half-written is left",
 }
 
 _INVALID_INPUT = (ManifestError, ConfigError, UnsafeArchiveError, TemplateError, IntegrityError)
@@ -389,32 +399,66 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
          err: TextIO | None = None) -> int:
     """Run the command line.
 
+    Human output and error messages have their control characters escaped
+    (:func:`~cloudlets.cli_output.escape_controls`); JSON escapes them itself.
+    SIGTERM and SIGINT stop a command with every cleanup run (work directory,
+    half-written artifact, catalog entry) and exit 143 and 130.
+
     :returns: the exit code (see :data:`EXIT_CODES`).
     """
     out = out or sys.stdout
-    err = err or sys.stderr
+    errors = _escaping(err or sys.stderr)
     parser = _build_parser()
     try:
         # argparse prints help and usage errors itself: send them where the
         # caller asked, not to the process's streams.
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(errors):
             args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    as_json = getattr(args, "json", False)
     try:
-        return int(args.handler(args, out))
+        with _terminate_on_sigterm():
+            return int(args.handler(args, out if as_json else _escaping(out)))
     except CloudletsError as exc:
         code = exit_code_for(exc)
-        if getattr(args, "json", False):
+        if as_json:
             print_json(out, {"error": type(exc).__name__, "message": str(exc),
-                              "exit_code": code,
-                              "problems": [{"pointer": p.pointer, "message": p.message}
-                                           for p in getattr(exc, "problems", [])]})
-        err.write(f"cloudlets: {type(exc).__name__}: {exc}\n")
+                             "exit_code": code,
+                             "problems": [{"pointer": p.pointer, "message": p.message}
+                                          for p in getattr(exc, "problems", [])]})
+        errors.write(f"cloudlets: {type(exc).__name__}: {exc}\n")
         return code
+    except Terminated as exc:
+        errors.write(f"cloudlets: {exc}\n")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
-        err.write("cloudlets: interrupted\n")
-        return 130
+        errors.write("cloudlets: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+def _escaping(stream: TextIO) -> TextIO:
+    return cast(TextIO, EscapingWriter(stream))
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`~cloudlets.errors.Terminated` in the main
+    thread while a command runs (once: a second SIGTERM during the cleanup
+    is ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry_point() -> None:

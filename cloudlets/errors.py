@@ -29,6 +29,7 @@ __all__ = [
     "StageNotAvailableError",
     "StorageError",
     "TemplateError",
+    "Terminated",
     "UnsafeArchiveError",
 ]
 
@@ -191,3 +192,14 @@ class StageNotAvailableError(RenderError):
     def __init__(self, stage: str, detail: str) -> None:
         self.stage = stage
         super().__init__(f"render stage {stage!r} is not available: {detail}")
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM). Raised in the main thread by
+    the command line's signal handler, like ``KeyboardInterrupt`` for
+    SIGINT, so that every cleanup on the way out runs: the work directory,
+    a half-written artifact, the catalog entry (recorded failed)."""
+
+    def __init__(self, signal_name: str = "SIGTERM") -> None:
+        self.signal_name = signal_name
+        super().__init__(f"interrupted ({signal_name})")

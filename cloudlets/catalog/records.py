@@ -53,7 +53,7 @@ IN_FLIGHT = (ImageStatus.PENDING, ImageStatus.RENDERING)
 #: ``error_type`` of an entry whose owner went away; a waiter renders again.
 OWNER_LOST = "OwnerLost"
 #: Error types meaning the render was interrupted, not that its input is bad.
-INTERRUPTIONS = frozenset({OWNER_LOST, "KeyboardInterrupt", "SystemExit"})
+INTERRUPTIONS = frozenset({OWNER_LOST, "KeyboardInterrupt", "Terminated", "SystemExit"})
 
 
 def _iso(stamp: float | None) -> str | None:

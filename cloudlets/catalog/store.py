@@ -203,7 +203,7 @@ class ImageCatalog:
         """
         if isinstance(error, BaseException):
             reason = str(error) or type(error).__name__
-            if isinstance(error, KeyboardInterrupt):
+            if isinstance(error, KeyboardInterrupt) and not str(error):
                 reason = "interrupted (KeyboardInterrupt)"
             kind = error_type or type(error).__name__
         else:
