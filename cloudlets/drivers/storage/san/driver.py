@@ -24,7 +24,7 @@ from cloudlets.errors import StorageError
 
 __all__ = ["SANStorage", "redact_target"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # the logger of cloudlets.drivers.storage.san, as before
 
 
 def redact_target(location: str) -> str:
