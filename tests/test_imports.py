@@ -13,6 +13,7 @@ package on its way that the importer is not inside of: importing
 from __future__ import annotations
 
 import ast
+import importlib
 import pkgutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -191,3 +192,45 @@ def test_every_module_is_found() -> None:
     assert {"cloudlets", "cloudlets.errors", "cloudlets.drivers.providers"} <= names
     assert all(name == "cloudlets" or name.startswith("cloudlets.") for name in names)
     assert cloudlets.__name__ == "cloudlets"
+
+
+# -- the packages split from single modules keep their names --------------------------
+
+_KEPT_NAMES = {
+    "cloudlets.rootfs": ["METADATA_PATH", "ArchivePolicy", "Compression", "Entry", "EntryType",
+                         "RootTree", "TreeStream", "detect_compression", "image_metadata",
+                         "read_tarball"],
+    "cloudlets.fetch": ["DownloadCancelled", "DownloadRestarted", "DownloadWatch",
+                        "FetchResult", "Fetcher", "RetryPolicy", "UrlPolicy", "check_sha256"],
+    "cloudlets.drivers.storage.san": ["HEADER_SIZE", "SANStorage", "redact_target"],
+}
+
+
+@pytest.mark.parametrize("package", sorted(_KEPT_NAMES))
+def test_split_packages_export_what_the_modules_did(package: str) -> None:
+    module = importlib.import_module(package)
+    missing = [name for name in _KEPT_NAMES[package] if not hasattr(module, name)]
+    assert not missing, f"{package} lost {missing}"
+    assert sorted(module.__all__) == sorted(_KEPT_NAMES[package])
+
+
+def test_the_san_driver_keeps_its_class_path() -> None:
+    from cloudlets.drivers.providers import get_driver
+
+    driver = get_driver("storage", "san")
+    assert f"{driver.__module__}.{driver.__qualname__}" == \
+        "cloudlets.drivers.storage.san.SANStorage"
+
+
+def test_no_module_of_a_split_package_imports_its_own_package_face() -> None:
+    # the package's __init__ imports its modules: one importing it back runs up
+    graph = import_graph()
+    for package in _KEPT_NAMES:
+        for name, source in _modules(package, importlib.import_module(package).__path__).items():
+            if name == package:
+                continue
+            tree = ast.parse(source[0].read_text(encoding="utf-8"))
+            faces = [node.lineno for node in _executed(tree.body)
+                     if isinstance(node, ast.ImportFrom) and node.module == package]
+            assert not faces, f"{name} imports {package} at line {faces}"
+        assert graph[package], package
