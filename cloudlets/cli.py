@@ -51,6 +51,7 @@ from cloudlets.images import Images
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
+from cloudlets.urls import redact
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -157,6 +158,11 @@ def _build_parser() -> argparse.ArgumentParser:
     render.add_argument("--cache-dir", type=Path, help="tarball cache directory")
     render.add_argument("--allow-file-urls", action="store_true",
                         help="allow file:// URLs and local paths for the tarball")
+    render.add_argument("--allow-host", dest="allow_hosts", action="append", default=[],
+                        metavar="HOST[:PORT]",
+                        help="let downloads reach HOST (at PORT), although its address is "
+                             "loopback, private or link-local (repeatable; --mirror hosts "
+                             "are allowed already)")
     render.add_argument("--overwrite", action="store_true",
                         help="replace existing artifacts the catalog does not know about")
     render.add_argument("--force", action="store_true",
@@ -228,7 +234,8 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         "name": manifest.name, "version": manifest.version, "arch": manifest.arch,
         "description": manifest.description, "author": manifest.author,
         "digest": manifest.digest,
-        "filesystem": manifest.data.get("filesystem"), "boot": manifest.data.get("boot"),
+        "filesystem": _redacted_url(manifest.data.get("filesystem")),
+        "boot": manifest.data.get("boot"),
         "args": manifest.args, "templates": manifest.templates,
         "template_syntax": manifest.template_syntax,
         "persistent": manifest.persistent, "volatile": manifest.volatile,
@@ -246,7 +253,7 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     fs = manifest.filesystem
     if fs:
         size = f", {fs.size} bytes" if fs.size else ""
-        out.write(f"  filesystem:  {fs.url} (sha256 {fs.sha256}{size})\n")
+        out.write(f"  filesystem:  {redact(fs.url)} (sha256 {fs.sha256}{size})\n")
     boot = manifest.boot
     if boot:
         out.write(f"  boot:        {boot.kernel} initrd={boot.initrd} firmware={boot.firmware} "
@@ -265,6 +272,13 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _redacted_url(filesystem: Any) -> Any:
+    """The manifest's ``filesystem`` as shown: its URL :func:`redact`-ed."""
+    if isinstance(filesystem, dict) and isinstance(filesystem.get("url"), str):
+        return {**filesystem, "url": redact(filesystem["url"])}
+    return filesystem
+
+
 def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
     request = parse_set(args.sets, load_config_file(args.config) if args.config else {})
     presets = Presets.load(args.presets) if args.presets else None
@@ -276,7 +290,8 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
                               "--mirror")
         mirrors.append({"prefix": prefix, "mirrors": [target]})
     renderer = Renderer(cache_dir=args.cache_dir, presets=presets, mirrors=mirrors,
-                        ex_allow_file_urls=args.allow_file_urls)
+                        ex_allow_file_urls=args.allow_file_urls,
+                        ex_allow_hosts=args.allow_hosts)
     fmt = make_driver(DriverKind.FORMAT, args.format,
                       **_options(args.format_options, "--format-option"))
     storage = make_driver(DriverKind.STORAGE, args.storage,

@@ -38,6 +38,7 @@ from cloudlets.drivers.providers import make_driver
 from cloudlets.drivers.types import DriverKind, FormatCapability, StorageCapability
 from cloudlets.errors import (
     CloudletsError,
+    ConfigurationError,
     FormatError,
     RenderError,
     StorageError,
@@ -102,19 +103,27 @@ class Renderer:
         the system temporary directory.
     :param ex_allow_file_urls: allow ``file://`` URLs and local paths for
         tarballs (off by default: a request must not read host files).
+    :param ex_allow_hosts: ``HOST[:PORT]`` exceptions to the default URL
+        policy, which refuses loopback, private, link-local and metadata
+        addresses (:class:`~cloudlets.fetch.UrlPolicy`). The mirrors of
+        ``mirrors`` and of the presets are allowed without being listed.
     :param ex_source_date_epoch: fixed timestamp for reproducible output;
         default ``$SOURCE_DATE_EPOCH``, else derived from the inputs.
     :param ex_archive_policy: limits and rules for reading tarballs.
     :param ex_cache_max_bytes: bound the tarball cache (LRU eviction).
     :param ex_fetcher: the downloader (timeouts, retries, URL policy); by
-        default one whose policy allows http and https, and ``file`` only
-        with ``ex_allow_file_urls``.
+        default one whose policy allows http and https, ``file`` only with
+        ``ex_allow_file_urls``, and internal addresses only through
+        ``ex_allow_hosts`` (give one or the other, not both).
+    :raises ConfigurationError: for a bad ``ex_allow_hosts`` entry, or
+        ``ex_allow_hosts`` with ``ex_fetcher``.
     """
 
     def __init__(self, cache_dir: str | Path | None = None, presets: Presets | None = None,
                  mirrors: Sequence[Mapping[str, Any]] | None = None, *,
                  data_dir: str | Path | None = None, work_dir: str | Path | None = None,
                  ex_allow_file_urls: bool = False,
+                 ex_allow_hosts: Sequence[str] = (),
                  ex_source_date_epoch: int | None = None,
                  ex_archive_policy: ArchivePolicy | None = None,
                  ex_cache_max_bytes: int | None = None,
@@ -130,8 +139,15 @@ class Renderer:
         self.allow_file_urls = ex_allow_file_urls
         self.archive_policy = ex_archive_policy or ArchivePolicy()
         self.cache_max_bytes = ex_cache_max_bytes
-        self.fetcher = ex_fetcher or Fetcher(policy=UrlPolicy(allow_file=ex_allow_file_urls))
-        self._mirror_rules = MirrorRules.from_config(self.mirrors, source="renderer")
+        if ex_fetcher is not None and ex_allow_hosts:
+            raise ConfigurationError("Renderer: give ex_allow_hosts or ex_fetcher, not both "
+                                     "(put the hosts in the fetcher's UrlPolicy)")
+        self.fetcher = ex_fetcher or Fetcher(policy=UrlPolicy(
+            allow_file=ex_allow_file_urls, allow_hosts=frozenset(ex_allow_hosts)))
+        # the presets' mirrors are the provider's too: the fetcher allows them
+        self._mirror_rules = MirrorRules(
+            MirrorRules.from_config(self.mirrors, source="renderer").rules,
+            provider_rules=self.presets.values.get("mirrors", []))
         epoch = ex_source_date_epoch
         if epoch is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
             epoch = int(os.environ["SOURCE_DATE_EPOCH"])

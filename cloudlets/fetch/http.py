@@ -1,5 +1,6 @@
-"""HTTP transport: requests with redirects under the URL policy, ranges and
-resumes, retries with backoff, and credentials scrubbed from the HTTP
+"""HTTP transport: requests with redirects under the URL policy (every
+connection policed, see :mod:`cloudlets.fetch.guard`), ranges and resumes,
+retries with backoff, a minimum rate, and credentials scrubbed from the HTTP
 stack's logs."""
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 from cloudlets.errors import FetchError, IntegrityError
+from cloudlets.fetch.guard import AddressRefused, Hop, hop, police_session
 from cloudlets.fetch.policy import RetryPolicy, UrlPolicy
 from cloudlets.fetch.sink import Sink
 from cloudlets.progress import STAGE_FETCH, ProgressCallback
-from cloudlets.urls import redact
+from cloudlets.urls import redact, redact_text
 
 if TYPE_CHECKING:  # imported when a download over HTTP needs them (0.04 s)
     import requests
@@ -38,17 +40,10 @@ class _ScrubFilter(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):
             return True
-        scrubbed = _scrub(message)
+        scrubbed = redact_text(message)
         if scrubbed != message:
             record.msg, record.args = scrubbed, ()
         return True
-
-
-def _scrub(text: str) -> str:
-    """Redact every URL in ``text``, and the query of every bare path."""
-    text = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+", lambda m: redact(m.group(0)), text)
-    return re.sub(r"(?<![^\s\"'])/[^\s\"'?]*\?[^\s\"']*",
-                  lambda m: redact("http://h" + m.group(0))[len("http://h"):], text)
 
 
 _SCRUB = _ScrubFilter()
@@ -108,7 +103,7 @@ class HttpTransport:
     user_agent: str
     _shared_session: requests.Session | None
     _local: threading.local
-    _sleep: Callable[[float], None]
+    _sleep: Callable[[float], None] | None
     _rng: random.Random
 
     @property
@@ -120,13 +115,15 @@ class HttpTransport:
         if session is None:
             import requests
 
-            session = self._local.session = requests.Session()
+            session = self._local.session = police_session(requests.Session())
         return session
 
     def _download(self, url: str, sink: Sink, progress: ProgressCallback,
-                  stats: Stats) -> None:
-        """Run the attempts for one HTTP URL, counting them in ``stats``."""
+                  stats: Stats, rules: Hop) -> None:
+        """Run the attempts for one HTTP URL under ``rules``, counting them
+        in ``stats``. A cut lifeline (cancel, deadline, too slow) ends them."""
         policy = self.retry
+        line = rules.line
         started = time.monotonic()
         attempt = 0
         while True:
@@ -134,9 +131,17 @@ class HttpTransport:
             stats.attempts += 1
             stats.resumes += 1 if sink.done else 0
             try:
-                self._attempt(url, sink, progress)
+                self._attempt(url, sink, progress, rules)
+                if line is not None:  # a body cut short may look complete
+                    line.check(url)
                 return
+            except (FetchError, IntegrityError):
+                if line is not None:
+                    line.check(url)
+                raise
             except _Retryable as exc:
+                if line is not None:
+                    line.check(url)
                 elapsed = time.monotonic() - started
                 wait = policy.delay(attempt - 1, exc.retry_after, self._rng)
                 if attempt >= policy.attempts or elapsed + wait > policy.total_time:
@@ -146,9 +151,15 @@ class HttpTransport:
                                      url=redact(url), status=exc.status) from None
                 log.info("GET %s: %s; attempt %d of %d in %.2fs", redact(url), exc,
                          attempt + 1, policy.attempts, wait)
-                self._sleep(wait)
+                if self._sleep is not None:
+                    self._sleep(wait)
+                elif line is not None:
+                    line.sleep(wait)  # a cancel or the deadline ends it early
+                    line.check(url)
+                else:
+                    time.sleep(wait)
 
-    def _attempt(self, url: str, sink: Sink, progress: ProgressCallback) -> None:
+    def _attempt(self, url: str, sink: Sink, progress: ProgressCallback, rules: Hop) -> None:
         """One request (following redirects) and its body, appended to ``sink``."""
         sink.check_cancelled()
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
@@ -157,7 +168,7 @@ class HttpTransport:
             headers["Range"] = f"bytes={offset}-"
             if sink.validator:
                 headers["If-Range"] = sink.validator
-        response = self._request(url, headers)
+        response = self._request(url, headers, rules)
         with response:
             where = redact(response.url or url)
             status = response.status_code
@@ -190,34 +201,68 @@ class HttpTransport:
                         f"{length} (Content-Length)", url=where, expected=str(total),
                         actual=length)
                 total = int(length) if total is None else total
-            import requests
-            import urllib3
-
-            chunks = _body(response, self.CHUNK_SIZE)
-            while True:
-                try:
-                    chunk = next(chunks, None)
-                except (requests.RequestException, urllib3.exceptions.HTTPError,
-                        OSError) as exc:
-                    raise _Retryable(f"connection lost after {sink.done} bytes: "
-                                     f"{describe(exc)}") from None
-                if chunk is None:
-                    break
-                sink.write(chunk)
-                progress(STAGE_FETCH, sink.done, total)
+            self._body(response, sink, progress, total, rules)
             if total is not None and sink.done < total:
                 raise _Retryable(f"body ended after {sink.done} of {total} bytes")
 
-    def _request(self, url: str, headers: dict[str, str]) -> requests.Response:
-        """Send a GET, following redirects by hand within the policy."""
+    def _body(self, response: requests.Response, sink: Sink, progress: ProgressCallback,
+              total: int | None, rules: Hop) -> None:
+        """Append the body, as sent, to ``sink``: no content decoding, so a
+        ``.tar.gz`` served with ``Content-Encoding: gzip`` keeps its bytes and
+        its digest.
+
+        Socket reads (``read1``) are gathered into whole chunks of
+        :attr:`CHUNK_SIZE`; each read counts towards the minimum rate, so a
+        server trickling a byte at a time fails within one rate window. A
+        connection lost mid-chunk keeps the bytes that arrived; the resume
+        starts after them."""
+        import requests
+        import urllib3
+
+        raw = response.raw
+        line = rules.line
+        if line is not None:
+            line.body_started()
+        buffer = bytearray()
+        while True:
+            try:
+                piece = raw.read1(self.CHUNK_SIZE - len(buffer), decode_content=False)
+            except (requests.RequestException, urllib3.exceptions.HTTPError,
+                    OSError) as exc:
+                if buffer:
+                    sink.write(bytes(buffer))
+                raise _Retryable(f"connection lost after {sink.done} bytes: "
+                                 f"{describe(exc)}") from None
+            if piece:
+                buffer += piece
+                if line is not None:
+                    line.received(len(piece), url=response.url)
+            if buffer and (not piece or len(buffer) >= self.CHUNK_SIZE):
+                sink.write(bytes(buffer))
+                buffer.clear()
+                progress(STAGE_FETCH, sink.done, total)
+            if not piece:
+                return
+
+    def _request(self, url: str, headers: dict[str, str], rules: Hop) -> requests.Response:
+        """Send a GET, following redirects by hand within the policy; every
+        hop is checked before it is sent, and its connection when it is made."""
         import requests
 
         seen = [url]
         current = url
         for _hop in range(self.policy.max_redirects + 1):
+            problem = rules.policy.problem(current, rules.allowed)
+            if problem:
+                raise FetchError(f"GET {redact(current)} refused by the URL policy: {problem}",
+                                 url=redact(current))
             try:
-                response = self.session.get(current, headers=headers, stream=True,
-                                            allow_redirects=False, timeout=self.timeout)
+                with hop(rules):
+                    response = self.session.get(current, headers=headers, stream=True,
+                                                allow_redirects=False, timeout=self.timeout)
+            except AddressRefused as exc:
+                raise AddressRefused(f"GET {redact(current)}: {exc}", url=redact(current)) \
+                    from None
             except requests.Timeout as exc:
                 raise _Retryable(f"timed out: {describe(exc)}") from None
             except requests.ConnectionError as exc:
@@ -234,7 +279,7 @@ class HttpTransport:
                                  "a Location header", url=redact(current),
                                  status=response.status_code)
             target = urljoin(current, location)
-            problem = self.policy.problem(target)
+            problem = rules.policy.problem(target, rules.allowed)
             if problem:
                 raise FetchError(f"GET {redact(current)}: redirect to {redact(target)} refused "
                                  f"by the URL policy: {problem}", url=redact(current),
@@ -271,23 +316,7 @@ def _validator(response: requests.Response) -> str | None:
     return response.headers.get("Last-Modified")
 
 
-def _body(response: requests.Response, chunk_size: int) -> Iterator[bytes]:
-    """The body as sent: no content decoding, so a ``.tar.gz`` served with
-    ``Content-Encoding: gzip`` keeps its bytes and its digest.
-
-    Whole chunks are read (``read``, not ``read1``: one socket read returns
-    some 64 KiB, and the per-call overhead halves the throughput). A read that
-    times out loses its partial chunk; the resume starts after the last whole
-    one. A connection closed early returns its partial chunk first."""
-    raw = response.raw
-    while True:
-        chunk = raw.read(chunk_size, decode_content=False)
-        if not chunk:
-            return
-        yield chunk
-
-
 def describe(exc: BaseException) -> str:
     """A short reason, without the URL (which may hold credentials)."""
-    text = _scrub(str(exc))
+    text = redact_text(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
