@@ -195,7 +195,7 @@ class MirrorRules:
         :param renderer_rules: rules set on the Renderer, or ``None``.
         :param config_mirrors: ``RenderConfig.mirrors``.
         """
-        base = renderer_rules or cls()
+        base = renderer_rules if renderer_rules is not None else cls()
         return base.merge(base._from_render_config(config_mirrors))
 
     @property
