@@ -37,8 +37,10 @@ def is_url(text: str) -> bool:
 
 
 def is_secret_key(key: str) -> bool:
-    """:returns: whether a query parameter named ``key`` (percent-encoding
-    undone, any case, ``-``/``_``/``.`` ignored) carries a secret."""
+    """Whether a query parameter named ``key`` carries a secret
+    (percent-encoding undone, any case, ``-``/``_``/``.`` ignored).
+
+    :returns: ``True`` for a secret key."""
     norm = re.sub(r"[-_.\s]", "", unquote_plus(key)).lower()
     return norm in _SECRET_KEYS or any(word in norm for word in _SECRET_WORDS)
 
@@ -89,19 +91,22 @@ def redact(url: str | None) -> str:
 
 
 def redact_text(text: str) -> str:
-    """:returns: ``text`` with every URL in it :func:`redact`-ed, and the
-    query of every bare ``/path?query`` too (the request lines that
-    urllib3 logs)."""
+    """Redact every URL inside a message, and the query of every bare
+    ``/path?query`` too (the request lines that urllib3 logs).
+
+    :returns: ``text`` with each URL :func:`redact`-ed."""
     text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
     return _PATH_QUERY_IN_TEXT.sub(
         lambda m: redact("http://h" + m.group(0))[len("http://h"):], text)
 
 
 def strip_credentials(url: str) -> str:
-    """:returns: ``url`` without its user info, its secret query parameters
-    and its fragment: what may be written where strangers read it (a file
-    inside a rendered image). Anything that is not a URL is returned
-    unchanged; a URL that cannot be parsed becomes ``""``.
+    """Remove the user info, the secret query parameters and the fragment
+    of ``url``: what may be written where strangers read it (a file inside
+    a rendered image). Anything that is not a URL is returned unchanged; a
+    URL that cannot be parsed becomes ``""``.
+
+    :returns: the URL without credentials.
 
     >>> strip_credentials("https://bob:hunter2@mirror.example/pkg/?token=abc&arch=x86")
     'https://mirror.example/pkg/?arch=x86'

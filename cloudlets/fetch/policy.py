@@ -173,8 +173,10 @@ class HostPort:
         return cls(str(address) if address is not None else host, int(port) if port else None)
 
     def matches(self, host: str, port: int, address: IPAddress | None = None) -> bool:
-        """:returns: whether a connection to ``host`` (as the URL names it)
-        at ``port``, reaching ``address``, is this exception."""
+        """Whether a connection to ``host`` (as the URL names it) at
+        ``port``, reaching ``address``, is this exception.
+
+        :returns: ``True`` when it is."""
         if self.port is not None and self.port != port:
             return False
         literal = literal_ip(host)
@@ -342,9 +344,10 @@ class UrlPolicy:
         return dataclasses.replace(self, allow_hosts=frozenset(self.allow_hosts) | extra)
 
     def problem(self, url: str, allowed: Iterable[HostPort] = ()) -> str | None:
-        """:returns: why ``url`` is refused before any connection (scheme,
-        host, port, an IP literal in a refused range), or ``None``.
+        """Check ``url`` before any connection: scheme, host, port, and an IP
+        literal in a refused range.
 
+        :returns: why ``url`` is refused, or ``None`` when it is allowed.
         :param allowed: exceptions of this request only (the provider's
             mirror it was rewritten to).
         """
@@ -375,11 +378,12 @@ class UrlPolicy:
 
     def address_problem(self, host: str, port: int, address: IPAddress | str,
                         allowed: Iterable[HostPort] = ()) -> str | None:
-        """:returns: why connecting to ``address`` (resolved from ``host``,
-        at ``port``) is refused, naming the rule but not the address of a
-        name (what a host resolves to inside a provider's network is not for
-        a requester to learn), or ``None`` when it is allowed.
+        """Check a connection to ``address`` (resolved from ``host``, at
+        ``port``). The answer names the rule but not the address of a name:
+        what a host resolves to inside a provider's network is not for a
+        requester to learn.
 
+        :returns: why the connection is refused, or ``None`` when it is allowed.
         :param allowed: exceptions of this request only.
         """
         if isinstance(address, str):
