@@ -201,12 +201,12 @@ class HttpTransport:
                         f"{length} (Content-Length)", url=where, expected=str(total),
                         actual=length)
                 total = int(length) if total is None else total
-            self._body(response, sink, progress, total, rules)
+            self._body(where, response, sink, progress, total, rules)
             if total is not None and sink.done < total:
                 raise _Retryable(f"body ended after {sink.done} of {total} bytes")
 
-    def _body(self, response: requests.Response, sink: Sink, progress: ProgressCallback,
-              total: int | None, rules: Hop) -> None:
+    def _body(self, url: str, response: requests.Response, sink: Sink,
+              progress: ProgressCallback, total: int | None, rules: Hop) -> None:
         """Append the body, as sent, to ``sink``: no content decoding, so a
         ``.tar.gz`` served with ``Content-Encoding: gzip`` keeps its bytes and
         its digest.
@@ -223,23 +223,25 @@ class HttpTransport:
         line = rules.line
         if line is not None:
             line.body_started()
-        buffer = bytearray()
+        pieces: list[bytes] = []
+        gathered = 0
         while True:
             try:
-                piece = raw.read1(self.CHUNK_SIZE - len(buffer), decode_content=False)
+                piece = raw.read1(self.CHUNK_SIZE - gathered, decode_content=False)
             except (requests.RequestException, urllib3.exceptions.HTTPError,
                     OSError) as exc:
-                if buffer:
-                    sink.write(bytes(buffer))
+                if pieces:
+                    sink.write(b"".join(pieces))
                 raise _Retryable(f"connection lost after {sink.done} bytes: "
                                  f"{describe(exc)}") from None
             if piece:
-                buffer += piece
+                pieces.append(piece)
+                gathered += len(piece)
                 if line is not None:
-                    line.received(len(piece), url=response.url)
-            if buffer and (not piece or len(buffer) >= self.CHUNK_SIZE):
-                sink.write(bytes(buffer))
-                buffer.clear()
+                    line.received(len(piece), url=url)
+            if pieces and (not piece or gathered >= self.CHUNK_SIZE):
+                sink.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                pieces, gathered = [], 0
                 progress(STAGE_FETCH, sink.done, total)
             if not piece:
                 return
