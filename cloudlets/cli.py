@@ -286,7 +286,7 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
     for item in args.mirrors:
         prefix, sep, target = item.partition("=")
         if not sep:
-            raise ConfigError([Problem("", f"--mirror {item!r}: expected PREFIX=URL")],
+            raise ConfigError([Problem("", f"--mirror {redact(item)!r}: expected PREFIX=URL")],
                               "--mirror")
         mirrors.append({"prefix": prefix, "mirrors": [target]})
     renderer = Renderer(cache_dir=args.cache_dir, presets=presets, mirrors=mirrors,

@@ -21,6 +21,7 @@ import jsonschema
 from jsonschema import Draft202012Validator, ValidationError
 
 from cloudlets.errors import Problem
+from cloudlets.urls import redact_text
 
 __all__ = [
     "canonical_json",
@@ -187,6 +188,7 @@ def _problem(error: ValidationError) -> Problem:
 
 def _show(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    text = redact_text(text)  # a bad mirror URL's password is not echoed
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cloudlets.errors import ConfigurationError
-from cloudlets.urls import is_url, redact, strip_credentials
+from cloudlets.urls import is_url, redact, redact_text, strip_credentials
 
 __all__ = ["Candidate", "MirrorRule", "MirrorRules"]
 
@@ -96,9 +96,8 @@ class MirrorRule:
         try:
             return cls(str(data["prefix"]), tuple(data["mirrors"]), source)
         except KeyError as exc:
-            shown = {k: redact(v) if isinstance(v, str) else v for k, v in dict(data).items()}
-            raise ConfigurationError(f"mirror rule {shown!r} lacks {exc.args[0]!r}") \
-                from None
+            raise ConfigurationError(f"mirror rule {redact_text(repr(dict(data)))} lacks "
+                                     f"{exc.args[0]!r}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """:returns: the config form, with ``source``."""

@@ -253,3 +253,22 @@ def test_cache_metadata_from_an_older_version_is_shown_redacted(tmp_path: Path) 
     assert main(["cache", "list", "--cache-dir", str(tmp_path / "cache"), "--json"],
                 out=out) == 0
     assert SECRET not in out.getvalue() and "u:***@m.example" in out.getvalue()
+
+
+def test_invalid_mirrors_are_refused_without_echoing_their_password(tmp_path: Path) -> None:
+    from cloudlets.errors import CloudletsError
+
+    bad = [{"prefix": "http://x.example/", "mirrors": [f"http://u:{SECRET}@m.example/ x"]},
+           {"prefix": "http://x.example/", "mirrors": [{"url": f"http://m/?sig={SECRET}"}]},
+           {"mirrors": [f"http://u:{SECRET}@m.example/"]}]
+    for rules in bad:
+        with pytest.raises(CloudletsError) as info:
+            Renderer(cache_dir=tmp_path, mirrors=[rules])
+        assert SECRET not in str(info.value)
+    with pytest.raises(CloudletsError, match="lacks 'prefix'") as info:
+        MirrorRules([bad[2]])
+    assert SECRET not in str(info.value)
+    err = io.StringIO()
+    assert main(["render", "m.json", "-f", "tar", "-o", "out/",
+                 "--mirror", f"http://u:{SECRET}@m.example/"], out=io.StringIO(), err=err) != 0
+    assert "expected PREFIX=URL" in err.getvalue() and SECRET not in err.getvalue()
