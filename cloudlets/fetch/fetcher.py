@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 from cloudlets.errors import ConfigurationError, FetchError, IntegrityError
 from cloudlets.fetch.guard import Hop, Lifeline, police_session
 from cloudlets.fetch.http import HttpTransport, Stats, install_scrubber
-from cloudlets.fetch.policy import HostPort, RetryPolicy, UrlPolicy, check_sha256
+from cloudlets.fetch.policy import HostPort, RetryPolicy, UrlPolicy, check_sha256, url_port
 from cloudlets.fetch.sink import Sink
 from cloudlets.fetch.watch import DownloadCancelled, DownloadWatch
 from cloudlets.mirrors import Candidate, MirrorRules
@@ -75,11 +75,10 @@ def _trusted(candidate: Candidate) -> tuple[HostPort, ...]:
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return ()
     try:
-        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        port = url_port(parts)
     except ValueError:
         return ()
-    return (HostPort.parse(f"[{parts.hostname}]:{port}") if ":" in parts.hostname
-            else HostPort.parse(f"{parts.hostname}:{port}"),)
+    return (HostPort.parse(str(HostPort(parts.hostname, port))),)
 
 
 class Fetcher(HttpTransport):

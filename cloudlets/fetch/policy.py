@@ -11,13 +11,13 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cloudlets.errors import ConfigurationError, FetchError
 from cloudlets.urls import is_url, redact
 
 __all__ = ["DEFAULT_DENY_NETWORKS", "HostPort", "RetryPolicy", "UrlPolicy", "check_sha256",
-           "literal_ip"]
+           "literal_ip", "url_port"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -203,9 +203,10 @@ _RULE_NAMES = {net: name for name, nets in DEFAULT_DENY_NETWORKS.items()
                for net in _networks(nets, "deny_networks")}
 
 
-def _port(parts: Any) -> int:
-    """The port a URL connects to (its scheme's default when not given).
+def url_port(parts: SplitResult) -> int:
+    """The port a split URL connects to (its scheme's default when it names none).
 
+    :returns: the port.
     :raises ValueError: for a port out of range."""
     port = parts.port
     return port if port is not None else (443 if parts.scheme.lower() == "https" else 80)
@@ -362,7 +363,7 @@ class UrlPolicy:
         if not host:
             return "the URL names no host"
         try:
-            port = _port(parts)
+            port = url_port(parts)
         except ValueError:
             return "the URL's port is not a number from 1 to 65535"
         if self.hosts is not None and not (
