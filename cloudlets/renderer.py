@@ -199,7 +199,7 @@ class Renderer:
         :raises CloudletsError: for invalid input or an unusable driver.
         """
         started = time.monotonic()
-        loaded = Manifest.load(manifest)
+        loaded = Manifest.load(manifest, fetcher=self.fetcher)
         fmt = make_driver(DriverKind.FORMAT, format)
         store = make_driver(DriverKind.STORAGE, storage)
         loaded.require_renderable(
@@ -268,7 +268,7 @@ class Renderer:
 
         :raises ConfigError: when the result is invalid or a locked key is set.
         """
-        return self._config(Manifest.load(manifest), config)
+        return self._config(Manifest.load(manifest, fetcher=self.fetcher), config)
 
     @staticmethod
     def image_id(manifest: Manifest, config: RenderConfig, format_name: str,

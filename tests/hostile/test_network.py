@@ -435,3 +435,30 @@ def test_the_suites_guard_fails_a_connection_off_loopback(
     with socket.socket(socket.AF_INET6) as sock, pytest.raises(pytest.fail.Exception):
         sock.connect_ex(("fd00::1", 9, 0, 0))
     _no_packet_off_loopback.clear()
+
+
+def test_a_manifest_url_is_read_under_the_same_policy(
+        resolver: dict[str, list[str]], server: FaultServer, tmp_path: Path,
+        _no_packet_off_loopback: list[str]) -> None:
+    from cloudlets import ManifestError
+    from cloudlets.manifest import MAX_MANIFEST_BYTES
+
+    manifest = make_cloudlet(tmp_path / "src")
+    route = server.add("/m.json", Route(json.dumps(manifest).encode()))
+    port = int(host_port(server.url("/")).rsplit(":", 1)[1])
+    for url in (server.url("/m.json"), f"http://loopback.test:{port}/m.json",
+                f"http://2130706433:{port}/m.json"):
+        with pytest.raises(ManifestError, match="rule 'loopback'"):
+            Renderer(cache_dir=tmp_path / "c").prepare(url, str(tmp_path / "o") + "/",
+                                                       "local", "tar")
+    assert route.requests == 0
+    server.add("/hop.json", Route(b"", redirect="http://metadata.test/latest/user-data"))
+    allowed = Renderer(cache_dir=tmp_path / "c", ex_allow_hosts=[host_port(server.url("/"))])
+    with pytest.raises(ManifestError, match="link-local"):
+        allowed.prepare(server.url("/hop.json"), str(tmp_path / "o") + "/", "local", "tar")
+    server.add("/big.json", Route(b" " * (MAX_MANIFEST_BYTES + 1)))
+    with pytest.raises(ManifestError, match=f"larger than {MAX_MANIFEST_BYTES} bytes"):
+        allowed.prepare(server.url("/big.json"), str(tmp_path / "o") + "/", "local", "tar")
+    job = allowed.prepare(server.url("/m.json"), str(tmp_path / "o") + "/", "local", "tar")
+    assert job.manifest.name == manifest["name"] and route.requests == 1
+    assert _no_packet_off_loopback == []
