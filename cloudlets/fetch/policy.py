@@ -151,11 +151,12 @@ class HostPort:
 
     @classmethod
     def parse(cls, text: str) -> HostPort:
-        """Read ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``.
+        """Read ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (a URL's
+        netloc too: its user info is dropped).
 
         :raises ConfigurationError: for an empty host or a bad port.
         """
-        value = str(text).strip()
+        value = str(text).strip().rsplit("@", 1)[-1]
         host, port = value, ""
         if value.startswith("["):
             host, _, rest = value[1:].partition("]")

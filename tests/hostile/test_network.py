@@ -330,7 +330,8 @@ def test_allowed_hosts_parse_and_match() -> None:
     assert "loopback" in (policy.problem("http://127.0.0.1:8081/x") or "")
     assert policy.address_problem("mirror.internal", 9999, "10.0.0.5") is None
     assert policy.address_problem("localhost", 8080, "127.0.0.1") is None  # by address
-    for bad in ("", "host:0", "host:99999", "a/b", "user@host", "[::1]x"):
+    assert HostPort.parse("user:pw@mirror.example:8080") == HostPort("mirror.example", 8080)
+    for bad in ("", "host:0", "host:99999", "a/b", "user@", "[::1]x", "h?x"):
         with pytest.raises(ConfigurationError):
             HostPort.parse(bad)
 
