@@ -9,6 +9,8 @@ Exit codes (also in ``cloudlets --help``):
 3      invalid input (manifest, render config, tarball, template)
 4      render failure (download, disk, format, storage)
 5      setup problem (missing tool, optional dependency or driver)
+6      cache verify found a corrupted entry
+7      not found (no image with that id)
 130    interrupted (SIGINT); nothing half-written is left
 143    terminated (SIGTERM); nothing half-written is left
 =====  ==========================================================
@@ -40,6 +42,7 @@ from cloudlets.errors import (
     CloudletsError,
     ConfigError,
     ConfigurationError,
+    ImageNotFoundError,
     IntegrityError,
     ManifestError,
     Problem,
@@ -60,6 +63,9 @@ EXIT_USAGE = 2
 EXIT_INVALID_INPUT = 3
 EXIT_RENDER_FAILED = 4
 EXIT_SETUP = 5
+#: ``cloudlets cache verify`` found a corrupted entry (cli_cache.EXIT_CORRUPT).
+EXIT_CORRUPT = 6
+EXIT_NOT_FOUND = 7
 #: A command stopped by SIGINT or SIGTERM exits as a shell reports it: 128 + the signal.
 EXIT_INTERRUPTED = 128 + 2
 EXIT_TERMINATED = 128 + 15
@@ -72,6 +78,8 @@ EXIT_CODES = {
     EXIT_INVALID_INPUT: "invalid input (manifest, render config, tarball, template)",
     EXIT_RENDER_FAILED: "render failure (download, disk, format, storage)",
     EXIT_SETUP: "setup problem (missing tool, optional dependency or driver)",
+    EXIT_CORRUPT: "cache verify found a corrupted entry",
+    EXIT_NOT_FOUND: "not found (no image with that id)",
     EXIT_INTERRUPTED: "interrupted (SIGINT); nothing half-written is left",
     EXIT_TERMINATED: "terminated (SIGTERM); nothing half-written is left",
 }
@@ -81,6 +89,8 @@ _INVALID_INPUT = (ManifestError, ConfigError, UnsafeArchiveError, TemplateError,
 
 def exit_code_for(error: CloudletsError) -> int:
     """:returns: the documented exit code for an error."""
+    if isinstance(error, ImageNotFoundError):
+        return EXIT_NOT_FOUND
     if isinstance(error, _INVALID_INPUT):
         return EXIT_INVALID_INPUT
     if isinstance(error, ConfigurationError):

@@ -190,7 +190,7 @@ class Renderer:
             needs_boot=not fmt.capabilities & FormatCapability.NEEDS_TREE)
         merged = self._config(loaded, config)
         plan = _plan(loaded, fmt, store, output_path)
-        key = request_key(loaded.digest, merged.digest, fmt.name, store.name, output_path)
+        key = request_key(loaded.digest, merged.digest, fmt.name, store.target, output_path)
         return RenderJob(manifest=loaded, config=merged, format=fmt, storage=store,
                          output=output_path, plan=plan, key=key,
                          prepared_in=time.monotonic() - started)
@@ -259,9 +259,13 @@ class Renderer:
                  storage_name: str, location: str) -> str:
         """The stable id of a render.
 
+        :param storage_name: the storage target
+            (:attr:`StorageDriver.target <cloudlets.drivers.base.StorageDriver.target>`;
+            for a driver without identity options, its name).
         :returns: ``img-`` and 20 hex digits of the request's digest
             (:func:`cloudlets.result.request_key`) over the manifest digest,
-            config digest, format, storage and output location as requested.
+            config digest, format, storage target and output location as
+            requested.
         """
         return image_id_for(request_key(manifest.digest, config.digest, format_name,
                                         storage_name, location))

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+from urllib.parse import urlencode
 
 from cloudlets.drivers.types import FormatCapability, StorageCapability
 from cloudlets.errors import CloudletsError, ConfigurationError, StorageError
@@ -463,6 +464,24 @@ class StorageDriver(ABC):
     @abstractmethod
     def exists(self, location: str) -> bool:
         """:returns: whether something is stored at ``location``."""
+
+    def identity(self) -> dict[str, str]:
+        """The options that tell this target apart from another target of
+        the same driver (a root directory, an endpoint): what the catalog
+        records with an image and scopes list, get and delete to. Never
+        credentials. The default, no options, suits drivers whose locations
+        name everything (URLs).
+        """
+        return {}
+
+    @property
+    def target(self) -> str:
+        """This target's name in the catalog: the driver's name, then its
+        :meth:`identity` as a query string (``local?root=/srv/images``)."""
+        identity = self.identity()
+        if not identity:
+            return self.name
+        return self.name + "?" + urlencode(sorted(identity.items()))
 
     # -- for subclasses -----------------------------------------------------
 
