@@ -35,7 +35,12 @@ from cloudlets.catalog.records import INTERRUPTIONS
 from cloudlets.cli_output import EscapingWriter, print_artifacts, print_json
 from cloudlets.config import Presets, load_config_file, set_dotted
 from cloudlets.drivers.base import FormatDriver, StorageDriver
-from cloudlets.drivers.providers import get_driver, list_drivers, make_driver
+from cloudlets.drivers.providers import (
+    entry_point_report,
+    get_driver,
+    list_drivers,
+    make_driver,
+)
 from cloudlets.drivers.types import DriverKind
 from cloudlets.errors import (
     CatalogError,
@@ -375,7 +380,7 @@ def _progress_callback() -> Any:
 
 
 def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
-    report: dict[str, list[dict[str, Any]]] = {}
+    report: dict[str, Any] = {}
     kind: DriverKind
     for kind in DriverKind:
         rows: list[dict[str, Any]] = []
@@ -391,17 +396,25 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
             rows.append({"name": name, "available": True, "description": cls.description,
                          "capabilities": flags, "class": f"{cls.__module__}.{cls.__name__}"})
         report[str(kind)] = rows
+    points = {str(kind): entry_point_report(kind) for kind in DriverKind}
     if args.json:
-        print_json(out, report)
+        print_json(out, {**report, "entry_points": points})
         return EXIT_OK
     for kind_name, rows in report.items():
         out.write(f"{kind_name} drivers:\n")
+        width = max((len(row["name"]) for row in rows), default=0)
         for row in rows:
             if row["available"]:
                 caps = ",".join(str(c) for c in row["capabilities"]).lower() or "-"
-                out.write(f"  {row['name']:<10} {row['description']}  [{caps}]\n")
+                out.write(f"  {row['name']:<{width}}  {row['description']}  [{caps}]\n")
             else:
-                out.write(f"  {row['name']:<10} unavailable: {row['error']}\n")
+                out.write(f"  {row['name']:<{width}}  unavailable: {row['error']}\n")
+    listed = [(kind_name, row) for kind_name, found in points.items() for row in found]
+    if listed:
+        out.write("entry points:\n")
+        for kind_name, row in listed:
+            out.write(f"  {kind_name} {row['name']} = {row['value']} ({row['package']}): "
+                      f"{row['status']}\n")
     return EXIT_OK
 
 
