@@ -160,3 +160,24 @@ def test_qemu_img_reads_a_disk_made_of_pieces(tmp_path: Path) -> None:
     assert (tmp_path / "out.raw").read_bytes() == expected
     qemuimg.convert(DiskImage(path=one, size=3 * 4096), tmp_path / "plain.raw", "raw")
     assert (tmp_path / "plain.raw").read_bytes() == one.read_bytes()
+
+
+def test_the_version_has_a_module_of_its_own() -> None:
+    """ec2.py read ``cloudlets.__version__`` through the package face (whose
+    imports run back down into the drivers); every module now reads it from
+    :mod:`cloudlets.version`, and the face re-exports the same object."""
+    import ast
+
+    import cloudlets
+    from cloudlets import version
+    from cloudlets.drivers.formats import ec2
+
+    assert cloudlets.__version__ is version.__version__ is ec2.__version__
+    package = Path(cloudlets.__file__).parent
+    through_face = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "cloudlets" \
+                    and any(alias.name == "__version__" for alias in node.names):
+                through_face.append(str(path.relative_to(package)))
+    assert through_face == []

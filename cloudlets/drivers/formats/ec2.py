@@ -52,6 +52,7 @@ from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import ConfigurationError, FormatError
 from cloudlets.sparse import link_or_copy
 from cloudlets.urls import redact
+from cloudlets.version import __version__
 
 __all__ = ["EC2Format", "S3Location", "boot_mode", "ec2_architecture", "parse_s3_location"]
 
@@ -411,7 +412,6 @@ class EC2Format(FormatDriver):
             "source": str(where)})
 
     def _convert_bundle(self, context: FormatContext) -> list[OutputFile]:
-        from cloudlets import __version__
         from cloudlets.drivers.formats import ec2_bundle
 
         assert self.certificate and self.private_key and self.ec2_certificate
