@@ -24,6 +24,7 @@ from cloudlets.disk import BootSpec, DiskImage, build_disk, derive_uuid, ext4, t
 from cloudlets.disk.partition import BIOS_BOOT_GUID, ESP_GUID, LINUX_ROOT_X86_64_GUID
 from cloudlets.errors import ConfigurationError, DiskError
 from cloudlets.rootfs import TreeStream, read_tarball
+from tests.conftest import RefuseSeekData
 
 EPOCH = 1_600_000_000
 SEED = "unit-seed"
@@ -471,6 +472,18 @@ def test_patch_errors(tree: Path, tmp_path: Path, patch: dict[str, bytes], messa
     with pytest.raises(DiskError, match=message):
         build(tree, tmp_path, patch_files=patch)
     assert not (tmp_path / "disk.raw").exists()
+
+
+def test_a_file_system_without_seek_data_gives_the_same_disk(
+        tree: Path, tmp_path: Path, refuse_seek_data: RefuseSeekData) -> None:
+    """The ESP and the cached base are copied in: where SEEK_DATA is refused
+    the copy was all zeros (the error read as "only holes remain")."""
+    cache = tmp_path / "cache"
+    first = build(tree, tmp_path, "first", firmware="both", base_cache=cache)
+    refuse_seek_data()
+    again = build(tree, tmp_path, "again", firmware="both", base_cache=cache)
+    assert again.base_cached
+    assert again.path.read_bytes() == first.path.read_bytes()
 
 
 def test_sizes(tree: Path, tmp_path: Path) -> None:

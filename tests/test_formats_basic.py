@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import subprocess
@@ -13,8 +14,10 @@ from cloudlets.drivers.base import OutputFile
 from cloudlets.drivers.formats.qcow2 import Qcow2Format
 from cloudlets.drivers.formats.raw import RawFormat
 from cloudlets.drivers.formats.tar import TarFormat
-from cloudlets.sparse import Piece, copy_sparse, link_or_copy, merge_ranges
+from cloudlets.errors import FormatError
+from cloudlets.sparse import Piece, copy_into, copy_sparse, data_ranges, link_or_copy, merge_ranges
 from cloudlets.testing.formats import FormatDriverConformance, synthetic_disk
+from tests.conftest import RefuseSeekData
 
 
 class TestRawConformance(FormatDriverConformance):
@@ -94,6 +97,64 @@ def test_copy_sparse_keeps_holes(tmp_path: Path) -> None:
     assert target.stat().st_blocks * 512 < source.stat().st_size // 2
     with pytest.raises(FileExistsError):
         copy_sparse(source, target)
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP])
+def test_without_seek_data_the_whole_file_is_data(tmp_path: Path,
+                                                  refuse_seek_data: RefuseSeekData,
+                                                  code: int) -> None:
+    """A file system that refuses SEEK_DATA: copies were all zeros (the error
+    read as "only holes remain"); now the whole file is copied."""
+    source = synthetic_disk(tmp_path).path
+    size = source.stat().st_size
+    refuse_seek_data(code)
+    with open(source, "rb") as handle:
+        assert data_ranges(handle.fileno()) == [(0, size)]
+    copy_sparse(source, tmp_path / "copy.raw")
+    assert (tmp_path / "copy.raw").read_bytes() == source.read_bytes()
+    with open(tmp_path / "into.raw", "wb") as target:
+        target.truncate(size + 4096)
+        copy_into(source, target.fileno(), 4096)
+    assert (tmp_path / "into.raw").read_bytes()[4096:] == source.read_bytes()
+
+
+def test_enxio_means_only_holes(tmp_path: Path) -> None:
+    hole = tmp_path / "hole.raw"
+    with open(hole, "wb") as handle:
+        handle.truncate(1 << 20)
+    with open(hole, "rb") as handle:
+        assert data_ranges(handle.fileno()) == []
+    copy_sparse(hole, tmp_path / "copy.raw")
+    assert (tmp_path / "copy.raw").read_bytes() == bytes(1 << 20)
+
+
+def test_other_seek_errors_are_not_taken_for_holes(tmp_path: Path,
+                                                   refuse_seek_data: RefuseSeekData) -> None:
+    source = synthetic_disk(tmp_path).path
+    refuse_seek_data(errno.EIO)
+    with pytest.raises(OSError, match="Input/output"):
+        copy_sparse(source, tmp_path / "copy.raw")
+
+
+def test_a_source_that_ends_early_is_named(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    source = synthetic_disk(tmp_path).path
+    monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)
+    with pytest.raises(FormatError, match=f"{source.name} ended at byte 0"):
+        copy_sparse(source, tmp_path / "copy.raw", error=FormatError)
+
+
+def test_copy_across_file_systems_reads_and_writes(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    source = synthetic_disk(tmp_path).path
+
+    def cross_device(*args: object) -> int:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    copy_sparse(source, tmp_path / "copy.raw")
+    assert (tmp_path / "copy.raw").read_bytes() == source.read_bytes()
+    assert (tmp_path / "copy.raw").stat().st_blocks * 512 < source.stat().st_size // 2
 
 
 def test_link_or_copy_links_on_one_file_system(tmp_path: Path) -> None:

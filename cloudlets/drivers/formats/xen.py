@@ -181,7 +181,7 @@ class XenFormat(FormatDriver):
     def convert(self, context: FormatContext) -> list[OutputFile]:
         disk_name = f"{context.basename}.img"
         disk = context.workdir / disk_name
-        copy_sparse(context.disk.path, disk)
+        copy_sparse(context.disk.path, disk, error=FormatError)
         if self.mode == "pv":
             self._install_pygrub_config(context, disk)
         config_name = f"{context.basename}.cfg"
