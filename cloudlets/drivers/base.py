@@ -376,7 +376,10 @@ class StorageDriver(ABC):
     website: ClassVar[str] = ""
     #: One line for ``cloudlets drivers`` and the docs matrix.
     description: ClassVar[str] = ""
-    #: What the driver can do.
+    #: What the driver can do. An instance whose configuration rules a
+    #: capability out declares less than its class, never more
+    #: (``HTTPStorage(ex_move=False)`` is not ``ATOMIC``): the checks here,
+    #: and callers, read the instance's.
     capabilities: ClassVar[StorageCapability] = StorageCapability.NONE
     #: Bytes per read when streaming a file source.
     CHUNK_SIZE: ClassVar[int] = 4 * 1024 * 1024
