@@ -295,7 +295,7 @@ class Renderer:
                 firmware=boot.firmware,  # type: ignore[arg-type]
                 partition_table=boot.partition_table,  # type: ignore[arg-type]
                 fstype=boot.fstype,  # type: ignore[arg-type]
-                root_size=boot.root_size, label=boot.label)
+                root_size=boot.root_size, label=boot.label, disk_size=boot.disk_size)
             disk_boot.validate()
         # what identifies the cached base filesystem, for every look-up below
         base = _BaseLookup(seed=seed, tree_digest=base_key,

@@ -28,6 +28,7 @@ from tests.conftest import RefuseSeekData
 
 EPOCH = 1_600_000_000
 SEED = "unit-seed"
+MiB = 1024 * 1024
 CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep
 LONG_TARGET = "/usr/lib/" + "x" * 80 + "/target"
 KERNEL = b"not really a kernel\n" * 100
@@ -492,6 +493,30 @@ def test_sizes(tree: Path, tmp_path: Path) -> None:
     fixed = build(tree, tmp_path, "fixed", firmware="bios", root_size=100 * 1024 * 1024)
     assert fixed.root.size == 100 * 1024 * 1024
     assert fixed.size == 1024 * 1024 * (1 + 1 + 100 + 1)
+
+
+@pytest.mark.parametrize("table", ["gpt", "mbr"])
+def test_disk_size_is_the_whole_image(tree: Path, tmp_path: Path, table: str) -> None:
+    """boot.disk_size was parsed and documented, and dropped."""
+    image = build(tree, tmp_path, table, firmware="bios", partition_table=table,
+                  root_size=100 * MiB, disk_size=300 * MiB)
+    assert image.size == image.path.stat().st_size == 300 * MiB
+    assert image.root.size == 100 * MiB  # the rest is free, for the guest to grow into
+    found = sfdisk_json(image.path)
+    if table == "gpt":
+        assert found["lastlba"] == 300 * MiB // 512 - 34  # the backup table at the end
+    [root] = [p for p in found["partitions"] if p["size"] * 512 == 100 * MiB]  # type: ignore[attr-defined]
+    assert root["start"] * 512 == image.root.start
+
+
+def test_a_disk_size_too_small_for_the_partitions_is_named(tree: Path,
+                                                          tmp_path: Path) -> None:
+    with pytest.raises(DiskError, match=r"boot.disk_size 100 MiB is too small for the "
+                                        r"partitions: they need 103 MiB"):
+        build(tree, tmp_path, firmware="bios", root_size=100 * MiB, disk_size=100 * MiB)
+    with pytest.raises(DiskError, match=r"boot\.disk_size 1000 must be a positive multiple"):
+        build(tree, tmp_path, firmware="bios", disk_size=1000)
+    assert not (tmp_path / "disk.raw").exists()
 
 
 def test_tree_too_big_for_root_size(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import pytest
 
 from cloudlets import (
+    DiskError,
     FetchError,
     Manifest,
     Presets,
@@ -181,6 +182,22 @@ def test_rerender_reuses_cached_base_and_tarball(renderer: Renderer,
     assert read_from_disk(Path(again.primary.location), "/etc/hostname") == b"second\n"
 
 
+def test_boot_disk_size_sizes_the_rendered_disk(renderer: Renderer,
+                                               cloudlet: Callable[..., dict[str, Any]],
+                                               tmp_path: Path) -> None:
+    """The manifest's boot.disk_size reached no one: the disk was the
+    partitions plus alignment whatever it said."""
+    manifest = cloudlet()
+    manifest["boot"] = {**manifest["boot"], "root": {"size": "64M"}, "disk_size": "200M"}
+    result = renderer.render(manifest, str(tmp_path / "out") + "/", "local", "raw", CONFIG)
+    assert Path(result.primary.location).stat().st_size == 200 * 1024 * 1024
+    assert result.details["disk"]["size"] == 200 * 1024 * 1024
+    manifest["boot"]["disk_size"] = "65M"
+    with pytest.raises(DiskError, match=r"boot.disk_size 65 MiB is too small"):
+        renderer.render(manifest, str(tmp_path / "small") + "/", "local", "raw", CONFIG)
+    assert not (tmp_path / "small").exists() or not list((tmp_path / "small").iterdir())
+
+
 def test_qcow2_and_tar_outputs(renderer: Renderer, cloudlet: Callable[..., dict[str, Any]],
                                tmp_path: Path) -> None:
     manifest = cloudlet()
@@ -228,8 +245,6 @@ def test_template_error_leaves_nothing(renderer: Renderer,
 
 def test_missing_kernel_is_named(renderer: Renderer, cloudlet: Callable[..., dict[str, Any]],
                                  tmp_path: Path) -> None:
-    from cloudlets import DiskError
-
     files = {k: v for k, v in BASE_FILES.items() if k != "boot/vmlinuz"}
     with pytest.raises(DiskError, match="/boot/vmlinuz"):
         renderer.render(cloudlet(files), str(tmp_path / "out") + "/", "local", "raw")

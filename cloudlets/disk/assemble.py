@@ -94,7 +94,11 @@ class _Layout:
 
 
 def _layout(boot: BootSpec, root_size: int, seed: str) -> _Layout:
-    """Place the partitions: [BIOS boot] [ESP] root, 1 MiB aligned, 1 MiB spare at the end."""
+    """Place the partitions: [BIOS boot] [ESP] root, 1 MiB aligned, 1 MiB spare at the end
+    (or free space up to ``boot.disk_size``).
+
+    :raises DiskError: ``boot.disk_size`` is smaller than the partitions need.
+    """
     bios = boot.firmware in ("bios", "both")
     uefi = boot.firmware in ("uefi", "both")
     gpt = boot.partition_table == "gpt"
@@ -139,7 +143,19 @@ def _layout(boot: BootSpec, root_size: int, seed: str) -> _Layout:
         )
     )
     pos += root_size
-    return _Layout(pos + ALIGN, tuple(parts), root_index, esp_index, core_offset, core_limit)
+    size = pos + ALIGN
+    if boot.disk_size is not None:
+        if boot.disk_size < size:
+            raise DiskError(
+                f"boot.disk_size {_mib(boot.disk_size)} is too small for the partitions: "
+                f"they need {_mib(size)} ({size} bytes: a root filesystem of "
+                f"{_mib(root_size)}, boot partitions and 1 MiB alignment at each end)")
+        size = boot.disk_size
+    return _Layout(size, tuple(parts), root_index, esp_index, core_offset, core_limit)
+
+
+def _mib(size: int) -> str:
+    return f"{size / _MIB:.1f} MiB" if size % _MIB else f"{size // _MIB} MiB"
 
 
 #: At most this many patched ranges go to qemu-img as pieces; past it the

@@ -36,6 +36,9 @@ class BootSpec:
     :ivar root_size: the root filesystem size in bytes, or ``None`` to size it
         from the tree with headroom.
     :ivar label: the root filesystem label (at most 16 bytes).
+    :ivar disk_size: the whole disk image's size in bytes (a multiple of 512),
+        or ``None`` for the partitions plus alignment; the space past the
+        last partition is left free (for the guest to grow into).
     """
 
     kernel: str
@@ -46,6 +49,7 @@ class BootSpec:
     fstype: FsType = "ext4"
     root_size: int | None = None
     label: str = "cloudlets-root"
+    disk_size: int | None = None
 
     def validate(self) -> None:
         """Check the values a manifest schema cannot fully check.
@@ -67,6 +71,9 @@ class BootSpec:
             raise DiskError(f"boot.root_size {self.root_size} must be positive")
         if not self.label or len(self.label.encode()) > 16:
             raise DiskError(f"boot.label {self.label!r} must be 1 to 16 bytes")
+        if self.disk_size is not None and (self.disk_size <= 0 or self.disk_size % 512):
+            raise DiskError(f"boot.disk_size {self.disk_size} must be a positive multiple "
+                            "of 512 bytes")
 
 
 @dataclass(frozen=True)
