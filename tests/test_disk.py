@@ -388,6 +388,26 @@ def test_cmdline_with_root_is_left_alone(tree: Path, tmp_path: Path) -> None:
     assert b"root=UUID=" not in binary
 
 
+@pytest.mark.parametrize(("cmdline", "console", "expected"), [
+    ("console=ttyS0", None, ["root=UUID=u", "console=ttyS0"]),
+    ("root=/dev/xvda1 ro", None, ["root=/dev/xvda1", "ro"]),
+    ("console=hvc0 quiet 'a b'", "hvc0", ["root=UUID=u", "quiet", "a b", "console=hvc0"]),
+    ("console=ttyS0", "hvc0", ["root=UUID=u", "console=ttyS0", "console=hvc0"]),
+])
+def test_the_kernel_command_line_is_built_in_one_place(cmdline: str, console: str | None,
+                                                       expected: list[str]) -> None:
+    """The GRUB images and Xen's pygrub configuration both take it from here."""
+    from cloudlets.disk.bootloader import kernel_cmdline
+    from cloudlets.drivers.formats.xen import pygrub_config
+
+    assert kernel_cmdline(cmdline, "u", console=console) == expected
+    if console is not None and "a b" not in expected:
+        assert f"linux /k {' '.join(expected)}\n" in pygrub_config(
+            title="t", kernel="/k", initrd=None, cmdline=cmdline, root_uuid="u")
+    with pytest.raises(DiskError, match="cannot parse kernel command line"):
+        kernel_cmdline("init='/bin/sh", "u")
+
+
 def test_patch_keeps_mode_and_owner_and_adds_files(tree: Path, tmp_path: Path) -> None:
     image = build(
         tree,

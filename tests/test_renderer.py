@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import tarfile
@@ -623,6 +624,41 @@ def test_a_local_render_writes_its_output_once(
     assert read_from_disk(Path(raw.primary.location), "/etc/hostname") == b"web1\n"
     assert qcow2.primary.sha256 == hashlib.sha256(
         Path(qcow2.primary.location).read_bytes()).hexdigest()
+
+
+class NotesTheDisk(FormatDriver):
+    """A raw format that keeps the DiskImage it was handed."""
+
+    name: ClassVar[str] = "notes-the-disk"
+    capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    seen: ClassVar[list[DiskImage]] = []
+
+    def convert(self, context: FormatContext) -> list[OutputFile]:
+        self.seen.append(context.disk)
+        target = context.workdir / f"{context.basename}.raw"
+        shutil.copyfile(context.disk.path, target)
+        return [OutputFile("disk", target, target.name)]
+
+
+@pytest.mark.parametrize("boot", [None, STREAMED_BOOT], ids=["two-pass", "one-pass"])
+def test_a_format_gets_the_disk_stages_facts_typed(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
+        boot: dict[str, Any] | None) -> None:
+    """Root offset, root UUID and clock: the Xen driver parsed the partition
+    table and the superblock for them, and read the clock from a dict."""
+    NotesTheDisk.seen = []
+    manifest = cloudlet(**({"boot": boot} if boot else {}))
+    for output in ("a", "b"):  # cold, then from the cached base
+        result = renderer.render(manifest, str(tmp_path / output) + "/", "local",
+                                 NotesTheDisk(), CONFIG)
+        disk = NotesTheDisk.seen[-1]
+        stored = Path(result.primary.location)
+        assert disk.root_offset == root_partition_offset(stored)
+        stats = subprocess.run(["debugfs", "-R", "stats", f"{stored}?offset={disk.root_offset}"],
+                               capture_output=True, text=True, check=True, timeout=30).stdout
+        assert f"Filesystem UUID:          {disk.root_uuid}" in stats
+        assert disk.source_date_epoch == 1_700_000_000
+        assert result.details["disk"]["root_uuid"] == disk.root_uuid
 
 
 def test_an_output_that_is_the_disk_itself_is_kept(tmp_path: Path) -> None:

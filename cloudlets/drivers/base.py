@@ -67,13 +67,20 @@ class DiskImage:
     :ivar firmware: ``bios``, ``uefi`` or ``both``.
     :ivar tree_tar: the rendered root filesystem as a normalized tar, for
         formats that ship the tree rather than a disk.
-    :ivar details: facts the disk stage records (partition table, root
-        filesystem UUID...).
+    :ivar details: what the render records about the disk
+        (``RenderResult.details["disk"]``), for people; a driver reads the
+        typed fields below.
     :ivar pieces: only for a driver with
         :attr:`~cloudlets.drivers.types.FormatCapability.COMPOSED_DISK`, and
         then possibly not empty: the disk is these byte ranges of files, in
         order, and :attr:`path` alone lacks the root filesystem.
         :func:`cloudlets.drivers.formats.qemuimg.convert` reads either form.
+    :ivar root_offset: where the root filesystem's partition starts, in
+        bytes (``None``: not known, e.g. a tree).
+    :ivar root_uuid: the root filesystem's UUID (what ``root=UUID=`` names).
+    :ivar source_date_epoch: the timestamp the disk stage wrote everywhere a
+        tool would have taken the clock; a reproducible driver uses it for
+        its own timestamps (``None``: not pinned).
     """
 
     path: Path
@@ -82,6 +89,9 @@ class DiskImage:
     tree_tar: Path | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     pieces: tuple[Piece, ...] = ()
+    root_offset: int | None = None
+    root_uuid: str | None = None
+    source_date_epoch: int | None = None
 
 
 @dataclass(frozen=True)

@@ -421,13 +421,12 @@ class EC2Format(FormatDriver):
         private_key = ec2_bundle.load_private_key(self.private_key)
         facts = self._image_facts(context)
         device = self.root_device.removeprefix("/dev/")
-        epoch = context.disk.details.get("source_date_epoch")
         bundle = ec2_bundle.build_bundle(
             context.disk.path, context.workdir, context.basename,
             architecture=facts["Architecture"], account_id=self.account_id,
             user_certificate=user_cert, private_key=private_key, ec2_certificate=ec2_cert,
             block_device_mappings={"ami": device, "root": self.root_device},
-            bundler=("cloudlets", __version__), mtime=int(epoch) if epoch else 0)
+            bundler=("cloudlets", __version__), mtime=context.disk.source_date_epoch or 0)
         outputs = [OutputFile(role="manifest", path=bundle.manifest_path,
                               name=bundle.manifest_path.name, media_type="application/xml")]
         outputs += [OutputFile(role="bundle-part", path=part.path, name=part.filename)

@@ -200,5 +200,5 @@ class VHDFormat(FormatDriver):
     def _timestamp(self, context: FormatContext) -> int:
         if self.timestamp is not None:
             return self.timestamp
-        epoch = context.disk.details.get("source_date_epoch")
-        return max(int(epoch), VHD_EPOCH) if epoch is not None else VHD_EPOCH
+        epoch = context.disk.source_date_epoch
+        return max(epoch, VHD_EPOCH) if epoch is not None else VHD_EPOCH
