@@ -36,8 +36,7 @@ from cloudlets.errors import (
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
-
-__version__ = "0.1.0"
+from cloudlets.version import __version__
 
 __all__ = [
     "CacheError",

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from cloudlets import __version__
 from cloudlets.catalog import ClaimState
 from cloudlets.catalog.records import INTERRUPTIONS
 from cloudlets.cli_output import EscapingWriter, print_artifacts, print_json
@@ -59,6 +58,7 @@ from cloudlets.images import Images
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
+from cloudlets.version import __version__
 
 __all__ = ["EXIT_CODES", "main"]
 

@@ -9,21 +9,18 @@ order.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import hashlib
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypedDict
+from typing import Any
 
-from cloudlets.cache import CacheEntry, TarballCache
+from cloudlets.cache import TarballCache
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import (
     DiskImage,
@@ -42,17 +39,13 @@ from cloudlets.errors import (
     RenderError,
     StorageError,
 )
-from cloudlets.fetch import DownloadRestarted, Fetcher, UrlPolicy
+from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.manifest import Manifest
 from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
 from cloudlets.progress import ProgressCallback
 from cloudlets.result import RenderResult, image_id_for, request_key
 from cloudlets.rootfs import ArchivePolicy
-
-if TYPE_CHECKING:
-    from cloudlets.disk.assemble import BaseStream
-    from cloudlets.rootfs import RootTree
 from cloudlets.urls import redact
 
 __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_output"]
@@ -63,10 +56,6 @@ __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_outp
 #: then the download's own time, which overlaps ``rootfs``.
 STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "tree", "convert", "store",
           "publish")
-
-#: Bump when the base tree a render builds from the same inputs changes, so
-#: cached base filesystems from older versions are not reused.
-_BASE_FORMAT = "cloudlets-base-1"
 
 ManifestSource = Manifest | Mapping[str, Any] | str | Path
 
@@ -273,174 +262,47 @@ class Renderer:
     # -- stages -------------------------------------------------------------
 
     def _build(self, run: _Run) -> DiskImage:
-        """fetch → rootfs → templates → disk: the bootable raw disk (and, for
-        formats that ship the tree, the rendered tree tarball)."""
-        from cloudlets.disk import BootSpec as DiskBootSpec
-        from cloudlets.disk import build_disk, ext4
-        from cloudlets.disk.assemble import BaseStream, base_cached, base_paths
-        from cloudlets.rootfs import METADATA_PATH, RootTree, image_metadata, read_tarball
+        """fetch → rootfs → templates → disk (``tree`` for formats that ship
+        the tree): what the format converts. Which of them read and build
+        what depends on the cache of base filesystems; the
+        :class:`~cloudlets.disk.basecache.DiskPlan` decides."""
+        from cloudlets.disk.basecache import DiskPlan
         from cloudlets.templates import render_templates
 
-        manifest, config = run.manifest, run.config
-        fs, boot = manifest.filesystem, manifest.boot
+        manifest, config, caps = run.manifest, run.config, run.fmt.capabilities
+        fs = manifest.filesystem
         assert fs is not None  # require_renderable() checked (and boot, for disks)
         rules = MirrorRules.for_render(self._mirror_rules, config.mirrors)
-        wants_tree = bool(run.fmt.capabilities & FormatCapability.NEEDS_TREE)
-        seed = hashlib.sha256(f"{manifest.digest}\0{fs.sha256}".encode()).hexdigest()
-        base_key = hashlib.sha256(
-            f"{_BASE_FORMAT}\0{manifest.digest}\0{fs.sha256}\0{self.source_date_epoch}"
-            .encode()).hexdigest()
-        base_dir = self.cache_dir / "bases"
-        disk_boot = None
-        if not wants_tree:
-            assert boot is not None
-            disk_boot = DiskBootSpec(
-                kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline,
-                firmware=boot.firmware,  # type: ignore[arg-type]
-                partition_table=boot.partition_table,  # type: ignore[arg-type]
-                fstype=boot.fstype,  # type: ignore[arg-type]
-                root_size=boot.root_size, label=boot.label)
-            disk_boot.validate()
-        # what identifies the cached base filesystem, for every look-up below
-        base = _BaseLookup(seed=seed, tree_digest=base_key,
-                           source_date_epoch=self.source_date_epoch, base_cache=base_dir)
-
-        def read_tree(source: Path | BinaryIO, sink: BaseStream | None) -> RootTree:
-            tree = read_tarball(source, self.archive_policy, volatile=manifest.volatile,
-                                persistent=manifest.persistent, workdir=run.workdir,
-                                sink=sink.sink if sink is not None else None,
-                                keep_content=sink is None)
-            tree.add_file(METADATA_PATH, image_metadata(
-                name=manifest.name, version=manifest.version, digest=manifest.digest,
-                persistent=tree.persistent))
-            return tree
-
-        tree: RootTree | None = None
-        index_path: Path | None = None
-        if disk_boot is not None:
-            base_image, index_path = base_paths(disk_boot, **base)
-            if base_cached(disk_boot, **base):
-                # A re-render: with the base and the tree's index cached, the
-                # templates' sources come from the base; the tarball is not read.
-                with contextlib.suppress(ValueError):
-                    tree = RootTree.from_index(
-                        index_path, functools.partial(ext4.read_file, base_image),
-                        workdir=run.workdir)
-        from_index = tree is not None
-        stream: BaseStream | None = None
-        streamed = False
-        try:
+        with DiskPlan(manifest, base_cache=self.cache_dir / "bases", workdir=run.workdir,
+                      source_date_epoch=self.source_date_epoch,
+                      archive_policy=self.archive_policy,
+                      tree=bool(caps & FormatCapability.NEEDS_TREE),
+                      compose=bool(caps & FormatCapability.COMPOSED_DISK)) as plan:
+            tree = plan.cached_tree()
             if tree is not None:
                 run.details["tarball"] = {"read": False, "reason": "base filesystem cached"}
             else:
                 started = time.monotonic()
                 # A missing tarball downloads on a thread of its own while it is
-                # read; nothing read is used before entry.wait() has verified it.
+                # read; nothing read is used before the download is verified.
                 entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
                                           progress=run.progress, follow=True)
                 looked_up = time.monotonic() - started  # a hit: verified by now
-                with entry:
-                    if disk_boot is not None:
-                        # mke2fs builds the base while the tarball is read (when not cached)
-                        stream = BaseStream.open(disk_boot, **base,
-                                                 workdir=run.workdir / "stream",
-                                                 clamp=self.source_date_epoch)
-                    with self._stage(run, "rootfs"):
-                        tree = self._read_following(entry, read_tree, stream)
-                        run.timings["fetch"] = entry.fetch_seconds or looked_up
-                        run.details["tarball"] = {**entry.details(),
-                                                  "read_while_fetched": not entry.hit}
-                        if tree is None:  # the download started over under its reader
-                            if stream is not None:
-                                stream.abort()
-                                stream.reason = "the download started over while read"
-                            tree = read_tree(entry.path, None)
-                        elif stream is not None:
-                            try:
-                                streamed = stream.close(tree)
-                            except BaseException:
-                                tree.close()
-                                raise
-                            if streamed:  # templates read from the base mke2fs built
-                                tree.content_reader = stream.read_file
-                            else:  # the rare tarball that cannot be streamed: read again
-                                tree.close()
-                                tree = read_tree(entry.path, None)
+                with entry, self._stage(run, "rootfs"):
+                    tree = plan.read(entry)
+                    run.timings["fetch"] = entry.fetch_seconds or looked_up
+                    run.details["tarball"] = {**entry.details(),
+                                              "read_while_fetched": not entry.hit}
             with tree:
                 with self._stage(run, "templates"):
                     rendered = render_templates(tree, manifest, config,
                                                 mirror=rules.template_function())
-                run.details["rootfs"] = {"entries": len(tree), "dropped": len(tree.dropped),
-                                         "persistent": list(tree.persistent),
-                                         "templates": sorted(rendered),
-                                         "compression": tree.compression.value}
-                if disk_boot is None:
-                    with self._stage(run, "tree"):
-                        tree_tar = tree.write_tar(run.workdir / "rendered-tree.tar",
-                                                  replacements=rendered,
-                                                  source_date_epoch=self.source_date_epoch)
-                    return DiskImage(path=tree_tar, size=tree_tar.stat().st_size,
-                                     firmware=boot.firmware if boot is not None else "bios",
-                                     tree_tar=tree_tar, details={"kind": "tree"})
-                if stream is not None:
-                    run.details["rootfs"]["streamed"] = streamed
-                    if not streamed:
-                        run.details["rootfs"]["not_streamed"] = stream.reason
-                with self._stage(run, "disk"):
-                    base_tar = None
-                    if not streamed and not base_cached(disk_boot, **base):
-                        base_tar = tree.write_tar(run.workdir / "base-tree.tar",
-                                                  source_date_epoch=self.source_date_epoch)
-                    image = build_disk(
-                        base_tar, disk_boot, run.workdir / "disk.raw", seed=seed,
-                        workdir=run.workdir / "disk",
-                        source_date_epoch=self.source_date_epoch, base_cache=base_dir,
-                        patch_files=rendered, tree_digest=base_key,
-                        sync=False,  # an intermediate: the storage makes its copy durable
-                        compose=bool(run.fmt.capabilities & FormatCapability.COMPOSED_DISK))
-                    if base_tar is not None:  # see _discard_intermediates
-                        base_tar.unlink()
-                    if index_path is not None and not from_index:
-                        tree.write_index(index_path)  # for the next re-render
-        finally:
-            if stream is not None:
-                stream.abort()
-        run.details["disk"] = {
-            "size": image.size, "firmware": image.firmware,
-            "partition_table": image.partition_table, "root_uuid": image.root_uuid,
-            "disk_guid": image.disk_guid, "partitions": image.partition_uuids,
-            "base_cached": image.base_cached and not streamed,
-            "composed": bool(image.pieces),
-            "source_date_epoch": image.source_date_epoch}
-        return DiskImage(path=image.path, size=image.size, firmware=image.firmware,
-                         tree_tar=None, details=dict(run.details["disk"]), pieces=image.pieces)
-
-    @staticmethod
-    def _read_following(entry: CacheEntry, read_tree: Callable[[BinaryIO, BaseStream | None],
-                                                               RootTree],
-                        stream: BaseStream | None) -> RootTree | None:
-        """Read the tree from ``entry`` while it may still be downloading,
-        then wait for the download's verdict: a tree from a tarball that
-        failed verification is never used.
-
-        :returns: the tree, or ``None`` when the download started over after
-            bytes were read (read the finished file instead).
-        """
-        with entry.open() as source:
-            try:
-                tree = read_tree(source, stream)
-            except DownloadRestarted:
-                entry.wait()
-                return None
-            except CloudletsError:
-                entry.wait()  # a failed download explains a broken archive best
-                raise
-        try:
-            entry.wait()
-        except BaseException:
-            tree.close()
-            raise
-        return tree
+                run.details["rootfs"] = plan.rootfs_details(tree, rendered)
+                with self._stage(run, plan.stage):
+                    disk = plan.build(tree, rendered)
+        if plan.stage == "disk":
+            run.details["disk"] = dict(disk.details)
+        return disk
 
     def _convert(self, fmt: FormatDriver, context: FormatContext) -> list[OutputFile]:
         try:
@@ -612,15 +474,6 @@ class OutputPlan:
                                    f"{len(names)} files ({', '.join(names)})", shown)
             return [self.target]
         return [self.prefix + name for name in names]
-
-
-class _BaseLookup(TypedDict):
-    """The arguments that identify a cached base filesystem (cloudlets.disk.assemble)."""
-
-    seed: str
-    tree_digest: str
-    source_date_epoch: int | None
-    base_cache: Path
 
 
 def _discard_intermediates(disk: DiskImage, outputs: Sequence[OutputFile]) -> None:

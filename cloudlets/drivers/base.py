@@ -68,13 +68,20 @@ class DiskImage:
     :ivar firmware: ``bios``, ``uefi`` or ``both``.
     :ivar tree_tar: the rendered root filesystem as a normalized tar, for
         formats that ship the tree rather than a disk.
-    :ivar details: facts the disk stage records (partition table, root
-        filesystem UUID...).
+    :ivar details: what the render records about the disk
+        (``RenderResult.details["disk"]``), for people; a driver reads the
+        typed fields below.
     :ivar pieces: only for a driver with
         :attr:`~cloudlets.drivers.types.FormatCapability.COMPOSED_DISK`, and
         then possibly not empty: the disk is these byte ranges of files, in
         order, and :attr:`path` alone lacks the root filesystem.
         :func:`cloudlets.drivers.formats.qemuimg.convert` reads either form.
+    :ivar root_offset: where the root filesystem's partition starts, in
+        bytes (``None``: not known, e.g. a tree).
+    :ivar root_uuid: the root filesystem's UUID (what ``root=UUID=`` names).
+    :ivar source_date_epoch: the timestamp the disk stage wrote everywhere a
+        tool would have taken the clock; a reproducible driver uses it for
+        its own timestamps (``None``: not pinned).
     """
 
     path: Path
@@ -83,6 +90,9 @@ class DiskImage:
     tree_tar: Path | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     pieces: tuple[Piece, ...] = ()
+    root_offset: int | None = None
+    root_uuid: str | None = None
+    source_date_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -377,7 +387,10 @@ class StorageDriver(ABC):
     website: ClassVar[str] = ""
     #: One line for ``cloudlets drivers`` and the docs matrix.
     description: ClassVar[str] = ""
-    #: What the driver can do.
+    #: What the driver can do. An instance whose configuration rules a
+    #: capability out declares less than its class, never more
+    #: (``HTTPStorage(ex_move=False)`` is not ``ATOMIC``): the checks here,
+    #: and callers, read the instance's.
     capabilities: ClassVar[StorageCapability] = StorageCapability.NONE
     #: Bytes per read when streaming a file source.
     CHUNK_SIZE: ClassVar[int] = 4 * 1024 * 1024
