@@ -72,6 +72,7 @@ class _Run:
     workdir: Path
     progress: ProgressCallback | None
     overwrite: bool
+    mirrors: MirrorRules
     timings: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -182,6 +183,7 @@ class Renderer:
         key = request_key(loaded.digest, merged.digest, fmt.name, store.target, output_path)
         return RenderJob(manifest=loaded, config=merged, format=fmt, storage=store,
                          output=output_path, plan=plan, key=key,
+                         mirrors=MirrorRules.for_render(self._mirror_rules, merged.mirrors),
                          prepared_in=time.monotonic() - started)
 
     def execute(self, job: RenderJob, progress: ProgressCallback | None = None, *,
@@ -203,7 +205,7 @@ class Renderer:
         with self._workdir() as workdir:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
                        output=job.output, workdir=workdir, progress=progress,
-                       overwrite=overwrite)
+                       overwrite=overwrite, mirrors=job.mirrors)
             run.timings["prepare"] = job.prepared_in + time.monotonic() - started
             disk = self._build(run)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
@@ -272,7 +274,7 @@ class Renderer:
         manifest, config, caps = run.manifest, run.config, run.fmt.capabilities
         fs = manifest.filesystem
         assert fs is not None  # require_renderable() checked (and boot, for disks)
-        rules = MirrorRules.for_render(self._mirror_rules, config.mirrors)
+        rules = run.mirrors
         with DiskPlan(manifest, base_cache=self.cache_dir / "bases", workdir=run.workdir,
                       source_date_epoch=self.source_date_epoch,
                       archive_policy=self.archive_policy,
@@ -405,6 +407,8 @@ class RenderJob:
     :ivar plan: the file stem and locations derived from :attr:`output`.
     :ivar key: the request's digest (:func:`cloudlets.result.request_key`)
         over the output as requested; :meth:`at` keeps it.
+    :ivar mirrors: the render's mirror rules, compiled once: the
+        renderer's, then the config's.
     :ivar prepared_in: seconds :meth:`Renderer.prepare` took.
     """
 
@@ -415,6 +419,7 @@ class RenderJob:
     output: str
     plan: OutputPlan
     key: str
+    mirrors: MirrorRules
     prepared_in: float = 0.0
 
     @property
