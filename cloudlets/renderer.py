@@ -202,6 +202,10 @@ class Renderer:
         loaded, merged, fmt, store, plan = (job.manifest, job.config, job.format,
                                             job.storage, job.plan)
         started = time.monotonic()
+        if not overwrite:
+            # Before any work: the primary file's name is known up front (the
+            # others, once the format has named them, are checked at store).
+            _refuse_existing(store, plan.locations([plan.basename + fmt.extension]))
         with self._workdir() as workdir:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
                        output=job.output, workdir=workdir, progress=progress,
@@ -329,10 +333,7 @@ class Renderer:
     def _store(self, run: _Run, outputs: list[OutputFile],
                locations: list[str]) -> list[StoredArtifact]:
         if not run.overwrite:
-            taken = [loc for loc in locations if run.storage.exists(loc)]
-            if taken:
-                raise StorageError(f"refusing to overwrite existing {redact(taken[0])} "
-                                   "(pass overwrite=True to replace it)", redact(taken[0]))
+            _refuse_existing(run.storage, locations)
         stored: list[StoredArtifact] = []
         try:
             for output, location in zip(outputs, locations, strict=True):
@@ -435,6 +436,15 @@ class RenderJob:
         """
         plan = _plan(self.manifest, self.format, self.storage, output)
         return dataclasses.replace(self, output=output, plan=plan)
+
+
+def _refuse_existing(storage: StorageDriver, locations: Sequence[str]) -> None:
+    """:raises StorageError: when something is stored at one of ``locations``."""
+    for location in locations:
+        if storage.exists(location):
+            shown = redact(location)
+            raise StorageError(f"refusing to overwrite existing {shown} (pass overwrite=True, "
+                               "or --overwrite on the command line, to replace it)", shown)
 
 
 def _plan(manifest: Manifest, fmt: FormatDriver, store: StorageDriver,

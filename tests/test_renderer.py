@@ -225,8 +225,11 @@ def test_existing_output_is_refused_then_overwritten(renderer: Renderer,
     target = tmp_path / "out" / "tiny-1.0.raw"
     target.parent.mkdir()
     target.write_bytes(b"precious")
-    with pytest.raises(StorageError, match="refusing to overwrite"):
-        renderer.render(cloudlet(), str(tmp_path / "out") + "/", "local", "raw", CONFIG)
+    stages: list[str] = []
+    with pytest.raises(StorageError, match=r"refusing to overwrite.*overwrite=True.*--overwrite"):
+        renderer.render(cloudlet(), str(tmp_path / "out") + "/", "local", "raw", CONFIG,
+                        lambda stage, done, total: stages.append(stage))
+    assert stages == []  # refused before any stage ran: nothing fetched, built or converted
     assert target.read_bytes() == b"precious"
     result = renderer.render(cloudlet(), str(tmp_path / "out") + "/", "local", "raw", CONFIG,
                              overwrite=True)
