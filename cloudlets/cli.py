@@ -12,6 +12,7 @@ Exit codes (also in ``cloudlets --help``):
 6      cache verify found a corrupted entry
 7      not found (no image with that id)
 130    interrupted (SIGINT); nothing half-written is left
+141    the reader of the output went away (SIGPIPE)
 143    terminated (SIGTERM); nothing half-written is left
 =====  ==========================================================
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -74,6 +76,8 @@ EXIT_NOT_FOUND = 7
 #: A command stopped by SIGINT or SIGTERM exits as a shell reports it: 128 + the signal.
 EXIT_INTERRUPTED = 128 + 2
 EXIT_TERMINATED = 128 + 15
+#: The reader of the command's output went away.
+EXIT_BROKEN_PIPE = 128 + 13
 
 #: Exit code → meaning, as documented.
 EXIT_CODES = {
@@ -86,6 +90,7 @@ EXIT_CODES = {
     EXIT_CORRUPT: "cache verify found a corrupted entry",
     EXIT_NOT_FOUND: "not found (no image with that id)",
     EXIT_INTERRUPTED: "interrupted (SIGINT); nothing half-written is left",
+    EXIT_BROKEN_PIPE: "the reader of the output went away (SIGPIPE)",
     EXIT_TERMINATED: "terminated (SIGTERM); nothing half-written is left",
 }
 
@@ -485,5 +490,20 @@ def _terminate_on_sigterm() -> Iterator[None]:
 
 
 def entry_point() -> None:
-    """Console script entry point."""
-    sys.exit(main())
+    """Console script entry point.
+
+    A reader that goes away (``cloudlets images --json | head -1``) ends the
+    command quietly with 141 (128 + SIGPIPE), as other Unix tools end, not
+    with a traceback. SIGPIPE itself keeps Python's handling, so a closed
+    upload connection is an error the storage driver reports.
+    """
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Nothing more can be written; keep the interpreter's final flush quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)

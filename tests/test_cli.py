@@ -22,7 +22,7 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 
 def test_exit_codes_are_distinct_and_documented() -> None:
-    assert sorted(EXIT_CODES) == [0, 1, 2, 3, 4, 5, 6, 7, 130, 143]
+    assert sorted(EXIT_CODES) == [0, 1, 2, 3, 4, 5, 6, 7, 130, 141, 143]
     code, out, _ = run("--help")
     assert code == 0
     for number, meaning in EXIT_CODES.items():
