@@ -443,7 +443,7 @@ def test_failed_publish_removes_what_was_stored(renderer: Renderer,
                                                 tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="refused"):
         renderer.render(cloudlet(), str(tmp_path / "p") + "/", "local", FailsToPublish())
-    assert list((tmp_path / "p").iterdir()) == []  # nothing left to refuse a retry
+    assert not (tmp_path / "p").exists()  # nothing left to refuse a retry, no empty dir
     renderer.render(cloudlet(), str(tmp_path / "p") + "/", "local", "raw")
 
 
