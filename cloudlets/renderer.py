@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,13 +335,14 @@ class Renderer:
         if not run.overwrite:
             _refuse_existing(run.storage, locations)
         stored: list[StoredArtifact] = []
+        total = sum(output.path.stat().st_size for output in outputs)
         try:
             for output, location in zip(outputs, locations, strict=True):
                 stored.append(run.storage.upload(
                     output.path, location, media_type=output.media_type, role=output.role,
-                    overwrite=run.overwrite, disposable=True))  # the work dir goes next
-                if run.progress:
-                    run.progress("store", len(stored), len(outputs))
+                    overwrite=run.overwrite, disposable=True,  # the work dir goes next
+                    progress=_store_progress(run.progress, sum(a.size for a in stored),
+                                             total)))
         except BaseException:
             self._roll_back(run.storage, locations[:len(stored)])
             raise
@@ -436,6 +437,15 @@ class RenderJob:
         """
         plan = _plan(self.manifest, self.format, self.storage, output)
         return dataclasses.replace(self, output=output, plan=plan)
+
+
+def _store_progress(progress: ProgressCallback | None, before: int,
+                    total: int) -> Callable[[int], None] | None:
+    """The store stage reports bytes of all its artifacts together."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda done: report("store", before + done, total)
 
 
 def _refuse_existing(storage: StorageDriver, locations: Sequence[str]) -> None:
