@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ from cloudlets.errors import (
     CloudletsError,
     FormatError,
     RenderError,
+    SignatureError,
     StorageError,
 )
 from cloudlets.fetch import DownloadRestarted, Fetcher, UrlPolicy
@@ -53,6 +55,8 @@ from cloudlets.rootfs import ArchivePolicy
 if TYPE_CHECKING:
     from cloudlets.disk.assemble import BaseStream
     from cloudlets.rootfs import RootTree
+    from cloudlets.signing import ProvenanceKey, Signer, TrustPolicy
+    from cloudlets.signing.trust import SignatureSource
 from cloudlets.urls import redact
 
 __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_output"]
@@ -62,7 +66,7 @@ __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_outp
 #: A tarball that is not cached yet is read while it downloads: ``fetch`` is
 #: then the download's own time, which overlaps ``rootfs``.
 STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "tree", "convert", "store",
-          "publish")
+          "provenance", "publish")
 
 #: Bump when the base tree a render builds from the same inputs changes, so
 #: cached base filesystems from older versions are not reused.
@@ -108,7 +112,14 @@ class Renderer:
     :param ex_cache_max_bytes: bound the tarball cache (LRU eviction).
     :param ex_fetcher: the downloader (timeouts, retries, URL policy); by
         default one whose policy allows http and https, and ``file`` only
-        with ``ex_allow_file_urls``.
+        with ``ex_allow_file_urls``. It also fetches a manifest's ``.sig``.
+    :param trust: the :class:`~cloudlets.signing.TrustPolicy` every
+        manifest is checked against in :meth:`prepare`, before anything is
+        downloaded; ``None`` checks no signature. :meth:`prepare` may be
+        given another one per call (a tenant's).
+    :param provenance_key: when set, every render writes a signed
+        provenance (:mod:`cloudlets.signing.provenance`) beside its
+        artifacts; :meth:`prepare` may be given another one per call.
     """
 
     def __init__(self, cache_dir: str | Path | None = None, presets: Presets | None = None,
@@ -118,7 +129,9 @@ class Renderer:
                  ex_source_date_epoch: int | None = None,
                  ex_archive_policy: ArchivePolicy | None = None,
                  ex_cache_max_bytes: int | None = None,
-                 ex_fetcher: Fetcher | None = None) -> None:
+                 ex_fetcher: Fetcher | None = None,
+                 trust: TrustPolicy | None = None,
+                 provenance_key: ProvenanceKey | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.work_dir = Path(work_dir) if work_dir is not None else None
@@ -136,6 +149,8 @@ class Renderer:
         if epoch is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
             epoch = int(os.environ["SOURCE_DATE_EPOCH"])
         self.source_date_epoch = epoch
+        self.trust = trust
+        self.provenance_key = provenance_key
 
     # -- public API ---------------------------------------------------------
 
@@ -143,7 +158,9 @@ class Renderer:
                storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
                config: Mapping[str, Any] | None = None,
                progress: ProgressCallback | None = None, *,
-               overwrite: bool = False) -> RenderResult:
+               overwrite: bool = False, signature: SignatureSource | None = None,
+               trust: TrustPolicy | None = None,
+               provenance_key: ProvenanceKey | None = None) -> RenderResult:
         """Render a cloudlet and store the result: :meth:`prepare`, then
         :meth:`execute`.
 
@@ -160,30 +177,50 @@ class Renderer:
         :param config: the request's render config.
         :param progress: called as ``progress(stage, done, total)``.
         :param overwrite: replace existing artifacts instead of refusing.
+        :param signature: as for :meth:`prepare`.
+        :param trust: as for :meth:`prepare`.
+        :param provenance_key: as for :meth:`prepare`.
         :returns: the render's :class:`~cloudlets.result.RenderResult`.
         :raises CloudletsError: a subclass naming the problem and where; no
             complete-looking artifact is left at the output location.
         """
-        job = self.prepare(manifest, output_path, storage, format, config)
+        job = self.prepare(manifest, output_path, storage, format, config,
+                           signature=signature, trust=trust, provenance_key=provenance_key)
         return self.execute(job, progress, overwrite=overwrite)
 
     def prepare(self, manifest: ManifestSource, output_path: str,
                 storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
-                config: Mapping[str, Any] | None = None) -> RenderJob:
+                config: Mapping[str, Any] | None = None, *,
+                signature: SignatureSource | None = None,
+                trust: TrustPolicy | None = None,
+                provenance_key: ProvenanceKey | None = None) -> RenderJob:
         """Resolve a render's inputs once, before anything is fetched: load
-        the manifest, build the drivers, merge and validate the config, plan
-        the output.
+        the manifest, check its signature, build the drivers, merge and
+        validate the config, plan the output.
 
         :param manifest: as for :meth:`render`.
         :param output_path: as for :meth:`render`.
         :param storage: a storage driver instance, class or registered name.
         :param format: a format driver instance, class or registered name.
         :param config: the request's render config.
+        :param signature: the manifest's signature (armored text or bytes)
+            or where to read it (a path or URL); default ``MANIFEST.sig``
+            beside a manifest given as a path or URL, fetched with this
+            renderer's fetcher and URL policy. Checked only with a trust
+            policy.
+        :param trust: the policy for this render instead of the renderer's
+            (a tenant's).
+        :param provenance_key: the provenance key for this render instead of
+            the renderer's.
         :returns: the :class:`RenderJob` that :meth:`execute` renders.
+        :raises SignatureError: the trust policy refuses the manifest
+            (:attr:`~cloudlets.errors.SignatureError.reason` says why), or a
+            signature was given without a policy to check it.
         :raises CloudletsError: for invalid input or an unusable driver.
         """
         started = time.monotonic()
         loaded = Manifest.load(manifest)
+        signer = self._check_signature(loaded, manifest, signature, trust or self.trust)
         fmt = make_driver(DriverKind.FORMAT, format)
         store = make_driver(DriverKind.STORAGE, storage)
         loaded.require_renderable(
@@ -193,7 +230,8 @@ class Renderer:
         key = request_key(loaded.digest, merged.digest, fmt.name, store.name, output_path)
         return RenderJob(manifest=loaded, config=merged, format=fmt, storage=store,
                          output=output_path, plan=plan, key=key,
-                         prepared_in=time.monotonic() - started)
+                         prepared_in=time.monotonic() - started, signer=signer,
+                         provenance_key=provenance_key or self.provenance_key)
 
     def execute(self, job: RenderJob, progress: ProgressCallback | None = None, *,
                 overwrite: bool = False) -> RenderResult:
@@ -210,11 +248,13 @@ class Renderer:
         """
         loaded, merged, fmt, store, plan = (job.manifest, job.config, job.format,
                                             job.storage, job.plan)
-        started = time.monotonic()
+        started, started_on = time.monotonic(), time.time()
         with self._workdir() as workdir:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
                        output=job.output, workdir=workdir, progress=progress,
                        overwrite=overwrite)
+            if job.signer is not None:
+                run.details["signature"] = job.signer.to_dict()
             run.timings["prepare"] = job.prepared_in + time.monotonic() - started
             disk = self._build(run)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
@@ -225,9 +265,24 @@ class Renderer:
                 if not fmt.capabilities & FormatCapability.PUBLISH:
                     _discard_intermediates(disk, outputs)
             locations = plan.locations([o.name for o in outputs])
+            provenance_at = plan.provenance_location(outputs[0].name) \
+                if job.provenance_key is not None else None
             with self._stage(run, "store"):
-                stored = self._store(run, outputs, locations)
+                stored = self._store(run, outputs, locations,
+                                     reserved=[provenance_at] if provenance_at else [])
             image_id = job.image_id
+            artifacts = list(stored)
+            if job.provenance_key is not None:
+                try:
+                    with self._stage(run, "provenance"):
+                        written = self._provenance(run, job, stored, provenance_at,
+                                                   started_on)
+                except BaseException:
+                    self._roll_back(store, locations)
+                    raise
+                if written is not None:
+                    artifacts.append(written)
+                    locations.append(provenance_at)  # type: ignore[arg-type]
             if fmt.capabilities & FormatCapability.PUBLISH:
                 try:
                     with self._stage(run, "publish"):
@@ -240,7 +295,7 @@ class Renderer:
                     run.details["publish"] = dict(published.details)
                     image_id = published.image_id or image_id
         return RenderResult(
-            image_id=image_id, format=fmt.name, storage=store.name, artifacts=tuple(stored),
+            image_id=image_id, format=fmt.name, storage=store.name, artifacts=tuple(artifacts),
             manifest_name=loaded.name, manifest_version=loaded.version,
             manifest_digest=loaded.digest, config_digest=merged.digest,
             timings=dict(run.timings), details=dict(run.details))
@@ -458,10 +513,12 @@ class Renderer:
                                   f"{output.name!r}; names start with {context.basename!r}")
         return outputs
 
-    def _store(self, run: _Run, outputs: list[OutputFile],
-               locations: list[str]) -> list[StoredArtifact]:
+    def _store(self, run: _Run, outputs: list[OutputFile], locations: list[str], *,
+               reserved: Sequence[str] = ()) -> list[StoredArtifact]:
+        """Upload the outputs; ``reserved`` are locations a later step
+        writes (the provenance), refused as well when already taken."""
         if not run.overwrite:
-            taken = [loc for loc in locations if run.storage.exists(loc)]
+            taken = [loc for loc in [*locations, *reserved] if run.storage.exists(loc)]
             if taken:
                 raise StorageError(f"refusing to overwrite existing {redact(taken[0])} "
                                    "(pass overwrite=True to replace it)", redact(taken[0]))
@@ -488,7 +545,50 @@ class Renderer:
         if storage.capabilities & StorageCapability.DELETE:
             delete_locations(storage, locations, check_exists=False)
 
+    def _provenance(self, run: _Run, job: RenderJob, stored: list[StoredArtifact],
+                    location: str | None, started_on: float) -> StoredArtifact | None:
+        """Sign the render's provenance and store it at ``location`` (for a
+        block target, which holds one image, it is kept in the details
+        only). :returns: the stored provenance artifact, if any."""
+        from cloudlets.signing.provenance import (
+            PAYLOAD_TYPE,
+            ROLE,
+            job_statement,
+            sign_envelope,
+        )
+
+        key = job.provenance_key
+        assert key is not None
+        statement = job_statement(job, stored, builder_id=key.builder_id, started=started_on,
+                                  finished=time.time(),
+                                  source_date_epoch=self.source_date_epoch)
+        envelope = sign_envelope(statement, key)
+        run.details["provenance"] = {"location": None, "key_id": key.key_id,
+                                     "sha256": hashlib.sha256(envelope).hexdigest(),
+                                     "envelope": json.loads(envelope)}
+        if location is None:
+            return None
+        path = run.workdir / "provenance.intoto.json"
+        path.write_bytes(envelope)
+        artifact = run.storage.upload(path, location, media_type=PAYLOAD_TYPE, role=ROLE,
+                                      overwrite=run.overwrite, disposable=True)
+        run.details["provenance"]["location"] = artifact.location
+        return artifact
+
     # -- helpers ------------------------------------------------------------
+
+    def _check_signature(self, manifest: Manifest, source: ManifestSource,
+                         signature: SignatureSource | None,
+                         policy: TrustPolicy | None) -> Signer | None:
+        """The trust policy's verdict on the manifest's exact bytes, before
+        anything is downloaded. :returns: who signed, if anyone."""
+        if policy is None:
+            if signature is not None:
+                raise SignatureError("a signature was given but the renderer has no trust "
+                                     "policy to check it with", "policy", manifest.source)
+            return None
+        return policy.check_manifest(manifest, source, signature=signature,
+                                     fetcher=self.fetcher)
 
     def _cache(self) -> TarballCache:
         return TarballCache(self.cache_dir, max_bytes=self.cache_max_bytes,
@@ -540,6 +640,8 @@ class RenderJob:
     :ivar key: the request's digest (:func:`cloudlets.result.request_key`)
         over the output as requested; :meth:`at` keeps it.
     :ivar prepared_in: seconds :meth:`Renderer.prepare` took.
+    :ivar signer: who signed the manifest, as the trust policy verified it.
+    :ivar provenance_key: signs the render's provenance, when set.
     """
 
     manifest: Manifest
@@ -550,6 +652,8 @@ class RenderJob:
     plan: OutputPlan
     key: str
     prepared_in: float = 0.0
+    signer: Signer | None = None
+    provenance_key: ProvenanceKey | None = field(default=None, repr=False)
 
     @property
     def image_id(self) -> str:
@@ -597,6 +701,14 @@ class OutputPlan:
     def block(self) -> bool:
         """Whether the output is one block target."""
         return self.prefix is None
+
+    def provenance_location(self, primary: str) -> str | None:
+        """:returns: where a render's provenance goes: beside the primary
+        file, named after it (``web-1.0.qcow2.provenance.intoto.json``);
+        ``None`` for a block target, which holds the image only."""
+        from cloudlets.signing.provenance import FILE_SUFFIX
+
+        return None if self.prefix is None else self.prefix + primary + FILE_SUFFIX
 
     def locations(self, names: Sequence[str]) -> list[str]:
         """:returns: the storage location of each output file name.

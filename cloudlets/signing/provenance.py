@@ -43,6 +43,7 @@ from cloudlets.urls import redact
 if TYPE_CHECKING:
     from cloudlets.drivers.base import StoredArtifact
     from cloudlets.manifest import Manifest
+    from cloudlets.renderer import RenderJob
 
 __all__ = [
     "BUILD_TYPE",
@@ -50,6 +51,7 @@ __all__ = [
     "PAYLOAD_TYPE",
     "ProvenanceKey",
     "build_statement",
+    "job_statement",
     "load_verify_key",
     "pae",
     "sign_envelope",
@@ -259,6 +261,32 @@ def build_statement(*, artifacts: Sequence[StoredArtifact], manifest: Manifest,
             },
         },
     }
+
+
+def job_statement(job: RenderJob, artifacts: Sequence[StoredArtifact], *, builder_id: str,
+                  started: float, finished: float,
+                  source_date_epoch: int | None = None) -> dict[str, Any]:
+    """:func:`build_statement` for a render job and what it stored.
+
+    :param job: the prepared render (:meth:`cloudlets.Renderer.prepare`).
+    :param artifacts: what the storage driver stored.
+    :param builder_id: the SLSA ``builder.id``.
+    :param started: when the render started (epoch seconds).
+    :param finished: when it stored its artifacts.
+    :param source_date_epoch: the renderer's fixed timestamp, if any.
+    :returns: the statement.
+    """
+    from cloudlets import __version__
+
+    return build_statement(
+        artifacts=artifacts, manifest=job.manifest, config_digest=job.config.digest,
+        format_name=job.format.name, storage_name=job.storage.name,
+        drivers={kind: f"{type(driver).__module__}.{type(driver).__qualname__}"
+                 for kind, driver in (("format", job.format), ("storage", job.storage))},
+        version=__version__, builder_id=builder_id, image_id=job.image_id,
+        output=job.output, started=started, finished=finished,
+        signer=job.signer.to_dict() if job.signer is not None else None,
+        source_date_epoch=source_date_epoch)
 
 
 # -- the envelope -------------------------------------------------------------
