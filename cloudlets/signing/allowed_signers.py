@@ -45,6 +45,8 @@ MAX_ENTRIES = 100_000
 _TIMESTAMP = re.compile(r"^(\d{8})(\d{4})?(\d{2})?([Zz])?$")
 _OPTION = re.compile(r'([A-Za-z-]+)(?:="((?:[^"\\]|\\.)*)"|=([^,\s"]*))?')
 _KRL_MAGIC = b"SSHKRL\n\0"
+#: A field starting so is a key type (perhaps one cloudlets refuses), not options.
+_KEY_TYPE_PREFIXES = ("ssh-", "ecdsa-", "sk-", "rsa-")
 
 
 def parse_timestamp(text: str, where: str | None = None) -> float:
@@ -224,7 +226,8 @@ class AllowedSigners:
         try:
             principals, rest = _field(line)
             options = ""
-            if rest.split(None, 1)[0:1] and rest.split(None, 1)[0] not in KEY_TYPES:
+            first = rest.split(None, 1)[0] if rest.strip() else ""
+            if first and first not in KEY_TYPES and not first.startswith(_KEY_TYPE_PREFIXES):
                 options, rest = _options_field(rest)
         except ValueError as exc:
             raise SignatureError(str(exc), "policy", where) from None
@@ -241,17 +244,17 @@ class AllowedSigners:
                 raise SignatureError(
                     "cert-authority (SSH certificates) is not supported: list the signers' "
                     "own keys", "policy", where)
+            if name not in ("namespaces", "valid-after", "valid-before"):
+                raise SignatureError(f"unknown option {name!r} (cert-authority, namespaces, "
+                                     "valid-after, valid-before)", "policy", where)
             if value is None:
                 raise SignatureError(f"option {name!r} needs a value", "policy", where)
             if name == "namespaces":
                 namespaces = tuple(n for n in value.split(",") if n)
             elif name == "valid-after":
                 after = parse_timestamp(value, where)
-            elif name == "valid-before":
-                before = parse_timestamp(value, where)
             else:
-                raise SignatureError(f"unknown option {name!r} (cert-authority, namespaces, "
-                                     "valid-after, valid-before)", "policy", where)
+                before = parse_timestamp(value, where)
         try:
             key = parse_public_line(rest, where)
         except SignatureError as exc:

@@ -218,7 +218,14 @@ def load_private_key(source: str | Path | bytes, password: bytes | None = None) 
         problem = ("the key is encrypted: give its passphrase" if password is None
                    else "the key is not encrypted, but a passphrase was given")
         raise SignatureError(problem, "key", where) from None
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except UnsupportedAlgorithm as exc:
+        if "bcrypt" in str(exc):
+            raise SignatureError("encrypted OpenSSH keys need the bcrypt package (pip install "
+                                 "bcrypt), or sign with ssh-keygen -Y sign", "key",
+                                 where) from None
+        raise SignatureError("not a private key cloudlets can read: UnsupportedAlgorithm",
+                             "key", where) from None
+    except ValueError as exc:
         hint = " (wrong passphrase?)" if password is not None else ""
         raise SignatureError(f"not a private key cloudlets can read{hint}: "
                              f"{type(exc).__name__}", "key", where) from None
@@ -317,6 +324,17 @@ class SshSignature:
         return cls(public_key=public_key, namespace=namespace, hash_algorithm=hash_algorithm,
                    algorithm=algorithm, signature=signature)
 
+    def armor(self) -> str:
+        """:returns: the signature armored as ``ssh-keygen -Y sign`` writes
+        it (base64 lines of 70 characters)."""
+        blob = (_MAGIC + struct.pack(">I", _VERSION) + _string(self.public_key)
+                + _string(self.namespace.encode()) + _string(b"")
+                + _string(self.hash_algorithm)
+                + _string(_string(self.algorithm) + _string(self.signature)))
+        text = base64.b64encode(blob).decode("ascii")
+        body = "\n".join(text[i:i + 70] for i in range(0, len(text), 70))
+        return f"{_BEGIN.decode()}\n{body}\n{_END.decode()}\n"
+
     def verify(self, message: bytes, namespace: str = NAMESPACE,
                source: str | None = None) -> None:
         """Check the signature over ``message`` with its own public key
@@ -398,9 +416,5 @@ def sign(message: bytes, key: PrivateKey, namespace: str = NAMESPACE) -> str:
     else:
         algorithm = "rsa-sha2-512"
         raw = key.sign(signed, padding.PKCS1v15(), hashes.SHA512())
-    blob = (_MAGIC + struct.pack(">I", _VERSION) + _string(public_key_blob(key))
-            + _string(namespace.encode()) + _string(b"") + _string("sha512")
-            + _string(_string(algorithm) + _string(raw)))
-    text = base64.b64encode(blob).decode("ascii")
-    body = "\n".join(text[i:i + 70] for i in range(0, len(text), 70))
-    return f"{_BEGIN.decode()}\n{body}\n{_END.decode()}\n"
+    return SshSignature(public_key=public_key_blob(key), namespace=namespace,
+                        hash_algorithm="sha512", algorithm=algorithm, signature=raw).armor()
