@@ -31,7 +31,7 @@ from cloudlets import __version__
 from cloudlets.catalog import ClaimState
 from cloudlets.catalog.records import INTERRUPTIONS
 from cloudlets.cli_output import EscapingWriter, print_artifacts, print_json
-from cloudlets.cli_sign import add_render_options, render_signing
+from cloudlets.cli_sign import add_render_options, print_signing, render_signing
 from cloudlets.config import Presets, load_config_file, set_dotted
 from cloudlets.drivers.base import FormatDriver, StorageDriver
 from cloudlets.drivers.providers import get_driver, list_drivers, make_driver
@@ -312,6 +312,7 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"rendered {result.manifest_name} {result.manifest_version or ''} as "
               f"{result.format} to {result.storage}: image {result.image_id}\n")
     print_artifacts(out, result.artifacts)
+    print_signing(out, result.details)
     total = sum(result.timings.values())
     out.write(f"  took {total:.2f} s (" + ", ".join(
         f"{k} {v:.2f}" for k, v in result.timings.items()) + ")\n")

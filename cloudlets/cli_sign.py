@@ -14,7 +14,7 @@ import getpass
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -33,7 +33,7 @@ from cloudlets.signing import (
 from cloudlets.signing.provenance import MAX_ENVELOPE_BYTES
 from cloudlets.signing.sshsig import fingerprint, public_key_blob, read_bounded
 
-__all__ = ["add_render_options", "add_sign_parsers", "render_signing"]
+__all__ = ["add_render_options", "add_sign_parsers", "print_signing", "render_signing"]
 
 T = TypeVar("T")
 
@@ -115,6 +115,19 @@ def render_signing(args: argparse.Namespace) -> dict[str, Any]:
     if args.provenance_key is not None:
         key = _with_passphrase(ProvenanceKey.load, args.provenance_key)
     return {"trust": trust, "provenance_key": key, "signature": args.signature}
+
+
+def print_signing(out: TextIO, details: Mapping[str, Any]) -> None:
+    """Write who signed the manifest and where the provenance went, when a
+    render's ``details`` say so."""
+    signer = details.get("signature")
+    if signer:
+        out.write(f"  signed by {signer['principal']} ({signer['key_type']} key "
+                  f"{signer['fingerprint']})\n")
+    provenance = details.get("provenance")
+    if provenance:
+        out.write(f"  provenance signed by {provenance['key_id']}: "
+                  f"{provenance['location'] or 'in the catalog only'}\n")
 
 
 def _policy(args: argparse.Namespace, *, require: bool) -> TrustPolicy:

@@ -703,9 +703,12 @@ class OutputPlan:
         return self.prefix is None
 
     def provenance_location(self, primary: str) -> str | None:
-        """:returns: where a render's provenance goes: beside the primary
-        file, named after it (``web-1.0.qcow2.provenance.intoto.json``);
-        ``None`` for a block target, which holds the image only."""
+        """Where a render's provenance goes.
+
+        :returns: beside the primary file, named after it
+            (``web-1.0.qcow2.provenance.intoto.json``); ``None`` for a block
+            target, which holds the image only.
+        """
         from cloudlets.signing.provenance import FILE_SUFFIX
 
         return None if self.prefix is None else self.prefix + primary + FILE_SUFFIX

@@ -70,10 +70,13 @@ class RenderResult:
         return self.artifacts[0]
 
     def to_dict(self) -> dict[str, Any]:
-        """:returns: a JSON-ready dict (what ``cloudlets render --json``
-        prints); ``signature`` (the signer's principal and key fingerprint)
-        and ``provenance`` (its location, key id and sha256) are there when
-        the render had them."""
+        """The result as JSON.
+
+        :returns: a JSON-ready dict (what ``cloudlets render --json``
+            prints); ``signature`` (the signer's principal and key
+            fingerprint) and ``provenance`` (its location, key id and
+            sha256) are there when the render had them.
+        """
         return {
             "image_id": self.image_id,
             "format": self.format,

@@ -575,6 +575,17 @@ def test_cli_render_requires_a_trusted_signature(keys: dict[str, Key], tmp_path:
     report = json.loads(out.getvalue())
     assert report["signature"]["fingerprint"] == key.fingerprint
     assert report["signature"]["principal"] == "pub@example.com"
+    catalog = ["--catalog", str(tmp_path / "catalog.sqlite3")]
+    recorded = ["render", str(path), "-f", "tar", "-o", str(tmp_path / "out") + "/",
+                "--cache-dir", str(tmp_path / "cache"), "--allow-file-urls", "--overwrite",
+                "--allowed-signers", str(allowed), "--require-signature",
+                "--signature", str(signature), *catalog]
+    out, err = io.StringIO(), io.StringIO()  # recorded in the catalog, shown to a person
+    assert main(recorded, out, err) == 0, err.getvalue()
+    assert f"signed by pub@example.com (ssh-ed25519 key {key.fingerprint})" in out.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["image", "show", report["image_id"], "--json", *catalog], out, err) == 0
+    assert json.loads(out.getvalue())["details"]["signature"]["fingerprint"] == key.fingerprint
     out, err = io.StringIO(), io.StringIO()
     assert main(["render", str(path), "-f", "tar", "-o", "x/", "--require-signature"],
                 out, err) == 3

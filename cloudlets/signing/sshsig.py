@@ -131,8 +131,7 @@ def _mpint(value: int) -> bytes:
 # -- keys ---------------------------------------------------------------------
 
 def public_key_blob(key: PublicKey | PrivateKey) -> bytes:
-    """:returns: the key's SSH wire encoding (what a ``.pub`` line holds in
-    base64)."""
+    """:returns: the key's SSH wire encoding (a ``.pub`` line's base64)."""
     public = key.public_key() if not isinstance(key, PublicKey) else key
     line = public.public_bytes(serialization.Encoding.OpenSSH,
                                serialization.PublicFormat.OpenSSH)
@@ -140,8 +139,10 @@ def public_key_blob(key: PublicKey | PrivateKey) -> bytes:
 
 
 def fingerprint(blob: bytes) -> str:
-    """:returns: the key's fingerprint as ``ssh-keygen -l`` prints it:
-    ``SHA256:`` and the unpadded base64 of the blob's sha256."""
+    """The key's fingerprint as ``ssh-keygen -l`` prints it.
+
+    :returns: ``SHA256:`` and the unpadded base64 of the blob's sha256.
+    """
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
@@ -325,8 +326,7 @@ class SshSignature:
                    algorithm=algorithm, signature=signature)
 
     def armor(self) -> str:
-        """:returns: the signature armored as ``ssh-keygen -Y sign`` writes
-        it (base64 lines of 70 characters)."""
+        """:returns: the signature armored as ``ssh-keygen -Y sign`` writes it."""
         blob = (_MAGIC + struct.pack(">I", _VERSION) + _string(self.public_key)
                 + _string(self.namespace.encode()) + _string(b"")
                 + _string(self.hash_algorithm)

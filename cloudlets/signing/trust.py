@@ -148,10 +148,12 @@ class TrustPolicy:
 
 
 def signature_location(source: Any) -> str | None:
-    """:returns: where a manifest's signature is looked for: its path or
-    URL with ``.sig`` appended to the path (a URL's query string is kept);
-    ``None`` for a manifest given as a dict, a JSON string or a
-    :class:`~cloudlets.manifest.Manifest`."""
+    """Where a manifest's signature is looked for.
+
+    :returns: its path or URL with ``.sig`` appended to the path (a URL's
+        query string is kept); ``None`` for a manifest given as a dict, a
+        JSON string or a :class:`~cloudlets.manifest.Manifest`.
+    """
     if isinstance(source, Path):
         return str(source) + ".sig"
     if not isinstance(source, str) or source.lstrip().startswith(("{", "[")):
