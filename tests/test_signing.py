@@ -590,3 +590,35 @@ def test_cli_render_requires_a_trusted_signature(keys: dict[str, Key], tmp_path:
     assert main(["render", str(path), "-f", "tar", "-o", "x/", "--require-signature"],
                 out, err) == 3
     assert "--require-signature needs --allowed-signers" in err.getvalue()
+
+
+def test_a_revoked_key_reencoded_is_still_revoked(keys: dict[str, Key], tmp_path: Path) -> None:
+    """The signed data does not cover the key blob: a revoked RSA key sent
+    with a non-minimal exponent encoding (another blob, another naive
+    fingerprint) must still be the revoked key."""
+    import struct
+
+    key = keys["rsa"]
+    path = manifest_file(tmp_path)
+    parsed = SshSignature.parse(key.keygen_sign(path))
+    blob = parsed.public_key
+    name_len = struct.unpack(">I", blob[:4])[0]
+    offset = 4 + name_len
+    e_len = struct.unpack(">I", blob[offset:offset + 4])[0]
+    exponent = blob[offset + 4:offset + 4 + e_len]
+    padded = (blob[:offset] + struct.pack(">I", e_len + 1) + b"\0" + exponent
+              + blob[offset + 4 + e_len:])
+    assert padded != blob
+    forged = dataclasses.replace(parsed, public_key=padded).armor()
+    policy = TrustPolicy(AllowedSigners.parse(key.allowed("a@b")),
+                         revoked=RevokedKeys([key.fingerprint]))
+    with pytest.raises(SignatureError) as caught:
+        policy.verify(path.read_bytes(), forged)
+    assert caught.value.reason in ("revoked", "malformed")
+    unrevoked = dataclasses.replace(policy, revoked=RevokedKeys())
+    try:
+        signer = unrevoked.verify(path.read_bytes(), forged)
+    except SignatureError as exc:
+        assert exc.reason == "malformed"
+    else:
+        assert signer.fingerprint == key.fingerprint  # recorded as the key it is

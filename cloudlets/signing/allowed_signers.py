@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Self
 
 from cloudlets.errors import SignatureError
 from cloudlets.signing.sshsig import (
@@ -181,12 +182,36 @@ class Signer:
                 "key_type": self.key_type, "namespace": self.namespace}
 
 
-class AllowedSigners:
+class _KeyFile:
+    """A provider's file of keys, read whole and bounded."""
+
+    #: what the file is, for messages
+    what: ClassVar[str] = "file"
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        """Read the file.
+
+        :raises SignatureError: (``policy``) it cannot be read, is larger
+            than :data:`MAX_FILE_BYTES`, or a line is malformed; the message
+            names the line.
+        """
+        data = read_bounded(Path(path), MAX_FILE_BYTES, cls.what, "policy")
+        return cls.parse(data, str(path))
+
+    @classmethod
+    def parse(cls, data: bytes | str, source: str) -> Self:
+        raise NotImplementedError
+
+
+class AllowedSigners(_KeyFile):
     """The parsed entries of an ``allowed_signers`` file.
 
     :param entries: the signers, in file order.
     :param source: where they came from, for messages.
     """
+
+    what = "allowed signers file"
 
     def __init__(self, entries: Sequence[SignerEntry] = (), source: str = "allowed_signers") \
             -> None:
@@ -200,24 +225,14 @@ class AllowedSigners:
         return f"<AllowedSigners {self.source} ({len(self.entries)} entries)>"
 
     @classmethod
-    def load(cls, path: str | Path) -> AllowedSigners:
-        """Read an ``allowed_signers`` file.
-
-        :raises SignatureError: (``policy``) it cannot be read, is too large,
-            or a line is malformed; the message names the line.
-        """
-        data = read_bounded(Path(path), MAX_FILE_BYTES, "allowed signers file", "policy")
-        return cls.parse(data, str(path))
-
-    @classmethod
-    def parse(cls, data: bytes | str, source: str = "allowed_signers") -> AllowedSigners:
+    def parse(cls, data: bytes | str, source: str = "allowed_signers") -> Self:
         """Parse the content of an ``allowed_signers`` file.
 
         :raises SignatureError: as for :meth:`load`.
         """
         raw = data.encode() if isinstance(data, str) else data
         entries = [cls._entry(line, number, source)
-                   for number, line in _lines(raw, "allowed signers file", source)]
+                   for number, line in _lines(raw, cls.what, source)]
         return cls(entries, source)
 
     @staticmethod
@@ -325,7 +340,7 @@ def _shown_time(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-class RevokedKeys:
+class RevokedKeys(_KeyFile):
     """Keys no signature is accepted from, whatever ``allowed_signers`` says.
 
     A revocation file lists one key a line: a public key as in a ``.pub``
@@ -336,6 +351,8 @@ class RevokedKeys:
     :param fingerprints: the revoked keys' ``SHA256:`` fingerprints.
     :param source: where they came from, for messages.
     """
+
+    what = "revoked keys file"
 
     def __init__(self, fingerprints: Iterable[str] = (), source: str = "revoked keys") -> None:
         self.fingerprints = frozenset(fingerprints)
@@ -348,17 +365,7 @@ class RevokedKeys:
         return isinstance(key, bytes) and fingerprint(key) in self.fingerprints
 
     @classmethod
-    def load(cls, path: str | Path) -> RevokedKeys:
-        """Read a revocation file.
-
-        :raises SignatureError: (``policy``) it cannot be read or a line is
-            neither a public key nor a fingerprint.
-        """
-        data = read_bounded(Path(path), MAX_FILE_BYTES, "revoked keys file", "policy")
-        return cls.parse(data, str(path))
-
-    @classmethod
-    def parse(cls, data: bytes | str, source: str = "revoked keys") -> RevokedKeys:
+    def parse(cls, data: bytes | str, source: str = "revoked keys") -> Self:
         """Parse a revocation file's content.
 
         :raises SignatureError: as for :meth:`load`.
@@ -369,7 +376,7 @@ class RevokedKeys:
                                  "revoked public keys or fingerprints, one a line",
                                  "policy", source)
         found = []
-        for number, line in _lines(raw, "revoked keys file", source):
+        for number, line in _lines(raw, cls.what, source):
             where = f"{source}, line {number}"
             if re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", line):
                 found.append(line)

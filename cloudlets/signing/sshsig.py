@@ -183,6 +183,10 @@ def parse_public_line(line: str, source: str | None = None) -> bytes:
     """Decode ``TYPE BASE64 [COMMENT]`` (a ``.pub`` file, an
     ``allowed_signers`` key) into its blob, checking the type matches.
 
+    :returns: the key's canonical blob (as cryptography re-encodes it), so
+        that a key is compared and fingerprinted the same however it was
+        encoded.
+
     :raises SignatureError: ``malformed`` or ``algorithm``.
     """
     parts = line.split(None, 2)
@@ -192,8 +196,7 @@ def parse_public_line(line: str, source: str | None = None) -> bytes:
     if key_type(blob, source) != parts[0]:
         raise SignatureError(f"the key says {parts[0]!r} but its data is a "
                              f"{key_type(blob, source)!r} key", "malformed", source)
-    parse_public_key(blob, source)
-    return blob
+    return public_key_blob(parse_public_key(blob, source))  # canonical: one key, one blob
 
 
 def load_private_key(source: str | Path | bytes, password: bytes | None = None) -> PrivateKey:

@@ -10,6 +10,7 @@ verifies it and returns the :class:`~cloudlets.signing.allowed_signers.Signer`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,14 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from cloudlets.errors import FetchError, SignatureError
 from cloudlets.signing.allowed_signers import AllowedSigners, RevokedKeys, Signer
-from cloudlets.signing.sshsig import MAX_SIGNATURE_BYTES, NAMESPACE, SshSignature, read_bounded
+from cloudlets.signing.sshsig import (
+    MAX_SIGNATURE_BYTES,
+    NAMESPACE,
+    SshSignature,
+    parse_public_key,
+    public_key_blob,
+    read_bounded,
+)
 from cloudlets.urls import is_url, redact
 
 if TYPE_CHECKING:
@@ -84,6 +92,10 @@ class TrustPolicy:
         """
         parsed = SshSignature.parse(signature, source)
         parsed.verify(message, self.namespace, source)
+        # compared and fingerprinted in its canonical encoding, as the
+        # keyring's and the revocation list's keys are
+        key = public_key_blob(parse_public_key(parsed.public_key, source))
+        parsed = dataclasses.replace(parsed, public_key=key)
         if parsed.public_key in self.revoked:
             raise SignatureError(f"key {parsed.fingerprint} is revoked ({self.revoked.source})",
                                  "revoked", source)
