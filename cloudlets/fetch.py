@@ -655,7 +655,8 @@ class Fetcher:
 
     def read(self, url: str, *, max_bytes: int, what: str = "document") -> bytes | None:
         """GET a small document whole (a manifest's ``.sig``): within the URL
-        policy, redirects included, one attempt, at most ``max_bytes``.
+        policy, redirects included, one attempt, at most ``max_bytes``, the
+        whole body within the read timeout.
 
         :param url: an ``http(s)://`` URL.
         :param max_bytes: the largest body accepted.
@@ -683,12 +684,19 @@ class Fetcher:
                 raise FetchError(f"GET {shown} ({what}) failed: HTTP {response.status_code}",
                                  url=shown, status=response.status_code)
             body = bytearray()
+            # the read timeout bounds the whole body, not each byte: a server
+            # dripping a byte a second cannot hold the render in prepare
+            deadline = time.monotonic() + self.timeout[1]
             try:
-                for chunk in _body(response, 64 * 1024):
+                while chunk := response.raw.read1(64 * 1024, decode_content=False):
                     body += chunk
                     if len(body) > max_bytes:
                         raise FetchError(f"GET {shown}: the {what} is larger than "
                                          f"{max_bytes} bytes", url=shown, status=200)
+                    if time.monotonic() > deadline:
+                        raise FetchError(f"GET {shown}: the {what} took longer than "
+                                         f"{self.timeout[1]:g} s to arrive", url=shown,
+                                         status=200)
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 raise FetchError(f"GET {shown} ({what}) failed: {_describe(exc)}",
                                  url=shown) from None

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from cloudlets import Renderer, SignatureError
+from cloudlets import FetchError, Renderer, SignatureError
 from cloudlets.cli import main
 from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.manifest import Manifest
@@ -622,3 +622,39 @@ def test_a_revoked_key_reencoded_is_still_revoked(keys: dict[str, Key], tmp_path
         assert exc.reason == "malformed"
     else:
         assert signer.fingerprint == key.fingerprint  # recorded as the key it is
+
+
+def test_a_signature_dripped_byte_by_byte_is_cut_off_in_time() -> None:
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def drip() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(4096)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 60000\r\n\r\n")
+            while not stop.is_set():
+                try:
+                    connection.sendall(b"-")
+                except OSError:
+                    return
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/m.json.sig"
+    started = time.monotonic()
+    try:
+        with pytest.raises(FetchError) as caught:
+            Fetcher(read_timeout=0.5).read(url, max_bytes=MAX_SIGNATURE_BYTES, what="signature")
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert "took longer than 0.5 s" in str(caught.value)
+    assert time.monotonic() - started < 3
