@@ -129,20 +129,19 @@ class CloudletsImages:
     def entries(self) -> list[CatalogEntry]:
         """:returns: the ready images this setup's format and storage made."""
         return self.catalog.entries(statuses=[ImageStatus.READY], format=self.format.name,
-                                    storage=self.storage.name)
+                                    target=self.storage.target)
 
     def find(self, image_id: str) -> CatalogEntry | None:
         """:returns: the ready image with this id, if this setup made it."""
-        entry = self.catalog.find_ready(image_id)
-        if entry is None or entry.format != self.format.name \
-                or entry.storage != self.storage.name:
+        entry = self.catalog.find_ready(image_id, target=self.storage.target)
+        if entry is None or entry.format != self.format.name:
             return None
         return entry
 
     def delete(self, entry: CatalogEntry) -> CatalogEntry:
         """Delete a rendered image's artifacts with the configured storage
         driver and mark its entry deleted."""
-        return self.images.delete(entry.entry_id, storage=self.storage)
+        return self.images.delete(entry.entry_id, storage=self.storage).entry
 
     @staticmethod
     def node_image(entry: CatalogEntry, driver: Any) -> NodeImage:
@@ -199,7 +198,7 @@ class CloudletsImages:
         the format published it (deregister the AMI), then its artifacts
         through the storage driver; the catalog entry is marked deleted.
         Another image goes to the driver's own ``delete_image``."""
-        entry = self.catalog.find_ready(image.id)
+        entry = self.find(image.id)
         if entry is None:
             candidate = self._deleting(image.id)
             if candidate is None:
@@ -211,7 +210,9 @@ class CloudletsImages:
         return True
 
     def _deleting(self, image_id: str) -> CatalogEntry | None:
-        for entry in self.catalog.entries(statuses=[ImageStatus.DELETING]):
+        for entry in self.catalog.entries(statuses=[ImageStatus.DELETING,
+                                                    ImageStatus.DELETE_FAILED],
+                                          format=self.format.name, target=self.storage.target):
             if entry.image_id == image_id:
                 return entry
         return None

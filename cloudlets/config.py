@@ -277,5 +277,5 @@ def resolve_config(manifest: Manifest, presets: Presets | None = None,
         "additionalProperties": False,
     }, ["args"])
     if problems:
-        raise ConfigError(problems, "render config")
+        raise ConfigError(problems)
     return RenderConfig(merged, manifest.name)

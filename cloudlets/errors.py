@@ -21,6 +21,7 @@ __all__ = [
     "DriverNotFoundError",
     "FetchError",
     "FormatError",
+    "ImageNotFoundError",
     "IntegrityError",
     "LockedKeyError",
     "ManifestError",
@@ -164,6 +165,10 @@ class CatalogError(CloudletsError):
     def __init__(self, message: str, entry_id: str | None = None) -> None:
         self.entry_id = entry_id
         super().__init__(message)
+
+
+class ImageNotFoundError(CatalogError):
+    """No image (or catalog entry) has the id asked for."""
 
 
 class DiskError(CloudletsError):

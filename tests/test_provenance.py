@@ -161,7 +161,8 @@ def test_provenance_is_rolled_back_with_the_artifacts(tmp_path: Path) -> None:
 
     with pytest.raises(StorageError, match="disk full"):
         render(tmp_path, ProvenanceKey.load(key_path), storage=FailingProvenance())
-    assert list((tmp_path / "out").iterdir()) == []  # the stored rootfs went too
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.iterdir())  # the stored rootfs went too
 
 
 def test_a_taken_provenance_location_is_refused_before_storing(tmp_path: Path) -> None:
@@ -190,7 +191,8 @@ def test_the_catalog_keeps_the_provenance(tmp_path: Path) -> None:
     assert statement["subject"][0]["digest"]["sha256"] == kept.artifacts[0].sha256
     assert [a.role for a in kept.artifacts] == ["rootfs", "provenance"]
     images.delete(entry.entry_id)
-    assert list((tmp_path / "out").iterdir()) == []  # deleted with the image
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.iterdir())  # deleted with the image
 
 
 def test_provider_keys_are_checked_and_never_shown(tmp_path: Path) -> None:

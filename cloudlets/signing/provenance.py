@@ -39,6 +39,7 @@ from cloudlets.signing.sshsig import (
     read_bounded,
 )
 from cloudlets.urls import redact
+from cloudlets.version import __version__
 
 if TYPE_CHECKING:
     from cloudlets.drivers.base import StoredArtifact
@@ -276,8 +277,6 @@ def job_statement(job: RenderJob, artifacts: Sequence[StoredArtifact], *, builde
     :param source_date_epoch: the renderer's fixed timestamp, if any.
     :returns: the statement.
     """
-    from cloudlets import __version__
-
     return build_statement(
         artifacts=artifacts, manifest=job.manifest, config_digest=job.config.digest,
         format_name=job.format.name, storage_name=job.storage.name,
