@@ -22,6 +22,9 @@ TEST = [
     "werkzeug>=3",
     "setuptools>=68",
     "wheel>=0.42",
+    # an independent DSSE implementation the provenance tests verify our
+    # envelopes with (not our own code checking itself)
+    "securesystemslib>=1.0",
 ]
 DOCS = ["sphinx>=7.2"]
 # Exact linter versions: a newer ruff or mypy adds rules and turns CI red

@@ -6,7 +6,7 @@ Exit codes (also in ``cloudlets --help``):
 0      success
 1      internal error (a bug: please report it)
 2      usage error (bad options)
-3      invalid input (manifest, render config, tarball, template)
+3      invalid input (manifest, render config, tarball, template, signature)
 4      render failure (download, disk, format, storage)
 5      setup problem (missing tool, optional dependency or driver)
 6      cache verify found a corrupted entry
@@ -35,6 +35,7 @@ from typing import Any, TextIO, cast
 from cloudlets.catalog import ClaimState
 from cloudlets.catalog.records import INTERRUPTIONS
 from cloudlets.cli_output import EscapingWriter, print_artifacts, print_json
+from cloudlets.cli_sign import add_render_options, print_signing, render_signing
 from cloudlets.config import Presets, load_config_file, set_dotted
 from cloudlets.drivers.base import FormatDriver, StorageDriver
 from cloudlets.drivers.providers import (
@@ -53,6 +54,7 @@ from cloudlets.errors import (
     IntegrityError,
     ManifestError,
     Problem,
+    SignatureError,
     TemplateError,
     Terminated,
     UnsafeArchiveError,
@@ -85,7 +87,7 @@ EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_INTERNAL: "internal error (a bug: please report it)",
     EXIT_USAGE: "usage error (bad options)",
-    EXIT_INVALID_INPUT: "invalid input (manifest, render config, tarball, template)",
+    EXIT_INVALID_INPUT: "invalid input (manifest, render config, tarball, template, signature)",
     EXIT_RENDER_FAILED: "render failure (download, disk, format, storage)",
     EXIT_SETUP: "setup problem (missing tool, optional dependency or driver)",
     EXIT_CORRUPT: "cache verify found a corrupted entry",
@@ -95,7 +97,8 @@ EXIT_CODES = {
     EXIT_TERMINATED: "terminated (SIGTERM); nothing half-written is left",
 }
 
-_INVALID_INPUT = (ManifestError, ConfigError, UnsafeArchiveError, TemplateError, IntegrityError)
+_INVALID_INPUT = (ManifestError, ConfigError, UnsafeArchiveError, TemplateError, IntegrityError,
+                  SignatureError)
 
 
 def exit_code_for(error: CloudletsError) -> int:
@@ -207,6 +210,7 @@ def _build_parser() -> argparse.ArgumentParser:
     render.add_argument("--storage-option", "-S", dest="storage_options", action="append",
                         default=[], metavar="KEY=VALUE",
                         help="an argument of the storage driver, e.g. ex_acl=private")
+    add_render_options(render)  # --allowed-signers, --require-signature, --provenance-key...
     render.set_defaults(handler=_cmd_render)
 
     drivers = sub.add_parser("drivers", parents=[common],
@@ -222,7 +226,8 @@ def _load_extensions() -> list[Callable[[Any], None]]:
     """Subcommands that live beside their stage (``cache``, ``images``)."""
     found: list[Callable[[Any], None]] = []
     for module, function in (("cloudlets.cli_cache", "add_cache_parser"),
-                             ("cloudlets.cli_images", "add_images_parser")):
+                             ("cloudlets.cli_images", "add_images_parser"),
+                             ("cloudlets.cli_sign", "add_sign_parsers")):
         try:
             loaded = __import__(module, fromlist=[function])
         except ImportError:
@@ -307,8 +312,10 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
             raise ConfigError([Problem("", f"--mirror {item!r}: expected PREFIX=URL")],
                               "--mirror")
         mirrors.append({"prefix": prefix, "mirrors": [target]})
+    signing = render_signing(args)
     renderer = Renderer(cache_dir=args.cache_dir, presets=presets, mirrors=mirrors,
-                        ex_allow_file_urls=args.allow_file_urls)
+                        ex_allow_file_urls=args.allow_file_urls, trust=signing["trust"],
+                        provenance_key=signing["provenance_key"])
     fmt = make_driver(DriverKind.FORMAT, args.format,
                       **_options(args.format_options, "--format-option"))
     storage = make_driver(DriverKind.STORAGE, args.storage,
@@ -317,10 +324,11 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
     if args.no_catalog:
         result = renderer.render(args.manifest, args.output, storage=storage,
                                  format=fmt, config=request, progress=progress,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, signature=signing["signature"])
         existing = None
     else:
-        result, existing = _render_recorded(args, renderer, storage, fmt, request, progress)
+        result, existing = _render_recorded(args, renderer, storage, fmt, request, progress,
+                                            signing["signature"])
     if args.json:
         data = result.to_dict()
         if existing is not None:
@@ -336,6 +344,7 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"rendered {result.manifest_name} {result.manifest_version or ''} as "
               f"{result.format} to {result.storage}: image {result.image_id}\n")
     print_artifacts(out, result.artifacts)
+    print_signing(out, result.details)
     total = sum(result.timings.values())
     out.write(f"  took {total:.2f} s (" + ", ".join(
         f"{k} {v:.2f}" for k, v in result.timings.items()) + ")\n")
@@ -349,7 +358,8 @@ class _Recorded:
 
 
 def _render_recorded(args: argparse.Namespace, renderer: Renderer, storage: Any, fmt: Any,
-                     request: dict[str, Any], progress: Any) -> tuple[RenderResult, _Recorded]:
+                     request: dict[str, Any], progress: Any,
+                     signature: str | None = None) -> tuple[RenderResult, _Recorded]:
     """Render through the create-image operation, recording the image in the
     catalog. The same request rendered before is shown, not rendered again;
     the same request in flight in another process is waited for, up to
@@ -357,7 +367,8 @@ def _render_recorded(args: argparse.Namespace, renderer: Renderer, storage: Any,
     images = Images(renderer, args.catalog)
     for _ in range(2):
         claim = images.submit(args.manifest, args.output, storage, fmt, request,
-                              force=args.force, overwrite=args.overwrite)
+                              force=args.force, overwrite=args.overwrite,
+                              signature=signature)
         if claim.state is ClaimState.CLAIMED:
             entry = images.run(claim.entry.entry_id, progress)
             return entry.to_result(), _Recorded(entry.entry_id, existing=False)

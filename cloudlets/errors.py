@@ -27,6 +27,7 @@ __all__ = [
     "ManifestError",
     "Problem",
     "RenderError",
+    "SignatureError",
     "StageNotAvailableError",
     "StorageError",
     "TemplateError",
@@ -185,6 +186,29 @@ class StorageError(CloudletsError):
     def __init__(self, message: str, location: str | None = None) -> None:
         self.location = location
         super().__init__(message)
+
+
+class SignatureError(CloudletsError):
+    """A signature, a trust policy or a provenance envelope does not hold:
+    a manifest signed by nobody the policy trusts, a tampered manifest, an
+    expired or revoked key, a malformed signature, ``allowed_signers`` line
+    or envelope. Never carries key material or a passphrase.
+
+    :ivar reason: a short stable code a program can test: ``missing``,
+        ``malformed``, ``namespace``, ``mismatch``, ``unknown-key``,
+        ``revoked``, ``expired``, ``not-yet-valid``, ``algorithm``,
+        ``policy`` (an unusable ``allowed_signers`` or revocation file),
+        ``key`` (an unusable signing or verification key), ``subject`` (an
+        artifact its provenance does not name).
+    :ivar source: what was being checked (a path or a URL, credentials
+        redacted), when known.
+    """
+
+    def __init__(self, message: str, reason: str, source: str | None = None) -> None:
+        self.reason = reason
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{message}")
 
 
 class RenderError(CloudletsError):

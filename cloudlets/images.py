@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudlets.catalog import (
     IN_FLIGHT,
@@ -57,6 +57,10 @@ from cloudlets.errors import (
 from cloudlets.progress import ProgressCallback
 from cloudlets.renderer import ManifestSource, Renderer, RenderJob
 from cloudlets.urls import redact
+
+if TYPE_CHECKING:
+    from cloudlets.signing import ProvenanceKey, TrustPolicy
+    from cloudlets.signing.trust import SignatureSource
 
 __all__ = ["DeletedImage", "Images", "Withdraw", "expand_output", "storage_driver_for"]
 
@@ -125,7 +129,9 @@ class Images:
                config: Mapping[str, Any] | None = None, *, label: str | None = None,
                force: bool = False, overwrite: bool = False,
                progress: ProgressCallback | None = None,
-               withdraw: Withdraw | None = None) -> CatalogEntry:
+               withdraw: Withdraw | None = None,
+               signature: SignatureSource | None = None, trust: TrustPolicy | None = None,
+               provenance_key: ProvenanceKey | None = None) -> CatalogEntry:
         """:meth:`submit`, then :meth:`run` when this call claimed the render.
 
         :returns: the ready entry; the existing ready entry of the same
@@ -134,7 +140,8 @@ class Images:
         :raises CloudletsError: what :meth:`submit` or :meth:`run` raised.
         """
         claim = self.submit(manifest, output, storage, format, config, label=label,
-                            force=force, overwrite=overwrite, withdraw=withdraw)
+                            force=force, overwrite=overwrite, withdraw=withdraw,
+                            signature=signature, trust=trust, provenance_key=provenance_key)
         if claim.state is not ClaimState.CLAIMED:
             return claim.entry
         return self.run(claim.entry.entry_id, progress)
@@ -143,7 +150,9 @@ class Images:
                storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
                config: Mapping[str, Any] | None = None, *, label: str | None = None,
                force: bool = False, overwrite: bool = False,
-               withdraw: Withdraw | None = None) -> Claim:
+               withdraw: Withdraw | None = None,
+               signature: SignatureSource | None = None, trust: TrustPolicy | None = None,
+               provenance_key: ProvenanceKey | None = None) -> Claim:
         """Resolve a request once and claim it in the catalog.
 
         :param manifest: a :class:`~cloudlets.manifest.Manifest`, dict, JSON
@@ -162,13 +171,21 @@ class Images:
         :param overwrite: replace artifacts the catalog does not know about.
         :param withdraw: deletes the provider's registration of an image this
             forced render supersedes (see :meth:`run`).
+        :param signature: the manifest's signature, or where to read it
+            (see :meth:`Renderer.prepare <cloudlets.renderer.Renderer.prepare>`).
+        :param trust: the trust policy for this request (a tenant's) instead
+            of the renderer's.
+        :param provenance_key: the provenance key for this request instead of
+            the renderer's.
         :returns: the :class:`~cloudlets.catalog.Claim`: ``CLAIMED`` (call
             :meth:`run` with its entry id), ``EXISTING`` (the ready image) or
             ``BUSY`` (the render in flight elsewhere).
         :raises CloudletsError: for invalid input or an unusable driver;
             nothing is recorded then.
         """
-        job = self.renderer.prepare(manifest, output, storage, format, config)
+        job = self.renderer.prepare(manifest, output, storage, format, config,
+                                    signature=signature, trust=trust,
+                                    provenance_key=provenance_key)
         request = RenderRequest(
             manifest_name=job.manifest.name, manifest_version=job.manifest.version,
             manifest_digest=job.manifest.digest, config_digest=job.config.digest,

@@ -80,6 +80,9 @@ class Manifest:
             raise ManifestError(problems, source)
         self._data = copy.deepcopy(dict(data))
         self.source = source
+        self.raw: bytes | None = None
+        """The document's bytes as read (a file, a URL, a JSON string), which
+        a publisher's signature covers; ``None`` for a dict."""
         self.digest: str = digest(self._data)
         """sha256 of the canonical JSON form: stable across key order and whitespace."""
 
@@ -119,7 +122,9 @@ class Manifest:
             raise ManifestError([exc.problem], source) from None
         if not isinstance(data, dict):
             raise ManifestError([Problem("", "a manifest must be a JSON object")], source)
-        return cls(data, source)
+        manifest = cls(data, source)
+        manifest.raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return manifest
 
     @staticmethod
     def _read_path(path: Path) -> bytes:

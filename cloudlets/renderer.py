@@ -10,6 +10,8 @@ order.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudlets.cache import TarballCache
 from cloudlets.config import Presets, RenderConfig, resolve_config
@@ -37,6 +39,7 @@ from cloudlets.errors import (
     CloudletsError,
     FormatError,
     RenderError,
+    SignatureError,
     StorageError,
 )
 from cloudlets.fetch import Fetcher, UrlPolicy
@@ -46,6 +49,10 @@ from cloudlets.paths import default_cache_dir, default_data_dir
 from cloudlets.progress import ProgressCallback
 from cloudlets.result import RenderResult, image_id_for, request_key
 from cloudlets.rootfs import ArchivePolicy
+
+if TYPE_CHECKING:
+    from cloudlets.signing import ProvenanceKey, Signer, TrustPolicy
+    from cloudlets.signing.trust import SignatureSource
 from cloudlets.urls import redact
 
 __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_output"]
@@ -55,7 +62,7 @@ __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_outp
 #: A tarball that is not cached yet is read while it downloads: ``fetch`` is
 #: then the download's own time, which overlaps ``rootfs``.
 STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "tree", "convert", "store",
-          "publish")
+          "provenance", "publish")
 
 ManifestSource = Manifest | Mapping[str, Any] | str | Path
 
@@ -98,7 +105,14 @@ class Renderer:
     :param ex_cache_max_bytes: bound the tarball cache (LRU eviction).
     :param ex_fetcher: the downloader (timeouts, retries, URL policy); by
         default one whose policy allows http and https, and ``file`` only
-        with ``ex_allow_file_urls``.
+        with ``ex_allow_file_urls``. It also fetches a manifest's ``.sig``.
+    :param trust: the :class:`~cloudlets.signing.TrustPolicy` every
+        manifest is checked against in :meth:`prepare`, before anything is
+        downloaded; ``None`` checks no signature. :meth:`prepare` may be
+        given another one per call (a tenant's).
+    :param provenance_key: when set, every render writes a signed
+        provenance (:mod:`cloudlets.signing.provenance`) beside its
+        artifacts; :meth:`prepare` may be given another one per call.
     """
 
     def __init__(self, cache_dir: str | Path | None = None, presets: Presets | None = None,
@@ -108,7 +122,9 @@ class Renderer:
                  ex_source_date_epoch: int | None = None,
                  ex_archive_policy: ArchivePolicy | None = None,
                  ex_cache_max_bytes: int | None = None,
-                 ex_fetcher: Fetcher | None = None) -> None:
+                 ex_fetcher: Fetcher | None = None,
+                 trust: TrustPolicy | None = None,
+                 provenance_key: ProvenanceKey | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.work_dir = Path(work_dir) if work_dir is not None else None
@@ -126,6 +142,8 @@ class Renderer:
         if epoch is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
             epoch = int(os.environ["SOURCE_DATE_EPOCH"])
         self.source_date_epoch = epoch
+        self.trust = trust
+        self.provenance_key = provenance_key
 
     # -- public API ---------------------------------------------------------
 
@@ -133,7 +151,9 @@ class Renderer:
                storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
                config: Mapping[str, Any] | None = None,
                progress: ProgressCallback | None = None, *,
-               overwrite: bool = False) -> RenderResult:
+               overwrite: bool = False, signature: SignatureSource | None = None,
+               trust: TrustPolicy | None = None,
+               provenance_key: ProvenanceKey | None = None) -> RenderResult:
         """Render a cloudlet and store the result: :meth:`prepare`, then
         :meth:`execute`.
 
@@ -150,30 +170,50 @@ class Renderer:
         :param config: the request's render config.
         :param progress: called as ``progress(stage, done, total)``.
         :param overwrite: replace existing artifacts instead of refusing.
+        :param signature: as for :meth:`prepare`.
+        :param trust: as for :meth:`prepare`.
+        :param provenance_key: as for :meth:`prepare`.
         :returns: the render's :class:`~cloudlets.result.RenderResult`.
         :raises CloudletsError: a subclass naming the problem and where; no
             complete-looking artifact is left at the output location.
         """
-        job = self.prepare(manifest, output_path, storage, format, config)
+        job = self.prepare(manifest, output_path, storage, format, config,
+                           signature=signature, trust=trust, provenance_key=provenance_key)
         return self.execute(job, progress, overwrite=overwrite)
 
     def prepare(self, manifest: ManifestSource, output_path: str,
                 storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
-                config: Mapping[str, Any] | None = None) -> RenderJob:
+                config: Mapping[str, Any] | None = None, *,
+                signature: SignatureSource | None = None,
+                trust: TrustPolicy | None = None,
+                provenance_key: ProvenanceKey | None = None) -> RenderJob:
         """Resolve a render's inputs once, before anything is fetched: load
-        the manifest, build the drivers, merge and validate the config, plan
-        the output.
+        the manifest, check its signature, build the drivers, merge and
+        validate the config, plan the output.
 
         :param manifest: as for :meth:`render`.
         :param output_path: as for :meth:`render`.
         :param storage: a storage driver instance, class or registered name.
         :param format: a format driver instance, class or registered name.
         :param config: the request's render config.
+        :param signature: the manifest's signature (armored text or bytes)
+            or where to read it (a path or URL); default ``MANIFEST.sig``
+            beside a manifest given as a path or URL, fetched with this
+            renderer's fetcher and URL policy. Checked only with a trust
+            policy.
+        :param trust: the policy for this render instead of the renderer's
+            (a tenant's).
+        :param provenance_key: the provenance key for this render instead of
+            the renderer's.
         :returns: the :class:`RenderJob` that :meth:`execute` renders.
+        :raises SignatureError: the trust policy refuses the manifest
+            (:attr:`~cloudlets.errors.SignatureError.reason` says why), or a
+            signature was given without a policy to check it.
         :raises CloudletsError: for invalid input or an unusable driver.
         """
         started = time.monotonic()
         loaded = Manifest.load(manifest)
+        signer = self._check_signature(loaded, manifest, signature, trust or self.trust)
         fmt = make_driver(DriverKind.FORMAT, format)
         store = make_driver(DriverKind.STORAGE, storage)
         loaded.require_renderable(
@@ -184,7 +224,8 @@ class Renderer:
         return RenderJob(manifest=loaded, config=merged, format=fmt, storage=store,
                          output=output_path, plan=plan, key=key,
                          mirrors=MirrorRules.for_render(self._mirror_rules, merged.mirrors),
-                         prepared_in=time.monotonic() - started)
+                         prepared_in=time.monotonic() - started, signer=signer,
+                         provenance_key=provenance_key or self.provenance_key)
 
     def execute(self, job: RenderJob, progress: ProgressCallback | None = None, *,
                 overwrite: bool = False) -> RenderResult:
@@ -201,15 +242,21 @@ class Renderer:
         """
         loaded, merged, fmt, store, plan = (job.manifest, job.config, job.format,
                                             job.storage, job.plan)
-        started = time.monotonic()
+        started, started_on = time.monotonic(), time.time()
         if not overwrite:
             # Before any work: the primary file's name is known up front (the
-            # others, once the format has named them, are checked at store).
-            _refuse_existing(store, plan.locations([plan.basename + fmt.extension]))
+            # others, once the format has named them, are checked at store),
+            # and so is the provenance's, named after it.
+            primary = plan.basename + fmt.extension
+            provenance = plan.provenance_location(primary) if job.provenance_key else None
+            _refuse_existing(store, [*plan.locations([primary]),
+                                     *([provenance] if provenance else [])])
         with self._workdir() as workdir:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
                        output=job.output, workdir=workdir, progress=progress,
                        overwrite=overwrite, mirrors=job.mirrors)
+            if job.signer is not None:
+                run.details["signature"] = job.signer.to_dict()
             run.timings["prepare"] = job.prepared_in + time.monotonic() - started
             disk = self._build(run)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
@@ -220,9 +267,24 @@ class Renderer:
                 if not fmt.capabilities & FormatCapability.PUBLISH:
                     _discard_intermediates(disk, outputs)
             locations = plan.locations([o.name for o in outputs])
+            provenance_at = plan.provenance_location(outputs[0].name) \
+                if job.provenance_key is not None else None
             with self._stage(run, "store"):
-                stored = self._store(run, outputs, locations)
+                stored = self._store(run, outputs, locations,
+                                     reserved=[provenance_at] if provenance_at else [])
             image_id = job.image_id
+            artifacts = list(stored)
+            if job.provenance_key is not None:
+                try:
+                    with self._stage(run, "provenance"):
+                        written = self._provenance(run, job, stored, provenance_at,
+                                                   started_on)
+                except BaseException:
+                    self._roll_back(store, locations)
+                    raise
+                if written is not None:
+                    artifacts.append(written)
+                    locations.append(provenance_at)  # type: ignore[arg-type]
             if fmt.capabilities & FormatCapability.PUBLISH:
                 try:
                     with self._stage(run, "publish"):
@@ -235,7 +297,7 @@ class Renderer:
                     run.details["publish"] = dict(published.details)
                     image_id = published.image_id or image_id
         return RenderResult(
-            image_id=image_id, format=fmt.name, storage=store.name, artifacts=tuple(stored),
+            image_id=image_id, format=fmt.name, storage=store.name, artifacts=tuple(artifacts),
             manifest_name=loaded.name, manifest_version=loaded.version,
             manifest_digest=loaded.digest, config_digest=merged.digest,
             timings=dict(run.timings), details=dict(run.details))
@@ -330,10 +392,12 @@ class Renderer:
                                   f"{output.name!r}; names start with {context.basename!r}")
         return outputs
 
-    def _store(self, run: _Run, outputs: list[OutputFile],
-               locations: list[str]) -> list[StoredArtifact]:
+    def _store(self, run: _Run, outputs: list[OutputFile], locations: list[str], *,
+               reserved: Sequence[str] = ()) -> list[StoredArtifact]:
+        """Upload the outputs; ``reserved`` are locations a later step
+        writes (the provenance), refused as well when already taken."""
         if not run.overwrite:
-            _refuse_existing(run.storage, locations)
+            _refuse_existing(run.storage, [*locations, *reserved])
         stored: list[StoredArtifact] = []
         total = sum(output.path.stat().st_size for output in outputs)
         try:
@@ -358,7 +422,50 @@ class Renderer:
         if storage.capabilities & StorageCapability.DELETE:
             delete_locations(storage, locations, check_exists=False)
 
+    def _provenance(self, run: _Run, job: RenderJob, stored: list[StoredArtifact],
+                    location: str | None, started_on: float) -> StoredArtifact | None:
+        """Sign the render's provenance and store it at ``location`` (for a
+        block target, which holds one image, it is kept in the details
+        only). :returns: the stored provenance artifact, if any."""
+        from cloudlets.signing.provenance import (
+            PAYLOAD_TYPE,
+            ROLE,
+            job_statement,
+            sign_envelope,
+        )
+
+        key = job.provenance_key
+        assert key is not None
+        statement = job_statement(job, stored, builder_id=key.builder_id, started=started_on,
+                                  finished=time.time(),
+                                  source_date_epoch=self.source_date_epoch)
+        envelope = sign_envelope(statement, key)
+        run.details["provenance"] = {"location": None, "key_id": key.key_id,
+                                     "sha256": hashlib.sha256(envelope).hexdigest(),
+                                     "envelope": json.loads(envelope)}
+        if location is None:
+            return None
+        path = run.workdir / "provenance.intoto.json"
+        path.write_bytes(envelope)
+        artifact = run.storage.upload(path, location, media_type=PAYLOAD_TYPE, role=ROLE,
+                                      overwrite=run.overwrite, disposable=True)
+        run.details["provenance"]["location"] = artifact.location
+        return artifact
+
     # -- helpers ------------------------------------------------------------
+
+    def _check_signature(self, manifest: Manifest, source: ManifestSource,
+                         signature: SignatureSource | None,
+                         policy: TrustPolicy | None) -> Signer | None:
+        """The trust policy's verdict on the manifest's exact bytes, before
+        anything is downloaded. :returns: who signed, if anyone."""
+        if policy is None:
+            if signature is not None:
+                raise SignatureError("a signature was given but the renderer has no trust "
+                                     "policy to check it with", "policy", manifest.source)
+            return None
+        return policy.check_manifest(manifest, source, signature=signature,
+                                     fetcher=self.fetcher)
 
     def _cache(self) -> TarballCache:
         return TarballCache(self.cache_dir, max_bytes=self.cache_max_bytes,
@@ -412,6 +519,8 @@ class RenderJob:
     :ivar mirrors: the render's mirror rules, compiled once: the
         renderer's, then the config's.
     :ivar prepared_in: seconds :meth:`Renderer.prepare` took.
+    :ivar signer: who signed the manifest, as the trust policy verified it.
+    :ivar provenance_key: signs the render's provenance, when set.
     """
 
     manifest: Manifest
@@ -423,6 +532,8 @@ class RenderJob:
     key: str
     mirrors: MirrorRules
     prepared_in: float = 0.0
+    signer: Signer | None = None
+    provenance_key: ProvenanceKey | None = field(default=None, repr=False)
 
     @property
     def image_id(self) -> str:
@@ -488,6 +599,17 @@ class OutputPlan:
     def block(self) -> bool:
         """Whether the output is one block target."""
         return self.prefix is None
+
+    def provenance_location(self, primary: str) -> str | None:
+        """Where a render's provenance goes.
+
+        :returns: beside the primary file, named after it
+            (``web-1.0.qcow2.provenance.intoto.json``); ``None`` for a block
+            target, which holds the image only.
+        """
+        from cloudlets.signing.provenance import FILE_SUFFIX
+
+        return None if self.prefix is None else self.prefix + primary + FILE_SUFFIX
 
     def locations(self, names: Sequence[str]) -> list[str]:
         """:returns: the storage location of each output file name.

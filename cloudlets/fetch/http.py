@@ -123,6 +123,55 @@ class HttpTransport:
             session = self._local.session = requests.Session()
         return session
 
+    def read(self, url: str, *, max_bytes: int, what: str = "document") -> bytes | None:
+        """GET a small document whole (a manifest's ``.sig``): within the URL
+        policy, redirects included, one attempt, at most ``max_bytes``, the
+        whole body within the read timeout.
+
+        :param url: an ``http(s)://`` URL.
+        :param max_bytes: the largest body accepted.
+        :param what: what the document is, for messages.
+        :returns: the body, or ``None`` when the server answers 404 or 410.
+        :raises FetchError: the URL or a redirect is refused, the request
+            fails, another status is returned, or the body is too large.
+        """
+        import requests
+        import urllib3
+
+        shown = redact(url)
+        if not url.startswith(("http://", "https://")):
+            raise FetchError(f"{what} {shown}: only http and https URLs are read", url=shown)
+        self.policy.check(url, what)
+        try:
+            response = self._request(url, {"User-Agent": self.user_agent,
+                                           "Accept-Encoding": "identity"})
+        except _Retryable as exc:
+            raise FetchError(f"GET {shown} ({what}) failed: {exc}", url=shown) from None
+        with response:
+            if response.status_code in (404, 410):
+                return None
+            if response.status_code != 200:
+                raise FetchError(f"GET {shown} ({what}) failed: HTTP {response.status_code}",
+                                 url=shown, status=response.status_code)
+            body = bytearray()
+            # the read timeout bounds the whole body, not each byte: a server
+            # dripping a byte a second cannot hold the render in prepare
+            deadline = time.monotonic() + self.timeout[1]
+            try:
+                while chunk := response.raw.read1(64 * 1024, decode_content=False):
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise FetchError(f"GET {shown}: the {what} is larger than "
+                                         f"{max_bytes} bytes", url=shown, status=200)
+                    if time.monotonic() > deadline:
+                        raise FetchError(f"GET {shown}: the {what} took longer than "
+                                         f"{self.timeout[1]:g} s to arrive", url=shown,
+                                         status=200)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise FetchError(f"GET {shown} ({what}) failed: {describe(exc)}",
+                                 url=shown) from None
+        return bytes(body)
+
     def _download(self, url: str, sink: Sink, progress: ProgressCallback,
                   stats: Stats) -> None:
         """Run the attempts for one HTTP URL, counting them in ``stats``."""
