@@ -38,6 +38,7 @@ from cloudlets.errors import (
     TemplateError,
     UnsafeArchiveError,
 )
+from cloudlets.jsondoc import JSONSyntaxError, parse_json_or_string
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
 
@@ -90,9 +91,9 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError([Problem("", f"--set {item!r}: expected KEY=VALUE")], "--set")
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+            value = parse_json_or_string(raw)
+        except JSONSyntaxError as exc:
+            raise ConfigError([exc.problem], f"--set {key.strip()}") from None
         set_dotted(result, key.strip(), value)
     return result
 
@@ -286,9 +287,9 @@ def _driver(kind: DriverKind, name: str, items: Sequence[str], flag: str) -> Any
         if not sep or not key.strip().isidentifier():
             raise ConfigError([Problem("", f"{flag} {item!r}: expected KEY=VALUE")], flag)
         try:
-            options[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key.strip()] = raw
+            options[key.strip()] = parse_json_or_string(raw)
+        except JSONSyntaxError as exc:
+            raise ConfigError([exc.problem], f"{flag} {key.strip()}") from None
     cls = get_driver(kind, name)
     try:
         inspect.signature(cls).bind(**options)

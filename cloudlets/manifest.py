@@ -9,7 +9,6 @@ every problem at once, each with its JSON pointer.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,15 @@ from typing import Any
 from cloudlets.errors import ManifestError, Problem
 from cloudlets.jsondoc import (
     JSONSyntaxError,
-    check_schema,
     digest,
+    document_problems,
     parse_json,
     parse_size,
     schema_problems,
-    validate_subschema,
 )
+from cloudlets.patterns import compile_pattern, pattern_problem
 from cloudlets.urls import is_url, redact
+from cloudlets.userschema import check_schema, validate_subschema
 
 __all__ = ["BootSpec", "FilesystemSpec", "Manifest", "SCHEMA_NAME"]
 
@@ -75,7 +75,7 @@ class Manifest:
 
         :raises ManifestError: listing every problem.
         """
-        problems = self._problems(data)
+        problems = document_problems(dict(data)) or self._problems(data)
         if problems:
             raise ManifestError(problems, source)
         self._data = copy.deepcopy(dict(data))
@@ -113,6 +113,9 @@ class Manifest:
 
     @classmethod
     def _from_text(cls, text: str | bytes, source: str) -> Manifest:
+        size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "replace"))
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError([Problem("", f"larger than {MAX_MANIFEST_BYTES} bytes")], source)
         try:
             data = parse_json(text)
         except JSONSyntaxError as exc:
@@ -189,10 +192,9 @@ class Manifest:
             return []
         problems = []
         for v_index, pattern in enumerate(volatile):
-            try:
-                compiled = re.compile(pattern)
-            except (re.error, TypeError):
-                continue
+            if pattern_problem(pattern, "") is not None:
+                continue  # the schema's format check reports it
+            compiled = compile_pattern(pattern)
             for t_index, path in enumerate(templates):
                 if isinstance(path, str) and compiled.match(path):
                     problems.append(Problem(

@@ -44,6 +44,7 @@ from typing import IO, Any, BinaryIO, Self
 from urllib.parse import unquote_to_bytes
 
 from cloudlets.errors import UnsafeArchiveError
+from cloudlets.patterns import compile_pattern
 from cloudlets.tarstream import TarStream, gzip_errors, open_stream
 
 __all__ = [
@@ -1123,7 +1124,7 @@ class _Reader:
         self.sink = sink
         self.keep = keep
         self.policy = policy
-        self.volatile = [re.compile(pattern) for pattern in volatile]
+        self.volatile = [compile_pattern(pattern) for pattern in volatile]
         self.persistent = persistent
         self.stream = stream
         self.members = 0
@@ -1377,9 +1378,10 @@ def read_tarball(source: str | os.PathLike[str] | BinaryIO,
     :param source: a path, or a binary file object positioned at the start.
     :param policy: the limits and rules; :class:`ArchivePolicy` defaults.
     :param volatile: regular expressions; a member whose absolute path
-        (``/var/log/syslog``) they match with :func:`re.match` (anchored at the
-        start, as the dotCloud tool did) is left out, and a left-out directory
-        takes its whole subtree with it.
+        (``/var/log/syslog``) they match (in linear time, see
+        :mod:`cloudlets.patterns`; anchored at the start, as the dotCloud
+        tool did) is left out, and a left-out directory takes its whole
+        subtree with it.
     :param persistent: absolute paths kept even if a volatile pattern matches
         them, listed in :attr:`RootTree.persistent`, created as empty
         directories when the tarball lacks them.
