@@ -93,9 +93,13 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         try:
             value = parse_json_or_string(raw)
         except JSONSyntaxError as exc:
-            raise ConfigError([exc.problem], f"--set {key.strip()}") from None
+            raise ConfigError([_quote_hint(exc.problem)], f"--set {key.strip()}") from None
         set_dotted(result, key.strip(), value)
     return result
+
+
+def _quote_hint(problem: Problem) -> Problem:
+    return Problem(problem.pointer, f"{problem.message} (quote a JSON string to pass text)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -289,7 +293,7 @@ def _driver(kind: DriverKind, name: str, items: Sequence[str], flag: str) -> Any
         try:
             options[key.strip()] = parse_json_or_string(raw)
         except JSONSyntaxError as exc:
-            raise ConfigError([exc.problem], f"{flag} {key.strip()}") from None
+            raise ConfigError([_quote_hint(exc.problem)], f"{flag} {key.strip()}") from None
     cls = get_driver(kind, name)
     try:
         inspect.signature(cls).bind(**options)

@@ -119,6 +119,8 @@ def document_problems(data: Any, max_depth: int = MAX_JSON_DEPTH,
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
     while stack and len(problems) < limit:
         value, path = stack.pop()
+        if type(value) in _PLAIN:
+            continue
         message = _value_problem(value)
         if message is None and isinstance(value, (dict, list, tuple)):
             if len(path) >= max_depth:
@@ -134,6 +136,9 @@ def document_problems(data: Any, max_depth: int = MAX_JSON_DEPTH,
         if message is not None:
             problems.append(Problem(pointer(path), message))
     return problems
+
+
+_PLAIN = frozenset({str, bool, type(None)})
 
 
 def _value_problem(value: Any) -> str | None:
@@ -248,12 +253,13 @@ _STEPS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
 _Keyword = Callable[[Any, Any, Any, Any], Iterator[ValidationError] | None]
 
 
-def _counted(keyword: _Keyword) -> _Keyword:
+def _counted(keyword: _Keyword, cost: int = 1) -> _Keyword:
+    """``keyword``, charging ``cost`` steps to the budget in force."""
     def counted(validator: Any, value: Any, instance: Any, schema: Any
                 ) -> Iterator[ValidationError]:
         steps = _STEPS.get()
         if steps is not None:
-            steps[0] -= 1
+            steps[0] -= cost
             if steps[0] < 0:
                 raise StepBudgetExceeded("schema budget exhausted")
         errors = keyword(validator, value, instance, schema)
@@ -322,7 +328,9 @@ FORMAT_CHECKER = FormatChecker(formats=())
 FORMAT_CHECKER.checkers = dict(Draft202012Validator.FORMAT_CHECKER.checkers)
 FORMAT_CHECKER.checkers["regex"] = (_is_regex, ())
 
-_KEYWORDS = {name: _counted(keyword) for name, keyword in {
+# Following a reference builds a validator: it costs about ten plain keywords.
+_COSTS = {"$ref": 10, "$dynamicRef": 10}
+_KEYWORDS = {name: _counted(keyword, _COSTS.get(name, 1)) for name, keyword in {
     **Draft202012Validator.VALIDATORS, "pattern": _pattern,
     "patternProperties": _pattern_properties, "uniqueItems": _unique_items}.items()}
 

@@ -86,12 +86,13 @@ class Manifest:
     # -- loading ------------------------------------------------------------
 
     @classmethod
-    def load(cls, source: Manifest | Mapping[str, Any] | str | Path, *,
+    def load(cls, source: Manifest | Mapping[str, Any] | str | bytes | Path, *,
              timeout: float = 30.0) -> Manifest:
         """Load and validate a manifest.
 
         :param source: a :class:`Manifest` (returned as is), a dict, a JSON
-            string, an ``http(s)://`` or ``file://`` URL, or a file path.
+            document as text or UTF-8 bytes, an ``http(s)://`` or ``file://``
+            URL, or a file path.
         :param timeout: seconds to wait when ``source`` is a URL.
         :raises ManifestError: when it cannot be read or is invalid.
         """
@@ -101,6 +102,8 @@ class Manifest:
             return cls(source)
         if isinstance(source, Path):
             return cls._from_text(cls._read_path(source), str(source))
+        if isinstance(source, (bytes, bytearray)):
+            return cls._from_text(bytes(source), "<bytes>")
         text = str(source)
         if text.lstrip().startswith(("{", "[")):
             return cls._from_text(text, "<string>")
