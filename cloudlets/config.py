@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloudlets.errors import ConfigError, LockedKeyError, Problem
 from cloudlets.jsondoc import (
+    MAX_JSON_DEPTH,
     JSONSyntaxError,
     digest,
     document_problems,
@@ -58,12 +59,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError([Problem("", f"cannot read: {exc.strerror or exc}")], str(path)) \
             from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([Problem("", f"larger than {MAX_CONFIG_BYTES} bytes")], str(path))
     try:
         data = parse_json(text)
     except JSONSyntaxError as exc:
         raise ConfigError([exc.problem], str(path)) from None
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError([Problem("", f"larger than {MAX_CONFIG_BYTES} bytes")], str(path))
     if not isinstance(data, dict):
         raise ConfigError([Problem("", "a render config must be a JSON object")], str(path))
     return data
@@ -166,6 +167,8 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     if not all(parts):
         raise ConfigError([Problem("", f"{key!r} is not a dotted key")])
+    if len(parts) > MAX_JSON_DEPTH:
+        raise ConfigError([Problem("", f"{key[:60]!r}...: more than {MAX_JSON_DEPTH} levels")])
     node = data
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})

@@ -109,7 +109,8 @@ def _parse_float(text: str) -> Any:
 def document_problems(data: Any, max_depth: int = MAX_JSON_DEPTH,
                       limit: int = 10) -> list[Problem]:
     """Check that ``data`` is a JSON document cloudlets can hold: only JSON
-    types (objects with string keys), finite numbers, integers within
+    types (objects with string keys), Unicode strings (no lone surrogates),
+    finite numbers, integers within
     :data:`MAX_JSON_INTEGER`, nesting within ``max_depth``. The walk is
     iterative, so a hostile document cannot exhaust the stack.
 
@@ -119,16 +120,18 @@ def document_problems(data: Any, max_depth: int = MAX_JSON_DEPTH,
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
     while stack and len(problems) < limit:
         value, path = stack.pop()
-        if type(value) in _PLAIN:
+        if type(value) in _PLAIN and (type(value) is not str or value.isascii()):
             continue
         message = _value_problem(value)
         if message is None and isinstance(value, (dict, list, tuple)):
             if len(path) >= max_depth:
                 message = f"nested deeper than {max_depth} levels"
             elif isinstance(value, dict):
-                bad = next((k for k in value if not isinstance(k, str)), None)
+                bad = next((k for k in value if not isinstance(k, str)
+                            or _string_problem(k) is not None), None)
                 if bad is not None:
-                    message = f"key {bad!r} is not a string"
+                    message = f"key {bad!r} is not a string" if not isinstance(bad, str) \
+                        else f"key {_string_problem(bad)}"
                 else:
                     stack.extend((v, (*path, k)) for k, v in reversed(value.items()))
             else:
@@ -141,10 +144,22 @@ def document_problems(data: Any, max_depth: int = MAX_JSON_DEPTH,
 _PLAIN = frozenset({str, bool, type(None)})
 
 
+def _string_problem(text: str) -> str | None:
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"holds a lone surrogate (\\u{ord(text[exc.start]):04x}), which is not Unicode text"
+    return None
+
+
 def _value_problem(value: Any) -> str | None:
     if isinstance(value, _Refused):
         return value.message
-    if value is None or isinstance(value, (str, bool, dict, list, tuple)):
+    if isinstance(value, str):
+        return _string_problem(value)
+    if value is None or isinstance(value, (bool, dict, list, tuple)):
         return None
     if isinstance(value, int):
         return None if abs(value) <= MAX_JSON_INTEGER else \
