@@ -141,7 +141,8 @@ def _structure_problems(root: Any) -> list[tuple[_Path, str]]:
                 elif target is not None:
                     edges.append((target, where))
                     stack.append(target)
-            elif key == "$schema" and (path or value not in _DIALECTS):
+            elif key == "$schema" and (path or not isinstance(value, str)
+                                       or value not in _DIALECTS):
                 problems.append((where, "only JSON Schema 2020-12 is supported, named at the "
                                         "root of the schema or not at all"))
             elif key == "$id" and path:
