@@ -4,7 +4,7 @@ A manifest holds regular expressions: its ``volatile`` path patterns, and the
 ``pattern`` and ``patternProperties`` keywords of its argument schemas. With a
 backtracking engine such as :mod:`re`, ``(a+)+$`` takes half a minute on a
 41-character value. Every such pattern is compiled here with RE2
-(:pypi:`google-re2`), whose matching time is linear in the length of the
+(the ``google-re2`` package), whose matching time is linear in the length of the
 value and whose compiled program is bounded in memory; a pattern RE2 cannot
 compile (backreferences, lookaround) is refused with a
 :class:`~cloudlets.errors.ManifestError` naming its JSON pointer.
