@@ -189,3 +189,18 @@ def test_every_shipped_pattern_is_re2_and_anchored_at_the_very_end(name: str) ->
         compile_pattern(pattern)
         assert "\\s" not in pattern, pattern
         assert "(?=" not in pattern and "(?!" not in pattern, pattern
+
+
+def test_a_boot_path_cannot_add_a_grub_command() -> None:
+    """Paths may hold quotes and semicolons; the GRUB script quotes them."""
+    import shlex
+
+    from cloudlets.disk.bootloader import grub_config
+
+    kernel = "/boot/x'; insmod evil; echo '"
+    Manifest.load({"name": "web", "boot": {"kernel": kernel}})  # a valid tree path
+    script = grub_config(kernel=kernel, initrd=None, cmdline="quiet", root_uuid="u")
+    lines = script.splitlines()
+    assert [shlex.split(line)[0] for line in lines] == ["search", "echo", "linux", "boot"]
+    assert shlex.split(lines[1]) == ["echo", f"cloudlets: loading {kernel}"]
+    assert shlex.split(lines[2])[1] == kernel
