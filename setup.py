@@ -1,11 +1,15 @@
 """cloudlets: render portable server images from a manifest and a root
 filesystem tarball."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+# The version, read from its own module without importing the package.
+VERSION = re.findall(r'^__version__ = "([^"]+)"$',
+                     (HERE / "cloudlets" / "version.py").read_text(encoding="utf-8"), re.M)[0]
 
 TEST = [
     "pytest>=8",
@@ -26,7 +30,7 @@ LINT = ["ruff==0.17.6", "mypy==2.4.1", "types-requests", "types-jsonschema"]
 
 setup(
     name="cloudlets",
-    version="0.1.0",
+    version=VERSION,
     description="Render portable server images (raw, qcow2, OVF/OVA, Xen, VHD, EC2) "
                 "from a manifest and a root filesystem tarball, rootless",
     long_description=(HERE / "README.rst").read_text(encoding="utf-8"),

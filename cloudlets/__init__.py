@@ -15,6 +15,7 @@ from cloudlets.drivers.providers import get_driver, list_drivers, set_driver
 from cloudlets.drivers.types import Format, FormatCapability, Storage, StorageCapability
 from cloudlets.errors import (
     CacheError,
+    CatalogError,
     CloudletsError,
     ConfigError,
     ConfigurationError,
@@ -22,6 +23,7 @@ from cloudlets.errors import (
     DriverNotFoundError,
     FetchError,
     FormatError,
+    ImageNotFoundError,
     IntegrityError,
     LockedKeyError,
     ManifestError,
@@ -34,11 +36,11 @@ from cloudlets.errors import (
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
-
-__version__ = "0.1.0"
+from cloudlets.version import __version__
 
 __all__ = [
     "CacheError",
+    "CatalogError",
     "CloudletsError",
     "ConfigError",
     "ConfigurationError",
@@ -49,6 +51,7 @@ __all__ = [
     "FormatCapability",
     "FormatDriver",
     "FormatError",
+    "ImageNotFoundError",
     "IntegrityError",
     "LockedKeyError",
     "Manifest",

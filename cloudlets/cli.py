@@ -9,6 +9,10 @@ Exit codes (also in ``cloudlets --help``):
 3      invalid input (manifest, render config, tarball, template)
 4      render failure (download, disk, format, storage)
 5      setup problem (missing tool, optional dependency or driver)
+6      cache verify found a corrupted entry
+7      not found (no image with that id)
+130    interrupted (SIGINT); nothing half-written is left
+143    terminated (SIGTERM); nothing half-written is left
 =====  ==========================================================
 """
 
@@ -16,31 +20,46 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
+import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
-from cloudlets import __version__
+from cloudlets.catalog import ClaimState
+from cloudlets.catalog.records import INTERRUPTIONS
+from cloudlets.cli_output import EscapingWriter, print_artifacts, print_json
 from cloudlets.config import Presets, load_config_file, set_dotted
 from cloudlets.drivers.base import FormatDriver, StorageDriver
-from cloudlets.drivers.providers import get_driver, list_drivers
+from cloudlets.drivers.providers import (
+    entry_point_report,
+    get_driver,
+    list_drivers,
+    make_driver,
+)
 from cloudlets.drivers.types import DriverKind
 from cloudlets.errors import (
+    CatalogError,
     CloudletsError,
     ConfigError,
     ConfigurationError,
+    ImageNotFoundError,
     IntegrityError,
     ManifestError,
     Problem,
     TemplateError,
+    Terminated,
     UnsafeArchiveError,
 )
+from cloudlets.images import Images
 from cloudlets.jsondoc import JSONSyntaxError, parse_json_or_string
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
+from cloudlets.result import RenderResult
+from cloudlets.version import __version__
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -50,6 +69,12 @@ EXIT_USAGE = 2
 EXIT_INVALID_INPUT = 3
 EXIT_RENDER_FAILED = 4
 EXIT_SETUP = 5
+#: ``cloudlets cache verify`` found a corrupted entry (cli_cache.EXIT_CORRUPT).
+EXIT_CORRUPT = 6
+EXIT_NOT_FOUND = 7
+#: A command stopped by SIGINT or SIGTERM exits as a shell reports it: 128 + the signal.
+EXIT_INTERRUPTED = 128 + 2
+EXIT_TERMINATED = 128 + 15
 
 #: Exit code → meaning, as documented.
 EXIT_CODES = {
@@ -59,6 +84,10 @@ EXIT_CODES = {
     EXIT_INVALID_INPUT: "invalid input (manifest, render config, tarball, template)",
     EXIT_RENDER_FAILED: "render failure (download, disk, format, storage)",
     EXIT_SETUP: "setup problem (missing tool, optional dependency or driver)",
+    EXIT_CORRUPT: "cache verify found a corrupted entry",
+    EXIT_NOT_FOUND: "not found (no image with that id)",
+    EXIT_INTERRUPTED: "interrupted (SIGINT); nothing half-written is left",
+    EXIT_TERMINATED: "terminated (SIGTERM); nothing half-written is left",
 }
 
 _INVALID_INPUT = (ManifestError, ConfigError, UnsafeArchiveError, TemplateError, IntegrityError)
@@ -66,6 +95,8 @@ _INVALID_INPUT = (ManifestError, ConfigError, UnsafeArchiveError, TemplateError,
 
 def exit_code_for(error: CloudletsError) -> int:
     """:returns: the documented exit code for an error."""
+    if isinstance(error, ImageNotFoundError):
+        return EXIT_NOT_FOUND
     if isinstance(error, _INVALID_INPUT):
         return EXIT_INVALID_INPUT
     if isinstance(error, ConfigurationError):
@@ -79,13 +110,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
+def parse_set(items: Sequence[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
     """Turn ``--set key=value`` items into a nested dict. Values are JSON
     when they parse as JSON, plain strings otherwise.
 
+    :param into: the dict to set the keys in (a config file's request);
+        default a new one.
+    :returns: that dict.
     :raises ConfigError: for an item without ``=`` or a bad dotted key.
     """
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {} if into is None else into
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -143,7 +177,17 @@ def _build_parser() -> argparse.ArgumentParser:
     render.add_argument("--cache-dir", type=Path, help="tarball cache directory")
     render.add_argument("--allow-file-urls", action="store_true",
                         help="allow file:// URLs and local paths for the tarball")
-    render.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
+    render.add_argument("--overwrite", action="store_true",
+                        help="replace existing artifacts the catalog does not know about")
+    render.add_argument("--force", action="store_true",
+                        help="render again although the catalog has this image ready")
+    render.add_argument("--no-catalog", action="store_true",
+                        help="render without recording the image in the catalog")
+    render.add_argument("--catalog", type=Path, metavar="PATH",
+                        help="the catalog database (default: $CLOUDLETS_HOME/catalog.sqlite3)")
+    render.add_argument("--wait-timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="how long to wait for the same render in flight in another "
+                             "process (default: 3600)")
     render.add_argument("--format-option", "-F", dest="format_options", action="append",
                         default=[], metavar="KEY=VALUE",
                         help="an argument of the format driver, e.g. ex_mode=instance-store "
@@ -186,7 +230,7 @@ def _cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
         manifest.require_renderable()
     missing = manifest.render_problems()
     if args.json:
-        _print_json(out, {"valid": True, "name": manifest.name, "version": manifest.version,
+        print_json(out, {"valid": True, "name": manifest.name, "version": manifest.version,
                           "digest": manifest.digest,
                           "render_needs": [{"pointer": p.pointer, "message": p.message}
                                            for p in missing]})
@@ -213,7 +257,7 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
                          for p in manifest.render_problems()],
     }
     if args.json:
-        _print_json(out, info)
+        print_json(out, info)
         return EXIT_OK
     out.write(f"{manifest.label}  ({manifest.arch})\n")
     for key in ("description", "author", "digest"):
@@ -242,9 +286,7 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
-    request: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    for key, value in _flatten(parse_set(args.sets)):
-        set_dotted(request, key, value)
+    request = parse_set(args.sets, load_config_file(args.config) if args.config else {})
     presets = Presets.load(args.presets) if args.presets else None
     mirrors: list[Mapping[str, Any]] = []
     for item in args.mirrors:
@@ -255,36 +297,75 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
         mirrors.append({"prefix": prefix, "mirrors": [target]})
     renderer = Renderer(cache_dir=args.cache_dir, presets=presets, mirrors=mirrors,
                         ex_allow_file_urls=args.allow_file_urls)
-    fmt = _driver(DriverKind.FORMAT, args.format, args.format_options, "--format-option")
-    storage = _driver(DriverKind.STORAGE, args.storage, args.storage_options,
-                      "--storage-option")
+    fmt = make_driver(DriverKind.FORMAT, args.format,
+                      **_options(args.format_options, "--format-option"))
+    storage = make_driver(DriverKind.STORAGE, args.storage,
+                          **_options(args.storage_options, "--storage-option"))
     progress = _progress_callback()
-    result = renderer.render(args.manifest, args.output, storage=storage,
-                             format=fmt, config=request, progress=progress,
-                             overwrite=args.overwrite)
+    if args.no_catalog:
+        result = renderer.render(args.manifest, args.output, storage=storage,
+                                 format=fmt, config=request, progress=progress,
+                                 overwrite=args.overwrite)
+        existing = None
+    else:
+        result, existing = _render_recorded(args, renderer, storage, fmt, request, progress)
     if args.json:
-        _print_json(out, result.to_dict())
+        data = result.to_dict()
+        if existing is not None:
+            data["catalog"] = {"entry_id": existing.entry_id, "existing": existing.existing}
+        print_json(out, data)
+        return EXIT_OK
+    if existing is not None and existing.existing:
+        out.write(f"{result.manifest_name} {result.manifest_version or ''} is already rendered "
+                  f"as {result.format} to {result.storage}: image {result.image_id} "
+                  "(--force renders it again)\n")
+        print_artifacts(out, result.artifacts)
         return EXIT_OK
     out.write(f"rendered {result.manifest_name} {result.manifest_version or ''} as "
               f"{result.format} to {result.storage}: image {result.image_id}\n")
-    for artifact in result.artifacts:
-        out.write(f"  {artifact.role:<10} {artifact.location}  {artifact.size} bytes  "
-                  f"sha256:{artifact.sha256}\n")
+    print_artifacts(out, result.artifacts)
     total = sum(result.timings.values())
     out.write(f"  took {total:.2f} s (" + ", ".join(
         f"{k} {v:.2f}" for k, v in result.timings.items()) + ")\n")
     return EXIT_OK
 
 
-def _driver(kind: DriverKind, name: str, items: Sequence[str], flag: str) -> Any:
-    """The driver ``name``, built with the ``KEY=VALUE`` arguments of ``flag``
-    (the registered name alone when there are none).
+@dataclass(frozen=True)
+class _Recorded:
+    entry_id: str
+    existing: bool
+
+
+def _render_recorded(args: argparse.Namespace, renderer: Renderer, storage: Any, fmt: Any,
+                     request: dict[str, Any], progress: Any) -> tuple[RenderResult, _Recorded]:
+    """Render through the create-image operation, recording the image in the
+    catalog. The same request rendered before is shown, not rendered again;
+    the same request in flight in another process is waited for, up to
+    ``--wait-timeout``, and claimed again if that process died."""
+    images = Images(renderer, args.catalog)
+    for _ in range(2):
+        claim = images.submit(args.manifest, args.output, storage, fmt, request,
+                              force=args.force, overwrite=args.overwrite)
+        if claim.state is ClaimState.CLAIMED:
+            entry = images.run(claim.entry.entry_id, progress)
+            return entry.to_result(), _Recorded(entry.entry_id, existing=False)
+        entry = claim.entry
+        if claim.state is ClaimState.BUSY:
+            entry = images.wait(entry.entry_id, args.wait_timeout)
+        if entry.ready:
+            return entry.to_result(), _Recorded(entry.entry_id, existing=True)
+        if entry.error_type not in INTERRUPTIONS:
+            break
+    raise CatalogError(f"the concurrent render {entry.entry_id} of {entry.label} failed: "
+                       f"{entry.error}", entry.entry_id)
+
+
+def _options(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """The ``KEY=VALUE`` arguments of a driver option flag (JSON values,
+    else strings).
 
     :raises ConfigError: an item is not ``KEY=VALUE``.
-    :raises ConfigurationError: the driver takes no such argument.
     """
-    if not items:
-        return name
     options: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -294,14 +375,7 @@ def _driver(kind: DriverKind, name: str, items: Sequence[str], flag: str) -> Any
             options[key.strip()] = parse_json_or_string(raw)
         except JSONSyntaxError as exc:
             raise ConfigError([_quote_hint(exc.problem)], f"{flag} {key.strip()}") from None
-    cls = get_driver(kind, name)
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError as exc:
-        accepted = [p for p in inspect.signature(cls).parameters if p not in ("self",)]
-        raise ConfigurationError(f"{kind} driver {name!r}: {exc}; it takes "
-                                 f"{', '.join(accepted) or 'no arguments'}") from None
-    return cls(**options)
+    return options
 
 
 def _progress_callback() -> Any:
@@ -310,19 +384,8 @@ def _progress_callback() -> Any:
     return terminal_progress(sys.stderr)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    items: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            items.extend(_flatten(value, dotted + "."))
-        else:
-            items.append((dotted, value))
-    return items
-
-
 def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
-    report: dict[str, list[dict[str, Any]]] = {}
+    report: dict[str, Any] = {}
     kind: DriverKind
     for kind in DriverKind:
         rows: list[dict[str, Any]] = []
@@ -338,55 +401,92 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
             rows.append({"name": name, "available": True, "description": cls.description,
                          "capabilities": flags, "class": f"{cls.__module__}.{cls.__name__}"})
         report[str(kind)] = rows
+    points = {str(kind): entry_point_report(kind) for kind in DriverKind}
     if args.json:
-        _print_json(out, report)
+        print_json(out, {**report, "entry_points": points})
         return EXIT_OK
     for kind_name, rows in report.items():
         out.write(f"{kind_name} drivers:\n")
+        width = max((len(row["name"]) for row in rows), default=0)
         for row in rows:
             if row["available"]:
                 caps = ",".join(str(c) for c in row["capabilities"]).lower() or "-"
-                out.write(f"  {row['name']:<10} {row['description']}  [{caps}]\n")
+                out.write(f"  {row['name']:<{width}}  {row['description']}  [{caps}]\n")
             else:
-                out.write(f"  {row['name']:<10} unavailable: {row['error']}\n")
+                out.write(f"  {row['name']:<{width}}  unavailable: {row['error']}\n")
+    listed = [(kind_name, row) for kind_name, found in points.items() for row in found]
+    if listed:
+        out.write("entry points:\n")
+        for kind_name, row in listed:
+            out.write(f"  {kind_name} {row['name']} = {row['value']} ({row['package']}): "
+                      f"{row['status']}\n")
     return EXIT_OK
-
-
-def _print_json(out: TextIO, data: Any) -> None:
-    json.dump(data, out, indent=2, sort_keys=False, default=str)
-    out.write("\n")
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
          err: TextIO | None = None) -> int:
     """Run the command line.
 
+    Human output and error messages have their control characters escaped
+    (:func:`~cloudlets.cli_output.escape_controls`); JSON escapes them itself.
+    SIGTERM and SIGINT stop a command with every cleanup run (work directory,
+    half-written artifact, catalog entry) and exit 143 and 130.
+
     :returns: the exit code (see :data:`EXIT_CODES`).
     """
     out = out or sys.stdout
-    err = err or sys.stderr
+    errors = _escaping(err or sys.stderr)
     parser = _build_parser()
     try:
         # argparse prints help and usage errors itself: send them where the
         # caller asked, not to the process's streams.
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(errors):
             args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    as_json = getattr(args, "json", False)
     try:
-        return int(args.handler(args, out))
+        with _terminate_on_sigterm():
+            return int(args.handler(args, out if as_json else _escaping(out)))
     except CloudletsError as exc:
         code = exit_code_for(exc)
-        if getattr(args, "json", False):
-            _print_json(out, {"error": type(exc).__name__, "message": str(exc),
-                              "exit_code": code,
-                              "problems": [{"pointer": p.pointer, "message": p.message}
-                                           for p in getattr(exc, "problems", [])]})
-        err.write(f"cloudlets: {type(exc).__name__}: {exc}\n")
+        if as_json:
+            print_json(out, {"error": type(exc).__name__, "message": str(exc),
+                             "exit_code": code,
+                             "problems": [{"pointer": p.pointer, "message": p.message}
+                                          for p in getattr(exc, "problems", [])]})
+        errors.write(f"cloudlets: {type(exc).__name__}: {exc}\n")
         return code
+    except Terminated as exc:
+        errors.write(f"cloudlets: {exc}\n")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
-        err.write("cloudlets: interrupted\n")
-        return 130
+        errors.write("cloudlets: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+def _escaping(stream: TextIO) -> TextIO:
+    return cast(TextIO, EscapingWriter(stream))
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`~cloudlets.errors.Terminated` in the main
+    thread while a command runs (once: a second SIGTERM during the cleanup
+    is ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry_point() -> None:

@@ -7,18 +7,19 @@ handler takes ``(args, out)`` and returns the exit code.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from cloudlets.cache import TarballCache, default_cache_dir
+from cloudlets.cli_output import print_json
 from cloudlets.progress import format_bytes, terminal_progress
 
 __all__ = ["EXIT_CORRUPT", "add_cache_parser", "parse_size"]
 
-#: Exit code of ``cloudlets cache verify`` when it found a corrupted entry.
+#: Exit code of ``cloudlets cache verify`` when it found a corrupted entry
+#: (listed with the others in :data:`cloudlets.cli.EXIT_CODES`).
 EXIT_CORRUPT = 6
 
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
@@ -73,17 +74,12 @@ def _cache(args: argparse.Namespace) -> TarballCache:
     return TarballCache(root)
 
 
-def _dump(out: TextIO, data: Any) -> None:
-    json.dump(data, out, indent=2)
-    out.write("\n")
-
-
 def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     """``cloudlets cache list``. :returns: the exit code."""
     cache = _cache(args)
     entries = cache.list()
     if getattr(args, "json", False):
-        _dump(out, {"cache_dir": str(cache.root), "entries": [e.to_dict() for e in entries],
+        print_json(out, {"cache_dir": str(cache.root), "entries": [e.to_dict() for e in entries],
                     "total_bytes": sum(e.size for e in entries)})
         return 0
     if not entries:
@@ -108,7 +104,7 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     results = cache.verify(remove=not args.keep, progress=progress)
     bad = [r for r in results if not r.ok]
     if as_json:
-        _dump(out, {"cache_dir": str(cache.root), "results": [r.to_dict() for r in results],
+        print_json(out, {"cache_dir": str(cache.root), "results": [r.to_dict() for r in results],
                     "corrupted": len(bad)})
     else:
         for r in results:
@@ -125,7 +121,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     removed = cache.prune(args.max_bytes)
     remaining = cache.total_bytes()
     if getattr(args, "json", False):
-        _dump(out, {"cache_dir": str(cache.root), "removed": [e.to_dict() for e in removed],
+        print_json(out, {"cache_dir": str(cache.root), "removed": [e.to_dict() for e in removed],
                     "freed_bytes": sum(e.size for e in removed), "remaining_bytes": remaining})
         return 0
     for e in removed:

@@ -12,9 +12,15 @@ shows up in ``list_images``. Two ways to add it to a libcloud ``NodeDriver``:
 
 ``create_image(node, name)`` keeps its libcloud meaning: the first argument's
 type decides (a :class:`~libcloud.compute.base.Node` goes to the driver's own
-method). Rendered images are recorded in the :class:`~cloudlets.catalog.ImageCatalog`;
-``list_images``, ``get_image`` and ``delete_image`` serve them beside the
-driver's own images.
+method). A manifest goes through the create-image operation
+(:class:`cloudlets.images.Images`), which records the image in the
+:class:`~cloudlets.catalog.ImageCatalog`; ``list_images``, ``get_image`` and
+``delete_image`` serve them beside the driver's own images.
+
+``create_image(manifest)`` never waits for another process: when the same
+request is being rendered elsewhere it returns that image in flight (its
+``extra["cloudlets"]["status"]`` says so), and ``ex_wait_image`` waits for it,
+as libcloud keeps ``wait_until_running`` apart from ``create_node``.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from typing import Any
 
 from libcloud.compute.base import Node, NodeDriver, NodeImage  # type: ignore[import-untyped]
 
-from cloudlets.catalog import CatalogEntry, ImageCatalog, ImageStatus
+from cloudlets.catalog import IN_FLIGHT, CatalogEntry, ImageCatalog, ImageStatus
 from cloudlets.config import Presets
 from cloudlets.drivers.base import FormatDriver, StorageDriver
-from cloudlets.drivers.providers import get_driver
+from cloudlets.drivers.providers import make_driver
 from cloudlets.drivers.types import DriverKind
-from cloudlets.errors import CloudletsError, ConfigurationError
+from cloudlets.errors import ConfigurationError
+from cloudlets.images import Images, Withdraw
 from cloudlets.renderer import ManifestSource, ProgressCallback, Renderer
 
 __all__ = [
@@ -58,12 +65,13 @@ class CloudletsImages:
     :param storage: the storage driver (instance or registered name).
     :param output: where images go, in the storage driver's syntax; may use
         ``{name}``, ``{version}`` and ``{key}`` (see
-        :meth:`ImageCatalog.render`). Default ``<data_dir>/images/{key}/``
-        for local storage; other storages must set it.
+        :meth:`cloudlets.images.Images.submit`). Default
+        ``<data_dir>/images/{key}/`` for local storage; other storages must
+        set it.
     :param catalog: the :class:`~cloudlets.catalog.ImageCatalog`, or its
         path; default ``<renderer.data_dir>/catalog.sqlite3``.
-    :param wait_timeout: seconds a request waits for the same render in
-        flight in another process.
+    :param wait_timeout: seconds :meth:`wait` waits for a render in flight
+        by default.
     :param poll_interval: seconds between looks at that render.
     """
 
@@ -72,32 +80,25 @@ class CloudletsImages:
                  catalog: ImageCatalog | str | Path | None = None,
                  wait_timeout: float = 3600.0, poll_interval: float = 0.5) -> None:
         self.renderer = renderer
-        made_format = _instance(DriverKind.FORMAT, format)
-        made_storage = _instance(DriverKind.STORAGE, storage)
-        if not isinstance(made_format, FormatDriver):
-            raise ConfigurationError(f"not a format driver: {format!r}")
-        if not isinstance(made_storage, StorageDriver):
-            raise ConfigurationError(f"not a storage driver: {storage!r}")
-        self.format = made_format
-        self.storage = made_storage
+        self.format = make_driver(DriverKind.FORMAT, format)
+        self.storage = make_driver(DriverKind.STORAGE, storage)
         if output is None:
             if self.storage.name != "local":
                 raise ConfigurationError(
                     f"storage {self.storage.name!r} needs an explicit output location")
             output = str(renderer.data_dir / "images") + "/{key}/"
         self.output = output
-        if isinstance(catalog, ImageCatalog):
-            self.catalog = catalog
-        else:
-            self.catalog = ImageCatalog(catalog, data_dir=renderer.data_dir)
+        self.images = Images(renderer, catalog)
+        self.catalog = self.images.catalog
         self.wait_timeout = wait_timeout
         self.poll_interval = poll_interval
 
     def create(self, manifest: ManifestSource, *, label: str | None = None,
                config: Mapping[str, Any] | None = None, output: str | None = None,
                force: bool = False, progress: ProgressCallback | None = None,
-               withdraw: Callable[[str, str], bool] | None = None) -> CatalogEntry:
-        """Render ``manifest`` (or find it rendered) and record it.
+               withdraw: Withdraw | None = None) -> CatalogEntry:
+        """Render ``manifest`` (or find it rendered) and record it, through
+        :meth:`cloudlets.images.Images.create`.
 
         :param force: render again even if the same image is ready.
         :param withdraw: ``withdraw(image_id, name)`` deletes an image with
@@ -106,63 +107,51 @@ class CloudletsImages:
             its name carries the time); the ones it superseded are then
             deregistered with it, and their artifacts that the new image does
             not share are deleted.
-        :returns: the ready catalog entry.
+        :returns: the ready catalog entry, or the entry in flight when
+            another process renders the same request (see :meth:`wait`).
         """
-        entry = self.catalog.render(
-            self.renderer, manifest, output or self.output, self.storage, self.format, config,
-            progress, label=label, force=force, wait_timeout=self.wait_timeout,
-            poll_interval=self.poll_interval)
-        if force and withdraw is not None:
-            self._withdraw_superseded(entry, withdraw)
-        return entry
+        return self.images.create(
+            manifest, output or self.output, self.storage, self.format, config, label=label,
+            force=force, progress=progress, withdraw=withdraw if force else None)
 
-    def _withdraw_superseded(self, entry: CatalogEntry,
-                             withdraw: Callable[[str, str], bool]) -> None:
-        """See :meth:`create`. A failure is logged, not raised: the new image
-        is ready, and the old entry stays superseded for the next forced
-        render (or an operator) to withdraw."""
-        keep = {artifact.location for artifact in entry.artifacts}
-        for old in self.catalog.superseded(entry):
-            assert old.image_id is not None
-            try:
-                if not withdraw(old.image_id, old.label):
-                    raise CloudletsError(f"the provider did not delete {old.image_id}")
-                for artifact in old.artifacts:
-                    if artifact.location not in keep and self.storage.exists(artifact.location):
-                        self.storage.delete(artifact.location)
-            except Exception as exc:  # noqa: BLE001 - the provider's errors are its own
-                log.warning("image %s superseded by %s was not withdrawn: %s",
-                            old.image_id, entry.image_id, exc)
-                continue
-            self.catalog.retire(old.entry_id)
+    def wait(self, entry: CatalogEntry, timeout: float | None = None) -> CatalogEntry:
+        """Wait for a render in flight (:meth:`create`'s entry when another
+        process had it).
+
+        :param timeout: seconds; default :attr:`wait_timeout`.
+        :returns: the entry, ready or failed.
+        :raises CatalogError: on timeout.
+        """
+        return self.images.wait(entry.entry_id,
+                                self.wait_timeout if timeout is None else timeout,
+                                poll_interval=self.poll_interval)
 
     def entries(self) -> list[CatalogEntry]:
         """:returns: the ready images this setup's format and storage made."""
         return self.catalog.entries(statuses=[ImageStatus.READY], format=self.format.name,
-                                    storage=self.storage.name)
+                                    target=self.storage.target)
 
     def find(self, image_id: str) -> CatalogEntry | None:
         """:returns: the ready image with this id, if this setup made it."""
-        entry = self.catalog.find_ready(image_id)
-        if entry is None or entry.format != self.format.name \
-                or entry.storage != self.storage.name:
+        entry = self.catalog.find_ready(image_id, target=self.storage.target)
+        if entry is None or entry.format != self.format.name:
             return None
         return entry
 
     def delete(self, entry: CatalogEntry) -> CatalogEntry:
         """Delete a rendered image's artifacts with the configured storage
         driver and mark its entry deleted."""
-        return self.catalog.delete(entry.entry_id, storage=self.storage)
+        return self.images.delete(entry.entry_id, storage=self.storage).entry
 
     @staticmethod
     def node_image(entry: CatalogEntry, driver: Any) -> NodeImage:
-        """A ``NodeImage`` for a ready entry.
+        """A ``NodeImage`` for an entry: a ready one under its image id, one
+        in flight under its entry id.
 
         :returns: the image, its ``extra`` holding the catalog facts under
             :data:`EXTRA_KEY`.
         """
-        assert entry.image_id is not None
-        return NodeImage(id=entry.image_id, name=entry.label, driver=driver,
+        return NodeImage(id=entry.ref, name=entry.label, driver=driver,
                          extra={EXTRA_KEY: image_extra(entry)})
 
     @staticmethod
@@ -209,7 +198,7 @@ class CloudletsImages:
         the format published it (deregister the AMI), then its artifacts
         through the storage driver; the catalog entry is marked deleted.
         Another image goes to the driver's own ``delete_image``."""
-        entry = self.catalog.find_ready(image.id)
+        entry = self.find(image.id)
         if entry is None:
             candidate = self._deleting(image.id)
             if candidate is None:
@@ -221,7 +210,9 @@ class CloudletsImages:
         return True
 
     def _deleting(self, image_id: str) -> CatalogEntry | None:
-        for entry in self.catalog.entries(statuses=[ImageStatus.DELETING]):
+        for entry in self.catalog.entries(statuses=[ImageStatus.DELETING,
+                                                    ImageStatus.DELETE_FAILED],
+                                          format=self.format.name, target=self.storage.target):
             if entry.image_id == image_id:
                 return entry
         return None
@@ -267,6 +258,9 @@ class CloudletsImageMixin:
         :param kwargs: the driver's own ``create_image`` options, for a node.
         :returns: the image; for a manifest its id is the render's image id
             (the provider's id, e.g. an AMI id, when the format publishes).
+            When another process is rendering the same request, its image in
+            flight (id: the catalog entry id; ``extra["cloudlets"]["status"]``
+            ``pending`` or ``rendering``): :meth:`ex_wait_image` waits for it.
         :raises CloudletsError: when the render fails; nothing is listed.
         """
         if isinstance(node, Node):
@@ -343,6 +337,15 @@ class CloudletsImageMixin:
                                  poll_interval=poll_interval)
         return self._cloudlets
 
+    def ex_wait_image(self, image: NodeImage, timeout: float | None = None) -> NodeImage:
+        """Wait for an image :meth:`create_image` returned in flight.
+
+        :param timeout: seconds; default the configured ``wait_timeout``.
+        :returns: the image, ready (under its image id) or failed.
+        :raises CatalogError: on timeout.
+        """
+        return _wait_image(self.ex_cloudlets, image, timeout, self)
+
     @property
     def ex_cloudlets(self) -> CloudletsImages:
         """The rendering setup.
@@ -416,6 +419,10 @@ class CloudletsNodeDriver:
                                                        self.ex_driver))
         return self.ex_cloudlets.node_image(entry, self)
 
+    def ex_wait_image(self, image: NodeImage, timeout: float | None = None) -> NodeImage:
+        """As :meth:`CloudletsImageMixin.ex_wait_image`."""
+        return _wait_image(self.ex_cloudlets, image, timeout, self)
+
     def list_images(self, location: Any = None, **kwargs: Any) -> list[NodeImage]:
         """As :meth:`CloudletsImageMixin.list_images`."""
         return self.ex_cloudlets.list_images(self.ex_driver.list_images, self, location, kwargs)
@@ -468,14 +475,9 @@ def _setup(*, format: FormatDriver | str, storage: StorageDriver | str,  # noqa:
                            poll_interval=poll_interval)
 
 
-def _instance(kind: DriverKind, driver: object) -> object:
-    """:returns: ``driver`` itself, or an instance of the driver registered
-    under that name."""
-    if not isinstance(driver, str):
-        return driver
-    cls = get_driver(kind, driver)
-    try:
-        return cls()
-    except TypeError as exc:
-        raise ConfigurationError(
-            f"{kind} driver {driver!r} needs arguments; pass an instance: {exc}") from None
+def _wait_image(images: CloudletsImages, image: NodeImage, timeout: float | None,
+                driver: Any) -> NodeImage:
+    entry = images.catalog.get(image.id)
+    if entry.status in IN_FLIGHT:
+        entry = images.wait(entry, timeout)
+    return images.node_image(entry, driver)

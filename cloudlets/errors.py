@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "CacheError",
+    "CatalogError",
     "CloudletsError",
     "ConfigError",
     "ConfigurationError",
@@ -20,6 +21,7 @@ __all__ = [
     "DriverNotFoundError",
     "FetchError",
     "FormatError",
+    "ImageNotFoundError",
     "IntegrityError",
     "LockedKeyError",
     "ManifestError",
@@ -28,6 +30,7 @@ __all__ = [
     "StageNotAvailableError",
     "StorageError",
     "TemplateError",
+    "Terminated",
     "UnsafeArchiveError",
 ]
 
@@ -151,6 +154,22 @@ class TemplateError(CloudletsError):
         super().__init__(f"{where}{message}")
 
 
+class CatalogError(CloudletsError):
+    """The image catalog cannot do what was asked: an unknown image, a
+    database written by a newer cloudlets, a concurrent render that failed.
+
+    :ivar entry_id: the catalog entry concerned, when there is one.
+    """
+
+    def __init__(self, message: str, entry_id: str | None = None) -> None:
+        self.entry_id = entry_id
+        super().__init__(message)
+
+
+class ImageNotFoundError(CatalogError):
+    """No image (or catalog entry) has the id asked for."""
+
+
 class DiskError(CloudletsError):
     """Building the bootable disk failed."""
 
@@ -178,3 +197,14 @@ class StageNotAvailableError(RenderError):
     def __init__(self, stage: str, detail: str) -> None:
         self.stage = stage
         super().__init__(f"render stage {stage!r} is not available: {detail}")
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM). Raised in the main thread by
+    the command line's signal handler, like ``KeyboardInterrupt`` for
+    SIGINT, so that every cleanup on the way out runs: the work directory,
+    a half-written artifact, the catalog entry (recorded failed)."""
+
+    def __init__(self, signal_name: str = "SIGTERM") -> None:
+        self.signal_name = signal_name
+        super().__init__(f"interrupted ({signal_name})")

@@ -9,20 +9,18 @@ order.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypedDict
+from typing import Any
 
-from cloudlets.cache import CacheEntry, TarballCache
+from cloudlets.cache import TarballCache
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import (
     DiskImage,
@@ -31,30 +29,26 @@ from cloudlets.drivers.base import (
     OutputFile,
     StorageDriver,
     StoredArtifact,
+    delete_locations,
 )
-from cloudlets.drivers.providers import get_driver
+from cloudlets.drivers.providers import make_driver
 from cloudlets.drivers.types import DriverKind, FormatCapability, StorageCapability
 from cloudlets.errors import (
     CloudletsError,
-    ConfigurationError,
     FormatError,
     RenderError,
     StorageError,
 )
-from cloudlets.fetch import DownloadRestarted, Fetcher, UrlPolicy
+from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.manifest import Manifest
 from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
 from cloudlets.progress import ProgressCallback
-from cloudlets.result import RenderResult
+from cloudlets.result import RenderResult, image_id_for, request_key
 from cloudlets.rootfs import ArchivePolicy
-
-if TYPE_CHECKING:
-    from cloudlets.disk.assemble import BaseStream
-    from cloudlets.rootfs import RootTree
 from cloudlets.urls import redact
 
-__all__ = ["OutputPlan", "ProgressCallback", "Renderer", "plan_output"]
+__all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_output"]
 
 #: Pipeline stages, in order. Each records its time in ``RenderResult.timings``
 #: (``tree`` replaces ``disk`` for formats that ship the tree, not a disk).
@@ -62,10 +56,6 @@ __all__ = ["OutputPlan", "ProgressCallback", "Renderer", "plan_output"]
 #: then the download's own time, which overlaps ``rootfs``.
 STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "tree", "convert", "store",
           "publish")
-
-#: Bump when the base tree a render builds from the same inputs changes, so
-#: cached base filesystems from older versions are not reused.
-_BASE_FORMAT = "cloudlets-base-1"
 
 ManifestSource = Manifest | Mapping[str, Any] | str | Path
 
@@ -143,7 +133,8 @@ class Renderer:
                config: Mapping[str, Any] | None = None,
                progress: ProgressCallback | None = None, *,
                overwrite: bool = False) -> RenderResult:
-        """Render a cloudlet and store the result.
+        """Render a cloudlet and store the result: :meth:`prepare`, then
+        :meth:`execute`.
 
         :param manifest: a :class:`~cloudlets.manifest.Manifest`, a dict, a
             JSON string, a URL or a path.
@@ -162,26 +153,58 @@ class Renderer:
         :raises CloudletsError: a subclass naming the problem and where; no
             complete-looking artifact is left at the output location.
         """
+        job = self.prepare(manifest, output_path, storage, format, config)
+        return self.execute(job, progress, overwrite=overwrite)
+
+    def prepare(self, manifest: ManifestSource, output_path: str,
+                storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
+                config: Mapping[str, Any] | None = None) -> RenderJob:
+        """Resolve a render's inputs once, before anything is fetched: load
+        the manifest, build the drivers, merge and validate the config, plan
+        the output.
+
+        :param manifest: as for :meth:`render`.
+        :param output_path: as for :meth:`render`.
+        :param storage: a storage driver instance, class or registered name.
+        :param format: a format driver instance, class or registered name.
+        :param config: the request's render config.
+        :returns: the :class:`RenderJob` that :meth:`execute` renders.
+        :raises CloudletsError: for invalid input or an unusable driver.
+        """
         started = time.monotonic()
         loaded = Manifest.load(manifest)
-        fmt = self._driver(DriverKind.FORMAT, format)
-        store = self._driver(DriverKind.STORAGE, storage)
-        assert isinstance(fmt, FormatDriver) and isinstance(store, StorageDriver)
+        fmt = make_driver(DriverKind.FORMAT, format)
+        store = make_driver(DriverKind.STORAGE, storage)
         loaded.require_renderable(
             needs_boot=not fmt.capabilities & FormatCapability.NEEDS_TREE)
         merged = self._config(loaded, config)
-        plan = plan_output(output_path, loaded.label, extension=fmt.extension,
-                           block=bool(store.capabilities & StorageCapability.BLOCK))
-        if plan.block and fmt.capabilities & FormatCapability.MULTI_ARTIFACT:
-            raise StorageError(
-                f"format {fmt.name!r} makes several files and storage {store.name!r} writes "
-                f"one block target ({redact(output_path)}): store them in a directory or an "
-                f"object store", redact(output_path))
+        plan = _plan(loaded, fmt, store, output_path)
+        key = request_key(loaded.digest, merged.digest, fmt.name, store.target, output_path)
+        return RenderJob(manifest=loaded, config=merged, format=fmt, storage=store,
+                         output=output_path, plan=plan, key=key,
+                         prepared_in=time.monotonic() - started)
+
+    def execute(self, job: RenderJob, progress: ProgressCallback | None = None, *,
+                overwrite: bool = False) -> RenderResult:
+        """Render a prepared job: fetch, rootfs, templates, disk, convert,
+        store, publish.
+
+        :param job: from :meth:`prepare` (or :meth:`RenderJob.at`).
+        :param progress: called as ``progress(stage, done, total)``.
+        :param overwrite: replace existing artifacts instead of refusing.
+        :returns: the render's :class:`~cloudlets.result.RenderResult`; its
+            image id is :attr:`RenderJob.image_id` unless the format
+            published the image under the consumer's own id.
+        :raises CloudletsError: as for :meth:`render`.
+        """
+        loaded, merged, fmt, store, plan = (job.manifest, job.config, job.format,
+                                            job.storage, job.plan)
+        started = time.monotonic()
         with self._workdir() as workdir:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
-                       output=output_path, workdir=workdir, progress=progress,
+                       output=job.output, workdir=workdir, progress=progress,
                        overwrite=overwrite)
-            run.timings["prepare"] = time.monotonic() - started
+            run.timings["prepare"] = job.prepared_in + time.monotonic() - started
             disk = self._build(run)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
                                     workdir=workdir / "format", basename=plan.basename)
@@ -193,7 +216,7 @@ class Renderer:
             locations = plan.locations([o.name for o in outputs])
             with self._stage(run, "store"):
                 stored = self._store(run, outputs, locations)
-            image_id = self.image_id(loaded, merged, fmt.name, store.name, stored[0].location)
+            image_id = job.image_id
             if fmt.capabilities & FormatCapability.PUBLISH:
                 try:
                     with self._stage(run, "publish"):
@@ -225,183 +248,61 @@ class Renderer:
                  storage_name: str, location: str) -> str:
         """The stable id of a render.
 
-        :returns: ``img-`` and 20 hex digits of the sha256 over the manifest
-            digest, config digest, format, storage and primary location.
+        :param storage_name: the storage target
+            (:attr:`StorageDriver.target <cloudlets.drivers.base.StorageDriver.target>`;
+            for a driver without identity options, its name).
+        :returns: ``img-`` and 20 hex digits of the request's digest
+            (:func:`cloudlets.result.request_key`) over the manifest digest,
+            config digest, format, storage target and output location as
+            requested.
         """
-        key = "\0".join([manifest.digest, config.digest, format_name, storage_name, location])
-        return "img-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+        return image_id_for(request_key(manifest.digest, config.digest, format_name,
+                                        storage_name, location))
 
     # -- stages -------------------------------------------------------------
 
     def _build(self, run: _Run) -> DiskImage:
-        """fetch → rootfs → templates → disk: the bootable raw disk (and, for
-        formats that ship the tree, the rendered tree tarball)."""
-        from cloudlets.disk import BootSpec as DiskBootSpec
-        from cloudlets.disk import build_disk, ext4
-        from cloudlets.disk.assemble import BaseStream, base_cached, base_paths
-        from cloudlets.rootfs import METADATA_PATH, RootTree, image_metadata, read_tarball
+        """fetch → rootfs → templates → disk (``tree`` for formats that ship
+        the tree): what the format converts. Which of them read and build
+        what depends on the cache of base filesystems; the
+        :class:`~cloudlets.disk.basecache.DiskPlan` decides."""
+        from cloudlets.disk.basecache import DiskPlan
         from cloudlets.templates import render_templates
 
-        manifest, config = run.manifest, run.config
-        fs, boot = manifest.filesystem, manifest.boot
+        manifest, config, caps = run.manifest, run.config, run.fmt.capabilities
+        fs = manifest.filesystem
         assert fs is not None  # require_renderable() checked (and boot, for disks)
         rules = MirrorRules.for_render(self._mirror_rules, config.mirrors)
-        wants_tree = bool(run.fmt.capabilities & FormatCapability.NEEDS_TREE)
-        seed = hashlib.sha256(f"{manifest.digest}\0{fs.sha256}".encode()).hexdigest()
-        base_key = hashlib.sha256(
-            f"{_BASE_FORMAT}\0{manifest.digest}\0{fs.sha256}\0{self.source_date_epoch}"
-            .encode()).hexdigest()
-        base_dir = self.cache_dir / "bases"
-        disk_boot = None
-        if not wants_tree:
-            assert boot is not None
-            disk_boot = DiskBootSpec(
-                kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline,
-                firmware=boot.firmware,  # type: ignore[arg-type]
-                partition_table=boot.partition_table,  # type: ignore[arg-type]
-                fstype=boot.fstype,  # type: ignore[arg-type]
-                root_size=boot.root_size, label=boot.label)
-            disk_boot.validate()
-        # what identifies the cached base filesystem, for every look-up below
-        base = _BaseLookup(seed=seed, tree_digest=base_key,
-                           source_date_epoch=self.source_date_epoch, base_cache=base_dir)
-
-        def read_tree(source: Path | BinaryIO, sink: BaseStream | None) -> RootTree:
-            tree = read_tarball(source, self.archive_policy, volatile=manifest.volatile,
-                                persistent=manifest.persistent, workdir=run.workdir,
-                                sink=sink.sink if sink is not None else None,
-                                keep_content=sink is None)
-            tree.add_file(METADATA_PATH, image_metadata(
-                name=manifest.name, version=manifest.version, digest=manifest.digest,
-                persistent=tree.persistent))
-            return tree
-
-        tree: RootTree | None = None
-        index_path: Path | None = None
-        if disk_boot is not None:
-            base_image, index_path = base_paths(disk_boot, **base)
-            if base_cached(disk_boot, **base):
-                # A re-render: with the base and the tree's index cached, the
-                # templates' sources come from the base; the tarball is not read.
-                with contextlib.suppress(ValueError):
-                    tree = RootTree.from_index(
-                        index_path, functools.partial(ext4.read_file, base_image),
-                        workdir=run.workdir)
-        from_index = tree is not None
-        stream: BaseStream | None = None
-        streamed = False
-        try:
+        with DiskPlan(manifest, base_cache=self.cache_dir / "bases", workdir=run.workdir,
+                      source_date_epoch=self.source_date_epoch,
+                      archive_policy=self.archive_policy,
+                      tree=bool(caps & FormatCapability.NEEDS_TREE),
+                      compose=bool(caps & FormatCapability.COMPOSED_DISK)) as plan:
+            tree = plan.cached_tree()
             if tree is not None:
                 run.details["tarball"] = {"read": False, "reason": "base filesystem cached"}
             else:
                 started = time.monotonic()
                 # A missing tarball downloads on a thread of its own while it is
-                # read; nothing read is used before entry.wait() has verified it.
+                # read; nothing read is used before the download is verified.
                 entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
                                           progress=run.progress, follow=True)
                 looked_up = time.monotonic() - started  # a hit: verified by now
-                with entry:
-                    if disk_boot is not None:
-                        # mke2fs builds the base while the tarball is read (when not cached)
-                        stream = BaseStream.open(disk_boot, **base,
-                                                 workdir=run.workdir / "stream",
-                                                 clamp=self.source_date_epoch)
-                    with self._stage(run, "rootfs"):
-                        tree = self._read_following(entry, read_tree, stream)
-                        run.timings["fetch"] = entry.fetch_seconds or looked_up
-                        run.details["tarball"] = {**entry.details(),
-                                                  "read_while_fetched": not entry.hit}
-                        if tree is None:  # the download started over under its reader
-                            if stream is not None:
-                                stream.abort()
-                                stream.reason = "the download started over while read"
-                            tree = read_tree(entry.path, None)
-                        elif stream is not None:
-                            try:
-                                streamed = stream.close(tree)
-                            except BaseException:
-                                tree.close()
-                                raise
-                            if streamed:  # templates read from the base mke2fs built
-                                tree.content_reader = stream.read_file
-                            else:  # the rare tarball that cannot be streamed: read again
-                                tree.close()
-                                tree = read_tree(entry.path, None)
+                with entry, self._stage(run, "rootfs"):
+                    tree = plan.read(entry)
+                    run.timings["fetch"] = entry.fetch_seconds or looked_up
+                    run.details["tarball"] = {**entry.details(),
+                                              "read_while_fetched": not entry.hit}
             with tree:
                 with self._stage(run, "templates"):
                     rendered = render_templates(tree, manifest, config,
                                                 mirror=rules.template_function())
-                run.details["rootfs"] = {"entries": len(tree), "dropped": len(tree.dropped),
-                                         "persistent": list(tree.persistent),
-                                         "templates": sorted(rendered),
-                                         "compression": tree.compression.value}
-                if disk_boot is None:
-                    with self._stage(run, "tree"):
-                        tree_tar = tree.write_tar(run.workdir / "rendered-tree.tar",
-                                                  replacements=rendered,
-                                                  source_date_epoch=self.source_date_epoch)
-                    return DiskImage(path=tree_tar, size=tree_tar.stat().st_size,
-                                     firmware=boot.firmware if boot is not None else "bios",
-                                     tree_tar=tree_tar, details={"kind": "tree"})
-                if stream is not None:
-                    run.details["rootfs"]["streamed"] = streamed
-                    if not streamed:
-                        run.details["rootfs"]["not_streamed"] = stream.reason
-                with self._stage(run, "disk"):
-                    base_tar = None
-                    if not streamed and not base_cached(disk_boot, **base):
-                        base_tar = tree.write_tar(run.workdir / "base-tree.tar",
-                                                  source_date_epoch=self.source_date_epoch)
-                    image = build_disk(
-                        base_tar, disk_boot, run.workdir / "disk.raw", seed=seed,
-                        workdir=run.workdir / "disk",
-                        source_date_epoch=self.source_date_epoch, base_cache=base_dir,
-                        patch_files=rendered, tree_digest=base_key,
-                        sync=False,  # an intermediate: the storage makes its copy durable
-                        compose=bool(run.fmt.capabilities & FormatCapability.COMPOSED_DISK))
-                    if base_tar is not None:  # see _discard_intermediates
-                        base_tar.unlink()
-                    if index_path is not None and not from_index:
-                        tree.write_index(index_path)  # for the next re-render
-        finally:
-            if stream is not None:
-                stream.abort()
-        run.details["disk"] = {
-            "size": image.size, "firmware": image.firmware,
-            "partition_table": image.partition_table, "root_uuid": image.root_uuid,
-            "disk_guid": image.disk_guid, "partitions": image.partition_uuids,
-            "base_cached": image.base_cached and not streamed,
-            "composed": bool(image.pieces),
-            "source_date_epoch": image.source_date_epoch}
-        return DiskImage(path=image.path, size=image.size, firmware=image.firmware,
-                         tree_tar=None, details=dict(run.details["disk"]), pieces=image.pieces)
-
-    @staticmethod
-    def _read_following(entry: CacheEntry, read_tree: Callable[[BinaryIO, BaseStream | None],
-                                                               RootTree],
-                        stream: BaseStream | None) -> RootTree | None:
-        """Read the tree from ``entry`` while it may still be downloading,
-        then wait for the download's verdict: a tree from a tarball that
-        failed verification is never used.
-
-        :returns: the tree, or ``None`` when the download started over after
-            bytes were read (read the finished file instead).
-        """
-        with entry.open() as source:
-            try:
-                tree = read_tree(source, stream)
-            except DownloadRestarted:
-                entry.wait()
-                return None
-            except CloudletsError:
-                entry.wait()  # a failed download explains a broken archive best
-                raise
-        try:
-            entry.wait()
-        except BaseException:
-            tree.close()
-            raise
-        return tree
+                run.details["rootfs"] = plan.rootfs_details(tree, rendered)
+                with self._stage(run, plan.stage):
+                    disk = plan.build(tree, rendered)
+        if plan.stage == "disk":
+            run.details["disk"] = dict(disk.details)
+        return disk
 
     def _convert(self, fmt: FormatDriver, context: FormatContext) -> list[OutputFile]:
         try:
@@ -448,14 +349,10 @@ class Renderer:
         """Delete the artifacts of a render that failed half-way, so no
         incomplete set looks complete. ``locations`` are the ones the render
         stored to, credentials included: a stored artifact's own location is
-        redacted and may not be enough to log in."""
-        if not storage.capabilities & StorageCapability.DELETE:
-            return
-        for location in locations:
-            try:
-                storage.delete(location)
-            except CloudletsError:
-                pass
+        redacted and may not be enough to log in. What cannot be deleted
+        stays (the render's own error is what the caller needs)."""
+        if storage.capabilities & StorageCapability.DELETE:
+            delete_locations(storage, locations, check_exists=False)
 
     # -- helpers ------------------------------------------------------------
 
@@ -470,23 +367,6 @@ class Renderer:
             values["mirrors"] = self.mirrors + list(values.get("mirrors", []))
             presets = Presets(values=values, locked=presets.locked)
         return resolve_config(manifest, presets, request)
-
-    @staticmethod
-    def _driver(kind: DriverKind, driver: object) -> FormatDriver | StorageDriver:
-        base = FormatDriver if kind is DriverKind.FORMAT else StorageDriver
-        if isinstance(driver, base):
-            return driver
-        if isinstance(driver, type) and issubclass(driver, base):
-            return driver()
-        if isinstance(driver, str):
-            cls = get_driver(kind, driver)
-            try:
-                return cls()  # type: ignore[no-any-return]
-            except TypeError as exc:
-                raise ConfigurationError(
-                    f"{kind} driver {driver!r} needs arguments; pass an instance: {exc}") \
-                    from None
-        raise ConfigurationError(f"not a {kind} driver: {driver!r}")
 
     @contextmanager
     def _workdir(self) -> Iterator[Path]:
@@ -511,6 +391,57 @@ class Renderer:
             raise RenderError(f"stage {stage!r} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             run.timings[stage] = time.monotonic() - started
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """A render whose inputs were resolved once (:meth:`Renderer.prepare`).
+
+    :ivar manifest: the loaded manifest.
+    :ivar config: the merged, validated render config.
+    :ivar format: the format driver.
+    :ivar storage: the storage driver.
+    :ivar output: where the render stores its files.
+    :ivar plan: the file stem and locations derived from :attr:`output`.
+    :ivar key: the request's digest (:func:`cloudlets.result.request_key`)
+        over the output as requested; :meth:`at` keeps it.
+    :ivar prepared_in: seconds :meth:`Renderer.prepare` took.
+    """
+
+    manifest: Manifest
+    config: RenderConfig
+    format: FormatDriver
+    storage: StorageDriver
+    output: str
+    plan: OutputPlan
+    key: str
+    prepared_in: float = 0.0
+
+    @property
+    def image_id(self) -> str:
+        """The render's image id, from :attr:`key`."""
+        return image_id_for(self.key)
+
+    def at(self, output: str) -> RenderJob:
+        """The same job storing to ``output`` (a catalog's output template,
+        expanded), with the same :attr:`key` and image id.
+
+        :raises StorageError: when ``output`` cannot take this format.
+        """
+        plan = _plan(self.manifest, self.format, self.storage, output)
+        return dataclasses.replace(self, output=output, plan=plan)
+
+
+def _plan(manifest: Manifest, fmt: FormatDriver, store: StorageDriver,
+          output: str) -> OutputPlan:
+    plan = plan_output(output, manifest.label, extension=fmt.extension,
+                       block=bool(store.capabilities & StorageCapability.BLOCK))
+    if plan.block and fmt.capabilities & FormatCapability.MULTI_ARTIFACT:
+        raise StorageError(
+            f"format {fmt.name!r} makes several files and storage {store.name!r} writes "
+            f"one block target ({redact(output)}): store them in a directory or an "
+            f"object store", redact(output))
+    return plan
 
 
 @dataclass(frozen=True)
@@ -543,15 +474,6 @@ class OutputPlan:
                                    f"{len(names)} files ({', '.join(names)})", shown)
             return [self.target]
         return [self.prefix + name for name in names]
-
-
-class _BaseLookup(TypedDict):
-    """The arguments that identify a cached base filesystem (cloudlets.disk.assemble)."""
-
-    seed: str
-    tree_digest: str
-    source_date_epoch: int | None
-    base_cache: Path
 
 
 def _discard_intermediates(disk: DiskImage, outputs: Sequence[OutputFile]) -> None:

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cloudlets.drivers.base import StoredArtifact
 
-__all__ = ["RenderResult"]
+__all__ = ["RenderResult", "image_id_for", "request_key"]
+
+
+def request_key(manifest_digest: str, config_digest: str, format_name: str,
+                storage_name: str, output: str) -> str:
+    """The one digest that identifies a render request: the catalog's key
+    and, through :func:`image_id_for`, the image id of a render.
+
+    :param manifest_digest: sha256 of the manifest's canonical form.
+    :param config_digest: sha256 of the merged render config.
+    :param format_name: the format driver's name.
+    :param storage_name: the storage driver's name.
+    :param output: the output location as requested (a catalog output
+        template such as ``/srv/{key}/`` is hashed as written).
+    :returns: 64 hex digits.
+    """
+    parts = [manifest_digest, config_digest, format_name, storage_name, output]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def image_id_for(key: str) -> str:
+    """:returns: the image id of a request key: ``img-`` and 20 hex digits."""
+    return "img-" + key[:20]
 
 
 @dataclass(frozen=True)

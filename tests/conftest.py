@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import http.server
 import json
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture(autouse=True)
+def _private_data_dir(tmp_path_factory: pytest.TempPathFactory,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Renders through the CLI record into a catalog: every test gets its own
+    data directory (tests that want a particular one set CLOUDLETS_HOME
+    themselves), so none writes to the user's."""
+    monkeypatch.setenv("CLOUDLETS_HOME", str(tmp_path_factory.mktemp("cloudlets-home")))
 
 
 @pytest.fixture
@@ -69,3 +80,24 @@ def static_http(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 def write_json(path: Path, data: Any) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+#: ``refuse_seek_data(errno)``: see the fixture.
+RefuseSeekData = Callable[[int], None]
+
+
+@pytest.fixture
+def refuse_seek_data(monkeypatch: pytest.MonkeyPatch) -> RefuseSeekData:
+    """Make ``lseek(SEEK_DATA)`` fail with the given errno (default
+    ``EOPNOTSUPP``), as on a file system that does not implement it."""
+    real = os.lseek
+
+    def refuse(code: int = errno.EOPNOTSUPP) -> None:
+        def lseek(fd: int, offset: int, whence: int) -> int:
+            if whence == os.SEEK_DATA:
+                raise OSError(code, os.strerror(code))
+            return real(fd, offset, whence)
+
+        monkeypatch.setattr(os, "lseek", lseek)
+
+    return refuse

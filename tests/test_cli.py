@@ -22,7 +22,7 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 
 def test_exit_codes_are_distinct_and_documented() -> None:
-    assert sorted(EXIT_CODES) == [0, 1, 2, 3, 4, 5]
+    assert sorted(EXIT_CODES) == [0, 1, 2, 3, 4, 5, 6, 7, 130, 143]
     code, out, _ = run("--help")
     assert code == 0
     for number, meaning in EXIT_CODES.items():
@@ -188,11 +188,44 @@ def test_render_json_prints_the_result(cli_env: Path) -> None:
     assert artifact["size"] == disk.stat().st_size
     assert artifact["sha256"] == hashlib.sha256(disk.read_bytes()).hexdigest()
     assert result["details"]["rootfs"]["templates"] == ["/etc/motd"]
-    # The same request again is refused (no silent overwrite), exit 4.
-    code, _, err = run("render", str(manifest), "-f", "raw", "-o", str(cli_env / "out") + "/",
-                       "--allow-file-urls", "--set", "args.motd=bonjour", "--set",
-                       "hostname=web-9")
+    assert result["catalog"]["existing"] is False
+    # The render is recorded in the catalog: `cloudlets images` lists it.
+    code, out, _ = run("images", "--json")
+    [listed] = json.loads(out)["images"]
+    assert listed["image_id"] == result["image_id"] and listed["status"] == "ready"
+    assert listed["entry_id"] == result["catalog"]["entry_id"]
+    same = ("render", str(manifest), "-f", "raw", "-o", str(cli_env / "out") + "/",
+            "--allow-file-urls", "--set", "args.motd=bonjour", "--set", "hostname=web-9")
+    # The same request again prints the existing image and exits 0, rendering nothing.
+    before = disk.stat().st_mtime_ns
+    code, out, err = run(*same)
+    assert code == 0, err
+    assert f"already rendered as raw to local: image {result['image_id']}" in out
+    assert str(disk) in out and disk.stat().st_mtime_ns == before
+    # --force renders it again (same image id, a new catalog entry).
+    code, out, err = run(*same, "--force", "--json")
+    assert code == 0, err
+    forced = json.loads(out)
+    assert forced["image_id"] == result["image_id"]
+    assert forced["catalog"] == {"entry_id": forced["catalog"]["entry_id"], "existing": False}
+    assert forced["catalog"]["entry_id"] != result["catalog"]["entry_id"]
+    assert disk.stat().st_mtime_ns != before
+    # Without the catalog, the same output is refused (no silent overwrite), exit 4.
+    code, _, err = run(*same, "--no-catalog")
     assert code == 4 and "refusing to overwrite" in err
+    code, out, _ = run("images", "--json")
+    assert [i["status"] for i in json.loads(out)["images"]] == ["ready"]
+
+
+def test_render_no_catalog_records_nothing(cli_env: Path) -> None:
+    from tests.test_catalog import make_cloudlet
+
+    manifest = write_manifest(cli_env, make_cloudlet(cli_env / "src"))
+    code, out, err = run("render", str(manifest), "-f", "tar", "-o", str(cli_env / "out") + "/",
+                         "--allow-file-urls", "--no-catalog", "--json")
+    assert code == 0, err
+    assert "catalog" not in json.loads(out)
+    assert not (cli_env / "home" / "catalog.sqlite3").exists()
 
 
 def test_render_passes_driver_options(cli_env: Path) -> None:

@@ -359,9 +359,9 @@ def test_ec2_driver_renders_lists_and_deletes_amis(tmp_path: Path, aws_standin: 
     import boto3
     from libcloud.compute.drivers.ec2 import EC2NodeDriver  # type: ignore[import-untyped]
 
-    from cloudlets.catalog import storage_driver_for
     from cloudlets.drivers.formats.ec2 import EC2Format
     from cloudlets.drivers.storage.s3 import S3Storage
+    from cloudlets.images import storage_driver_for
 
     class ProviderEC2(CloudletsImageMixin, EC2NodeDriver):  # type: ignore[misc]
         pass

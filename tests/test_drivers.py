@@ -106,7 +106,10 @@ setup(
     version="0.1",
     py_modules=["acme_cloudlets"],
     entry_points={
-        "cloudlets.formats": ["acme-disk = acme_cloudlets:AcmeDiskFormat"],
+        "cloudlets.formats": ["acme-disk = acme_cloudlets:AcmeDiskFormat",
+                              "qcow2 = acme_cloudlets:AcmeQcow2",
+                              "raw = acme_cloudlets:Misnamed",
+                              "acme-broken = acme_cloudlets:DoesNotExist"],
         "cloudlets.storage": ["acme-store = acme_cloudlets:AcmeStorage"],
     },
 )
@@ -133,6 +136,15 @@ class AcmeDiskFormat(FormatDriver):
 class AcmeStorage(LocalStorage):
     name = "acme-store"
     description = "Acme's storage"
+
+
+class AcmeQcow2(AcmeDiskFormat):
+    name = "qcow2"
+    description = "Acme's take on qcow2"
+
+
+class Misnamed(AcmeDiskFormat):
+    name = "not-raw"
 '''
 
 PLUGIN_CONFORMANCE = '''
@@ -181,8 +193,10 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
-def _run_with(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PYTHONPATH": f"{site}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(site)}
+def _run_with(site: Path, *args: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": f"{site}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(site),
+           **(env or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True,
                           timeout=180, env=env, check=False)
 
@@ -213,6 +227,33 @@ def test_entry_point_driver_listed_by_cli(plugin_site: Path) -> None:
     assert formats["acme-disk"]["class"] == "acme_cloudlets.AcmeDiskFormat"
 
 
+def test_entry_points_cannot_shadow_builtins_unless_allowed(plugin_site: Path) -> None:
+    code = textwrap.dedent("""
+        import json, logging
+        logging.basicConfig(level=logging.WARNING)
+        from cloudlets import get_driver
+        print(json.dumps([get_driver("format", n).__module__ for n in ("qcow2", "raw")]))
+    """)
+    result = _run_with(plugin_site, "-c", code)
+    assert result.returncode == 0, result.stderr
+    # The built-ins are kept: neither the shadowing nor the misnamed one disables them.
+    assert json.loads(result.stdout) == ["cloudlets.drivers.formats.qcow2",
+                                         "cloudlets.drivers.formats.raw"]
+    assert "acme-cloudlets-plugin" in result.stderr and "built-in is kept" in result.stderr
+    allowed = _run_with(plugin_site, "-c", code, env={"CLOUDLETS_DRIVER_OVERRIDES": "format:qcow2"})
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)[0] == "acme_cloudlets"
+    listed = _run_with(plugin_site, "-m", "cloudlets", "drivers", "--json")
+    points = {row["name"]: row for row in json.loads(listed.stdout)["entry_points"]["format"]}
+    assert points["qcow2"]["status"].startswith("ignored: takes the name of the built-in")
+    assert points["acme-disk"]["status"] == "ok"
+    assert points["acme-broken"]["status"].startswith("broken: ")
+    assert "DoesNotExist" in points["acme-broken"]["status"]
+    human = _run_with(plugin_site, "-m", "cloudlets", "drivers")
+    assert "format acme-broken = acme_cloudlets:DoesNotExist (acme-cloudlets-plugin): broken" \
+        in human.stdout
+
+
 def test_third_party_runs_the_conformance_suites(plugin_site: Path, tmp_path: Path) -> None:
     test_file = tmp_path / "test_acme_conformance.py"
     test_file.write_text(PLUGIN_CONFORMANCE)
@@ -220,3 +261,51 @@ def test_third_party_runs_the_conformance_suites(plugin_site: Path, tmp_path: Pa
                        "-p", "no:randomly", str(test_file))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "passed" in result.stdout and "failed" not in result.stdout
+
+
+# -- the one driver factory and the one deletion loop ---------------------------
+
+def test_make_driver_takes_names_classes_instances_and_paths(tmp_path: Path) -> None:
+    from cloudlets.drivers.providers import driver_class_path, make_driver
+    from cloudlets.drivers.storage.local import LocalStorage
+    from cloudlets.errors import ConfigurationError, DriverNotFoundError
+
+    by_name = make_driver("storage", "local")
+    assert isinstance(by_name, LocalStorage)
+    built = LocalStorage(root=str(tmp_path))
+    assert make_driver("storage", built) is built
+    assert isinstance(make_driver("storage", LocalStorage), LocalStorage)
+    path = driver_class_path(built)
+    assert path == "cloudlets.drivers.storage.local:LocalStorage"
+    rebuilt = make_driver("storage", path, root=str(tmp_path))
+    assert isinstance(rebuilt, LocalStorage) and rebuilt is not built
+    qcow2 = make_driver("format", "qcow2", ex_compress=True)
+    assert qcow2.name == "qcow2"
+    with pytest.raises(ConfigurationError, match=r"ex_colour.*it takes .*ex_compress"):
+        make_driver("format", "qcow2", ex_colour="blue")
+    with pytest.raises(ConfigurationError, match="already built"):
+        make_driver("storage", built, root="x")
+    with pytest.raises(ConfigurationError, match="not a format driver"):
+        make_driver("format", built)
+    with pytest.raises(ConfigurationError, match="not a storage driver"):
+        make_driver("storage", 42)
+    with pytest.raises(DriverNotFoundError):
+        make_driver("format", "nope")
+    with pytest.raises(ConfigurationError, match="cannot be imported"):
+        make_driver("storage", "no.such.module:Driver")
+
+
+def test_delete_locations_reports_removed_missing_and_failed(tmp_path: Path) -> None:
+    from cloudlets.drivers.base import delete_locations
+    from cloudlets.drivers.storage.local import LocalStorage
+
+    storage = LocalStorage(root=str(tmp_path))
+    for name in ("a", "b"):
+        storage.upload(name.encode(), name)
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "inside").write_text("x")
+    report = delete_locations(storage, ["a", "gone", "blocked", "b", "a"])
+    assert report.removed == ("a", "b") and report.missing == ("gone",)
+    assert [location for location, _ in report.failed] == ["blocked"]
+    assert not report.complete
+    assert not (tmp_path / "a").exists() and (tmp_path / "blocked").exists()

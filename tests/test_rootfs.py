@@ -23,7 +23,6 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudlets import rootfs, tarstream
 from cloudlets.errors import UnsafeArchiveError
 from cloudlets.rootfs import (
     METADATA_PATH,
@@ -34,7 +33,10 @@ from cloudlets.rootfs import (
     detect_compression,
     image_metadata,
     read_tarball,
+    tar,
 )
+from cloudlets.rootfs import reader as tar_reader
+from cloudlets.rootfs import stream as tar_stream
 
 MTIME = 1_700_000_000
 
@@ -163,6 +165,25 @@ def test_detect_compression_rejects_unknown_formats() -> None:
         detect_compression(b"PK\x03\x04" + b"junk" * 200)
     with pytest.raises(UnsafeArchiveError, match="empty"):
         detect_compression(b"")
+
+
+@pytest.mark.parametrize("kind", list(Compression))
+def test_the_disk_stage_refuses_what_the_reader_decompresses(tmp_path: Path,
+                                                             kind: Compression) -> None:
+    # one place knows the magic bytes: the tree scanner asks the stream module
+    from cloudlets.disk.tarscan import iter_headers
+    from cloudlets.errors import DiskError
+
+    head = compress(build_tar(SAMPLE), kind)
+    found = tar_stream.compression_of(head[:6])
+    assert found is (None if kind is Compression.NONE else kind)
+    path = tmp_path / "tree.tar"
+    path.write_bytes(head)
+    if kind is Compression.NONE:
+        assert any(header.name for header in iter_headers(path))
+    else:
+        with pytest.raises(DiskError, match="is compressed"):
+            list(iter_headers(path))
 
 
 def test_concatenated_zstd_frames_are_read_across(tmp_path: Path) -> None:
@@ -511,7 +532,7 @@ def _header_blocks(draw: st.DrawFn) -> bytes:
 @settings(max_examples=400, deadline=None)
 @given(block=_header_blocks())
 def test_plain_header_parses_as_tarfile_does(block: bytes) -> None:
-    ours = rootfs._plain_header(block)
+    ours = tar.plain_header(block)
     try:
         theirs = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
     except tarfile.HeaderError:
@@ -528,7 +549,7 @@ def test_plain_header_parses_as_tarfile_does(block: bytes) -> None:
 
 @given(st.binary(min_size=512, max_size=512))
 def test_byte_sum_is_the_sum_of_the_bytes(block: bytes) -> None:
-    assert rootfs._byte_sum(block) == sum(block)
+    assert tar.byte_sum(block) == sum(block)
 
 
 _raw_names = st.binary(min_size=1, max_size=130).map(
@@ -555,8 +576,8 @@ def test_header_writer_writes_what_tarfile_writes(
                         for key, value in sorted(xattrs.items())}
     if kind == tarfile.DIRTYPE and not name.endswith("/"):
         name += "/"  # tarfile adds it; write_tar does
-    ours = rootfs._pax_member(name, kind, mode, uid, gid, size, mtime, linkname=linkname,
-                              devmajor=devmajor, devminor=devminor, xattrs=xattrs)
+    ours = tar.pax_member(name, kind, mode, uid, gid, size, mtime, linkname=linkname,
+                          devmajor=devmajor, devminor=devminor, xattrs=xattrs)
     assert ours == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
@@ -576,8 +597,8 @@ def test_chunk_boundaries_do_not_change_the_tree(tmp_path: Path, kind: Compressi
     # headers across chunks take tarfile's path, whole ones the fast path: same bytes out
     data = compress(build_tar(_chunky_members()), kind)
     outputs = []
-    for chunk in (tarstream.CHUNK_SIZE, 700, 4099, 512):
-        monkeypatch.setattr(tarstream, "CHUNK_SIZE", chunk)
+    for chunk in (tar_stream.CHUNK_SIZE, 700, 4099, 512):
+        monkeypatch.setattr(tar_stream, "CHUNK_SIZE", chunk)
         with read_tarball(io.BytesIO(data)) as tree:
             outputs.append(tree.write_tar(tmp_path / f"{chunk}.tar",
                                           source_date_epoch=MTIME).read_bytes())
@@ -661,6 +682,6 @@ def _outcome(data: bytes) -> object:
 def test_fast_paths_read_what_tarfile_reads(data: bytes) -> None:
     fast = _outcome(data)
     with pytest.MonkeyPatch.context() as patched:
-        patched.setattr(rootfs, "_fast_member", lambda peek: None)
+        patched.setattr(tar_reader, "fast_member", lambda peek: None)
         slow = _outcome(data)
     assert fast == slow

@@ -25,7 +25,8 @@ import pytest
 
 from cloudlets import Renderer
 from cloudlets.drivers.providers import get_driver
-from cloudlets.drivers.storage.san import HEADER_SIZE, SANStorage, _NBDTarget, redact_target
+from cloudlets.drivers.storage.san import HEADER_SIZE, SANStorage, redact_target
+from cloudlets.drivers.storage.san.nbd import NBDTarget
 from cloudlets.drivers.types import StorageCapability
 from cloudlets.errors import StorageError
 from cloudlets.testing.storage import StorageDriverConformance
@@ -318,8 +319,8 @@ class _MiBChunks(SANStorage):
 @pytest.mark.parametrize("write_behind", [0, 2])
 def test_nbd_keeps_requests_in_flight_and_takes_replies_in_any_order(
         monkeypatch: pytest.MonkeyPatch, write_behind: int) -> None:
-    monkeypatch.setattr(_NBDTarget, "WRITE_BEHIND", write_behind)  # from this thread, or another
-    monkeypatch.setattr(_NBDTarget, "FLUSH_EVERY", 4 * MiB)
+    monkeypatch.setattr(NBDTarget, "WRITE_BEHIND", write_behind)  # from this thread, or another
+    monkeypatch.setattr(NBDTarget, "FLUSH_EVERY", 4 * MiB)
     image = _image(16 * MiB + 12345)
     size = 20 * MiB
     with ScriptedNBDServer(_pattern(size)) as server:
@@ -330,8 +331,8 @@ def test_nbd_keeps_requests_in_flight_and_takes_replies_in_any_order(
         assert server.reordered
         # several writes, then several read-back reads, in flight at once; never
         # more than the window
-        assert 1 < server.max_outstanding("write") <= _NBDTarget.WINDOW
-        assert 1 < server.max_outstanding("read") <= _NBDTarget.WINDOW
+        assert 1 < server.max_outstanding("write") <= NBDTarget.WINDOW
+        assert 1 < server.max_outstanding("read") <= NBDTarget.WINDOW
         *_, upload = server.connections
         assert upload[-1].command == "disc"
         # the old header is wiped and flushed before the body; the new one goes
@@ -354,7 +355,7 @@ def test_nbd_keeps_requests_in_flight_and_takes_replies_in_any_order(
 @pytest.mark.parametrize("write_behind", [0, 2])
 def test_nbd_failed_write_in_a_window_names_its_offset(monkeypatch: pytest.MonkeyPatch,
                                                        write_behind: int) -> None:
-    monkeypatch.setattr(_NBDTarget, "WRITE_BEHIND", write_behind)
+    monkeypatch.setattr(NBDTarget, "WRITE_BEHIND", write_behind)
     image = _image(16 * MiB)
     failing = 6 * MiB
     with ScriptedNBDServer(bytes(20 * MiB), fail={("write", failing)}) as server:
@@ -374,7 +375,7 @@ def test_nbd_failed_write_in_a_window_names_its_offset(monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("write_behind", [0, 2])
 def test_nbd_server_gone_in_a_window(monkeypatch: pytest.MonkeyPatch, write_behind: int) -> None:
-    monkeypatch.setattr(_NBDTarget, "WRITE_BEHIND", write_behind)
+    monkeypatch.setattr(NBDTarget, "WRITE_BEHIND", write_behind)
     with ScriptedNBDServer(_pattern(20 * MiB), hang_up={("write", 7 * MiB)}) as server:
         started = time.monotonic()
         with pytest.raises(StorageError, match=r"closed the NBD connection|connection .* failed"):

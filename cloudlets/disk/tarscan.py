@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloudlets.errors import DiskError
+from cloudlets.rootfs.stream import compression_of
 
 __all__ = ["TarHeader", "iter_headers"]
 
@@ -130,7 +131,7 @@ def _walk(path: Path, fd: int, end: int) -> Iterator[TarHeader]:
     resident set) the data pages around every header.
     """
     global_pax: dict[str, bytes] = {}
-    if os.pread(fd, 2, 0) in (b"\x1f\x8b", b"BZ", b"\xfd7", b"\x28\xb5"):
+    if compression_of(os.pread(fd, 6, 0)) is not None:
         raise DiskError(f"tree tarball {path} is compressed; the disk stage wants a plain tar")
     offset = 0
     pending: dict[str, bytes] = {}

@@ -34,9 +34,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+from urllib.parse import urlencode
 
 from cloudlets.drivers.types import FormatCapability, StorageCapability
-from cloudlets.errors import ConfigurationError, StorageError
+from cloudlets.errors import CloudletsError, ConfigurationError, StorageError
 from cloudlets.sparse import Piece
 from cloudlets.urls import redact
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from cloudlets.manifest import Manifest
 
 __all__ = [
+    "Deletion",
     "DiskImage",
     "FormatContext",
     "FormatDriver",
@@ -53,6 +55,7 @@ __all__ = [
     "StorageDriver",
     "StoredArtifact",
     "UploadSource",
+    "delete_locations",
 ]
 
 
@@ -65,13 +68,20 @@ class DiskImage:
     :ivar firmware: ``bios``, ``uefi`` or ``both``.
     :ivar tree_tar: the rendered root filesystem as a normalized tar, for
         formats that ship the tree rather than a disk.
-    :ivar details: facts the disk stage records (partition table, root
-        filesystem UUID...).
+    :ivar details: what the render records about the disk
+        (``RenderResult.details["disk"]``), for people; a driver reads the
+        typed fields below.
     :ivar pieces: only for a driver with
         :attr:`~cloudlets.drivers.types.FormatCapability.COMPOSED_DISK`, and
         then possibly not empty: the disk is these byte ranges of files, in
         order, and :attr:`path` alone lacks the root filesystem.
         :func:`cloudlets.drivers.formats.qemuimg.convert` reads either form.
+    :ivar root_offset: where the root filesystem's partition starts, in
+        bytes (``None``: not known, e.g. a tree).
+    :ivar root_uuid: the root filesystem's UUID (what ``root=UUID=`` names).
+    :ivar source_date_epoch: the timestamp the disk stage wrote everywhere a
+        tool would have taken the clock; a reproducible driver uses it for
+        its own timestamps (``None``: not pinned).
     """
 
     path: Path
@@ -80,6 +90,9 @@ class DiskImage:
     tree_tar: Path | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     pieces: tuple[Piece, ...] = ()
+    root_offset: int | None = None
+    root_uuid: str | None = None
+    source_date_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -374,7 +387,10 @@ class StorageDriver(ABC):
     website: ClassVar[str] = ""
     #: One line for ``cloudlets drivers`` and the docs matrix.
     description: ClassVar[str] = ""
-    #: What the driver can do.
+    #: What the driver can do. An instance whose configuration rules a
+    #: capability out declares less than its class, never more
+    #: (``HTTPStorage(ex_move=False)`` is not ``ATOMIC``): the checks here,
+    #: and callers, read the instance's.
     capabilities: ClassVar[StorageCapability] = StorageCapability.NONE
     #: Bytes per read when streaming a file source.
     CHUNK_SIZE: ClassVar[int] = 4 * 1024 * 1024
@@ -462,6 +478,24 @@ class StorageDriver(ABC):
     def exists(self, location: str) -> bool:
         """:returns: whether something is stored at ``location``."""
 
+    def identity(self) -> dict[str, str]:
+        """The options that tell this target apart from another target of
+        the same driver (a root directory, an endpoint): what the catalog
+        records with an image and scopes list, get and delete to. Never
+        credentials. The default, no options, suits drivers whose locations
+        name everything (URLs).
+        """
+        return {}
+
+    @property
+    def target(self) -> str:
+        """This target's name in the catalog: the driver's name, then its
+        :meth:`identity` as a query string (``local?root=/srv/images``)."""
+        identity = self.identity()
+        if not identity:
+            return self.name
+        return self.name + "?" + urlencode(sorted(identity.items()))
+
     # -- for subclasses -----------------------------------------------------
 
     @abstractmethod
@@ -529,3 +563,55 @@ class StorageDriver(ABC):
                                 media_type=media_type, _iterable=[data])
         return UploadSource(path=None, size=size, sha256=sha256, media_type=media_type,
                             _iterable=source)
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What :func:`delete_locations` did, location by location (as given:
+    credentials included, so show them through :func:`~cloudlets.urls.redact`).
+
+    :ivar removed: locations deleted.
+    :ivar missing: locations where the driver found nothing.
+    :ivar failed: ``(location, error)`` of those that could not be deleted.
+    """
+
+    removed: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    failed: tuple[tuple[str, CloudletsError], ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """Whether nothing failed."""
+        return not self.failed
+
+
+def delete_locations(storage: StorageDriver, locations: Iterable[str], *,
+                     check_exists: bool = True) -> Deletion:
+    """Delete every location through ``storage``, going on past failures.
+
+    The one loop behind a failed render's roll-back, an image's deletion
+    and the withdrawal of superseded images.
+
+    :param storage: the driver the locations were stored with.
+    :param locations: what to delete, in order; duplicates are deleted once.
+    :param check_exists: ask :meth:`StorageDriver.exists` first and report
+        what it cannot see as missing (a roll-back of what this very process
+        just stored skips the look-up).
+    :returns: the :class:`Deletion` report.
+    :raises ConfigurationError: when the driver cannot delete.
+    """
+    storage._require(StorageCapability.DELETE, "delete")
+    removed: list[str] = []
+    missing: list[str] = []
+    failed: list[tuple[str, CloudletsError]] = []
+    for location in dict.fromkeys(locations):
+        try:
+            if check_exists and not storage.exists(location):
+                missing.append(location)
+                continue
+            storage.delete(location)
+        except CloudletsError as exc:
+            failed.append((location, exc))
+            continue
+        removed.append(location)
+    return Deletion(tuple(removed), tuple(missing), tuple(failed))

@@ -11,15 +11,24 @@ ours, through the entry-point groups :data:`FORMAT_ENTRY_POINT_GROUP` and
     acme-disk = "acme_cloudlets.formats:AcmeDiskFormat"
 
 or at run time with :func:`set_driver`.
+
+An entry point may not take the name of a built-in driver: it is ignored
+with a warning naming its package, and the built-in is kept, unless the
+provider opts in with ``CLOUDLETS_DRIVER_OVERRIDES=format:qcow2,...``
+(:data:`OVERRIDES_ENV`) or :func:`allow_override`. :func:`entry_point_report`
+says what each installed entry point is and why one cannot be used.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import logging
+import os
 import threading
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Literal, overload
 
 from cloudlets.drivers.base import FormatDriver, StorageDriver
 from cloudlets.drivers.types import DriverKind, Format, Storage
@@ -27,9 +36,14 @@ from cloudlets.errors import ConfigurationError, DriverNotFoundError
 
 __all__ = [
     "FORMAT_ENTRY_POINT_GROUP",
+    "OVERRIDES_ENV",
     "STORAGE_ENTRY_POINT_GROUP",
+    "allow_override",
+    "driver_class_path",
+    "entry_point_report",
     "get_driver",
     "list_drivers",
+    "make_driver",
     "set_driver",
     "unset_driver",
 ]
@@ -38,6 +52,11 @@ __all__ = [
 FORMAT_ENTRY_POINT_GROUP = "cloudlets.formats"
 #: Entry-point group for storage drivers.
 STORAGE_ENTRY_POINT_GROUP = "cloudlets.storage"
+#: Environment variable listing the built-in drivers (``kind:name``, comma
+#: separated) that an installed entry point of the same name may replace.
+OVERRIDES_ENV = "CLOUDLETS_DRIVER_OVERRIDES"
+
+log = logging.getLogger(__name__)
 
 _GROUPS = {DriverKind.FORMAT: FORMAT_ENTRY_POINT_GROUP,
            DriverKind.STORAGE: STORAGE_ENTRY_POINT_GROUP}
@@ -71,6 +90,8 @@ BUILTIN: dict[DriverKind, dict[str, tuple[str, str]]] = {
 _lock = threading.RLock()
 _registered: dict[DriverKind, dict[str, type]] = {DriverKind.FORMAT: {}, DriverKind.STORAGE: {}}
 _entry_points_loaded: dict[DriverKind, dict[str, Any]] = {}
+_allowed_overrides: set[tuple[DriverKind, str]] = set()
+_warned: set[tuple[DriverKind, str]] = set()
 
 
 def _kind(kind: DriverKind | str) -> DriverKind:
@@ -93,6 +114,63 @@ def _entry_points(kind: DriverKind) -> dict[str, Any]:
         return _entry_points_loaded[kind]
 
 
+def allow_override(kind: DriverKind | str, name: str) -> None:
+    """Let an installed entry point replace the built-in driver ``name``
+    (as :data:`OVERRIDES_ENV` does from the environment)."""
+    with _lock:
+        _allowed_overrides.add((_kind(kind), str(name)))
+
+
+def _override_allowed(kind: DriverKind, name: str) -> bool:
+    if (kind, name) in _allowed_overrides:
+        return True
+    wanted = {item.strip() for item in os.environ.get(OVERRIDES_ENV, "").split(",")}
+    return f"{kind}:{name}" in wanted
+
+
+def _package(point: Any) -> str:
+    dist = getattr(point, "dist", None)
+    return str(getattr(dist, "name", None) or point.value.partition(":")[0])
+
+
+def _shadows(kind: DriverKind, name: str, point: Any) -> bool:
+    """Whether ``point`` would replace a built-in driver without the
+    provider's consent (warned about once)."""
+    if name not in BUILTIN[kind] or _override_allowed(kind, name):
+        return False
+    with _lock:
+        first = (kind, name) not in _warned
+        _warned.add((kind, name))
+    if first:
+        log.warning("the entry point %s = %s of package %s takes the name of the built-in "
+                    "%s driver %r of cloudlets; the built-in is kept (set %s=%s:%s to use "
+                    "the entry point)", name, point.value, _package(point), kind, name,
+                    OVERRIDES_ENV, kind, name)
+    return True
+
+
+def entry_point_report(kind: DriverKind | str) -> list[dict[str, str]]:
+    """Every installed entry point of ``kind``: its name, target, package
+    and status (``ok``, ``overrides the built-in``, ``ignored: ...`` for one
+    that takes a built-in's name, or ``broken: ...`` with the reason)."""
+    kind = _kind(kind)
+    rows = []
+    for name, point in sorted(_entry_points(kind).items()):
+        row = {"name": name, "value": point.value, "package": _package(point)}
+        if name in BUILTIN[kind] and not _override_allowed(kind, name):
+            row["status"] = (f"ignored: takes the name of the built-in {kind} driver "
+                             f"(set {OVERRIDES_ENV}={kind}:{name} to use it)")
+        else:
+            try:
+                _check_class(kind, name, point.load(), f"entry point {point.value}")
+            except Exception as exc:  # noqa: BLE001 - a third party's import can raise anything
+                row["status"] = f"broken: {type(exc).__name__}: {exc}"
+            else:
+                row["status"] = ("overrides the built-in" if name in BUILTIN[kind] else "ok")
+        rows.append(row)
+    return rows
+
+
 def refresh_entry_points() -> None:
     """Forget the cached entry points (after installing a package at run time)."""
     with _lock:
@@ -111,7 +189,8 @@ def _check_class(kind: DriverKind, name: str, cls: Any, origin: str) -> type:
     return cls
 
 
-def _import(kind: DriverKind, name: str, module: str, attr: str) -> type:
+def _import(kind: DriverKind, name: str, module: str, attr: str, *,
+            check_name: bool = True) -> type:
     origin = f"{module}:{attr}"
     try:
         loaded = importlib.import_module(module)
@@ -122,6 +201,8 @@ def _import(kind: DriverKind, name: str, module: str, attr: str) -> type:
         cls = getattr(loaded, attr)
     except AttributeError:
         raise ConfigurationError(f"{kind} driver {name!r}: {module} has no {attr}") from None
+    if not check_name:
+        name = getattr(cls, "name", name)
     return _check_class(kind, name, cls, origin)
 
 
@@ -143,6 +224,8 @@ def get_driver(kind: DriverKind | str, name: str) -> type:
         if name in _registered[kind]:
             return _registered[kind][name]
         point = _entry_points(kind).get(name)
+    if point is not None and _shadows(kind, name, point):
+        point = None
     if point is not None:
         try:
             cls = point.load()
@@ -203,3 +286,83 @@ def list_drivers(kind: DriverKind | str) -> list[str]:
         names = set(_registered[kind]) | set(_entry_points(kind))
     names |= {name for name, (module, _) in BUILTIN[kind].items() if _module_exists(module)}
     return sorted(str(n) for n in names)
+
+
+@overload
+def make_driver(kind: Literal[DriverKind.FORMAT], name_or_spec: object,
+                **options: Any) -> FormatDriver: ...
+
+
+@overload
+def make_driver(kind: Literal[DriverKind.STORAGE], name_or_spec: object,
+                **options: Any) -> StorageDriver: ...
+
+
+@overload
+def make_driver(kind: DriverKind | str, name_or_spec: object,
+                **options: Any) -> FormatDriver | StorageDriver: ...
+
+
+def make_driver(kind: DriverKind | str, name_or_spec: object,
+                **options: Any) -> FormatDriver | StorageDriver:
+    """The one way cloudlets turns what a caller gave into a driver instance.
+
+    :param kind: ``format`` or ``storage``.
+    :param name_or_spec: a driver instance (returned as it is), a driver
+        class, a registered name (``qcow2``), or a ``module:Class`` path (how
+        the catalog records a driver that is not registered everywhere).
+    :param options: keyword arguments of the driver's constructor; checked
+        against its signature before it is called.
+    :returns: the driver instance.
+    :raises DriverNotFoundError: for an unknown name.
+    :raises ConfigurationError: for options the driver does not take, a
+        driver that needs arguments and got none, or an object that is not
+        a driver of ``kind``.
+    """
+    kind = _kind(kind)
+    base = _BASES[kind]
+    if isinstance(name_or_spec, FormatDriver | StorageDriver) and isinstance(name_or_spec, base):
+        if options:
+            raise ConfigurationError(
+                f"{kind} driver {name_or_spec.name!r} is already built; options "
+                f"{', '.join(sorted(options))} cannot be applied to it")
+        return name_or_spec
+    if isinstance(name_or_spec, type) and issubclass(name_or_spec, base):
+        cls: type = name_or_spec
+        shown = getattr(cls, "name", cls.__name__)
+    elif isinstance(name_or_spec, str) and ":" in name_or_spec:
+        module, _, attr = name_or_spec.partition(":")
+        cls = _import(kind, attr, module, attr, check_name=False)
+        shown = getattr(cls, "name", name_or_spec)
+    elif isinstance(name_or_spec, str):
+        cls = get_driver(kind, name_or_spec)
+        shown = name_or_spec
+    else:
+        raise ConfigurationError(f"not a {kind} driver: {name_or_spec!r}")
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # a C-level constructor: let the call decide
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**options)
+        except TypeError as exc:
+            accepted = [p for p in signature.parameters if p != "self"]
+            hint = (f"; pass an instance, or the options {', '.join(accepted)}" if not options
+                    else f"; it takes {', '.join(accepted) or 'no arguments'}")
+            raise ConfigurationError(f"{kind} driver {shown!r}: {exc}{hint}") from None
+    try:
+        driver = cls(**options)
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"{kind} driver {shown!r} needs arguments; pass an instance: {exc}") from None
+    if not isinstance(driver, FormatDriver | StorageDriver) or not isinstance(driver, base):
+        raise ConfigurationError(f"{cls!r} is not a {kind} driver")
+    return driver
+
+
+def driver_class_path(driver: object) -> str:
+    """The ``module:Class`` path of a driver instance or class, which
+    :func:`make_driver` takes back."""
+    cls = driver if isinstance(driver, type) else type(driver)
+    return f"{cls.__module__}:{cls.__qualname__}"

@@ -81,6 +81,11 @@ class LocalStorage(StorageDriver):
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).resolve() if root is not None else None
 
+    def identity(self) -> dict[str, str]:
+        """The root directory, when one is set (relative locations resolve
+        under it)."""
+        return {"root": str(self.root)} if self.root is not None else {}
+
     def path(self, location: str) -> Path:
         """Map a location (path or ``file://`` URL) to a path.
 

@@ -1,5 +1,9 @@
 """The uncompressed stream of a hostile tarball, for :mod:`cloudlets.rootfs`.
 
+Everything :mod:`cloudlets` knows about compression lives here: the magic bytes
+that tell it (:func:`compression_of`, :func:`detect_compression`), the
+decompressors, and what they raise on damaged input (:func:`decode_errors`).
+
 :func:`open_stream` decompresses on a worker thread (ISA-L or zlib for gzip,
 lzma and bz2 release the GIL while they inflate; zstd inflates too fast to
 matter), in
@@ -27,21 +31,21 @@ kill and reap on every early exit.
 from __future__ import annotations
 
 import bz2
+import enum
 import lzma
 import queue
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from cloudlets import fastzlib
 from cloudlets.errors import UnsafeArchiveError
+from cloudlets.rootfs.policy import ArchivePolicy
 
-if TYPE_CHECKING:
-    from cloudlets.rootfs import ArchivePolicy
-
-__all__ = ["CHUNK_SIZE", "TarStream", "open_stream"]
+__all__ = ["CHUNK_SIZE", "Compression", "TarStream", "compression_of", "decode_errors",
+           "detect_compression", "open_stream"]
 
 _KIB = 1024
 _MIB = 1024 * _KIB
@@ -55,10 +59,86 @@ INPUT_SIZE = 2 * _MIB
 QUEUE_DEPTH = 4
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_BZIP2_MAGIC = b"BZh"  # and the block size, a digit
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_LZ4_MAGIC = b"\x04\x22\x4d\x18"
 
 #: A pull: the next chunk of the uncompressed stream (``b""`` at its end) and
 #: the compressed bytes read from the tarball so far.
 Pull = Callable[[], tuple[bytes, int]]
+
+
+# -- telling the compression ------------------------------------------------------
+
+
+class Compression(enum.StrEnum):
+    """How a tarball is compressed, as told by its first bytes."""
+
+    BZIP2 = "bzip2"
+    GZIP = "gzip"
+    NONE = "none"
+    XZ = "xz"
+    ZSTD = "zstd"
+
+
+def compression_of(head: bytes) -> Compression | None:
+    """The compression the magic bytes at the start of a file name.
+
+    :param head: the first bytes of the file (6 are enough).
+    :returns: the compression, or ``None`` when no supported one's magic
+        bytes are there (a plain tar, or anything else).
+    """
+    if head.startswith(_GZIP_MAGIC):
+        return Compression.GZIP
+    if head.startswith(_XZ_MAGIC):
+        return Compression.XZ
+    if head.startswith(_BZIP2_MAGIC) and head[3:4].isdigit():
+        return Compression.BZIP2
+    if head.startswith(_ZSTD_MAGIC):
+        return Compression.ZSTD
+    return None
+
+
+def detect_compression(head: bytes) -> Compression:
+    """Tell how a tarball is compressed from its first 512 bytes.
+
+    :param head: the first bytes of the file (512 or all of a shorter file).
+    :returns: the compression.
+    :raises UnsafeArchiveError: when it is neither a tar archive nor one of the
+        supported compressions.
+    """
+    found = compression_of(head)
+    if found is not None:
+        return found
+    if head.startswith(_LZ4_MAGIC):
+        raise UnsafeArchiveError("lz4 compression is not supported (use gzip, xz, bzip2 or zstd)")
+    if not head:
+        raise UnsafeArchiveError("the tarball is empty")
+    if head[257:262] == b"ustar":
+        return Compression.NONE
+    try:
+        tarfile.TarInfo.frombuf(head[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        raise UnsafeArchiveError(
+            "not a tar archive, nor a gzip, xz, bzip2 or zstd compressed one") from None
+    return Compression.NONE
+
+
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged tarball raises: the decompressors' errors and
+    :mod:`tarfile`'s."""
+    errors: list[type[BaseException]] = [tarfile.TarError, OSError, EOFError, lzma.LZMAError,
+                                         ValueError, OverflowError, *fastzlib.ERRORS]
+    try:
+        import zstandard
+        errors.append(zstandard.ZstdError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+# -- the tarball ----------------------------------------------------------------------
 
 
 class _Source:
@@ -89,11 +169,6 @@ def _gzip_inflater() -> Any:
     """An inflater for one gzip member (ISA-L's when installed: see
     :mod:`cloudlets.fastzlib`); it checks the CRC and length."""
     return fastzlib.module.decompressobj(fastzlib.module.MAX_WBITS | 16)
-
-
-def gzip_errors() -> tuple[type[BaseException], ...]:
-    """What the gzip inflater raises on damaged input."""
-    return fastzlib.ERRORS
 
 
 def _zlib_chunks(source: _Source) -> Iterator[tuple[bytes, int]]:

@@ -1,0 +1,415 @@
+"""One streaming pass over a hostile tarball: :func:`read_tarball`."""
+
+from __future__ import annotations
+
+import base64
+import os
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from typing import IO, Any, BinaryIO
+from urllib.parse import unquote_to_bytes
+
+from cloudlets.errors import UnsafeArchiveError
+from cloudlets.patterns import compile_pattern
+from cloudlets.rootfs.entry import Entry, EntryType
+from cloudlets.rootfs.policy import ArchivePolicy, encoded, normalize, path_ancestors
+from cloudlets.rootfs.stream import (
+    Compression,
+    TarStream,
+    decode_errors,
+    detect_compression,
+    open_stream,
+)
+from cloudlets.rootfs.tar import (
+    BLOCK,
+    COPY_CHUNK,
+    FROM_TAR,
+    REGULAR_TYPES,
+    XATTR_PREFIX,
+    fast_member,
+)
+from cloudlets.rootfs.tree import RootTree, TreeStream, fill_parents
+
+__all__ = ["read_tarball"]
+
+_SPOOL_BUFFER = 1024 * 1024
+_MAX_ID = 2**32 - 2
+_MAX_DEVICE = 8**7 - 1  # what a ustar header holds (Linux: 4095:1048575)
+_LIBARCHIVE_XATTR_PREFIX = "LIBARCHIVE.xattr."
+
+
+def _discard(data: bytes | memoryview) -> None:
+    pass
+
+
+def _xattrs(info: tarfile.TarInfo, policy: ArchivePolicy, path: str,
+            notes: list[str]) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for key, value in info.pax_headers.items():
+        if key.startswith(XATTR_PREFIX):
+            found[key[len(XATTR_PREFIX):]] = encoded(value)
+    for key, value in info.pax_headers.items():
+        if key.startswith(_LIBARCHIVE_XATTR_PREFIX):
+            name = unquote_to_bytes(key[len(_LIBARCHIVE_XATTR_PREFIX):]).decode(
+                "utf-8", "surrogateescape")
+            if name not in found:
+                try:
+                    padded = value + "=" * (-len(value) % 4)
+                    found[name] = base64.b64decode(padded, validate=True)
+                except ValueError:
+                    raise UnsafeArchiveError(f"extended attribute {name!r} is not valid base64",
+                                             info.name) from None
+    kept: dict[str, bytes] = {}
+    for name, data in found.items():
+        if "\x00" in name or not name:
+            raise UnsafeArchiveError("extended attribute with an empty or NUL name", info.name)
+        if len(data) > policy.max_xattr_size:
+            raise UnsafeArchiveError(
+                f"extended attribute {name!r} holds {len(data)} bytes, more than "
+                f"{policy.max_xattr_size} (ArchivePolicy.max_xattr_size)", info.name)
+        if name.startswith(policy.xattr_prefixes):
+            kept[name] = data
+        else:
+            notes.append(f"{path}: extended attribute {name!r} dropped "
+                         "(not in ArchivePolicy.xattr_prefixes)")
+    return kept
+
+
+class _Reader:
+    """One pass over a tarball, gathering what :meth:`finish` makes a
+    :class:`RootTree` of."""
+
+    def __init__(self, spool: IO[bytes], policy: ArchivePolicy, volatile: Sequence[str],
+                 persistent: set[str], stream: TarStream,
+                 sink: TreeStream | None = None, keep: bool = True) -> None:
+        self.spool = spool
+        self.entries: dict[str, Entry] = {"/": Entry("/", EntryType.DIR, 0o755)}
+        #: the ancestors of the members seen: directories, explicit or not
+        self.implied: set[str] = set()
+        self.dropped: list[str] = []
+        self.notes: list[str] = []
+        self.root_seen = False
+        self.stream_bytes = 0
+        self.sink = sink
+        self.keep = keep
+        self.policy = policy
+        self.volatile = [compile_pattern(pattern) for pattern in volatile]
+        self.persistent = persistent
+        self.stream = stream
+        self.members = 0
+        self.data_total = 0
+        self.dropped_dirs: set[str] = set()
+        self.dropped_files: set[str] = set()
+        self.max_mtime = 0
+        self._spooled = spool.tell()
+        self._write = spool.write
+
+    def run(self) -> None:
+        stream = self.stream
+        stream.headers()
+        readable: Any = stream
+        archive = tarfile.TarFile(fileobj=readable, mode="r", encoding="utf-8",
+                                  errors="surrogateescape")
+        opened: Any = archive  # tarfile's undeclared attributes
+        while True:
+            stream.headers()
+            info = self._next(archive)
+            if info is None:
+                break
+            stream.content(info.name)
+            self.member(info, archive)
+            stream.seek(archive.offset)
+            opened.members.clear()
+        self.stream_bytes = stream.total
+
+    def _next(self, archive: tarfile.TarFile) -> tarfile.TarInfo | None:
+        """The next member: a plain ustar header is parsed here, anything else
+        (PAX and GNU extensions, global headers in force, odd numbers, the
+        end of the archive, a header across two chunks) by :mod:`tarfile`."""
+        opened: Any = archive  # tarfile's undeclared attributes
+        if opened.firstmember is None and not archive.pax_headers:
+            stream = self.stream
+            found = fast_member(stream.peek)
+            if found is not None:
+                info, length = found
+                info.offset = stream.tell()
+                stream.skip(length)
+                info.offset_data = info.offset + length
+                archive.offset = info.offset_data
+                if info.type in REGULAR_TYPES:
+                    archive.offset += -(-info.size // BLOCK) * BLOCK
+                return info
+        return archive.next()
+
+    def _is_volatile(self, path: str) -> bool:
+        if not self.volatile or path in self.persistent:
+            return False
+        return any(pattern.match(path) for pattern in self.volatile)
+
+    def member(self, info: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+        policy = self.policy
+        name = info.name
+        self.members += 1
+        if self.members > policy.max_members:
+            raise UnsafeArchiveError(
+                f"more than {policy.max_members} members (ArchivePolicy.max_members)", name)
+        try:
+            path = normalize(name, policy)
+        except UnsafeArchiveError as exc:
+            raise UnsafeArchiveError(str(exc), name) from None
+        kind = FROM_TAR.get(info.type)
+        if kind is None:
+            raise UnsafeArchiveError(f"unsupported member type {info.type!r}", name)
+        if info.issparse() and not policy.allow_sparse:
+            raise UnsafeArchiveError("sparse member (ArchivePolicy.allow_sparse)", name)
+        for number, what in ((info.uid, "uid"), (info.gid, "gid")):
+            if not 0 <= number <= _MAX_ID:
+                raise UnsafeArchiveError(f"{what} {number} is out of range", name)
+        if kind is EntryType.FILE:
+            if info.size < 0:
+                raise UnsafeArchiveError(f"negative size {info.size}", name)
+            if info.size > policy.max_member_size:
+                raise UnsafeArchiveError(
+                    f"{info.size} bytes, more than {policy.max_member_size} "
+                    "(ArchivePolicy.max_member_size)", name)
+            self.data_total += info.size
+            if self.data_total > policy.max_total_size:
+                raise UnsafeArchiveError(
+                    f"the members add up to more than {policy.max_total_size} bytes "
+                    "(ArchivePolicy.max_total_size)", name)
+
+        # volatile paths, and everything under a dropped directory
+        ancestors = list(path_ancestors(path))
+        if path != "/" and ((self.dropped_dirs and any(a in self.dropped_dirs
+                                                       for a in ancestors))
+                            or self._is_volatile(path)):
+            self.dropped.append(path)
+            if kind is EntryType.DIR:
+                self.dropped_dirs.add(path)
+                if path in self.implied:
+                    self._drop_subtree(path)
+            else:
+                self.dropped_files.add(path)
+            self.entries.pop(path, None)
+            return
+
+        entries = self.entries
+        if path == "/" and kind is not EntryType.DIR:
+            raise UnsafeArchiveError(f"the root of the tree is a {kind.value}", name)
+        for ancestor in ancestors:
+            found = entries.get(ancestor)
+            if found is None:
+                continue
+            if found.inode.type is EntryType.SYMLINK:
+                raise UnsafeArchiveError(
+                    f"written through the symlink {ancestor} "
+                    f"(-> {found.inode.linkname!r})", name)
+            if found.type is not EntryType.DIR:
+                raise UnsafeArchiveError(
+                    f"its parent {ancestor} is a {found.inode.type.value}, not a directory", name)
+        existing = entries.get(path)
+        if kind is not EntryType.DIR and (path in self.implied or (
+                existing is not None and existing.type is EntryType.DIR)):
+            raise UnsafeArchiveError(
+                f"a {kind.value} replaces the directory {path} seen earlier", name)
+
+        mtime = int(info.mtime)
+        self.max_mtime = max(self.max_mtime, mtime)
+        entry = Entry(path, kind, info.mode & 0o7777, info.uid, info.gid, mtime,
+                      xattrs=_xattrs(info, policy, path, self.notes))
+        if kind is EntryType.FILE:
+            entry.size = info.size
+        elif kind is EntryType.SYMLINK:
+            target = info.linkname
+            if not target or "\x00" in target:
+                raise UnsafeArchiveError("symlink with an empty or NUL target", name)
+            if len(encoded(target)) > policy.max_path_length:
+                raise UnsafeArchiveError(
+                    f"symlink target longer than {policy.max_path_length} bytes", name)
+            entry.linkname = target
+        elif kind is EntryType.HARDLINK:
+            try:
+                target_path = normalize(info.linkname, policy, "hardlink target")
+            except UnsafeArchiveError as exc:
+                raise UnsafeArchiveError(str(exc), name) from None
+            if target_path in self.dropped_files or any(
+                    a in self.dropped_dirs for a in path_ancestors(target_path)):
+                self.dropped.append(path)
+                self.notes.append(f"{path}: hardlink to the volatile {target_path} dropped too")
+                return
+            linked = entries.get(target_path)
+            if linked is None:
+                raise UnsafeArchiveError(
+                    f"hardlink to {info.linkname!r}, which is not a member seen earlier", name)
+            if linked.type is EntryType.DIR:
+                raise UnsafeArchiveError(f"hardlink to the directory {target_path}", name)
+            if target_path == path:
+                return
+            origin = linked.inode
+            entry = Entry(path, EntryType.HARDLINK, origin.mode, origin.uid, origin.gid,
+                          origin.mtime, origin.size, target_path, origin.devmajor,
+                          origin.devminor, origin.xattrs, _origin=origin)
+        elif kind in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+            if not (0 <= info.devmajor <= _MAX_DEVICE and 0 <= info.devminor <= _MAX_DEVICE):
+                raise UnsafeArchiveError(
+                    f"device number {info.devmajor}:{info.devminor} is out of range", name)
+            entry.devmajor, entry.devminor = info.devmajor, info.devminor
+
+        if path == "/":
+            entries["/"] = entry
+            self.root_seen = True
+            return
+        sink = self.sink
+        send = sink is not None and sink.entry(entry)
+        if kind is EntryType.FILE:
+            entry._offset = self._spool_content(info, archive, sink if send else None)
+            if not self.keep:
+                entry._offset = -1
+        entries[path] = entry
+        self.implied.update(ancestors)
+
+    def _drop_subtree(self, path: str) -> None:
+        """A volatile directory came after members below it: drop those too."""
+        prefix = path + "/"
+        for below in [p for p in self.entries if p.startswith(prefix)]:
+            del self.entries[below]
+            self.dropped.append(below)
+            self.dropped_files.add(below)
+
+    def _spool_content(self, info: tarfile.TarInfo, archive: tarfile.TarFile,
+                       sink: TreeStream | None) -> int:
+        offset = self._spooled
+        write: Callable[[bytes | memoryview], object] = self._write
+        if not self.keep:
+            write = sink.content if sink is not None else _discard
+        elif sink is not None:
+            spool, send = self._write, sink.content
+
+            def tee(data: bytes | memoryview) -> None:
+                spool(data)
+                send(data)
+
+            write = tee
+        if info.sparse is not None:  # stored dense: tarfile fills the holes
+            handle = archive.extractfile(info)
+            if handle is None:  # pragma: no cover - regular files always have one
+                raise UnsafeArchiveError("no content", info.name)
+            remaining = info.size
+            while remaining:
+                chunk = handle.read(min(COPY_CHUNK, remaining))
+                if not chunk:
+                    raise UnsafeArchiveError(
+                        f"content ends {remaining} bytes early (truncated archive)", info.name)
+                write(chunk)
+                remaining -= len(chunk)
+        else:
+            self.stream.seek(info.offset_data)
+            copied = self.stream.copy_to(write, info.size)
+            if copied < info.size:
+                raise UnsafeArchiveError(
+                    f"content ends {info.size - copied} bytes early (truncated archive)",
+                    info.name)
+        if self.keep:
+            self._spooled += info.size
+        if sink is not None:
+            sink.end_content(info.size)
+        return offset
+
+    def finish(self, compression: Compression) -> RootTree:
+        """Complete the tree: the root's mtime, the persistent directories
+        and the missing parents.
+
+        :param compression: how the tarball was compressed.
+        :returns: the tree, which owns the spool from now on.
+        """
+        entries = self.entries
+        root = entries["/"]
+        if not self.root_seen:
+            root.mtime = self.max_mtime
+        persistent = sorted(self.persistent)
+        for path in persistent:
+            if path not in entries:
+                found = [a for a in path_ancestors(path) if a in entries
+                         and entries[a].type is not EntryType.DIR]
+                if found:
+                    raise UnsafeArchiveError(
+                        f"persistent path {path} cannot be created: {found[0]} is not a "
+                        "directory")
+                entries[path] = Entry(path, EntryType.DIR, 0o755, mtime=root.mtime)
+                self.notes.append(f"{path}: persistent path missing, created as an empty "
+                                  "directory 0755 root:root")
+        fill_parents(entries, self.notes)
+        return RootTree(self.spool, persistent, entries=entries, dropped=self.dropped,
+                        notes=self.notes, compression=compression,
+                        stream_bytes=self.stream_bytes, kept=self.keep)
+
+
+def read_tarball(source: str | os.PathLike[str] | BinaryIO,
+                 policy: ArchivePolicy | None = None, *,
+                 volatile: Sequence[str] = (), persistent: Iterable[str] = (),
+                 workdir: str | os.PathLike[str] | None = None,
+                 sink: TreeStream | None = None, keep_content: bool = True) -> RootTree:
+    """Read a root filesystem tarball into a :class:`RootTree`, in one
+    streaming pass with constant memory (besides the entries' metadata).
+
+    :param source: a path, or a binary file object positioned at the start.
+    :param policy: the limits and rules; :class:`ArchivePolicy` defaults.
+    :param volatile: regular expressions; a member whose absolute path
+        (``/var/log/syslog``) they match (in linear time, see
+        :mod:`cloudlets.patterns`; anchored at the start, as the dotCloud
+        tool did) is left out, and a left-out directory takes its whole
+        subtree with it.
+    :param persistent: absolute paths kept even if a volatile pattern matches
+        them, listed in :attr:`RootTree.persistent`, created as empty
+        directories when the tarball lacks them.
+    :param workdir: directory for the spool file (the system's temporary
+        directory by default); nothing else is written.
+    :param sink: also send the tree as a normalized tar while reading it;
+        finish with :meth:`TreeStream.close` once the tree is complete.
+    :param keep_content: with a sink, ``False`` sends file content only
+        there: nothing is spooled, :meth:`RootTree.read_bytes` goes through
+        :attr:`RootTree.content_reader` and the tree cannot be written
+        with :meth:`RootTree.write_tar` (read the tarball again for that).
+    :returns: the tree; close it when done.
+    :raises UnsafeArchiveError: naming the member that breaks the policy, or
+        when the archive is malformed.
+    """
+    policy = policy or ArchivePolicy()
+    clean_persistent = set()
+    for path in persistent:
+        if not path.startswith("/"):
+            raise UnsafeArchiveError(f"persistent path {path!r} is not absolute")
+        clean_persistent.add(normalize(path[1:] or ".", policy, "persistent path"))
+    owned: IO[bytes] | None = None
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            owned = open(source, "rb")  # noqa: SIM115 - closed in the finally below
+        except OSError as exc:
+            raise UnsafeArchiveError(f"cannot open tarball {source}: {exc.strerror}") from None
+        raw: IO[bytes] = owned
+    else:
+        raw = source
+    # owned by the tree once read, which closes it
+    spool = tempfile.TemporaryFile(dir=workdir, buffering=_SPOOL_BUFFER)  # noqa: SIM115
+    keep = keep_content or sink is None
+    try:
+        head = raw.read(BLOCK)
+        kind = detect_compression(head)
+        with open_stream(kind.value, head, raw, policy) as stream:
+            reader = _Reader(spool, policy, volatile, clean_persistent, stream, sink, keep)
+            try:
+                reader.run()
+            except UnsafeArchiveError:
+                raise
+            except decode_errors() as exc:
+                raise UnsafeArchiveError(f"malformed {kind.value} tar archive: {exc}",
+                                         stream.member) from None
+        tree = reader.finish(kind)
+    except BaseException:
+        spool.close()
+        raise
+    finally:
+        if owned is not None:
+            owned.close()
+    return tree
