@@ -120,7 +120,10 @@ def document_problems(data: Any, max_depth: int = MAX_JSON_DEPTH,
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
     while stack and len(problems) < limit:
         value, path = stack.pop()
-        if type(value) in _PLAIN and (type(value) is not str or value.isascii()):
+        kind = type(value)
+        if (kind in _PLAIN and (kind is not str or value.isascii())) \
+                or (kind is int and -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER) \
+                or (kind is float and math.isfinite(value)):
             continue
         message = _value_problem(value)
         if message is None and isinstance(value, (dict, list, tuple)):

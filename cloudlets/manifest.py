@@ -38,6 +38,10 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 _ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
 
 
+class _ParsedDocument(dict[str, Any]):
+    """A document :func:`~cloudlets.jsondoc.parse_json` has already checked."""
+
+
 @dataclass(frozen=True)
 class FilesystemSpec:
     """The manifest's ``filesystem`` section."""
@@ -75,7 +79,8 @@ class Manifest:
 
         :raises ManifestError: listing every problem.
         """
-        problems = document_problems(dict(data)) or self._problems(data)
+        problems = [] if isinstance(data, _ParsedDocument) else document_problems(dict(data))
+        problems = problems or self._problems(data)
         if problems:
             raise ManifestError(problems, source)
         self._data = copy.deepcopy(dict(data))
@@ -125,7 +130,7 @@ class Manifest:
             raise ManifestError([exc.problem], source) from None
         if not isinstance(data, dict):
             raise ManifestError([Problem("", "a manifest must be a JSON object")], source)
-        return cls(data, source)
+        return cls(_ParsedDocument(data), source)
 
     @staticmethod
     def _read_path(path: Path) -> bytes:
