@@ -105,12 +105,12 @@ def _control_problems(data: Mapping[str, Any]) -> list[Problem]:
             for where, text in _strings(dict(data), ()) if not _CONTROL.isdisjoint(text)]
 
 
-def _arg_problems(args: Mapping[str, Any], schemas: Mapping[str, Mapping[str, Any]],
-                  ) -> list[Problem]:
+def _arg_problems(args: Mapping[str, Any], schemas: Mapping[str, Mapping[str, Any]], *,
+                  names_the_host: bool) -> list[Problem]:
     """Each argument against its own schema (so its local ``$ref`` pointers
     resolve inside it), line breaks refused unless the schema sets
-    ``"x-multiline": true``, and a ``hostname`` argument that stands for the
-    host name held to the host name rule."""
+    ``"x-multiline": true``, and, when ``names_the_host`` (no ``hostname``
+    key is set), a ``hostname`` argument held to the host name rule."""
     problems = validate_subschema(dict(args), {
         "type": "object", "additionalProperties": False,
         "properties": dict.fromkeys(schemas, True),
@@ -126,6 +126,10 @@ def _arg_problems(args: Mapping[str, Any], schemas: Mapping[str, Mapping[str, An
                 Problem(pointer(["args", *where]), f"{text[:60]!r} holds a line break (the "
                         f"argument's schema allows them with \"{MULTILINE_KEYWORD}\": true)")
                 for where, text in _strings(value, (name,)) if "\n" in text or "\r" in text)
+    host = args.get("hostname")
+    if names_the_host and isinstance(host, str) and host:
+        problems.extend(Problem("/args" + p.pointer, p.message)
+                        for p in schema_problems({"hostname": host}, SCHEMA_NAME))
     return problems
 
 
@@ -333,11 +337,8 @@ def resolve_config(manifest: Manifest, presets: Presets | None = None,
     _deep_merge(merged, presets.values)
     _deep_merge(merged, request)
     validate_config(merged, "merged config")
-    args = merged.get("args", {})
-    problems = _arg_problems(args, arg_schemas)
-    if "hostname" not in merged and isinstance(args.get("hostname"), str) and args["hostname"]:
-        problems.extend(Problem("/args" + p.pointer, p.message) for p in
-                        schema_problems({"hostname": args["hostname"]}, SCHEMA_NAME))
+    problems = _arg_problems(merged.get("args", {}), arg_schemas,
+                             names_the_host="hostname" not in merged)
     if problems:
-        raise ConfigError(problems, "render config")
+        raise ConfigError(problems)
     return RenderConfig(merged, manifest.name)
