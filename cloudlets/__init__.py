@@ -9,6 +9,8 @@ The public surface::
     print(result.image_id, result.primary.location)
 """
 
+import logging
+
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import FormatDriver, StorageDriver, StoredArtifact
 from cloudlets.drivers.providers import get_driver, list_drivers, set_driver
@@ -37,6 +39,10 @@ from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
 from cloudlets.version import __version__
+
+# The library never prints: without a handler of the application's, its
+# warnings go nowhere rather than to Python's last-resort stderr handler.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "CacheError",

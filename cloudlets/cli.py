@@ -12,6 +12,7 @@ Exit codes (also in ``cloudlets --help``):
 6      cache verify found a corrupted entry
 7      not found (no image with that id)
 130    interrupted (SIGINT); nothing half-written is left
+141    the reader of the output went away (SIGPIPE)
 143    terminated (SIGTERM); nothing half-written is left
 =====  ==========================================================
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import os
 import signal
 import sys
 import threading
@@ -75,6 +78,8 @@ EXIT_NOT_FOUND = 7
 #: A command stopped by SIGINT or SIGTERM exits as a shell reports it: 128 + the signal.
 EXIT_INTERRUPTED = 128 + 2
 EXIT_TERMINATED = 128 + 15
+#: The reader of the command's output went away.
+EXIT_BROKEN_PIPE = 128 + 13
 
 #: Exit code → meaning, as documented.
 EXIT_CODES = {
@@ -87,6 +92,7 @@ EXIT_CODES = {
     EXIT_CORRUPT: "cache verify found a corrupted entry",
     EXIT_NOT_FOUND: "not found (no image with that id)",
     EXIT_INTERRUPTED: "interrupted (SIGINT); nothing half-written is left",
+    EXIT_BROKEN_PIPE: "the reader of the output went away (SIGPIPE)",
     EXIT_TERMINATED: "terminated (SIGTERM); nothing half-written is left",
 }
 
@@ -141,10 +147,18 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cloudlets", description="Render portable server images.",
                      epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cloudlets {__version__}")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
     common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="machine-readable output")
+    for target, default in ((parser, None), (common, argparse.SUPPRESS)):
+        extra: dict[str, Any] = {} if default is None else {"default": default}
+        target.add_argument("--json", action="store_true", help="machine-readable output",
+                            **extra)
+        target.add_argument("-v", "--verbose", action="count",
+                            **({"default": 0} if default is None else extra),
+                            help="log more (-v: info, -vv: debug)")
+        target.add_argument("-q", "--quiet", action="store_true", **extra,
+                            help="log errors only")
+        target.add_argument("--log-level", choices=_LOG_LEVELS, type=str.lower, **extra,
+                            help="log level of the cloudlets loggers (default: warning)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -185,6 +199,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="render without recording the image in the catalog")
     render.add_argument("--catalog", type=Path, metavar="PATH",
                         help="the catalog database (default: $CLOUDLETS_HOME/catalog.sqlite3)")
+    render.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
+                        help="progress on stderr: a bar on a terminal (auto), always a bar, "
+                             "JSON lines, or none")
     render.add_argument("--wait-timeout", type=float, default=3600.0, metavar="SECONDS",
                         help="how long to wait for the same render in flight in another "
                              "process (default: 3600)")
@@ -301,7 +318,7 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
                       **_options(args.format_options, "--format-option"))
     storage = make_driver(DriverKind.STORAGE, args.storage,
                           **_options(args.storage_options, "--storage-option"))
-    progress = _progress_callback()
+    progress = _progress_callback(args.progress)
     if args.no_catalog:
         result = renderer.render(args.manifest, args.output, storage=storage,
                                  format=fmt, config=request, progress=progress,
@@ -378,10 +395,14 @@ def _options(items: Sequence[str], flag: str) -> dict[str, Any]:
     return options
 
 
-def _progress_callback() -> Any:
-    from cloudlets.progress import terminal_progress
+def _progress_callback(kind: str = "auto") -> Any:
+    from cloudlets.progress import JsonProgress, TerminalProgress
 
-    return terminal_progress(sys.stderr)
+    if kind == "json":
+        return JsonProgress(sys.stderr)
+    if kind == "none":
+        return None
+    return TerminalProgress(sys.stderr, enabled=True if kind == "bar" else None)
 
 
 def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
@@ -446,7 +467,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     as_json = getattr(args, "json", False)
     try:
-        with _terminate_on_sigterm():
+        with _terminate_on_sigterm(), _logging_to(errors, _log_level(args)):
             return int(args.handler(args, out if as_json else _escaping(out)))
     except CloudletsError as exc:
         code = exit_code_for(exc)
@@ -467,6 +488,42 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
 
 def _escaping(stream: TextIO) -> TextIO:
     return cast(TextIO, EscapingWriter(stream))
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if getattr(args, "log_level", None):
+        return int(getattr(logging, args.log_level.upper()))
+    if getattr(args, "quiet", False):
+        return logging.ERROR
+    verbose = getattr(args, "verbose", 0) or 0
+    return {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+
+
+@contextlib.contextmanager
+def _logging_to(stream: TextIO, level: int) -> Iterator[None]:
+    """Send the library's log records (it never prints) to ``stream`` while a
+    command runs, as ``cloudlets: warning: ...``."""
+    logger = logging.getLogger("cloudlets")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_LevelFormatter("cloudlets: %(levelname)s: %(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        copy = logging.makeLogRecord(record.__dict__)  # other handlers keep theirs
+        copy.levelname = record.levelname.lower()
+        return super().format(copy)
 
 
 @contextlib.contextmanager
@@ -490,5 +547,20 @@ def _terminate_on_sigterm() -> Iterator[None]:
 
 
 def entry_point() -> None:
-    """Console script entry point."""
-    sys.exit(main())
+    """Console script entry point.
+
+    A reader that goes away (``cloudlets images --json | head -1``) ends the
+    command quietly with 141 (128 + SIGPIPE), as other Unix tools end, not
+    with a traceback. SIGPIPE itself keeps Python's handling, so a closed
+    upload connection is an error the storage driver reports.
+    """
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Nothing more can be written; keep the interpreter's final flush quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)

@@ -161,7 +161,13 @@ class MirrorRules:
         :param renderer_rules: rules set on the Renderer, or ``None``.
         :param config_mirrors: ``RenderConfig.mirrors``.
         """
-        return (renderer_rules or cls()).merge(cls.from_config(config_mirrors))
+        ours = renderer_rules or cls()
+        known = {(rule.prefix, rule.mirrors) for rule in ours.rules}
+        # The Renderer's own rules are usually in the config too (it merges
+        # them into the presets): compile only the others.
+        return ours.merge(cls.from_config(
+            item for item in config_mirrors
+            if (item.get("prefix"), tuple(item.get("mirrors", ()))) not in known))
 
     @property
     def rules(self) -> tuple[MirrorRule, ...]:

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,7 @@ class _Run:
     workdir: Path
     progress: ProgressCallback | None
     overwrite: bool
+    mirrors: MirrorRules
     timings: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -182,6 +183,7 @@ class Renderer:
         key = request_key(loaded.digest, merged.digest, fmt.name, store.target, output_path)
         return RenderJob(manifest=loaded, config=merged, format=fmt, storage=store,
                          output=output_path, plan=plan, key=key,
+                         mirrors=MirrorRules.for_render(self._mirror_rules, merged.mirrors),
                          prepared_in=time.monotonic() - started)
 
     def execute(self, job: RenderJob, progress: ProgressCallback | None = None, *,
@@ -200,10 +202,14 @@ class Renderer:
         loaded, merged, fmt, store, plan = (job.manifest, job.config, job.format,
                                             job.storage, job.plan)
         started = time.monotonic()
+        if not overwrite:
+            # Before any work: the primary file's name is known up front (the
+            # others, once the format has named them, are checked at store).
+            _refuse_existing(store, plan.locations([plan.basename + fmt.extension]))
         with self._workdir() as workdir:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
                        output=job.output, workdir=workdir, progress=progress,
-                       overwrite=overwrite)
+                       overwrite=overwrite, mirrors=job.mirrors)
             run.timings["prepare"] = job.prepared_in + time.monotonic() - started
             disk = self._build(run)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
@@ -272,7 +278,7 @@ class Renderer:
         manifest, config, caps = run.manifest, run.config, run.fmt.capabilities
         fs = manifest.filesystem
         assert fs is not None  # require_renderable() checked (and boot, for disks)
-        rules = MirrorRules.for_render(self._mirror_rules, config.mirrors)
+        rules = run.mirrors
         with DiskPlan(manifest, base_cache=self.cache_dir / "bases", workdir=run.workdir,
                       source_date_epoch=self.source_date_epoch,
                       archive_policy=self.archive_policy,
@@ -327,18 +333,16 @@ class Renderer:
     def _store(self, run: _Run, outputs: list[OutputFile],
                locations: list[str]) -> list[StoredArtifact]:
         if not run.overwrite:
-            taken = [loc for loc in locations if run.storage.exists(loc)]
-            if taken:
-                raise StorageError(f"refusing to overwrite existing {redact(taken[0])} "
-                                   "(pass overwrite=True to replace it)", redact(taken[0]))
+            _refuse_existing(run.storage, locations)
         stored: list[StoredArtifact] = []
+        total = sum(output.path.stat().st_size for output in outputs)
         try:
             for output, location in zip(outputs, locations, strict=True):
                 stored.append(run.storage.upload(
                     output.path, location, media_type=output.media_type, role=output.role,
-                    overwrite=run.overwrite, disposable=True))  # the work dir goes next
-                if run.progress:
-                    run.progress("store", len(stored), len(outputs))
+                    overwrite=run.overwrite, disposable=True,  # the work dir goes next
+                    progress=_store_progress(run.progress, sum(a.size for a in stored),
+                                             total)))
         except BaseException:
             self._roll_back(run.storage, locations[:len(stored)])
             raise
@@ -405,6 +409,8 @@ class RenderJob:
     :ivar plan: the file stem and locations derived from :attr:`output`.
     :ivar key: the request's digest (:func:`cloudlets.result.request_key`)
         over the output as requested; :meth:`at` keeps it.
+    :ivar mirrors: the render's mirror rules, compiled once: the
+        renderer's, then the config's.
     :ivar prepared_in: seconds :meth:`Renderer.prepare` took.
     """
 
@@ -415,6 +421,7 @@ class RenderJob:
     output: str
     plan: OutputPlan
     key: str
+    mirrors: MirrorRules
     prepared_in: float = 0.0
 
     @property
@@ -430,6 +437,24 @@ class RenderJob:
         """
         plan = _plan(self.manifest, self.format, self.storage, output)
         return dataclasses.replace(self, output=output, plan=plan)
+
+
+def _store_progress(progress: ProgressCallback | None, before: int,
+                    total: int) -> Callable[[int], None] | None:
+    """The store stage reports bytes of all its artifacts together."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda done: report("store", before + done, total)
+
+
+def _refuse_existing(storage: StorageDriver, locations: Sequence[str]) -> None:
+    """:raises StorageError: when something is stored at one of ``locations``."""
+    for location in locations:
+        if storage.exists(location):
+            shown = redact(location)
+            raise StorageError(f"refusing to overwrite existing {shown} (pass overwrite=True, "
+                               "or --overwrite on the command line, to replace it)", shown)
 
 
 def _plan(manifest: Manifest, fmt: FormatDriver, store: StorageDriver,

@@ -158,7 +158,6 @@ class DiskPlan:
             tree.close()
             raise
         if self._streamed:  # templates read from the base mke2fs built
-            tree.content_reader = stream.read_file
             return tree
         tree.close()  # the rare tarball that cannot be streamed: read it again
         return self._read_tree(entry.path, None)
@@ -227,7 +226,9 @@ class DiskPlan:
         tree = read_tarball(source, self._policy, volatile=manifest.volatile,
                             persistent=manifest.persistent, workdir=self._workdir,
                             sink=sink.sink if sink is not None else None,
-                            keep_content=sink is None)
+                            keep_content=sink is None,
+                            # templates read their sources from the base mke2fs builds
+                            content_reader=sink.read_file if sink is not None else None)
         tree.add_file(METADATA_PATH, image_metadata(
             name=manifest.name, version=manifest.version, digest=manifest.digest,
             persistent=tree.persistent))

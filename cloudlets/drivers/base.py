@@ -30,7 +30,7 @@ import hashlib
 import io
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
@@ -190,6 +190,8 @@ class UploadSource:
     :ivar disposable: the caller gives the file up (see
         :meth:`StorageDriver.upload`): a driver may move it into place
         instead of copying it.
+    :ivar on_bytes: called with :attr:`bytes_read` as bytes are counted
+        (the ``progress`` of :meth:`StorageDriver.upload`).
     """
 
     path: Path | None
@@ -201,6 +203,7 @@ class UploadSource:
     _file: BinaryIO | None = None
     _hash: Any = field(default_factory=hashlib.sha256)
     bytes_read: int = 0
+    on_bytes: Callable[[int], None] | None = None
     _consumed: bool = False
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:
@@ -272,6 +275,8 @@ class UploadSource:
     def _account(self, chunk: bytes | bytearray | memoryview) -> None:
         self._hash.update(chunk)
         self.bytes_read += len(chunk)
+        if self.on_bytes is not None:
+            self.on_bytes(self.bytes_read)
 
     def verify(self, location: str) -> None:
         """Check the bytes pulled so far against the expected size and digest.
@@ -406,7 +411,8 @@ class StorageDriver(ABC):
     def upload(self, source: Path | str | bytes | BinaryIO | Iterable[bytes], location: str, *,
                size: int | None = None, sha256: str | None = None,
                media_type: str = "application/octet-stream", role: str = "disk",
-               overwrite: bool = False, disposable: bool = False) -> StoredArtifact:
+               overwrite: bool = False, disposable: bool = False,
+               progress: Callable[[int], None] | None = None) -> StoredArtifact:
         """Store ``source`` at ``location``.
 
         :param source: a file path, the content as ``bytes``, a binary file
@@ -426,12 +432,15 @@ class StorageDriver(ABC):
             into place when it is on the same file system. The caller must
             still delete its own name for the file; the stored artifact keeps
             the data.
+        :param progress: called with the number of bytes stored (and hashed)
+            so far; it may go back to 0 when a driver sends the file again.
         :returns: the stored artifact.
         :raises StorageError: on failure; nothing complete-looking is left at
             ``location``.
         """
         upload_source = self._make_source(source, size, sha256, media_type)
         upload_source.disposable = disposable and upload_source.path is not None
+        upload_source.on_bytes = progress
         if upload_source.size is None and not self.capabilities & StorageCapability.STREAM:
             raise StorageError(
                 f"storage driver {self.name!r} cannot store a stream of unknown length",

@@ -316,7 +316,8 @@ class _Reader:
             sink.end_content(info.size)
         return offset
 
-    def finish(self, compression: Compression) -> RootTree:
+    def finish(self, compression: Compression,
+               content_reader: Callable[[str, int], bytes] | None = None) -> RootTree:
         """Complete the tree: the root's mtime, the persistent directories
         and the missing parents.
 
@@ -342,14 +343,16 @@ class _Reader:
         fill_parents(entries, self.notes)
         return RootTree(self.spool, persistent, entries=entries, dropped=self.dropped,
                         notes=self.notes, compression=compression,
-                        stream_bytes=self.stream_bytes, kept=self.keep)
+                        stream_bytes=self.stream_bytes, kept=self.keep,
+                        content_reader=content_reader)
 
 
 def read_tarball(source: str | os.PathLike[str] | BinaryIO,
                  policy: ArchivePolicy | None = None, *,
                  volatile: Sequence[str] = (), persistent: Iterable[str] = (),
                  workdir: str | os.PathLike[str] | None = None,
-                 sink: TreeStream | None = None, keep_content: bool = True) -> RootTree:
+                 sink: TreeStream | None = None, keep_content: bool = True,
+                 content_reader: Callable[[str, int], bytes] | None = None) -> RootTree:
     """Read a root filesystem tarball into a :class:`RootTree`, in one
     streaming pass with constant memory (besides the entries' metadata).
 
@@ -371,6 +374,9 @@ def read_tarball(source: str | os.PathLike[str] | BinaryIO,
         there: nothing is spooled, :meth:`RootTree.read_bytes` goes through
         :attr:`RootTree.content_reader` and the tree cannot be written
         with :meth:`RootTree.write_tar` (read the tarball again for that).
+    :param content_reader: the tree's :attr:`RootTree.content_reader`, for
+        ``keep_content=False`` (the sink's consumer reads the content back,
+        once it has it).
     :returns: the tree; close it when done.
     :raises UnsafeArchiveError: naming the member that breaks the policy, or
         when the archive is malformed.
@@ -405,7 +411,7 @@ def read_tarball(source: str | os.PathLike[str] | BinaryIO,
             except decode_errors() as exc:
                 raise UnsafeArchiveError(f"malformed {kind.value} tar archive: {exc}",
                                          stream.member) from None
-        tree = reader.finish(kind)
+        tree = reader.finish(kind, content_reader)
     except BaseException:
         spool.close()
         raise

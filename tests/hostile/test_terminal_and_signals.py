@@ -116,3 +116,14 @@ def test_signal_mid_render_cleans_up_and_exits_with_its_code(
     (entry,) = ImageCatalog(home / "catalog.sqlite3").entries()
     assert entry.status is ImageStatus.FAILED
     assert entry.error_type == ("Terminated" if signum == signal.SIGTERM else "KeyboardInterrupt")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLOUDLETS_HOME": str(tmp_path)}
+    # The reader exits at once, long before the command writes: every write fails.
+    done = subprocess.run(
+        f"'{sys.executable}' -m cloudlets drivers --json | true; echo ${{PIPESTATUS[0]}}",
+        shell=True, executable="/bin/bash", env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.strip() == "141"
+    assert done.stderr == "", done.stderr
