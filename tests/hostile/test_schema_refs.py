@@ -152,13 +152,21 @@ def test_local_pointers_resolve_inside_the_argument_schema(guarded: dict[str, An
     assert [p.pointer for p in caught.value.problems] == ["/args/a/child/count"]
 
 
-def test_exponential_references_stop_at_the_step_budget(guarded: dict[str, Any]) -> None:
-    defs: dict[str, Any] = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}] * 2}
+@pytest.mark.parametrize(("combinator", "last", "outer", "default"), [
+    ("anyOf", {"type": "integer"}, {}, True),
+    ("allOf", {"properties": {"a": True}}, {"unevaluatedProperties": False}, {"a": 1, "b": 2}),
+    ("allOf", {"prefixItems": [True]}, {"unevaluatedItems": False}, [1, 2]),
+])
+def test_exponential_references_stop_at_the_step_budget(
+        guarded: dict[str, Any], combinator: str, last: dict[str, Any],
+        outer: dict[str, Any], default: Any) -> None:
+    defs: dict[str, Any] = {f"d{i}": {combinator: [{"$ref": f"#/$defs/d{i + 1}"}] * 2}
                             for i in range(40)}
-    defs["d40"] = {"type": "integer"}
+    defs["d40"] = last
     started = time.monotonic()
     with pytest.raises(ManifestError) as caught:
-        Manifest.load(manifest({"$defs": defs, "$ref": "#/$defs/d0", "default": True}))
+        Manifest.load(manifest({**outer, "$defs": defs, "$ref": "#/$defs/d0",
+                                "default": default}))
     assert time.monotonic() - started < 2
     assert [p.pointer for p in caught.value.problems] == ["/args/a/default"]
     assert f"more than {MAX_SCHEMA_STEPS} steps" in caught.value.problems[0].message
