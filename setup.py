@@ -47,6 +47,10 @@ setup(
         "requests>=2.31",
         "jinja2>=3.1",
         "jsonschema>=4.21",
+        # Regular expressions from manifests (volatile paths, argument
+        # patterns): RE2 matches in linear time, where re's backtracking
+        # takes 30 s for (a+)+$ on a 41-character value.
+        "google-re2>=1.1",
         "cryptography>=42",
         # zstd-compressed rootfs tarballs: the standard library has no zstd
         # before Python 3.14, and the bindings stream in constant memory.

@@ -60,6 +60,7 @@ from cloudlets.errors import (
     UnsafeArchiveError,
 )
 from cloudlets.images import Images
+from cloudlets.jsondoc import JSONSyntaxError, parse_json_or_string
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
@@ -133,11 +134,15 @@ def parse_set(items: Sequence[str], into: dict[str, Any] | None = None) -> dict[
         if not sep or not key:
             raise ConfigError([Problem("", f"--set {item!r}: expected KEY=VALUE")], "--set")
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+            value = parse_json_or_string(raw)
+        except JSONSyntaxError as exc:
+            raise ConfigError([_quote_hint(exc.problem)], f"--set {key.strip()}") from None
         set_dotted(result, key.strip(), value)
     return result
+
+
+def _quote_hint(problem: Problem) -> Problem:
+    return Problem(problem.pointer, f"{problem.message} (quote a JSON string to pass text)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -395,9 +400,9 @@ def _options(items: Sequence[str], flag: str) -> dict[str, Any]:
         if not sep or not key.strip().isidentifier():
             raise ConfigError([Problem("", f"{flag} {item!r}: expected KEY=VALUE")], flag)
         try:
-            options[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key.strip()] = raw
+            options[key.strip()] = parse_json_or_string(raw)
+        except JSONSyntaxError as exc:
+            raise ConfigError([_quote_hint(exc.problem)], f"{flag} {key.strip()}") from None
     return options
 
 

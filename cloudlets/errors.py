@@ -76,10 +76,11 @@ class _ProblemsError(CloudletsError):
         self.problems = list(problems)
         self.source = source
         where = f" {source}" if source else ""
+        if len(self.problems) == 1:  # one line, as the command line prints it
+            super().__init__(f"invalid {self.what}{where}: {self.problems[0]}")
+            return
         lines = "\n".join(f"  {p}" for p in self.problems)
-        count = len(self.problems)
-        noun = "problem" if count == 1 else "problems"
-        super().__init__(f"invalid {self.what}{where} ({count} {noun}):\n{lines}")
+        super().__init__(f"invalid {self.what}{where} ({len(self.problems)} problems):\n{lines}")
 
 
 class ManifestError(_ProblemsError):

@@ -128,7 +128,7 @@ def grub_config(*, kernel: str, initrd: str | None, cmdline: str, root_uuid: str
     args = " ".join(_grub_quote(w) for w in kernel_cmdline(cmdline, root_uuid))
     lines = [
         f"search --no-floppy --fs-uuid --set=root {root_uuid}",
-        f"echo 'cloudlets: loading {kernel}'",
+        f"echo {_grub_quote(f'cloudlets: loading {kernel}')}",
         f"linux {_grub_quote(kernel)} {args}",
     ]
     if initrd is not None:

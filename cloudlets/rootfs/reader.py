@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -12,6 +11,7 @@ from typing import IO, Any, BinaryIO
 from urllib.parse import unquote_to_bytes
 
 from cloudlets.errors import UnsafeArchiveError
+from cloudlets.patterns import compile_pattern
 from cloudlets.rootfs.entry import Entry, EntryType
 from cloudlets.rootfs.policy import ArchivePolicy, encoded, normalize, path_ancestors
 from cloudlets.rootfs.stream import (
@@ -94,7 +94,7 @@ class _Reader:
         self.sink = sink
         self.keep = keep
         self.policy = policy
-        self.volatile = [re.compile(pattern) for pattern in volatile]
+        self.volatile = [compile_pattern(pattern) for pattern in volatile]
         self.persistent = persistent
         self.stream = stream
         self.members = 0
@@ -359,9 +359,10 @@ def read_tarball(source: str | os.PathLike[str] | BinaryIO,
     :param source: a path, or a binary file object positioned at the start.
     :param policy: the limits and rules; :class:`ArchivePolicy` defaults.
     :param volatile: regular expressions; a member whose absolute path
-        (``/var/log/syslog``) they match with :func:`re.match` (anchored at the
-        start, as the dotCloud tool did) is left out, and a left-out directory
-        takes its whole subtree with it.
+        (``/var/log/syslog``) they match (in linear time, see
+        :mod:`cloudlets.patterns`; anchored at the start, as the dotCloud
+        tool did) is left out, and a left-out directory takes its whole
+        subtree with it.
     :param persistent: absolute paths kept even if a volatile pattern matches
         them, listed in :attr:`RootTree.persistent`, created as empty
         directories when the tarball lacks them.

@@ -40,8 +40,11 @@ def test_escape_controls_leaves_no_control_character() -> None:
 
 def test_inspect_and_errors_escape_what_the_manifest_says(tmp_path: Path) -> None:
     manifest = make_cloudlet(tmp_path / "src")
-    manifest["description"] = HOSTILE
-    manifest["author"] = f"{ESC}[8mhidden"
+    # description and author refuse C0 controls (they reach the OVF's XML);
+    # C1 controls, bidi overrides and volatile patterns still reach inspect.
+    described = "\x9b31m \u202egnp.exe\u202c"
+    manifest["description"] = described
+    manifest["volatile"] = [f"{ESC}]0;owned{ESC}\\\\", f"{ESC}\\[8mhidden"]
     path = tmp_path / "m.json"
     path.write_text(json.dumps(manifest))
     out, err = io.StringIO(), io.StringIO()
@@ -52,7 +55,8 @@ def test_inspect_and_errors_escape_what_the_manifest_says(tmp_path: Path) -> Non
     out = io.StringIO()
     assert main(["inspect", str(path), "--json"], out=out, err=err) == 0
     assert ESC not in out.getvalue()
-    assert json.loads(out.getvalue())["description"] == HOSTILE
+    assert json.loads(out.getvalue())["description"] == described
+    assert json.loads(out.getvalue())["volatile"] == manifest["volatile"]
     # Errors naming hostile values are escaped too.
     err = io.StringIO()
     assert main(["validate", f"{ESC}]0;x\x07.json"], out=io.StringIO(), err=err) != 0
