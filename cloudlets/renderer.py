@@ -52,6 +52,7 @@ from cloudlets.rootfs import ArchivePolicy
 if TYPE_CHECKING:
     from cloudlets.disk.assemble import BaseStream
     from cloudlets.rootfs import RootTree
+    from cloudlets.templates import TemplateLimits
 from cloudlets.urls import redact
 
 __all__ = ["OutputPlan", "ProgressCallback", "Renderer", "plan_output"]
@@ -108,6 +109,8 @@ class Renderer:
     :param ex_fetcher: the downloader (timeouts, retries, URL policy); by
         default one whose policy allows http and https, and ``file`` only
         with ``ex_allow_file_urls``.
+    :param ex_template_limits: what a cloudlet's templates may cost (size,
+        memory, time); :class:`~cloudlets.templates.TemplateLimits` defaults.
     """
 
     def __init__(self, cache_dir: str | Path | None = None, presets: Presets | None = None,
@@ -117,7 +120,8 @@ class Renderer:
                  ex_source_date_epoch: int | None = None,
                  ex_archive_policy: ArchivePolicy | None = None,
                  ex_cache_max_bytes: int | None = None,
-                 ex_fetcher: Fetcher | None = None) -> None:
+                 ex_fetcher: Fetcher | None = None,
+                 ex_template_limits: TemplateLimits | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.work_dir = Path(work_dir) if work_dir is not None else None
@@ -129,6 +133,7 @@ class Renderer:
         self.allow_file_urls = ex_allow_file_urls
         self.archive_policy = ex_archive_policy or ArchivePolicy()
         self.cache_max_bytes = ex_cache_max_bytes
+        self.template_limits = ex_template_limits
         self.fetcher = ex_fetcher or Fetcher(policy=UrlPolicy(allow_file=ex_allow_file_urls))
         self._mirror_rules = MirrorRules.from_config(self.mirrors, source="renderer")
         epoch = ex_source_date_epoch
@@ -330,7 +335,8 @@ class Renderer:
             with tree:
                 with self._stage(run, "templates"):
                     rendered = render_templates(tree, manifest, config,
-                                                mirror=rules.template_function())
+                                                mirror=rules.template_function(),
+                                                limits=self.template_limits)
                 run.details["rootfs"] = {"entries": len(tree), "dropped": len(tree.dropped),
                                          "persistent": list(tree.persistent),
                                          "templates": sorted(rendered),

@@ -687,6 +687,22 @@ def _location(exc: BaseException, default: str) -> tuple[str, int | None]:
     return path, line
 
 
+def _suspended_at(stream: Iterator[str], default: str) -> tuple[str, int | None]:
+    """Where a template's output generator stands: (path, line) of the
+    innermost template (an include's) that yielded the last chunk."""
+    path, line = default, None
+    generator: Any = stream
+    while generator is not None:
+        frame = getattr(generator, "gi_frame", None)
+        if frame is not None and frame.f_code.co_filename.startswith(_FILENAME_PREFIX):
+            template = frame.f_globals.get("__jinja_template__")
+            if template is not None:
+                path = frame.f_code.co_filename[len(_FILENAME_PREFIX):]
+                line = template.get_corresponding_lineno(frame.f_lineno)
+        generator = getattr(generator, "gi_yieldfrom", None)
+    return path, line
+
+
 def _describe(exc: BaseException, limits: TemplateLimits) -> str:
     if isinstance(exc, _RenderTimeout):
         return _timed_out(limits)
@@ -724,12 +740,13 @@ def _render_jinja(env: _ImageEnvironment, path: str, context: Mapping[str, Any],
     size = 0
     try:
         template = env.get_template(path)
-        for chunk in template.generate(dict(context)):
+        stream = template.generate(dict(context))
+        for chunk in stream:
             size += len(chunk)
             if size > limits.max_output_bytes:
-                raise _LimitError(
-                    f"the output exceeds {limits.max_output_bytes} characters "
-                    "(TemplateLimits.max_output_bytes)")
+                where, line = _suspended_at(stream, path)
+                raise TemplateError(f"the output exceeds {limits.max_output_bytes} characters "
+                                    "(TemplateLimits.max_output_bytes)", where, line)
             chunks.append(chunk)
     except TemplateError as exc:
         raise exc from None
