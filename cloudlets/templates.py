@@ -941,8 +941,15 @@ def _render_file(env: _ImageEnvironment, tree: RootTree, path: str, context: Map
 _GRACE = 0.5
 #: Signals the child takes back to their default action: it must never run
 #: the parent's handlers (a CLI's clean-up on SIGTERM, say).
-_CHILD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM})
+_CHILD_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP",
+                                                               "SIGALRM")
+                           if hasattr(signal, name))
+#: How a child stopped at the hard deadline ends: the timer, RLIMIT_CPU, our kill.
+_DEADLINE_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGALRM", "SIGXCPU", "SIGKILL")
+                              if hasattr(signal, name))
 _FRAME = struct.Struct(">cI")
+#: What a child's report may hold beyond the rendered bytes (paths, framing).
+_REPORT_SLACK = 1024 * 1024
 #: Exit status of a child that failed outside any template (its report lost).
 _CHILD_FAILED = 70
 
@@ -1043,6 +1050,26 @@ def _address_space() -> int:  # pragma: no cover - runs in the child
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reap(pid: int, deadline: float | None) -> int | None:
+    """Wait for a child, until ``deadline`` (then kill it); without one, kill
+    it at once. Returns its wait status (``None`` if someone else, say a
+    ``SIGCHLD`` handler waiting for any child, reaped it first)."""
+    try:
+        if deadline is not None:
+            delay = 0.0005
+            while time.monotonic() < deadline:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return status
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None
+
+
 class _Child:
     """The parent's side of one rendering child: its report and its end."""
 
@@ -1060,10 +1087,12 @@ class _Child:
         self.overflow = False
 
     def read(self, fd: int) -> None:
-        """Read the child's frames until it closes the pipe or the deadline."""
+        """Read the child's frames until its last one, the end of the pipe or
+        the deadline. (Not the end of the pipe alone: a child forked meanwhile
+        by another thread holds this pipe open too, until it ends.)"""
         buffer = bytearray()
-        cap = self.limits.max_render_bytes + 64 * 1024 + 4096 * len(self.files)
-        while True:
+        left_to_read = self.limits.max_render_bytes + _REPORT_SLACK
+        while not self.done and self.error is None:
             if self.deadline is not None:
                 left = self.deadline - time.monotonic()
                 if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -1073,7 +1102,8 @@ class _Child:
             if not chunk:
                 return
             buffer += chunk
-            if len(buffer) > cap:  # a child gone wrong: it cannot send more than this
+            left_to_read -= len(chunk)
+            if left_to_read < 0:  # a child gone wrong: it cannot send more than this
                 self.overflow = True
                 return
             while len(buffer) >= _FRAME.size:
@@ -1082,7 +1112,6 @@ class _Child:
                     break
                 payload = bytes(buffer[_FRAME.size:_FRAME.size + size])
                 del buffer[:_FRAME.size + size]
-                cap -= _FRAME.size + size
                 self._frame(kind, payload)
 
     def _frame(self, kind: bytes, payload: bytes) -> None:
@@ -1101,13 +1130,19 @@ class _Child:
             self.done = True
 
     def reap(self) -> None:
-        """Kill the child unless it has ended, and wait for it (no zombie)."""
-        if self.status is not None:
+        """Kill the child unless it has reported, and wait for it (no zombie).
+
+        A child that has reported is exiting: tearing down its address space
+        takes milliseconds (more for a large parent), which the render does
+        not wait for; a thread reaps it, and kills it if it has not exited by
+        the deadline."""
+        if self.done or self.error is not None:
+            self.status = 0 if self.done else 1
+            threading.Thread(target=_reap, args=(self.pid, self.deadline), daemon=True,
+                             name=f"cloudlets-reap-{self.pid}").start()
             return
-        if not self.done and self.error is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        _, self.status = os.waitpid(self.pid, 0)
+        self.status = _reap(self.pid, None)
+
 
     def result(self) -> dict[str, bytes]:
         """The rendered files, or the :class:`TemplateError` that says why not."""
@@ -1119,8 +1154,7 @@ class _Child:
 
     def _why(self) -> str:
         status = self.status or 0
-        stopped = os.WIFSIGNALED(status) and os.WTERMSIG(status) in (
-            signal.SIGALRM, signal.SIGXCPU, signal.SIGKILL)
+        stopped = os.WIFSIGNALED(status) and os.WTERMSIG(status) in _DEADLINE_SIGNALS
         if self.timed_out or stopped:
             return _timed_out(self.limits) + ", stopped in C code (line unknown)"
         if self.overflow:

@@ -20,6 +20,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ EXTRA_RSS = 256 * 1024 * 1024
 CONTEXT: dict[str, Any] = {"hostname": "web-1", "args": {"motd": "hi", "ports": [80, 443]},
                            "dns": {"nameservers": ["10.0.0.1"], "search": ["example.net"]}}
 
-#: (id, template, words the error must contain, TemplateLimits overrides)
+#: (id, template, words the error must contain (``|`` between alternatives),
+#: TemplateLimits overrides)
 CASES: list[tuple[str, str, str, dict[str, Any]]] = [
     # memory builders
     ("range-map-list", "{{ range(10**7)|map('string')|list }}", "range()", {}),
@@ -72,7 +74,9 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
      "output exceeds", {}),
     ("output-size", "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
      "output exceeds", {}),
-    ("title-in-c", "{{ ('a ' * 2000000)|title|length }}", "max_memory_bytes", {}),
+    # 4 million words split in C: the address-space limit stops it (on a busy
+    # machine, the deadline may come first)
+    ("title-in-c", "{{ ('a ' * 2000000)|title|length }}", "max_memory_bytes|longer than", {}),
     # CPU-heavy integer operations
     ("int-pow-floordiv", "{{ 9**9999999 // 7 }}", "bits", {}),
     ("int-doubling-mod",
@@ -108,6 +112,20 @@ for case in json.loads(sys.stdin.read()):
 """
 
 
+def no_children_left(wait: float = 1.0) -> bool:
+    """No child process is left, reaped or not, within ``wait`` seconds (a
+    child that has reported is reaped by a thread while it exits)."""
+    end = time.monotonic() + wait
+    while True:
+        try:  # WNOWAIT: look, do not reap (that is the renderer's job)
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+
+
 def _resident() -> int:
     with open("/proc/self/statm", "rb") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -131,11 +149,7 @@ def render_case(name: str, source: str, words: str, overrides: dict[str, Any]) -
     outcome["seconds"] = time.perf_counter() - started
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     outcome["extra_rss"] = max(children, _resident()) - before
-    try:
-        os.waitpid(-1, os.WNOHANG)
-        outcome["children_left"] = True
-    except ChildProcessError:
-        outcome["children_left"] = False
+    outcome["children_left"] = not no_children_left()
     tree.close()
     outcome["fds_left"] = len(os.listdir("/proc/self/fd")) - fds
     return outcome
@@ -160,9 +174,9 @@ def test_hostile_template_ends_in_a_template_error(
     outcome = outcomes[name]
     assert "crash" not in outcome, outcome["crash"]
     assert outcome["error"] is not None, f"{name} rendered: it must not"
-    assert words in outcome["error"]
+    assert any(word in outcome["error"] for word in words.split("|")), outcome["error"]
     assert outcome["path"] == "/etc/t"
-    if name not in NO_LINE:
+    if name not in NO_LINE and "C code" not in outcome["error"]:
         assert outcome["line"] == 1, outcome["error"]
     assert outcome["seconds"] < SECONDS, outcome
     # the peak resident size of the rendering children (the largest so far,
@@ -187,9 +201,37 @@ def test_hard_deadline_stops_a_child_in_c_code_and_leaves_nothing(tmp_path: Path
         render_template(tree, "/etc/t", CONTEXT, limits=limits)
     assert time.perf_counter() - started < 0.2 + 1.5
     assert caught.value.path == "/etc/t"
-    with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)
+    assert no_children_left(wait=0)  # killed and reaped before the error was raised
     tree.close()
+
+
+def test_renders_from_threads_at_once() -> None:
+    # a service renders on worker threads: each forks its own child, none
+    # waits for another's (a child forked meanwhile holds the other pipes open)
+    trees = [read([M("etc/t", source)]) for source in
+             (b"{{ hostname }}", b"{{ 9**9999999 // 7 }}", b"{% for i in range(3) %}{{ i }}"
+              b"{% endfor %}")]
+    limits = TemplateLimits(max_int_bits=10**9, timeout=0.3)
+    outcomes: dict[int, str] = {}
+
+    def work(index: int) -> None:
+        try:
+            outcomes[index] = render_template(trees[index], "/etc/t", CONTEXT,
+                                              limits=limits).decode()
+        except TemplateError as exc:
+            outcomes[index] = str(exc)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes[0] == "web-1" and outcomes[2] == "012"
+    assert "C code" in outcomes[1]
+    assert time.perf_counter() - started < 2
+    for tree in trees:
+        tree.close()
 
 
 def test_in_process_rendering_keeps_the_checks() -> None:
@@ -283,8 +325,7 @@ def _check_contract(source: str) -> None:
     finally:
         tree.close()
     assert time.perf_counter() - started < SECONDS
-    with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)
+    assert no_children_left()
 
 
 @settings(max_examples=150, deadline=3000, derandomize=True, database=None,
