@@ -180,6 +180,22 @@ def _estimate(value: Any, budget: int) -> int:
     return total
 
 
+class _Meter:
+    """A count over one render, and the limit it may not pass."""
+
+    def __init__(self, cap: int, limit: str, what: str) -> None:
+        self.total = 0
+        self._cap = cap
+        self._limit = limit
+        self._what = what
+
+    def add(self, amount: int, where: str) -> None:
+        self.total += amount
+        if self.total > self._cap:
+            raise _LimitError(f"{where}: {self.total} {self._what}, more than the {self._cap} "
+                              f"allowed (TemplateLimits.{self._limit})")
+
+
 class _CheckedCodeGenerator(CodeGenerator):
     """Compiles ``a ~ b`` to the sandbox's size-checked concatenation, and the
     iterable of every ``{% for %}`` through the sandbox's iteration count."""
@@ -237,9 +253,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                          finalize=self._finalize)
         self.limits = limits
         #: ``{% for %}`` iterations so far in this render (every template of it)
-        self.iterations = 0
-        #: bytes built so far in this render (see TemplateLimits.max_built_bytes)
-        self.built_bytes = 0
+        self.iterations = _Meter(limits.max_iterations, "max_iterations",
+                                 "iterations of the loops in this render")
+        #: bytes built so far in this render
+        self.built_bytes = _Meter(limits.max_built_bytes, "max_built_bytes",
+                                  "bytes of strings, lists and dicts built in this render")
         for name in _REMOVED_GLOBALS:
             self.globals.pop(name, None)
         self.globals["range"] = self._range
@@ -270,12 +288,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             self._count_built(value, what)
 
     def _count_built(self, value: Any, what: str) -> None:
-        self.built_bytes += sys.getsizeof(value)
-        cap = self.limits.max_built_bytes
-        if self.built_bytes > cap:
-            raise _LimitError(f"{what}: the strings, lists and dicts built in this render "
-                              f"add up to {self.built_bytes} bytes, more than the {cap} "
-                              "allowed (TemplateLimits.max_built_bytes)")
+        self.built_bytes.add(sys.getsizeof(value), what)
 
     def built(self, value: Any) -> Any:
         """A list, tuple or dict display of the template, counted."""
@@ -295,26 +308,18 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             raise _LimitError(f"{what} gives an integer of {value.bit_length()} bits, more "
                               f"than the {cap} allowed (TemplateLimits.max_int_bits)")
 
-    def _count_iterations(self, count: int) -> None:
-        self.iterations += count
-        cap = self.limits.max_iterations
-        if self.iterations > cap:
-            raise _LimitError(f"{{% for %}} loops would run {self.iterations} iterations in "
-                              f"this render, more than the {cap} allowed "
-                              "(TemplateLimits.max_iterations)")
-
     def counted_loop(self, iterable: Any) -> Any:
         """The iterable of a ``{% for %}``, its iterations counted against
         :attr:`TemplateLimits.max_iterations`: all at once when it has a
         length, one by one when it is a generator."""
         if isinstance(iterable, Sized):
-            self._count_iterations(len(iterable))
+            self.iterations.add(len(iterable), "a {% for %} loop")
             return iterable
         return self._counting(iter(iterable))
 
     def _counting(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for item in iterator:
-            self._count_iterations(1)
+            self.iterations.add(1, "a {% for %} loop")
             yield item
 
     def _metered(self, iterator: Iterator[Any], what: str) -> Iterator[Any]:
@@ -414,8 +419,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     def _finalize(self, value: Any) -> Any:
         if not isinstance(value, str):  # str() will build its text
             self._check_value(value, "printing a value")
-            self.built_bytes += _estimate(value, self.limits.max_output_bytes)
-            self._count_built("", "printing a value")
+            self.built_bytes.add(_estimate(value, self.limits.max_output_bytes),
+                                 "printing a value")
         return value
 
     def _range(self, *args: int) -> range:
