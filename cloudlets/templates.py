@@ -969,6 +969,8 @@ def _render_in_child(tree: RootTree, paths: Sequence[str], context: Mapping[str,
     the hard deadline, kills the child if it is still there, and always reaps
     it, whatever happens (an exception, a signal) in the parent meanwhile.
     """
+    import resource  # noqa: F401 - here, so that the child does not spend time importing it
+
     read_fd, write_fd = os.pipe()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
     try:
@@ -1025,7 +1027,7 @@ def _child(read_fd: int, write_fd: int, mask: Iterable[int], tree: RootTree,
 def _confine(limits: TemplateLimits) -> None:  # pragma: no cover - runs in the child
     """Put the rendering child under its hard limits: address space, CPU
     time, a timer signal that kills it at the hard deadline, no core dump."""
-    import resource  # POSIX only, as os.fork is
+    import resource  # POSIX only, as os.fork is; imported by render_templates already
 
     gc.freeze()  # the inherited objects: never walked (nor copied) by the child's GC
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
