@@ -88,6 +88,8 @@ _WIDTH = re.compile(r"%[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
 _NUMBER = re.compile(r"\d+")
 _DOTCLOUD_TAG = re.compile(r"<%=(.*?)(-?)%>(\n?)", re.DOTALL)
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*\Z")
+#: Characters of a failure's description kept in a TemplateError.
+_MAX_MESSAGE = 500
 #: Types whose methods' integer arguments are sizes to check.
 _BUILTIN_TYPES = (str, bytes, int, float, list, tuple, dict)
 #: What an expression builds that takes memory in proportion to its size.
@@ -757,7 +759,10 @@ def _render_jinja(env: _ImageEnvironment, path: str, context: Mapping[str, Any],
         raise exc from None
     except Exception as exc:  # noqa: BLE001 - any failure is the template's
         where, line = _location(exc, path)
-        raise TemplateError(_describe(exc, limits), where, line) from None
+        message = _describe(exc, limits)
+        if len(message) > _MAX_MESSAGE:  # it may quote a template's value: a 4 MB key
+            message = message[:_MAX_MESSAGE] + "..."
+        raise TemplateError(message, where, line) from None
     return "".join(chunks)
 
 

@@ -235,6 +235,14 @@ def test_renders_from_threads_at_once() -> None:
         tree.close()
 
 
+def test_an_error_quoting_a_huge_value_is_short() -> None:
+    tree = read([M("etc/t", b"{% set d = {} %}{{ d['k' * 100000] }}")])
+    with pytest.raises(TemplateError, match="undefined: 'dict object' has no attribute") as caught:
+        render_template(tree, "/etc/t", CONTEXT)
+    assert len(str(caught.value)) < 600 and caught.value.line == 1
+    tree.close()
+
+
 def test_in_process_rendering_keeps_the_checks() -> None:
     tree = read([M("etc/t", b"{{ range(100000)|map('center', 4000000)|list }}")])
     with pytest.raises(TemplateError, match="list filter's input"):
