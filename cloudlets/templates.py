@@ -53,7 +53,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Self
@@ -65,6 +65,7 @@ from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.nodes import Concat, Dict, For, List, Node, Tuple
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from cloudlets.errors import TemplateError
 
@@ -157,7 +158,9 @@ class _RenderTimeout(Exception):
 
 def _estimate(value: Any, budget: int) -> int:
     """Characters ``str(value)`` would produce, counted no further than
-    ``budget`` + 1 (so a huge nested structure costs little to reject)."""
+    ``budget`` + 1 (so a huge nested structure costs little to reject): a
+    container's, a dict view's and a :class:`~jinja2.utils.Namespace`'s
+    content included."""
     if isinstance(value, (str, bytes)):
         return len(value)
     if isinstance(value, (int, float, bool)) or value is None:
@@ -172,7 +175,11 @@ def _estimate(value: Any, budget: int) -> int:
             total += 2 + 2 * len(item)
             stack.extend(item.keys())
             stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
+        elif isinstance(item, Namespace):  # its repr holds its attributes' reprs
+            total += 13
+            stack.append(object.__getattribute__(item, "_Namespace__attrs"))
+        elif isinstance(item, Collection) and not isinstance(item, range):
+            # lists, tuples, sets and the views d.keys(), d.values(), d.items()
             total += 2 + 2 * len(item)
             stack.extend(item)
         else:

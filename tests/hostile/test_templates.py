@@ -76,6 +76,10 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
      "output exceeds", {}),
     # 4 million words split in C: the address-space limit stops it (on a busy
     # machine, the deadline may come first)
+    ("namespace-repr", "{% set s = 'x' * 4000000 %}{% set ns = namespace(l=[s] * 1000) %}{{ ns }}",
+     "printing a value", {}),
+    ("dict-view-repr", "{% set d = {'a': ['x' * 4000000] * 1000} %}{{ d.values()|string }}",
+     "string filter's input", {}),
     ("title-in-c", "{{ ('a ' * 2000000)|title|length }}", "max_memory_bytes|longer than", {}),
     # CPU-heavy integer operations
     ("int-pow-floordiv", "{{ 9**9999999 // 7 }}", "bits", {}),
