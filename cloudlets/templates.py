@@ -452,7 +452,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 if isinstance(arg, int) and abs(arg) > self.limits.max_output_bytes:
                     self._check_size(abs(arg), f"{type(owner).__name__}.{name}({arg})")
         result = super().call(context, obj, *args, **kwargs)
-        self._check_result(result, f"{name or 'the call'}()")
+        what = f"{name or 'the call'}()"
+        self._check_result(result, what)
+        if isinstance(owner, (str, bytes)) and isinstance(result, (list, tuple)):
+            # str.split() and its kind build each item anew: a million of them
+            self.built_bytes.add(sum(map(sys.getsizeof, result)), what)
         return result
 
     def _check_string_method(self, owner: str | bytes, name: str, args: tuple[Any, ...]) -> None:

@@ -80,6 +80,9 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
      "printing a value", {}),
     ("dict-view-repr", "{% set d = {'a': ['x' * 4000000] * 1000} %}{{ d.values()|string }}",
      "string filter's input", {}),
+    ("split-results", "{% set s = 'ab ' * 1333333 %}{% set ns = namespace(l=[]) %}"
+     "{% for i in range(100) %}{% set ns.l = [ns.l, s.split()] %}{% endfor %}",
+     "max_built_bytes", {}),
     ("title-in-c", "{{ ('a ' * 2000000)|title|length }}", "max_memory_bytes|longer than", {}),
     # CPU-heavy integer operations
     ("int-pow-floordiv", "{{ 9**9999999 // 7 }}", "bits", {}),
