@@ -361,29 +361,41 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                               "allowed (TemplateLimits.max_range)")
 
     def _check_printf(self, fmt: str, args: Any) -> None:
+        conversions = 0
         for match in _WIDTH.finditer(fmt):
+            conversions += 1
             for number in match.groups():
                 if number == "*":
                     raise _LimitError("'*' widths are not allowed in % formatting")
                 if number is not None:
                     self._check_size(int(number), "a % format width")
-        self._check_size(len(fmt) + _estimate(args, self.limits.max_output_bytes),
-                         "% formatting")
+        if isinstance(args, Mapping):  # '%(a)s%(a)s' may print one value many times
+            values: Iterable[Any] = args.values()
+        elif isinstance(args, tuple):
+            values = args
+        else:
+            values = (args,)
+        self._check_size(len(fmt) + self._largest(values) * conversions, "% formatting")
+
+    def _largest(self, values: Iterable[Any]) -> int:
+        """The estimated size of the largest of ``values``."""
+        budget = self.limits.max_output_bytes
+        return max((_estimate(value, budget) for value in values), default=0)
 
     def _check_format(self, fmt: str, args: Iterable[Any]) -> None:
         try:
             fields = list(string.Formatter().parse(fmt))
         except ValueError:
             return  # str.format reports the error itself
-        for _, _, spec, _ in fields:
+        replaced = 0
+        for _, name, spec, _ in fields:
             if spec and "{" in spec:
                 raise _LimitError("nested replacement fields are not allowed in format specs")
             for number in _NUMBER.findall(spec or ""):
                 self._check_size(int(number), "a format width")
-        total = len(fmt)
-        for arg in args:
-            total += _estimate(arg, self.limits.max_output_bytes)
-        self._check_size(total, "str.format")
+            replaced += name is not None
+        # '{0}{0}{0}' prints one argument as many times as it is named
+        self._check_size(len(fmt) + self._largest(args) * replaced, "str.format")
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         """Check ``*``, ``**``, ``+``, ``-``, ``%``, ``//`` before they run

@@ -53,6 +53,8 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("list-times", "{{ [0, 1] * 10**9 }}", "would produce", {}),
     ("format-padding", "{{ '{:>999999999}'.format(1) }}", "format width", {}),
     ("printf-padding", "{{ '%999999999s' % 'x' }}", "% format width", {}),
+    ("format-repeats", "{{ ('{0}' * 100).format('x' * 4000000)|length }}", "str.format", {}),
+    ("printf-repeats", "{{ ('%(a)s' * 100) % {'a': 'x' * 4000000} }}", "% formatting", {}),
     ("printf-precision", "{{ '%.999999999f' % 1.5 }}", "% format width", {}),
     ("zfill", "{{ '1'.zfill(10**9) }}", "str.zfill()", {}),
     ("to-bytes", "{{ (1).to_bytes(10**9, 'big')|length }}", "int.to_bytes", {}),
