@@ -53,6 +53,7 @@ from cloudlets.rootfs import ArchivePolicy
 if TYPE_CHECKING:
     from cloudlets.signing import ProvenanceKey, Signer, TrustPolicy
     from cloudlets.signing.trust import SignatureSource
+    from cloudlets.templates import TemplateLimits
 from cloudlets.urls import redact
 
 __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_output"]
@@ -113,6 +114,8 @@ class Renderer:
     :param provenance_key: when set, every render writes a signed
         provenance (:mod:`cloudlets.signing.provenance`) beside its
         artifacts; :meth:`prepare` may be given another one per call.
+    :param ex_template_limits: what a cloudlet's templates may cost (size,
+        memory, time); :class:`~cloudlets.templates.TemplateLimits` defaults.
     """
 
     def __init__(self, cache_dir: str | Path | None = None, presets: Presets | None = None,
@@ -123,6 +126,7 @@ class Renderer:
                  ex_archive_policy: ArchivePolicy | None = None,
                  ex_cache_max_bytes: int | None = None,
                  ex_fetcher: Fetcher | None = None,
+                 ex_template_limits: TemplateLimits | None = None,
                  trust: TrustPolicy | None = None,
                  provenance_key: ProvenanceKey | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -136,6 +140,7 @@ class Renderer:
         self.allow_file_urls = ex_allow_file_urls
         self.archive_policy = ex_archive_policy or ArchivePolicy()
         self.cache_max_bytes = ex_cache_max_bytes
+        self.template_limits = ex_template_limits
         self.fetcher = ex_fetcher or Fetcher(policy=UrlPolicy(allow_file=ex_allow_file_urls))
         self._mirror_rules = MirrorRules.from_config(self.mirrors, source="renderer")
         epoch = ex_source_date_epoch
@@ -364,7 +369,8 @@ class Renderer:
             with tree:
                 with self._stage(run, "templates"):
                     rendered = render_templates(tree, manifest, config,
-                                                mirror=rules.template_function())
+                                                mirror=rules.template_function(),
+                                                limits=self.template_limits)
                 run.details["rootfs"] = plan.rootfs_details(tree, rendered)
                 with self._stage(run, plan.stage):
                     disk = plan.build(tree, rendered)
