@@ -15,6 +15,7 @@ requests.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -155,11 +156,11 @@ class ServiceClient:
         """
         return self._call("DELETE", f"/v1/images/{quote(image_id, safe='')}")
 
-    def formats(self) -> list[dict[str, Any]]:
+    def formats(self) -> builtins.list[dict[str, Any]]:
         """:returns: the formats the service offers."""
         return list(self._call("GET", "/v1/formats")["formats"])
 
-    def targets(self) -> list[dict[str, Any]]:
+    def targets(self) -> builtins.list[dict[str, Any]]:
         """:returns: the storage targets the service has."""
         return list(self._call("GET", "/v1/targets")["targets"])
 
@@ -167,7 +168,7 @@ class ServiceClient:
 
     def _call(self, method: str, path: str, *, json_body: Any = None,
               params: Mapping[str, str] | None = None,
-              headers: Mapping[str, str] | None = None) -> Any:
+              headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             response = self._session.request(
                 method, self.url + path, json=json_body, params=params,
@@ -209,13 +210,14 @@ class CloudletsServiceNodeDriver(NodeDriver):  # type: ignore[misc]
     def __init__(self, key: str, *, ex_url: str, ex_format: str = "qcow2",
                  ex_target: str = "local", ex_timeout: float = 30.0,
                  ex_wait_timeout: float = 3600.0) -> None:
-        super().__init__(key)
+        super().__init__(key)  # type: ignore[no-untyped-call]
         self.ex_client = ServiceClient(ex_url, key, timeout=ex_timeout)
         self.ex_format = ex_format
         self.ex_target = ex_target
         self.ex_wait_timeout = ex_wait_timeout
 
-    def create_image(self, node: Node | Mapping[str, Any] | str | Path,
+    def create_image(  # type: ignore[override]
+                     self, node: Node | Mapping[str, Any] | str | Path,
                      name: str | None = None, description: str | None = None, *,
                      ex_config: Mapping[str, Any] | None = None,
                      ex_format: str | None = None, ex_target: str | None = None,
