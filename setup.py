@@ -69,7 +69,7 @@ setup(
     extras_require={
         "service": SERVICE,
         "test": TEST + SERVICE,
-        "docs": DOCS,
+        "docs": DOCS + SERVICE,  # the API reference imports cloudlets.service.app
         "lint": LINT,
         "dev": TEST + SERVICE + DOCS + LINT,
     },

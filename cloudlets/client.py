@@ -248,8 +248,12 @@ class CloudletsServiceNodeDriver(NodeDriver):  # type: ignore[misc]
 
     def list_images(self, location: Any = None, *, ex_status: str | None = "ready",
                     ex_name: str | None = None) -> list[NodeImage]:
-        """:returns: the tenant's images (ready ones unless ``ex_status``
-        says otherwise; ``None`` for every listed status)."""
+        """The tenant's images.
+
+        :param ex_status: only this status (default ``ready``; ``None``: every
+            listed status).
+        :param ex_name: only this manifest name.
+        :returns: the images."""
         return [self._node_image(image)
                 for image in self.ex_client.list(status=ex_status, name=ex_name)]
 

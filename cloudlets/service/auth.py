@@ -37,8 +37,10 @@ class Authenticator:
         self._tenants = [(bytes.fromhex(t.token_sha256), t) for t in tenants.values()]
 
     def tenant(self, authorization: str | None) -> TenantSettings | None:
-        """:returns: the tenant the header's token belongs to, or ``None``
-        (no header, another scheme, or an unknown token)."""
+        """The tenant of a header's token.
+
+        :returns: the tenant, or ``None`` (no header, another scheme, or an
+            unknown token)."""
         if not authorization or authorization[:len(_BEARER)].lower() != _BEARER:
             return None
         presented = hashlib.sha256(

@@ -456,8 +456,10 @@ class RenderJobs:
         return deleted, owner
 
     def progress(self, entry_id: str) -> dict[str, Any] | None:
-        """:returns: ``{"stage": ..., "fraction": ...}`` of a render in
-        flight here, or ``None``."""
+        """The progress of a render in flight here.
+
+        :returns: ``{"stage": ..., "fraction": ..., "stage_fraction": ...}``,
+            or ``None``."""
         with self._lock:
             found = self._progress.get(entry_id)
             return dict(found) if found else None

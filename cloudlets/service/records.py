@@ -73,8 +73,10 @@ class ServiceRecords:
                          (entry_id, tenant, target, time.time()))
 
     def owner(self, entry_id: str) -> Owner | None:
-        """:returns: the entry's owner, or ``None`` when the service did not
-        make it (an image rendered by the CLI into the same catalog)."""
+        """The owner of an entry.
+
+        :returns: the owner, or ``None`` when the service did not make it
+            (an image rendered by the CLI into the same catalog)."""
         with self._connect() as conn:
             row = conn.execute("SELECT entry_id, tenant, target FROM owners WHERE entry_id = ?",
                                (entry_id,)).fetchone()
@@ -91,8 +93,9 @@ class ServiceRecords:
         return {row[0]: Owner(*row) for row in rows}
 
     def idempotent(self, tenant: str, key: str) -> tuple[str, str] | None:
-        """:returns: ``(request digest, entry id)`` recorded for a tenant's
-        ``Idempotency-Key``, or ``None``."""
+        """What a tenant's ``Idempotency-Key`` answered.
+
+        :returns: ``(request digest, entry id)``, or ``None``."""
         with self._connect() as conn:
             row = conn.execute("SELECT request_digest, entry_id FROM idempotency "
                                "WHERE tenant = ? AND key = ?", (tenant, key)).fetchone()
