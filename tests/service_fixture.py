@@ -10,6 +10,7 @@ test is this checkout's) and waits, within :data:`STARTUP_TIMEOUT`, until
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import io
@@ -138,6 +139,22 @@ def start_service(directory: Path, config: str, *, tokens: dict[str, str] | None
             pytest.fail(f"cloudlets serve did not answer in {STARTUP_TIMEOUT} s:\n"
                         f"{service.output()}")
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def serving(directory: Path, config: str, tokens: dict[str, str]) -> Iterator[Service]:
+    """A service for a block of tests: stopped cleanly at the end (exit code
+    0), with no token, traceback nor internal error in its log."""
+    running = start_service(directory, config, tokens=tokens)
+    try:
+        yield running
+    finally:
+        code = running.stop()
+        log = running.output()
+        assert code == 0, log
+        for token in tokens.values():
+            assert token not in log
+        assert "Traceback" not in log and "internal error" not in log, log
 
 
 class TarballServer:

@@ -20,6 +20,7 @@ from tests.service_fixture import (
     Service,
     TarballServer,
     served_cloudlet,
+    serving,
     start_service,
     tarballs,
 )
@@ -79,17 +80,9 @@ only_hosts = ["127.0.0.1"]
 def service(tmp_path_factory: pytest.TempPathFactory,
             tarballs: TarballServer) -> Iterator[Service]:
     tarballs.gate.set()
-    running = start_service(tmp_path_factory.mktemp("service") / "etc",
-                            service_config(tarballs), tokens=TOKENS)
-    try:
+    with serving(tmp_path_factory.mktemp("service") / "etc", service_config(tarballs),
+                 TOKENS) as running:
         yield running
-    finally:
-        code = running.stop()
-        log = running.output()
-        assert code == 0, log
-        for token in TOKENS.values():
-            assert token not in log
-        assert "Traceback" not in log, log
 
 
 def create(service: Service, tenant: str, manifest: dict[str, Any], *,

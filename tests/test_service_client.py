@@ -23,7 +23,7 @@ from tests.service_fixture import (
     TarballServer,
     free_port,
     served_cloudlet,
-    start_service,
+    serving,
     tarballs,
 )
 from tests.test_service import TOKENS, service_config
@@ -37,12 +37,9 @@ __all__ = ["tarballs"]
 def service(tmp_path_factory: pytest.TempPathFactory,
             tarballs: TarballServer) -> Iterator[Service]:
     tarballs.gate.set()
-    running = start_service(tmp_path_factory.mktemp("client") / "etc",
-                            service_config(tarballs, per_tenant=8), tokens=TOKENS)
-    try:
+    with serving(tmp_path_factory.mktemp("client") / "etc",
+                 service_config(tarballs, per_tenant=8), TOKENS) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_client_creates_waits_lists_and_deletes(service: Service,

@@ -32,7 +32,7 @@ from tests.service_fixture import (  # noqa: E402
     Service,
     TarballServer,
     served_cloudlet,
-    start_service,
+    serving,
     tarballs,
 )
 from tests.test_service import TOKENS, service_config  # noqa: E402
@@ -53,21 +53,15 @@ schema.config.generation.update(modes=list(schemathesis.GenerationMode))
 def fuzzed(tmp_path_factory: pytest.TempPathFactory,
            tarballs: TarballServer) -> Iterator[Service]:
     tarballs.gate.set()
-    running = start_service(tmp_path_factory.mktemp("fuzz") / "etc",
-                            service_config(tarballs, per_tenant=50), tokens=TOKENS)
-    # a real image, so the fuzzed ids have one to miss and the lists one to show
-    created = running.call("POST", "/v1/images", "alice", json={
-        "manifest": served_cloudlet(tarballs, "fuzzed", "1.0"), "format": "tar",
-        "target": "local"})
-    assert created.status_code == 202, created.text
-    running.wait_image(created.json()["id"], "alice")
-    try:
+    with serving(tmp_path_factory.mktemp("fuzz") / "etc",
+                 service_config(tarballs, per_tenant=50), TOKENS) as running:
+        # a real image, so the fuzzed ids have one to miss and the lists one to show
+        created = running.call("POST", "/v1/images", "alice", json={
+            "manifest": served_cloudlet(tarballs, "fuzzed", "1.0"), "format": "tar",
+            "target": "local"})
+        assert created.status_code == 202, created.text
+        running.wait_image(created.json()["id"], "alice")
         yield running
-    finally:
-        code = running.stop()
-        log = running.output()
-        assert code == 0, log
-        assert "internal error" not in log, log
 
 
 @schema.parametrize()

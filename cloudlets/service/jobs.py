@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from cloudlets.catalog import IN_FLIGHT, CatalogEntry, ClaimState, ImageStatus
+from cloudlets.drivers.base import FormatDriver
 from cloudlets.errors import CatalogError, CloudletsError, FetchError, Problem
 from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.images import Images
@@ -35,7 +36,13 @@ from cloudlets.jsondoc import JSONSyntaxError, parse_json
 from cloudlets.manifest import MAX_MANIFEST_BYTES
 from cloudlets.progress import ProgressCallback
 from cloudlets.renderer import STAGES, Renderer
-from cloudlets.service.config import FetchSettings, ServiceConfig, Target, TenantSettings
+from cloudlets.service.config import (
+    FetchSettings,
+    FormatSettings,
+    ServiceConfig,
+    Target,
+    TenantSettings,
+)
 from cloudlets.service.errors import (
     BadRequest,
     Conflict,
@@ -382,7 +389,7 @@ class RenderJobs:
                                       headers={"Retry-After": "5"})
             mine.add(reservation)
         try:
-            fmt = settings.build(request.format_options)
+            fmt = self._format(settings, request.format_options)
             claim = self.images.submit(
                 dict(request.manifest), self._output(tenant, target, request),
                 target.driver, fmt, dict(request.config))
@@ -510,6 +517,19 @@ class RenderJobs:
         return data
 
     # -- internals ----------------------------------------------------------------
+
+    @staticmethod
+    def _format(settings: FormatSettings, options: Mapping[str, Any]) -> FormatDriver:
+        """The format driver with a request's options; a driver that refuses
+        them in its own way (a ``ValueError`` of a bad number) is a bad
+        request too."""
+        try:
+            return settings.build(options)
+        except CloudletsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a third-party driver's own errors
+            raise BadRequest(f"format {settings.name!r} refused the format options: "
+                             f"{type(exc).__name__}: {exc}", error="ConfigurationError") from None
 
     @staticmethod
     def _allowed(tenant: TenantSettings, operation: str) -> None:
