@@ -405,3 +405,22 @@ def test_a_killed_service_reports_its_render_failed_after_a_restart(
         assert image["status"] == "failed" and image["error"]["type"] == "OwnerLost", image
     finally:
         second.stop()
+
+
+def test_a_failed_render_of_invalid_input_lists_its_problems(tmp_path: Path) -> None:
+    from cloudlets.catalog import ImageCatalog, RenderRequest
+    from cloudlets.errors import ConfigError, Problem
+    from cloudlets.service.app import image_view
+
+    catalog = ImageCatalog(tmp_path / "catalog.sqlite3")
+    request = RenderRequest(manifest_name="web", manifest_version="1", manifest_digest="d",
+                            config_digest="c", format="tar", storage="local", output="o/")
+    entry = catalog.claim(request).entry
+    failed = catalog.fail(entry.entry_id, ConfigError(
+        [Problem("/ip/interfaces/0/address", "not an address"), Problem("", "bad")]))
+    view = image_view(failed, None, None, lambda text: text.replace("address", "***"))
+    assert view["status"] == "failed" and view["progress"] is None
+    assert view["error"]["type"] == "ConfigError"
+    assert view["error"]["problems"] == [
+        {"pointer": "/ip/interfaces/0/***", "message": "not an ***"},
+        {"pointer": "", "message": "bad"}]

@@ -101,7 +101,9 @@ def image_view(entry: CatalogEntry, owner: Owner | None,
             progress = {"stage": "prepare", "fraction": 0.0, "stage_fraction": None}
     error = None
     if entry.error is not None or entry.status is ImageStatus.FAILED:
-        error = {"type": entry.error_type, "message": scrub(entry.error or "")}
+        message = scrub(entry.error or "")
+        error = {"type": entry.error_type, "message": message,
+                 "problems": _problems(message) if entry.error_type in _PROBLEM_ERRORS else []}
     return {
         "id": entry.entry_id,
         "status": str(entry.status),
@@ -123,6 +125,17 @@ def image_view(entry: CatalogEntry, owner: Owner | None,
         "started_at": data["started_at"],
         "finished_at": data["finished_at"],
     }
+
+
+#: Error classes whose message lists problems, one ``  /pointer: message`` a line.
+_PROBLEM_ERRORS = frozenset({"ManifestError", "ConfigError", "LockedKeyError"})
+_PROBLEM_LINE = re.compile(r"^  (/\S*): (.*)$", re.MULTILINE)
+
+
+def _problems(message: str) -> list[dict[str, str]]:
+    """The problem list of a recorded invalid-input error, from its message."""
+    return [{"pointer": "" if pointer == "/" else pointer, "message": text}
+            for pointer, text in _PROBLEM_LINE.findall(message)]
 
 
 def _flag_names(flags: Any) -> list[str]:

@@ -293,9 +293,9 @@ class _Reader:
         self.unknown(service, "service", {"listen", "data_dir", "cache_dir", "workers",
                                           "shutdown_grace", "formats"})
         listen = self.listen(service)
-        data_dir = self.path(service, "service.data_dir", "data_dir", "state")
-        cache_dir = self.path(service, "service.cache_dir", "cache_dir", None) \
-            or data_dir / "cache"
+        data_dir = self.path(service, "data_dir", "state")
+        cache_dir = self.path(service, "cache_dir", None) if "cache_dir" in service \
+            else data_dir / "cache"
         workers = self.number(service, "service", "workers", 2, int, 1, 64)
         grace = self.number(service, "service", "shutdown_grace", 30.0, float, 0.0, 3600.0)
         limits = self.limits()
@@ -594,13 +594,11 @@ class _Reader:
             return default
         return float(value)
 
-    def path(self, table: Mapping[str, Any], where: str, key: str,
-             default: str | None) -> Path:
-        value = table.get(key, default)
-        if value is None:
-            return None  # type: ignore[return-value]
+    def path(self, service: Mapping[str, Any], key: str, default: str | None) -> Path:
+        """A path of the ``[service]`` table, relative to the file."""
+        value = service.get(key, default)
         if not isinstance(value, str) or not value:
-            self.problem(where, "must be a path")
+            self.problem(f"service.{key}", "must be a path")
             value = default or "."
         return (self.base / value).resolve()
 

@@ -109,8 +109,11 @@ def _schemas() -> dict[str, Any]:
                                    "description": "part of the stage done, when known"}},
         },
         "ImageError": {
-            "type": "object", "required": ["type", "message"],
-            "properties": {"type": _NULLABLE_STRING, "message": _NULLABLE_STRING},
+            "type": "object", "required": ["type", "message", "problems"],
+            "properties": {"type": _NULLABLE_STRING, "message": _NULLABLE_STRING,
+                           "problems": {"type": "array", "items": _ref("Problem"),
+                                        "description": "for invalid input: each problem "
+                                                       "and its JSON pointer"}},
         },
         "Image": {
             "type": "object",
