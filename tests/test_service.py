@@ -31,7 +31,8 @@ pytest.importorskip("uvicorn", reason="pip install cloudlets[service]")
 __all__ = ["tarballs"]  # the fixture, imported for this module
 
 TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef",
-          "reader": "reader-token-0123456789abcdef", "ops": "ops-token-0123456789abcdef"}
+          "reader": "reader-token-0123456789abcdef", "ops": "ops-token-0123456789abcdef",
+          "carol": "carol-token-0123456789abcdef"}
 STAGES = {"queued", "prepare", "fetch", "rootfs", "templates", "disk", "tree", "convert",
           "store", "publish", "done"}
 
@@ -70,6 +71,10 @@ operations = ["read"]
 [tenants.ops]
 token_env = "CLOUDLETS_TOKEN_OPS"
 admin = true
+[tenants.carol]
+token_env = "CLOUDLETS_TOKEN_CAROL"
+[tenants.carol.fetch]
+only_hosts = ["mirror.invalid"]    # carol's own policy: not the loopback tarball server
 [fetch]
 allow_hosts = ["{server.host}"]
 only_hosts = ["127.0.0.1"]
@@ -243,6 +248,23 @@ def test_a_refused_tarball_url_fails_the_render_naming_the_rule(
     assert failed["status"] == "failed"
     assert failed["error"]["type"] == "FetchError"
     assert "policy" in failed["error"]["message"]
+
+
+def test_a_tenants_own_url_policy_applies_to_its_renders(service: Service,
+                                                          tarballs: TarballServer) -> None:
+    manifest = served_cloudlet(tarballs, "carols", "1.0")
+    (tarballs.root / "carols.json").write_text(json.dumps(manifest))
+    image = create(service, "carol", manifest).json()
+    failed = service.wait_image(image["id"], "carol")
+    assert failed["status"] == "failed" and failed["error"]["type"] == "FetchError"
+    assert "policy" in failed["error"]["message"]
+    refused = service.call("POST", "/v1/images", "carol", json={
+        "manifest_url": f"{tarballs.url}/carols.json", "format": "tar", "target": "local"})
+    assert_error(refused, 400, "FetchError")
+    assert not [path for path in tarballs.requests if "carols" in path]  # never asked
+    # the same cloudlet, another tenant: the service's policy allows it
+    assert service.wait_image(create(service, "alice", manifest).json()["id"],
+                              "alice")["status"] == "ready"
 
 
 def test_manifest_url_is_fetched_under_the_policy(service: Service,

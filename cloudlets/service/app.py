@@ -274,7 +274,7 @@ class _Api:
         assert parsed is not None
         try:
             if url is not None:
-                manifest = await run_in_threadpool(self.jobs.fetch_manifest, url)
+                manifest = await run_in_threadpool(self.jobs.fetch_manifest, tenant, url)
                 parsed = CreateRequest(manifest=manifest, format=parsed.format,
                                        target=parsed.target, config=parsed.config,
                                        format_options=parsed.format_options,

@@ -22,6 +22,7 @@ is refused with the key path of each problem (:class:`ServiceConfigError`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -146,6 +147,8 @@ class TenantSettings:
     :ivar admin: sees and deletes every tenant's images.
     :ivar operations: ``create``, ``read``, ``delete``.
     :ivar targets: the targets it may render to (``None``: all).
+    :ivar fetch: its own URL policy settings (``[tenants.NAME.fetch]``),
+        when it has one; else the service's apply.
     """
 
     name: str
@@ -153,6 +156,7 @@ class TenantSettings:
     admin: bool = False
     operations: frozenset[str] = OPERATIONS
     targets: frozenset[str] | None = None
+    fetch: FetchSettings | None = None
 
     def __repr__(self) -> str:  # the digest stays out of logs too
         return f"TenantSettings(name={self.name!r}, admin={self.admin})"
@@ -165,8 +169,8 @@ class FetchSettings:
     :ivar allow_hosts: ``host`` or ``host:port`` exceptions to the
         library's default policy (:class:`cloudlets.fetch.UrlPolicy`).
     :ivar only_hosts: when set, the only hosts a request may name (the
-        mirrors are added): a closed deployment, or a test that must not
-        reach past loopback.
+        provider's mirrors are added, ``allow_hosts`` are not): a closed
+        deployment, or a test that must not reach past loopback.
     :ivar schemes: allowed URL schemes (``file`` is never allowed here).
     :ivar max_redirects: redirects followed per request.
     :ivar connect_timeout: seconds to wait for a connection.
@@ -301,10 +305,10 @@ class _Reader:
         limits = self.limits()
         formats = self.formats(service)
         targets = self.targets()
-        tenants = self.tenants(targets)
+        fetch = self.fetch()
+        tenants = self.tenants(targets, fetch)
         presets = self.presets()
         mirrors = self.mirrors()
-        fetch = self.fetch()
         if self.problems:
             raise ServiceConfigError(self.problems, self.source)
         return ServiceConfig(
@@ -428,7 +432,8 @@ class _Reader:
             result[name] = Target(name=name, driver=driver, prefix=prefix, options=shown)
         return result
 
-    def tenants(self, targets: Mapping[str, Target]) -> dict[str, TenantSettings]:
+    def tenants(self, targets: Mapping[str, Target],
+                fetch: FetchSettings) -> dict[str, TenantSettings]:
         tables = self.table("tenants")
         if not tables:
             self.problem("tenants", "at least one tenant is needed")
@@ -443,7 +448,9 @@ class _Reader:
                 self.problem(where, "must be a table")
                 continue
             self.unknown(table, where, {"token_env", "token_file", "token_sha256", "admin",
-                                        "operations", "targets"})
+                                        "operations", "targets", "fetch"})
+            own_fetch = self.tenant_fetch(table["fetch"], f"{where}.fetch", fetch) \
+                if "fetch" in table else None
             digest = self.token(table, where)
             admin = table.get("admin", False)
             if not isinstance(admin, bool):
@@ -470,7 +477,7 @@ class _Reader:
             seen[digest] = name
             result[name] = TenantSettings(
                 name=name, token_sha256=digest, admin=admin, operations=frozenset(operations),
-                targets=frozenset(allowed) if allowed is not None else None)
+                targets=frozenset(allowed) if allowed is not None else None, fetch=own_fetch)
         return result
 
     def token(self, table: Mapping[str, Any], where: str) -> str | None:
@@ -527,8 +534,8 @@ class _Reader:
         table = self.table("fetch")
         self.unknown(table, "fetch", {"allow_hosts", "only_hosts", "schemes", "max_redirects",
                                       "connect_timeout", "read_timeout"})
-        allow = self.hosts(table, "allow_hosts")
-        only = self.hosts(table, "only_hosts") if "only_hosts" in table else None
+        allow = self.hosts(table, "fetch", "allow_hosts")
+        only = self.hosts(table, "fetch", "only_hosts") if "only_hosts" in table else None
         schemes = table.get("schemes", ["http", "https"])
         if not isinstance(schemes, list) or not set(schemes) <= {"http", "https"} \
                 or not schemes:
@@ -542,10 +549,22 @@ class _Reader:
             read_timeout=float(self.number(table, "fetch", "read_timeout", 60.0, float,
                                            0.1, 3600.0)))
 
-    def hosts(self, table: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    def tenant_fetch(self, table: Any, where: str, service: FetchSettings) -> FetchSettings:
+        """A tenant's own ``[tenants.NAME.fetch]``: its ``allow_hosts`` are
+        added to the service's, its ``only_hosts`` replace the service's."""
+        if not isinstance(table, dict):
+            self.problem(where, "must be a table")
+            return service
+        self.unknown(table, where, {"allow_hosts", "only_hosts"})
+        allow = service.allow_hosts + self.hosts(table, where, "allow_hosts")
+        only = self.hosts(table, where, "only_hosts") if "only_hosts" in table \
+            else service.only_hosts
+        return dataclasses.replace(service, allow_hosts=allow, only_hosts=only)
+
+    def hosts(self, table: Mapping[str, Any], where: str, key: str) -> tuple[str, ...]:
         value = table.get(key, [])
         if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
-            self.problem(f"fetch.{key}", "must be a list of host or host:port strings")
+            self.problem(f"{where}.{key}", "must be a list of host or host:port strings")
             return ()
         good = []
         for entry in value:
@@ -553,13 +572,13 @@ class _Reader:
                 or entry.startswith("[") else ("", "", "")
             host = (host or entry).strip("[]").lower()
             if port and not (port.isdigit() and 0 < int(port) < 65536):
-                self.problem(f"fetch.{key}", f"{entry!r}: bad port")
+                self.problem(f"{where}.{key}", f"{entry!r}: bad port")
                 continue
             try:
                 ipaddress.ip_address(host)
             except ValueError:
                 if not re.fullmatch(r"\.?[a-z0-9]([a-z0-9.-]*[a-z0-9])?", host):
-                    self.problem(f"fetch.{key}", f"{entry!r} is not a host name or address")
+                    self.problem(f"{where}.{key}", f"{entry!r} is not a host name or address")
                     continue
             good.append(entry.lower())
         return tuple(good)

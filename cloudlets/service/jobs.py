@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from cloudlets.catalog import IN_FLIGHT, CatalogEntry, ClaimState, ImageStatus
+from cloudlets.catalog import IN_FLIGHT, CatalogEntry, ClaimState, ImageCatalog, ImageStatus
 from cloudlets.drivers.base import FormatDriver
 from cloudlets.errors import CatalogError, CloudletsError, FetchError, Problem
 from cloudlets.fetch import Fetcher, UrlPolicy
@@ -264,7 +264,8 @@ def url_policy(settings: FetchSettings, mirrors: Iterable[Mapping[str, Any]] = (
 
     ``allow_hosts`` are passed as the policy's exceptions to its default
     rules (when this library's policy has them); ``only_hosts`` becomes the
-    policy's host allow-list, the mirrors' and ``allow_hosts``' hosts added.
+    policy's host allow-list, the mirrors' hosts added: an exception to the
+    default rules does not open a closed list.
     """
     mirror_hosts = [urlsplit(url).netloc.lower() for rule in mirrors
                     for url in rule.get("mirrors", []) if isinstance(url, str)]
@@ -273,7 +274,7 @@ def url_policy(settings: FetchSettings, mirrors: Iterable[Mapping[str, Any]] = (
                                "max_redirects": settings.max_redirects}
     if settings.only_hosts is not None:
         options["hosts"] = frozenset(_host(entry) for entry in
-                                     (*settings.only_hosts, *allowed))
+                                     (*settings.only_hosts, *mirror_hosts))
     if "allow_hosts" in {f.name for f in dataclasses.fields(UrlPolicy)}:
         options["allow_hosts"] = frozenset(allowed)
     return UrlPolicy(**options)
@@ -299,15 +300,13 @@ class RenderJobs:
     def __init__(self, config: ServiceConfig, *, executor: RenderExecutor | None = None,
                  metrics: Metrics | None = None) -> None:
         self.config = config
-        self.policy = url_policy(config.fetch, config.mirrors)
-        self.fetcher = Fetcher(policy=self.policy,
-                               connect_timeout=config.fetch.connect_timeout,
-                               read_timeout=config.fetch.read_timeout)
-        renderer = Renderer(cache_dir=config.cache_dir, presets=config.presets,
-                            mirrors=list(config.mirrors), data_dir=config.data_dir,
-                            work_dir=config.data_dir / "work", ex_fetcher=self.fetcher)
-        self.images = Images(renderer)
-        self.catalog = self.images.catalog
+        self.catalog = ImageCatalog(data_dir=config.data_dir)
+        #: The create-image operation under the service's URL policy ...
+        self.images = self._images(config.fetch)
+        #: ... and under the tenants' own (``[tenants.NAME.fetch]``).
+        self._tenant_images = {name: self._images(tenant.fetch)
+                               for name, tenant in config.tenants.items()
+                               if tenant.fetch is not None}
         self.records = ServiceRecords(config.data_dir / "service.sqlite3")
         self.executor: RenderExecutor = executor or InProcessPool(
             config.workers, config.limits.queue_length)
@@ -390,7 +389,7 @@ class RenderJobs:
             mine.add(reservation)
         try:
             fmt = self._format(settings, request.format_options)
-            claim = self.images.submit(
+            claim = self.images_for(tenant.name).submit(
                 dict(request.manifest), self._output(tenant, target, request),
                 target.driver, fmt, dict(request.config))
             entry = claim.entry
@@ -471,22 +470,28 @@ class RenderJobs:
             found = self._progress.get(entry_id)
             return dict(found) if found else None
 
-    def fetch_manifest(self, url: str) -> Mapping[str, Any]:
-        """Read a manifest from ``manifest_url`` under the service's URL
+    def images_for(self, tenant: str) -> Images:
+        """:returns: the create-image operation under the tenant's URL policy."""
+        return self._tenant_images.get(tenant, self.images)
+
+    def fetch_manifest(self, tenant: TenantSettings, url: str) -> Mapping[str, Any]:
+        """Read a manifest from ``manifest_url`` under the tenant's URL
         policy, checked again on every redirect.
 
         :raises BadRequest: when it is refused, unreachable or not a manifest.
         """
         import requests
 
+        fetcher = self.images_for(tenant.name).renderer.fetcher
+        policy, (connect_timeout, read_timeout) = fetcher.policy, fetcher.timeout
+
         shown = redact(url)
         current = url
         try:
-            for _ in range(self.policy.max_redirects + 1):
-                self.policy.check(current, "manifest_url")
+            for _ in range(policy.max_redirects + 1):
+                policy.check(current, "manifest_url")
                 with requests.get(current, stream=True, allow_redirects=False,
-                                  timeout=(self.config.fetch.connect_timeout,
-                                           self.config.fetch.read_timeout)) as response:
+                                  timeout=(connect_timeout, read_timeout)) as response:
                     if response.is_redirect:
                         current = urljoin(current, response.headers.get("Location", ""))
                         continue
@@ -497,7 +502,7 @@ class RenderJobs:
                     break
             else:
                 raise FetchError(f"manifest_url {shown}: more than "
-                                 f"{self.policy.max_redirects} redirects", url=shown)
+                                 f"{policy.max_redirects} redirects", url=shown)
         except FetchError as exc:
             raise BadRequest(str(exc), error="FetchError") from None
         except requests.RequestException as exc:
@@ -517,6 +522,17 @@ class RenderJobs:
         return data
 
     # -- internals ----------------------------------------------------------------
+
+    def _images(self, fetch: FetchSettings) -> Images:
+        """The create-image operation over the shared catalog, its renderer
+        fetching under ``fetch``'s URL policy."""
+        config = self.config
+        fetcher = Fetcher(policy=url_policy(fetch, config.mirrors),
+                          connect_timeout=fetch.connect_timeout, read_timeout=fetch.read_timeout)
+        renderer = Renderer(cache_dir=config.cache_dir, presets=config.presets,
+                            mirrors=list(config.mirrors), data_dir=config.data_dir,
+                            work_dir=config.data_dir / "work", ex_fetcher=fetcher)
+        return Images(renderer, self.catalog)
 
     @staticmethod
     def _format(settings: FormatSettings, options: Mapping[str, Any]) -> FormatDriver:
@@ -551,7 +567,7 @@ class RenderJobs:
         entry_id = task.entry_id
         status = "failed"
         try:
-            self.images.run(entry_id, self._reporter(entry_id))
+            self.images_for(task.tenant).run(entry_id, self._reporter(entry_id))
             status = "ready"
         except CloudletsError as exc:
             log.info("render %s failed: %s: %s", entry_id, type(exc).__name__, exc)
