@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
 
     from cloudlets.service.app import SecretFilter, create_app
     from cloudlets.service.auth import ensure_admin_token
-    from cloudlets.service.config import ServiceConfig
+    from cloudlets.service.config import ServiceConfig, ServiceConfigError, parse_listen
 
     if args.config is not None:
         if args.data_dir is not None:
@@ -68,6 +68,11 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
                       "sets it)\n")
         config = ServiceConfig.load(args.config, listen=args.listen)
     else:
+        if args.listen is not None:  # before anything is written
+            try:
+                parse_listen(args.listen)
+            except ValueError as exc:
+                raise ServiceConfigError([("--listen", str(exc))], "<command line>") from None
         data_dir = (args.data_dir or default_data_dir() / "service").resolve()
         token_file = data_dir / ADMIN_TOKEN_FILE
         digest = ensure_admin_token(token_file)
