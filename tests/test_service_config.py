@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -209,3 +210,37 @@ def test_start_service_helper_is_bounded(tmp_path: Path) -> None:
     """The fixture fails (not hangs) when the service exits at once."""
     with pytest.raises(pytest.fail.Exception, match="exited with 5"):
         start_service(tmp_path / "etc", "[service]\nworkers = 0\n")
+
+
+def test_the_in_process_pool_accounts_for_every_task_when_it_stops() -> None:
+    from cloudlets.service.jobs import InProcessPool, QueueFull, RenderTask
+
+    release = threading.Event()
+    ran: list[str] = []
+
+    def run(task: RenderTask) -> None:
+        ran.append(task.entry_id)
+        release.wait(5)
+
+    pool = InProcessPool(workers=2, queue_length=3)
+    pool.start(run)
+    tasks = [RenderTask(f"cat-{n}", "t", {}) for n in range(5)]
+    for task in tasks[:2]:
+        pool.submit(task)
+    deadline = time.monotonic() + 5
+    while len(ran) < 2:  # both workers busy
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for task in tasks[2:]:
+        pool.submit(task)
+    with pytest.raises(QueueFull):
+        pool.submit(RenderTask("cat-over", "t", {}))
+    assert pool.running() == 2 and pool.queued() == 3
+    report = pool.stop(grace=0.2)
+    release.set()
+    running = {t.entry_id for t in report.still_running}
+    never = {t.entry_id for t in report.never_started}
+    assert running == set(ran) and len(never) == 3
+    assert running | never == {t.entry_id for t in tasks}
+    with pytest.raises(QueueFull, match="stopping"):
+        pool.submit(tasks[0])

@@ -199,8 +199,13 @@ class _Api:
             raise BadRequest(f"the body is not usable JSON: {type(exc).__name__}",
                              error="JSONSyntaxError") from None
 
-    def parse_create(self, data: Any) -> tuple[CreateRequest | None, str | None]:
-        """:returns: the request (or ``None`` and the manifest URL to fetch first)."""
+    def parse_create(self, data: Any) -> tuple[CreateRequest, str | None]:
+        """Check a ``POST /v1/images`` body, reporting every problem at once.
+
+        :returns: the request, and the ``manifest_url`` to fetch its
+            manifest from (``None`` when the body holds the manifest).
+        :raises BadRequest: with a problem per bad member.
+        """
         problems: list[Problem] = []
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object", problems=[
@@ -271,7 +276,6 @@ class _Api:
         if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
             raise BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters")
         parsed, url = self.parse_create(await self.body(request))
-        assert parsed is not None
         try:
             if url is not None:
                 manifest = await run_in_threadpool(self.jobs.fetch_manifest, tenant, url)

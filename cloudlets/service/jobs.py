@@ -191,6 +191,7 @@ class InProcessPool:
         self._idle = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._returned: list[RenderTask] = []
 
     def start(self, run: Callable[[RenderTask], None]) -> None:
         """Start the worker threads."""
@@ -222,19 +223,24 @@ class InProcessPool:
             return len(self._running)
 
     def stop(self, grace: float) -> StopReport:
-        """Stop taking tasks; wait up to ``grace`` seconds for running ones."""
+        """Stop taking tasks; wait up to ``grace`` seconds for running ones.
+        The idle workers are let go before the queue is emptied, so a task
+        one of them took meanwhile is among those never started."""
         self._stopping.set()
-        never: list[RenderTask] = []
-        while True:
-            try:
-                never.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
         deadline = time.monotonic() + grace
         with self._idle:
             while self._running and time.monotonic() < deadline:
                 self._idle.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
             still = tuple(self._running.values())
+        idle_by = time.monotonic() + 1.0  # an idle worker wakes every 0.2 s
+        for thread in self._threads:
+            thread.join(timeout=max(idle_by - time.monotonic(), 0.0))
+        never = list(self._returned)
+        while True:
+            try:
+                never.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
         return StopReport(never_started=tuple(never), still_running=still)
 
     def _work(self, run: Callable[[RenderTask], None]) -> None:
@@ -244,8 +250,8 @@ class InProcessPool:
             except queue.Empty:
                 continue
             with self._lock:
-                if self._stopping.is_set():  # stop() drained the queue meanwhile
-                    self._queue.put_nowait(task)
+                if self._stopping.is_set():  # not started: stop() reports it
+                    self._returned.append(task)
                     return
                 self._running[task.entry_id] = task
             try:
