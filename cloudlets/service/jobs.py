@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -307,6 +308,12 @@ class RenderJobs:
                  metrics: Metrics | None = None) -> None:
         self.config = config
         self.catalog = ImageCatalog(data_dir=config.data_dir)
+        # The catalog opens a connection per call; were each the last one
+        # open, its close would checkpoint the WAL (fsyncs) every time. One
+        # held open for the service's life keeps the checkpoints to SQLite's
+        # own schedule: POST went from 50 ms to a few ms on a loaded disk.
+        self._keeper = sqlite3.connect(self.catalog.path, check_same_thread=False)
+        self._keeper.execute("SELECT count(*) FROM sqlite_master").fetchone()  # maps the WAL
         #: The create-image operation under the service's URL policy ...
         self.images = self._images(config.fetch)
         #: ... and under the tenants' own (``[tenants.NAME.fetch]``).
@@ -354,6 +361,8 @@ class RenderJobs:
             self.catalog.fail(task.entry_id, f"the service stopped while this render ran "
                                              f"(it had {grace:g} s to finish)",
                               error_type=SERVICE_STOPPED)
+        self.records.close()
+        self._keeper.close()
         return report
 
     # -- the operations ------------------------------------------------------------
