@@ -108,14 +108,11 @@ class Target:
     :ivar prefix: the location every image's own directory goes under, in
         the driver's syntax (``""`` under a local root,
         ``s3://bucket/images/``).
-    :ivar options: the driver's options as shown to clients: secret ones
-        left out.
     """
 
     name: str
     driver: StorageDriver
     prefix: str
-    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -426,10 +423,7 @@ class _Reader:
                 self.problem(f"{where}.driver", f"storage {driver_name!r} cannot delete: "
                                                 "DELETE /v1/images/{id} needs it")
                 continue
-            shown = {k: v for k, v in raw.items()
-                     if not k.endswith(("_env", "_file")) and k in options
-                     and options[k] not in self.secrets}
-            result[name] = Target(name=name, driver=driver, prefix=prefix, options=shown)
+            result[name] = Target(name=name, driver=driver, prefix=prefix)
         return result
 
     def tenants(self, targets: Mapping[str, Target],
