@@ -474,7 +474,7 @@ class RenderJobs:
         target = self.config.targets.get(owner.target) if owner else None
         deleted = self.images.delete(entry.entry_id,
                                      storage=target.driver if target else None)
-        return deleted, owner
+        return deleted.entry, owner
 
     def progress(self, entry_id: str) -> dict[str, Any] | None:
         """The progress of a render in flight here.
