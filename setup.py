@@ -1,11 +1,15 @@
 """cloudlets: render portable server images from a manifest and a root
 filesystem tarball."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+# The version, read from its own module without importing the package.
+VERSION = re.findall(r'^__version__ = "([^"]+)"$',
+                     (HERE / "cloudlets" / "version.py").read_text(encoding="utf-8"), re.M)[0]
 
 TEST = [
     "pytest>=8",
@@ -16,8 +20,29 @@ TEST = [
     "fasteners>=0.19",
     "boto3>=1.34",
     "werkzeug>=3",
+    # The service's tests: its API fuzzed from its own OpenAPI document.
+    "schemathesis>=4",
+    # schemathesis' and Starlette's HTTP client.
+    "httpx>=0.27",
     "setuptools>=68",
     "wheel>=0.42",
+    # an independent DSSE implementation the provenance tests verify our
+    # envelopes with (not our own code checking itself)
+    "securesystemslib>=1.0",
+]
+# `cloudlets serve`, the REST rendering service (cloudlets/service/).
+SERVICE = [
+    # The ASGI framework: routing, requests and responses, lifespan, and
+    # nothing else. Not FastAPI: the request body embeds a cloudlet manifest,
+    # which the library validates with its own JSON schema and JSON-pointer
+    # problems; pydantic models would validate it a second time and answer 422
+    # in another shape. The OpenAPI document is written out (docs/openapi.json).
+    "starlette>=0.37",
+    # The ASGI server: graceful stop on SIGTERM, then the app's lifespan
+    # shutdown, where renders in flight are finished or failed.
+    "uvicorn>=0.29",
+    # GET /metrics in the Prometheus text format.
+    "prometheus-client>=0.20",
 ]
 DOCS = ["sphinx>=7.2"]
 # Exact linter versions: a newer ruff or mypy adds rules and turns CI red
@@ -26,7 +51,7 @@ LINT = ["ruff==0.17.6", "mypy==2.4.1", "types-requests", "types-jsonschema"]
 
 setup(
     name="cloudlets",
-    version="0.1.0",
+    version=VERSION,
     description="Render portable server images (raw, qcow2, OVF/OVA, Xen, VHD, EC2) "
                 "from a manifest and a root filesystem tarball, rootless",
     long_description=(HERE / "README.rst").read_text(encoding="utf-8"),
@@ -40,6 +65,10 @@ setup(
         "requests>=2.31",
         "jinja2>=3.1",
         "jsonschema>=4.21",
+        # Regular expressions from manifests (volatile paths, argument
+        # patterns): RE2 matches in linear time, where re's backtracking
+        # takes 30 s for (a+)+$ on a 41-character value.
+        "google-re2>=1.1",
         "cryptography>=42",
         # zstd-compressed rootfs tarballs: the standard library has no zstd
         # before Python 3.14, and the bindings stream in constant memory.
@@ -49,10 +78,11 @@ setup(
         "isal>=1.6",
     ],
     extras_require={
-        "test": TEST,
-        "docs": DOCS,
+        "service": SERVICE,
+        "test": TEST + SERVICE,
+        "docs": DOCS + SERVICE,  # the API reference imports cloudlets.service.app
         "lint": LINT,
-        "dev": TEST + DOCS + LINT,
+        "dev": TEST + SERVICE + DOCS + LINT,
     },
     entry_points={
         "console_scripts": ["cloudlets = cloudlets.cli:entry_point"],

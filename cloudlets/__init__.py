@@ -9,6 +9,8 @@ The public surface::
     print(result.image_id, result.primary.location)
 """
 
+import logging
+
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import FormatDriver, StorageDriver, StoredArtifact
 from cloudlets.drivers.providers import get_driver, list_drivers, set_driver
@@ -23,10 +25,12 @@ from cloudlets.errors import (
     DriverNotFoundError,
     FetchError,
     FormatError,
+    ImageNotFoundError,
     IntegrityError,
     LockedKeyError,
     ManifestError,
     RenderError,
+    SignatureError,
     StageNotAvailableError,
     StorageError,
     TemplateError,
@@ -35,8 +39,11 @@ from cloudlets.errors import (
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
+from cloudlets.version import __version__
 
-__version__ = "0.1.0"
+# The library never prints: without a handler of the application's, its
+# warnings go nowhere rather than to Python's last-resort stderr handler.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "CacheError",
@@ -51,6 +58,7 @@ __all__ = [
     "FormatCapability",
     "FormatDriver",
     "FormatError",
+    "ImageNotFoundError",
     "IntegrityError",
     "LockedKeyError",
     "Manifest",
@@ -60,6 +68,7 @@ __all__ = [
     "RenderError",
     "RenderResult",
     "Renderer",
+    "SignatureError",
     "StageNotAvailableError",
     "Storage",
     "StorageCapability",

@@ -6,10 +6,13 @@ Exit codes (also in ``cloudlets --help``):
 0      success
 1      internal error (a bug: please report it)
 2      usage error (bad options)
-3      invalid input (manifest, render config, tarball, template)
+3      invalid input (manifest, render config, tarball, template, signature)
 4      render failure (download, disk, format, storage)
 5      setup problem (missing tool, optional dependency or driver)
+6      cache verify found a corrupted entry
+7      not found (no image with that id)
 130    interrupted (SIGINT); nothing half-written is left
+141    the reader of the output went away (SIGPIPE)
 143    terminated (SIGTERM); nothing half-written is left
 =====  ==========================================================
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import os
 import signal
 import sys
 import threading
@@ -27,31 +32,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from cloudlets import __version__
 from cloudlets.catalog import ClaimState
 from cloudlets.catalog.records import INTERRUPTIONS
 from cloudlets.cli_output import EscapingWriter, print_artifacts, print_json
+from cloudlets.cli_sign import add_render_options, print_signing, render_signing
 from cloudlets.config import Presets, load_config_file, set_dotted
 from cloudlets.drivers.base import FormatDriver, StorageDriver
-from cloudlets.drivers.providers import get_driver, list_drivers, make_driver
+from cloudlets.drivers.providers import (
+    entry_point_report,
+    get_driver,
+    list_drivers,
+    make_driver,
+)
 from cloudlets.drivers.types import DriverKind
 from cloudlets.errors import (
     CatalogError,
     CloudletsError,
     ConfigError,
     ConfigurationError,
+    ImageNotFoundError,
     IntegrityError,
     ManifestError,
     Problem,
+    SignatureError,
     TemplateError,
     Terminated,
     UnsafeArchiveError,
 )
 from cloudlets.images import Images
+from cloudlets.jsondoc import JSONSyntaxError, parse_json_or_string
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
 from cloudlets.urls import redact
+from cloudlets.version import __version__
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -61,27 +75,38 @@ EXIT_USAGE = 2
 EXIT_INVALID_INPUT = 3
 EXIT_RENDER_FAILED = 4
 EXIT_SETUP = 5
+#: ``cloudlets cache verify`` found a corrupted entry (cli_cache.EXIT_CORRUPT).
+EXIT_CORRUPT = 6
+EXIT_NOT_FOUND = 7
 #: A command stopped by SIGINT or SIGTERM exits as a shell reports it: 128 + the signal.
 EXIT_INTERRUPTED = 128 + 2
 EXIT_TERMINATED = 128 + 15
+#: The reader of the command's output went away.
+EXIT_BROKEN_PIPE = 128 + 13
 
 #: Exit code → meaning, as documented.
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_INTERNAL: "internal error (a bug: please report it)",
     EXIT_USAGE: "usage error (bad options)",
-    EXIT_INVALID_INPUT: "invalid input (manifest, render config, tarball, template)",
+    EXIT_INVALID_INPUT: "invalid input (manifest, render config, tarball, template, signature)",
     EXIT_RENDER_FAILED: "render failure (download, disk, format, storage)",
     EXIT_SETUP: "setup problem (missing tool, optional dependency or driver)",
+    EXIT_CORRUPT: "cache verify found a corrupted entry",
+    EXIT_NOT_FOUND: "not found (no image with that id)",
     EXIT_INTERRUPTED: "interrupted (SIGINT); nothing half-written is left",
+    EXIT_BROKEN_PIPE: "the reader of the output went away (SIGPIPE)",
     EXIT_TERMINATED: "terminated (SIGTERM); nothing half-written is left",
 }
 
-_INVALID_INPUT = (ManifestError, ConfigError, UnsafeArchiveError, TemplateError, IntegrityError)
+_INVALID_INPUT = (ManifestError, ConfigError, UnsafeArchiveError, TemplateError, IntegrityError,
+                  SignatureError)
 
 
 def exit_code_for(error: CloudletsError) -> int:
     """:returns: the documented exit code for an error."""
+    if isinstance(error, ImageNotFoundError):
+        return EXIT_NOT_FOUND
     if isinstance(error, _INVALID_INPUT):
         return EXIT_INVALID_INPUT
     if isinstance(error, ConfigurationError):
@@ -110,11 +135,15 @@ def parse_set(items: Sequence[str], into: dict[str, Any] | None = None) -> dict[
         if not sep or not key:
             raise ConfigError([Problem("", f"--set {item!r}: expected KEY=VALUE")], "--set")
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+            value = parse_json_or_string(raw)
+        except JSONSyntaxError as exc:
+            raise ConfigError([_quote_hint(exc.problem)], f"--set {key.strip()}") from None
         set_dotted(result, key.strip(), value)
     return result
+
+
+def _quote_hint(problem: Problem) -> Problem:
+    return Problem(problem.pointer, f"{problem.message} (quote a JSON string to pass text)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -122,10 +151,18 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cloudlets", description="Render portable server images.",
                      epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cloudlets {__version__}")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
     common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="machine-readable output")
+    for target, default in ((parser, None), (common, argparse.SUPPRESS)):
+        extra: dict[str, Any] = {} if default is None else {"default": default}
+        target.add_argument("--json", action="store_true", help="machine-readable output",
+                            **extra)
+        target.add_argument("-v", "--verbose", action="count",
+                            **({"default": 0} if default is None else extra),
+                            help="log more (-v: info, -vv: debug)")
+        target.add_argument("-q", "--quiet", action="store_true", **extra,
+                            help="log errors only")
+        target.add_argument("--log-level", choices=_LOG_LEVELS, type=str.lower, **extra,
+                            help="log level of the cloudlets loggers (default: warning)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -171,6 +208,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="render without recording the image in the catalog")
     render.add_argument("--catalog", type=Path, metavar="PATH",
                         help="the catalog database (default: $CLOUDLETS_HOME/catalog.sqlite3)")
+    render.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
+                        help="progress on stderr: a bar on a terminal (auto), always a bar, "
+                             "JSON lines, or none")
     render.add_argument("--wait-timeout", type=float, default=3600.0, metavar="SECONDS",
                         help="how long to wait for the same render in flight in another "
                              "process (default: 3600)")
@@ -181,6 +221,7 @@ def _build_parser() -> argparse.ArgumentParser:
     render.add_argument("--storage-option", "-S", dest="storage_options", action="append",
                         default=[], metavar="KEY=VALUE",
                         help="an argument of the storage driver, e.g. ex_acl=private")
+    add_render_options(render)  # --allowed-signers, --require-signature, --provenance-key...
     render.set_defaults(handler=_cmd_render)
 
     drivers = sub.add_parser("drivers", parents=[common],
@@ -193,10 +234,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_extensions() -> list[Callable[[Any], None]]:
-    """Subcommands that live beside their stage (``cache``, ``images``)."""
+    """Subcommands that live beside their stage (``cache``, ``images``, ``serve``)."""
     found: list[Callable[[Any], None]] = []
     for module, function in (("cloudlets.cli_cache", "add_cache_parser"),
-                             ("cloudlets.cli_images", "add_images_parser")):
+                             ("cloudlets.cli_images", "add_images_parser"),
+                             ("cloudlets.cli_sign", "add_sign_parsers"),
+                             ("cloudlets.cli_serve", "add_serve_parser")):
         try:
             loaded = __import__(module, fromlist=[function])
         except ImportError:
@@ -289,21 +332,24 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
             raise ConfigError([Problem("", f"--mirror {redact(item)!r}: expected PREFIX=URL")],
                               "--mirror")
         mirrors.append({"prefix": prefix, "mirrors": [target]})
+    signing = render_signing(args)
     renderer = Renderer(cache_dir=args.cache_dir, presets=presets, mirrors=mirrors,
                         ex_allow_file_urls=args.allow_file_urls,
-                        ex_allow_hosts=args.allow_hosts)
+                        ex_allow_hosts=args.allow_hosts, trust=signing["trust"],
+                        provenance_key=signing["provenance_key"])
     fmt = make_driver(DriverKind.FORMAT, args.format,
                       **_options(args.format_options, "--format-option"))
     storage = make_driver(DriverKind.STORAGE, args.storage,
                           **_options(args.storage_options, "--storage-option"))
-    progress = _progress_callback()
+    progress = _progress_callback(args.progress)
     if args.no_catalog:
         result = renderer.render(args.manifest, args.output, storage=storage,
                                  format=fmt, config=request, progress=progress,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, signature=signing["signature"])
         existing = None
     else:
-        result, existing = _render_recorded(args, renderer, storage, fmt, request, progress)
+        result, existing = _render_recorded(args, renderer, storage, fmt, request, progress,
+                                            signing["signature"])
     if args.json:
         data = result.to_dict()
         if existing is not None:
@@ -319,6 +365,7 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"rendered {result.manifest_name} {result.manifest_version or ''} as "
               f"{result.format} to {result.storage}: image {result.image_id}\n")
     print_artifacts(out, result.artifacts)
+    print_signing(out, result.details)
     total = sum(result.timings.values())
     out.write(f"  took {total:.2f} s (" + ", ".join(
         f"{k} {v:.2f}" for k, v in result.timings.items()) + ")\n")
@@ -332,7 +379,8 @@ class _Recorded:
 
 
 def _render_recorded(args: argparse.Namespace, renderer: Renderer, storage: Any, fmt: Any,
-                     request: dict[str, Any], progress: Any) -> tuple[RenderResult, _Recorded]:
+                     request: dict[str, Any], progress: Any,
+                     signature: str | None = None) -> tuple[RenderResult, _Recorded]:
     """Render through the create-image operation, recording the image in the
     catalog. The same request rendered before is shown, not rendered again;
     the same request in flight in another process is waited for, up to
@@ -340,7 +388,8 @@ def _render_recorded(args: argparse.Namespace, renderer: Renderer, storage: Any,
     images = Images(renderer, args.catalog)
     for _ in range(2):
         claim = images.submit(args.manifest, args.output, storage, fmt, request,
-                              force=args.force, overwrite=args.overwrite)
+                              force=args.force, overwrite=args.overwrite,
+                              signature=signature)
         if claim.state is ClaimState.CLAIMED:
             entry = images.run(claim.entry.entry_id, progress)
             return entry.to_result(), _Recorded(entry.entry_id, existing=False)
@@ -367,20 +416,24 @@ def _options(items: Sequence[str], flag: str) -> dict[str, Any]:
         if not sep or not key.strip().isidentifier():
             raise ConfigError([Problem("", f"{flag} {item!r}: expected KEY=VALUE")], flag)
         try:
-            options[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key.strip()] = raw
+            options[key.strip()] = parse_json_or_string(raw)
+        except JSONSyntaxError as exc:
+            raise ConfigError([_quote_hint(exc.problem)], f"{flag} {key.strip()}") from None
     return options
 
 
-def _progress_callback() -> Any:
-    from cloudlets.progress import terminal_progress
+def _progress_callback(kind: str = "auto") -> Any:
+    from cloudlets.progress import JsonProgress, TerminalProgress
 
-    return terminal_progress(sys.stderr)
+    if kind == "json":
+        return JsonProgress(sys.stderr)
+    if kind == "none":
+        return None
+    return TerminalProgress(sys.stderr, enabled=True if kind == "bar" else None)
 
 
 def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
-    report: dict[str, list[dict[str, Any]]] = {}
+    report: dict[str, Any] = {}
     kind: DriverKind
     for kind in DriverKind:
         rows: list[dict[str, Any]] = []
@@ -396,17 +449,25 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
             rows.append({"name": name, "available": True, "description": cls.description,
                          "capabilities": flags, "class": f"{cls.__module__}.{cls.__name__}"})
         report[str(kind)] = rows
+    points = {str(kind): entry_point_report(kind) for kind in DriverKind}
     if args.json:
-        print_json(out, report)
+        print_json(out, {**report, "entry_points": points})
         return EXIT_OK
     for kind_name, rows in report.items():
         out.write(f"{kind_name} drivers:\n")
+        width = max((len(row["name"]) for row in rows), default=0)
         for row in rows:
             if row["available"]:
                 caps = ",".join(str(c) for c in row["capabilities"]).lower() or "-"
-                out.write(f"  {row['name']:<10} {row['description']}  [{caps}]\n")
+                out.write(f"  {row['name']:<{width}}  {row['description']}  [{caps}]\n")
             else:
-                out.write(f"  {row['name']:<10} unavailable: {row['error']}\n")
+                out.write(f"  {row['name']:<{width}}  unavailable: {row['error']}\n")
+    listed = [(kind_name, row) for kind_name, found in points.items() for row in found]
+    if listed:
+        out.write("entry points:\n")
+        for kind_name, row in listed:
+            out.write(f"  {kind_name} {row['name']} = {row['value']} ({row['package']}): "
+                      f"{row['status']}\n")
     return EXIT_OK
 
 
@@ -433,7 +494,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     as_json = getattr(args, "json", False)
     try:
-        with _terminate_on_sigterm():
+        with _terminate_on_sigterm(), _logging_to(errors, _log_level(args)):
             return int(args.handler(args, out if as_json else _escaping(out)))
     except CloudletsError as exc:
         code = exit_code_for(exc)
@@ -454,6 +515,42 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
 
 def _escaping(stream: TextIO) -> TextIO:
     return cast(TextIO, EscapingWriter(stream))
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if getattr(args, "log_level", None):
+        return int(getattr(logging, args.log_level.upper()))
+    if getattr(args, "quiet", False):
+        return logging.ERROR
+    verbose = getattr(args, "verbose", 0) or 0
+    return {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+
+
+@contextlib.contextmanager
+def _logging_to(stream: TextIO, level: int) -> Iterator[None]:
+    """Send the library's log records (it never prints) to ``stream`` while a
+    command runs, as ``cloudlets: warning: ...``."""
+    logger = logging.getLogger("cloudlets")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_LevelFormatter("cloudlets: %(levelname)s: %(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        copy = logging.makeLogRecord(record.__dict__)  # other handlers keep theirs
+        copy.levelname = record.levelname.lower()
+        return super().format(copy)
 
 
 @contextlib.contextmanager
@@ -477,5 +574,20 @@ def _terminate_on_sigterm() -> Iterator[None]:
 
 
 def entry_point() -> None:
-    """Console script entry point."""
-    sys.exit(main())
+    """Console script entry point.
+
+    A reader that goes away (``cloudlets images --json | head -1``) ends the
+    command quietly with 141 (128 + SIGPIPE), as other Unix tools end, not
+    with a traceback. SIGPIPE itself keeps Python's handling, so a closed
+    upload connection is an error the storage driver reports.
+    """
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Nothing more can be written; keep the interpreter's final flush quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)

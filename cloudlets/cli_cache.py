@@ -18,7 +18,8 @@ from cloudlets.progress import format_bytes, terminal_progress
 
 __all__ = ["EXIT_CORRUPT", "add_cache_parser", "parse_size"]
 
-#: Exit code of ``cloudlets cache verify`` when it found a corrupted entry.
+#: Exit code of ``cloudlets cache verify`` when it found a corrupted entry
+#: (listed with the others in :data:`cloudlets.cli.EXIT_CODES`).
 EXIT_CORRUPT = 6
 
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,

@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
-from cloudlets.catalog import CatalogEntry, ImageCatalog, ImageStatus
+from cloudlets.catalog import CatalogEntry, ImageCatalog, ImageStatus, default_catalog_path
 from cloudlets.cli_output import print_artifacts, print_json
+from cloudlets.errors import ImageNotFoundError
 from cloudlets.images import Images
 
 __all__ = ["add_images_parser"]
@@ -60,7 +61,15 @@ def add_images_parser(subparsers: Any) -> None:
 
 
 def _catalog(args: argparse.Namespace) -> ImageCatalog:
-    return ImageCatalog(args.catalog)
+    """The catalog, which must exist: looking up an image creates no state.
+
+    :raises ImageNotFoundError: when there is no catalog at all.
+    """
+    catalog = ImageCatalog.open_existing(args.catalog)
+    if catalog is None:
+        raise ImageNotFoundError(f"no image {args.id!r}: there is no catalog at "
+                                 f"{args.catalog or default_catalog_path()}")
+    return catalog
 
 
 def _images(args: argparse.Namespace) -> Images:
@@ -70,17 +79,20 @@ def _images(args: argparse.Namespace) -> Images:
 
 
 def _cmd_images(args: argparse.Namespace, out: TextIO) -> int:
-    catalog = _catalog(args)
-    catalog.reap_stale()  # a render whose process died shows as failed, not rendering
-    statuses = args.status or (None if args.all else [s for s in ImageStatus
-                                                        if s not in HIDDEN])
-    entries = catalog.entries(name=args.name, version=args.manifest_version, statuses=statuses)
+    catalog = ImageCatalog.open_existing(args.catalog)  # none yet: nothing is created
+    path = catalog.path if catalog is not None else (args.catalog or default_catalog_path())
+    entries: list[CatalogEntry] = []
+    if catalog is not None:
+        catalog.reap_stale()  # a render whose process died shows as failed, not rendering
+        statuses = args.status or (None if args.all else [s for s in ImageStatus
+                                                            if s not in HIDDEN])
+        entries = catalog.entries(name=args.name, version=args.manifest_version,
+                                  statuses=statuses)
     if getattr(args, "json", False):
-        print_json(out, {"catalog": str(catalog.path),
-                          "images": [e.to_dict() for e in entries]})
+        print_json(out, {"catalog": str(path), "images": [e.to_dict() for e in entries]})
         return 0
     if not entries:
-        out.write(f"no images in {catalog.path}\n")
+        out.write(f"no images in {path}\n")
         return 0
     rows = [("NAME", "VERSION", "IMAGE", "STATUS", "FORMAT", "STORAGE", "MANIFEST DIGEST",
              "CREATED")]
@@ -108,18 +120,27 @@ def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
-    entry = _images(args).delete(args.id)
+    deleted = _images(args).delete(args.id)
+    entry = deleted.entry
     warning = None
     if entry.published:
         warning = (f"{entry.format} published this image as {entry.image_id}; it stays "
                    "registered with the provider: deregister it with the provider's driver")
     if getattr(args, "json", False):
         data = entry.to_dict()
-        data["warning"] = warning
+        data.update(warning=warning, removed=list(deleted.removed),
+                    not_found=list(deleted.missing), already_deleted=deleted.already)
         print_json(out, data)
         return 0
+    if deleted.already:
+        out.write(f"{entry.ref} ({_version_label(entry)}) was already {entry.status}; "
+                  "nothing removed\n")
+        return 0
     out.write(f"deleted {entry.ref} ({_version_label(entry)}): "
-              f"{len(entry.artifacts)} artifact(s) removed from {entry.storage}\n")
+              f"{len(deleted.removed)} artifact(s) removed from {entry.target or entry.storage}"
+              + (f", {len(deleted.missing)} not found" if deleted.missing else "") + "\n")
+    for location in deleted.missing:
+        out.write(f"  not found: {location}\n")
     if warning:
         out.write(f"  warning: {warning}\n")
     return 0

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from libcloud.compute.base import Node, NodeDriver, NodeImage  # type: ignore[import-untyped]
+from libcloud.compute.base import Node, NodeDriver, NodeImage
 
 from cloudlets.catalog import IN_FLIGHT, CatalogEntry, ImageCatalog, ImageStatus
 from cloudlets.config import Presets
@@ -129,20 +129,19 @@ class CloudletsImages:
     def entries(self) -> list[CatalogEntry]:
         """:returns: the ready images this setup's format and storage made."""
         return self.catalog.entries(statuses=[ImageStatus.READY], format=self.format.name,
-                                    storage=self.storage.name)
+                                    target=self.storage.target)
 
     def find(self, image_id: str) -> CatalogEntry | None:
         """:returns: the ready image with this id, if this setup made it."""
-        entry = self.catalog.find_ready(image_id)
-        if entry is None or entry.format != self.format.name \
-                or entry.storage != self.storage.name:
+        entry = self.catalog.find_ready(image_id, target=self.storage.target)
+        if entry is None or entry.format != self.format.name:
             return None
         return entry
 
     def delete(self, entry: CatalogEntry) -> CatalogEntry:
         """Delete a rendered image's artifacts with the configured storage
         driver and mark its entry deleted."""
-        return self.images.delete(entry.entry_id, storage=self.storage)
+        return self.images.delete(entry.entry_id, storage=self.storage).entry
 
     @staticmethod
     def node_image(entry: CatalogEntry, driver: Any) -> NodeImage:
@@ -199,7 +198,7 @@ class CloudletsImages:
         the format published it (deregister the AMI), then its artifacts
         through the storage driver; the catalog entry is marked deleted.
         Another image goes to the driver's own ``delete_image``."""
-        entry = self.catalog.find_ready(image.id)
+        entry = self.find(image.id)
         if entry is None:
             candidate = self._deleting(image.id)
             if candidate is None:
@@ -211,7 +210,9 @@ class CloudletsImages:
         return True
 
     def _deleting(self, image_id: str) -> CatalogEntry | None:
-        for entry in self.catalog.entries(statuses=[ImageStatus.DELETING]):
+        for entry in self.catalog.entries(statuses=[ImageStatus.DELETING,
+                                                    ImageStatus.DELETE_FAILED],
+                                          format=self.format.name, target=self.storage.target):
             if entry.image_id == image_id:
                 return entry
         return None
@@ -240,9 +241,14 @@ class CloudletsImageMixin:
                      description: str | None = None, *,
                      ex_config: Mapping[str, Any] | None = None, ex_output: str | None = None,
                      ex_force: bool = False, ex_progress: ProgressCallback | None = None,
-                     **kwargs: Any) -> NodeImage:
+                     **kwargs: Any) -> Any:
         """Create an image from a node (libcloud's meaning: delegated to the
         driver) or render one from a cloudlet manifest.
+
+        Typed ``Any``: libcloud annotates ``NodeDriver.create_image`` as
+        returning ``List[NodeImage]`` while its drivers return one
+        ``NodeImage``; ``Any`` keeps a subclass that mixes this in clean
+        under ``mypy --strict``.
 
         :param node: a :class:`~libcloud.compute.base.Node`, or a manifest (a
             :class:`~cloudlets.manifest.Manifest`, dict, JSON string, URL or path).
@@ -357,7 +363,7 @@ class CloudletsImageMixin:
         return self._cloudlets
 
 
-class CloudletsNodeDriver:
+class CloudletsNodeDriver(NodeDriver):
     """Wraps a ``NodeDriver`` instance you cannot subclass. The image
     methods are extended as in :class:`CloudletsImageMixin`; every other
     attribute is the wrapped driver's.
@@ -375,6 +381,10 @@ class CloudletsNodeDriver:
     :param ex_catalog: the catalog or its path.
     :param ex_wait_timeout: seconds to wait for the same render elsewhere.
     :param ex_poll_interval: seconds between looks at it.
+
+    It is a ``NodeDriver`` (``isinstance`` holds) whose every attribute but
+    its own image methods and ``ex_`` setup is the wrapped driver's: its
+    name, connection, features and methods.
     """
 
     def __init__(self, driver: NodeDriver, *, ex_format: FormatDriver | str,
@@ -384,6 +394,8 @@ class CloudletsNodeDriver:
                  ex_allow_hosts: Sequence[str] = (),
                  ex_catalog: ImageCatalog | str | Path | None = None,
                  ex_wait_timeout: float = 3600.0, ex_poll_interval: float = 0.5) -> None:
+        # NodeDriver.__init__ is not called: this driver has no connection
+        # of its own, the wrapped one's serves.
         if isinstance(driver, CloudletsNodeDriver | CloudletsImageMixin):
             raise ConfigurationError("the driver already renders cloudlets")
         self.ex_driver = driver
@@ -394,11 +406,12 @@ class CloudletsNodeDriver:
                                    wait_timeout=ex_wait_timeout,
                                    poll_interval=ex_poll_interval)
 
-    def __getattr__(self, name: str) -> Any:
-        # Only called for attributes this wrapper lacks.
-        if name == "ex_driver":
-            raise AttributeError(name)
-        return getattr(self.ex_driver, name)
+    def __getattribute__(self, name: str) -> Any:
+        # What NodeDriver's class attributes would answer (name, type,
+        # features, its methods) is the wrapped driver's.
+        if name.startswith("__") or name in _WRAPPER_OWN:
+            return object.__getattribute__(self, name)
+        return getattr(object.__getattribute__(self, "ex_driver"), name)
 
     def __repr__(self) -> str:
         return f"<CloudletsNodeDriver {self.ex_driver!r}>"
@@ -407,7 +420,7 @@ class CloudletsNodeDriver:
                      description: str | None = None, *,
                      ex_config: Mapping[str, Any] | None = None, ex_output: str | None = None,
                      ex_force: bool = False, ex_progress: ProgressCallback | None = None,
-                     **kwargs: Any) -> NodeImage:
+                     **kwargs: Any) -> Any:
         """As :meth:`CloudletsImageMixin.create_image`."""
         if isinstance(node, Node):
             native: Any = self.ex_driver.create_image
@@ -426,7 +439,8 @@ class CloudletsNodeDriver:
         """As :meth:`CloudletsImageMixin.ex_wait_image`."""
         return _wait_image(self.ex_cloudlets, image, timeout, self)
 
-    def list_images(self, location: Any = None, **kwargs: Any) -> list[NodeImage]:
+    def list_images(self, location: Any = None,
+                    **kwargs: Any) -> list[NodeImage]:
         """As :meth:`CloudletsImageMixin.list_images`."""
         return self.ex_cloudlets.list_images(self.ex_driver.list_images, self, location, kwargs)
 
@@ -437,6 +451,11 @@ class CloudletsNodeDriver:
     def delete_image(self, node_image: NodeImage) -> bool:
         """As :meth:`CloudletsImageMixin.delete_image`."""
         return self.ex_cloudlets.delete_image(self.ex_driver.delete_image, node_image)
+
+
+#: Attributes a :class:`CloudletsNodeDriver` answers itself.
+_WRAPPER_OWN = frozenset({"ex_driver", "ex_cloudlets",
+                          *(n for n in vars(CloudletsNodeDriver) if not n.startswith("__"))})
 
 
 # -- helpers --------------------------------------------------------------------

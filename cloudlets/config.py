@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from cloudlets.errors import ConfigError, LockedKeyError, Problem
 from cloudlets.jsondoc import (
+    MAX_JSON_DEPTH,
     JSONSyntaxError,
     digest,
+    document_problems,
     parse_json,
     pointer,
     schema_problems,
-    validate_subschema,
 )
+from cloudlets.userschema import validate_subschema
 
 if TYPE_CHECKING:
     from cloudlets.manifest import Manifest
@@ -35,7 +37,15 @@ __all__ = ["Presets", "RenderConfig", "load_config_file", "resolve_config", "set
 #: File name of the render config schema in ``cloudlets/schemas/``.
 SCHEMA_NAME = "config-v1.json"
 
+#: Largest render config or presets file accepted, in bytes.
+MAX_CONFIG_BYTES = 1024 * 1024
+#: The argument schema keyword that lets a string argument hold line breaks.
+MULTILINE_KEYWORD = "x-multiline"
+
 _INTERFACE_KEYS = ("name", "dhcp", "address", "prefix", "gateway", "mac", "mtu")
+# Control characters no config string may hold (tab and newline are allowed
+# in free text such as arguments; the typed keys' patterns refuse them).
+_CONTROL = frozenset(chr(c) for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F))
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -44,10 +54,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     :raises ConfigError: when it cannot be read or is not a JSON object.
     """
     try:
-        text = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            text = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([Problem("", f"cannot read: {exc.strerror or exc}")], str(path)) \
             from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([Problem("", f"larger than {MAX_CONFIG_BYTES} bytes")], str(path))
     try:
         data = parse_json(text)
     except JSONSyntaxError as exc:
@@ -62,10 +75,62 @@ def validate_config(data: Mapping[str, Any], source: str | None = None) -> None:
 
     :raises ConfigError: listing every problem.
     """
-    problems = schema_problems(dict(data), SCHEMA_NAME)
-    problems.extend(_interface_problems(data))
+    problems = document_problems(dict(data))
+    if not problems:
+        problems = schema_problems(dict(data), SCHEMA_NAME)
+        problems.extend(_interface_problems(data))
+        problems.extend(_control_problems(data))
     if problems:
         raise ConfigError(problems, source)
+
+
+def _strings(value: Any, path: tuple[str | int, ...]) -> Iterable[tuple[tuple[str | int, ...],
+                                                                       str]]:
+    """Every string in ``value`` (keys too), with its path (iterative)."""
+    stack = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            yield where, node
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                yield (*where, key), key
+                stack.append((child, (*where, key)))
+        elif isinstance(node, list):
+            stack.extend((child, (*where, i)) for i, child in enumerate(node))
+
+
+def _control_problems(data: Mapping[str, Any]) -> list[Problem]:
+    return [Problem(pointer(where), f"{text[:60]!r} holds a control character")
+            for where, text in _strings(dict(data), ()) if not _CONTROL.isdisjoint(text)]
+
+
+def _arg_problems(args: Mapping[str, Any], schemas: Mapping[str, Mapping[str, Any]], *,
+                  names_the_host: bool) -> list[Problem]:
+    """Each argument against its own schema (so its local ``$ref`` pointers
+    resolve inside it), line breaks refused unless the schema sets
+    ``"x-multiline": true``, and, when ``names_the_host`` (no ``hostname``
+    key is set), a ``hostname`` argument held to the host name rule."""
+    problems = validate_subschema(dict(args), {
+        "type": "object", "additionalProperties": False,
+        "properties": dict.fromkeys(schemas, True),
+        "required": sorted(n for n, s in schemas.items() if "default" not in s),
+    }, ["args"])
+    for name, value in args.items():
+        schema = schemas.get(name)
+        if schema is None:
+            continue
+        problems.extend(validate_subschema(value, schema, ["args", name]))
+        if schema.get(MULTILINE_KEYWORD) is not True:
+            problems.extend(
+                Problem(pointer(["args", *where]), f"{text[:60]!r} holds a line break (the "
+                        f"argument's schema allows them with \"{MULTILINE_KEYWORD}\": true)")
+                for where, text in _strings(value, (name,)) if "\n" in text or "\r" in text)
+    host = args.get("hostname")
+    if names_the_host and isinstance(host, str) and host:
+        problems.extend(Problem("/args" + p.pointer, p.message)
+                        for p in schema_problems({"hostname": host}, SCHEMA_NAME))
+    return problems
 
 
 def _interface_problems(data: Mapping[str, Any]) -> list[Problem]:
@@ -106,6 +171,8 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     if not all(parts):
         raise ConfigError([Problem("", f"{key!r} is not a dotted key")])
+    if len(parts) > MAX_JSON_DEPTH:
+        raise ConfigError([Problem("", f"{key[:60]!r}...: more than {MAX_JSON_DEPTH} levels")])
     node = data
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -270,12 +337,8 @@ def resolve_config(manifest: Manifest, presets: Presets | None = None,
     _deep_merge(merged, presets.values)
     _deep_merge(merged, request)
     validate_config(merged, "merged config")
-    problems = validate_subschema(merged.get("args", {}), {
-        "type": "object",
-        "properties": arg_schemas,
-        "required": sorted(n for n, s in arg_schemas.items() if "default" not in s),
-        "additionalProperties": False,
-    }, ["args"])
+    problems = _arg_problems(merged.get("args", {}), arg_schemas,
+                             names_the_host="hostname" not in merged)
     if problems:
-        raise ConfigError(problems, "render config")
+        raise ConfigError(problems)
     return RenderConfig(merged, manifest.name)

@@ -21,11 +21,13 @@ __all__ = [
     "DriverNotFoundError",
     "FetchError",
     "FormatError",
+    "ImageNotFoundError",
     "IntegrityError",
     "LockedKeyError",
     "ManifestError",
     "Problem",
     "RenderError",
+    "SignatureError",
     "StageNotAvailableError",
     "StorageError",
     "TemplateError",
@@ -74,10 +76,11 @@ class _ProblemsError(CloudletsError):
         self.problems = list(problems)
         self.source = source
         where = f" {source}" if source else ""
+        if len(self.problems) == 1:  # one line, as the command line prints it
+            super().__init__(f"invalid {self.what}{where}: {self.problems[0]}")
+            return
         lines = "\n".join(f"  {p}" for p in self.problems)
-        count = len(self.problems)
-        noun = "problem" if count == 1 else "problems"
-        super().__init__(f"invalid {self.what}{where} ({count} {noun}):\n{lines}")
+        super().__init__(f"invalid {self.what}{where} ({len(self.problems)} problems):\n{lines}")
 
 
 class ManifestError(_ProblemsError):
@@ -165,6 +168,10 @@ class CatalogError(CloudletsError):
         super().__init__(message)
 
 
+class ImageNotFoundError(CatalogError):
+    """No image (or catalog entry) has the id asked for."""
+
+
 class DiskError(CloudletsError):
     """Building the bootable disk failed."""
 
@@ -180,6 +187,29 @@ class StorageError(CloudletsError):
     def __init__(self, message: str, location: str | None = None) -> None:
         self.location = location
         super().__init__(message)
+
+
+class SignatureError(CloudletsError):
+    """A signature, a trust policy or a provenance envelope does not hold:
+    a manifest signed by nobody the policy trusts, a tampered manifest, an
+    expired or revoked key, a malformed signature, ``allowed_signers`` line
+    or envelope. Never carries key material or a passphrase.
+
+    :ivar reason: a short stable code a program can test: ``missing``,
+        ``malformed``, ``namespace``, ``mismatch``, ``unknown-key``,
+        ``revoked``, ``expired``, ``not-yet-valid``, ``algorithm``,
+        ``policy`` (an unusable ``allowed_signers`` or revocation file),
+        ``key`` (an unusable signing or verification key), ``subject`` (an
+        artifact its provenance does not name).
+    :ivar source: what was being checked (a path or a URL, credentials
+        redacted), when known.
+    """
+
+    def __init__(self, message: str, reason: str, source: str | None = None) -> None:
+        self.reason = reason
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{message}")
 
 
 class RenderError(CloudletsError):

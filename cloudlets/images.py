@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudlets.catalog import (
     IN_FLIGHT,
@@ -47,18 +47,45 @@ from cloudlets.catalog.leases import keep_lease
 from cloudlets.drivers.base import FormatDriver, StorageDriver, delete_locations
 from cloudlets.drivers.providers import driver_class_path, make_driver
 from cloudlets.drivers.types import DriverKind, StorageCapability
-from cloudlets.errors import CatalogError, CloudletsError, ConfigurationError, DriverNotFoundError
+from cloudlets.errors import (
+    CatalogError,
+    CloudletsError,
+    ConfigurationError,
+    DriverNotFoundError,
+    StorageError,
+)
 from cloudlets.progress import ProgressCallback
 from cloudlets.renderer import ManifestSource, Renderer, RenderJob
 from cloudlets.urls import redact
 
-__all__ = ["Images", "Withdraw", "expand_output", "storage_driver_for"]
+if TYPE_CHECKING:
+    from cloudlets.signing import ProvenanceKey, TrustPolicy
+    from cloudlets.signing.trust import SignatureSource
+
+__all__ = ["DeletedImage", "Images", "Withdraw", "expand_output", "storage_driver_for"]
 
 log = logging.getLogger(__name__)
 
 #: ``withdraw(image_id, label) -> bool``: deletes an image the provider
 #: registered (a superseded AMI) with the provider's own API.
 Withdraw = Callable[[str, str], bool]
+
+
+@dataclass(frozen=True)
+class DeletedImage:
+    """What :meth:`Images.delete` did.
+
+    :ivar entry: the entry, now deleted.
+    :ivar removed: artifact locations deleted.
+    :ivar missing: artifact locations the storage driver could not find
+        (deleted out of band, or a target that cannot see them).
+    :ivar already: the image had been deleted before; nothing was done.
+    """
+
+    entry: CatalogEntry
+    removed: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    already: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +129,9 @@ class Images:
                config: Mapping[str, Any] | None = None, *, label: str | None = None,
                force: bool = False, overwrite: bool = False,
                progress: ProgressCallback | None = None,
-               withdraw: Withdraw | None = None) -> CatalogEntry:
+               withdraw: Withdraw | None = None,
+               signature: SignatureSource | None = None, trust: TrustPolicy | None = None,
+               provenance_key: ProvenanceKey | None = None) -> CatalogEntry:
         """:meth:`submit`, then :meth:`run` when this call claimed the render.
 
         :returns: the ready entry; the existing ready entry of the same
@@ -111,7 +140,8 @@ class Images:
         :raises CloudletsError: what :meth:`submit` or :meth:`run` raised.
         """
         claim = self.submit(manifest, output, storage, format, config, label=label,
-                            force=force, overwrite=overwrite, withdraw=withdraw)
+                            force=force, overwrite=overwrite, withdraw=withdraw,
+                            signature=signature, trust=trust, provenance_key=provenance_key)
         if claim.state is not ClaimState.CLAIMED:
             return claim.entry
         return self.run(claim.entry.entry_id, progress)
@@ -120,7 +150,9 @@ class Images:
                storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
                config: Mapping[str, Any] | None = None, *, label: str | None = None,
                force: bool = False, overwrite: bool = False,
-               withdraw: Withdraw | None = None) -> Claim:
+               withdraw: Withdraw | None = None,
+               signature: SignatureSource | None = None, trust: TrustPolicy | None = None,
+               provenance_key: ProvenanceKey | None = None) -> Claim:
         """Resolve a request once and claim it in the catalog.
 
         :param manifest: a :class:`~cloudlets.manifest.Manifest`, dict, JSON
@@ -139,18 +171,27 @@ class Images:
         :param overwrite: replace artifacts the catalog does not know about.
         :param withdraw: deletes the provider's registration of an image this
             forced render supersedes (see :meth:`run`).
+        :param signature: the manifest's signature, or where to read it
+            (see :meth:`Renderer.prepare <cloudlets.renderer.Renderer.prepare>`).
+        :param trust: the trust policy for this request (a tenant's) instead
+            of the renderer's.
+        :param provenance_key: the provenance key for this request instead of
+            the renderer's.
         :returns: the :class:`~cloudlets.catalog.Claim`: ``CLAIMED`` (call
             :meth:`run` with its entry id), ``EXISTING`` (the ready image) or
             ``BUSY`` (the render in flight elsewhere).
         :raises CloudletsError: for invalid input or an unusable driver;
             nothing is recorded then.
         """
-        job = self.renderer.prepare(manifest, output, storage, format, config)
+        job = self.renderer.prepare(manifest, output, storage, format, config,
+                                    signature=signature, trust=trust,
+                                    provenance_key=provenance_key)
         request = RenderRequest(
             manifest_name=job.manifest.name, manifest_version=job.manifest.version,
             manifest_digest=job.manifest.digest, config_digest=job.config.digest,
             format=job.format.name, storage=job.storage.name, output=output,
-            label=label or job.manifest.label, storage_class=driver_class_path(job.storage))
+            label=label or job.manifest.label, storage_class=driver_class_path(job.storage),
+            target=job.storage.target)
         expanded = expand_output(output, request)
         if expanded != output:
             job = job.at(expanded)
@@ -221,40 +262,52 @@ class Images:
                     f"{entry.label} (pid {entry.owner_pid} on {entry.owner_host})", entry_id)
             time.sleep(min(poll_interval, left))
 
-    def delete(self, ref: str, *, storage: StorageDriver | None = None) -> CatalogEntry:
+    def delete(self, ref: str, *, storage: StorageDriver | None = None) -> DeletedImage:
         """Delete an image's artifacts through its storage driver and mark
         its record deleted. A failed entry (nothing stored) is just marked.
 
         The entry is ``deleting`` while its artifacts go: it is no longer
-        offered as ready, and if a deletion fails half-way (the error is
-        recorded) calling this again finishes it.
+        offered as ready. An artifact the driver cannot find is reported as
+        missing, not as removed. If a deletion fails, the entry is
+        ``delete_failed`` with what is left in its ``error``, and calling this
+        again finishes it.
 
         :param ref: image id or entry id.
-        :param storage: the storage driver to delete with; default rebuilt
-            from the entry's record (:func:`storage_driver_for`).
-        :returns: the deleted entry.
+        :param storage: the storage driver to delete with; it must be the
+            target the image was stored to. Default: rebuilt from the
+            entry's record (:func:`storage_driver_for`).
+        :returns: what was removed and what was not found.
         :raises CatalogError: for a render in flight, an unknown image, or a
-            driver that is not the one the image was stored with.
-        :raises StorageError: when an artifact cannot be deleted.
+            driver that is not the target the image was stored with.
+        :raises StorageError: when an artifact cannot be deleted (the entry
+            is then ``delete_failed``).
         """
         entry = self.catalog.get(ref)
         if entry.status in (ImageStatus.DELETED, ImageStatus.SUPERSEDED):
-            return entry
+            return DeletedImage(entry, already=True)
         driver = None
         if entry.artifacts:  # none while in flight: mark_deleting refuses those
             driver = storage if storage is not None else storage_driver_for(entry)
             if driver.name != entry.storage:
                 raise CatalogError(f"image {entry.ref} is stored with {entry.storage!r}, "
                                    f"not {driver.name!r}", entry.entry_id)
+            if storage is not None and entry.target and storage.target != entry.target:
+                raise CatalogError(f"image {entry.ref} is stored in the target "
+                                   f"{entry.target!r}, not {storage.target!r}", entry.entry_id)
         self.catalog.mark_deleting(entry.entry_id)
-        if driver is not None:
-            report = delete_locations(driver, [a.location for a in entry.artifacts])
-            if report.failed:
-                location, error = report.failed[0]
-                self.catalog.note_error(
-                    entry.entry_id, f"deletion incomplete: {redact(location)}: {error}")
-                raise error
-        return self.catalog.mark_deleted(entry.entry_id)
+        if driver is None:
+            return DeletedImage(self.catalog.mark_deleted(entry.entry_id))
+        report = delete_locations(driver, [a.location for a in entry.artifacts])
+        if report.failed:
+            location, error = report.failed[0]
+            summary = (f"{len(report.failed)} of {len(entry.artifacts)} artifact(s) of image "
+                       f"{entry.ref} could not be deleted ({redact(location)}: {error}); "
+                       f"{len(report.removed)} removed, {len(report.missing)} not found")
+            self.catalog.mark_delete_failed(entry.entry_id, f"deletion incomplete: {summary}")
+            raise StorageError(f"{summary}; the image is delete_failed: delete it again to "
+                               "finish", redact(location))
+        return DeletedImage(self.catalog.mark_deleted(entry.entry_id), removed=report.removed,
+                            missing=report.missing)
 
     # -- helpers ----------------------------------------------------------------
 

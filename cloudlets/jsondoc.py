@@ -1,37 +1,67 @@
 """Loading and validating JSON documents with every problem reported at once.
 
 Shared by the manifest and the render config: strict JSON parsing (line and
-column on syntax errors, duplicate keys and NaN refused), JSON Schema
-validation whose errors become :class:`~cloudlets.errors.Problem` objects
-with a JSON pointer and a plain message, and the canonical form digests are
-computed over.
+column on syntax errors; duplicate keys, non-finite numbers, huge integers and
+nesting deeper than :data:`MAX_JSON_DEPTH` refused, with a JSON pointer), JSON
+Schema validation whose errors become :class:`~cloudlets.errors.Problem`
+objects with a JSON pointer and a plain message, and the canonical form
+digests are computed over.
+
+Validation never reaches out and never backtracks: ``pattern``,
+``patternProperties`` and ``format: regex`` go through RE2
+(:mod:`cloudlets.patterns`), ``uniqueItems`` is linear, and ``$ref`` resolves
+through a registry that cannot retrieve anything (:data:`NO_RETRIEVAL`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
+import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
 from importlib import resources
 from typing import Any
 
-import jsonschema
-from jsonschema import Draft202012Validator, ValidationError
+import referencing
+import referencing.exceptions
+from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
 
-from cloudlets.errors import Problem
+from cloudlets.errors import CloudletsError, Problem
+from cloudlets.patterns import compile_pattern, pattern_problem
 from cloudlets.urls import redact_text
 
 __all__ = [
+    "FORMAT_CHECKER",
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_INTEGER",
+    "NO_RETRIEVAL",
+    "JSONLimitError",
+    "JSONSyntaxError",
+    "SafeValidator",
+    "StepBudgetExceeded",
     "canonical_json",
     "digest",
+    "document_problems",
     "load_schema",
     "parse_json",
+    "parse_json_or_string",
     "parse_size",
     "pointer",
+    "problem_of",
     "schema_problems",
+    "step_budget",
 ]
+
+#: Deepest nesting of arrays and objects accepted in a JSON input (the
+#: top-level object is depth 1).
+MAX_JSON_DEPTH = 64
+#: Largest magnitude of an integer accepted in a JSON input (int64).
+MAX_JSON_INTEGER = 2**63 - 1
+_MAX_INTEGER_DIGITS = len(str(MAX_JSON_INTEGER))
 
 _TYPE_NAMES = {
     "string": "a string",
@@ -52,10 +82,104 @@ class JSONSyntaxError(ValueError):
         super().__init__(str(problem))
 
 
+class JSONLimitError(JSONSyntaxError):
+    """Raised by :func:`parse_json` for well-formed JSON that is refused: a
+    non-finite number, an integer beyond :data:`MAX_JSON_INTEGER`, nesting
+    deeper than :data:`MAX_JSON_DEPTH`. The problem's pointer says where."""
+
+
+class _Refused:
+    """What the parser hooks put in place of a refused number, so that the
+    walk after parsing can name its pointer."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _parse_int(text: str) -> Any:
+    if len(text.lstrip("-")) > _MAX_INTEGER_DIGITS:  # never convert a huge one
+        return _Refused(f"integer with more than {_MAX_INTEGER_DIGITS} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> Any:
+    value = float(text)
+    return value if math.isfinite(value) else _Refused(f"{text[:40]} is not a finite number")
+
+
+def document_problems(data: Any, max_depth: int = MAX_JSON_DEPTH,
+                      limit: int = 10) -> list[Problem]:
+    """Check that ``data`` is a JSON document cloudlets can hold: only JSON
+    types (objects with string keys), Unicode strings (no lone surrogates),
+    finite numbers, integers within
+    :data:`MAX_JSON_INTEGER`, nesting within ``max_depth``. The walk is
+    iterative, so a hostile document cannot exhaust the stack.
+
+    :returns: up to ``limit`` problems, each with its JSON pointer.
+    """
+    problems: list[Problem] = []
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack and len(problems) < limit:
+        value, path = stack.pop()
+        kind = type(value)
+        if (kind in _PLAIN and (kind is not str or value.isascii())) \
+                or (kind is int and -MAX_JSON_INTEGER <= value <= MAX_JSON_INTEGER) \
+                or (kind is float and math.isfinite(value)):
+            continue
+        message = _value_problem(value)
+        if message is None and isinstance(value, (dict, list, tuple)):
+            if len(path) >= max_depth:
+                message = f"nested deeper than {max_depth} levels"
+            elif isinstance(value, dict):
+                bad = next((k for k in value if not isinstance(k, str)
+                            or _string_problem(k) is not None), None)
+                if bad is not None:
+                    message = f"key {bad!r} is not a string" if not isinstance(bad, str) \
+                        else f"key {_string_problem(bad)}"
+                else:
+                    stack.extend((v, (*path, k)) for k, v in reversed(value.items()))
+            else:
+                stack.extend((v, (*path, i)) for i, v in reversed(list(enumerate(value))))
+        if message is not None:
+            problems.append(Problem(pointer(path), message))
+    return problems
+
+
+_PLAIN = frozenset({str, bool, type(None)})
+
+
+def _string_problem(text: str) -> str | None:
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"holds a lone surrogate (\\u{ord(text[exc.start]):04x}), which is not Unicode text"
+    return None
+
+
+def _value_problem(value: Any) -> str | None:
+    if isinstance(value, _Refused):
+        return value.message
+    if isinstance(value, str):
+        return _string_problem(value)
+    if value is None or isinstance(value, (bool, dict, list, tuple)):
+        return None
+    if isinstance(value, int):
+        return None if abs(value) <= MAX_JSON_INTEGER else \
+            f"integer beyond the bound of {MAX_JSON_INTEGER}"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value} is not a finite number"
+    return f"a {type(value).__name__} is not a JSON value"
+
+
 def parse_json(text: str | bytes) -> Any:
-    """Parse JSON strictly: duplicate keys and NaN/Infinity are refused.
+    """Parse JSON strictly: duplicate keys are refused, and so are documents
+    that :func:`document_problems` refuses (NaN, Infinity, ``1e400``, huge
+    integers, deep nesting).
 
     :raises JSONSyntaxError: with the line and column of the first error.
+    :raises JSONLimitError: naming the pointer of the first refused value.
     """
     if isinstance(text, bytes):
         try:
@@ -72,17 +196,38 @@ def parse_json(text: str | bytes) -> Any:
         return result
 
     def constant(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
+        return _Refused(f"{name} is not valid JSON")
 
     try:
-        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+        data = json.loads(text, object_pairs_hook=pairs, parse_constant=constant,
+                          parse_int=_parse_int, parse_float=_parse_float)
     except json.JSONDecodeError as exc:
         raise JSONSyntaxError(Problem(
             "", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")) from None
     except ValueError as exc:
         raise JSONSyntaxError(Problem("", f"invalid JSON: {exc}")) from None
     except RecursionError:
-        raise JSONSyntaxError(Problem("", "invalid JSON: nested too deeply")) from None
+        raise JSONLimitError(Problem(
+            "", f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels")) from None
+    problems = document_problems(data, limit=1)
+    if problems:
+        raise JSONLimitError(problems[0])
+    return data
+
+
+def parse_json_or_string(text: str) -> Any:
+    """A command-line value: JSON when it parses as JSON, else the string
+    itself (``--set hostname=web`` and ``--set dns.search='["a"]'``).
+
+    :raises JSONLimitError: the value is JSON that :func:`parse_json`
+        refuses (``1e400``, ``NaN``, a huge integer, deep nesting).
+    """
+    try:
+        return parse_json(text)
+    except JSONLimitError:
+        raise
+    except JSONSyntaxError:
+        return text
 
 
 def canonical_json(data: Any) -> bytes:
@@ -105,10 +250,133 @@ def load_schema(name: str) -> dict[str, Any]:
     return schema
 
 
+def _refuse_retrieval(uri: str) -> referencing.Resource[Any]:
+    raise referencing.exceptions.NoSuchResource(ref=uri)  # type: ignore[call-arg]
+
+
+#: The registry every cloudlets validator resolves ``$ref`` with: it holds
+#: only the JSON Schema meta-schemas (in memory) and retrieves nothing, so no
+#: schema can make validation open a URL or a file.
+NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry(
+    retrieve=_refuse_retrieval)  # type: ignore[call-arg]
+
+
+class StepBudgetExceeded(CloudletsError):
+    """Raised inside validation when a schema takes more keyword steps than
+    its budget (see :func:`step_budget`)."""
+
+
+_STEPS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "cloudlets_schema_steps", default=None)
+
+_Keyword = Callable[[Any, Any, Any, Any], Iterator[ValidationError] | None]
+
+
+def _counted(keyword: _Keyword, cost: int = 1) -> _Keyword:
+    """``keyword``, charging ``cost`` steps to the budget in force."""
+    def counted(validator: Any, value: Any, instance: Any, schema: Any
+                ) -> Iterator[ValidationError]:
+        steps = _STEPS.get()
+        if steps is not None:
+            steps[0] -= cost
+            if steps[0] < 0:
+                raise StepBudgetExceeded("schema budget exhausted")
+        errors = keyword(validator, value, instance, schema)
+        if errors is not None:
+            yield from errors
+    return counted
+
+
+def _pattern(validator: Any, pattern: Any, instance: Any, schema: Any
+             ) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string"):
+        problem = pattern_problem(pattern, "")
+        if problem is not None:
+            yield ValidationError(f"pattern {problem.message}")
+        elif not compile_pattern(pattern).search(instance):
+            yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(validator: Any, patterns: Any, instance: Any, schema: Any
+                        ) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        problem = pattern_problem(pattern, "")
+        if problem is not None:
+            yield ValidationError(f"patternProperties {problem.message}")
+            continue
+        matcher = compile_pattern(pattern)
+        for key, value in instance.items():
+            if matcher.search(key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any
+                  ) -> Iterator[ValidationError]:
+    """``uniqueItems`` in linear time (jsonschema's falls back to comparing
+    every pair of unhashable items)."""
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    seen: set[bytes] = set()
+    for item in instance:
+        key = canonical_json(_normal(item))
+        if key in seen:
+            yield ValidationError(f"{_show(instance)} has non-unique elements")
+            return
+        seen.add(key)
+
+
+def _normal(value: Any) -> Any:
+    """``value`` with integral floats as integers: JSON equality (1 == 1.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    return value
+
+
+def _is_regex(instance: object) -> bool:
+    return not isinstance(instance, str) or pattern_problem(instance, "") is None
+
+
+#: Draft 2020-12 format checks, with ``regex`` meaning "RE2 can match it".
+FORMAT_CHECKER = FormatChecker(formats=())
+FORMAT_CHECKER.checkers = dict(Draft202012Validator.FORMAT_CHECKER.checkers)
+FORMAT_CHECKER.checkers["regex"] = (_is_regex, ())
+
+# Following a reference builds a validator: it costs about ten plain keywords.
+_COSTS = {"$ref": 10, "$dynamicRef": 10}
+_KEYWORDS = {name: _counted(keyword, _COSTS.get(name, 1)) for name, keyword in {
+    **Draft202012Validator.VALIDATORS, "pattern": _pattern,
+    "patternProperties": _pattern_properties, "uniqueItems": _unique_items}.items()}
+
+#: Draft 2020-12 validation with linear-time keywords and a step budget.
+#: Build instances with ``registry=NO_RETRIEVAL``.
+SafeValidator: Any = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator, _KEYWORDS, format_checker=FORMAT_CHECKER)
+
+
+@contextlib.contextmanager
+def step_budget(steps: int) -> Iterator[None]:
+    """Limit the keyword steps of the validations run inside this context.
+
+    :param steps: the number of keyword evaluations allowed; past them a
+        validation raises :class:`StepBudgetExceeded`.
+    """
+    token = _STEPS.set([steps])
+    try:
+        yield
+    finally:
+        _STEPS.reset(token)
+
+
 @cache
-def _validator(name: str) -> Draft202012Validator:
-    return Draft202012Validator(load_schema(name),
-                                format_checker=Draft202012Validator.FORMAT_CHECKER)
+def _validator(name: str) -> Any:
+    return SafeValidator(load_schema(name), format_checker=FORMAT_CHECKER,
+                         registry=NO_RETRIEVAL)
 
 
 def pointer(path: Iterable[str | int]) -> str:
@@ -122,34 +390,11 @@ def schema_problems(instance: Any, schema_name: str) -> list[Problem]:
     :returns: every problem, sorted by pointer, each with a plain message.
     """
     validator = _validator(schema_name)
-    problems = [_problem(error) for error in validator.iter_errors(instance)]
+    problems = [problem_of(error) for error in validator.iter_errors(instance)]
     return sorted(set(problems), key=lambda p: (p.pointer, p.message))
 
 
-def validate_subschema(instance: Any, schema: Mapping[str, Any],
-                       base: Iterable[str | int] = ()) -> list[Problem]:
-    """Validate ``instance`` against a user-supplied schema (e.g. a manifest
-    argument), prefixing pointers with ``base``."""
-    validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
-    prefix = list(base)
-    problems = []
-    for error in validator.iter_errors(instance):
-        problem = _problem(error)
-        problems.append(Problem(pointer(prefix) + problem.pointer, problem.message))
-    return sorted(set(problems), key=lambda p: (p.pointer, p.message))
-
-
-def check_schema(schema: Any, base: Iterable[str | int]) -> list[Problem]:
-    """:returns: problems if ``schema`` is not itself a valid JSON Schema."""
-    try:
-        Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as error:
-        return [Problem(pointer([*base, *error.absolute_path]),
-                        f"is not a valid JSON Schema: {error.message}")]
-    return []
-
-
-def _problem(error: ValidationError) -> Problem:
+def problem_of(error: ValidationError) -> Problem:
     path = list(error.absolute_path)
     schema: Mapping[str, Any] = error.schema if isinstance(error.schema, Mapping) else {}
     custom = schema.get("x-error")
@@ -192,7 +437,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-_SIZE = re.compile(r"^([1-9][0-9]*(?:\.[0-9]+)?)\s*([KMGT]?)(i?)(B?)$")
+_SIZE = re.compile(r"([1-9][0-9]*(?:\.[0-9]+)?) *([KMGT]?)(i?)(B?)")
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 
 
@@ -208,7 +453,7 @@ def parse_size(value: int | str) -> int:
         if value < 1:
             raise ValueError(f"{value!r} is not a positive size")
         return value
-    match = _SIZE.match(value.strip())
+    match = _SIZE.fullmatch(value.strip())
     if not match:
         raise ValueError(f"{value!r} is not a size")
     number, unit, _, _ = match.groups()

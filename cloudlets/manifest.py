@@ -9,7 +9,6 @@ every problem at once, each with its JSON pointer.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 from cloudlets.errors import ManifestError, Problem
 from cloudlets.jsondoc import (
     JSONSyntaxError,
-    check_schema,
     digest,
+    document_problems,
     parse_json,
     parse_size,
     schema_problems,
-    validate_subschema,
 )
+from cloudlets.patterns import compile_pattern, pattern_problem
 from cloudlets.urls import is_url, redact
+from cloudlets.userschema import check_schema, validate_subschema
 
 if TYPE_CHECKING:
     from cloudlets.fetch import Fetcher
@@ -39,6 +39,10 @@ SCHEMA_NAME = "manifest-v1.json"
 MAX_MANIFEST_BYTES = 1024 * 1024
 
 _ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+class _ParsedDocument(dict[str, Any]):
+    """A document :func:`~cloudlets.jsondoc.parse_json` has already checked."""
 
 
 @dataclass(frozen=True)
@@ -78,23 +82,28 @@ class Manifest:
 
         :raises ManifestError: listing every problem.
         """
-        problems = self._problems(data)
+        problems = [] if isinstance(data, _ParsedDocument) else document_problems(dict(data))
+        problems = problems or self._problems(data)
         if problems:
             raise ManifestError(problems, source)
         self._data = copy.deepcopy(dict(data))
         self.source = source
+        self.raw: bytes | None = None
+        """The document's bytes as read (a file, a URL, a JSON string), which
+        a publisher's signature covers; ``None`` for a dict."""
         self.digest: str = digest(self._data)
         """sha256 of the canonical JSON form: stable across key order and whitespace."""
 
     # -- loading ------------------------------------------------------------
 
     @classmethod
-    def load(cls, source: Manifest | Mapping[str, Any] | str | Path, *,
+    def load(cls, source: Manifest | Mapping[str, Any] | str | bytes | Path, *,
              timeout: float = 30.0, fetcher: Fetcher | None = None) -> Manifest:
         """Load and validate a manifest.
 
         :param source: a :class:`Manifest` (returned as is), a dict, a JSON
-            string, an ``http(s)://`` or ``file://`` URL, or a file path.
+            document as text or UTF-8 bytes, an ``http(s)://`` or ``file://``
+            URL, or a file path.
         :param timeout: seconds to wait when ``source`` is a URL.
         :param fetcher: reads an ``http(s)://`` manifest under its URL policy
             (a Renderer passes its own); by default one with the default
@@ -107,6 +116,8 @@ class Manifest:
             return cls(source)
         if isinstance(source, Path):
             return cls._from_text(cls._read_path(source), str(source))
+        if isinstance(source, (bytes, bytearray)):
+            return cls._from_text(bytes(source), "<bytes>")
         text = str(source)
         if text.lstrip().startswith(("{", "[")):
             return cls._from_text(text, "<string>")
@@ -119,13 +130,18 @@ class Manifest:
 
     @classmethod
     def _from_text(cls, text: str | bytes, source: str) -> Manifest:
+        size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "replace"))
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError([Problem("", f"larger than {MAX_MANIFEST_BYTES} bytes")], source)
         try:
             data = parse_json(text)
         except JSONSyntaxError as exc:
             raise ManifestError([exc.problem], source) from None
         if not isinstance(data, dict):
             raise ManifestError([Problem("", "a manifest must be a JSON object")], source)
-        return cls(data, source)
+        manifest = cls(_ParsedDocument(data), source)
+        manifest.raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return manifest
 
     @staticmethod
     def _read_path(path: Path) -> bytes:
@@ -152,11 +168,15 @@ class Manifest:
         reader = fetcher or Fetcher(connect_timeout=timeout, read_timeout=timeout,
                                     retry=RetryPolicy(attempts=1))
         try:
-            return reader.read(url, max_bytes=MAX_MANIFEST_BYTES)
+            body = reader.read(url, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
         except FetchError as exc:  # policed, redirects checked, credentials redacted
             reason = (f"HTTP {exc.status} fetching the manifest" if exc.status
-                      else f"cannot fetch: {exc}")
+                      and exc.status != 200 else f"cannot fetch: {exc}")
             raise ManifestError([Problem("", reason)], shown) from None
+        if body is None:
+            raise ManifestError([Problem("", "HTTP 404 fetching the manifest (not found)")],
+                                shown)
+        return body
 
     # -- validation ---------------------------------------------------------
 
@@ -189,10 +209,9 @@ class Manifest:
             return []
         problems = []
         for v_index, pattern in enumerate(volatile):
-            try:
-                compiled = re.compile(pattern)
-            except (re.error, TypeError):
-                continue
+            if pattern_problem(pattern, "") is not None:
+                continue  # the schema's format check reports it
+            compiled = compile_pattern(pattern)
             for t_index, path in enumerate(templates):
                 if isinstance(path, str) and compiled.match(path):
                     problems.append(Problem(

@@ -195,7 +195,12 @@ class MirrorRules:
         :param config_mirrors: ``RenderConfig.mirrors``.
         """
         base = renderer_rules if renderer_rules is not None else cls()
-        return base.merge(base._from_render_config(config_mirrors))
+        known = {(rule.prefix, rule.mirrors) for rule in base.rules}
+        # The Renderer's own rules are usually in the config too (it merges
+        # them into the presets): compile only the others.
+        return base.merge(base._from_render_config(
+            item for item in config_mirrors
+            if (item.get("prefix"), tuple(item.get("mirrors", ()))) not in known))
 
     @property
     def rules(self) -> tuple[MirrorRule, ...]:

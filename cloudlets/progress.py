@@ -14,6 +14,7 @@ draws a bar on a terminal and stays silent when its stream is not a TTY.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -23,6 +24,7 @@ __all__ = [
     "STAGE_FETCH",
     "STAGE_VERIFY",
     "ProgressCallback",
+    "JsonProgress",
     "TerminalProgress",
     "format_bytes",
     "null_progress",
@@ -139,6 +141,36 @@ class TerminalProgress:
             self.stream.write("\n")
             self.stream.flush()
             self._line_open = False
+
+
+class JsonProgress:
+    """A progress callback writing one JSON object a line,
+    ``{"stage": ..., "done": ..., "total": ..., "elapsed": ...}``, for
+    scripts (``cloudlets render --progress json``): at each new stage, at
+    most every ``min_interval`` seconds within one, and when a stage's total
+    is reached.
+
+    :param stream: where to write; ``sys.stderr`` by default.
+    :param min_interval: least number of seconds between two lines of a stage.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, min_interval: float = 0.5) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.min_interval = min_interval
+        self._stage: str | None = None
+        self._started = time.monotonic()
+        self._last = -math.inf
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        """Write (or skip) the line for this report."""
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if stage == self._stage and not finished and now - self._last < self.min_interval:
+            return
+        self._stage, self._last = stage, now
+        self.stream.write(json.dumps({"stage": stage, "done": done, "total": total,
+                                      "elapsed": round(now - self._started, 3)}) + "\n")
+        self.stream.flush()
 
 
 def terminal_progress(stream: TextIO | None = None) -> TerminalProgress:

@@ -9,10 +9,9 @@ order.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -21,9 +20,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypedDict
+from typing import TYPE_CHECKING, Any
 
-from cloudlets.cache import CacheEntry, TarballCache
+from cloudlets.cache import TarballCache
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import (
     DiskImage,
@@ -41,9 +40,10 @@ from cloudlets.errors import (
     ConfigurationError,
     FormatError,
     RenderError,
+    SignatureError,
     StorageError,
 )
-from cloudlets.fetch import DownloadRestarted, Fetcher, UrlPolicy
+from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.manifest import Manifest
 from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
@@ -52,8 +52,9 @@ from cloudlets.result import RenderResult, image_id_for, request_key
 from cloudlets.rootfs import ArchivePolicy
 
 if TYPE_CHECKING:
-    from cloudlets.disk.assemble import BaseStream
-    from cloudlets.rootfs import RootTree
+    from cloudlets.signing import ProvenanceKey, Signer, TrustPolicy
+    from cloudlets.signing.trust import SignatureSource
+    from cloudlets.templates import TemplateLimits
 from cloudlets.urls import redact
 
 __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_output"]
@@ -63,11 +64,7 @@ __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_outp
 #: A tarball that is not cached yet is read while it downloads: ``fetch`` is
 #: then the download's own time, which overlaps ``rootfs``.
 STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "tree", "convert", "store",
-          "publish")
-
-#: Bump when the base tree a render builds from the same inputs changes, so
-#: cached base filesystems from older versions are not reused.
-_BASE_FORMAT = "cloudlets-base-1"
+          "provenance", "publish")
 
 ManifestSource = Manifest | Mapping[str, Any] | str | Path
 
@@ -84,6 +81,7 @@ class _Run:
     workdir: Path
     progress: ProgressCallback | None
     overwrite: bool
+    mirrors: MirrorRules
     timings: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -114,7 +112,17 @@ class Renderer:
     :param ex_fetcher: the downloader (timeouts, retries, URL policy); by
         default one whose policy allows http and https, ``file`` only with
         ``ex_allow_file_urls``, and internal addresses only through
-        ``ex_allow_hosts`` (give one or the other, not both).
+        ``ex_allow_hosts`` (give one or the other, not both). It also
+        fetches a manifest's ``.sig``, and a manifest given as a URL.
+    :param trust: the :class:`~cloudlets.signing.TrustPolicy` every
+        manifest is checked against in :meth:`prepare`, before anything is
+        downloaded; ``None`` checks no signature. :meth:`prepare` may be
+        given another one per call (a tenant's).
+    :param provenance_key: when set, every render writes a signed
+        provenance (:mod:`cloudlets.signing.provenance`) beside its
+        artifacts; :meth:`prepare` may be given another one per call.
+    :param ex_template_limits: what a cloudlet's templates may cost (size,
+        memory, time); :class:`~cloudlets.templates.TemplateLimits` defaults.
     :raises ConfigurationError: for a bad ``ex_allow_hosts`` entry, or
         ``ex_allow_hosts`` with ``ex_fetcher``.
     """
@@ -127,7 +135,10 @@ class Renderer:
                  ex_source_date_epoch: int | None = None,
                  ex_archive_policy: ArchivePolicy | None = None,
                  ex_cache_max_bytes: int | None = None,
-                 ex_fetcher: Fetcher | None = None) -> None:
+                 ex_fetcher: Fetcher | None = None,
+                 ex_template_limits: TemplateLimits | None = None,
+                 trust: TrustPolicy | None = None,
+                 provenance_key: ProvenanceKey | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.work_dir = Path(work_dir) if work_dir is not None else None
@@ -139,6 +150,7 @@ class Renderer:
         self.allow_file_urls = ex_allow_file_urls
         self.archive_policy = ex_archive_policy or ArchivePolicy()
         self.cache_max_bytes = ex_cache_max_bytes
+        self.template_limits = ex_template_limits
         if ex_fetcher is not None and ex_allow_hosts:
             raise ConfigurationError("Renderer: give ex_allow_hosts or ex_fetcher, not both "
                                      "(put the hosts in the fetcher's UrlPolicy)")
@@ -152,6 +164,8 @@ class Renderer:
         if epoch is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
             epoch = int(os.environ["SOURCE_DATE_EPOCH"])
         self.source_date_epoch = epoch
+        self.trust = trust
+        self.provenance_key = provenance_key
 
     # -- public API ---------------------------------------------------------
 
@@ -159,7 +173,9 @@ class Renderer:
                storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
                config: Mapping[str, Any] | None = None,
                progress: ProgressCallback | None = None, *,
-               overwrite: bool = False) -> RenderResult:
+               overwrite: bool = False, signature: SignatureSource | None = None,
+               trust: TrustPolicy | None = None,
+               provenance_key: ProvenanceKey | None = None) -> RenderResult:
         """Render a cloudlet and store the result: :meth:`prepare`, then
         :meth:`execute`.
 
@@ -176,40 +192,62 @@ class Renderer:
         :param config: the request's render config.
         :param progress: called as ``progress(stage, done, total)``.
         :param overwrite: replace existing artifacts instead of refusing.
+        :param signature: as for :meth:`prepare`.
+        :param trust: as for :meth:`prepare`.
+        :param provenance_key: as for :meth:`prepare`.
         :returns: the render's :class:`~cloudlets.result.RenderResult`.
         :raises CloudletsError: a subclass naming the problem and where; no
             complete-looking artifact is left at the output location.
         """
-        job = self.prepare(manifest, output_path, storage, format, config)
+        job = self.prepare(manifest, output_path, storage, format, config,
+                           signature=signature, trust=trust, provenance_key=provenance_key)
         return self.execute(job, progress, overwrite=overwrite)
 
     def prepare(self, manifest: ManifestSource, output_path: str,
                 storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
-                config: Mapping[str, Any] | None = None) -> RenderJob:
+                config: Mapping[str, Any] | None = None, *,
+                signature: SignatureSource | None = None,
+                trust: TrustPolicy | None = None,
+                provenance_key: ProvenanceKey | None = None) -> RenderJob:
         """Resolve a render's inputs once, before anything is fetched: load
-        the manifest, build the drivers, merge and validate the config, plan
-        the output.
+        the manifest, check its signature, build the drivers, merge and
+        validate the config, plan the output.
 
         :param manifest: as for :meth:`render`.
         :param output_path: as for :meth:`render`.
         :param storage: a storage driver instance, class or registered name.
         :param format: a format driver instance, class or registered name.
         :param config: the request's render config.
+        :param signature: the manifest's signature (armored text or bytes)
+            or where to read it (a path or URL); default ``MANIFEST.sig``
+            beside a manifest given as a path or URL, fetched with this
+            renderer's fetcher and URL policy. Checked only with a trust
+            policy.
+        :param trust: the policy for this render instead of the renderer's
+            (a tenant's).
+        :param provenance_key: the provenance key for this render instead of
+            the renderer's.
         :returns: the :class:`RenderJob` that :meth:`execute` renders.
+        :raises SignatureError: the trust policy refuses the manifest
+            (:attr:`~cloudlets.errors.SignatureError.reason` says why), or a
+            signature was given without a policy to check it.
         :raises CloudletsError: for invalid input or an unusable driver.
         """
         started = time.monotonic()
         loaded = Manifest.load(manifest, fetcher=self.fetcher)
+        signer = self._check_signature(loaded, manifest, signature, trust or self.trust)
         fmt = make_driver(DriverKind.FORMAT, format)
         store = make_driver(DriverKind.STORAGE, storage)
         loaded.require_renderable(
             needs_boot=not fmt.capabilities & FormatCapability.NEEDS_TREE)
         merged = self._config(loaded, config)
         plan = _plan(loaded, fmt, store, output_path)
-        key = request_key(loaded.digest, merged.digest, fmt.name, store.name, output_path)
+        key = request_key(loaded.digest, merged.digest, fmt.name, store.target, output_path)
         return RenderJob(manifest=loaded, config=merged, format=fmt, storage=store,
                          output=output_path, plan=plan, key=key,
-                         prepared_in=time.monotonic() - started)
+                         mirrors=MirrorRules.for_render(self._mirror_rules, merged.mirrors),
+                         prepared_in=time.monotonic() - started, signer=signer,
+                         provenance_key=provenance_key or self.provenance_key)
 
     def execute(self, job: RenderJob, progress: ProgressCallback | None = None, *,
                 overwrite: bool = False) -> RenderResult:
@@ -226,11 +264,21 @@ class Renderer:
         """
         loaded, merged, fmt, store, plan = (job.manifest, job.config, job.format,
                                             job.storage, job.plan)
-        started = time.monotonic()
+        started, started_on = time.monotonic(), time.time()
+        if not overwrite:
+            # Before any work: the primary file's name is known up front (the
+            # others, once the format has named them, are checked at store),
+            # and so is the provenance's, named after it.
+            primary = plan.basename + fmt.extension
+            provenance = plan.provenance_location(primary) if job.provenance_key else None
+            _refuse_existing(store, [*plan.locations([primary]),
+                                     *([provenance] if provenance else [])])
         with self._workdir() as workdir:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
                        output=job.output, workdir=workdir, progress=progress,
-                       overwrite=overwrite)
+                       overwrite=overwrite, mirrors=job.mirrors)
+            if job.signer is not None:
+                run.details["signature"] = job.signer.to_dict()
             run.timings["prepare"] = job.prepared_in + time.monotonic() - started
             disk = self._build(run)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
@@ -241,9 +289,24 @@ class Renderer:
                 if not fmt.capabilities & FormatCapability.PUBLISH:
                     _discard_intermediates(disk, outputs)
             locations = plan.locations([o.name for o in outputs])
+            provenance_at = plan.provenance_location(outputs[0].name) \
+                if job.provenance_key is not None else None
             with self._stage(run, "store"):
-                stored = self._store(run, outputs, locations)
+                stored = self._store(run, outputs, locations,
+                                     reserved=[provenance_at] if provenance_at else [])
             image_id = job.image_id
+            artifacts = list(stored)
+            if job.provenance_key is not None:
+                try:
+                    with self._stage(run, "provenance"):
+                        written = self._provenance(run, job, stored, provenance_at,
+                                                   started_on)
+                except BaseException:
+                    self._roll_back(store, locations)
+                    raise
+                if written is not None:
+                    artifacts.append(written)
+                    locations.append(provenance_at)  # type: ignore[arg-type]
             if fmt.capabilities & FormatCapability.PUBLISH:
                 try:
                     with self._stage(run, "publish"):
@@ -256,7 +319,7 @@ class Renderer:
                     run.details["publish"] = dict(published.details)
                     image_id = published.image_id or image_id
         return RenderResult(
-            image_id=image_id, format=fmt.name, storage=store.name, artifacts=tuple(stored),
+            image_id=image_id, format=fmt.name, storage=store.name, artifacts=tuple(artifacts),
             manifest_name=loaded.name, manifest_version=loaded.version,
             manifest_digest=loaded.digest, config_digest=merged.digest,
             timings=dict(run.timings), details=dict(run.details))
@@ -275,9 +338,13 @@ class Renderer:
                  storage_name: str, location: str) -> str:
         """The stable id of a render.
 
+        :param storage_name: the storage target
+            (:attr:`StorageDriver.target <cloudlets.drivers.base.StorageDriver.target>`;
+            for a driver without identity options, its name).
         :returns: ``img-`` and 20 hex digits of the request's digest
             (:func:`cloudlets.result.request_key`) over the manifest digest,
-            config digest, format, storage and output location as requested.
+            config digest, format, storage target and output location as
+            requested.
         """
         return image_id_for(request_key(manifest.digest, config.digest, format_name,
                                         storage_name, location))
@@ -285,174 +352,48 @@ class Renderer:
     # -- stages -------------------------------------------------------------
 
     def _build(self, run: _Run) -> DiskImage:
-        """fetch → rootfs → templates → disk: the bootable raw disk (and, for
-        formats that ship the tree, the rendered tree tarball)."""
-        from cloudlets.disk import BootSpec as DiskBootSpec
-        from cloudlets.disk import build_disk, ext4
-        from cloudlets.disk.assemble import BaseStream, base_cached, base_paths
-        from cloudlets.rootfs import METADATA_PATH, RootTree, image_metadata, read_tarball
+        """fetch → rootfs → templates → disk (``tree`` for formats that ship
+        the tree): what the format converts. Which of them read and build
+        what depends on the cache of base filesystems; the
+        :class:`~cloudlets.disk.basecache.DiskPlan` decides."""
+        from cloudlets.disk.basecache import DiskPlan
         from cloudlets.templates import render_templates
 
-        manifest, config = run.manifest, run.config
-        fs, boot = manifest.filesystem, manifest.boot
+        manifest, config, caps = run.manifest, run.config, run.fmt.capabilities
+        fs = manifest.filesystem
         assert fs is not None  # require_renderable() checked (and boot, for disks)
-        rules = MirrorRules.for_render(self._mirror_rules, config.mirrors)
-        wants_tree = bool(run.fmt.capabilities & FormatCapability.NEEDS_TREE)
-        seed = hashlib.sha256(f"{manifest.digest}\0{fs.sha256}".encode()).hexdigest()
-        base_key = hashlib.sha256(
-            f"{_BASE_FORMAT}\0{manifest.digest}\0{fs.sha256}\0{self.source_date_epoch}"
-            .encode()).hexdigest()
-        base_dir = self.cache_dir / "bases"
-        disk_boot = None
-        if not wants_tree:
-            assert boot is not None
-            disk_boot = DiskBootSpec(
-                kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline,
-                firmware=boot.firmware,  # type: ignore[arg-type]
-                partition_table=boot.partition_table,  # type: ignore[arg-type]
-                fstype=boot.fstype,  # type: ignore[arg-type]
-                root_size=boot.root_size, label=boot.label)
-            disk_boot.validate()
-        # what identifies the cached base filesystem, for every look-up below
-        base = _BaseLookup(seed=seed, tree_digest=base_key,
-                           source_date_epoch=self.source_date_epoch, base_cache=base_dir)
-
-        def read_tree(source: Path | BinaryIO, sink: BaseStream | None) -> RootTree:
-            tree = read_tarball(source, self.archive_policy, volatile=manifest.volatile,
-                                persistent=manifest.persistent, workdir=run.workdir,
-                                sink=sink.sink if sink is not None else None,
-                                keep_content=sink is None)
-            tree.add_file(METADATA_PATH, image_metadata(
-                name=manifest.name, version=manifest.version, digest=manifest.digest,
-                persistent=tree.persistent))
-            return tree
-
-        tree: RootTree | None = None
-        index_path: Path | None = None
-        if disk_boot is not None:
-            base_image, index_path = base_paths(disk_boot, **base)
-            if base_cached(disk_boot, **base):
-                # A re-render: with the base and the tree's index cached, the
-                # templates' sources come from the base; the tarball is not read.
-                with contextlib.suppress(ValueError):
-                    tree = RootTree.from_index(
-                        index_path, functools.partial(ext4.read_file, base_image),
-                        workdir=run.workdir)
-        from_index = tree is not None
-        stream: BaseStream | None = None
-        streamed = False
-        try:
+        rules = run.mirrors
+        with DiskPlan(manifest, base_cache=self.cache_dir / "bases", workdir=run.workdir,
+                      source_date_epoch=self.source_date_epoch,
+                      archive_policy=self.archive_policy,
+                      tree=bool(caps & FormatCapability.NEEDS_TREE),
+                      compose=bool(caps & FormatCapability.COMPOSED_DISK)) as plan:
+            tree = plan.cached_tree()
             if tree is not None:
                 run.details["tarball"] = {"read": False, "reason": "base filesystem cached"}
             else:
                 started = time.monotonic()
                 # A missing tarball downloads on a thread of its own while it is
-                # read; nothing read is used before entry.wait() has verified it.
+                # read; nothing read is used before the download is verified.
                 entry = self._cache().get(fs.url, fs.sha256, size=fs.size, mirrors=rules,
                                           progress=run.progress, follow=True)
                 looked_up = time.monotonic() - started  # a hit: verified by now
-                with entry:
-                    if disk_boot is not None:
-                        # mke2fs builds the base while the tarball is read (when not cached)
-                        stream = BaseStream.open(disk_boot, **base,
-                                                 workdir=run.workdir / "stream",
-                                                 clamp=self.source_date_epoch)
-                    with self._stage(run, "rootfs"):
-                        tree = self._read_following(entry, read_tree, stream)
-                        run.timings["fetch"] = entry.fetch_seconds or looked_up
-                        run.details["tarball"] = {**entry.details(),
-                                                  "read_while_fetched": not entry.hit}
-                        if tree is None:  # the download started over under its reader
-                            if stream is not None:
-                                stream.abort()
-                                stream.reason = "the download started over while read"
-                            tree = read_tree(entry.path, None)
-                        elif stream is not None:
-                            try:
-                                streamed = stream.close(tree)
-                            except BaseException:
-                                tree.close()
-                                raise
-                            if streamed:  # templates read from the base mke2fs built
-                                tree.content_reader = stream.read_file
-                            else:  # the rare tarball that cannot be streamed: read again
-                                tree.close()
-                                tree = read_tree(entry.path, None)
+                with entry, self._stage(run, "rootfs"):
+                    tree = plan.read(entry)
+                    run.timings["fetch"] = entry.fetch_seconds or looked_up
+                    run.details["tarball"] = {**entry.details(),
+                                              "read_while_fetched": not entry.hit}
             with tree:
                 with self._stage(run, "templates"):
                     rendered = render_templates(tree, manifest, config,
-                                                mirror=rules.template_function())
-                run.details["rootfs"] = {"entries": len(tree), "dropped": len(tree.dropped),
-                                         "persistent": list(tree.persistent),
-                                         "templates": sorted(rendered),
-                                         "compression": tree.compression.value}
-                if disk_boot is None:
-                    with self._stage(run, "tree"):
-                        tree_tar = tree.write_tar(run.workdir / "rendered-tree.tar",
-                                                  replacements=rendered,
-                                                  source_date_epoch=self.source_date_epoch)
-                    return DiskImage(path=tree_tar, size=tree_tar.stat().st_size,
-                                     firmware=boot.firmware if boot is not None else "bios",
-                                     tree_tar=tree_tar, details={"kind": "tree"})
-                if stream is not None:
-                    run.details["rootfs"]["streamed"] = streamed
-                    if not streamed:
-                        run.details["rootfs"]["not_streamed"] = stream.reason
-                with self._stage(run, "disk"):
-                    base_tar = None
-                    if not streamed and not base_cached(disk_boot, **base):
-                        base_tar = tree.write_tar(run.workdir / "base-tree.tar",
-                                                  source_date_epoch=self.source_date_epoch)
-                    image = build_disk(
-                        base_tar, disk_boot, run.workdir / "disk.raw", seed=seed,
-                        workdir=run.workdir / "disk",
-                        source_date_epoch=self.source_date_epoch, base_cache=base_dir,
-                        patch_files=rendered, tree_digest=base_key,
-                        sync=False,  # an intermediate: the storage makes its copy durable
-                        compose=bool(run.fmt.capabilities & FormatCapability.COMPOSED_DISK))
-                    if base_tar is not None:  # see _discard_intermediates
-                        base_tar.unlink()
-                    if index_path is not None and not from_index:
-                        tree.write_index(index_path)  # for the next re-render
-        finally:
-            if stream is not None:
-                stream.abort()
-        run.details["disk"] = {
-            "size": image.size, "firmware": image.firmware,
-            "partition_table": image.partition_table, "root_uuid": image.root_uuid,
-            "disk_guid": image.disk_guid, "partitions": image.partition_uuids,
-            "base_cached": image.base_cached and not streamed,
-            "composed": bool(image.pieces),
-            "source_date_epoch": image.source_date_epoch}
-        return DiskImage(path=image.path, size=image.size, firmware=image.firmware,
-                         tree_tar=None, details=dict(run.details["disk"]), pieces=image.pieces)
-
-    @staticmethod
-    def _read_following(entry: CacheEntry, read_tree: Callable[[BinaryIO, BaseStream | None],
-                                                               RootTree],
-                        stream: BaseStream | None) -> RootTree | None:
-        """Read the tree from ``entry`` while it may still be downloading,
-        then wait for the download's verdict: a tree from a tarball that
-        failed verification is never used.
-
-        :returns: the tree, or ``None`` when the download started over after
-            bytes were read (read the finished file instead).
-        """
-        with entry.open() as source:
-            try:
-                tree = read_tree(source, stream)
-            except DownloadRestarted:
-                entry.wait()
-                return None
-            except CloudletsError:
-                entry.wait()  # a failed download explains a broken archive best
-                raise
-        try:
-            entry.wait()
-        except BaseException:
-            tree.close()
-            raise
-        return tree
+                                                mirror=rules.template_function(),
+                                                limits=self.template_limits)
+                run.details["rootfs"] = plan.rootfs_details(tree, rendered)
+                with self._stage(run, plan.stage):
+                    disk = plan.build(tree, rendered)
+        if plan.stage == "disk":
+            run.details["disk"] = dict(disk.details)
+        return disk
 
     def _convert(self, fmt: FormatDriver, context: FormatContext) -> list[OutputFile]:
         try:
@@ -474,21 +415,21 @@ class Renderer:
                                   f"{output.name!r}; names start with {context.basename!r}")
         return outputs
 
-    def _store(self, run: _Run, outputs: list[OutputFile],
-               locations: list[str]) -> list[StoredArtifact]:
+    def _store(self, run: _Run, outputs: list[OutputFile], locations: list[str], *,
+               reserved: Sequence[str] = ()) -> list[StoredArtifact]:
+        """Upload the outputs; ``reserved`` are locations a later step
+        writes (the provenance), refused as well when already taken."""
         if not run.overwrite:
-            taken = [loc for loc in locations if run.storage.exists(loc)]
-            if taken:
-                raise StorageError(f"refusing to overwrite existing {redact(taken[0])} "
-                                   "(pass overwrite=True to replace it)", redact(taken[0]))
+            _refuse_existing(run.storage, [*locations, *reserved])
         stored: list[StoredArtifact] = []
+        total = sum(output.path.stat().st_size for output in outputs)
         try:
             for output, location in zip(outputs, locations, strict=True):
                 stored.append(run.storage.upload(
                     output.path, location, media_type=output.media_type, role=output.role,
-                    overwrite=run.overwrite, disposable=True))  # the work dir goes next
-                if run.progress:
-                    run.progress("store", len(stored), len(outputs))
+                    overwrite=run.overwrite, disposable=True,  # the work dir goes next
+                    progress=_store_progress(run.progress, sum(a.size for a in stored),
+                                             total)))
         except BaseException:
             self._roll_back(run.storage, locations[:len(stored)])
             raise
@@ -504,7 +445,50 @@ class Renderer:
         if storage.capabilities & StorageCapability.DELETE:
             delete_locations(storage, locations, check_exists=False)
 
+    def _provenance(self, run: _Run, job: RenderJob, stored: list[StoredArtifact],
+                    location: str | None, started_on: float) -> StoredArtifact | None:
+        """Sign the render's provenance and store it at ``location`` (for a
+        block target, which holds one image, it is kept in the details
+        only). :returns: the stored provenance artifact, if any."""
+        from cloudlets.signing.provenance import (
+            PAYLOAD_TYPE,
+            ROLE,
+            job_statement,
+            sign_envelope,
+        )
+
+        key = job.provenance_key
+        assert key is not None
+        statement = job_statement(job, stored, builder_id=key.builder_id, started=started_on,
+                                  finished=time.time(),
+                                  source_date_epoch=self.source_date_epoch)
+        envelope = sign_envelope(statement, key)
+        run.details["provenance"] = {"location": None, "key_id": key.key_id,
+                                     "sha256": hashlib.sha256(envelope).hexdigest(),
+                                     "envelope": json.loads(envelope)}
+        if location is None:
+            return None
+        path = run.workdir / "provenance.intoto.json"
+        path.write_bytes(envelope)
+        artifact = run.storage.upload(path, location, media_type=PAYLOAD_TYPE, role=ROLE,
+                                      overwrite=run.overwrite, disposable=True)
+        run.details["provenance"]["location"] = artifact.location
+        return artifact
+
     # -- helpers ------------------------------------------------------------
+
+    def _check_signature(self, manifest: Manifest, source: ManifestSource,
+                         signature: SignatureSource | None,
+                         policy: TrustPolicy | None) -> Signer | None:
+        """The trust policy's verdict on the manifest's exact bytes, before
+        anything is downloaded. :returns: who signed, if anyone."""
+        if policy is None:
+            if signature is not None:
+                raise SignatureError("a signature was given but the renderer has no trust "
+                                     "policy to check it with", "policy", manifest.source)
+            return None
+        return policy.check_manifest(manifest, source, signature=signature,
+                                     fetcher=self.fetcher)
 
     def _cache(self) -> TarballCache:
         return TarballCache(self.cache_dir, max_bytes=self.cache_max_bytes,
@@ -555,7 +539,11 @@ class RenderJob:
     :ivar plan: the file stem and locations derived from :attr:`output`.
     :ivar key: the request's digest (:func:`cloudlets.result.request_key`)
         over the output as requested; :meth:`at` keeps it.
+    :ivar mirrors: the render's mirror rules, compiled once: the
+        renderer's, then the config's.
     :ivar prepared_in: seconds :meth:`Renderer.prepare` took.
+    :ivar signer: who signed the manifest, as the trust policy verified it.
+    :ivar provenance_key: signs the render's provenance, when set.
     """
 
     manifest: Manifest
@@ -565,7 +553,10 @@ class RenderJob:
     output: str
     plan: OutputPlan
     key: str
+    mirrors: MirrorRules
     prepared_in: float = 0.0
+    signer: Signer | None = None
+    provenance_key: ProvenanceKey | None = field(default=None, repr=False)
 
     @property
     def image_id(self) -> str:
@@ -580,6 +571,24 @@ class RenderJob:
         """
         plan = _plan(self.manifest, self.format, self.storage, output)
         return dataclasses.replace(self, output=output, plan=plan)
+
+
+def _store_progress(progress: ProgressCallback | None, before: int,
+                    total: int) -> Callable[[int], None] | None:
+    """The store stage reports bytes of all its artifacts together."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda done: report("store", before + done, total)
+
+
+def _refuse_existing(storage: StorageDriver, locations: Sequence[str]) -> None:
+    """:raises StorageError: when something is stored at one of ``locations``."""
+    for location in locations:
+        if storage.exists(location):
+            shown = redact(location)
+            raise StorageError(f"refusing to overwrite existing {shown} (pass overwrite=True, "
+                               "or --overwrite on the command line, to replace it)", shown)
 
 
 def _plan(manifest: Manifest, fmt: FormatDriver, store: StorageDriver,
@@ -614,6 +623,17 @@ class OutputPlan:
         """Whether the output is one block target."""
         return self.prefix is None
 
+    def provenance_location(self, primary: str) -> str | None:
+        """Where a render's provenance goes.
+
+        :returns: beside the primary file, named after it
+            (``web-1.0.qcow2.provenance.intoto.json``); ``None`` for a block
+            target, which holds the image only.
+        """
+        from cloudlets.signing.provenance import FILE_SUFFIX
+
+        return None if self.prefix is None else self.prefix + primary + FILE_SUFFIX
+
     def locations(self, names: Sequence[str]) -> list[str]:
         """:returns: the storage location of each output file name.
         :raises StorageError: several files for one block target."""
@@ -624,15 +644,6 @@ class OutputPlan:
                                    f"{len(names)} files ({', '.join(names)})", shown)
             return [self.target]
         return [self.prefix + name for name in names]
-
-
-class _BaseLookup(TypedDict):
-    """The arguments that identify a cached base filesystem (cloudlets.disk.assemble)."""
-
-    seed: str
-    tree_digest: str
-    source_date_epoch: int | None
-    base_cache: Path
 
 
 def _discard_intermediates(disk: DiskImage, outputs: Sequence[OutputFile]) -> None:

@@ -70,7 +70,13 @@ class RenderResult:
         return self.artifacts[0]
 
     def to_dict(self) -> dict[str, Any]:
-        """:returns: a JSON-ready dict (what ``cloudlets render --json`` prints)."""
+        """The result as JSON.
+
+        :returns: a JSON-ready dict (what ``cloudlets render --json``
+            prints); ``signature`` (the signer's principal and key
+            fingerprint) and ``provenance`` (its location, key id and
+            sha256) are there when the render had them.
+        """
         return {
             "image_id": self.image_id,
             "format": self.format,
@@ -81,4 +87,10 @@ class RenderResult:
             "config_digest": self.config_digest,
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
             "details": dict(self.details),
+            # who signed the manifest, and where the signed provenance went
+            **({"signature": self.details["signature"]} if "signature" in self.details
+               else {}),
+            **({"provenance": {k: v for k, v in self.details["provenance"].items()
+                               if k != "envelope"}}
+               if "provenance" in self.details else {}),
         }

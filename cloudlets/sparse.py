@@ -9,37 +9,65 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Piece", "copy_sparse", "data_ranges", "link_or_copy", "merge_ranges"]
+from cloudlets.errors import CloudletsError
+
+__all__ = ["Piece", "copy_into", "copy_sparse", "data_ranges", "link_or_copy", "merge_ranges"]
 
 _CHUNK = 4 * 1024 * 1024
+#: How a file system says it cannot answer ``SEEK_DATA``/``SEEK_HOLE`` at all.
+_NO_SEEK_DATA = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+#: How ``copy_file_range`` says it cannot copy between these two files.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP,
+                             errno.EOPNOTSUPP})
 
 
-def copy_sparse(source: Path, target: Path) -> None:
-    """Copy ``source`` to a new file ``target``, skipping holes with
-    ``SEEK_DATA``/``SEEK_HOLE`` so only data extents are read and written.
+def copy_sparse(source: Path, target: Path, *,
+                error: type[CloudletsError] = CloudletsError) -> None:
+    """Copy ``source`` to a new file ``target``, skipping holes: only the
+    :func:`data_ranges` of ``source`` are read and written.
 
+    :param error: the error to raise when ``source`` ends early (the
+        caller's stage: :class:`~cloudlets.errors.DiskError`,
+        :class:`~cloudlets.errors.FormatError`...).
     :raises FileExistsError: when ``target`` exists.
     """
-    size = source.stat().st_size
-    with open(source, "rb") as src, open(target, "xb") as dst:
-        dst.truncate(size)
-        offset = 0
-        while offset < size:
-            try:
-                data_start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole remains
-                break
-            hole = os.lseek(src.fileno(), data_start, os.SEEK_HOLE)
-            src.seek(data_start)
-            dst.seek(data_start)
-            remaining = hole - data_start
-            while remaining:
-                chunk = src.read(min(_CHUNK, remaining))
-                if not chunk:
-                    break
-                dst.write(chunk)
-                remaining -= len(chunk)
-            offset = hole
+    with open(target, "xb") as dst:
+        dst.truncate(source.stat().st_size)
+        copy_into(source, dst.fileno(), 0, error=error)
+
+
+def copy_into(source: Path, fd: int, offset: int, *,
+              error: type[CloudletsError] = CloudletsError) -> None:
+    """Copy the :func:`data_ranges` of ``source`` into the open file ``fd``
+    at ``offset`` on (in the kernel where it can: ``copy_file_range``); the
+    target's holes over ``source``'s holes stay holes.
+
+    :param error: as for :func:`copy_sparse`.
+    :raises CloudletsError: ``error``, when ``source`` ends early.
+    """
+    with open(source, "rb") as src:
+        sfd = src.fileno()
+        in_kernel = True
+        for start, end in data_ranges(sfd):
+            while start < end:
+                length = min(_CHUNK, end - start) if not in_kernel else end - start
+                if in_kernel:
+                    try:
+                        copied = os.copy_file_range(sfd, fd, length, start, offset + start)
+                    except OSError as exc:
+                        if exc.errno not in _NO_KERNEL_COPY:
+                            raise
+                        in_kernel = False  # another file system, or none: read and write
+                        continue
+                else:
+                    chunk = os.pread(sfd, length, start)
+                    copied = len(chunk)
+                    if copied:
+                        copied = os.pwrite(fd, chunk, offset + start)
+                if copied == 0:
+                    raise error(f"{source} ended at byte {start} while copied; "
+                                f"it had data up to {end}")
+                start += copied
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -79,9 +107,17 @@ class Piece:
 
 
 def data_ranges(fd: int, size: int | None = None) -> list[tuple[int, int]]:
-    """:returns: the ``[start, end)`` ranges of the first ``size`` bytes
-    (default: all) of the open file ``fd`` that may hold data, found with
-    ``SEEK_DATA``/``SEEK_HOLE``; all of it where those are missing."""
+    """The ``[start, end)`` ranges of the first ``size`` bytes (default: all)
+    of the open file ``fd`` that may hold data, found with
+    ``SEEK_DATA``/``SEEK_HOLE``: the one walk every sparse copy uses.
+
+    ``ENXIO`` from ``SEEK_DATA`` means only a hole is left. A file system
+    that refuses ``SEEK_DATA`` altogether (``EINVAL``, ``ENOTSUP`` or
+    ``EOPNOTSUPP`` at offset 0) cannot tell holes from data: the whole file
+    is then data, never "all holes" (a copy of zeros).
+
+    :raises OSError: ``lseek`` failed any other way.
+    """
     if size is None:
         size = os.fstat(fd).st_size
     ranges: list[tuple[int, int]] = []
@@ -92,7 +128,9 @@ def data_ranges(fd: int, size: int | None = None) -> list[tuple[int, int]]:
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # only a hole remains
                 break
-            return [(0, size)]
+            if offset == 0 and exc.errno in _NO_SEEK_DATA:
+                return [(0, size)]
+            raise
         if start >= size:
             break
         end = min(os.lseek(fd, start, os.SEEK_HOLE), size)

@@ -12,10 +12,12 @@ sys.path.insert(0, str(HERE))
 import driver_matrix  # noqa: E402
 import schema_doc  # noqa: E402
 
+from cloudlets.version import __version__  # noqa: E402
+
 project = "cloudlets"
 author = "the cloudlets developers"
 copyright = "2026, the cloudlets developers"  # noqa: A001
-release = "0.1.0"
+release = __version__
 
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.viewcode", "sphinx.ext.intersphinx"]
 autodoc_member_order = "bysource"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import http.server
 import ipaddress
 import json
+import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,24 @@ def static_http(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 def write_json(path: Path, data: Any) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+#: ``refuse_seek_data(errno)``: see the fixture.
+RefuseSeekData = Callable[[int], None]
+
+
+@pytest.fixture
+def refuse_seek_data(monkeypatch: pytest.MonkeyPatch) -> RefuseSeekData:
+    """Make ``lseek(SEEK_DATA)`` fail with the given errno (default
+    ``EOPNOTSUPP``), as on a file system that does not implement it."""
+    real = os.lseek
+
+    def refuse(code: int = errno.EOPNOTSUPP) -> None:
+        def lseek(fd: int, offset: int, whence: int) -> int:
+            if whence == os.SEEK_DATA:
+                raise OSError(code, os.strerror(code))
+            return real(fd, offset, whence)
+
+        monkeypatch.setattr(os, "lseek", lseek)
+
+    return refuse

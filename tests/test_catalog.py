@@ -116,7 +116,7 @@ def test_v1_database_is_migrated(tmp_path: Path) -> None:
     conn.close()
 
     catalog = ImageCatalog(path)
-    assert catalog.schema_version == SCHEMA_VERSION == 2
+    assert catalog.schema_version == SCHEMA_VERSION == 3
     ready = catalog.get("img-1")
     assert ready.status is ImageStatus.READY and ready.label == "web-2.0"
     assert [(a.role, a.location, a.size) for a in ready.artifacts] == [
@@ -127,7 +127,37 @@ def test_v1_database_is_migrated(tmp_path: Path) -> None:
     (reaped,) = catalog.reap_stale()  # v1 kept no lease: its render in flight is stale
     assert reaped.entry_id == "cat-2" and reaped.status is ImageStatus.FAILED
     assert [e.manifest_name for e in catalog.entries()] == ["db", "web", "web"]
-    assert ImageCatalog(path).schema_version == 2  # reopening is a no-op
+    assert ImageCatalog(path).schema_version == 3  # reopening is a no-op
+    assert ready.target == "local"  # v3: the target of an old row is its storage name
+
+
+def test_v2_database_keeps_its_artifacts_through_the_v3_rebuild(tmp_path: Path) -> None:
+    path = tmp_path / "v2.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    for step in MIGRATIONS[:2]:
+        step(conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("INSERT INTO images (entry_id, key, image_id, label, manifest_name, "
+                 "manifest_digest, config_digest, format, storage, output, status, "
+                 "created_at, updated_at) VALUES ('cat-a', 'k', 'img-a', 'web-1', 'web', "
+                 "'d', 'c', 'raw', 's3', 's3://b/', 'ready', 1, 1)")
+    conn.execute("INSERT INTO artifacts VALUES ('cat-a', 0, 'disk', 's3://b/web.raw', 5, "
+                 "'ab', 'application/octet-stream', '{}')")
+    conn.close()
+    entry = ImageCatalog(path).get("img-a")
+    assert [a.location for a in entry.artifacts] == ["s3://b/web.raw"]
+    assert entry.target == "s3" and entry.status is ImageStatus.READY
+    catalog = ImageCatalog(path)
+    catalog.mark_deleting("cat-a")
+    assert catalog.mark_delete_failed("cat-a", "x").status is ImageStatus.DELETE_FAILED
+
+
+def test_read_only_lookups_create_nothing(tmp_path: Path) -> None:
+    assert ImageCatalog.open_existing(tmp_path / "none" / "catalog.sqlite3") is None
+    assert not (tmp_path / "none").exists()
+    ImageCatalog(tmp_path / "catalog.sqlite3")
+    assert ImageCatalog.open_existing(tmp_path / "catalog.sqlite3") is not None
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 
 def test_exit_codes_are_distinct_and_documented() -> None:
-    assert sorted(EXIT_CODES) == [0, 1, 2, 3, 4, 5, 130, 143]
+    assert sorted(EXIT_CODES) == [0, 1, 2, 3, 4, 5, 6, 7, 130, 141, 143]
     code, out, _ = run("--help")
     assert code == 0
     for number, meaning in EXIT_CODES.items():
@@ -260,3 +260,52 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     path = directory / "manifest.json"
     path.write_text(json.dumps(manifest))
     return path
+
+
+def test_log_flags_and_the_library_never_prints(cli_env: Path) -> None:
+    import logging
+
+    def warn(args: Any, out: Any) -> int:
+        logging.getLogger("cloudlets.test").warning("a warning from the library")
+        logging.getLogger("cloudlets.test").info("an info line")
+        return 0
+
+    import cloudlets.cli as cli
+
+    original = cli._cmd_drivers
+    try:
+        cli._cmd_drivers = warn  # type: ignore[assignment]
+        # the handler was bound when the parser was built: rebuild per call
+        for argv, shown in ((["drivers"], ["warning"]), (["-q", "drivers"], []),
+                            (["-v", "drivers"], ["warning", "info"]),
+                            (["--log-level", "ERROR", "drivers"], [])):
+            code, _, err = run(*argv)
+            assert code == 0
+            assert ("cloudlets: warning: a warning from the library" in err) == (
+                "warning" in shown), (argv, err)
+            assert ("cloudlets: info: an info line" in err) == ("info" in shown), (argv, err)
+    finally:
+        cli._cmd_drivers = original  # type: ignore[assignment]
+    # Without the command line, nothing reaches stderr (no last-resort handler).
+    done = subprocess.run([sys.executable, "-c", "import logging, cloudlets; "
+                           "logging.getLogger('cloudlets.x').warning('hidden')"],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stderr == ""
+
+
+def test_render_progress_json_reports_bytes_stored(cli_env: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_catalog import make_cloudlet
+
+    manifest = write_manifest(cli_env, make_cloudlet(cli_env / "src"))
+    code = main(["render", str(manifest), "-f", "raw", "-o", str(cli_env / "out") + "/",
+                 "--allow-file-urls", "--progress", "json", "--no-catalog"],
+                out=io.StringIO(), err=io.StringIO())
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    stages = [line["stage"] for line in lines]
+    assert {"rootfs", "convert", "store"} <= set(stages)
+    stored = [line for line in lines if line["stage"] == "store" and line["total"]]
+    disk = cli_env / "out" / "tiny-1.0.raw"
+    assert stored[-1]["done"] == stored[-1]["total"] == disk.stat().st_size

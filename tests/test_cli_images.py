@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cloudlets.catalog import CatalogEntry, ImageCatalog, ImageStatus
-from cloudlets.cli import EXIT_OK, EXIT_RENDER_FAILED, EXIT_USAGE, main
+from cloudlets.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main
 from cloudlets.errors import IntegrityError
 from cloudlets.images import Images
 from tests.test_catalog import make_cloudlet, make_renderer, wait_for
@@ -101,6 +101,8 @@ def test_image_delete_goes_through_the_storage_driver(filled: Any) -> None:
     code, out, _ = run("image", "delete", entry.image_id, "--catalog", str(path))
     assert code == EXIT_OK and not location.exists()
     assert "web 1.0" in out and "1 artifact(s) removed from local" in out
+    code, out, _ = run("image", "delete", entry.image_id, "--catalog", str(path))
+    assert code == EXIT_OK and "was already deleted; nothing removed" in out
     code, out, _ = run("images", "--catalog", str(path))
     assert entry.image_id not in out
     code, out, _ = run("images", "--catalog", str(path), "--all", "--json")
@@ -111,11 +113,20 @@ def test_image_delete_goes_through_the_storage_driver(filled: Any) -> None:
 def test_unknown_image_and_usage_errors(filled: Any) -> None:
     path, _ = filled
     code, out, err = run("image", "show", "img-nope", "--catalog", str(path))
-    assert code == EXIT_RENDER_FAILED and "no image 'img-nope'" in err
+    assert code == EXIT_NOT_FOUND and "no image 'img-nope'" in err
     code, out, err = run("image", "delete", "img-nope", "--catalog", str(path), "--json")
-    assert code == EXIT_RENDER_FAILED and json.loads(out)["error"] == "CatalogError"
+    assert code == EXIT_NOT_FOUND and json.loads(out)["error"] == "ImageNotFoundError"
     code, _, _ = run("image", "--catalog", str(path))
     assert code == EXIT_USAGE
+
+
+def test_read_only_commands_create_no_catalog(tmp_path: Path) -> None:
+    missing = tmp_path / "fresh" / "catalog.sqlite3"
+    code, out, _ = run("images", "--catalog", str(missing), "--json")
+    assert code == EXIT_OK and json.loads(out)["images"] == []
+    code, _, err = run("image", "show", "img-x", "--catalog", str(missing))
+    assert code == EXIT_NOT_FOUND and "there is no catalog" in err
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_images_reports_a_killed_render_as_failed(tmp_path: Path) -> None:

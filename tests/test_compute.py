@@ -3,12 +3,15 @@ libcloud's real Dummy driver, with real renders and a real catalog."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from libcloud.compute.base import Node, NodeImage  # type: ignore[import-untyped]
+from libcloud.compute.base import Node, NodeDriver, NodeImage  # type: ignore[import-untyped]
 from libcloud.compute.drivers.dummy import DummyNodeDriver  # type: ignore[import-untyped]
 
 from cloudlets.catalog import ImageCatalog, ImageStatus
@@ -25,6 +28,7 @@ from tests.netpolicy import host_port
 from tests.test_catalog import StageCounter, make_cloudlet
 
 DUMMY_IMAGES = {"1", "2", "3"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class ProviderDriver(CloudletsImageMixin, DummyNodeDriver):  # type: ignore[misc]
@@ -177,7 +181,8 @@ def test_wrapper_gives_a_driver_instance_rendered_images(
                                   ex_allow_hosts=[host_port(base_url)])
     assert wrapped.ex_cloudlets.catalog.path == tmp_path / "home" / "catalog.sqlite3"
     assert wrapped.list_nodes() == dummy.list_nodes()  # everything else is the driver's
-    assert wrapped.name == dummy.name
+    assert wrapped.name == dummy.name and wrapped.features == dummy.features
+    assert isinstance(wrapped, NodeDriver) and wrapped.connection is dummy.connection
     image = wrapped.create_image(manifest)
     assert image.driver is wrapped
     location = image.extra[EXTRA_KEY]["artifacts"][0]["location"]
@@ -189,7 +194,38 @@ def test_wrapper_gives_a_driver_instance_rendered_images(
     assert wrapped.delete_image(image) is True
     assert {i.id for i in wrapped.list_images()} == DUMMY_IMAGES
     with pytest.raises(ConfigurationError, match="already renders"):
-        CloudletsNodeDriver(wrapped, ex_format="tar", ex_storage="local")  # type: ignore[arg-type]
+        CloudletsNodeDriver(wrapped, ex_format="tar", ex_storage="local")
+
+
+USER_DRIVER = """
+from libcloud.compute.drivers.dummy import DummyNodeDriver
+from libcloud.compute.base import NodeDriver
+
+from cloudlets.compute import CloudletsImageMixin, CloudletsNodeDriver
+
+
+class AcmeDriver(CloudletsImageMixin, DummyNodeDriver):
+    pass
+
+
+def wrap(driver: NodeDriver) -> NodeDriver:
+    return CloudletsNodeDriver(driver, ex_format="qcow2", ex_storage="local")
+
+
+def create(driver: AcmeDriver) -> str:
+    image = driver.create_image("web.json")
+    return str(image.id)
+"""
+
+
+def test_a_provider_driver_mixing_it_in_passes_mypy_strict(tmp_path: Path) -> None:
+    module = tmp_path / "acme_driver.py"
+    module.write_text(USER_DRIVER)
+    done = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+                           "--cache-dir", str(tmp_path / "cache"), str(module)],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          cwd=tmp_path, env={**os.environ, "MYPYPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # -- a format that registers the image with the provider, as EC2 does -----------

@@ -24,9 +24,11 @@ from cloudlets.disk import BootSpec, DiskImage, build_disk, derive_uuid, ext4, t
 from cloudlets.disk.partition import BIOS_BOOT_GUID, ESP_GUID, LINUX_ROOT_X86_64_GUID
 from cloudlets.errors import ConfigurationError, DiskError
 from cloudlets.rootfs import TreeStream, read_tarball
+from tests.conftest import RefuseSeekData
 
 EPOCH = 1_600_000_000
 SEED = "unit-seed"
+MiB = 1024 * 1024
 CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep
 LONG_TARGET = "/usr/lib/" + "x" * 80 + "/target"
 KERNEL = b"not really a kernel\n" * 100
@@ -386,6 +388,26 @@ def test_cmdline_with_root_is_left_alone(tree: Path, tmp_path: Path) -> None:
     assert b"root=UUID=" not in binary
 
 
+@pytest.mark.parametrize(("cmdline", "console", "expected"), [
+    ("console=ttyS0", None, ["root=UUID=u", "console=ttyS0"]),
+    ("root=/dev/xvda1 ro", None, ["root=/dev/xvda1", "ro"]),
+    ("console=hvc0 quiet 'a b'", "hvc0", ["root=UUID=u", "quiet", "a b", "console=hvc0"]),
+    ("console=ttyS0", "hvc0", ["root=UUID=u", "console=ttyS0", "console=hvc0"]),
+])
+def test_the_kernel_command_line_is_built_in_one_place(cmdline: str, console: str | None,
+                                                       expected: list[str]) -> None:
+    """The GRUB images and Xen's pygrub configuration both take it from here."""
+    from cloudlets.disk.bootloader import kernel_cmdline
+    from cloudlets.drivers.formats.xen import pygrub_config
+
+    assert kernel_cmdline(cmdline, "u", console=console) == expected
+    if console is not None and "a b" not in expected:
+        assert f"linux /k {' '.join(expected)}\n" in pygrub_config(
+            title="t", kernel="/k", initrd=None, cmdline=cmdline, root_uuid="u")
+    with pytest.raises(DiskError, match="cannot parse kernel command line"):
+        kernel_cmdline("init='/bin/sh", "u")
+
+
 def test_patch_keeps_mode_and_owner_and_adds_files(tree: Path, tmp_path: Path) -> None:
     image = build(
         tree,
@@ -473,12 +495,48 @@ def test_patch_errors(tree: Path, tmp_path: Path, patch: dict[str, bytes], messa
     assert not (tmp_path / "disk.raw").exists()
 
 
+def test_a_file_system_without_seek_data_gives_the_same_disk(
+        tree: Path, tmp_path: Path, refuse_seek_data: RefuseSeekData) -> None:
+    """The ESP and the cached base are copied in: where SEEK_DATA is refused
+    the copy was all zeros (the error read as "only holes remain")."""
+    cache = tmp_path / "cache"
+    first = build(tree, tmp_path, "first", firmware="both", base_cache=cache)
+    refuse_seek_data()
+    again = build(tree, tmp_path, "again", firmware="both", base_cache=cache)
+    assert again.base_cached
+    assert again.path.read_bytes() == first.path.read_bytes()
+
+
 def test_sizes(tree: Path, tmp_path: Path) -> None:
     auto = build(tree, tmp_path, "auto", firmware="bios")
     assert auto.root.size == ext4.root_size_for(ext4.scan_tree(tree))
     fixed = build(tree, tmp_path, "fixed", firmware="bios", root_size=100 * 1024 * 1024)
     assert fixed.root.size == 100 * 1024 * 1024
     assert fixed.size == 1024 * 1024 * (1 + 1 + 100 + 1)
+
+
+@pytest.mark.parametrize("table", ["gpt", "mbr"])
+def test_disk_size_is_the_whole_image(tree: Path, tmp_path: Path, table: str) -> None:
+    """boot.disk_size was parsed and documented, and dropped."""
+    image = build(tree, tmp_path, table, firmware="bios", partition_table=table,
+                  root_size=100 * MiB, disk_size=300 * MiB)
+    assert image.size == image.path.stat().st_size == 300 * MiB
+    assert image.root.size == 100 * MiB  # the rest is free, for the guest to grow into
+    found = sfdisk_json(image.path)
+    if table == "gpt":
+        assert found["lastlba"] == 300 * MiB // 512 - 34  # the backup table at the end
+    [root] = [p for p in found["partitions"] if p["size"] * 512 == 100 * MiB]  # type: ignore[attr-defined]
+    assert root["start"] * 512 == image.root.start
+
+
+def test_a_disk_size_too_small_for_the_partitions_is_named(tree: Path,
+                                                          tmp_path: Path) -> None:
+    with pytest.raises(DiskError, match=r"boot.disk_size 100 MiB is too small for the "
+                                        r"partitions: they need 103 MiB"):
+        build(tree, tmp_path, firmware="bios", root_size=100 * MiB, disk_size=100 * MiB)
+    with pytest.raises(DiskError, match=r"boot\.disk_size 1000 must be a positive multiple"):
+        build(tree, tmp_path, firmware="bios", disk_size=1000)
+    assert not (tmp_path / "disk.raw").exists()
 
 
 def test_tree_too_big_for_root_size(tmp_path: Path) -> None:

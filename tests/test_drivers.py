@@ -106,7 +106,10 @@ setup(
     version="0.1",
     py_modules=["acme_cloudlets"],
     entry_points={
-        "cloudlets.formats": ["acme-disk = acme_cloudlets:AcmeDiskFormat"],
+        "cloudlets.formats": ["acme-disk = acme_cloudlets:AcmeDiskFormat",
+                              "qcow2 = acme_cloudlets:AcmeQcow2",
+                              "raw = acme_cloudlets:Misnamed",
+                              "acme-broken = acme_cloudlets:DoesNotExist"],
         "cloudlets.storage": ["acme-store = acme_cloudlets:AcmeStorage"],
     },
 )
@@ -133,6 +136,15 @@ class AcmeDiskFormat(FormatDriver):
 class AcmeStorage(LocalStorage):
     name = "acme-store"
     description = "Acme's storage"
+
+
+class AcmeQcow2(AcmeDiskFormat):
+    name = "qcow2"
+    description = "Acme's take on qcow2"
+
+
+class Misnamed(AcmeDiskFormat):
+    name = "not-raw"
 '''
 
 PLUGIN_CONFORMANCE = '''
@@ -181,8 +193,10 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
-def _run_with(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PYTHONPATH": f"{site}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(site)}
+def _run_with(site: Path, *args: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHONPATH": f"{site}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(site),
+           **(env or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True,
                           timeout=180, env=env, check=False)
 
@@ -211,6 +225,33 @@ def test_entry_point_driver_listed_by_cli(plugin_site: Path) -> None:
     formats = {row["name"]: row for row in json.loads(result.stdout)["format"]}
     assert formats["acme-disk"]["available"] is True
     assert formats["acme-disk"]["class"] == "acme_cloudlets.AcmeDiskFormat"
+
+
+def test_entry_points_cannot_shadow_builtins_unless_allowed(plugin_site: Path) -> None:
+    code = textwrap.dedent("""
+        import json, logging
+        logging.basicConfig(level=logging.WARNING)
+        from cloudlets import get_driver
+        print(json.dumps([get_driver("format", n).__module__ for n in ("qcow2", "raw")]))
+    """)
+    result = _run_with(plugin_site, "-c", code)
+    assert result.returncode == 0, result.stderr
+    # The built-ins are kept: neither the shadowing nor the misnamed one disables them.
+    assert json.loads(result.stdout) == ["cloudlets.drivers.formats.qcow2",
+                                         "cloudlets.drivers.formats.raw"]
+    assert "acme-cloudlets-plugin" in result.stderr and "built-in is kept" in result.stderr
+    allowed = _run_with(plugin_site, "-c", code, env={"CLOUDLETS_DRIVER_OVERRIDES": "format:qcow2"})
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)[0] == "acme_cloudlets"
+    listed = _run_with(plugin_site, "-m", "cloudlets", "drivers", "--json")
+    points = {row["name"]: row for row in json.loads(listed.stdout)["entry_points"]["format"]}
+    assert points["qcow2"]["status"].startswith("ignored: takes the name of the built-in")
+    assert points["acme-disk"]["status"] == "ok"
+    assert points["acme-broken"]["status"].startswith("broken: ")
+    assert "DoesNotExist" in points["acme-broken"]["status"]
+    human = _run_with(plugin_site, "-m", "cloudlets", "drivers")
+    assert "format acme-broken = acme_cloudlets:DoesNotExist (acme-cloudlets-plugin): broken" \
+        in human.stdout
 
 
 def test_third_party_runs_the_conformance_suites(plugin_site: Path, tmp_path: Path) -> None:

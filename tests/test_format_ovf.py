@@ -300,8 +300,7 @@ def _boot_disk(tmp_path: Path, firmware: str) -> tuple[DiskImage, Manifest]:
     manifest = Manifest({"name": "bootme", "version": "1",
                          "boot": {"kernel": cloudlet.kernel, "initrd": cloudlet.initrd,
                                   "cmdline": "console=ttyS0", "firmware": firmware}})
-    disk = DiskImage(path=built.path, size=built.size, firmware=built.firmware,
-                     details={"source_date_epoch": built.source_date_epoch})
+    disk = built.for_formats()
     return disk, manifest
 
 

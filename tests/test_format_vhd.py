@@ -17,6 +17,7 @@ from cloudlets.drivers.providers import get_driver
 from cloudlets.drivers.types import DriverKind, Format
 from cloudlets.manifest import Manifest
 from cloudlets.testing.formats import FormatDriverConformance, synthetic_disk
+from tests.conftest import RefuseSeekData
 
 MiB = 1024 * 1024
 VHD_EPOCH = 946_684_800  # 2000-01-01T00:00:00Z
@@ -161,3 +162,14 @@ def test_keeps_holes(tmp_path: Path) -> None:
     disk = synthetic_disk(tmp_path, size=64 * MiB)
     output = convert(tmp_path, disk)
     assert output.path.stat().st_blocks * 512 < 2 * MiB
+
+
+def test_a_file_system_without_seek_data_gives_the_same_vhd(
+        tmp_path: Path, refuse_seek_data: RefuseSeekData) -> None:
+    """The copy read SEEK_DATA's refusal as "only holes": a VHD of zeros."""
+    disk = synthetic_disk(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    expected = convert(tmp_path / "a", disk).path.read_bytes()
+    refuse_seek_data()
+    assert convert(tmp_path / "b", disk).path.read_bytes() == expected

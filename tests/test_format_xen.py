@@ -19,6 +19,7 @@ with ``dpkg-deb -x`` into the test cache (nothing is installed or committed):
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ import pytest
 from cloudlets.config import resolve_config
 from cloudlets.disk import BootSpec, build_disk
 from cloudlets.drivers.base import DiskImage, FormatContext, OutputFile
-from cloudlets.drivers.formats.xen import XenFormat, find_root_filesystem, pygrub_config
+from cloudlets.drivers.formats.xen import XenFormat, pygrub_config
 from cloudlets.drivers.providers import get_driver
 from cloudlets.drivers.types import DriverKind, Format
 from cloudlets.errors import ConfigurationError, FormatError
@@ -59,6 +61,7 @@ XL_LIBS = ("libxentoolcore.so.1", "libxentoollog.so.1", "libyajl.so.2", "libxenc
            "libxenevtchn.so.1", "libxengnttab.so.1", "libxenforeignmemory.so.1",
            "libxendevicemodel.so.1", "libxenhypfs.so.1", "libxenstore.so.4")
 CMDLINE = "console=ttyS0"
+MiB = 1024 * 1024
 
 
 # -- Xen's tools, unpacked ---------------------------------------------------------
@@ -162,10 +165,7 @@ def _build(cloudlet: BootCloudlet, directory: Path, firmware: str) -> tuple[Disk
                                 cmdline=CMDLINE, firmware=firmware),  # type: ignore[arg-type]
                        directory / f"disk-{firmware}.raw", seed=f"xen-{firmware}",
                        workdir=directory / f"build-{firmware}", base_cache=cache_dir() / "base")
-    disk = DiskImage(path=built.path, size=built.size, firmware=built.firmware,
-                     tree_tar=cloudlet.tree_tar,
-                     details={"source_date_epoch": built.source_date_epoch})
-    return disk, built.root_uuid
+    return built.for_formats(tree_tar=cloudlet.tree_tar), built.root_uuid
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +173,15 @@ def disks(cloudlet: BootCloudlet,
           tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[DiskImage, str]]:
     directory = tmp_path_factory.mktemp("xen-disks")
     return {firmware: _build(cloudlet, directory, firmware) for firmware in ("bios", "uefi")}
+
+
+def ext4_uuid(image: Path, offset: int) -> str:
+    """The UUID in the superblock of the ext4 filesystem at ``offset``."""
+    with open(image, "rb") as handle:
+        handle.seek(offset + 1024)
+        superblock = handle.read(1024)
+    assert superblock[0x38:0x3A] == b"\x53\xef"  # the ext magic
+    return str(uuid.UUID(bytes=superblock[0x68:0x78]))
 
 
 def boot_manifest(cloudlet: BootCloudlet) -> Manifest:
@@ -265,7 +274,8 @@ def test_pygrub_finds_kernel_initrd_and_args(tmp_path: Path, xen_tools: XenTools
     args = found["args"].split()
     assert args == [f"root=UUID={root_uuid}", "console=ttyS0", "console=hvc0"]
     # the patch touched only the copy, and only the root filesystem
-    assert find_root_filesystem(image.path)[1] == root_uuid
+    assert disk.root_offset is not None
+    assert ext4_uuid(image.path, disk.root_offset) == root_uuid
 
 
 def test_pygrub_finds_nothing_in_the_unpatched_disk(tmp_path: Path, xen_tools: XenTools,
@@ -282,7 +292,7 @@ def test_existing_config_is_replaced(tmp_path: Path, xen_tools: XenTools,
                                      disks: dict[str, tuple[DiskImage, str]]) -> None:
     disk, root_uuid = disks["bios"]
     first, _ = convert(tmp_path / "a", disk, boot_manifest(cloudlet), XenFormat())
-    again = DiskImage(path=first.path, size=disk.size, firmware="bios", details=disk.details)
+    again = dataclasses.replace(disk, path=first.path)
     manifest = Manifest({"name": "xenlet", "version": "2",
                          "boot": {"kernel": cloudlet.kernel, "initrd": cloudlet.initrd,
                                   "cmdline": "console=ttyS0 quiet"}})
@@ -474,8 +484,31 @@ def test_libxlutil_rejects_a_broken_config(tmp_path: Path, xl_config: XLConfig) 
 
 def test_pv_needs_a_root_filesystem(tmp_path: Path) -> None:
     manifest = Manifest({"name": "x", "boot": {"kernel": "/boot/vmlinuz"}})
-    with pytest.raises(FormatError, match="no ext2/3/4 root filesystem"):
+    with pytest.raises(FormatError, match=r"no root filesystem for pygrub.*root_offset"):
         convert(tmp_path, synthetic_disk(tmp_path), manifest, XenFormat())
+
+
+def test_pv_reads_the_disk_stages_facts_not_the_disk(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root offset, UUID and clock come typed from the disk stage: the
+    driver no longer parses the partition table and superblock (a disk whose
+    table says nothing still gets its configuration where the facts say)."""
+    disk = synthetic_disk(tmp_path)
+    facts = dataclasses.replace(disk, root_offset=MiB, root_uuid="1234-facts",
+                                source_date_epoch=1_650_000_000)
+    scripts: list[str] = []
+
+    def debugfs(tool: str, args: list[object], **options: object) -> object:
+        if "-f" in args:
+            scripts.append(Path(str(args[args.index("-f") + 1])).read_text())
+            assert options["env"]["E2FSPROGS_FAKE_TIME"] == "1650000000"  # type: ignore[index]
+        assert str(args[-1]).endswith(f"?offset={MiB}")
+        return subprocess.CompletedProcess(args, 0, b"", b"")
+
+    monkeypatch.setattr("cloudlets.drivers.formats.xen.run", debugfs)
+    manifest = Manifest({"name": "x", "boot": {"kernel": "/boot/vmlinuz"}})
+    convert(tmp_path, facts, manifest, XenFormat())
+    assert len(scripts) == 1 and "write " in scripts[0]
 
 
 def test_pv_needs_a_boot_section(tmp_path: Path) -> None:

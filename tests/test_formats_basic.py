@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import subprocess
@@ -13,8 +14,10 @@ from cloudlets.drivers.base import OutputFile
 from cloudlets.drivers.formats.qcow2 import Qcow2Format
 from cloudlets.drivers.formats.raw import RawFormat
 from cloudlets.drivers.formats.tar import TarFormat
-from cloudlets.sparse import Piece, copy_sparse, link_or_copy, merge_ranges
+from cloudlets.errors import FormatError
+from cloudlets.sparse import Piece, copy_into, copy_sparse, data_ranges, link_or_copy, merge_ranges
 from cloudlets.testing.formats import FormatDriverConformance, synthetic_disk
+from tests.conftest import RefuseSeekData
 
 
 class TestRawConformance(FormatDriverConformance):
@@ -96,6 +99,64 @@ def test_copy_sparse_keeps_holes(tmp_path: Path) -> None:
         copy_sparse(source, target)
 
 
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP])
+def test_without_seek_data_the_whole_file_is_data(tmp_path: Path,
+                                                  refuse_seek_data: RefuseSeekData,
+                                                  code: int) -> None:
+    """A file system that refuses SEEK_DATA: copies were all zeros (the error
+    read as "only holes remain"); now the whole file is copied."""
+    source = synthetic_disk(tmp_path).path
+    size = source.stat().st_size
+    refuse_seek_data(code)
+    with open(source, "rb") as handle:
+        assert data_ranges(handle.fileno()) == [(0, size)]
+    copy_sparse(source, tmp_path / "copy.raw")
+    assert (tmp_path / "copy.raw").read_bytes() == source.read_bytes()
+    with open(tmp_path / "into.raw", "wb") as target:
+        target.truncate(size + 4096)
+        copy_into(source, target.fileno(), 4096)
+    assert (tmp_path / "into.raw").read_bytes()[4096:] == source.read_bytes()
+
+
+def test_enxio_means_only_holes(tmp_path: Path) -> None:
+    hole = tmp_path / "hole.raw"
+    with open(hole, "wb") as handle:
+        handle.truncate(1 << 20)
+    with open(hole, "rb") as handle:
+        assert data_ranges(handle.fileno()) == []
+    copy_sparse(hole, tmp_path / "copy.raw")
+    assert (tmp_path / "copy.raw").read_bytes() == bytes(1 << 20)
+
+
+def test_other_seek_errors_are_not_taken_for_holes(tmp_path: Path,
+                                                   refuse_seek_data: RefuseSeekData) -> None:
+    source = synthetic_disk(tmp_path).path
+    refuse_seek_data(errno.EIO)
+    with pytest.raises(OSError, match="Input/output"):
+        copy_sparse(source, tmp_path / "copy.raw")
+
+
+def test_a_source_that_ends_early_is_named(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    source = synthetic_disk(tmp_path).path
+    monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)
+    with pytest.raises(FormatError, match=f"{source.name} ended at byte 0"):
+        copy_sparse(source, tmp_path / "copy.raw", error=FormatError)
+
+
+def test_copy_across_file_systems_reads_and_writes(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    source = synthetic_disk(tmp_path).path
+
+    def cross_device(*args: object) -> int:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    copy_sparse(source, tmp_path / "copy.raw")
+    assert (tmp_path / "copy.raw").read_bytes() == source.read_bytes()
+    assert (tmp_path / "copy.raw").stat().st_blocks * 512 < source.stat().st_size // 2
+
+
 def test_link_or_copy_links_on_one_file_system(tmp_path: Path) -> None:
     source = synthetic_disk(tmp_path).path
     target = tmp_path / "linked.raw"
@@ -160,3 +221,24 @@ def test_qemu_img_reads_a_disk_made_of_pieces(tmp_path: Path) -> None:
     assert (tmp_path / "out.raw").read_bytes() == expected
     qemuimg.convert(DiskImage(path=one, size=3 * 4096), tmp_path / "plain.raw", "raw")
     assert (tmp_path / "plain.raw").read_bytes() == one.read_bytes()
+
+
+def test_the_version_has_a_module_of_its_own() -> None:
+    """ec2.py read ``cloudlets.__version__`` through the package face (whose
+    imports run back down into the drivers); every module now reads it from
+    :mod:`cloudlets.version`, and the face re-exports the same object."""
+    import ast
+
+    import cloudlets
+    from cloudlets import version
+    from cloudlets.drivers.formats import ec2
+
+    assert cloudlets.__version__ is version.__version__ is ec2.__version__
+    package = Path(cloudlets.__file__).parent
+    through_face = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "cloudlets" \
+                    and any(alias.name == "__version__" for alias in node.names):
+                through_face.append(str(path.relative_to(package)))
+    assert through_face == []

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_plus
 
 import pytest
 
@@ -25,7 +26,12 @@ from cloudlets.catalog import (
     RenderRequest,
 )
 from cloudlets.drivers.storage.local import LocalStorage
-from cloudlets.errors import DriverNotFoundError, IntegrityError, StorageError
+from cloudlets.errors import (
+    DriverNotFoundError,
+    ImageNotFoundError,
+    IntegrityError,
+    StorageError,
+)
 from cloudlets.images import Images, expand_output
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
@@ -301,21 +307,30 @@ def test_delete_removes_artifacts_through_the_storage_driver(setup: Any) -> None
     location = Path(entry.artifacts[0].location)
     assert location.exists()
     deleted = images.delete(entry.image_id)  # type: ignore[arg-type]
-    assert deleted.status is ImageStatus.DELETED and not location.exists()
+    assert deleted.entry.status is ImageStatus.DELETED and not location.exists()
+    assert deleted.removed == (str(location),) and deleted.missing == () and not deleted.already
     assert catalog.get(entry.image_id).status is ImageStatus.DELETED  # type: ignore[arg-type]
-    assert images.delete(entry.entry_id).status is ImageStatus.DELETED  # idempotent
+    twice = images.delete(entry.entry_id)  # idempotent, and says nothing was removed
+    assert twice.entry.status is ImageStatus.DELETED and twice.already and twice.removed == ()
     again = images.create(manifest, output, "local", "tar")
     assert again.ready and again.entry_id != entry.entry_id and location.exists()
     with pytest.raises(CatalogError, match="not 'other'"):
         class Other(LocalStorage):
             name = "other"
         images.delete(again.entry_id, storage=Other())
+    # Another target of the same driver (another root) may not delete it.
+    with pytest.raises(CatalogError, match="stored in the target"):
+        images.delete(again.entry_id, storage=LocalStorage(root=str(location.parent)))
     assert catalog.get(again.entry_id).ready
-    with pytest.raises(CatalogError, match="no image"):
+    with pytest.raises(ImageNotFoundError, match="no image"):
         catalog.get("img-unknown")
+    # An artifact the driver cannot find is reported missing, not removed.
+    location.unlink()
+    gone = images.delete(again.entry_id)
+    assert gone.missing == (str(location),) and gone.removed == ()
 
 
-def test_delete_failure_keeps_the_entry_deleting_and_can_be_retried(setup: Any) -> None:
+def test_delete_failure_leaves_the_entry_delete_failed_and_can_be_retried(setup: Any) -> None:
     images, _renderer, manifest, output = setup
     catalog = images.catalog
     entry = images.create(manifest, output, "local", "tar")
@@ -326,12 +341,13 @@ def test_delete_failure_keeps_the_entry_deleting_and_can_be_retried(setup: Any) 
     with pytest.raises(StorageError, match="cannot delete"):
         images.delete(entry.entry_id)
     half = catalog.get(entry.entry_id)
-    assert half.status is ImageStatus.DELETING and "deletion incomplete" in (half.error or "")
+    assert half.status is ImageStatus.DELETE_FAILED
+    assert "deletion incomplete" in (half.error or "") and "0 removed" in (half.error or "")
     assert catalog.entries(statuses=[ImageStatus.READY]) == []
     (location / "blocker").rmdir()
     location.rmdir()
     location.write_bytes(b"back")
-    assert images.delete(entry.entry_id).status is ImageStatus.DELETED
+    assert images.delete(entry.entry_id).entry.status is ImageStatus.DELETED
     assert not location.exists()
 
 
@@ -409,3 +425,22 @@ def test_storage_driver_for_rebuilds_by_name_or_class(setup: Any) -> None:
     lost = type(entry)(**{**entry.__dict__, "storage": "gone", "storage_class": None})
     with pytest.raises(DriverNotFoundError, match="no storage driver named 'gone'"):
         storage_driver_for(lost)
+
+
+def test_targets_of_one_driver_keep_their_images_apart(tmp_path: Path) -> None:
+    manifest = make_cloudlet(tmp_path / "src")
+    images = Images(make_renderer(tmp_path), ImageCatalog(tmp_path / "catalog.sqlite3"))
+    tenant_a = LocalStorage(root=str(tmp_path / "a"))
+    tenant_b = LocalStorage(root=str(tmp_path / "b"))
+    assert tenant_a.target == f"local?root={quote_plus(str(tmp_path / 'a'))}"
+    first = images.create(manifest, "images/{key}/", tenant_a, "tar")
+    # The same request to another root is another image, not the first one again.
+    second = images.create(manifest, "images/{key}/", tenant_b, "tar")
+    assert second.entry_id != first.entry_id and second.image_id != first.image_id
+    assert Path(first.artifacts[0].location).is_relative_to(tmp_path / "a")
+    assert Path(second.artifacts[0].location).is_relative_to(tmp_path / "b")
+    assert [e.entry_id for e in images.catalog.entries(target=tenant_b.target)] == [
+        second.entry_id]
+    with pytest.raises(CatalogError, match="stored in the target"):
+        images.delete(first.entry_id, storage=tenant_b)
+    assert Path(first.artifacts[0].location).exists()

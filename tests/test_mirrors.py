@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -106,3 +109,30 @@ def test_rewrite_keeps_the_rest_of_the_url(rest: str) -> None:
     rules = MirrorRules([{"prefix": ORIGIN, "mirrors": [LOCAL]}])
     out = rules.rewrite(ORIGIN + rest)
     assert out[0].url == LOCAL + rest and out[-1].url == ORIGIN + rest
+
+
+def test_a_render_compiles_its_mirror_rules_once(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudlets.mirrors import MirrorRule
+    from cloudlets.renderer import Renderer
+    from tests.test_catalog import make_cloudlet
+
+    rule = {"prefix": "https://mirrors.cloudlets.com/", "mirrors": ["https://m.example/"]}
+    renderer = Renderer(cache_dir=tmp_path, mirrors=[rule], ex_allow_file_urls=True)
+    compiled: list[str] = []
+    original = MirrorRule.from_dict.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type, data: Any, source: str = "config") -> MirrorRule:
+        compiled.append(data["prefix"])
+        return original(cls, data, source)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(MirrorRule, "from_dict", classmethod(counting))
+    job = renderer.prepare(make_cloudlet(tmp_path / "src"), str(tmp_path / "o") + "/",
+                           "local", "tar", {"mirrors": [{"prefix": "https://x/",
+                                                         "mirrors": ["https://y/"]}]})
+    # The renderer's rule was compiled when the renderer was made; the render
+    # compiles only the request's, once, and the job carries both.
+    assert compiled == ["https://x/"]
+    assert [r.prefix for r in job.mirrors.rules] == ["https://mirrors.cloudlets.com/",
+                                                    "https://x/"]
+    assert [r.source for r in job.mirrors.rules] == ["renderer", "config"]

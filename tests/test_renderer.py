@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import tarfile
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 import pytest
 
 from cloudlets import (
+    DiskError,
     FetchError,
     Manifest,
     Presets,
@@ -183,6 +185,22 @@ def test_rerender_reuses_cached_base_and_tarball(renderer: Renderer,
     assert read_from_disk(Path(again.primary.location), "/etc/hostname") == b"second\n"
 
 
+def test_boot_disk_size_sizes_the_rendered_disk(renderer: Renderer,
+                                               cloudlet: Callable[..., dict[str, Any]],
+                                               tmp_path: Path) -> None:
+    """The manifest's boot.disk_size reached no one: the disk was the
+    partitions plus alignment whatever it said."""
+    manifest = cloudlet()
+    manifest["boot"] = {**manifest["boot"], "root": {"size": "64M"}, "disk_size": "200M"}
+    result = renderer.render(manifest, str(tmp_path / "out") + "/", "local", "raw", CONFIG)
+    assert Path(result.primary.location).stat().st_size == 200 * 1024 * 1024
+    assert result.details["disk"]["size"] == 200 * 1024 * 1024
+    manifest["boot"]["disk_size"] = "65M"
+    with pytest.raises(DiskError, match=r"boot.disk_size 65 MiB is too small"):
+        renderer.render(manifest, str(tmp_path / "small") + "/", "local", "raw", CONFIG)
+    assert not (tmp_path / "small").exists() or not list((tmp_path / "small").iterdir())
+
+
 def test_qcow2_and_tar_outputs(renderer: Renderer, cloudlet: Callable[..., dict[str, Any]],
                                tmp_path: Path) -> None:
     manifest = cloudlet()
@@ -209,8 +227,11 @@ def test_existing_output_is_refused_then_overwritten(renderer: Renderer,
     target = tmp_path / "out" / "tiny-1.0.raw"
     target.parent.mkdir()
     target.write_bytes(b"precious")
-    with pytest.raises(StorageError, match="refusing to overwrite"):
-        renderer.render(cloudlet(), str(tmp_path / "out") + "/", "local", "raw", CONFIG)
+    stages: list[str] = []
+    with pytest.raises(StorageError, match=r"refusing to overwrite.*overwrite=True.*--overwrite"):
+        renderer.render(cloudlet(), str(tmp_path / "out") + "/", "local", "raw", CONFIG,
+                        lambda stage, done, total: stages.append(stage))
+    assert stages == []  # refused before any stage ran: nothing fetched, built or converted
     assert target.read_bytes() == b"precious"
     result = renderer.render(cloudlet(), str(tmp_path / "out") + "/", "local", "raw", CONFIG,
                              overwrite=True)
@@ -230,8 +251,6 @@ def test_template_error_leaves_nothing(renderer: Renderer,
 
 def test_missing_kernel_is_named(renderer: Renderer, cloudlet: Callable[..., dict[str, Any]],
                                  tmp_path: Path) -> None:
-    from cloudlets import DiskError
-
     files = {k: v for k, v in BASE_FILES.items() if k != "boot/vmlinuz"}
     with pytest.raises(DiskError, match="/boot/vmlinuz"):
         renderer.render(cloudlet(files), str(tmp_path / "out") + "/", "local", "raw")
@@ -427,7 +446,7 @@ def test_failed_publish_removes_what_was_stored(renderer: Renderer,
                                                 tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="refused"):
         renderer.render(cloudlet(), str(tmp_path / "p") + "/", "local", FailsToPublish())
-    assert list((tmp_path / "p").iterdir()) == []  # nothing left to refuse a retry
+    assert not (tmp_path / "p").exists()  # nothing left to refuse a retry, no empty dir
     renderer.render(cloudlet(), str(tmp_path / "p") + "/", "local", "raw")
 
 
@@ -611,6 +630,41 @@ def test_a_local_render_writes_its_output_once(
     assert read_from_disk(Path(raw.primary.location), "/etc/hostname") == b"web1\n"
     assert qcow2.primary.sha256 == hashlib.sha256(
         Path(qcow2.primary.location).read_bytes()).hexdigest()
+
+
+class NotesTheDisk(FormatDriver):
+    """A raw format that keeps the DiskImage it was handed."""
+
+    name: ClassVar[str] = "notes-the-disk"
+    capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    seen: ClassVar[list[DiskImage]] = []
+
+    def convert(self, context: FormatContext) -> list[OutputFile]:
+        self.seen.append(context.disk)
+        target = context.workdir / f"{context.basename}.raw"
+        shutil.copyfile(context.disk.path, target)
+        return [OutputFile("disk", target, target.name)]
+
+
+@pytest.mark.parametrize("boot", [None, STREAMED_BOOT], ids=["two-pass", "one-pass"])
+def test_a_format_gets_the_disk_stages_facts_typed(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
+        boot: dict[str, Any] | None) -> None:
+    """Root offset, root UUID and clock: the Xen driver parsed the partition
+    table and the superblock for them, and read the clock from a dict."""
+    NotesTheDisk.seen = []
+    manifest = cloudlet(**({"boot": boot} if boot else {}))
+    for output in ("a", "b"):  # cold, then from the cached base
+        result = renderer.render(manifest, str(tmp_path / output) + "/", "local",
+                                 NotesTheDisk(), CONFIG)
+        disk = NotesTheDisk.seen[-1]
+        stored = Path(result.primary.location)
+        assert disk.root_offset == root_partition_offset(stored)
+        stats = subprocess.run(["debugfs", "-R", "stats", f"{stored}?offset={disk.root_offset}"],
+                               capture_output=True, text=True, check=True, timeout=30).stdout
+        assert f"Filesystem UUID:          {disk.root_uuid}" in stats
+        assert disk.source_date_epoch == 1_700_000_000
+        assert result.details["disk"]["root_uuid"] == disk.root_uuid
 
 
 def test_an_output_that_is_the_disk_itself_is_kept(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import requests
 
 from cloudlets.drivers.providers import get_driver
 from cloudlets.drivers.storage.http import HTTPStorage
+from cloudlets.drivers.types import StorageCapability
 from cloudlets.errors import ConfigurationError, StorageError
 from cloudlets.testing.storage import StorageDriverConformance
 from tests.nginx_fixture import (
@@ -56,11 +57,11 @@ class TestHTTPStorageConformance(StorageDriverConformance):
 
 
 class TestHTTPStorageWithoutMoveConformance(StorageDriverConformance):
-    """A server with PUT and DELETE only: the fallback path."""
+    """A server with PUT and DELETE only: the final name written directly."""
 
     @pytest.fixture
     def storage(self) -> HTTPStorage:
-        return HTTPStorage()
+        return HTTPStorage(ex_move=False)
 
     @pytest.fixture
     def new_location(self, nginx_server: Nginx) -> Callable[[str], str]:
@@ -224,12 +225,34 @@ def test_credentials_never_logged(nginx_server: Nginx, caplog: pytest.LogCapture
 
 
 def test_without_move_a_failure_deletes_the_partial_file(nginx_server: Nginx) -> None:
-    storage = HTTPStorage()
+    storage = HTTPStorage(ex_move=False)
     location = _locator(nginx_server, "nomove")("partial.img")
     with pytest.raises(StorageError, match="sha256"):
         storage.upload(b"abc" * 1000, location, sha256="2" * 64)
     assert not storage.exists(location)
-    assert storage._move_support == {nginx_server.base: False}
+
+
+def test_only_an_instance_that_moves_into_place_declares_atomic() -> None:
+    """``ex_move=False`` writes the final name directly: it declared ATOMIC all
+    the same, so nothing cleaned up after it (see the conformance suite's
+    interrupted-upload checks)."""
+    assert HTTPStorage.capabilities & StorageCapability.ATOMIC
+    assert HTTPStorage().capabilities & StorageCapability.ATOMIC
+    direct = HTTPStorage(ex_move=False)
+    assert not direct.capabilities & StorageCapability.ATOMIC
+    assert direct.capabilities == HTTPStorage.capabilities & ~StorageCapability.ATOMIC
+
+
+def test_an_atomic_upload_refuses_a_server_without_move(nginx_server: Nginx) -> None:
+    """The promise cannot be kept there: refused before a byte is written
+    (it used to write the final name directly, though ATOMIC)."""
+    storage = HTTPStorage()
+    location = _locator(nginx_server, "nomove")("atomic.img")
+    with pytest.raises(StorageError, match=r"does not implement WebDAV MOVE \(HTTP 405\).*"
+                                           r"pass ex_move=False"):
+        storage.upload(b"abc" * 1000, location)
+    assert not storage.exists(location)
+    assert not list((nginx_server.root / "nomove").rglob("atomic.img"))
 
 
 def test_unreachable_server_names_the_target() -> None:
@@ -368,7 +391,8 @@ def test_file_upload_is_retried_within_the_bound(flaky: tuple[str, type[_Flaky]]
     base, handler = flaky
     source = tmp_path / "a.img"
     source.write_bytes(b"payload" * 1000)
-    artifact = HTTPStorage(retries=2, backoff=0.01).upload(source, f"{base}/a.img")
+    artifact = HTTPStorage(retries=2, backoff=0.01, ex_move=False).upload(
+        source, f"{base}/a.img")
     assert handler.puts == 3
     assert handler.store["/a.img"] == b"payload" * 1000
     assert artifact.size == 7000
@@ -380,7 +404,7 @@ def test_retries_give_up_after_the_bound(flaky: tuple[str, type[_Flaky]],
     source = tmp_path / "a.img"
     source.write_bytes(b"payload")
     with pytest.raises(StorageError, match="503"):
-        HTTPStorage(retries=1, backoff=0.01).upload(source, f"{base}/a.img")
+        HTTPStorage(retries=1, backoff=0.01, ex_move=False).upload(source, f"{base}/a.img")
     assert handler.puts == 2
     assert "/a.img" not in handler.store
 
@@ -388,7 +412,8 @@ def test_retries_give_up_after_the_bound(flaky: tuple[str, type[_Flaky]],
 def test_a_stream_is_not_retried(flaky: tuple[str, type[_Flaky]]) -> None:
     base, handler = flaky
     with pytest.raises(StorageError, match="503"):
-        HTTPStorage(retries=3, backoff=0.01).upload(iter([b"once"]), f"{base}/s.img")
+        HTTPStorage(retries=3, backoff=0.01, ex_move=False).upload(iter([b"once"]),
+                                                                   f"{base}/s.img")
     assert handler.puts == 1
 
 

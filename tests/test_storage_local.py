@@ -279,7 +279,7 @@ def test_disposable_source_is_still_verified(tmp_path: Path) -> None:
     target = tmp_path / "out" / "disk.raw"
     with pytest.raises(StorageError, match="sha256"):
         LocalStorage().upload(source, str(target), sha256="2" * 64, disposable=True)
-    assert sorted(p.name for p in target.parent.iterdir()) == []
+    assert not target.parent.exists()  # nothing left, not even the directory it made
     assert source.read_bytes() == data  # the caller's file is untouched
     assert os.stat(source).st_nlink == 1
 
@@ -322,3 +322,23 @@ def test_non_disposable_source_is_copied(tmp_path: Path) -> None:
     assert not os.path.samefile(source, target)
     source.write_bytes(b"changed")
     assert target.read_bytes() == b"keep me apart"
+
+
+def test_a_failed_upload_or_a_deletion_leaves_no_directory_it_made(tmp_path: Path) -> None:
+    storage = LocalStorage(root=str(tmp_path))
+    (tmp_path / "kept").mkdir()
+
+    def broken() -> Iterator[bytes]:
+        yield b"x" * 1000
+        raise StorageError("the source went away")
+
+    with pytest.raises(StorageError, match="went away"):
+        storage.upload(broken(), "kept/key0123/sub/disk.raw")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+    assert list((tmp_path / "kept").iterdir()) == []  # it existed before: kept
+    storage.upload(b"data", "kept/key4567/disk.raw")
+    storage.upload(b"more", "kept/key4567/other.raw")
+    storage.delete("kept/key4567/disk.raw")
+    assert (tmp_path / "kept" / "key4567").is_dir()  # not empty yet
+    storage.delete("kept/key4567/other.raw")
+    assert list((tmp_path / "kept").iterdir()) == []

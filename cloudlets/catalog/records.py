@@ -40,8 +40,11 @@ class ImageStatus(enum.StrEnum):
     READY = "ready"
     #: The render raised, was interrupted or its owner died; ``error`` says why.
     FAILED = "failed"
-    #: Its artifacts are being deleted (a failed deletion stays here).
+    #: Its artifacts are being deleted.
     DELETING = "deleting"
+    #: A deletion failed half-way: ``error`` says what is left; deleting
+    #: again finishes it.
+    DELETE_FAILED = "delete_failed"
     #: Its artifacts were deleted.
     DELETED = "deleted"
     #: Replaced by a forced render of the same key.
@@ -77,6 +80,10 @@ class RenderRequest:
     :ivar label: the image's display name (default ``name-version``).
     :ivar storage_class: ``module:Class`` of the storage driver, to rebuild it
         when its name is not registered in another process.
+    :ivar target: the storage target
+        (:attr:`StorageDriver.target <cloudlets.drivers.base.StorageDriver.target>`:
+        the driver's name and identity-bearing options); default the
+        storage driver's name.
     """
 
     manifest_name: str
@@ -88,13 +95,15 @@ class RenderRequest:
     output: str
     label: str = ""
     storage_class: str | None = None
+    target: str = ""
 
     @property
     def key(self) -> str:
         """The request's digest (:func:`cloudlets.result.request_key`) over
-        the manifest digest, config digest, format, storage and output."""
+        the manifest digest, config digest, format, storage target and
+        output."""
         return request_key(self.manifest_digest, self.config_digest, self.format,
-                           self.storage, self.output)
+                           self.target or self.storage, self.output)
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,8 @@ class CatalogEntry:
     :ivar owner_host: host of the process rendering it.
     :ivar owner_pid: pid of the process rendering it.
     :ivar lease_expires: when an in-flight render is considered abandoned.
+    :ivar target: the storage target it was stored to (see
+        :attr:`RenderRequest.target`).
     :ivar created_at: when it was claimed (seconds since the epoch).
     :ivar updated_at: its last change.
     :ivar started_at: when rendering started.
@@ -141,6 +152,7 @@ class CatalogEntry:
     owner_pid: int | None = None
     owner_token: str | None = None
     lease_expires: float | None = None
+    target: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
     started_at: float | None = None
@@ -189,6 +201,7 @@ class CatalogEntry:
             "format": self.format,
             "storage": self.storage,
             "storage_class": self.storage_class,
+            "target": self.target or self.storage,
             "output": self.output,
             "key": self.key,
             "artifacts": [a.to_dict() for a in self.artifacts],

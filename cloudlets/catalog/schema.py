@@ -135,8 +135,67 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
                  json.dumps(item.get("extra", {}), sort_keys=True)))
 
 
+_V3_COLUMNS = (
+    "entry_id, key, image_id, label, manifest_name, manifest_version, manifest_digest, "
+    "config_digest, format, storage, storage_class, output, status, error, error_type, "
+    "details, owner_host, owner_pid, owner_token, lease_expires, created_at, updated_at, "
+    "started_at, finished_at")
+
+
+_V3_TABLE = """
+CREATE TABLE images_v3 (
+    entry_id         TEXT PRIMARY KEY,
+    key              TEXT NOT NULL,
+    image_id         TEXT,
+    label            TEXT NOT NULL,
+    manifest_name    TEXT NOT NULL,
+    manifest_version TEXT,
+    manifest_digest  TEXT NOT NULL,
+    config_digest    TEXT NOT NULL,
+    format           TEXT NOT NULL,
+    storage          TEXT NOT NULL,
+    storage_class    TEXT,
+    target           TEXT NOT NULL DEFAULT '',
+    output           TEXT NOT NULL,
+    status           TEXT NOT NULL CHECK (status IN ('pending', 'rendering', 'ready', 'failed',
+                                                     'deleting', 'delete_failed', 'deleted',
+                                                     'superseded')),
+    error            TEXT,
+    error_type       TEXT,
+    details          TEXT NOT NULL DEFAULT '{}',
+    owner_host       TEXT,
+    owner_pid        INTEGER,
+    owner_token      TEXT,
+    lease_expires    REAL,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    started_at       REAL,
+    finished_at      REAL
+)
+"""
+
+
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    """Rows gain the storage *target* (the driver's name and its
+    identity-bearing options, never its secrets), which scopes list, get and
+    delete; a deletion that failed is ``delete_failed``. The table is rebuilt
+    for the new CHECK constraint; the artifacts are kept aside meanwhile, since
+    dropping the table their rows reference would cascade to them."""
+    conn.execute("CREATE TEMP TABLE artifacts_kept AS SELECT * FROM artifacts")
+    conn.execute(_V3_TABLE)
+    conn.execute(f"INSERT INTO images_v3 ({_V3_COLUMNS}, target) "
+                 f"SELECT {_V3_COLUMNS}, storage FROM images")
+    conn.execute("DROP TABLE images")
+    conn.execute("ALTER TABLE images_v3 RENAME TO images")
+    _run_script(conn, _V2_INDEXES)
+    conn.execute("CREATE INDEX images_target ON images (target)")
+    conn.execute("INSERT INTO artifacts SELECT * FROM artifacts_kept")
+    conn.execute("DROP TABLE artifacts_kept")
+
+
 #: Schema steps, in order: step ``n`` (1-based) upgrades version ``n - 1`` to
 #: ``n``. Append a step to change the schema; never edit a released one.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_v1, _migrate_v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _migrate_v1, _migrate_v2, _migrate_v3)
 #: The schema version this cloudlets writes.
 SCHEMA_VERSION = len(MIGRATIONS)

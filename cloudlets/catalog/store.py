@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -45,7 +46,7 @@ from cloudlets.catalog.records import (
 )
 from cloudlets.catalog.schema import MIGRATIONS, SCHEMA_VERSION
 from cloudlets.drivers.base import StoredArtifact
-from cloudlets.errors import CatalogError
+from cloudlets.errors import CatalogError, ImageNotFoundError
 from cloudlets.paths import default_data_dir
 from cloudlets.result import RenderResult
 
@@ -64,10 +65,22 @@ def default_catalog_path(data_dir: str | Path | None = None) -> Path:
 _COLUMNS = ("entry_id, key, image_id, label, manifest_name, manifest_version, manifest_digest, "
             "config_digest, format, storage, storage_class, output, status, error, error_type, "
             "details, owner_host, owner_pid, owner_token, lease_expires, created_at, "
-            "updated_at, started_at, finished_at")
+            "updated_at, started_at, finished_at, target")
 
 _STATUS_ORDER = ("CASE status WHEN 'ready' THEN 0 WHEN 'rendering' THEN 1 WHEN 'pending' THEN 1 "
-                 "WHEN 'deleting' THEN 2 WHEN 'failed' THEN 3 WHEN 'deleted' THEN 4 ELSE 5 END")
+                 "WHEN 'deleting' THEN 2 WHEN 'delete_failed' THEN 2 WHEN 'failed' THEN 3 "
+                 "WHEN 'deleted' THEN 4 ELSE 5 END")
+
+
+_WRITER_LOCKS: dict[str, threading.Lock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def _writer_lock(path: Path) -> threading.Lock:
+    """The lock this process's writers of a catalog file take turns on."""
+    key = os.path.realpath(path)
+    with _WRITER_LOCKS_GUARD:
+        return _WRITER_LOCKS.setdefault(key, threading.Lock())
 
 
 class ImageCatalog:
@@ -97,6 +110,17 @@ class ImageCatalog:
         except OSError as exc:
             raise CatalogError(f"cannot create {self.path.parent}: {exc.strerror}") from None
         self._migrate()
+
+    @classmethod
+    def open_existing(cls, path: str | Path | None = None, *,
+                      data_dir: str | Path | None = None) -> ImageCatalog | None:
+        """Open a catalog only if its database exists: what read-only
+        callers use, so that looking creates no state.
+
+        :returns: the catalog, or ``None`` when there is none yet.
+        """
+        resolved = Path(path) if path is not None else default_catalog_path(data_dir)
+        return cls(resolved) if resolved.is_file() else None
 
     def __repr__(self) -> str:
         return f"<ImageCatalog {self.path}>"
@@ -131,12 +155,14 @@ class ImageCatalog:
             pid = os.getpid()
             conn.execute(
                 "INSERT INTO images (entry_id, key, label, manifest_name, manifest_version, "
-                "manifest_digest, config_digest, format, storage, storage_class, output, "
-                "status, owner_host, owner_pid, owner_token, lease_expires, created_at, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                "manifest_digest, config_digest, format, storage, storage_class, target, "
+                "output, status, owner_host, owner_pid, owner_token, lease_expires, "
+                "created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
                 (entry_id, request.key, request.label or request.manifest_name,
                  request.manifest_name, request.manifest_version, request.manifest_digest,
                  request.config_digest, request.format, request.storage, request.storage_class,
+                 request.target or request.storage,
                  output if output is not None else request.output, HOST, pid,
                  process_token(pid), now + self.lease_seconds, now, now))
             return Claim(ClaimState.CLAIMED, self._get_entry(conn, entry_id), reaped, ready)
@@ -249,7 +275,7 @@ class ImageCatalog:
                 conn, f"image_id = ? OR entry_id = ? ORDER BY {_STATUS_ORDER}, "
                       "created_at DESC", (ref, ref))
         if entry is None:
-            raise CatalogError(f"no image {ref!r} in the catalog {self.path}")
+            raise ImageNotFoundError(f"no image {ref!r} in the catalog {self.path}")
         return entry
 
     def superseded(self, entry: CatalogEntry) -> list[CatalogEntry]:
@@ -277,16 +303,21 @@ class ImageCatalog:
                          "WHERE entry_id = ?", (time.time(), entry_id))
             return self._get_entry(conn, entry_id)
 
-    def find_ready(self, image_id: str) -> CatalogEntry | None:
-        """:returns: the ready entry with this image id, if any."""
+    def find_ready(self, image_id: str, *, target: str | None = None) -> CatalogEntry | None:
+        """The ready entry with this image id, if any.
+
+        :param target: only one stored to this storage target.
+        """
+        where, params = "image_id = ? AND status = 'ready'", [image_id]
+        if target is not None:
+            where, params = where + " AND target = ?", [image_id, target]
         with self._read() as conn:
-            return self._select_one(conn, "image_id = ? AND status = 'ready' "
-                                          "ORDER BY created_at DESC", (image_id,))
+            return self._select_one(conn, where + " ORDER BY created_at DESC", tuple(params))
 
     def entries(self, *, name: str | None = None, version: str | None = None,
                 statuses: Sequence[ImageStatus | str] | None = None,
-                format: str | None = None, storage: str | None = None  # noqa: A002
-                ) -> list[CatalogEntry]:
+                format: str | None = None, storage: str | None = None,  # noqa: A002
+                target: str | None = None) -> list[CatalogEntry]:
         """List entries, sorted by manifest name, then version (numbers
         compared as numbers), then age.
 
@@ -295,10 +326,11 @@ class ImageCatalog:
         :param statuses: only these statuses (default: all).
         :param format: only this format driver name.
         :param storage: only this storage driver name.
+        :param target: only this storage target (driver and identity).
         """
         clauses, params = ["1 = 1"], []
         for column, value in (("manifest_name", name), ("manifest_version", version),
-                              ("format", format), ("storage", storage)):
+                              ("format", format), ("storage", storage), ("target", target)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
@@ -342,12 +374,13 @@ class ImageCatalog:
                          "WHERE entry_id = ?", (time.time(), entry_id))
             return self._get_entry(conn, entry_id)
 
-    def note_error(self, entry_id: str, error: str) -> CatalogEntry:
-        """Record why an operation on an entry is incomplete (a deletion
-        that failed half-way); the status is unchanged."""
+    def mark_delete_failed(self, entry_id: str, error: str) -> CatalogEntry:
+        """Record a deletion that failed half-way: the entry is
+        ``delete_failed`` with ``error`` saying what is left, and deleting
+        again finishes it."""
         with self._write() as conn:
-            conn.execute("UPDATE images SET error = ?, updated_at = ? WHERE entry_id = ?",
-                         (error, time.time(), entry_id))
+            conn.execute("UPDATE images SET status = 'delete_failed', error = ?, updated_at = ? "
+                         "WHERE entry_id = ?", (error, time.time(), entry_id))
             return self._get_entry(conn, entry_id)
 
     # -- internals ------------------------------------------------------------
@@ -364,7 +397,15 @@ class ImageCatalog:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A ``BEGIN IMMEDIATE`` transaction: the write lock is taken up
-        front, so a read-then-write cannot race another process."""
+        front, so a read-then-write cannot race another process. Threads of
+        one process take turns on a lock first: waiting on SQLite's busy
+        handler instead, whose sleeps grow to 100 ms, made a service's POST
+        wait up to a second behind nine others."""
+        with _writer_lock(self.path), self._transaction() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -471,6 +512,6 @@ class ImageCatalog:
                 output=row[11], status=ImageStatus(row[12]), error=row[13], error_type=row[14],
                 details=json.loads(row[15] or "{}"), owner_host=row[16], owner_pid=row[17],
                 owner_token=row[18], lease_expires=row[19], created_at=row[20],
-                updated_at=row[21], started_at=row[22], finished_at=row[23],
+                updated_at=row[21], started_at=row[22], finished_at=row[23], target=row[24],
                 artifacts=artifacts))
         return entries

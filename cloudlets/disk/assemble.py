@@ -27,7 +27,7 @@ from cloudlets.disk.partition import (
 from cloudlets.disk.spec import BootSpec, DiskImage
 from cloudlets.disk.tools import e2fsprogs_version
 from cloudlets.errors import DiskError
-from cloudlets.sparse import Piece
+from cloudlets.sparse import Piece, copy_into
 
 if TYPE_CHECKING:
     from cloudlets.rootfs import RootTree
@@ -94,7 +94,11 @@ class _Layout:
 
 
 def _layout(boot: BootSpec, root_size: int, seed: str) -> _Layout:
-    """Place the partitions: [BIOS boot] [ESP] root, 1 MiB aligned, 1 MiB spare at the end."""
+    """Place the partitions: [BIOS boot] [ESP] root, 1 MiB aligned, 1 MiB spare at the end
+    (or free space up to ``boot.disk_size``).
+
+    :raises DiskError: ``boot.disk_size`` is smaller than the partitions need.
+    """
     bios = boot.firmware in ("bios", "both")
     uefi = boot.firmware in ("uefi", "both")
     gpt = boot.partition_table == "gpt"
@@ -139,27 +143,19 @@ def _layout(boot: BootSpec, root_size: int, seed: str) -> _Layout:
         )
     )
     pos += root_size
-    return _Layout(pos + ALIGN, tuple(parts), root_index, esp_index, core_offset, core_limit)
+    size = pos + ALIGN
+    if boot.disk_size is not None:
+        if boot.disk_size < size:
+            raise DiskError(
+                f"boot.disk_size {_mib(boot.disk_size)} is too small for the partitions: "
+                f"they need {_mib(size)} ({size} bytes: a root filesystem of "
+                f"{_mib(root_size)}, boot partitions and 1 MiB alignment at each end)")
+        size = boot.disk_size
+    return _Layout(size, tuple(parts), root_index, esp_index, core_offset, core_limit)
 
 
-def _copy_sparse(source: Path, fd: int, offset: int) -> None:
-    """Copy a sparse file into an open file at an offset, skipping its holes."""
-    with open(source, "rb") as src:
-        sfd = src.fileno()
-        end = os.fstat(sfd).st_size
-        pos = 0
-        while pos < end:
-            try:
-                data = os.lseek(sfd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            hole = os.lseek(sfd, data, os.SEEK_HOLE)
-            while data < hole:
-                copied = os.copy_file_range(sfd, fd, hole - data, data, offset + data)
-                if copied == 0:
-                    raise DiskError(f"short copy of {source} into the disk image")
-                data += copied
-            pos = hole
+def _mib(size: int) -> str:
+    return f"{size / _MIB:.1f} MiB" if size % _MIB else f"{size // _MIB} MiB"
 
 
 #: At most this many patched ranges go to qemu-img as pieces; past it the
@@ -559,7 +555,8 @@ def build_disk(
                 boot_code=boot_code,
             )
             if esp_image is not None and layout.esp_index is not None:
-                _copy_sparse(esp_image, fd, layout.partitions[layout.esp_index].start)
+                copy_into(esp_image, fd, layout.partitions[layout.esp_index].start,
+                          error=DiskError)
             if cached is not None:
                 base_image = cached[0]
             elif base_cache is not None and key is not None:
@@ -578,7 +575,7 @@ def build_disk(
                                   _metadata(base_image, key), patch_files or {},
                                   timestamp=timestamp, workdir=workdir / "patch")
             if base_image is not None and not pieces:
-                _copy_sparse(base_image, fd, root.start)
+                copy_into(base_image, fd, root.start, error=DiskError)
         if cached is None and base_cache is None:
             _check_boot_files(boot, make_root(output, offset=root.start), tar_path)
         if patch_files and not pieces:

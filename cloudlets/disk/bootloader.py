@@ -85,11 +85,16 @@ def _grub_quote(word: str) -> str:
     return "'" + word.replace("'", "'\\''") + "'"
 
 
-def kernel_cmdline(cmdline: str, root_uuid: str) -> list[str]:
-    """The kernel's arguments: the manifest's, with ``root=UUID=`` unless it names a root.
+def kernel_cmdline(cmdline: str, root_uuid: str, *, console: str | None = None) -> list[str]:
+    """The kernel's arguments, built here for every boot path (the GRUB
+    images, Xen's pygrub configuration): the manifest's, with
+    ``root=UUID=`` first unless it names a root.
 
     :param cmdline: the manifest's kernel command line.
     :param root_uuid: the root filesystem UUID.
+    :param console: a console the boot path needs (``hvc0`` under Xen PV):
+        ``console=<it>`` goes last, once, so it is ``/dev/console`` (the
+        kernel's last ``console=``).
     :returns: the arguments as a list.
     :raises DiskError: the command line cannot be split (unbalanced quotes).
     """
@@ -99,6 +104,9 @@ def kernel_cmdline(cmdline: str, root_uuid: str) -> list[str]:
         raise DiskError(f"cannot parse kernel command line {cmdline!r}: {exc}") from exc
     if not any(word.startswith("root=") for word in words):
         words.insert(0, f"root=UUID={root_uuid}")
+    if console is not None:
+        words = [word for word in words if word != f"console={console}"]
+        words.append(f"console={console}")
     return words
 
 
@@ -120,7 +128,7 @@ def grub_config(*, kernel: str, initrd: str | None, cmdline: str, root_uuid: str
     args = " ".join(_grub_quote(w) for w in kernel_cmdline(cmdline, root_uuid))
     lines = [
         f"search --no-floppy --fs-uuid --set=root {root_uuid}",
-        f"echo 'cloudlets: loading {kernel}'",
+        f"echo {_grub_quote(f'cloudlets: loading {kernel}')}",
         f"linux {_grub_quote(kernel)} {args}",
     ]
     if initrd is not None:

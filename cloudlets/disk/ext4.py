@@ -743,7 +743,7 @@ def patched_ranges(metadata: Path, files: Mapping[str, bytes], *, timestamp: int
     workdir.mkdir(parents=True, exist_ok=True)
     patched = workdir / "root-patch.raw"
     patched.unlink(missing_ok=True)
-    copy_sparse(metadata, patched)
+    copy_sparse(metadata, patched, error=DiskError)
     patch_ext4(str(patched), files, timestamp=timestamp, workdir=workdir / "script",
                sync=False)
     changed: list[tuple[int, int]] = []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cloudlets.disk.partition import Partition
+from cloudlets.drivers.base import DiskImage as FormatDisk
 from cloudlets.errors import DiskError
 from cloudlets.sparse import Piece
 
@@ -36,6 +38,9 @@ class BootSpec:
     :ivar root_size: the root filesystem size in bytes, or ``None`` to size it
         from the tree with headroom.
     :ivar label: the root filesystem label (at most 16 bytes).
+    :ivar disk_size: the whole disk image's size in bytes (a multiple of 512),
+        or ``None`` for the partitions plus alignment; the space past the
+        last partition is left free (for the guest to grow into).
     """
 
     kernel: str
@@ -46,6 +51,7 @@ class BootSpec:
     fstype: FsType = "ext4"
     root_size: int | None = None
     label: str = "cloudlets-root"
+    disk_size: int | None = None
 
     def validate(self) -> None:
         """Check the values a manifest schema cannot fully check.
@@ -67,6 +73,9 @@ class BootSpec:
             raise DiskError(f"boot.root_size {self.root_size} must be positive")
         if not self.label or len(self.label.encode()) > 16:
             raise DiskError(f"boot.label {self.label!r} must be 1 to 16 bytes")
+        if self.disk_size is not None and (self.disk_size <= 0 or self.disk_size % 512):
+            raise DiskError(f"boot.disk_size {self.disk_size} must be a positive multiple "
+                            "of 512 bytes")
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,38 @@ class DiskImage:
     def root(self) -> Partition:
         """The root filesystem's partition."""
         return self.partitions[self.root_partition]
+
+    @property
+    def root_offset(self) -> int:
+        """Where the root filesystem starts in the image, in bytes."""
+        return self.root.start
+
+    def for_formats(self, *, tree_tar: Path | None = None,
+                    details: Mapping[str, Any] | None = None) -> FormatDisk:
+        """This image as format drivers receive it, with the facts they need
+        typed (root offset and UUID, the timestamp), so none parses the disk
+        again.
+
+        :param tree_tar: the rendered tree's tar, for a driver that wants it.
+        :param details: what the render records about the disk; default
+            :meth:`record`.
+        """
+        return FormatDisk(path=self.path, size=self.size, firmware=self.firmware,
+                          tree_tar=tree_tar,
+                          details=dict(details if details is not None else self.record()),
+                          pieces=self.pieces, root_offset=self.root_offset,
+                          root_uuid=self.root_uuid, source_date_epoch=self.source_date_epoch)
+
+    def record(self) -> dict[str, Any]:
+        """What a render records about the image, JSON-ready.
+
+        :returns: ``RenderResult.details["disk"]``.
+        """
+        return {"size": self.size, "firmware": self.firmware,
+                "partition_table": self.partition_table, "root_uuid": self.root_uuid,
+                "disk_guid": self.disk_guid, "partitions": self.partition_uuids,
+                "base_cached": self.base_cached, "composed": bool(self.pieces),
+                "source_date_epoch": self.source_date_epoch}
 
     @property
     def partition_uuids(self) -> dict[str, str]:

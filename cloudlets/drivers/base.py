@@ -30,10 +30,11 @@ import hashlib
 import io
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+from urllib.parse import urlencode
 
 from cloudlets.drivers.types import FormatCapability, StorageCapability
 from cloudlets.errors import CloudletsError, ConfigurationError, StorageError
@@ -67,13 +68,20 @@ class DiskImage:
     :ivar firmware: ``bios``, ``uefi`` or ``both``.
     :ivar tree_tar: the rendered root filesystem as a normalized tar, for
         formats that ship the tree rather than a disk.
-    :ivar details: facts the disk stage records (partition table, root
-        filesystem UUID...).
+    :ivar details: what the render records about the disk
+        (``RenderResult.details["disk"]``), for people; a driver reads the
+        typed fields below.
     :ivar pieces: only for a driver with
         :attr:`~cloudlets.drivers.types.FormatCapability.COMPOSED_DISK`, and
         then possibly not empty: the disk is these byte ranges of files, in
         order, and :attr:`path` alone lacks the root filesystem.
         :func:`cloudlets.drivers.formats.qemuimg.convert` reads either form.
+    :ivar root_offset: where the root filesystem's partition starts, in
+        bytes (``None``: not known, e.g. a tree).
+    :ivar root_uuid: the root filesystem's UUID (what ``root=UUID=`` names).
+    :ivar source_date_epoch: the timestamp the disk stage wrote everywhere a
+        tool would have taken the clock; a reproducible driver uses it for
+        its own timestamps (``None``: not pinned).
     """
 
     path: Path
@@ -82,6 +90,9 @@ class DiskImage:
     tree_tar: Path | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     pieces: tuple[Piece, ...] = ()
+    root_offset: int | None = None
+    root_uuid: str | None = None
+    source_date_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +190,8 @@ class UploadSource:
     :ivar disposable: the caller gives the file up (see
         :meth:`StorageDriver.upload`): a driver may move it into place
         instead of copying it.
+    :ivar on_bytes: called with :attr:`bytes_read` as bytes are counted
+        (the ``progress`` of :meth:`StorageDriver.upload`).
     """
 
     path: Path | None
@@ -190,6 +203,7 @@ class UploadSource:
     _file: BinaryIO | None = None
     _hash: Any = field(default_factory=hashlib.sha256)
     bytes_read: int = 0
+    on_bytes: Callable[[int], None] | None = None
     _consumed: bool = False
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:
@@ -261,6 +275,8 @@ class UploadSource:
     def _account(self, chunk: bytes | bytearray | memoryview) -> None:
         self._hash.update(chunk)
         self.bytes_read += len(chunk)
+        if self.on_bytes is not None:
+            self.on_bytes(self.bytes_read)
 
     def verify(self, location: str) -> None:
         """Check the bytes pulled so far against the expected size and digest.
@@ -376,7 +392,10 @@ class StorageDriver(ABC):
     website: ClassVar[str] = ""
     #: One line for ``cloudlets drivers`` and the docs matrix.
     description: ClassVar[str] = ""
-    #: What the driver can do.
+    #: What the driver can do. An instance whose configuration rules a
+    #: capability out declares less than its class, never more
+    #: (``HTTPStorage(ex_move=False)`` is not ``ATOMIC``): the checks here,
+    #: and callers, read the instance's.
     capabilities: ClassVar[StorageCapability] = StorageCapability.NONE
     #: Bytes per read when streaming a file source.
     CHUNK_SIZE: ClassVar[int] = 4 * 1024 * 1024
@@ -392,7 +411,8 @@ class StorageDriver(ABC):
     def upload(self, source: Path | str | bytes | BinaryIO | Iterable[bytes], location: str, *,
                size: int | None = None, sha256: str | None = None,
                media_type: str = "application/octet-stream", role: str = "disk",
-               overwrite: bool = False, disposable: bool = False) -> StoredArtifact:
+               overwrite: bool = False, disposable: bool = False,
+               progress: Callable[[int], None] | None = None) -> StoredArtifact:
         """Store ``source`` at ``location``.
 
         :param source: a file path, the content as ``bytes``, a binary file
@@ -412,12 +432,15 @@ class StorageDriver(ABC):
             into place when it is on the same file system. The caller must
             still delete its own name for the file; the stored artifact keeps
             the data.
+        :param progress: called with the number of bytes stored (and hashed)
+            so far; it may go back to 0 when a driver sends the file again.
         :returns: the stored artifact.
         :raises StorageError: on failure; nothing complete-looking is left at
             ``location``.
         """
         upload_source = self._make_source(source, size, sha256, media_type)
         upload_source.disposable = disposable and upload_source.path is not None
+        upload_source.on_bytes = progress
         if upload_source.size is None and not self.capabilities & StorageCapability.STREAM:
             raise StorageError(
                 f"storage driver {self.name!r} cannot store a stream of unknown length",
@@ -463,6 +486,24 @@ class StorageDriver(ABC):
     @abstractmethod
     def exists(self, location: str) -> bool:
         """:returns: whether something is stored at ``location``."""
+
+    def identity(self) -> dict[str, str]:
+        """The options that tell this target apart from another target of
+        the same driver (a root directory, an endpoint): what the catalog
+        records with an image and scopes list, get and delete to. Never
+        credentials. The default, no options, suits drivers whose locations
+        name everything (URLs).
+        """
+        return {}
+
+    @property
+    def target(self) -> str:
+        """This target's name in the catalog: the driver's name, then its
+        :meth:`identity` as a query string (``local?root=/srv/images``)."""
+        identity = self.identity()
+        if not identity:
+            return self.name
+        return self.name + "?" + urlencode(sorted(identity.items()))
 
     # -- for subclasses -----------------------------------------------------
 

@@ -11,6 +11,12 @@ ours, through the entry-point groups :data:`FORMAT_ENTRY_POINT_GROUP` and
     acme-disk = "acme_cloudlets.formats:AcmeDiskFormat"
 
 or at run time with :func:`set_driver`.
+
+An entry point may not take the name of a built-in driver: it is ignored
+with a warning naming its package, and the built-in is kept, unless the
+provider opts in with ``CLOUDLETS_DRIVER_OVERRIDES=format:qcow2,...``
+(:data:`OVERRIDES_ENV`) or :func:`allow_override`. :func:`entry_point_report`
+says what each installed entry point is and why one cannot be used.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import logging
+import os
 import threading
 from importlib.metadata import entry_points
 from typing import Any, Literal, overload
@@ -28,8 +36,11 @@ from cloudlets.errors import ConfigurationError, DriverNotFoundError
 
 __all__ = [
     "FORMAT_ENTRY_POINT_GROUP",
+    "OVERRIDES_ENV",
     "STORAGE_ENTRY_POINT_GROUP",
+    "allow_override",
     "driver_class_path",
+    "entry_point_report",
     "get_driver",
     "list_drivers",
     "make_driver",
@@ -41,6 +52,11 @@ __all__ = [
 FORMAT_ENTRY_POINT_GROUP = "cloudlets.formats"
 #: Entry-point group for storage drivers.
 STORAGE_ENTRY_POINT_GROUP = "cloudlets.storage"
+#: Environment variable listing the built-in drivers (``kind:name``, comma
+#: separated) that an installed entry point of the same name may replace.
+OVERRIDES_ENV = "CLOUDLETS_DRIVER_OVERRIDES"
+
+log = logging.getLogger(__name__)
 
 _GROUPS = {DriverKind.FORMAT: FORMAT_ENTRY_POINT_GROUP,
            DriverKind.STORAGE: STORAGE_ENTRY_POINT_GROUP}
@@ -74,6 +90,8 @@ BUILTIN: dict[DriverKind, dict[str, tuple[str, str]]] = {
 _lock = threading.RLock()
 _registered: dict[DriverKind, dict[str, type]] = {DriverKind.FORMAT: {}, DriverKind.STORAGE: {}}
 _entry_points_loaded: dict[DriverKind, dict[str, Any]] = {}
+_allowed_overrides: set[tuple[DriverKind, str]] = set()
+_warned: set[tuple[DriverKind, str]] = set()
 
 
 def _kind(kind: DriverKind | str) -> DriverKind:
@@ -94,6 +112,63 @@ def _entry_points(kind: DriverKind) -> dict[str, Any]:
             _entry_points_loaded[kind] = {ep.name: ep for ep in
                                           entry_points(group=_GROUPS[kind])}
         return _entry_points_loaded[kind]
+
+
+def allow_override(kind: DriverKind | str, name: str) -> None:
+    """Let an installed entry point replace the built-in driver ``name``
+    (as :data:`OVERRIDES_ENV` does from the environment)."""
+    with _lock:
+        _allowed_overrides.add((_kind(kind), str(name)))
+
+
+def _override_allowed(kind: DriverKind, name: str) -> bool:
+    if (kind, name) in _allowed_overrides:
+        return True
+    wanted = {item.strip() for item in os.environ.get(OVERRIDES_ENV, "").split(",")}
+    return f"{kind}:{name}" in wanted
+
+
+def _package(point: Any) -> str:
+    dist = getattr(point, "dist", None)
+    return str(getattr(dist, "name", None) or point.value.partition(":")[0])
+
+
+def _shadows(kind: DriverKind, name: str, point: Any) -> bool:
+    """Whether ``point`` would replace a built-in driver without the
+    provider's consent (warned about once)."""
+    if name not in BUILTIN[kind] or _override_allowed(kind, name):
+        return False
+    with _lock:
+        first = (kind, name) not in _warned
+        _warned.add((kind, name))
+    if first:
+        log.warning("the entry point %s = %s of package %s takes the name of the built-in "
+                    "%s driver %r of cloudlets; the built-in is kept (set %s=%s:%s to use "
+                    "the entry point)", name, point.value, _package(point), kind, name,
+                    OVERRIDES_ENV, kind, name)
+    return True
+
+
+def entry_point_report(kind: DriverKind | str) -> list[dict[str, str]]:
+    """Every installed entry point of ``kind``: its name, target, package
+    and status (``ok``, ``overrides the built-in``, ``ignored: ...`` for one
+    that takes a built-in's name, or ``broken: ...`` with the reason)."""
+    kind = _kind(kind)
+    rows = []
+    for name, point in sorted(_entry_points(kind).items()):
+        row = {"name": name, "value": point.value, "package": _package(point)}
+        if name in BUILTIN[kind] and not _override_allowed(kind, name):
+            row["status"] = (f"ignored: takes the name of the built-in {kind} driver "
+                             f"(set {OVERRIDES_ENV}={kind}:{name} to use it)")
+        else:
+            try:
+                _check_class(kind, name, point.load(), f"entry point {point.value}")
+            except Exception as exc:  # noqa: BLE001 - a third party's import can raise anything
+                row["status"] = f"broken: {type(exc).__name__}: {exc}"
+            else:
+                row["status"] = ("overrides the built-in" if name in BUILTIN[kind] else "ok")
+        rows.append(row)
+    return rows
 
 
 def refresh_entry_points() -> None:
@@ -149,6 +224,8 @@ def get_driver(kind: DriverKind | str, name: str) -> type:
         if name in _registered[kind]:
             return _registered[kind][name]
         point = _entry_points(kind).get(name)
+    if point is not None and _shadows(kind, name, point):
+        point = None
     if point is not None:
         try:
             cls = point.load()

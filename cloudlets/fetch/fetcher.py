@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from cloudlets.errors import ConfigurationError, FetchError, IntegrityError
 from cloudlets.fetch.guard import Hop, Lifeline, police_session
-from cloudlets.fetch.http import HttpTransport, Stats, _Retryable, describe, install_scrubber
+from cloudlets.fetch.http import HttpTransport, Stats, install_scrubber
 from cloudlets.fetch.policy import HostPort, RetryPolicy, UrlPolicy, check_sha256, url_port
 from cloudlets.fetch.sink import Sink
 from cloudlets.fetch.watch import DownloadCancelled, DownloadWatch
@@ -208,63 +208,6 @@ class Fetcher(HttpTransport):
         finally:
             line.close()
         raise self._combined(failures)
-
-    def read(self, url: str, *, max_bytes: int) -> bytes:
-        """Download a small document (a manifest) into memory, under the same
-        URL policy, policed connections, redirect rules, deadline and minimum
-        rate as :meth:`fetch`; one attempt, no mirrors.
-
-        :param url: an ``http(s)://`` URL.
-        :param max_bytes: the most the body may hold.
-        :returns: the body, as sent.
-        :raises FetchError: when the URL is refused or cannot be read, the
-            answer is not ``200`` (``status`` set), or the body is larger
-            than ``max_bytes``.
-        """
-        where = redact(url)
-        problem = self.policy.problem(url)
-        if not problem and urlsplit(url).scheme.lower() not in ("http", "https"):
-            problem = "only http and https documents are read"
-        if problem:
-            raise FetchError(f"URL {where} refused by the URL policy: {problem}", url=where)
-        import requests
-        import urllib3
-
-        line = Lifeline(self.deadline, self.min_rate, self.min_rate_window)
-        try:
-            headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
-            try:
-                response = self._request(url, headers, Hop(self.policy, (), line))
-            except _Retryable as exc:
-                line.check(url)
-                raise FetchError(f"GET {where} failed: {exc}", url=where) from None
-            with response:
-                where = redact(response.url or url)
-                if response.status_code != 200:
-                    raise FetchError(f"GET {where} failed: HTTP {response.status_code} "
-                                     f"{response.reason} (expected 200)", url=where,
-                                     status=response.status_code)
-                body = bytearray()
-                line.body_started()
-                while True:
-                    try:
-                        piece = response.raw.read1(max_bytes + 1 - len(body),
-                                                   decode_content=False)
-                    except (requests.RequestException, urllib3.exceptions.HTTPError,
-                            OSError) as exc:
-                        line.check(url)
-                        raise FetchError(f"GET {where}: connection lost: {describe(exc)}",
-                                         url=where) from None
-                    if not piece:
-                        line.check(url)
-                        return bytes(body)
-                    body += piece
-                    line.received(len(piece), url=where)
-                    if len(body) > max_bytes:
-                        raise FetchError(f"GET {where}: larger than {max_bytes} bytes",
-                                         url=where)
-        finally:
-            line.close()
 
     # -- one candidate ------------------------------------------------------
 

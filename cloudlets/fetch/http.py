@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 from cloudlets.errors import FetchError, IntegrityError
-from cloudlets.fetch.guard import AddressRefused, Hop, hop, police_session
+from cloudlets.fetch.guard import AddressRefused, Hop, Lifeline, hop, police_session
 from cloudlets.fetch.policy import RetryPolicy, UrlPolicy
 from cloudlets.fetch.sink import Sink
 from cloudlets.progress import STAGE_FETCH, ProgressCallback
@@ -100,6 +100,9 @@ class HttpTransport:
     policy: UrlPolicy
     retry: RetryPolicy
     timeout: tuple[float, float]
+    deadline: float
+    min_rate: float
+    min_rate_window: float
     user_agent: str
     _shared_session: requests.Session | None
     _local: threading.local
@@ -117,6 +120,60 @@ class HttpTransport:
 
             session = self._local.session = police_session(requests.Session())
         return session
+
+    def read(self, url: str, *, max_bytes: int, what: str = "document") -> bytes | None:
+        """GET a small document whole (a manifest, a manifest's ``.sig``):
+        under the same URL policy, policed connections, redirect rules,
+        deadline and minimum rate as a download; one attempt, at most
+        ``max_bytes``.
+
+        :param url: an ``http(s)://`` URL.
+        :param max_bytes: the largest body accepted.
+        :param what: what the document is, for messages.
+        :returns: the body, or ``None`` when the server answers 404 or 410.
+        :raises FetchError: the URL, a redirect or an address is refused, the
+            request fails, another status is returned, or the body is too large.
+        """
+        import requests
+        import urllib3
+
+        shown = redact(url)
+        if not url.startswith(("http://", "https://")):
+            raise FetchError(f"{what} {shown}: only http and https URLs are read", url=shown)
+        self.policy.check(url, what)
+        line = Lifeline(self.deadline, self.min_rate, self.min_rate_window)
+        try:
+            headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
+            try:
+                response = self._request(url, headers, Hop(self.policy, (), line))
+            except _Retryable as exc:
+                line.check(url)
+                raise FetchError(f"GET {shown} ({what}) failed: {exc}", url=shown) from None
+            with response:
+                if response.status_code in (404, 410):
+                    return None
+                if response.status_code != 200:
+                    raise FetchError(f"GET {shown} ({what}) failed: HTTP "
+                                     f"{response.status_code}", url=shown,
+                                     status=response.status_code)
+                body = bytearray()
+                line.body_started()
+                try:
+                    while chunk := response.raw.read1(64 * 1024, decode_content=False):
+                        body += chunk
+                        line.received(len(chunk), url=shown)
+                        if len(body) > max_bytes:
+                            raise FetchError(f"GET {shown}: the {what} is larger than "
+                                             f"{max_bytes} bytes", url=shown, status=200)
+                except (requests.RequestException, urllib3.exceptions.HTTPError,
+                        OSError) as exc:
+                    line.check(url)
+                    raise FetchError(f"GET {shown} ({what}) failed: {describe(exc)}",
+                                     url=shown) from None
+                line.check(url)  # a body cut by the deadline may look complete
+            return bytes(body)
+        finally:
+            line.close()
 
     def _download(self, url: str, sink: Sink, progress: ProgressCallback,
                   stats: Stats, rules: Hop) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -12,6 +11,7 @@ from typing import IO, Any, BinaryIO
 from urllib.parse import unquote_to_bytes
 
 from cloudlets.errors import UnsafeArchiveError
+from cloudlets.patterns import compile_pattern
 from cloudlets.rootfs.entry import Entry, EntryType
 from cloudlets.rootfs.policy import ArchivePolicy, encoded, normalize, path_ancestors
 from cloudlets.rootfs.stream import (
@@ -94,7 +94,7 @@ class _Reader:
         self.sink = sink
         self.keep = keep
         self.policy = policy
-        self.volatile = [re.compile(pattern) for pattern in volatile]
+        self.volatile = [compile_pattern(pattern) for pattern in volatile]
         self.persistent = persistent
         self.stream = stream
         self.members = 0
@@ -316,7 +316,8 @@ class _Reader:
             sink.end_content(info.size)
         return offset
 
-    def finish(self, compression: Compression) -> RootTree:
+    def finish(self, compression: Compression,
+               content_reader: Callable[[str, int], bytes] | None = None) -> RootTree:
         """Complete the tree: the root's mtime, the persistent directories
         and the missing parents.
 
@@ -342,23 +343,26 @@ class _Reader:
         fill_parents(entries, self.notes)
         return RootTree(self.spool, persistent, entries=entries, dropped=self.dropped,
                         notes=self.notes, compression=compression,
-                        stream_bytes=self.stream_bytes, kept=self.keep)
+                        stream_bytes=self.stream_bytes, kept=self.keep,
+                        content_reader=content_reader)
 
 
 def read_tarball(source: str | os.PathLike[str] | BinaryIO,
                  policy: ArchivePolicy | None = None, *,
                  volatile: Sequence[str] = (), persistent: Iterable[str] = (),
                  workdir: str | os.PathLike[str] | None = None,
-                 sink: TreeStream | None = None, keep_content: bool = True) -> RootTree:
+                 sink: TreeStream | None = None, keep_content: bool = True,
+                 content_reader: Callable[[str, int], bytes] | None = None) -> RootTree:
     """Read a root filesystem tarball into a :class:`RootTree`, in one
     streaming pass with constant memory (besides the entries' metadata).
 
     :param source: a path, or a binary file object positioned at the start.
     :param policy: the limits and rules; :class:`ArchivePolicy` defaults.
     :param volatile: regular expressions; a member whose absolute path
-        (``/var/log/syslog``) they match with :func:`re.match` (anchored at the
-        start, as the dotCloud tool did) is left out, and a left-out directory
-        takes its whole subtree with it.
+        (``/var/log/syslog``) they match (in linear time, see
+        :mod:`cloudlets.patterns`; anchored at the start, as the dotCloud
+        tool did) is left out, and a left-out directory takes its whole
+        subtree with it.
     :param persistent: absolute paths kept even if a volatile pattern matches
         them, listed in :attr:`RootTree.persistent`, created as empty
         directories when the tarball lacks them.
@@ -370,6 +374,9 @@ def read_tarball(source: str | os.PathLike[str] | BinaryIO,
         there: nothing is spooled, :meth:`RootTree.read_bytes` goes through
         :attr:`RootTree.content_reader` and the tree cannot be written
         with :meth:`RootTree.write_tar` (read the tarball again for that).
+    :param content_reader: the tree's :attr:`RootTree.content_reader`, for
+        ``keep_content=False`` (the sink's consumer reads the content back,
+        once it has it).
     :returns: the tree; close it when done.
     :raises UnsafeArchiveError: naming the member that breaks the policy, or
         when the archive is malformed.
@@ -404,7 +411,7 @@ def read_tarball(source: str | os.PathLike[str] | BinaryIO,
             except decode_errors() as exc:
                 raise UnsafeArchiveError(f"malformed {kind.value} tar archive: {exc}",
                                          stream.member) from None
-        tree = reader.finish(kind)
+        tree = reader.finish(kind, content_reader)
     except BaseException:
         spool.close()
         raise

@@ -9,7 +9,9 @@ collects it) and provide two fixtures:
     a callable ``name -> location`` returning a fresh location each call.
 
 Tests that need a capability the driver does not declare are skipped, so a
-driver is only held to what it claims.
+driver is only held to what it claims; capabilities are read from the
+instance, which may declare less than its class (an HTTP driver that writes
+the final name directly is not ``ATOMIC``).
 """
 
 from __future__ import annotations
@@ -159,3 +161,69 @@ class StorageDriverConformance:
         assert not storage.exists(location)
         with pytest.raises(StorageError):
             storage.delete(location)
+
+    def test_atomic_interrupted_upload_keeps_what_was_there(
+            self, storage: StorageDriver, new_location: NewLocation) -> None:
+        """``ATOMIC``: while an upload runs, the final name shows the previous
+        object, and an upload that fails half-way leaves it in place."""
+        self._needs(storage, StorageCapability.ATOMIC)
+        location = new_location("atomic.img")
+        storage.upload(b"first", location, size=5)
+        first = _payload(storage.CHUNK_SIZE + 4096, seed=3)
+        seen: list[bytes | bool] = []
+
+        class SourceBroke(Exception):
+            pass
+
+        def chunks() -> Iterator[bytes]:
+            yield first  # more than a chunk: the driver has started writing
+            readable = storage.capabilities & StorageCapability.READ
+            seen.append(_read_back(storage, location) if readable
+                        else storage.exists(location))
+            raise SourceBroke("the source failed half-way")
+
+        with pytest.raises(SourceBroke):
+            storage.upload(chunks(), location, size=len(first) * 2, overwrite=True)
+        expected: bytes | bool = b"first" if storage.capabilities & StorageCapability.READ \
+            else True
+        assert seen == [expected], "the final name changed during an atomic upload"
+        assert storage.exists(location)
+        if storage.capabilities & StorageCapability.READ:
+            assert _read_back(storage, location) == b"first"
+
+    def test_atomic_failed_verification_keeps_what_was_there(
+            self, storage: StorageDriver, new_location: NewLocation, tmp_path: Path) -> None:
+        """``ATOMIC``: every byte sent, then the digest check fails: the
+        previous object is still the one at the final name."""
+        self._needs(storage, StorageCapability.ATOMIC)
+        location = new_location("atomic-verify.img")
+        storage.upload(b"first", location, size=5)
+        source = tmp_path / "second.img"
+        source.write_bytes(_payload(50_001, seed=4))
+        with pytest.raises(StorageError, match="sha256"):
+            storage.upload(source, location, sha256="2" * 64, overwrite=True)
+        assert storage.exists(location)
+        if storage.capabilities & StorageCapability.READ:
+            assert _read_back(storage, location) == b"first"
+
+    def test_atomic_failed_upload_to_a_free_name_leaves_nothing(
+            self, storage: StorageDriver, new_location: NewLocation) -> None:
+        """``ATOMIC``: the base deletes nothing after an atomic driver's
+        failure (that could remove an object that existed before), so the
+        driver itself must leave nothing at the final name."""
+        self._needs(storage, StorageCapability.ATOMIC)
+        location = new_location("atomic-free.img")
+        seen: list[bool] = []
+
+        class SourceBroke(Exception):
+            pass
+
+        def chunks() -> Iterator[bytes]:
+            yield _payload(storage.CHUNK_SIZE + 4096, seed=5)
+            seen.append(storage.exists(location))
+            raise SourceBroke("the source failed half-way")
+
+        with pytest.raises(SourceBroke):
+            storage.upload(chunks(), location, size=2 * storage.CHUNK_SIZE + 8192)
+        assert seen == [False], "the final name appeared during an atomic upload"
+        assert not storage.exists(location)

@@ -41,8 +41,11 @@ def test_escape_controls_leaves_no_control_character() -> None:
 
 def test_inspect_and_errors_escape_what_the_manifest_says(tmp_path: Path) -> None:
     manifest = make_cloudlet(tmp_path / "src")
-    manifest["description"] = HOSTILE
-    manifest["author"] = f"{ESC}[8mhidden"
+    # description and author refuse C0 controls (they reach the OVF's XML);
+    # C1 controls, bidi overrides and volatile patterns still reach inspect.
+    described = "\x9b31m \u202egnp.exe\u202c"
+    manifest["description"] = described
+    manifest["volatile"] = [f"{ESC}]0;owned{ESC}\\\\", f"{ESC}\\[8mhidden"]
     path = tmp_path / "m.json"
     path.write_text(json.dumps(manifest))
     out, err = io.StringIO(), io.StringIO()
@@ -53,7 +56,8 @@ def test_inspect_and_errors_escape_what_the_manifest_says(tmp_path: Path) -> Non
     out = io.StringIO()
     assert main(["inspect", str(path), "--json"], out=out, err=err) == 0
     assert ESC not in out.getvalue()
-    assert json.loads(out.getvalue())["description"] == HOSTILE
+    assert json.loads(out.getvalue())["description"] == described
+    assert json.loads(out.getvalue())["volatile"] == manifest["volatile"]
     # Errors naming hostile values are escaped too.
     err = io.StringIO()
     assert main(["validate", f"{ESC}]0;x\x07.json"], out=io.StringIO(), err=err) != 0
@@ -69,7 +73,7 @@ def test_interrupted_upload_leaves_no_partial_file(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         storage.upload(chunks(), "out/disk.raw")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # not even the directory the upload made
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, EXIT_TERMINATED),
@@ -113,3 +117,14 @@ def test_signal_mid_render_cleans_up_and_exits_with_its_code(
     (entry,) = ImageCatalog(home / "catalog.sqlite3").entries()
     assert entry.status is ImageStatus.FAILED
     assert entry.error_type == ("Terminated" if signum == signal.SIGTERM else "KeyboardInterrupt")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLOUDLETS_HOME": str(tmp_path)}
+    # The reader exits at once, long before the command writes: every write fails.
+    done = subprocess.run(
+        f"'{sys.executable}' -m cloudlets drivers --json | true; echo ${{PIPESTATUS[0]}}",
+        shell=True, executable="/bin/bash", env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.strip() == "141"
+    assert done.stderr == "", done.stderr

@@ -52,6 +52,7 @@ from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import ConfigurationError, FormatError
 from cloudlets.sparse import link_or_copy
 from cloudlets.urls import redact
+from cloudlets.version import __version__
 
 __all__ = ["EC2Format", "S3Location", "boot_mode", "ec2_architecture", "parse_s3_location"]
 
@@ -411,7 +412,6 @@ class EC2Format(FormatDriver):
             "source": str(where)})
 
     def _convert_bundle(self, context: FormatContext) -> list[OutputFile]:
-        from cloudlets import __version__
         from cloudlets.drivers.formats import ec2_bundle
 
         assert self.certificate and self.private_key and self.ec2_certificate
@@ -421,13 +421,12 @@ class EC2Format(FormatDriver):
         private_key = ec2_bundle.load_private_key(self.private_key)
         facts = self._image_facts(context)
         device = self.root_device.removeprefix("/dev/")
-        epoch = context.disk.details.get("source_date_epoch")
         bundle = ec2_bundle.build_bundle(
             context.disk.path, context.workdir, context.basename,
             architecture=facts["Architecture"], account_id=self.account_id,
             user_certificate=user_cert, private_key=private_key, ec2_certificate=ec2_cert,
             block_device_mappings={"ami": device, "root": self.root_device},
-            bundler=("cloudlets", __version__), mtime=int(epoch) if epoch else 0)
+            bundler=("cloudlets", __version__), mtime=context.disk.source_date_epoch or 0)
         outputs = [OutputFile(role="manifest", path=bundle.manifest_path,
                               name=bundle.manifest_path.name, media_type="application/xml")]
         outputs += [OutputFile(role="bundle-part", path=part.path, name=part.filename)

@@ -338,7 +338,7 @@ class OVAFormat(OVFFormat):
         for member in members:
             if member.stat().st_size > self.USTAR_MAX_SIZE:
                 raise FormatError(f"{member.name} is larger than a ustar member can be (8 GiB)")
-        mtime = int(context.disk.details.get("source_date_epoch", 0))
+        mtime = context.disk.source_date_epoch or 0
         name = f"{context.basename}.ova"
         target = context.workdir / name
         with open(target, "xb") as raw, \

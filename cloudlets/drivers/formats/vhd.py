@@ -30,6 +30,7 @@ from typing import BinaryIO, ClassVar
 from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
 from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import FormatError
+from cloudlets.sparse import data_ranges
 
 __all__ = ["VHDFooter", "VHDFormat", "chs_geometry", "vhd_footer"]
 
@@ -146,15 +147,10 @@ def _copy_and_digest(source: Path, target: Path, size: int) -> str:
         dst.truncate(size)
         fd = src.fileno()
         end = os.fstat(fd).st_size
-        pos = 0
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        done = 0  # chunks before this offset are digested
+        for data, hole in data_ranges(fd, end):
             # Walk MiB-aligned chunks so the digest ignores where holes happen to be.
-            chunk_start = data - data % _CHUNK
+            chunk_start = max(data - data % _CHUNK, done)
             while chunk_start < hole:
                 src.seek(chunk_start)
                 chunk = src.read(min(_CHUNK, end - chunk_start))
@@ -163,7 +159,7 @@ def _copy_and_digest(source: Path, target: Path, size: int) -> str:
                     digest.update(chunk)
                     _write_nonzero(dst, chunk_start, chunk)
                 chunk_start += _CHUNK
-            pos = max(hole, chunk_start)
+            done = max(done, chunk_start)
     digest.update(struct.pack(">Q", size))
     return digest.hexdigest()
 
@@ -204,5 +200,5 @@ class VHDFormat(FormatDriver):
     def _timestamp(self, context: FormatContext) -> int:
         if self.timestamp is not None:
             return self.timestamp
-        epoch = context.disk.details.get("source_date_epoch")
-        return max(int(epoch), VHD_EPOCH) if epoch is not None else VHD_EPOCH
+        epoch = context.disk.source_date_epoch
+        return max(epoch, VHD_EPOCH) if epoch is not None else VHD_EPOCH

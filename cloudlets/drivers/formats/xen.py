@@ -27,29 +27,23 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-import struct
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
+from cloudlets.disk.bootloader import kernel_cmdline
 from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
 from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import ConfigurationError, FormatError
 from cloudlets.sparse import copy_sparse
 from cloudlets.tools import run
 
-__all__ = ["GRUB_CONFIG_PATH", "XenFormat", "find_root_filesystem", "pygrub_config"]
+__all__ = ["GRUB_CONFIG_PATH", "XenFormat", "pygrub_config"]
 
 MiB = 1024 * 1024
-SECTOR = 512
 #: Where the PV variant writes the boot configuration pygrub reads.
 GRUB_CONFIG_PATH = "/boot/grub/grub.cfg"
 #: The Xen PV console.
 XEN_CONSOLE = "hvc0"
-_EXT_MAGIC = 0xEF53
-_SUPERBLOCK = 1024
 #: debugfs prints its version banner on stderr; anything else there is an error.
 _DEBUGFS_ERROR = r"^(?!debugfs \d)\S.*$"
 #: Characters a kernel argument may hold in a pygrub configuration: pygrub
@@ -57,50 +51,6 @@ _DEBUGFS_ERROR = r"^(?!debugfs \d)\S.*$"
 #: would need quoted can be expressed.
 _SAFE_ARG = re.compile(r"^[A-Za-z0-9_.,:=/+@%-]+$")
 _SAFE_CFG_STRING = re.compile(r"^[^'\"\\\n\r]+$")
-
-
-def _partitions(path: Path) -> Iterator[int]:
-    """Offsets of the partitions of a GPT or MBR disk, in table order; 0 for
-    a disk with no partition table."""
-    with open(path, "rb") as handle:
-        mbr = handle.read(SECTOR)
-        if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
-            yield 0
-            return
-        entries = [struct.unpack_from("<B3xBxxxII", mbr, 446 + 16 * i) for i in range(4)]
-        if any(kind == 0xEE for _, kind, _, _ in entries):
-            handle.seek(SECTOR)
-            header = handle.read(SECTOR)
-            if header[:8] != b"EFI PART":
-                raise FormatError(f"{path.name}: protective MBR but no GPT header")
-            table_lba, count, entry_size = struct.unpack_from("<QII", header, 72)
-            handle.seek(table_lba * SECTOR)
-            table = handle.read(count * entry_size)
-            for index in range(count):
-                entry = table[index * entry_size:(index + 1) * entry_size]
-                if entry[:16] != bytes(16):
-                    yield struct.unpack_from("<Q", entry, 32)[0] * SECTOR
-            return
-        for _, kind, first, sectors in entries:
-            if kind and sectors:
-                yield first * SECTOR
-
-
-def find_root_filesystem(path: Path) -> tuple[int, str, int]:
-    """Find the first ext2/3/4 filesystem on a disk.
-
-    :param path: the raw disk.
-    :returns: ``(offset, uuid, last write time)`` of the filesystem.
-    :raises FormatError: the disk holds no ext filesystem.
-    """
-    with open(path, "rb") as handle:
-        for offset in _partitions(path):
-            handle.seek(offset + _SUPERBLOCK)
-            block = handle.read(1024)
-            if len(block) == 1024 and struct.unpack_from("<H", block, 0x38)[0] == _EXT_MAGIC:
-                wtime = struct.unpack_from("<I", block, 0x30)[0]
-                return offset, str(uuid.UUID(bytes=block[0x68:0x78])), wtime
-    raise FormatError(f"{path.name} has no ext2/3/4 root filesystem for pygrub to read")
 
 
 def pygrub_config(*, title: str, kernel: str, initrd: str | None, cmdline: str,
@@ -114,16 +64,9 @@ def pygrub_config(*, title: str, kernel: str, initrd: str | None, cmdline: str,
     :param root_uuid: the root filesystem UUID, used unless ``cmdline`` names a root.
     :returns: the configuration text.
     :raises FormatError: a path or argument cannot be written unquoted.
+    :raises DiskError: the command line cannot be split.
     """
-    try:
-        args = shlex.split(cmdline)
-    except ValueError as exc:
-        raise FormatError(f"cannot parse kernel command line {cmdline!r}: {exc}") from exc
-    if not any(arg.startswith("root=") for arg in args):
-        args.insert(0, f"root=UUID={root_uuid}")
-    if f"console={XEN_CONSOLE}" in args:
-        args.remove(f"console={XEN_CONSOLE}")
-    args.append(f"console={XEN_CONSOLE}")
+    args = kernel_cmdline(cmdline, root_uuid, console=XEN_CONSOLE)
     for value in (kernel, initrd, *args):
         if value is not None and not _SAFE_ARG.match(value):
             raise FormatError(f"{value!r} cannot be written into a pygrub configuration "
@@ -153,8 +96,8 @@ class XenFormat(FormatDriver):
     :param ex_image_dir: the dom0 directory the ``disk`` line points into.
     :param ex_bridge: the dom0 bridge every ``vif`` joins.
     :param ex_timestamp: the time written into the patched inodes; by default
-        the disk stage's ``source_date_epoch``, else the root filesystem's
-        last write time.
+        the disk stage's :attr:`~cloudlets.drivers.base.DiskImage.source_date_epoch`
+        (else 1970-01-01).
     """
 
     name: ClassVar[str] = Format.XEN
@@ -181,7 +124,7 @@ class XenFormat(FormatDriver):
     def convert(self, context: FormatContext) -> list[OutputFile]:
         disk_name = f"{context.basename}.img"
         disk = context.workdir / disk_name
-        copy_sparse(context.disk.path, disk)
+        copy_sparse(context.disk.path, disk, error=FormatError)
         if self.mode == "pv":
             self._install_pygrub_config(context, disk)
         config_name = f"{context.basename}.cfg"
@@ -241,13 +184,16 @@ class XenFormat(FormatDriver):
         if boot is None:
             raise FormatError("the Xen PV format needs the manifest's boot section "
                               "(kernel, initrd, cmdline) to write pygrub's configuration")
-        offset, root_uuid, wtime = find_root_filesystem(disk)
+        offset, root_uuid = context.disk.root_offset, context.disk.root_uuid
+        if offset is None or root_uuid is None:
+            raise FormatError(f"{context.disk.path.name} has no root filesystem for pygrub to "
+                              "read (the disk stage records its offset and UUID in "
+                              "DiskImage.root_offset and root_uuid; this disk has none)")
         text = pygrub_config(title=context.manifest.label, kernel=boot.kernel,
                              initrd=boot.initrd, cmdline=boot.cmdline, root_uuid=root_uuid)
         timestamp = self.timestamp
         if timestamp is None:
-            epoch = context.disk.details.get("source_date_epoch")
-            timestamp = int(epoch) if epoch is not None else wtime
+            timestamp = context.disk.source_date_epoch or 0
         image = f"{disk}?offset={offset}"
         source = context.workdir / ".grub.cfg"
         script = context.workdir / ".grub.debugfs"

@@ -10,10 +10,12 @@ MD5 of a file source is computed only when the ETag looks like one, so a
 server whose ETags are not digests costs no MD5 pass; with
 ``ex_verify="digest"`` a server that reports no digest has the bytes read
 back with ``GET``), and only then renamed with WebDAV ``MOVE`` (``Overwrite: F`` unless
-asked to overwrite, so the server itself refuses to clobber). A server that
-does not implement ``MOVE`` (probed once per origin with a ``MOVE`` of a name
-that does not exist) gets the bytes at the final name directly, and the
-driver deletes them itself when the upload fails.
+asked to overwrite, so the server itself refuses to clobber): the upload is
+atomic. A server that does not implement ``MOVE`` (probed once per origin
+with a ``MOVE`` of a name that does not exist) is refused, since the promise
+cannot be kept there; with ``ex_move=False`` the bytes go to the final name
+directly, the driver deletes them itself when the upload fails, and the
+instance does not declare ``ATOMIC``.
 
 Credentials come from the URL (``https://user:password@host/path``), from
 the constructor (basic or bearer) or as custom headers; they never appear in
@@ -149,8 +151,12 @@ class HTTPStorage(StorageDriver):
         is retried only when its source can be read again (a file).
     :param backoff: seconds before the first retry, doubled each time
         (at most 30 s between attempts).
-    :param ex_move: upload to a temporary name and ``MOVE`` it into place;
-        ``False`` writes the final name directly (for servers without WebDAV).
+    :param ex_move: upload to a temporary name and ``MOVE`` it into place
+        (the instance is ``ATOMIC``; a server without ``MOVE`` is refused);
+        ``False`` writes the final name directly, for servers without
+        WebDAV: a failed upload then deletes what it wrote, and an
+        interrupted ``overwrite=True`` upload loses the previous object, so
+        the instance does not declare ``ATOMIC``.
     :param ex_verify: how to check the stored bytes: ``"reported"`` (the
         default: the size, and the digest when ``HEAD`` reports one: an MD5
         ETag, a sha-256 ``Repr-Digest`` or ``Digest``), ``"digest"`` (the
@@ -192,7 +198,12 @@ class HTTPStorage(StorageDriver):
         self.backoff = backoff
         self.ex_move = ex_move
         self.ex_verify = ex_verify
-        self._move_support: dict[str, bool] = {}
+        if not ex_move:
+            # An instance declares what it does: the final name is written
+            # directly, not all at once.
+            self.capabilities = type(self).capabilities & ~StorageCapability.ATOMIC  # type: ignore[misc]
+        #: origin -> the status of its MOVE probe
+        self._move_probe: dict[str, int] = {}
         self._session = requests.Session()
         # Idempotent requests are retried by urllib3; PUT and MOVE by us.
         retry = Retry(total=retries, connect=retries, read=retries, status=retries,
@@ -222,13 +233,14 @@ class HTTPStorage(StorageDriver):
     def _upload(self, source: UploadSource, location: str, *, overwrite: bool) -> str:
         url, _ = self._target(location)
         shown = redact(location)
-        use_move = self.ex_move and self._supports_move(location, url)
-        put_url = self._temporary(url) if use_move else url
+        if self.ex_move:
+            self._require_move(location, url)
+        put_url = self._temporary(url) if self.ex_move else url
         try:
             body = self._put(source, location, put_url)
             source.verify(location)
             self._verify_stored(source, body, location, put_url)
-            if use_move:
+            if self.ex_move:
                 self._move(location, put_url, url, overwrite=overwrite)
         except BaseException:
             # The base deletes nothing for an atomic driver: clean up here.
@@ -529,24 +541,29 @@ class HTTPStorage(StorageDriver):
             # A 2xx other than 201/204 still means the rename happened.
             return
 
-    def _supports_move(self, location: str, url: str) -> bool:
+    def _require_move(self, location: str, url: str) -> None:
         """Probe, once per origin, whether the server implements ``MOVE``:
-        moving a name that does not exist answers 404 (or 409) when it does,
-        405 or 501 when it does not."""
+        moving a name that does not exist answers 404 (or 409, 412) when it
+        does, 405 or 501 when it does not.
+
+        :raises StorageError: it does not: an atomic upload cannot be made
+            there (nothing was written).
+        """
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
-        if origin not in self._move_support:
+        if origin not in self._move_probe:
             probe = self._temporary(url)
             headers = {"Destination": self._temporary(url), "Overwrite": "F"}
             response = self._request("MOVE", location, probe, headers=headers)
             if response.status_code in (401, 403):
                 self._check(response, location, "probe MOVE on")
-            supported = response.status_code in (404, 409, 412)
-            if not supported:
-                log.info("%s does not implement WebDAV MOVE (HTTP %d): writing the final "
-                         "name directly", origin, response.status_code)
-            self._move_support[origin] = supported
-        return self._move_support[origin]
+            self._move_probe[origin] = response.status_code
+        status = self._move_probe[origin]
+        if status not in (404, 409, 412):
+            shown = redact(location)
+            raise StorageError(f"{origin} does not implement WebDAV MOVE (HTTP {status}), "
+                               f"which an atomic upload to {shown} needs; pass ex_move=False "
+                               "to write the final name directly (not atomic)", shown)
 
     @staticmethod
     def _temporary(url: str) -> str:

@@ -138,6 +138,16 @@ class LibcloudStorage(StorageDriver):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.driver).__name__})"
 
+    def identity(self) -> dict[str, str]:
+        """The libcloud provider and its endpoint (host, port, region) when
+        it has one; never the key or secret."""
+        found = {"provider": type(self.driver).__name__}
+        for attribute in ("region", "host", "port", "api_version"):
+            value = getattr(self.driver, attribute, None)
+            if isinstance(value, str | int) and not isinstance(value, bool) and value != "":
+                found[attribute] = str(value)
+        return found
+
     # -- standard API -------------------------------------------------------
 
     def exists(self, location: str) -> bool:

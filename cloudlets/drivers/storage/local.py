@@ -80,6 +80,15 @@ class LocalStorage(StorageDriver):
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).resolve() if root is not None else None
+        # Directories this driver made for an upload: removed again, once
+        # empty, when that upload fails or its artifact is deleted (a failed
+        # render to /srv/images/{key}/ leaves no empty {key}/ behind).
+        self._made: set[Path] = set()
+
+    def identity(self) -> dict[str, str]:
+        """The root directory, when one is set (relative locations resolve
+        under it)."""
+        return {"root": str(self.root)} if self.root is not None else {}
 
     def path(self, location: str) -> Path:
         """Map a location (path or ``file://`` URL) to a path.
@@ -109,11 +118,13 @@ class LocalStorage(StorageDriver):
 
     def _upload(self, source: UploadSource, location: str, *, overwrite: bool) -> str:
         final = self.path(location)
+        missing = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create directory {final.parent}: {exc.strerror}",
                                location) from None
+        self._made.update(missing)
         if final.is_dir():
             raise StorageError(f"{final} is a directory", location)
         adopted = self._adopt(source, final) if source.disposable else None
@@ -161,6 +172,27 @@ class LocalStorage(StorageDriver):
             raise StorageError(f"{path} does not exist", location) from None
         except OSError as exc:
             raise StorageError(f"cannot delete {path}: {exc.strerror}", location) from None
+        finally:
+            self._prune(path)
+
+    def _cleanup_failed(self, location: str) -> None:
+        super()._cleanup_failed(location)
+        try:
+            self._prune(self.path(location))
+        except StorageError:
+            pass
+
+    def _prune(self, path: Path) -> None:
+        """Remove the now empty directories above ``path`` that this driver
+        made, deepest first."""
+        for directory in path.parents:
+            if directory not in self._made:
+                break
+            try:
+                directory.rmdir()
+            except OSError:  # not empty, or gone: leave it
+                break
+            self._made.discard(directory)
 
     def _open(self, location: str) -> BinaryIO:
         path = self.path(location)

@@ -196,6 +196,14 @@ class S3Storage(LibcloudStorage):
     def __repr__(self) -> str:
         return f"S3Storage(region={self.region!r}, endpoint_url={self.endpoint_url!r})"
 
+    def identity(self) -> dict[str, str]:
+        """The endpoint and region (the bucket is in each location); never
+        the credentials."""
+        found = {"region": self.region}
+        if self.endpoint_url:
+            found["endpoint"] = self.endpoint_url
+        return found
+
     # -- extensions ---------------------------------------------------------
 
     def ex_presign(self, location: str, seconds: int | None = None, *,
