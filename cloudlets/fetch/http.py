@@ -125,7 +125,7 @@ class HttpTransport:
         """GET a small document whole (a manifest, a manifest's ``.sig``):
         under the same URL policy, policed connections, redirect rules,
         deadline and minimum rate as a download; one attempt, at most
-        ``max_bytes``.
+        ``max_bytes``, the whole body within the read timeout.
 
         :param url: an ``http(s)://`` URL.
         :param max_bytes: the largest body accepted.
@@ -158,6 +158,9 @@ class HttpTransport:
                                      status=response.status_code)
                 body = bytearray()
                 line.body_started()
+                # the read timeout bounds the whole body, not each byte: a server
+                # dripping a byte a second cannot hold the render in prepare
+                deadline = time.monotonic() + self.timeout[1]
                 try:
                     while chunk := response.raw.read1(64 * 1024, decode_content=False):
                         body += chunk
@@ -165,6 +168,10 @@ class HttpTransport:
                         if len(body) > max_bytes:
                             raise FetchError(f"GET {shown}: the {what} is larger than "
                                              f"{max_bytes} bytes", url=shown, status=200)
+                        if time.monotonic() > deadline:
+                            raise FetchError(f"GET {shown}: the {what} took longer than "
+                                             f"{self.timeout[1]:g} s to arrive", url=shown,
+                                             status=200)
                 except (requests.RequestException, urllib3.exceptions.HTTPError,
                         OSError) as exc:
                     line.check(url)
