@@ -67,7 +67,7 @@ def _lock_under_cache(driver: Any) -> None:
         def __init__(self, path: str, timeout: int = 5) -> None:
             import fasteners
 
-            super().__init__(path, timeout)
+            super().__init__(path, timeout)  # type: ignore[no-untyped-call]
             directory.mkdir(parents=True, exist_ok=True)
             self.ipc_lock_path = os.fspath(directory / Path(self.ipc_lock_path).name)
             self.ipc_lock = fasteners.InterProcessLock(self.ipc_lock_path)
