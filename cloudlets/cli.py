@@ -121,7 +121,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_set(items: Sequence[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
     """Turn ``--set key=value`` items into a nested dict. Values are JSON
-    when they parse as JSON, plain strings otherwise.
+    when they parse as JSON, plain strings otherwise. A number in the key
+    indexes a list (``ip.interfaces.0.address=...``); ``key+=value`` adds
+    to a list (see :func:`~cloudlets.config.set_dotted`).
 
     :param into: the dict to set the keys in (a config file's request);
         default a new one.
@@ -131,13 +133,17 @@ def parse_set(items: Sequence[str], into: dict[str, Any] | None = None) -> dict[
     result: dict[str, Any] = {} if into is None else into
     for item in items:
         key, sep, raw = item.partition("=")
+        key = key.strip()
+        append = key.endswith("+")
+        key = key.removesuffix("+").strip()
         if not sep or not key:
-            raise ConfigError([Problem("", f"--set {item!r}: expected KEY=VALUE")], "--set")
+            raise ConfigError([Problem("", f"--set {item!r}: expected KEY=VALUE or "
+                                           "KEY+=VALUE")], "--set")
         try:
             value = parse_json_or_string(raw)
         except JSONSyntaxError as exc:
-            raise ConfigError([_quote_hint(exc.problem)], f"--set {key.strip()}") from None
-        set_dotted(result, key.strip(), value)
+            raise ConfigError([_quote_hint(exc.problem)], f"--set {key}") from None
+        set_dotted(result, key, value, append=append)
     return result
 
 
@@ -186,7 +192,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="output location; ending in / means a directory")
     render.add_argument("--config", "-c", type=Path, help="render config JSON file")
     render.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="set a config key (dotted; JSON value, else a string)")
+                        help="set a config key (dotted, a number indexes a list: "
+                             "ip.interfaces.0.address=...; KEY+=VALUE adds to a list; "
+                             "JSON value, else a string)")
     render.add_argument("--presets", type=Path,
                         help='provider presets JSON file: {"config": {...}, "locked": [...]}')
     render.add_argument("--mirror", dest="mirrors", action="append", default=[],

@@ -120,6 +120,38 @@ def test_parse_set_json_and_strings() -> None:
     }
 
 
+def test_parse_set_indexes_and_appends() -> None:
+    parsed = parse_set([
+        "ip.interfaces.0.name=eth0",
+        'ip.interfaces.0.addresses=["192.0.2.10/24"]',
+        "ip.interfaces.0.addresses+=2001:db8::10/64",
+        'ip.interfaces+={"name": "eth1", "dhcp": true}',
+        "dns.nameservers+=1.1.1.1",
+        " dns.nameservers +=9.9.9.9",
+    ], into={"dns": {"nameservers": ["192.0.2.53"]}})
+    assert parsed == {
+        "ip": {"interfaces": [
+            {"name": "eth0", "addresses": ["192.0.2.10/24", "2001:db8::10/64"]},
+            {"name": "eth1", "dhcp": True}]},
+        "dns": {"nameservers": ["192.0.2.53", "1.1.1.1", "9.9.9.9"]},
+    }
+
+
+def test_set_append_onto_a_locked_list_is_invalid_input(complete_manifest: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(complete_manifest))
+    presets = tmp_path / "presets.json"
+    presets.write_text(json.dumps({"config": {"dns": {"search": ["a.example"]}},
+                                   "locked": ["dns.search"]}))
+    code, _, err = run("render", str(path), "-f", "raw", "-o", str(tmp_path) + "/",
+                       "--presets", str(presets), "--set", "dns.search+=b.example")
+    assert code == 3 and "'dns.search' is locked" in err
+    code, _, err = run("render", str(path), "-f", "raw", "-o", str(tmp_path) + "/",
+                       "--set", "ip.interfaces.2.name=eth2")
+    assert code == 3 and "use an index from 0 to 0" in err
+
+
 def test_parse_set_rejects_missing_equals() -> None:
     from cloudlets import ConfigError
 
