@@ -36,7 +36,7 @@ from cloudlets.catalog import ClaimState
 from cloudlets.catalog.records import INTERRUPTIONS
 from cloudlets.cli_output import EscapingWriter, print_artifacts, print_json
 from cloudlets.cli_sign import add_render_options, print_signing, render_signing
-from cloudlets.config import Presets, load_config_file, set_dotted
+from cloudlets.config import Presets, is_presets_document, load_config_file, set_dotted
 from cloudlets.drivers.base import FormatDriver, StorageDriver
 from cloudlets.drivers.providers import (
     entry_point_report,
@@ -190,13 +190,16 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="output provider (default: local)")
     render.add_argument("--output", "-o", required=True,
                         help="output location; ending in / means a directory")
-    render.add_argument("--config", "-c", type=Path, help="render config JSON file")
+    render.add_argument("--config", "-c", type=Path,
+                        help="render config file (JSON, or TOML named *.toml); a presets "
+                             "file (top-level config/locked) is read as --presets")
     render.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="set a config key (dotted, a number indexes a list: "
                              "ip.interfaces.0.address=...; KEY+=VALUE adds to a list; "
                              "JSON value, else a string)")
     render.add_argument("--presets", type=Path,
-                        help='provider presets JSON file: {"config": {...}, "locked": [...]}')
+                        help='provider presets file: {"config": {...}, "locked": [...]} in '
+                             "JSON, or TOML named *.toml (see `cloudlets init`)")
     render.add_argument("--mirror", dest="mirrors", action="append", default=[],
                         metavar="PREFIX=URL", help="rewrite URLs starting with PREFIX to URL")
     render.add_argument("--cache-dir", type=Path, help="tarball cache directory")
@@ -240,6 +243,7 @@ def _load_extensions() -> list[Callable[[Any], None]]:
     found: list[Callable[[Any], None]] = []
     for module, function in (("cloudlets.cli_cache", "add_cache_parser"),
                              ("cloudlets.cli_images", "add_images_parser"),
+                             ("cloudlets.cli_init", "add_init_parser"),
                              ("cloudlets.cli_sign", "add_sign_parsers"),
                              ("cloudlets.cli_serve", "add_serve_parser")):
         try:
@@ -316,9 +320,25 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _render_inputs(config: Path | None,
+                   presets_path: Path | None) -> tuple[dict[str, Any], Presets | None]:
+    """The request and presets ``--config`` and ``--presets`` give: a
+    ``--config`` file that is a presets document (top-level ``config`` or
+    ``locked``, as ``cloudlets init`` writes) is read as ``--presets``."""
+    presets = Presets.load(presets_path) if presets_path else None
+    data = load_config_file(config) if config else {}
+    if not is_presets_document(data):
+        return data, presets
+    if presets is not None:
+        raise ConfigError([Problem("", "is a presets document (top-level config or locked) "
+                                       "and --presets is given too: give presets once")],
+                          str(config))
+    return {}, Presets.from_document(data, str(config))
+
+
 def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
-    request = parse_set(args.sets, load_config_file(args.config) if args.config else {})
-    presets = Presets.load(args.presets) if args.presets else None
+    request, presets = _render_inputs(args.config, args.presets)
+    request = parse_set(args.sets, request)
     mirrors: list[Mapping[str, Any]] = []
     for item in args.mirrors:
         prefix, sep, target = item.partition("=")

@@ -35,7 +35,8 @@ from cloudlets.userschema import validate_subschema
 if TYPE_CHECKING:
     from cloudlets.manifest import Manifest
 
-__all__ = ["Presets", "RenderConfig", "load_config_file", "resolve_config", "set_dotted"]
+__all__ = ["Presets", "RenderConfig", "is_presets_document", "load_config_file",
+           "resolve_config", "set_dotted"]
 
 #: File name of the render config schema in ``cloudlets/schemas/``.
 SCHEMA_NAME = "config-v1.json"
@@ -52,9 +53,11 @@ _CONTROL = frozenset(chr(c) for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a render config (or presets) JSON file.
+    """Read a render config (or presets) file: JSON, or TOML when its name
+    ends in ``.toml`` (read with :mod:`tomllib`; a TOML date or time, which
+    JSON has not, is refused).
 
-    :raises ConfigError: when it cannot be read or is not a JSON object.
+    :raises ConfigError: when it cannot be read or is not an object.
     """
     try:
         with open(path, "rb") as handle:
@@ -64,6 +67,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             from None
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError([Problem("", f"larger than {MAX_CONFIG_BYTES} bytes")], str(path))
+    if str(path).endswith(".toml"):
+        return _load_toml(text, str(path))
     try:
         data = parse_json(text)
     except JSONSyntaxError as exc:
@@ -71,6 +76,31 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([Problem("", "a render config must be a JSON object")], str(path))
     return data
+
+
+def _load_toml(text: bytes, source: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem("", f"not UTF-8 (byte {exc.start})")], source) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem("", f"not TOML: {exc}")], source) from None
+    except RecursionError:
+        raise ConfigError([Problem("", f"nested deeper than {MAX_JSON_DEPTH} levels")],
+                          source) from None
+    problems = document_problems(data)
+    if problems:
+        raise ConfigError(problems, source)
+    return data
+
+
+def is_presets_document(data: Mapping[str, Any]) -> bool:
+    """Whether a config file's content is a presets document (top-level
+    ``config`` or ``locked``, which a render config never has) rather than a
+    render config."""
+    return "config" in data or "locked" in data
 
 
 def validate_config(data: Mapping[str, Any], source: str | None = None) -> None:
@@ -277,19 +307,32 @@ class Presets:
 
     @classmethod
     def load(cls, path: str | Path) -> Presets:
-        """Read presets from a JSON file: ``{"config": {...}, "locked": [...]}``.
+        """Read presets from a file: ``{"config": {...}, "locked": [...]}``
+        in JSON, or the same in TOML when the name ends in ``.toml``
+        (``locked = [...]`` then a ``[config]`` table; ``cloudlets init``
+        writes an example).
 
         :raises ConfigError: when the file is invalid.
         """
-        data = load_config_file(path)
+        return cls.from_document(load_config_file(path), str(path))
+
+    @classmethod
+    def from_document(cls, data: Mapping[str, Any], source: str = "presets") -> Presets:
+        """Presets from a parsed presets document.
+
+        :raises ConfigError: when it is invalid.
+        """
         unknown = sorted(set(data) - {"config", "locked"})
         if unknown:
             raise ConfigError([Problem(f"/{k}", "unknown key (known keys: config, locked)")
-                               for k in unknown], str(path))
+                               for k in unknown], source)
         locked = data.get("locked", [])
         if not isinstance(locked, list) or not all(isinstance(k, str) for k in locked):
-            raise ConfigError([Problem("/locked", "must be a list of dotted keys")], str(path))
-        return cls(values=data.get("config", {}), locked=frozenset(locked))
+            raise ConfigError([Problem("/locked", "must be a list of dotted keys")], source)
+        values = data.get("config", {})
+        if not isinstance(values, dict):
+            raise ConfigError([Problem("/config", "must be an object")], source)
+        return cls(values=values, locked=frozenset(locked))
 
     def violations(self, request: Mapping[str, Any]) -> list[str]:
         """:returns: the locked keys ``request`` tries to set, sorted: a
