@@ -335,10 +335,13 @@ class Presets:
         return cls(values=values, locked=frozenset(locked))
 
     def violations(self, request: Mapping[str, Any]) -> list[str]:
-        """:returns: the locked keys ``request`` tries to set, sorted: a
-        locked key is set by a request value at it, inside it, or at a key
-        above it that is not an object holding other keys (an empty object,
-        a list, a scalar); objects in the request reach it key by key."""
+        """The locked keys ``request`` tries to set. A locked key is set by
+        a request value at it, inside it, or at a key above it that is not
+        an object holding other keys (an empty object, a list, a scalar);
+        objects in the request reach it key by key.
+
+        :returns: those keys, sorted.
+        """
         hits = set()
         for path in _leaf_paths(request):
             dotted = ".".join(path)
