@@ -29,7 +29,7 @@ from cloudlets.config import RenderConfig, resolve_config
 from cloudlets.drivers.base import DiskImage, FormatContext, FormatDriver, OutputFile
 from cloudlets.drivers.types import FormatCapability
 from cloudlets.manifest import Manifest
-from cloudlets.sparse import Piece, copy_into
+from cloudlets.sparse import Piece, copy_into, overlay
 
 __all__ = ["COMPOSED_FILES", "FormatDriverConformance", "composed_disk", "conformance_manifest",
            "join_pieces", "synthetic_disk"]
@@ -99,16 +99,8 @@ def composed_disk(directory: Path, *, root_size: int = 16 * MiB) -> DiskImage:
                                         size - 4096)):
             handle.seek(offset)
             handle.write(hashlib.sha256(b"composed %d" % index).digest() * 128)
-    pieces = [Piece(disk, 0, root_offset)]
-    position = 0
-    for start, end in ranges:
-        if start > position:
-            pieces.append(Piece(base, position, start - position))
-        pieces.append(Piece(patched, start, end - start))
-        position = end
-    if position < root_size:
-        pieces.append(Piece(base, position, root_size - position))
-    pieces.append(Piece(disk, root_offset + root_size, tail))
+    pieces = [Piece(disk, 0, root_offset), *overlay(base, root_size, patched, ranges),
+              Piece(disk, root_offset + root_size, tail)]
     return DiskImage(path=disk, size=size, firmware="bios", tree_tar=tree,
                      details={"partition_table": "gpt", "composed": True},
                      pieces=tuple(pieces), root_offset=root_offset,
