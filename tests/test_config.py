@@ -240,3 +240,29 @@ def test_locks_behave_as_the_docs_table_says(manifest: Manifest, locked: str, it
         for part in locked.split("."):
             expected = expected.get(part) if isinstance(expected, dict) else None
         assert node == expected, f"the locked {locked} changed"
+
+
+def test_config_files_may_be_toml(tmp_path: Path) -> None:
+    from cloudlets.config import is_presets_document, load_config_file
+
+    request = tmp_path / "request.toml"
+    request.write_text('hostname = "web1"\n[[ip.interfaces]]\nname = "eth0"\n'
+                       'addresses = ["192.0.2.10/24"]\n')
+    data = load_config_file(request)
+    assert data == {"hostname": "web1",
+                    "ip": {"interfaces": [{"name": "eth0", "addresses": ["192.0.2.10/24"]}]}}
+    assert not is_presets_document(data)
+    presets = tmp_path / "presets.toml"
+    presets.write_text('locked = ["hostname"]\n[config]\nhostname = "p"\n')
+    assert is_presets_document(load_config_file(presets))
+    assert Presets.load(presets) == Presets(values={"hostname": "p"},
+                                            locked=frozenset({"hostname"}))
+    for text, fragment in ((b'hostname = "a\n', "not TOML"), (b"x = '\xff'\n", "not UTF-8"),
+                           (b"when = 1979-05-27T07:32:00Z\n", "/when")):
+        request.write_bytes(text)
+        with pytest.raises(ConfigError, match=re.escape(fragment)) as caught:
+            load_config_file(request)
+        assert str(request) in str(caught.value)
+    (tmp_path / "presets.json").write_text(json.dumps({"config": []}))
+    with pytest.raises(ConfigError, match="/config: must be an object"):
+        Presets.load(tmp_path / "presets.json")
