@@ -8,7 +8,6 @@ or refuses it.
 from __future__ import annotations
 
 import math
-import posixpath
 import re
 from dataclasses import dataclass
 
@@ -132,4 +131,6 @@ def clamp_time(value: float, name: str) -> int:
 
 
 def parent_of(path: str) -> str:
-    return posixpath.dirname(path)
+    """The parent of an absolute, normalized path (``/`` for ``/``): a slice,
+    several times faster than :func:`posixpath.dirname`."""
+    return path[:path.rfind("/")] or "/"

@@ -298,7 +298,8 @@ class _Reader:
         :raises UnsafeArchiveError: an ancestor is a symlink or not a directory.
         """
         missing: list[str] = []
-        parent = parent_of(path)
+        child, parent = path, parent_of(path)
+        children = self.children
         dropped = False
         while parent != "/":
             if parent in self.dropped_dirs:
@@ -318,7 +319,8 @@ class _Reader:
                         name)
                 break
             missing.append(parent)
-            parent = parent_of(parent)
+            child, parent = parent, parent_of(parent)
+            children.setdefault(parent, []).append(child)
         if missing:
             self.members += len(missing)
             if self.members > self.policy.max_members:
@@ -327,8 +329,6 @@ class _Reader:
                     "directories they imply (ArchivePolicy.max_members)", name)
             self._account(sum(map(len, missing)), name)
             (self.dropped_dirs if dropped else self.implied).update(missing)
-            for directory in missing:
-                self.children.setdefault(parent_of(directory), []).append(directory)
         return dropped
 
     def _drop_subtree(self, path: str) -> None:
@@ -399,6 +399,8 @@ class _Reader:
 
         regions = cast("list[tuple[int, int]]", info.sparse)  # typeshed says bytes
         for start, length in regions:
+            if length == 0:  # an empty slot of the header
+                continue
             if start < position or length < 0 or start + length > size:
                 raise UnsafeArchiveError(
                     f"sparse map region {start}+{length} is out of order or beyond the "

@@ -29,6 +29,8 @@ __all__ = ["METADATA_PATH", "RootTree", "TreeStream", "fill_parents", "image_met
 METADATA_PATH = "/etc/cloudlets/image.json"
 
 _SYMLINK_HOPS = 40
+#: Synthesized parent directories noted one by one; the rest are counted.
+_NOTED_PARENTS = 100
 
 
 class RootTree:
@@ -381,6 +383,7 @@ def fill_parents(entries: dict[str, Entry], notes: list[str],
     :param paths: only the parents of these (default: of every entry).
     """
     stamp = entries["/"].mtime
+    created = 0
     for path in list(entries) if paths is None else list(paths):
         missing = []
         parent = parent_of(path)
@@ -389,7 +392,12 @@ def fill_parents(entries: dict[str, Entry], notes: list[str],
             parent = parent_of(parent)
         for ancestor in reversed(missing):
             entries[ancestor] = Entry(ancestor, EntryType.DIR, 0o755, mtime=stamp)
-            notes.append(f"{ancestor}: missing parent directory created 0755 root:root")
+            created += 1
+            if created <= _NOTED_PARENTS:
+                notes.append(f"{ancestor}: missing parent directory created 0755 root:root")
+    if created > _NOTED_PARENTS:  # one deep name can imply hundreds: notes stay small
+        notes.append(f"... and {created - _NOTED_PARENTS} more missing parent directories "
+                     "created 0755 root:root")
 
 
 def nearest_entry(entries: Mapping[str, Entry], path: str) -> Entry | None:
