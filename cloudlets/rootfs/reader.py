@@ -219,7 +219,7 @@ class _Reader:
                 f"a {kind.value} replaces the directory {path} seen earlier", name)
 
         mtime = clamp_time(info.mtime, name)
-        if mtime != info.mtime:
+        if not 0 <= info.mtime <= MAX_TIME:
             self.clamped += 1
         self.max_mtime = max(self.max_mtime, mtime)
         entry = Entry(path, kind, info.mode & 0o7777, info.uid, info.gid, mtime,

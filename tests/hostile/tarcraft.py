@@ -156,12 +156,13 @@ def members_then_end(*parts: bytes) -> bytes:
 # -- a tiny cloudlet around a hostile tarball ------------------------------------------
 
 def cloudlet(root: Path, tarball: bytes, *, root_size: str | None = "64M",
-             members: Sequence[M] = ()) -> dict[str, Any]:
+             mtime: int = MTIME) -> dict[str, Any]:
     """A renderable manifest whose tarball is ``tarball`` (a kernel added in
-    front, so the raw format can boot it) written under ``root``."""
+    front, so the raw format can boot it, its times ``mtime``) written under
+    ``root``."""
     root.mkdir(parents=True, exist_ok=True)
-    data = without_end(build_tar([D("boot"), M("boot/vmlinuz", b"kernel"), *members],
-                                 tarfile.GNU_FORMAT)) + tarball
+    front = [D("boot", mtime=mtime), M("boot/vmlinuz", b"kernel", mtime=mtime)]
+    data = without_end(build_tar(front, tarfile.GNU_FORMAT)) + tarball
     path = root / "hostile.tar"
     path.write_bytes(data)
     boot: dict[str, Any] = {"kernel": "/boot/vmlinuz", "cmdline": "console=ttyS0"}
