@@ -517,7 +517,8 @@ def read_tarball(source: str | os.PathLike[str] | BinaryIO,
             except UnsafeArchiveError:
                 raise
             except decode_errors() as exc:
-                raise UnsafeArchiveError(f"malformed {kind.value} tar archive: {exc}",
+                what = "" if kind is Compression.NONE else f" {kind.value}"
+                raise UnsafeArchiveError(f"malformed{what} tar archive: {exc}",
                                          stream.member) from None
         tree = reader.finish(kind, content_reader)
     except BaseException:

@@ -143,9 +143,12 @@ def pax_sparse(name: str, realsize: int, regions: Sequence[tuple[int, bytes]]) -
 
 def without_end(archive: bytes) -> bytes:
     """A tarball's members without its end-of-archive blocks."""
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as opened:
-        opened.getmembers()
-        return archive[:opened.offset]
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as opened:
+            opened.getmembers()
+            return archive[:opened.offset]
+    except tarfile.ReadError:  # no member at all
+        return b""
 
 
 def members_then_end(*parts: bytes) -> bytes:
