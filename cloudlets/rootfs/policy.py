@@ -44,6 +44,11 @@ class ArchivePolicy:
     :ivar max_compression_ratio: uncompressed bytes per compressed byte, checked
         once ``ratio_grace`` bytes have come out of the decompressor.
     :ivar ratio_grace: uncompressed bytes read before the ratio is enforced.
+    :ivar max_members_per_mib: members (implied parents included) per MiB of
+        compressed tarball, checked once ``members_grace`` are in: a member
+        costs a thousand times what its 512 bytes of header do to inflate,
+        so a compressed stream of empty headers is a bomb of its own.
+    :ivar members_grace: members read before the density is enforced.
     :ivar max_path_length: bytes in a path (and in a symlink target).
     :ivar max_name_length: bytes in one path component.
     :ivar max_path_depth: components in a path (``/a/b`` has two): every
@@ -68,6 +73,8 @@ class ArchivePolicy:
     max_members: int = 1_000_000
     max_compression_ratio: float = 200.0
     ratio_grace: int = 64 * _MIB
+    max_members_per_mib: int = 20_000
+    members_grace: int = 20_000
     max_path_length: int = 4095
     max_name_length: int = 255
     max_path_depth: int = 256

@@ -45,6 +45,7 @@ _MAX_ID = 2**32 - 2
 _MAX_DEVICE = 8**7 - 1  # what a ustar header holds (Linux: 4095:1048575)
 _LIBARCHIVE_XATTR_PREFIX = "LIBARCHIVE.xattr."
 _ZEROS = bytes(COPY_CHUNK)
+_MIB = 1024 * 1024
 
 
 def _discard(data: bytes | memoryview) -> None:
@@ -165,9 +166,7 @@ class _Reader:
         policy = self.policy
         name = info.name
         self.members += 1
-        if self.members > policy.max_members:
-            raise UnsafeArchiveError(
-                f"more than {policy.max_members} members (ArchivePolicy.max_members)", name)
+        self._count_members(name)
         try:
             path = normalize(name, policy)
         except UnsafeArchiveError as exc:
@@ -278,6 +277,23 @@ class _Reader:
             self.children.setdefault(parent_of(path), []).append(path)
         entries[path] = entry
 
+    def _count_members(self, name: str) -> None:
+        """Check the members so far (implied parents included) against the
+        policy: their number, and their density in a compressed tarball."""
+        policy, members = self.policy, self.members
+        if members > policy.max_members:
+            raise UnsafeArchiveError(
+                f"more than {policy.max_members} members with the parent directories they "
+                "imply (ArchivePolicy.max_members)", name)
+        compressed = self.stream.compressed
+        if compressed and members > policy.members_grace:
+            density = members * _MIB / compressed
+            if density > policy.max_members_per_mib:
+                raise UnsafeArchiveError(
+                    f"{density:.0f} members per MiB of compressed tarball, more than "
+                    f"{policy.max_members_per_mib} (ArchivePolicy.max_members_per_mib): "
+                    "a bomb of headers?", name)
+
     def _account(self, size: int, name: str) -> None:
         """Count ``size`` bytes of metadata against the policy."""
         self.metadata += size
@@ -323,10 +339,7 @@ class _Reader:
             children.setdefault(parent, []).append(child)
         if missing:
             self.members += len(missing)
-            if self.members > self.policy.max_members:
-                raise UnsafeArchiveError(
-                    f"more than {self.policy.max_members} members with the parent "
-                    "directories they imply (ArchivePolicy.max_members)", name)
+            self._count_members(name)
             self._account(sum(map(len, missing)), name)
             (self.dropped_dirs if dropped else self.implied).update(missing)
         return dropped
