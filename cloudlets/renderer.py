@@ -161,8 +161,13 @@ class Renderer:
         self._mirror_rules = MirrorRules.from_config(self.mirrors, source="renderer")
         self.max_image_bytes = ex_max_image_bytes
         epoch = ex_source_date_epoch
-        if epoch is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
-            epoch = int(os.environ["SOURCE_DATE_EPOCH"])
+        env = os.environ.get("SOURCE_DATE_EPOCH", "")
+        if epoch is None and env:
+            # refused here rather than read differently by the disk stage
+            if not env.isdigit():
+                raise ConfigurationError(
+                    f"$SOURCE_DATE_EPOCH={env!r} is not a number of seconds")
+            epoch = int(env)
         if epoch is not None and not 0 <= epoch <= MAX_TIME:
             # every time in the image is clamped to it: it must be one they can hold
             raise ConfigurationError(

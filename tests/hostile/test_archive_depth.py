@@ -160,3 +160,26 @@ def test_a_deep_tree_renders_in_bounded_time(tmp_path: Path) -> None:
         names = written.getnames()
     assert len(names) > 1200
     assert max(name.count("/") for name in names) == 256
+
+
+def test_a_deep_tree_goes_through_the_disk_stage(tmp_path: Path) -> None:
+    # 256-deep paths through mke2fs, as the cold render streams them
+    manifest = cloudlet(tmp_path / "src", shape("deep-chains", MIB // 2), root_size="64M")
+    with timed(10.0):  # a real mke2fs
+        result = renderer(tmp_path).render(manifest, str(tmp_path / "out") + "/", "local",
+                                           "raw", {})
+    assert result.details["rootfs"]["entries"] > 500
+    assert (tmp_path / "out" / "hostile-1.0.raw").stat().st_size >= 64 * MIB
+
+
+@pytest.mark.parametrize("fmt", ["tar", "raw"])
+def test_a_render_refuses_a_deep_member_and_leaves_nothing(fmt: str, tmp_path: Path) -> None:
+    deep = "/".join(["d"] * 300)
+    manifest = cloudlet(tmp_path / "src", build_tar([M(deep, b"x")], tarfile.GNU_FORMAT))
+    with timed(), pytest.raises(UnsafeArchiveError, match="max_path_depth") as caught:
+        renderer(tmp_path).render(manifest, str(tmp_path / "out") + "/", "local", fmt, {})
+    assert caught.value.member == deep
+    assert not list((tmp_path / "work").iterdir())
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    bases = tmp_path / "cache" / "bases"
+    assert not bases.exists() or not [p for p in bases.iterdir() if "partial" in p.name]
