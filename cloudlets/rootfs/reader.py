@@ -461,6 +461,8 @@ class _Reader:
                 entries[path] = Entry(path, EntryType.DIR, 0o755, mtime=root.mtime)
                 self.notes.append(f"{path}: persistent path missing, created as an empty "
                                   "directory 0755 root:root")
+        # what only reading needed goes before the missing parents are made
+        self.implied, self.children, self.dropped_dirs = set(), {}, set()
         fill_parents(entries, self.notes)
         return RootTree(self.spool, persistent, entries=entries, dropped=self.dropped,
                         notes=self.notes, compression=compression,
