@@ -51,7 +51,8 @@ from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
 from cloudlets.progress import ProgressCallback
 from cloudlets.result import RenderResult, image_id_for, request_key
-from cloudlets.rootfs import MAX_TIME, ArchivePolicy
+from cloudlets.rootfs import ArchivePolicy
+from cloudlets.rootfs.policy import MAX_TIME
 
 if TYPE_CHECKING:
     from cloudlets.signing import ProvenanceKey, Signer, TrustPolicy

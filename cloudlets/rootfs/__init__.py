@@ -16,7 +16,7 @@ clean, normalized, uncompressed PAX tar, sorted (parents before children),
 with numeric owners, ``SCHILY.xattr.*`` extended attributes, rendered
 templates in place of their sources, and mtimes clamped to
 ``SOURCE_DATE_EPOCH`` when one is given (member times are already within
-``0 .. MAX_TIME`` once read).
+``0 ..`` :data:`~cloudlets.rootfs.policy.MAX_TIME` once read).
 
 The package's modules, each importing only those before it:
 
@@ -38,13 +38,12 @@ Typical use::
 """
 
 from cloudlets.rootfs.entry import Entry, EntryType
-from cloudlets.rootfs.policy import MAX_TIME, ArchivePolicy
+from cloudlets.rootfs.policy import ArchivePolicy
 from cloudlets.rootfs.reader import read_tarball
 from cloudlets.rootfs.stream import Compression, detect_compression
 from cloudlets.rootfs.tree import METADATA_PATH, RootTree, TreeStream, image_metadata
 
 __all__ = [
-    "MAX_TIME",
     "METADATA_PATH",
     "ArchivePolicy",
     "Compression",

@@ -449,7 +449,7 @@ class _Reader:
             root.mtime = self.max_mtime
         if self.clamped:
             self.notes.append(f"{self.clamped} member times clamped to 0 .. {MAX_TIME} "
-                              "(rootfs.MAX_TIME)")
+                              "(rootfs.policy.MAX_TIME)")
         persistent = sorted(self.persistent)
         for path in persistent:
             if path not in entries:

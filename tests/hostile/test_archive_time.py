@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from cloudlets.errors import ConfigurationError, UnsafeArchiveError
-from cloudlets.rootfs import MAX_TIME, read_tarball
+from cloudlets.rootfs import read_tarball
+from cloudlets.rootfs.policy import MAX_TIME
 from tests.hostile.tarcraft import cloudlet, renderer, timed, without_end
 from tests.test_rootfs import M, build_tar, read
 
