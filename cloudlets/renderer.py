@@ -39,7 +39,10 @@ from cloudlets.drivers.providers import make_driver
 from cloudlets.drivers.types import DriverKind, FormatCapability, StorageCapability
 from cloudlets.errors import (
     CloudletsError,
+    ConfigurationError,
     FormatError,
+    ManifestError,
+    Problem,
     RenderError,
     SignatureError,
     StorageError,
@@ -51,6 +54,7 @@ from cloudlets.paths import default_cache_dir, default_data_dir
 from cloudlets.progress import ProgressCallback
 from cloudlets.result import RenderResult, image_id_for, request_key
 from cloudlets.rootfs import ArchivePolicy
+from cloudlets.rootfs.policy import MAX_TIME
 
 if TYPE_CHECKING:
     from cloudlets.signing import ProvenanceKey, Signer, TrustPolicy
@@ -68,6 +72,12 @@ STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "tree", "convert", 
           "provenance", "publish")
 
 ManifestSource = Manifest | Mapping[str, Any] | str | Path
+
+#: The largest image a manifest may ask for (``boot.root.size``,
+#: ``boot.disk_size``) unless the provider says otherwise
+#: (``Renderer(ex_max_image_bytes=...)``); it also bounds what a tarball may
+#: expand to.
+DEFAULT_MAX_IMAGE_BYTES = 8 * 1024**3
 
 
 @dataclass
@@ -104,7 +114,13 @@ class Renderer:
         tarballs (off by default: a request must not read host files).
     :param ex_source_date_epoch: fixed timestamp for reproducible output;
         default ``$SOURCE_DATE_EPOCH``, else derived from the inputs.
-    :param ex_archive_policy: limits and rules for reading tarballs.
+    :param ex_archive_policy: limits and rules for reading tarballs; each
+        render lowers its size limits to the image size it may make (the
+        manifest's ``boot.root.size``, else ``ex_max_image_bytes``).
+    :param ex_max_image_bytes: the largest ``boot.root.size`` or
+        ``boot.disk_size`` a manifest may ask for (default
+        :data:`DEFAULT_MAX_IMAGE_BYTES`); a larger one is refused before
+        anything is fetched.
     :param ex_cache_max_bytes: bound the tarball cache (LRU eviction).
     :param ex_fetcher: the downloader (timeouts, retries, URL policy); by
         default one whose policy allows http and https, and ``file`` only
@@ -129,6 +145,7 @@ class Renderer:
                  ex_cache_max_bytes: int | None = None,
                  ex_fetcher: Fetcher | None = None,
                  ex_template_limits: TemplateLimits | None = None,
+                 ex_max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                  trust: TrustPolicy | None = None,
                  provenance_key: ProvenanceKey | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -145,9 +162,20 @@ class Renderer:
         self.template_limits = ex_template_limits
         self.fetcher = ex_fetcher or Fetcher(policy=UrlPolicy(allow_file=ex_allow_file_urls))
         self._mirror_rules = MirrorRules.from_config(self.mirrors, source="renderer")
+        self.max_image_bytes = ex_max_image_bytes
         epoch = ex_source_date_epoch
-        if epoch is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
-            epoch = int(os.environ["SOURCE_DATE_EPOCH"])
+        env = os.environ.get("SOURCE_DATE_EPOCH", "")
+        if epoch is None and env:
+            # refused here rather than read differently by the disk stage
+            if not env.isdigit():
+                raise ConfigurationError(
+                    f"$SOURCE_DATE_EPOCH={env!r} is not a number of seconds")
+            epoch = int(env)
+        if epoch is not None and not 0 <= epoch <= MAX_TIME:
+            # every time in the image is clamped to it: it must be one they can hold
+            raise ConfigurationError(
+                f"source date epoch {epoch} is outside 0 .. {MAX_TIME} "
+                "(ex_source_date_epoch or $SOURCE_DATE_EPOCH)")
         self.source_date_epoch = epoch
         self.trust = trust
         self.provenance_key = provenance_key
@@ -225,6 +253,7 @@ class Renderer:
         store = make_driver(DriverKind.STORAGE, storage)
         loaded.require_renderable(
             needs_boot=not fmt.capabilities & FormatCapability.NEEDS_TREE)
+        self._check_image_size(loaded)
         merged = self._config(loaded, config)
         plan = _plan(loaded, fmt, store, output_path)
         key = request_key(loaded.digest, merged.digest, fmt.name, store.target, output_path)
@@ -334,6 +363,31 @@ class Renderer:
         return image_id_for(request_key(manifest.digest, config.digest, format_name,
                                         storage_name, location))
 
+    def _check_image_size(self, manifest: Manifest) -> None:
+        """Refuse an image larger than the provider allows, before any work."""
+        boot = manifest.boot
+        if boot is None:
+            return
+        problems = [Problem(pointer, f"{size} bytes is more than the {self.max_image_bytes} "
+                                     "this provider renders (Renderer ex_max_image_bytes)")
+                    for pointer, size in (("/boot/root/size", boot.root_size),
+                                          ("/boot/disk_size", boot.disk_size))
+                    if size is not None and size > self.max_image_bytes]
+        if problems:
+            raise ManifestError(problems, source=manifest.name)
+
+    def _archive_policy(self, manifest: Manifest) -> ArchivePolicy:
+        """The archive policy of one render: its size limits lowered to the
+        image it may make (the root filesystem cannot hold more), so a
+        tarball cannot expand (sparse files included) beyond it."""
+        boot = manifest.boot
+        budget = self.max_image_bytes
+        if boot is not None and boot.root_size is not None:
+            budget = min(budget, boot.root_size)
+        policy = self.archive_policy
+        return dataclasses.replace(policy, max_total_size=min(policy.max_total_size, budget),
+                                   max_member_size=min(policy.max_member_size, budget))
+
     # -- stages -------------------------------------------------------------
 
     def _build(self, run: _Run) -> DiskImage:
@@ -350,7 +404,7 @@ class Renderer:
         rules = run.mirrors
         with DiskPlan(manifest, base_cache=self.cache_dir / "bases", workdir=run.workdir,
                       source_date_epoch=self.source_date_epoch,
-                      archive_policy=self.archive_policy,
+                      archive_policy=self._archive_policy(manifest),
                       tree=bool(caps & FormatCapability.NEEDS_TREE),
                       compose=bool(caps & FormatCapability.COMPOSED_DISK)) as plan:
             tree = plan.cached_tree()

@@ -50,7 +50,7 @@ BIOS_BOOT_SIZE = _MIB
 #: Size of the EFI system partition (FAT32 needs at least 65525 clusters).
 ESP_SIZE = 64 * _MIB
 #: Bumped whenever the base filesystem's bytes would change for the same inputs.
-_BASE_FORMAT = 2
+_BASE_FORMAT = 3  # 3: member times clamped to rootfs.policy.MAX_TIME, a clock of 0 pinned to 1
 
 
 def derive_uuid(seed: str, purpose: str) -> str:

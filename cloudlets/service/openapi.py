@@ -169,7 +169,7 @@ def _schemas() -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     """:returns: the OpenAPI 3.1 document of the service."""
-    from cloudlets import __version__
+    from cloudlets.version import __version__
 
     images = {
         "post": {

@@ -63,9 +63,9 @@ def _lock_under_cache(driver: Any) -> None:
         return  # locking off (or a subclass that chose its own locks)
     directory = default_cache_dir() / "locks" / "libcloud"
 
-    class CacheDirLock(LockLocalStorage):  # type: ignore[misc]
+    class CacheDirLock(LockLocalStorage):
         def __init__(self, path: str, timeout: int = 5) -> None:
-            import fasteners
+            import fasteners  # type: ignore[import-untyped]
 
             super().__init__(path, timeout)  # type: ignore[no-untyped-call]
             directory.mkdir(parents=True, exist_ok=True)
