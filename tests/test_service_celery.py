@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,12 +22,12 @@ from typing import Any
 import pytest
 import requests
 
+from tests.celery_fixture import REDIS_SERVER, RedisServer, Worker, start_worker
 from tests.service_fixture import (
     REPO,
     STOP_TIMEOUT,
     Service,
     TarballServer,
-    free_port,
     served_cloudlet,
     service_env,
     start_service,
@@ -37,82 +36,18 @@ from tests.service_fixture import (
 
 pytest.importorskip("starlette", reason="pip install cloudlets[service]")
 pytest.importorskip("celery", reason="pip install cloudlets[celery]")
-redis = pytest.importorskip("redis", reason="pip install cloudlets[celery]")
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+pytest.importorskip("redis", reason="pip install cloudlets[celery]")
 if not os.access(REDIS_SERVER, os.X_OK):
     pytest.skip("needs Debian's redis-server (scripts/dev installs it)", allow_module_level=True)
 
 __all__ = ["tarballs"]  # the fixture, imported for this module
 
 TOKENS = {"alice": "alice-token-0123456789abcdef"}
-#: Seconds a worker gets to connect to Redis and say it is ready.
-WORKER_STARTUP = 30.0
 #: Seconds a render gets to become ready (a redelivery included).
 RENDER_TIMEOUT = 60.0
 #: The Redis visibility timeout of the tests: a killed worker's render is
 #: handed to the other worker within about this time.
 VISIBILITY = 3
-
-
-class RedisServer:
-    """Debian's redis-server on 127.0.0.1, restartable on its port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 - the child holds it
-        self.process = subprocess.Popen(
-            [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory), "--daemonize", "no",
-             "--protected-mode", "yes"], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"redis-server did not start: "
-                            f"{(self.directory / 'redis.log').read_text(errors='replace')}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=STOP_TIMEOUT)
-        self.process = None
-
-    def client(self) -> Any:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
-
-
-@dataclasses.dataclass
-class Worker:
-    """A running ``cloudlets worker``."""
-
-    process: subprocess.Popen[str]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=STOP_TIMEOUT)
 
 
 def celery_config(server: TarballServer, broker: str) -> str:
@@ -145,23 +80,6 @@ only_hosts = ["127.0.0.1"]
 """
 
 
-def start_worker(config: Path, number: int) -> Worker:
-    log = config.parent / f"worker-{number}.log"
-    with open(log, "a") as stream:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cloudlets", "worker", "--config", str(config),
-             "--concurrency", "2"], cwd=REPO, env=service_env(TOKENS), stdout=stream,
-            stderr=subprocess.STDOUT, text=True)
-    worker = Worker(process, log)
-    deadline = time.monotonic() + WORKER_STARTUP
-    while not re.search(r" ready\.", worker.output()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            worker.stop(signal.SIGKILL)
-            pytest.fail(f"cloudlets worker did not start:\n{worker.output()}")
-        time.sleep(0.1)
-    return worker
-
-
 @dataclasses.dataclass
 class Cluster:
     redis: RedisServer
@@ -184,7 +102,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory,
         etc.mkdir()
         config = etc / "service.toml"
         config.write_text(celery_config(tarballs, server.url))
-        workers = [start_worker(config, number) for number in (1, 2)]
+        workers = [start_worker(config, number, TOKENS) for number in (1, 2)]
         service = start_service(etc, config.read_text(), tokens=TOKENS)
         yield Cluster(server, service, workers, config, etc)
     finally:
@@ -286,7 +204,7 @@ def test_a_worker_killed_mid_render_leaves_the_job_to_the_other(
     other = next(w for w in cluster.workers if w is not victim)
     assert entry_id in other.output()
     assert partials(cluster.root) == []
-    cluster.workers[cluster.workers.index(victim)] = start_worker(cluster.config, 3)
+    cluster.workers[cluster.workers.index(victim)] = start_worker(cluster.config, 3, TOKENS)
 
 
 def test_redis_away_fails_readyz_and_creates_then_recovers(
