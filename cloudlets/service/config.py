@@ -211,7 +211,7 @@ class QueueSettings:
     visibility_timeout: float = 3600.0
     max_attempts: int = 3
     name: str = "cloudlets"
-    poll_interval: float = 0.1
+    poll_interval: float = 0.5
 
 
 @dataclass(frozen=True)

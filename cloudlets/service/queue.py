@@ -165,11 +165,18 @@ class CeleryExecutor:
         self._run: Callable[[RenderTask], None] | None = None
         self._lock = threading.Lock()
         self._states: dict[str, str] = {}
+        self._wakeups: dict[str, threading.Event] = {}
         self._stopping = threading.Event()
 
     def start(self, run: Callable[[RenderTask], None]) -> None:
-        """Take tasks; each is followed with ``run(task)`` on its own thread."""
+        """Take tasks; each is followed with ``run(task)`` on its own thread.
+        A listener of the result backend's notifications wakes a task's
+        thread when its state changes, so a result is recorded within
+        milliseconds; between them each thread looks every
+        ``poll_interval`` seconds anyway (a notification lost while Redis
+        was away)."""
         self._run = run
+        threading.Thread(target=self._listen, daemon=True, name="cloudlets-queue-listen").start()
 
     def check(self) -> None:
         """:raises QueueUnavailable: when Redis does not answer."""
@@ -267,9 +274,44 @@ class CeleryExecutor:
         threading.Thread(target=follow, daemon=True,
                          name=f"cloudlets-follow-{task.entry_id}").start()
 
+    def _listen(self) -> None:
+        """Wake the thread of a task whose state the result backend
+        published (Celery's Redis backend publishes every state it stores,
+        on the state's own key)."""
+        prefix = self.app.backend.task_keyprefix
+        prefix = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
+        while not self._stopping.is_set():
+            try:
+                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub.psubscribe(prefix + "*")
+                while not self._stopping.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    channel = message.get("channel", b"")
+                    name = channel.decode() if isinstance(channel, bytes) else str(channel)
+                    with self._lock:
+                        wakeup = self._wakeups.get(name.removeprefix(prefix))
+                    if wakeup is not None:
+                        wakeup.set()
+            except Exception as exc:  # noqa: BLE001 - Redis away: the threads poll
+                log.debug("queue notifications stopped: %s", exc)
+                self._stopping.wait(1.0)
+
     def _wait(self, entry_id: str, progress: ProgressCallback | None) -> RenderResult:
-        """Poll the task's state until it is done; Redis away is waited out
-        (the service keeps the entry's lease meanwhile)."""
+        """Wait for the task's state until it is done; Redis away is waited
+        out (the service keeps the entry's lease meanwhile)."""
+        wakeup = threading.Event()
+        with self._lock:
+            self._wakeups[entry_id] = wakeup
+        try:
+            return self._watch(entry_id, progress, wakeup)
+        finally:
+            with self._lock:
+                self._wakeups.pop(entry_id, None)
+
+    def _watch(self, entry_id: str, progress: ProgressCallback | None,
+               wakeup: threading.Event) -> RenderResult:
         result = self.app.AsyncResult(entry_id)
         unknown = 0
         while True:
@@ -299,7 +341,8 @@ class CeleryExecutor:
                 stage, done, total = info.get("stage"), info.get("done"), info.get("total")
                 if isinstance(stage, str) and isinstance(done, int):
                     progress(stage, done, total if isinstance(total, int) else None)
-            time.sleep(self.poll_interval)
+            wakeup.wait(self.poll_interval)
+            wakeup.clear()
 
     @staticmethod
     def _outcome(entry_id: str, info: Any) -> RenderResult:
