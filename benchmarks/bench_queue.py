@@ -14,9 +14,10 @@ distinct cloudlet (its own tarball: an incompressible payload of
 ``--payload-mib`` MiB, served by a loopback server), rendered to the ``tar``
 format on a local target.
 
-Two phases per mode:
+Both modes run side by side; two phases:
 
-* **sequential** (``--sequential`` renders, one at a time): the *overhead*
+* **sequential** (``--sequential`` renders a mode, one at a time, the modes
+  taking turns so the machine's other load falls on both): the *overhead*
   of a render is its time to ready (catalog ``created_at`` to
   ``finished_at``, as the service recorded them) less the render's own
   stage timings after ``prepare`` (what the renderer measured, on the
@@ -25,8 +26,8 @@ Two phases per mode:
   the time to ready is reported. The queue's overhead is the Celery share
   less the embedded share (target under 5 %).
 * **load** (``--renders`` renders from ``--concurrency`` clients, each
-  posting and polling until ready): renders per second (first claim to last
-  ready) and the p50/p99 time to ready.
+  posting and polling until ready; one mode, then the other): renders per
+  second (first claim to last ready) and the p50/p99 time to ready.
 
 Everything listens on 127.0.0.1 and stops at the end; every wait is bounded.
 """
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import dataclasses
 import hashlib
 import io
 import os
@@ -124,9 +127,21 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
 
 
-def run_mode(mode: str, base: Path, server: TarballServer, args: argparse.Namespace,
-             redis_url: str | None) -> dict[str, float]:
-    etc = base / mode
+@dataclasses.dataclass
+class Mode:
+    """One service under test, with its workers."""
+
+    name: str
+    service: Service
+    catalog: ImageCatalog
+    workers: list[Worker]
+    sequential: list[str] = dataclasses.field(default_factory=list)
+    loaded: list[str] = dataclasses.field(default_factory=list)
+
+
+def start_mode(name: str, base: Path, server: TarballServer, args: argparse.Namespace,
+               redis_url: str | None, stack: contextlib.ExitStack) -> Mode:
+    etc = base / name
     etc.mkdir(parents=True)
     queue = "" if redis_url is None else (
         f'[queue]\nbackend = "celery"\nbroker_url = "{redis_url}"\n'
@@ -134,38 +149,41 @@ def run_mode(mode: str, base: Path, server: TarballServer, args: argparse.Namesp
     text = config_text(server, queue)
     (etc / "service.toml").write_text(text)
     workers: list[Worker] = []
-    service = None
-    try:
-        if redis_url is not None:
-            workers = [start_worker(etc / "service.toml", n, TOKENS, concurrency=1)
-                       for n in (1, 2)]
-        service = start_service(etc, text, tokens=TOKENS)
-        catalog = ImageCatalog(data_dir=etc / "state")
-        sequential = []
-        for number in range(args.sequential):
-            sequential.append(render(service, cloudlet(server, f"{mode}-seq{number}",
-                                                       args.payload_mib)))
-        manifests = [cloudlet(server, f"{mode}-load{n}", args.payload_mib)
-                     for n in range(args.renders)]
-        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-            loaded = list(pool.map(lambda m: render(service, m), manifests))
-        seq = [facts(catalog, e) for e in sequential]
-        load = [facts(catalog, e) for e in loaded]
-        overhead = [(ready - own) / ready for _, _, ready, own in seq]
-        span = max(f for _, f, _, _ in load) - min(c for c, _, _, _ in load)
-        return {
-            "render_s": statistics.median(own for _, _, _, own in seq),
-            "seq_ready_s": statistics.median(ready for _, _, ready, _ in seq),
-            "overhead_share": statistics.median(overhead),
-            "renders_per_s": len(load) / span,
-            "p50_ready_s": percentile([r for _, _, r, _ in load], 0.50),
-            "p99_ready_s": percentile([r for _, _, r, _ in load], 0.99),
-        }
-    finally:
-        if service is not None:
-            service.stop()
-        for worker in workers:
-            worker.stop(signal.SIGTERM)
+    if redis_url is not None:
+        for number in (1, 2):
+            workers.append(start_worker(etc / "service.toml", number, TOKENS, concurrency=1))
+            stack.callback(workers[-1].stop, signal.SIGTERM)
+    service = start_service(etc, text, tokens=TOKENS)
+    stack.callback(service.stop)
+    return Mode(name, service, ImageCatalog(data_dir=etc / "state"), workers)
+
+
+def load(mode: Mode, server: TarballServer, args: argparse.Namespace) -> None:
+    manifests = [cloudlet(server, f"{mode.name}-load{n}", args.payload_mib)
+                 for n in range(args.renders)]
+    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+        mode.loaded = list(pool.map(lambda m: render(mode.service, m), manifests))
+
+
+def summary(mode: Mode) -> dict[str, float]:
+    seq = [facts(mode.catalog, e) for e in mode.sequential]
+    stages: dict[str, list[float]] = {}
+    for entry_id in mode.sequential:
+        for stage, seconds in mode.catalog.get(entry_id).details.get("timings", {}).items():
+            stages.setdefault(stage, []).append(float(seconds))
+    print(f"{mode.name}: median stage seconds: " + ", ".join(
+        f"{k} {statistics.median(v):.3f}" for k, v in stages.items()))
+    loaded = [facts(mode.catalog, e) for e in mode.loaded]
+    overhead = [(ready - own) / ready for _, _, ready, own in seq]
+    span = max(f for _, f, _, _ in loaded) - min(c for c, _, _, _ in loaded)
+    return {
+        "render_s": statistics.median(own for _, _, _, own in seq),
+        "seq_ready_s": statistics.median(ready for _, _, ready, _ in seq),
+        "overhead_share": statistics.median(overhead),
+        "renders_per_s": len(loaded) / span,
+        "p50_ready_s": percentile([r for _, _, r, _ in loaded], 0.50),
+        "p99_ready_s": percentile([r for _, _, r, _ in loaded], 0.99),
+    }
 
 
 def main() -> None:
@@ -177,21 +195,28 @@ def main() -> None:
     parser.add_argument("--poll-interval", type=float, default=0.5,
                         help="[queue] poll_interval of the Celery mode")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-queue-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-queue-") as tmp, \
+            contextlib.ExitStack() as stack:
         base = Path(tmp)
+        (base / "tarballs").mkdir()
         server = TarballServer(base / "tarballs")
-        (base / "tarballs").mkdir(exist_ok=True)
+        stack.callback(server.close)
         server.gate.set()
         redis = RedisServer(base / "redis")
         redis.start()
-        try:
-            results = {"embedded pool (2 threads)": run_mode("embedded", base, server, args,
-                                                             None),
-                       "celery (2 workers x 1)": run_mode("celery", base, server, args,
-                                                          redis.url)}
-        finally:
-            redis.stop()
-            server.close()
+        stack.callback(redis.stop)
+        modes = [start_mode("embedded", base, server, args, None, stack),
+                 start_mode("celery", base, server, args, redis.url, stack)]
+        # the sequential renders alternate, so the machine's other load
+        # falls on both modes alike
+        for number in range(args.sequential):
+            for mode in modes:
+                mode.sequential.append(render(mode.service, cloudlet(
+                    server, f"{mode.name}-seq{number}", args.payload_mib)))
+        for mode in modes:
+            load(mode, server, args)
+        results = {"embedded pool (2 threads)": summary(modes[0]),
+                   "celery (2 workers x 1)": summary(modes[1])}
     print(f"{args.renders} renders from {args.concurrency} clients, {args.payload_mib} MiB "
           f"payload each, tar format; {args.sequential} sequential renders for the overhead")
     print(f"{'mode':28} {'render s':>9} {'ready s':>8} {'overhead':>9} {'renders/s':>10} "

@@ -10,7 +10,6 @@ there; the service records them in its catalog. See
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -58,15 +57,9 @@ def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
     concurrency = args.concurrency or config.workers
     if concurrency < 1:
         raise ServiceConfigError([("--concurrency", "must be at least 1")], "<command line>")
-    from cloudlets.service.app import SecretFilter
+    from cloudlets.cli_serve import log_to_stderr
 
-    level = getattr(logging, args.log_level.upper())
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(SecretFilter(config.secrets))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(level)
+    log_to_stderr(args.log_level, config.secrets)
     worker = RenderWorker(config)
     out.write(f"cloudlets: worker rendering {concurrency} at once from queue "
               f"{config.queue.name!r} (cache in {config.cache_dir})\n")

@@ -10,7 +10,6 @@ started again on the same port; :func:`start_worker` starts
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
 import signal
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.service_fixture import REPO, STOP_TIMEOUT, free_port, service_env
+from tests.service_fixture import REPO, STOP_TIMEOUT, Service, free_port, service_env
 
 #: Seconds a worker gets to connect to Redis and say it is ready.
 WORKER_STARTUP = 30.0
@@ -75,24 +74,8 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
 
 
-@dataclasses.dataclass
-class Worker:
-    """A running ``cloudlets worker``."""
-
-    process: subprocess.Popen[str]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=STOP_TIMEOUT)
+#: A running ``cloudlets worker``: stopped and read as a service is.
+Worker = Service
 
 
 def start_worker(config: Path, number: int, tokens: dict[str, str], *,
@@ -105,7 +88,7 @@ def start_worker(config: Path, number: int, tokens: dict[str, str], *,
              "--concurrency", str(concurrency)], cwd=REPO,
             env=service_env(tokens), stdout=stream,
             stderr=subprocess.STDOUT, text=True)
-    worker = Worker(process, log)
+    worker = Worker(url="", process=process, config=config, log=log)
     deadline = time.monotonic() + WORKER_STARTUP
     while not re.search(r" ready\.", worker.output()):
         if process.poll() is not None or time.monotonic() > deadline:

@@ -173,6 +173,21 @@ def test_eight_concurrent_creates_render_on_the_workers(
     assert partials(cluster.root) == []
 
 
+def test_a_worker_host_downloads_a_cloudlet_once(cluster: Cluster,
+                                                 tarballs: TarballServer) -> None:
+    tarballs.gate.set()
+    manifest = served_cloudlet(tarballs, "repeated", "1.0")
+    path = "/" + manifest["filesystem"]["url"].rsplit("/", 1)[1]
+    for motd in ("one", "two", "three"):  # three renders, both workers may take them
+        answer = cluster.service.call("POST", "/v1/images", "alice", json={
+            "manifest": manifest, "format": "tar", "target": "local",
+            "config": {"args": {"motd": motd}}})
+        assert answer.status_code == 202, answer.text
+        image = cluster.service.wait_image(answer.json()["id"], "alice", RENDER_TIMEOUT)
+        assert image["status"] == "ready", image
+    assert tarballs.requests.count(path) == 1, tarballs.requests
+
+
 def test_a_worker_killed_mid_render_leaves_the_job_to_the_other(
         cluster: Cluster, tarballs: TarballServer) -> None:
     tarballs.gate.clear()  # the tarball is held: the render stays in its fetch
@@ -232,14 +247,20 @@ def test_redis_away_fails_readyz_and_creates_then_recovers(
     assert image["status"] == "ready", image
 
 
+def queue_and_stop(cluster: Cluster, tarballs: TarballServer, name: str) -> str:
+    """Create a render held in its fetch, then stop the service (SIGTERM).
+
+    :returns: the render's entry id."""
+    tarballs.gate.clear()
+    answer = create(cluster.service, served_cloudlet(tarballs, name, "1.0", slow=True))
+    assert answer.status_code == 202, answer.text
+    assert cluster.service.stop() == 0
+    return str(answer.json()["id"])
+
+
 def test_a_restarted_service_follows_the_renders_it_queued(
         cluster: Cluster, tarballs: TarballServer) -> None:
-    tarballs.gate.clear()
-    manifest = served_cloudlet(tarballs, "across-restart", "1.0", slow=True)
-    answer = create(cluster.service, manifest)
-    assert answer.status_code == 202, answer.text
-    entry_id = answer.json()["id"]
-    assert cluster.service.stop() == 0
+    entry_id = queue_and_stop(cluster, tarballs, "across-restart")
     tarballs.gate.set()  # the worker renders while no service runs
     deadline = time.monotonic() + RENDER_TIMEOUT
     while task_meta(cluster, entry_id).get("status") != "SUCCESS":
@@ -254,12 +275,7 @@ def test_a_restarted_service_follows_the_renders_it_queued(
 
 def test_a_render_the_queue_lost_is_reported_failed_after_a_restart(
         cluster: Cluster, tarballs: TarballServer) -> None:
-    tarballs.gate.clear()
-    manifest = served_cloudlet(tarballs, "lost-with-redis", "1.0", slow=True)
-    answer = create(cluster.service, manifest)
-    assert answer.status_code == 202, answer.text
-    entry_id = answer.json()["id"]
-    assert cluster.service.stop() == 0
+    entry_id = queue_and_stop(cluster, tarballs, "lost-with-redis")
     cluster.redis.client().delete(f"celery-task-meta-{entry_id}")  # Redis lost its data
     cluster.service = start_service(cluster.root, cluster.config.read_text(), tokens=TOKENS)
     image = cluster.service.call("GET", f"/v1/images/{entry_id}", "alice").json()

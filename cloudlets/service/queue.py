@@ -450,13 +450,19 @@ class RenderWorker:
 
     @staticmethod
     def _progress(task: Any, attempt: int) -> ProgressCallback:
-        last: list[Any] = ["", 0.0]  # the stage reported, and when
+        seen: set[str] = set()
+        last = [0.0]  # when the last report went
+        lock = threading.Lock()  # the download reports from a thread of its own
 
         def report(stage: str, done: int, total: int | None) -> None:
+            # a stage's first report goes at once; others once per interval
+            # (fetch and rootfs report in turns while the tarball streams)
             now = time.monotonic()
-            if stage == last[0] and now - last[1] < _PROGRESS_INTERVAL:
-                return
-            last[:] = [stage, now]
+            with lock:
+                if stage in seen and now - last[0] < _PROGRESS_INTERVAL:
+                    return
+                seen.add(stage)
+                last[0] = now
             try:
                 task.update_state(state=PROGRESS, meta={"stage": stage, "done": done,
                                                         "total": total, "attempt": attempt,
