@@ -195,9 +195,12 @@ class RenderExecutor(Protocol):
         """
 
     def execute(self, task: RenderTask) -> Execute | None:
-        """:returns: how the task's render is executed: ``None`` in this
-            process by the renderer, else a callable that waits for it
-            elsewhere (given no job for a resumed task)."""
+        """How the task's render is executed.
+
+        :returns: ``None``: in this process by the renderer; else a
+            callable that waits for it elsewhere (given no job for a
+            resumed task).
+        """
 
     def check(self) -> None:
         """:raises QueueUnavailable: when no new task can be queued now."""
@@ -572,8 +575,10 @@ class RenderJobs:
         return deleted.entry, owner
 
     def check_queue(self) -> None:
-        """:raises ServiceUnavailable: when the executor cannot queue renders
-            now (its broker is away)."""
+        """Check that the executor can queue renders now.
+
+        :raises ServiceUnavailable: when it cannot (its broker is away).
+        """
         try:
             self.executor.check()
         except QueueUnavailable as exc:

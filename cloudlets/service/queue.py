@@ -90,8 +90,10 @@ class RemoteRenderError(CloudletsError):
 
 
 def require_celery_extra() -> None:
-    """:raises ConfigurationError: without the ``cloudlets[celery]`` extra,
-        naming the missing module and the extra."""
+    """Check that the ``cloudlets[celery]`` extra is installed.
+
+    :raises ConfigurationError: naming the missing module and the extra.
+    """
     for module in ("celery", "redis"):
         try:
             __import__(module)
@@ -100,9 +102,13 @@ def require_celery_extra() -> None:
                                      f"installed: {CELERY_EXTRA_HINT}") from None
 
 
-def celery_app(config: ServiceConfig) -> Celery:
+def celery_app(config: ServiceConfig, *, patient: bool = True) -> Celery:
     """The Celery application of a service configuration, for the service
     and its workers alike (they read the same file).
+
+    :param patient: retry the result backend for about 20 s when Redis is
+        away (a worker storing a render's result); else give up within a
+        second (the service answering a create: 503 rather than a hang).
 
     :raises ConfigurationError: without ``cloudlets[celery]``, or when the
         configuration is not ``[queue] backend = "celery"``.
@@ -128,7 +134,10 @@ def celery_app(config: ServiceConfig) -> Celery:
         task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True, task_track_started=True,
         worker_prefetch_multiplier=1, task_default_queue=queue.name,
-        broker_transport_options=transport, result_backend_transport_options=transport,
+        broker_transport_options=transport,
+        result_backend_transport_options={**transport, "retry_policy": {
+            "max_retries": 20 if patient else 2, "interval_start": 0,
+            "interval_step": 1.0 if patient else 0.2, "interval_max": 1.0 if patient else 0.5}},
         broker_connection_retry_on_startup=True, broker_connection_timeout=2.0,
         result_expires=max(int(queue.visibility_timeout) * 4, 86400),
         worker_hijack_root_logger=False, worker_redirect_stdouts=False,
@@ -156,7 +165,7 @@ class CeleryExecutor:
         import redis
 
         self.config = config
-        self.app = celery_app(config)
+        self.app = celery_app(config, patient=False)
         self.limit = config.limits.queue_length
         self.poll_interval = config.queue.poll_interval
         self.max_attempts = config.queue.max_attempts
@@ -232,8 +241,11 @@ class CeleryExecutor:
         return True
 
     def execute(self, task: RenderTask) -> Execute:
-        """:returns: what waits for the task's result (the job is the
-            worker's to prepare again: the payload carries its inputs)."""
+        """What waits for the task's result; the job is the worker's to
+        prepare again (the payload carries its inputs).
+
+        :returns: ``execute(job, progress, overwrite=...)``.
+        """
 
         def wait(job: Any, progress: ProgressCallback | None, *,
                  overwrite: bool = False) -> RenderResult:
@@ -312,13 +324,14 @@ class CeleryExecutor:
 
     def _watch(self, entry_id: str, progress: ProgressCallback | None,
                wakeup: threading.Event) -> RenderResult:
-        result = self.app.AsyncResult(entry_id)
+        backend = self.app.backend
         unknown = 0
         while True:
             if self._stopping.is_set():  # the next process follows it
                 threading.Event().wait()
             try:
-                state, info = result.state, result.info
+                meta = backend.get_task_meta(entry_id, cache=False)  # one read
+                state, info = meta["status"], meta.get("result")
             except Exception as exc:  # noqa: BLE001 - Redis away: wait for it
                 log.debug("render %s: the result backend is away: %s", entry_id, exc)
                 time.sleep(max(self.poll_interval, 0.5))
