@@ -190,22 +190,8 @@ def test_a_worker_host_downloads_a_cloudlet_once(cluster: Cluster,
 
 def test_a_worker_killed_mid_render_leaves_the_job_to_the_other(
         cluster: Cluster, tarballs: TarballServer) -> None:
-    tarballs.gate.clear()  # the tarball is held: the render stays in its fetch
-    manifest = served_cloudlet(tarballs, "held", "1.0", slow=True)
-    answer = create(cluster.service, manifest)
-    assert answer.status_code == 202, answer.text
-    entry_id = answer.json()["id"]
-    deadline = time.monotonic() + 20
-    while True:  # which worker took it: its progress names it
-        meta = task_meta(cluster, entry_id)
-        worker = (meta.get("result") or {}).get("worker") if meta.get("status") == "PROGRESS" \
-            else None
-        if worker:
-            break
-        assert time.monotonic() < deadline, f"no worker reported the render: {meta}"
-        time.sleep(0.05)
-    pid = int(re.match(r"cloudlets-(\d+)@", worker).group(1))  # type: ignore[union-attr]
-    victim = next(w for w in cluster.workers if w.process.pid == pid)
+    # the tarball is held: the render stays in its fetch
+    entry_id, victim = held_render_and_its_worker(cluster, tarballs, "held")
     victim.process.kill()
     victim.process.wait(timeout=STOP_TIMEOUT)
     image = cluster.service.call("GET", f"/v1/images/{entry_id}", "alice").json()
@@ -220,6 +206,41 @@ def test_a_worker_killed_mid_render_leaves_the_job_to_the_other(
     assert entry_id in other.output()
     assert partials(cluster.root) == []
     cluster.workers[cluster.workers.index(victim)] = start_worker(cluster.config, 3, TOKENS)
+
+
+def held_render_and_its_worker(cluster: Cluster, tarballs: TarballServer,
+                               name: str) -> tuple[str, Worker]:
+    """Create a render held in its fetch; :returns: its id and its worker."""
+    tarballs.gate.clear()
+    answer = create(cluster.service, served_cloudlet(tarballs, name, "1.0", slow=True))
+    assert answer.status_code == 202, answer.text
+    entry_id = str(answer.json()["id"])
+    deadline = time.monotonic() + 20
+    while True:  # which worker took it: its progress names it
+        meta = task_meta(cluster, entry_id)
+        worker = (meta.get("result") or {}).get("worker") if meta.get("status") == "PROGRESS" \
+            else None
+        if worker:
+            break
+        assert time.monotonic() < deadline, f"no worker reported the render: {meta}"
+        time.sleep(0.05)
+    pid = int(re.match(r"cloudlets-(\d+)@", worker).group(1))  # type: ignore[union-attr]
+    return entry_id, next(w for w in cluster.workers if w.process.pid == pid)
+
+
+def test_a_render_whose_workers_keep_dying_fails_with_the_reason(
+        cluster: Cluster, tarballs: TarballServer) -> None:
+    entry_id, victim = held_render_and_its_worker(cluster, tarballs, "doomed")
+    # as if two workers had died with it already: this is the third loss
+    cluster.redis.client().set(f"cloudlets-attempts-{entry_id}", 3)
+    victim.process.kill()
+    victim.process.wait(timeout=STOP_TIMEOUT)
+    cluster.workers[cluster.workers.index(victim)] = start_worker(cluster.config, 4, TOKENS)
+    image = cluster.service.wait_image(entry_id, "alice", RENDER_TIMEOUT)
+    assert image["status"] == "failed", image
+    assert image["error"]["type"] == "WorkerLost", image
+    assert "started 3 times and its worker was lost each time" in image["error"]["message"]
+    tarballs.gate.set()
 
 
 def test_redis_away_fails_readyz_and_creates_then_recovers(
