@@ -466,12 +466,12 @@ class RenderJobs:
         :raises Forbidden: for a target the tenant may not use.
         :raises IdempotencyMismatch: for a key used with another request.
         :raises TooManyRequests: over the tenant's or the queue's limit.
+        :raises ServiceUnavailable: while the queue's broker is away.
         :raises BadRequest: for invalid input (the library's own error named).
         """
         self._allowed(tenant, "create")
         if not self.accepting:
             raise ServiceUnavailable("the service is stopping", headers={"Retry-After": "5"})
-        self.check_queue()
         if tenant.targets is not None and request.target not in tenant.targets:
             raise Forbidden(f"tenant {tenant.name!r} may not use target {request.target!r}")
         if idempotency_key is not None:
@@ -481,6 +481,7 @@ class RenderJobs:
                     raise IdempotencyMismatch(
                         "this Idempotency-Key was used with another request")
                 return Created(self.catalog.refresh(seen[1]), created=False)
+        self.check_queue()  # before anything is claimed
         target = self.config.targets[request.target]
         settings = self.config.formats[request.format]
         limits = self.config.limits
@@ -507,8 +508,8 @@ class RenderJobs:
                     mine.add(entry.entry_id)
                     self._started[entry.entry_id] = time.monotonic()
                 payload = {**request.to_json(), "tenant": tenant.name, "output": output,
-                           "location": entry.output,
-                           "key": entry.key, "overwrite": claim.replaces is not None}
+                           "location": entry.output, "key": entry.key,
+                           "overwrite": claim.replaces is not None}
                 try:
                     self.executor.submit(RenderTask(entry.entry_id, tenant.name, payload))
                 except (QueueFull, QueueUnavailable) as exc:
