@@ -239,13 +239,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_extensions() -> list[Callable[[Any], None]]:
-    """Subcommands that live beside their stage (``cache``, ``images``, ``serve``)."""
+    """Subcommands that live beside their stage (``cache``, ``images``, ``serve``,
+    ``worker``)."""
     found: list[Callable[[Any], None]] = []
     for module, function in (("cloudlets.cli_cache", "add_cache_parser"),
                              ("cloudlets.cli_images", "add_images_parser"),
                              ("cloudlets.cli_init", "add_init_parser"),
                              ("cloudlets.cli_sign", "add_sign_parsers"),
-                             ("cloudlets.cli_serve", "add_serve_parser")):
+                             ("cloudlets.cli_serve", "add_serve_parser"),
+                             ("cloudlets.cli_worker", "add_worker_parser")):
         try:
             loaded = __import__(module, fromlist=[function])
         except ImportError:
