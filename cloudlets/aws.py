@@ -241,14 +241,14 @@ def _ec2_classes() -> tuple[type[Any], type[Any], tuple[type[BaseException], ...
         raise ConfigurationError("the EC2 format needs apache-libcloud: "
                                  "pip install apache-libcloud") from None
 
-    class _Error(LibcloudError):  # type: ignore[misc]
+    class _Error(LibcloudError):
         def __init__(self, code: str, message: str, status: int) -> None:
             super().__init__(f"{code}: {message}")
             self.code = code
             self.aws_message = message
             self.status = status
 
-    class _Response(EC2Response):  # type: ignore[misc]
+    class _Response(EC2Response):
         """Raises :class:`_Error` with AWS's code, whatever the namespace."""
 
         def parse_error(self) -> None:
@@ -258,10 +258,10 @@ def _ec2_classes() -> tuple[type[Any], type[Any], tuple[type[BaseException], ...
                              self.status)
             raise _Error(found[0], found[1], self.status)
 
-    class _Connection(EC2Connection):  # type: ignore[misc]
+    class _Connection(EC2Connection):
         responseCls = _Response
 
-    class _Driver(EC2NodeDriver):  # type: ignore[misc]
+    class _Driver(EC2NodeDriver):
         connectionCls = _Connection
 
     return _Driver, _Error, (LibcloudError, BaseHTTPError)

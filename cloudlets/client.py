@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
-from libcloud.compute.base import Node, NodeDriver, NodeImage  # type: ignore[import-untyped]
+from libcloud.compute.base import Node, NodeDriver, NodeImage
 
 from cloudlets.errors import CloudletsError
 from cloudlets.service.errors import ServiceError, ServiceUnavailable, error_for_status
@@ -188,7 +188,7 @@ class ServiceClient:
         return body
 
 
-class CloudletsServiceNodeDriver(NodeDriver):  # type: ignore[misc]
+class CloudletsServiceNodeDriver(NodeDriver):
     """A libcloud compute driver whose images are the service's.
 
     ``create_image(manifest)`` asks the service for an image and returns it

@@ -25,7 +25,7 @@ import re
 from functools import lru_cache
 from typing import Any, Protocol
 
-import re2
+import re2  # type: ignore[import-untyped]
 
 from cloudlets.errors import ManifestError, Problem
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloudlets.cache import TarballCache
+from cloudlets.catalog.leases import process_alive, process_token
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import (
     DiskImage,
@@ -39,6 +41,8 @@ from cloudlets.errors import (
     CloudletsError,
     ConfigurationError,
     FormatError,
+    ManifestError,
+    Problem,
     RenderError,
     SignatureError,
     StorageError,
@@ -50,6 +54,7 @@ from cloudlets.paths import default_cache_dir, default_data_dir
 from cloudlets.progress import ProgressCallback
 from cloudlets.result import RenderResult, image_id_for, request_key
 from cloudlets.rootfs import ArchivePolicy
+from cloudlets.rootfs.policy import MAX_TIME
 
 if TYPE_CHECKING:
     from cloudlets.signing import ProvenanceKey, Signer, TrustPolicy
@@ -67,6 +72,12 @@ STAGES = ("prepare", "fetch", "rootfs", "templates", "disk", "tree", "convert", 
           "provenance", "publish")
 
 ManifestSource = Manifest | Mapping[str, Any] | str | Path
+
+#: The largest image a manifest may ask for (``boot.root.size``,
+#: ``boot.disk_size``) unless the provider says otherwise
+#: (``Renderer(ex_max_image_bytes=...)``); it also bounds what a tarball may
+#: expand to.
+DEFAULT_MAX_IMAGE_BYTES = 8 * 1024**3
 
 
 @dataclass
@@ -107,7 +118,13 @@ class Renderer:
         ``mirrors`` and of the presets are allowed without being listed.
     :param ex_source_date_epoch: fixed timestamp for reproducible output;
         default ``$SOURCE_DATE_EPOCH``, else derived from the inputs.
-    :param ex_archive_policy: limits and rules for reading tarballs.
+    :param ex_archive_policy: limits and rules for reading tarballs; each
+        render lowers its size limits to the image size it may make (the
+        manifest's ``boot.root.size``, else ``ex_max_image_bytes``).
+    :param ex_max_image_bytes: the largest ``boot.root.size`` or
+        ``boot.disk_size`` a manifest may ask for (default
+        :data:`DEFAULT_MAX_IMAGE_BYTES`); a larger one is refused before
+        anything is fetched.
     :param ex_cache_max_bytes: bound the tarball cache (LRU eviction).
     :param ex_fetcher: the downloader (timeouts, retries, URL policy); by
         default one whose policy allows http and https, ``file`` only with
@@ -137,6 +154,7 @@ class Renderer:
                  ex_cache_max_bytes: int | None = None,
                  ex_fetcher: Fetcher | None = None,
                  ex_template_limits: TemplateLimits | None = None,
+                 ex_max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                  trust: TrustPolicy | None = None,
                  provenance_key: ProvenanceKey | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -160,9 +178,20 @@ class Renderer:
         self._mirror_rules = MirrorRules(
             MirrorRules.from_config(self.mirrors, source="renderer").rules,
             provider_rules=self.presets.values.get("mirrors", []))
+        self.max_image_bytes = ex_max_image_bytes
         epoch = ex_source_date_epoch
-        if epoch is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
-            epoch = int(os.environ["SOURCE_DATE_EPOCH"])
+        env = os.environ.get("SOURCE_DATE_EPOCH", "")
+        if epoch is None and env:
+            # refused here rather than read differently by the disk stage
+            if not env.isdigit():
+                raise ConfigurationError(
+                    f"$SOURCE_DATE_EPOCH={env!r} is not a number of seconds")
+            epoch = int(env)
+        if epoch is not None and not 0 <= epoch <= MAX_TIME:
+            # every time in the image is clamped to it: it must be one they can hold
+            raise ConfigurationError(
+                f"source date epoch {epoch} is outside 0 .. {MAX_TIME} "
+                "(ex_source_date_epoch or $SOURCE_DATE_EPOCH)")
         self.source_date_epoch = epoch
         self.trust = trust
         self.provenance_key = provenance_key
@@ -240,6 +269,7 @@ class Renderer:
         store = make_driver(DriverKind.STORAGE, storage)
         loaded.require_renderable(
             needs_boot=not fmt.capabilities & FormatCapability.NEEDS_TREE)
+        self._check_image_size(loaded)
         merged = self._config(loaded, config)
         plan = _plan(loaded, fmt, store, output_path)
         key = request_key(loaded.digest, merged.digest, fmt.name, store.target, output_path)
@@ -349,6 +379,31 @@ class Renderer:
         return image_id_for(request_key(manifest.digest, config.digest, format_name,
                                         storage_name, location))
 
+    def _check_image_size(self, manifest: Manifest) -> None:
+        """Refuse an image larger than the provider allows, before any work."""
+        boot = manifest.boot
+        if boot is None:
+            return
+        problems = [Problem(pointer, f"{size} bytes is more than the {self.max_image_bytes} "
+                                     "this provider renders (Renderer ex_max_image_bytes)")
+                    for pointer, size in (("/boot/root/size", boot.root_size),
+                                          ("/boot/disk_size", boot.disk_size))
+                    if size is not None and size > self.max_image_bytes]
+        if problems:
+            raise ManifestError(problems, source=manifest.name)
+
+    def _archive_policy(self, manifest: Manifest) -> ArchivePolicy:
+        """The archive policy of one render: its size limits lowered to the
+        image it may make (the root filesystem cannot hold more), so a
+        tarball cannot expand (sparse files included) beyond it."""
+        boot = manifest.boot
+        budget = self.max_image_bytes
+        if boot is not None and boot.root_size is not None:
+            budget = min(budget, boot.root_size)
+        policy = self.archive_policy
+        return dataclasses.replace(policy, max_total_size=min(policy.max_total_size, budget),
+                                   max_member_size=min(policy.max_member_size, budget))
+
     # -- stages -------------------------------------------------------------
 
     def _build(self, run: _Run) -> DiskImage:
@@ -365,7 +420,7 @@ class Renderer:
         rules = run.mirrors
         with DiskPlan(manifest, base_cache=self.cache_dir / "bases", workdir=run.workdir,
                       source_date_epoch=self.source_date_epoch,
-                      archive_policy=self.archive_policy,
+                      archive_policy=self._archive_policy(manifest),
                       tree=bool(caps & FormatCapability.NEEDS_TREE),
                       compose=bool(caps & FormatCapability.COMPOSED_DISK)) as plan:
             tree = plan.cached_tree()
@@ -504,9 +559,18 @@ class Renderer:
 
     @contextmanager
     def _workdir(self) -> Iterator[Path]:
-        if self.work_dir is not None:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="cloudlets-render-", dir=self.work_dir))
+        """A fresh work directory, removed on every way out of the render
+        (an error, ``KeyboardInterrupt``, a signal the CLI turns into an
+        exception). A process killed outright cannot remove its own, so it
+        is named after its process (pid and start time) and the next render
+        in the same place removes the directories of processes that are
+        gone."""
+        parent = self.work_dir if self.work_dir is not None else Path(tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        _sweep_abandoned_workdirs(parent)
+        pid = os.getpid()
+        prefix = f"{_WORKDIR_PREFIX}{pid}-{process_token(pid) or 0}-"
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         try:
             yield path
         finally:
@@ -525,6 +589,26 @@ class Renderer:
             raise RenderError(f"stage {stage!r} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             run.timings[stage] = time.monotonic() - started
+
+
+log = logging.getLogger(__name__)
+
+#: A render's work directory is ``{prefix}{pid}-{start time}-{random}``.
+_WORKDIR_PREFIX = "cloudlets-render-"
+
+
+def _sweep_abandoned_workdirs(parent: Path) -> None:
+    """Remove the work directories in ``parent`` whose render's process is
+    gone (killed with ``SIGKILL``, or the machine lost power): the pid in
+    the name no longer runs the process that started at the recorded time."""
+    for path in parent.glob(f"{_WORKDIR_PREFIX}*-*-*"):
+        pid, token, _ = path.name[len(_WORKDIR_PREFIX):].split("-", 2)
+        if not pid.isdigit() or not token.isdigit() or not path.is_dir():
+            continue
+        if not process_alive(int(pid), None if token == "0" else token):
+            log.info("removing %s, the work directory of a render whose process %s is gone",
+                     path, pid)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(frozen=True)

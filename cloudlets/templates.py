@@ -342,7 +342,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             self._check_size(total, what)
             yield item
 
-    def concat(self, values: Iterable[Any]) -> str:  # type: ignore[override]
+    def concat(self, values: Iterable[Any]) -> str:
         """Joins the output of a macro, a ``{% set %}`` or ``{% filter %}``
         block and a ``caller()``, its size checked first."""
         items = values if isinstance(values, list) else list(values)

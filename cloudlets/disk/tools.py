@@ -160,7 +160,9 @@ def tool_environment(
     env = dict(os.environ)
     env.update(
         {
-            "E2FSPROGS_FAKE_TIME": str(timestamp),
+            # e2fsprogs takes a fake time of 0 as none and stamps the real clock:
+            # a clock of 0 (the epoch, SOURCE_DATE_EPOCH=0) is pinned one second on
+            "E2FSPROGS_FAKE_TIME": str(max(timestamp, 1)),
             "SOURCE_DATE_EPOCH": str(timestamp),
             "MTOOLS_SKIP_CHECK": "1",
             "LC_ALL": "C",

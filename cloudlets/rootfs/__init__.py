@@ -15,7 +15,8 @@ while this one parses it; plain ustar headers are parsed by
 clean, normalized, uncompressed PAX tar, sorted (parents before children),
 with numeric owners, ``SCHILY.xattr.*`` extended attributes, rendered
 templates in place of their sources, and mtimes clamped to
-``SOURCE_DATE_EPOCH`` when one is given.
+``SOURCE_DATE_EPOCH`` when one is given (member times are already within
+``0 ..`` :data:`~cloudlets.rootfs.policy.MAX_TIME` once read).
 
 The package's modules, each importing only those before it:
 

@@ -7,13 +7,20 @@ import os
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 from urllib.parse import unquote_to_bytes
 
 from cloudlets.errors import UnsafeArchiveError
 from cloudlets.patterns import compile_pattern
 from cloudlets.rootfs.entry import Entry, EntryType
-from cloudlets.rootfs.policy import ArchivePolicy, encoded, normalize, path_ancestors
+from cloudlets.rootfs.policy import (
+    MAX_TIME,
+    ArchivePolicy,
+    clamp_time,
+    encoded,
+    normalize,
+    parent_of,
+)
 from cloudlets.rootfs.stream import (
     Compression,
     TarStream,
@@ -29,7 +36,7 @@ from cloudlets.rootfs.tar import (
     XATTR_PREFIX,
     fast_member,
 )
-from cloudlets.rootfs.tree import RootTree, TreeStream, fill_parents
+from cloudlets.rootfs.tree import RootTree, TreeStream, fill_parents, nearest_entry
 
 __all__ = ["read_tarball"]
 
@@ -37,6 +44,8 @@ _SPOOL_BUFFER = 1024 * 1024
 _MAX_ID = 2**32 - 2
 _MAX_DEVICE = 8**7 - 1  # what a ustar header holds (Linux: 4095:1048575)
 _LIBARCHIVE_XATTR_PREFIX = "LIBARCHIVE.xattr."
+_ZEROS = bytes(COPY_CHUNK)
+_MIB = 1024 * 1024
 
 
 def _discard(data: bytes | memoryview) -> None:
@@ -87,6 +96,12 @@ class _Reader:
         self.entries: dict[str, Entry] = {"/": Entry("/", EntryType.DIR, 0o755)}
         #: the ancestors of the members seen: directories, explicit or not
         self.implied: set[str] = set()
+        #: directory to the paths seen directly below it (to drop a subtree)
+        self.children: dict[str, list[str]] = {}
+        #: bytes of metadata held (ArchivePolicy.max_metadata_size)
+        self.metadata = 0
+        #: member times clamped into 0 .. MAX_TIME
+        self.clamped = 0
         self.dropped: list[str] = []
         self.notes: list[str] = []
         self.root_seen = False
@@ -151,9 +166,7 @@ class _Reader:
         policy = self.policy
         name = info.name
         self.members += 1
-        if self.members > policy.max_members:
-            raise UnsafeArchiveError(
-                f"more than {policy.max_members} members (ArchivePolicy.max_members)", name)
+        self._count_members(name)
         try:
             path = normalize(name, policy)
         except UnsafeArchiveError as exc:
@@ -179,45 +192,39 @@ class _Reader:
                     f"the members add up to more than {policy.max_total_size} bytes "
                     "(ArchivePolicy.max_total_size)", name)
 
+        entries = self.entries
+        if path == "/":
+            if kind is not EntryType.DIR:
+                raise UnsafeArchiveError(f"the root of the tree is a {kind.value}", name)
+            under_dropped = False
+        else:
+            under_dropped = self._ancestry(path, name)
         # volatile paths, and everything under a dropped directory
-        ancestors = list(path_ancestors(path))
-        if path != "/" and ((self.dropped_dirs and any(a in self.dropped_dirs
-                                                       for a in ancestors))
-                            or self._is_volatile(path)):
+        if path != "/" and (under_dropped or self._is_volatile(path)):
             self.dropped.append(path)
             if kind is EntryType.DIR:
                 self.dropped_dirs.add(path)
-                if path in self.implied:
+                if path in self.children:
                     self._drop_subtree(path)
             else:
                 self.dropped_files.add(path)
             self.entries.pop(path, None)
             return
 
-        entries = self.entries
-        if path == "/" and kind is not EntryType.DIR:
-            raise UnsafeArchiveError(f"the root of the tree is a {kind.value}", name)
-        for ancestor in ancestors:
-            found = entries.get(ancestor)
-            if found is None:
-                continue
-            if found.inode.type is EntryType.SYMLINK:
-                raise UnsafeArchiveError(
-                    f"written through the symlink {ancestor} "
-                    f"(-> {found.inode.linkname!r})", name)
-            if found.type is not EntryType.DIR:
-                raise UnsafeArchiveError(
-                    f"its parent {ancestor} is a {found.inode.type.value}, not a directory", name)
         existing = entries.get(path)
         if kind is not EntryType.DIR and (path in self.implied or (
                 existing is not None and existing.type is EntryType.DIR)):
             raise UnsafeArchiveError(
                 f"a {kind.value} replaces the directory {path} seen earlier", name)
 
-        mtime = int(info.mtime)
+        mtime = clamp_time(info.mtime, name)
+        if not 0 <= info.mtime <= MAX_TIME:
+            self.clamped += 1
         self.max_mtime = max(self.max_mtime, mtime)
         entry = Entry(path, kind, info.mode & 0o7777, info.uid, info.gid, mtime,
                       xattrs=_xattrs(info, policy, path, self.notes))
+        self._account(len(path) + len(info.linkname)
+                      + sum(len(k) + len(v) for k, v in entry.xattrs.items()), name)
         if kind is EntryType.FILE:
             entry.size = info.size
         elif kind is EntryType.SYMLINK:
@@ -233,8 +240,8 @@ class _Reader:
                 target_path = normalize(info.linkname, policy, "hardlink target")
             except UnsafeArchiveError as exc:
                 raise UnsafeArchiveError(str(exc), name) from None
-            if target_path in self.dropped_files or any(
-                    a in self.dropped_dirs for a in path_ancestors(target_path)):
+            # every member seen below a dropped directory is in dropped_files
+            if target_path in self.dropped_files:
                 self.dropped.append(path)
                 self.notes.append(f"{path}: hardlink to the volatile {target_path} dropped too")
                 return
@@ -266,16 +273,91 @@ class _Reader:
             entry._offset = self._spool_content(info, archive, sink if send else None)
             if not self.keep:
                 entry._offset = -1
+        if path not in entries:
+            self.children.setdefault(parent_of(path), []).append(path)
         entries[path] = entry
-        self.implied.update(ancestors)
+
+    def _count_members(self, name: str) -> None:
+        """Check the members so far (implied parents included) against the
+        policy: their number, and their density in a compressed tarball."""
+        policy, members = self.policy, self.members
+        if members > policy.max_members:
+            raise UnsafeArchiveError(
+                f"more than {policy.max_members} members with the parent directories they "
+                "imply (ArchivePolicy.max_members)", name)
+        compressed = self.stream.compressed
+        if compressed and members > policy.members_grace:
+            density = members * _MIB / compressed
+            if density > policy.max_members_per_mib:
+                raise UnsafeArchiveError(
+                    f"{density:.0f} members per MiB of compressed tarball, more than "
+                    f"{policy.max_members_per_mib} (ArchivePolicy.max_members_per_mib): "
+                    "a bomb of headers?", name)
+
+    def _account(self, size: int, name: str) -> None:
+        """Count ``size`` bytes of metadata against the policy."""
+        self.metadata += size
+        if self.metadata > self.policy.max_metadata_size:
+            raise UnsafeArchiveError(
+                f"the tree's paths, links and extended attributes exceed "
+                f"{self.policy.max_metadata_size} bytes (ArchivePolicy.max_metadata_size)",
+                name)
+
+    def _ancestry(self, path: str, name: str) -> bool:
+        """Check the directories above ``path`` and note those not seen yet.
+
+        Only the nearest ancestor already known is looked at: everything above
+        a known directory was checked when it became known, so the cost is one
+        step, plus one per directory seen for the first time (each only once).
+
+        :returns: whether ``path`` lies below a dropped directory.
+        :raises UnsafeArchiveError: an ancestor is a symlink or not a directory.
+        """
+        missing: list[str] = []
+        child, parent = path, parent_of(path)
+        children = self.children
+        dropped = False
+        while parent != "/":
+            if parent in self.dropped_dirs:
+                dropped = True
+                break
+            if parent in self.implied:
+                break
+            found = self.entries.get(parent)
+            if found is not None:
+                if found.inode.type is EntryType.SYMLINK:
+                    raise UnsafeArchiveError(
+                        f"written through the symlink {parent} "
+                        f"(-> {found.inode.linkname!r})", name)
+                if found.type is not EntryType.DIR:
+                    raise UnsafeArchiveError(
+                        f"its parent {parent} is a {found.inode.type.value}, not a directory",
+                        name)
+                break
+            missing.append(parent)
+            child, parent = parent, parent_of(parent)
+            children.setdefault(parent, []).append(child)
+        if missing:
+            self.members += len(missing)
+            self._count_members(name)
+            self._account(sum(map(len, missing)), name)
+            (self.dropped_dirs if dropped else self.implied).update(missing)
+        return dropped
 
     def _drop_subtree(self, path: str) -> None:
-        """A volatile directory came after members below it: drop those too."""
-        prefix = path + "/"
-        for below in [p for p in self.entries if p.startswith(prefix)]:
-            del self.entries[below]
-            self.dropped.append(below)
-            self.dropped_files.add(below)
+        """A volatile directory came after members below it: drop those too,
+        and mark the directories below it dropped (each entry is dropped at
+        most once: the cost is the size of the subtree)."""
+        pending = [path]
+        while pending:
+            for below in self.children.pop(pending.pop(), ()):
+                pending.append(below)
+                if self.entries.pop(below, None) is not None:
+                    self.dropped.append(below)
+                    self.dropped_files.add(below)
+                if below in self.implied:
+                    self.implied.discard(below)
+                    self.dropped_dirs.add(below)
 
     def _spool_content(self, info: tarfile.TarInfo, archive: tarfile.TarFile,
                        sink: TreeStream | None) -> int:
@@ -291,18 +373,8 @@ class _Reader:
                 send(data)
 
             write = tee
-        if info.sparse is not None:  # stored dense: tarfile fills the holes
-            handle = archive.extractfile(info)
-            if handle is None:  # pragma: no cover - regular files always have one
-                raise UnsafeArchiveError("no content", info.name)
-            remaining = info.size
-            while remaining:
-                chunk = handle.read(min(COPY_CHUNK, remaining))
-                if not chunk:
-                    raise UnsafeArchiveError(
-                        f"content ends {remaining} bytes early (truncated archive)", info.name)
-                write(chunk)
-                remaining -= len(chunk)
+        if info.sparse is not None:
+            self._sparse_content(info, archive, write, sink)
         else:
             self.stream.seek(info.offset_data)
             copied = self.stream.copy_to(write, info.size)
@@ -316,6 +388,53 @@ class _Reader:
             sink.end_content(info.size)
         return offset
 
+    def _sparse_content(self, info: tarfile.TarInfo, archive: tarfile.TarFile,
+                        write: Callable[[bytes | memoryview], object],
+                        sink: TreeStream | None) -> None:
+        """Copy a sparse member's data regions, keeping its holes as holes in
+        the spool (a relative seek; the file system stores nothing there).
+        Only a sink (a pipe) gets the holes as zeros. The declared size was
+        counted against the policy before anything was copied."""
+        name, size = info.name, info.size
+        assert info.sparse is not None
+        stored = archive.offset - info.offset_data  # the data blocks in the archive
+        position = data = 0
+        self.stream.seek(info.offset_data)
+
+        def hole(count: int) -> None:
+            if self.keep:
+                self.spool.seek(count, os.SEEK_CUR)
+            if sink is not None:
+                while count:
+                    zeros = _ZEROS[:min(count, len(_ZEROS))]
+                    sink.content(zeros)
+                    count -= len(zeros)
+
+        regions = cast("list[tuple[int, int]]", info.sparse)  # typeshed says bytes
+        for start, length in regions:
+            if length == 0:  # an empty slot of the header
+                continue
+            if start < position or length < 0 or start + length > size:
+                raise UnsafeArchiveError(
+                    f"sparse map region {start}+{length} is out of order or beyond the "
+                    f"declared size {size}", name)
+            data += length
+            if data > stored:
+                raise UnsafeArchiveError(
+                    f"sparse map holds more data than the {stored} bytes the member stores",
+                    name)
+            if start > position:
+                hole(start - position)
+            copied = self.stream.copy_to(write, length)
+            if copied < length:
+                raise UnsafeArchiveError(
+                    f"content ends {length - copied} bytes early (truncated archive)", name)
+            position = start + length
+        if position < size:
+            hole(size - position)
+        if self.keep:
+            self.spool.truncate()  # a hole at the end still counts in the file's length
+
     def finish(self, compression: Compression,
                content_reader: Callable[[str, int], bytes] | None = None) -> RootTree:
         """Complete the tree: the root's mtime, the persistent directories
@@ -328,18 +447,22 @@ class _Reader:
         root = entries["/"]
         if not self.root_seen:
             root.mtime = self.max_mtime
+        if self.clamped:
+            self.notes.append(f"{self.clamped} member times clamped to 0 .. {MAX_TIME} "
+                              "(rootfs.policy.MAX_TIME)")
         persistent = sorted(self.persistent)
         for path in persistent:
             if path not in entries:
-                found = [a for a in path_ancestors(path) if a in entries
-                         and entries[a].type is not EntryType.DIR]
-                if found:
+                found = nearest_entry(entries, path)
+                if found is not None and found.type is not EntryType.DIR:
                     raise UnsafeArchiveError(
-                        f"persistent path {path} cannot be created: {found[0]} is not a "
+                        f"persistent path {path} cannot be created: {found.path} is not a "
                         "directory")
                 entries[path] = Entry(path, EntryType.DIR, 0o755, mtime=root.mtime)
                 self.notes.append(f"{path}: persistent path missing, created as an empty "
                                   "directory 0755 root:root")
+        # what only reading needed goes before the missing parents are made
+        self.implied, self.children, self.dropped_dirs = set(), {}, set()
         fill_parents(entries, self.notes)
         return RootTree(self.spool, persistent, entries=entries, dropped=self.dropped,
                         notes=self.notes, compression=compression,
@@ -409,7 +532,8 @@ def read_tarball(source: str | os.PathLike[str] | BinaryIO,
             except UnsafeArchiveError:
                 raise
             except decode_errors() as exc:
-                raise UnsafeArchiveError(f"malformed {kind.value} tar archive: {exc}",
+                what = "" if kind is Compression.NONE else f" {kind.value}"
+                raise UnsafeArchiveError(f"malformed{what} tar archive: {exc}",
                                          stream.member) from None
         tree = reader.finish(kind, content_reader)
     except BaseException:

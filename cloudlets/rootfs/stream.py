@@ -348,6 +348,8 @@ class TarStream:
         self._base = 0
         #: uncompressed bytes that came out of the decompressor so far
         self.total = 0
+        #: compressed bytes read from the tarball so far (0: not compressed)
+        self.compressed = 0
         self.member: str | None = None
         self._header_mode = False
         self._header_bytes = 0
@@ -381,6 +383,8 @@ class TarStream:
             return False
         policy = self._policy
         self.total += len(data)
+        if self._compressed:
+            self.compressed = compressed
         if self.total > policy.max_total_size:
             raise UnsafeArchiveError(
                 f"the archive expands beyond {policy.max_total_size} bytes "

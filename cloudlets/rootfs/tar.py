@@ -6,8 +6,10 @@ the one buffer the normalized tar goes out through.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import tarfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -166,10 +168,13 @@ def member_header(path: str, inode: Entry, source_date_epoch: int | None, *,
 class Writer:
     """Writes the normalized tar through one buffer: headers and small files
     are gathered (small files read straight into the buffer), large files
-    are copied by the kernel (:func:`os.copy_file_range`)."""
+    are copied by the kernel (:func:`os.copy_file_range`). Into a regular
+    file, the holes of a large file (a sparse member's, in the spool) stay
+    holes: the output is sought over, not written with zeros."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        self._holes = stat.S_ISREG(os.fstat(fd).st_mode)
         self._buffer = bytearray(_WRITE_SIZE)
         self._view = memoryview(self._buffer)
         self._used = 0
@@ -201,7 +206,10 @@ class Writer:
         """Copy ``size`` bytes at ``offset`` of the file ``src``."""
         if size > _INLINE_SIZE:
             self.flush()
-            _copy_range(src, self._fd, offset, size)
+            if self._holes:
+                _copy_sparse_range(src, self._fd, offset, size)
+            else:
+                _copy_range(src, self._fd, offset, size)
         else:
             self._room(size)
             target = self._view[self._used:self._used + size]
@@ -239,6 +247,27 @@ def _copy_range(src: int, dst: int, offset: int, size: int) -> None:
             raise OSError(f"spool file ended {size - done} bytes early")
         os.write(dst, chunk)
         done += len(chunk)
+
+
+def _copy_sparse_range(src: int, dst: int, offset: int, size: int) -> None:
+    """:func:`_copy_range`, seeking ``dst`` over the holes of ``src``."""
+    end = offset + size
+    position = offset
+    while position < end:
+        try:
+            data = min(os.lseek(src, position, os.SEEK_DATA), end)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # no SEEK_DATA here: copy it all
+                _copy_range(src, dst, position, end - position)
+                return
+            data = end  # only a hole remains
+        if data > position:
+            os.lseek(dst, data - position, os.SEEK_CUR)
+        if data >= end:
+            break
+        stop = min(os.lseek(src, data, os.SEEK_HOLE), end)
+        _copy_range(src, dst, data, stop - data)
+        position = stop
 
 
 # -- parsing headers -----------------------------------------------------------------

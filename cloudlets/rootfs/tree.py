@@ -18,16 +18,19 @@ from pathlib import Path
 from typing import IO, Any, Self
 
 from cloudlets.rootfs.entry import Entry, EntryType
-from cloudlets.rootfs.policy import encoded, parent_of, path_ancestors
+from cloudlets.rootfs.policy import encoded, parent_of
 from cloudlets.rootfs.stream import Compression
 from cloudlets.rootfs.tar import BLOCK, RECORD, Writer, member_header
 
-__all__ = ["METADATA_PATH", "RootTree", "TreeStream", "fill_parents", "image_metadata"]
+__all__ = ["METADATA_PATH", "RootTree", "TreeStream", "fill_parents", "image_metadata",
+           "nearest_entry"]
 
 #: Where :func:`image_metadata` is meant to be stored inside the image.
 METADATA_PATH = "/etc/cloudlets/image.json"
 
 _SYMLINK_HOPS = 40
+#: Synthesized parent directories noted one by one; the rest are counted.
+_NOTED_PARENTS = 100
 
 
 class RootTree:
@@ -76,6 +79,7 @@ class RootTree:
         self.notes = list(notes)
         self.compression = compression
         self.stream_bytes = stream_bytes
+        self._links: dict[int, list[Entry]] | None = None
 
     # -- mapping ---------------------------------------------------------
 
@@ -124,11 +128,11 @@ class RootTree:
         :returns: the entry, or ``None`` when it does not exist or a symlink
             loop is found.
         """
-        pending = [p for p in path.split("/") if p]
+        pending = [p for p in reversed(path.split("/")) if p]  # a stack: next part last
         current = "/"
         hops = 0
         while pending:
-            part = pending.pop(0)
+            part = pending.pop()
             if part == ".":
                 continue
             if part == "..":
@@ -143,7 +147,7 @@ class RootTree:
                 if hops > _SYMLINK_HOPS:
                     return None
                 target = entry.inode.linkname
-                pending = [p for p in target.split("/") if p] + pending
+                pending.extend(p for p in reversed(target.split("/")) if p)
                 if target.startswith("/"):
                     current = "/"
                 continue
@@ -193,9 +197,13 @@ class RootTree:
             raise ValueError(f"{path} is a {entry.type.value}, not a regular file")
         inode._data = bytes(data)
         inode.size = len(data)
-        for other in self._entries.values():
-            if other._origin is inode:
-                other.size = len(data)
+        if self._links is None:  # built once: a render sets many files
+            self._links = {}
+            for other in self._entries.values():
+                if other._origin is not None:
+                    self._links.setdefault(id(other._origin), []).append(other)
+        for other in self._links.get(id(inode), ()):
+            other.size = len(data)
 
     def add_file(self, path: str, data: bytes, *, mode: int = 0o644, uid: int = 0,
                  gid: int = 0, mtime: int | None = None) -> Entry:
@@ -209,10 +217,9 @@ class RootTree:
         clean = posixpath.normpath(path)
         if not path.startswith("/") or clean != path or path == "/":
             raise ValueError(f"{path!r} is not a clean absolute path")
-        for ancestor in path_ancestors(path):
-            found = self._entries.get(ancestor)
-            if found is not None and found.type is not EntryType.DIR:
-                raise ValueError(f"cannot add {path}: {ancestor} is a {found.type.value}")
+        found = nearest_entry(self._entries, path)
+        if found is not None and found.type is not EntryType.DIR:
+            raise ValueError(f"cannot add {path}: {found.path} is a {found.type.value}")
         existing = self._entries.get(path)
         if existing is not None and existing.type is EntryType.DIR:
             raise ValueError(f"cannot add {path}: it is a directory")
@@ -220,7 +227,7 @@ class RootTree:
         entry = Entry(path, EntryType.FILE, mode & 0o7777, uid, gid, stamp, len(data),
                       _data=bytes(data))
         self._entries[path] = entry
-        fill_parents(self._entries, self.notes)
+        fill_parents(self._entries, self.notes, [path])
         return entry
 
     # -- output ------------------------------------------------------------
@@ -365,15 +372,45 @@ class RootTree:
         return f"<RootTree {len(self._entries)} entries, {self.total_size} bytes>"
 
 
-def fill_parents(entries: dict[str, Entry], notes: list[str]) -> None:
+def fill_parents(entries: dict[str, Entry], notes: list[str],
+                 paths: Iterable[str] | None = None) -> None:
     """Create the missing parent directories of ``entries`` (``0755
-    root:root``, the root's mtime), each noted in ``notes``."""
+    root:root``, the root's mtime), each noted in ``notes``.
+
+    Linear in the number of entries: from each path, only the parents not
+    there yet are walked (each is created once), never every prefix.
+
+    :param paths: only the parents of these (default: of every entry).
+    """
     stamp = entries["/"].mtime
-    for path in list(entries):
-        for ancestor in path_ancestors(path):
-            if ancestor not in entries:
-                entries[ancestor] = Entry(ancestor, EntryType.DIR, 0o755, mtime=stamp)
+    created = 0
+    for path in list(entries) if paths is None else list(paths):
+        missing = []
+        parent = parent_of(path)
+        while parent not in entries:
+            missing.append(parent)
+            parent = parent_of(parent)
+        for ancestor in reversed(missing):
+            entries[ancestor] = Entry(ancestor, EntryType.DIR, 0o755, mtime=stamp)
+            created += 1
+            if created <= _NOTED_PARENTS:
                 notes.append(f"{ancestor}: missing parent directory created 0755 root:root")
+    if created > _NOTED_PARENTS:  # one deep name can imply hundreds: notes stay small
+        notes.append(f"... and {created - _NOTED_PARENTS} more missing parent directories "
+                     "created 0755 root:root")
+
+
+def nearest_entry(entries: Mapping[str, Entry], path: str) -> Entry | None:
+    """The entry of the nearest ancestor of ``path`` that ``entries`` holds
+    (the root counts), or ``None`` when they lack even the root. Everything
+    above a known entry is a directory (the reader checked it), so this one
+    decides whether ``path`` can be created."""
+    parent = parent_of(path)
+    while parent not in entries:
+        if parent == "/":
+            return None
+        parent = parent_of(parent)
+    return entries[parent]
 
 
 class TreeStream:
