@@ -89,6 +89,9 @@ NOT_RUN = {
     ("service.rst", "$ cloudlets serve"): "a server that runs until stopped: test_service.py",
     ("service.rst", "$ cloudlets serve --config service.toml"):
         "a server that runs until stopped: test_service.py",
+    ("service.rst", "api-host$    cloudlets serve --config /etc/cloudlets/service.toml"):
+        "the scale-out hosts, API and workers, run until stopped: test_service_celery.py",
+    ("service.rst", "pip install cloudlets[service,celery]"): "installs packages",
     ("service.rst", '$ curl -s -H "Authorization: Bearer $TOKEN" \\'):
         "needs the running service: test_service.py makes these requests",
     ("service.rst", '$ curl -s -X DELETE -H "Authorization: Bearer $TOKEN" \\'):
