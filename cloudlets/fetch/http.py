@@ -9,16 +9,17 @@ import email.utils
 import logging
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 from cloudlets.errors import FetchError, IntegrityError
 from cloudlets.fetch.guard import AddressRefused, Hop, Lifeline, hop, police_session
-from cloudlets.fetch.policy import RetryPolicy, UrlPolicy
+from cloudlets.fetch.policy import RetryPolicy, UrlPolicy, url_port
 from cloudlets.fetch.sink import Sink
 from cloudlets.progress import STAGE_FETCH, ProgressCallback
 from cloudlets.urls import redact, redact_text
@@ -332,6 +333,10 @@ class HttpTransport:
             except requests.Timeout as exc:
                 raise _Retryable(f"timed out: {describe(exc)}") from None
             except requests.ConnectionError as exc:
+                final = _final_connect_error(exc, current)
+                if final is not None:  # no retry can change it: fail at once
+                    raise FetchError(f"GET {redact(current)}: {final}",
+                                     url=redact(current)) from None
                 raise _Retryable(f"connection failed: {describe(exc)}") from None
             except requests.RequestException as exc:
                 raise FetchError(f"GET {redact(current)} failed: {describe(exc)}",
@@ -380,6 +385,29 @@ def _validator(response: requests.Response) -> str | None:
     if etag and not etag.startswith("W/"):
         return etag
     return response.headers.get("Last-Modified")
+
+
+def _final_connect_error(exc: BaseException, url: str) -> str | None:
+    """Why a connection can never succeed on a retry, naming the host: its
+    name does not resolve, or it refused the connection. ``None`` for the
+    failures worth retrying (timeouts, resets)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        name = type(current).__name__
+        if isinstance(current, socket.gaierror) or name == "NameResolutionError":
+            return f"the host name {host!r} does not resolve"
+        if isinstance(current, ConnectionRefusedError):
+            return f"{host}:{url_port(parts)} refused the connection"
+        todo.extend([current.__cause__, current.__context__, getattr(current, "reason", None),
+                     *(arg for arg in current.args if isinstance(arg, BaseException))])
+    return None
 
 
 def describe(exc: BaseException) -> str:

@@ -463,3 +463,28 @@ def test_a_manifest_url_is_read_under_the_same_policy(
     job = allowed.prepare(server.url("/m.json"), str(tmp_path / "o") + "/", "local", "tar")
     assert job.manifest.name == manifest["name"] and route.requests == 1
     assert _no_packet_off_loopback == []
+
+
+# -- failures no retry can change fail at once, naming the host (issue 18) ------
+
+def test_an_unresolvable_host_or_a_refused_connection_fails_at_once(
+        resolver: dict[str, list[str]], tmp_path: Path) -> None:
+    fetch = Fetcher(policy=UrlPolicy(allow_hosts=frozenset({"127.0.0.1"})),
+                    retry=RetryPolicy(attempts=5, backoff=1.0))
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"the host name 'nowhere\.invalid' does not resolve"):
+        fetch.fetch("http://nowhere.invalid/t.tar.gz", tmp_path / "a", sha256="0" * 64)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(FetchError, match=rf"127\.0\.0\.1:{port} refused the connection"):
+        fetch.fetch(f"http://127.0.0.1:{port}/t.tar.gz", tmp_path / "b", sha256="0" * 64)
+    assert time.monotonic() - started < 1.0  # five attempts with 1 s backoff would take 15 s
+
+
+def test_a_server_error_is_still_retried(server: FaultServer, tmp_path: Path) -> None:
+    route = server.add("/t.tar.gz", Route(b"payload", statuses=[503, 503]))
+    fetch = Fetcher(policy=UrlPolicy(allow_hosts=frozenset({"127.0.0.1"})),
+                    retry=RetryPolicy(attempts=4, backoff=0.01, max_delay=0.05))
+    fetch.fetch(server.url("/t.tar.gz"), tmp_path / "t", sha256=route.sha256)
+    assert route.requests == 3 and (tmp_path / "t").read_bytes() == b"payload"
