@@ -172,10 +172,18 @@ class FetchSettings:
     :ivar max_redirects: redirects followed per request.
     :ivar connect_timeout: seconds to wait for a connection.
     :ivar read_timeout: seconds to wait for bytes.
+    :ivar deny_networks: when set, the address ranges refused
+        (``ADDRESS/PREFIX``) instead of the library's default ones.
+    :ivar allow_networks: ranges allowed although refused by the default
+        (a provider's own mirror network, say).
+    :ivar ports: when set, the only ports a URL may name.
     """
 
     allow_hosts: tuple[str, ...] = ()
     only_hosts: tuple[str, ...] | None = None
+    deny_networks: tuple[str, ...] | None = None
+    allow_networks: tuple[str, ...] = ()
+    ports: tuple[int, ...] | None = None
     schemes: tuple[str, ...] = ("http", "https")
     max_redirects: int = 5
     connect_timeout: float = 10.0
@@ -527,8 +535,12 @@ class _Reader:
     def fetch(self) -> FetchSettings:
         table = self.table("fetch")
         self.unknown(table, "fetch", {"allow_hosts", "only_hosts", "schemes", "max_redirects",
-                                      "connect_timeout", "read_timeout"})
+                                      "connect_timeout", "read_timeout", "deny_networks",
+                                      "allow_networks", "ports"})
         allow = self.hosts(table, "fetch", "allow_hosts")
+        deny = self.networks(table, "fetch", "deny_networks") if "deny_networks" in table \
+            else None
+        ports = self.ports(table, "fetch") if "ports" in table else None
         only = self.hosts(table, "fetch", "only_hosts") if "only_hosts" in table else None
         schemes = table.get("schemes", ["http", "https"])
         if not isinstance(schemes, list) or not set(schemes) <= {"http", "https"} \
@@ -537,6 +549,8 @@ class _Reader:
             schemes = ["http", "https"]
         return FetchSettings(
             allow_hosts=allow, only_hosts=only, schemes=tuple(schemes),
+            deny_networks=deny, allow_networks=self.networks(table, "fetch", "allow_networks"),
+            ports=ports,
             max_redirects=int(self.number(table, "fetch", "max_redirects", 5, int, 0, 20)),
             connect_timeout=float(self.number(table, "fetch", "connect_timeout", 10.0, float,
                                               0.1, 600.0)),
@@ -544,16 +558,46 @@ class _Reader:
                                            0.1, 3600.0)))
 
     def tenant_fetch(self, table: Any, where: str, service: FetchSettings) -> FetchSettings:
-        """A tenant's own ``[tenants.NAME.fetch]``: its ``allow_hosts`` are
-        added to the service's, its ``only_hosts`` replace the service's."""
+        """A tenant's own ``[tenants.NAME.fetch]``: its ``allow_hosts`` and
+        ``allow_networks`` are added to the service's, its ``only_hosts``,
+        ``deny_networks`` and ``ports`` replace the service's."""
         if not isinstance(table, dict):
             self.problem(where, "must be a table")
             return service
-        self.unknown(table, where, {"allow_hosts", "only_hosts"})
+        self.unknown(table, where, {"allow_hosts", "only_hosts", "allow_networks",
+                                    "deny_networks", "ports"})
         allow = service.allow_hosts + self.hosts(table, where, "allow_hosts")
         only = self.hosts(table, where, "only_hosts") if "only_hosts" in table \
             else service.only_hosts
-        return dataclasses.replace(service, allow_hosts=allow, only_hosts=only)
+        deny = self.networks(table, where, "deny_networks") if "deny_networks" in table \
+            else service.deny_networks
+        ports = self.ports(table, where) if "ports" in table else service.ports
+        return dataclasses.replace(
+            service, allow_hosts=allow, only_hosts=only, deny_networks=deny, ports=ports,
+            allow_networks=service.allow_networks + self.networks(table, where,
+                                                                  "allow_networks"))
+
+    def networks(self, table: Mapping[str, Any], where: str, key: str) -> tuple[str, ...]:
+        value = table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+            self.problem(f"{where}.{key}", "must be a list of ADDRESS/PREFIX strings")
+            return ()
+        good = []
+        for entry in value:
+            try:
+                good.append(str(ipaddress.ip_network(entry, strict=False)))
+            except ValueError:
+                self.problem(f"{where}.{key}", f"{entry!r} is not a network (ADDRESS/PREFIX)")
+        return tuple(good)
+
+    def ports(self, table: Mapping[str, Any], where: str) -> tuple[int, ...]:
+        value = table.get("ports")
+        if not isinstance(value, list) or not value or not all(
+                isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536
+                for p in value):
+            self.problem(f"{where}.ports", "must be a non-empty list of port numbers")
+            return ()
+        return tuple(value)
 
     def hosts(self, table: Mapping[str, Any], where: str, key: str) -> tuple[str, ...]:
         value = table.get(key, [])

@@ -274,17 +274,33 @@ def url_policy(settings: FetchSettings, mirrors: Iterable[Mapping[str, Any]] = (
     policy's host allow-list, the mirrors' hosts added: an exception to the
     default rules does not open a closed list.
     """
-    mirror_hosts = [urlsplit(url).netloc.lower() for rule in mirrors
-                    for url in rule.get("mirrors", []) if isinstance(url, str)]
+    mirror_urls = [url for rule in mirrors for url in rule.get("mirrors", [])
+                   if isinstance(url, str)]
+    mirror_hosts = [urlsplit(url).netloc.lower() for url in mirror_urls]
     allowed = tuple(settings.allow_hosts) + tuple(mirror_hosts)
     options: dict[str, Any] = {"schemes": frozenset(settings.schemes),
                                "max_redirects": settings.max_redirects}
     if settings.only_hosts is not None:
         options["hosts"] = frozenset(_host(entry) for entry in
                                      (*settings.only_hosts, *mirror_hosts))
+    if settings.ports is not None:
+        options["ports"] = frozenset(settings.ports) | {_port(url) for url in mirror_urls}
+    if settings.deny_networks is not None:
+        options["deny_networks"] = settings.deny_networks
+    if settings.allow_networks:
+        options["allow_networks"] = settings.allow_networks
     if "allow_hosts" in {f.name for f in dataclasses.fields(UrlPolicy)}:
         options["allow_hosts"] = frozenset(allowed)
+    else:  # the address rules came with allow_hosts: a policy without them has none
+        for name in ("ports", "deny_networks", "allow_networks"):
+            options.pop(name, None)
     return UrlPolicy(**options)
+
+
+def _port(url: str) -> int:
+    """The port ``url`` connects to."""
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme.lower() == "https" else 80)
 
 
 def _host(entry: str) -> str:
