@@ -135,7 +135,7 @@ def through_service(url: str, manifests: list[dict[str, Any]],
                 with lock:
                     failures.append(f"{image_id} failed")
                 return
-            time.sleep(0.05)
+            time.sleep(0.1)
         with lock:
             failures.append(f"{image_id} not ready in 600 s")
 
