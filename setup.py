@@ -44,6 +44,14 @@ SERVICE = [
     # GET /metrics in the Prometheus text format.
     "prometheus-client>=0.20",
 ]
+# `cloudlets worker` and `[queue] backend = "celery"`: renders on workers on
+# other hosts (cloudlets/service/queue.py). An existing distributed task
+# queue rather than one of our own: Celery gives late acknowledgement and
+# redelivery of a task whose worker died, task states with progress, and
+# its worker's pool and signal handling; Redis is its broker and result
+# backend (the [redis] extra brings redis-py). Optional: the embedded pool of
+# `cloudlets serve` needs neither.
+CELERY = ["celery[redis]>=5.3"]
 DOCS = ["sphinx>=7.2"]
 # Exact linter versions: a newer ruff or mypy adds rules and turns CI red
 # on code that did not change.
@@ -79,10 +87,11 @@ setup(
     ],
     extras_require={
         "service": SERVICE,
-        "test": TEST + SERVICE,
-        "docs": DOCS + SERVICE,  # the API reference imports cloudlets.service.app
-        "lint": LINT,
-        "dev": TEST + SERVICE + DOCS + LINT,
+        "celery": CELERY,
+        "test": TEST + SERVICE + CELERY,
+        "docs": DOCS + SERVICE + CELERY,  # the API reference imports cloudlets.service.*
+        "lint": LINT + CELERY,
+        "dev": TEST + SERVICE + CELERY + DOCS + LINT,
     },
     entry_points={
         "console_scripts": ["cloudlets = cloudlets.cli:entry_point"],

@@ -36,7 +36,7 @@ from cloudlets.catalog import ClaimState
 from cloudlets.catalog.records import INTERRUPTIONS
 from cloudlets.cli_output import EscapingWriter, print_artifacts, print_json
 from cloudlets.cli_sign import add_render_options, print_signing, render_signing
-from cloudlets.config import Presets, load_config_file, set_dotted
+from cloudlets.config import Presets, is_presets_document, load_config_file, set_dotted
 from cloudlets.drivers.base import FormatDriver, StorageDriver
 from cloudlets.drivers.providers import (
     entry_point_report,
@@ -121,7 +121,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_set(items: Sequence[str], into: dict[str, Any] | None = None) -> dict[str, Any]:
     """Turn ``--set key=value`` items into a nested dict. Values are JSON
-    when they parse as JSON, plain strings otherwise.
+    when they parse as JSON, plain strings otherwise. A number in the key
+    indexes a list (``ip.interfaces.0.address=...``); ``key+=value`` adds
+    to a list (see :func:`~cloudlets.config.set_dotted`).
 
     :param into: the dict to set the keys in (a config file's request);
         default a new one.
@@ -131,13 +133,17 @@ def parse_set(items: Sequence[str], into: dict[str, Any] | None = None) -> dict[
     result: dict[str, Any] = {} if into is None else into
     for item in items:
         key, sep, raw = item.partition("=")
+        key = key.strip()
+        append = key.endswith("+")
+        key = key.removesuffix("+").strip()
         if not sep or not key:
-            raise ConfigError([Problem("", f"--set {item!r}: expected KEY=VALUE")], "--set")
+            raise ConfigError([Problem("", f"--set {item!r}: expected KEY=VALUE or "
+                                           "KEY+=VALUE")], "--set")
         try:
             value = parse_json_or_string(raw)
         except JSONSyntaxError as exc:
-            raise ConfigError([_quote_hint(exc.problem)], f"--set {key.strip()}") from None
-        set_dotted(result, key.strip(), value)
+            raise ConfigError([_quote_hint(exc.problem)], f"--set {key}") from None
+        set_dotted(result, key, value, append=append)
     return result
 
 
@@ -184,11 +190,16 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="output provider (default: local)")
     render.add_argument("--output", "-o", required=True,
                         help="output location; ending in / means a directory")
-    render.add_argument("--config", "-c", type=Path, help="render config JSON file")
+    render.add_argument("--config", "-c", type=Path,
+                        help="render config file (JSON, or TOML named *.toml); a presets "
+                             "file (top-level config/locked) is read as --presets")
     render.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="set a config key (dotted; JSON value, else a string)")
+                        help="set a config key (dotted, a number indexes a list: "
+                             "ip.interfaces.0.address=...; KEY+=VALUE adds to a list; "
+                             "JSON value, else a string)")
     render.add_argument("--presets", type=Path,
-                        help='provider presets JSON file: {"config": {...}, "locked": [...]}')
+                        help='provider presets file: {"config": {...}, "locked": [...]} in '
+                             "JSON, or TOML named *.toml (see `cloudlets init`)")
     render.add_argument("--mirror", dest="mirrors", action="append", default=[],
                         metavar="PREFIX=URL", help="rewrite URLs starting with PREFIX to URL")
     render.add_argument("--cache-dir", type=Path, help="tarball cache directory")
@@ -228,12 +239,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_extensions() -> list[Callable[[Any], None]]:
-    """Subcommands that live beside their stage (``cache``, ``images``, ``serve``)."""
+    """Subcommands that live beside their stage (``cache``, ``images``, ``serve``,
+    ``worker``)."""
     found: list[Callable[[Any], None]] = []
     for module, function in (("cloudlets.cli_cache", "add_cache_parser"),
                              ("cloudlets.cli_images", "add_images_parser"),
+                             ("cloudlets.cli_init", "add_init_parser"),
                              ("cloudlets.cli_sign", "add_sign_parsers"),
-                             ("cloudlets.cli_serve", "add_serve_parser")):
+                             ("cloudlets.cli_serve", "add_serve_parser"),
+                             ("cloudlets.cli_worker", "add_worker_parser")):
         try:
             loaded = __import__(module, fromlist=[function])
         except ImportError:
@@ -308,9 +322,25 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _render_inputs(config: Path | None,
+                   presets_path: Path | None) -> tuple[dict[str, Any], Presets | None]:
+    """The request and presets ``--config`` and ``--presets`` give: a
+    ``--config`` file that is a presets document (top-level ``config`` or
+    ``locked``, as ``cloudlets init`` writes) is read as ``--presets``."""
+    presets = Presets.load(presets_path) if presets_path else None
+    data = load_config_file(config) if config else {}
+    if not is_presets_document(data):
+        return data, presets
+    if presets is not None:
+        raise ConfigError([Problem("", "is a presets document (top-level config or locked) "
+                                       "and --presets is given too: give presets once")],
+                          str(config))
+    return {}, Presets.from_document(data, str(config))
+
+
 def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
-    request = parse_set(args.sets, load_config_file(args.config) if args.config else {})
-    presets = Presets.load(args.presets) if args.presets else None
+    request, presets = _render_inputs(args.config, args.presets)
+    request = parse_set(args.sets, request)
     mirrors: list[Mapping[str, Any]] = []
     for item in args.mirrors:
         prefix, sep, target = item.partition("=")

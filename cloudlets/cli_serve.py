@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from cloudlets.paths import default_data_dir
 
-__all__ = ["add_serve_parser", "cmd_serve"]
+__all__ = ["add_serve_parser", "cmd_serve", "log_to_stderr"]
 
 #: The admin token file of a service without configuration, in its data directory.
 ADMIN_TOKEN_FILE = "admin-token"
@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     require_service_extra()
     import uvicorn
 
-    from cloudlets.service.app import SecretFilter, create_app
+    from cloudlets.service.app import create_app
     from cloudlets.service.auth import ensure_admin_token
     from cloudlets.service.config import ServiceConfig, ServiceConfigError, parse_listen
 
@@ -78,13 +78,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         digest = ensure_admin_token(token_file)
         config = ServiceConfig.default(data_dir, digest, listen=args.listen)
         out.write(f"cloudlets: admin token in {token_file} (readable only by you)\n")
-    level = getattr(logging, args.log_level.upper())
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(SecretFilter(config.secrets))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(level)
+    level = log_to_stderr(args.log_level, config.secrets)
     app = create_app(config)
     host, port = config.listen
     shown = f"[{host}]" if ":" in host else host
@@ -103,6 +97,26 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0 if server.started else 5
+
+
+def log_to_stderr(level_name: str, secrets: frozenset[str]) -> int:
+    """Send the root logger's records to stderr, the secrets scrubbed
+    (``cloudlets serve`` and ``cloudlets worker``).
+
+    :param level_name: ``debug``, ``info``, ``warning`` or ``error``.
+    :param secrets: the values to hide.
+    :returns: the level.
+    """
+    from cloudlets.service.app import SecretFilter
+
+    level = int(getattr(logging, level_name.upper()))
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(SecretFilter(secrets))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+    return level
 
 
 def _stopped(signum: int, frame: Any) -> None:

@@ -2,9 +2,12 @@
 supplies (host name, IP interfaces, DNS, SSH keys, mirrors, manifest args).
 
 Merge order: the manifest's argument defaults < provider :class:`Presets` <
-the request. A provider may lock preset keys (dotted paths such as ``ip`` or
-``dns.nameservers``); a request that sets a locked key, or anything above or
-below it, fails with :class:`~cloudlets.errors.LockedKeyError` naming it.
+the request. Objects merge key by key; a list is one value, replaced whole.
+A provider may lock preset keys (dotted paths such as ``ip`` or
+``dns.nameservers``); a request that sets a locked key or anything inside it
+fails with :class:`~cloudlets.errors.LockedKeyError` naming it, while the
+keys beside it stay settable (``dns.search`` with ``dns.nameservers``
+locked): docs/config.rst has the table, key by key.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from cloudlets.userschema import validate_subschema
 if TYPE_CHECKING:
     from cloudlets.manifest import Manifest
 
-__all__ = ["Presets", "RenderConfig", "load_config_file", "resolve_config", "set_dotted"]
+__all__ = ["Presets", "RenderConfig", "is_presets_document", "load_config_file",
+           "resolve_config", "set_dotted"]
 
 #: File name of the render config schema in ``cloudlets/schemas/``.
 SCHEMA_NAME = "config-v1.json"
@@ -42,16 +46,18 @@ MAX_CONFIG_BYTES = 1024 * 1024
 #: The argument schema keyword that lets a string argument hold line breaks.
 MULTILINE_KEYWORD = "x-multiline"
 
-_INTERFACE_KEYS = ("name", "dhcp", "address", "prefix", "gateway", "mac", "mtu")
+_INTERFACE_KEYS = ("name", "dhcp", "address", "prefix", "addresses", "gateway", "mac", "mtu")
 # Control characters no config string may hold (tab and newline are allowed
 # in free text such as arguments; the typed keys' patterns refuse them).
 _CONTROL = frozenset(chr(c) for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F))
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a render config (or presets) JSON file.
+    """Read a render config (or presets) file: JSON, or TOML when its name
+    ends in ``.toml`` (read with :mod:`tomllib`; a TOML date or time, which
+    JSON has not, is refused).
 
-    :raises ConfigError: when it cannot be read or is not a JSON object.
+    :raises ConfigError: when it cannot be read or is not an object.
     """
     try:
         with open(path, "rb") as handle:
@@ -61,6 +67,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             from None
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError([Problem("", f"larger than {MAX_CONFIG_BYTES} bytes")], str(path))
+    if str(path).endswith(".toml"):
+        return _load_toml(text, str(path))
     try:
         data = parse_json(text)
     except JSONSyntaxError as exc:
@@ -68,6 +76,31 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([Problem("", "a render config must be a JSON object")], str(path))
     return data
+
+
+def _load_toml(text: bytes, source: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem("", f"not UTF-8 (byte {exc.start})")], source) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem("", f"not TOML: {exc}")], source) from None
+    except RecursionError:
+        raise ConfigError([Problem("", f"nested deeper than {MAX_JSON_DEPTH} levels")],
+                          source) from None
+    problems = document_problems(data)
+    if problems:
+        raise ConfigError(problems, source)
+    return data
+
+
+def is_presets_document(data: Mapping[str, Any]) -> bool:
+    """Whether a config file's content is a presets document (top-level
+    ``config`` or ``locked``, which a render config never has) rather than a
+    render config."""
+    return "config" in data or "locked" in data
 
 
 def validate_config(data: Mapping[str, Any], source: str | None = None) -> None:
@@ -147,11 +180,23 @@ def _interface_problems(data: Mapping[str, Any]) -> list[Problem]:
         if name in seen:
             problems.append(Problem(f"{where}/name", f"interface {name!r} is listed twice"))
         seen.add(str(name))
+        cidrs = iface.get("addresses")
+        if cidrs is not None and ("address" in iface or "prefix" in iface):
+            problems.append(Problem(where, "use either 'addresses' (CIDR) or 'address' and "
+                                           "'prefix', not both"))
+        for position, text in enumerate(cidrs if isinstance(cidrs, list) else []):
+            if not isinstance(text, str) or "/" not in text:
+                continue  # the schema said so
+            try:
+                ipaddress.ip_interface(text)
+            except ValueError as exc:
+                problems.append(Problem(f"{where}/addresses/{position}", str(exc)))
         if iface.get("dhcp"):
             continue
         if "address" not in iface:
-            problems.append(Problem(where, "a static interface needs 'address' "
-                                           "(or set \"dhcp\": true)"))
+            if cidrs is None:
+                problems.append(Problem(where, "a static interface needs 'addresses' or "
+                                               "'address' (or set \"dhcp\": true)"))
             continue
         try:
             address = ipaddress.ip_address(iface["address"])
@@ -163,25 +208,66 @@ def _interface_problems(data: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+#: Most list items a dotted key's index may address (``ip.interfaces.15``).
+MAX_INDEX = 1024
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, append: bool = False) -> None:
     """Set ``a.b.c`` in a nested dict, creating the levels in between.
 
-    :raises ConfigError: when a level in between is not an object.
+    A part that is a decimal number indexes a list (``ip.interfaces.0.address``):
+    an existing list item, or the item just past the end, which is added;
+    a missing level before it becomes a list. With ``append``, the value is
+    added to the end of the list the key names (made when missing); a list
+    value adds each of its items, as Python's ``+=`` does.
+
+    :raises ConfigError: when a level in between is not an object (or, for
+        an index, a list), an index skips items, or ``append`` names a value
+        that is not a list.
     """
     parts = key.split(".")
     if not all(parts):
         raise ConfigError([Problem("", f"{key!r} is not a dotted key")])
     if len(parts) > MAX_JSON_DEPTH:
         raise ConfigError([Problem("", f"{key[:60]!r}...: more than {MAX_JSON_DEPTH} levels")])
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
-            raise ConfigError([Problem(pointer(parts[: depth + 1]),
-                                       f"cannot set {key!r}: {where!r} is not an object")])
+
+    def fail(depth: int, message: str) -> ConfigError:
+        return ConfigError([Problem(pointer(parts[: depth + 1]), f"cannot set {key!r}: {message}")])
+
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        following = parts[depth + 1] if not last else None
+        if last and append:
+            fresh: Any = []
+        elif last:
+            fresh = value
+        else:
+            fresh = [] if following is not None and following.isdigit() else {}
+        where = ".".join(parts[:depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > min(len(node), MAX_INDEX):
+                raise fail(depth, f"{'.'.join(parts[:depth]) or 'the value'!r} is a list of "
+                                  f"{len(node)}: use an index from 0 to {len(node)}")
+            index = int(part)
+            if index == len(node):
+                node.append(fresh)
+            elif last and not append:
+                node[index] = fresh
+            child = node[index]
+        else:
+            if last and not append:
+                node[part] = fresh
+            child = node.setdefault(part, fresh)
+        if last:
+            if append:
+                if not isinstance(child, list):
+                    raise fail(depth, f"{where!r} is not a list to add to")
+                child.extend(value if isinstance(value, list) else [value])
+            return
+        if not isinstance(child, (dict, list)):
+            raise fail(depth, f"{where!r} is not an object")
         node = child
-    node[parts[-1]] = value
 
 
 def _leaf_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tuple[str, ...]]:
@@ -221,22 +307,41 @@ class Presets:
 
     @classmethod
     def load(cls, path: str | Path) -> Presets:
-        """Read presets from a JSON file: ``{"config": {...}, "locked": [...]}``.
+        """Read presets from a file: ``{"config": {...}, "locked": [...]}``
+        in JSON, or the same in TOML when the name ends in ``.toml``
+        (``locked = [...]`` then a ``[config]`` table; ``cloudlets init``
+        writes an example).
 
         :raises ConfigError: when the file is invalid.
         """
-        data = load_config_file(path)
+        return cls.from_document(load_config_file(path), str(path))
+
+    @classmethod
+    def from_document(cls, data: Mapping[str, Any], source: str = "presets") -> Presets:
+        """Presets from a parsed presets document.
+
+        :raises ConfigError: when it is invalid.
+        """
         unknown = sorted(set(data) - {"config", "locked"})
         if unknown:
             raise ConfigError([Problem(f"/{k}", "unknown key (known keys: config, locked)")
-                               for k in unknown], str(path))
+                               for k in unknown], source)
         locked = data.get("locked", [])
         if not isinstance(locked, list) or not all(isinstance(k, str) for k in locked):
-            raise ConfigError([Problem("/locked", "must be a list of dotted keys")], str(path))
-        return cls(values=data.get("config", {}), locked=frozenset(locked))
+            raise ConfigError([Problem("/locked", "must be a list of dotted keys")], source)
+        values = data.get("config", {})
+        if not isinstance(values, dict):
+            raise ConfigError([Problem("/config", "must be an object")], source)
+        return cls(values=values, locked=frozenset(locked))
 
     def violations(self, request: Mapping[str, Any]) -> list[str]:
-        """:returns: the locked keys ``request`` tries to set, sorted."""
+        """The locked keys ``request`` tries to set. A locked key is set by
+        a request value at it, inside it, or at a key above it that is not
+        an object holding other keys (an empty object, a list, a scalar);
+        objects in the request reach it key by key.
+
+        :returns: those keys, sorted.
+        """
         hits = set()
         for path in _leaf_paths(request):
             dotted = ".".join(path)
@@ -278,17 +383,26 @@ class RenderConfig:
     @property
     def interfaces(self) -> list[dict[str, Any]]:
         """Interfaces with every key present, so templates can test any of
-        them: ``name``, ``dhcp`` (default false), ``address``, ``prefix``
-        (default 24 for IPv4, 64 for IPv6 on a static interface), ``gateway``,
+        them: ``name``, ``dhcp`` (default false), ``addresses`` (CIDR
+        strings, ``[]`` when none), ``address`` and ``prefix`` (the first
+        address and its prefix length: an interface given ``address``
+        without ``prefix`` gets 24 for IPv4, 64 for IPv6), ``gateway``,
         ``mac``, ``mtu`` (``None`` when not set)."""
         result = []
         for iface in self._data.get("ip", {}).get("interfaces", []):
             full: dict[str, Any] = dict.fromkeys(_INTERFACE_KEYS)
             full.update(copy.deepcopy(iface))
             full["dhcp"] = bool(full["dhcp"])
-            if not full["dhcp"] and full["address"] is not None and full["prefix"] is None:
-                version = ipaddress.ip_address(full["address"]).version
-                full["prefix"] = 24 if version == 4 else 64
+            if full["addresses"]:
+                first = ipaddress.ip_interface(full["addresses"][0])
+                full["address"], full["prefix"] = str(first.ip), first.network.prefixlen
+            elif full["address"] is not None:
+                if full["prefix"] is None:
+                    version = ipaddress.ip_address(full["address"]).version
+                    full["prefix"] = 24 if version == 4 else 64
+                full["addresses"] = [f"{full['address']}/{full['prefix']}"]
+            else:
+                full["addresses"] = []
             result.append(full)
         return result
 

@@ -56,16 +56,22 @@ from cloudlets.errors import (
 )
 from cloudlets.progress import ProgressCallback
 from cloudlets.renderer import ManifestSource, Renderer, RenderJob
+from cloudlets.result import RenderResult
 from cloudlets.urls import redact
 
 if TYPE_CHECKING:
     from cloudlets.signing import ProvenanceKey, TrustPolicy
     from cloudlets.signing.trust import SignatureSource
 
-__all__ = ["DeletedImage", "Images", "Withdraw", "expand_output", "storage_driver_for"]
+__all__ = ["DeletedImage", "Execute", "Images", "Withdraw", "expand_output", "prepare_request",
+           "storage_driver_for"]
 
 log = logging.getLogger(__name__)
 
+#: ``execute(job, progress, overwrite=...) -> RenderResult``: renders a
+#: claimed job (:meth:`Renderer.execute <cloudlets.renderer.Renderer.execute>`,
+#: or a queue's worker elsewhere).
+Execute = Callable[..., RenderResult]
 #: ``withdraw(image_id, label) -> bool``: deletes an image the provider
 #: registered (a superseded AMI) with the provider's own API.
 Withdraw = Callable[[str, str], bool]
@@ -183,19 +189,10 @@ class Images:
         :raises CloudletsError: for invalid input or an unusable driver;
             nothing is recorded then.
         """
-        job = self.renderer.prepare(manifest, output, storage, format, config,
-                                    signature=signature, trust=trust,
-                                    provenance_key=provenance_key)
-        request = RenderRequest(
-            manifest_name=job.manifest.name, manifest_version=job.manifest.version,
-            manifest_digest=job.manifest.digest, config_digest=job.config.digest,
-            format=job.format.name, storage=job.storage.name, output=output,
-            label=label or job.manifest.label, storage_class=driver_class_path(job.storage),
-            target=job.storage.target)
-        expanded = expand_output(output, request)
-        if expanded != output:
-            job = job.at(expanded)
-        claim = self.catalog.claim(request, force=force, output=expanded)
+        job, request = prepare_request(self.renderer, manifest, output, storage, format,
+                                       config, label=label, signature=signature,
+                                       trust=trust, provenance_key=provenance_key)
+        claim = self.catalog.claim(request, force=force, output=job.output)
         if claim.state is ClaimState.CLAIMED:
             with self._lock:
                 self._submitted[claim.entry.entry_id] = _Submitted(
@@ -203,7 +200,8 @@ class Images:
                     withdraw=withdraw)
         return claim
 
-    def run(self, entry_id: str, progress: ProgressCallback | None = None) -> CatalogEntry:
+    def run(self, entry_id: str, progress: ProgressCallback | None = None, *,
+            ex_execute: Execute | None = None) -> CatalogEntry:
         """Render an entry this object's :meth:`submit` claimed, renewing its
         lease meanwhile, and record the outcome. When the render superseded
         ready images that a format published (an older AMI) and a
@@ -212,6 +210,9 @@ class Images:
 
         :param entry_id: the claimed entry.
         :param progress: called as ``progress(stage, done, total)``.
+        :param ex_execute: renders the job instead of this object's renderer
+            (``execute(job, progress, overwrite=...)``): a queue that hands
+            it to a worker elsewhere and waits for its result.
         :returns: the ready entry.
         :raises CatalogError: for an entry this object did not claim.
         :raises CloudletsError: what the render raised; the entry is failed.
@@ -221,24 +222,50 @@ class Images:
         if submitted is None:
             raise CatalogError(f"render {entry_id} was not submitted here, or already ran",
                                entry_id)
+        execute = ex_execute or self.renderer.execute
+        entry = self._record(entry_id, lambda: execute(submitted.job, progress,
+                                                        overwrite=submitted.overwrite))
+        if submitted.withdraw is not None:
+            self._withdraw_superseded(entry, submitted.job.storage, submitted.withdraw)
+        return entry
+
+    def resume(self, entry_id: str, outcome: Callable[[], RenderResult]) -> CatalogEntry:
+        """Follow a render in flight that another process of the same
+        service claimed and handed to a worker elsewhere (a restarted
+        service): take over its lease (:meth:`ImageCatalog.adopt
+        <cloudlets.catalog.ImageCatalog.adopt>`), renew it while
+        ``outcome()`` waits for the worker's result, and record it.
+
+        :param entry_id: the entry in flight.
+        :param outcome: waits for the render's result; what it raises fails
+            the entry.
+        :returns: the ready entry.
+        :raises CatalogError: for an entry no longer in flight.
+        :raises CloudletsError: what ``outcome`` raised; the entry is failed.
+        """
+        self.catalog.adopt(entry_id)
+        return self._record(entry_id, outcome)
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _record(self, entry_id: str, produce: Callable[[], RenderResult]) -> CatalogEntry:
+        """Mark an entry rendering, renew its lease while ``produce()`` runs,
+        and record its result or its failure."""
         catalog = self.catalog
         with keep_lease(lambda: catalog.heartbeat(entry_id),
                         max(catalog.lease_seconds / 3.0, 0.05), name=f"cloudlets-{entry_id}"):
             try:
                 catalog.start(entry_id)
-                result = self.renderer.execute(submitted.job, progress,
-                                               overwrite=submitted.overwrite)
+                result = produce()
             except BaseException as exc:
-                catalog.fail(entry_id, exc)
+                # a worker's error, sent back as text, names its own class
+                catalog.fail(entry_id, exc, error_type=getattr(exc, "remote_type", None))
                 raise
         try:
-            entry = catalog.complete(entry_id, result)
+            return catalog.complete(entry_id, result)
         except BaseException as exc:
             catalog.fail(entry_id, exc)
             raise
-        if submitted.withdraw is not None:
-            self._withdraw_superseded(entry, submitted.job.storage, submitted.withdraw)
-        return entry
 
     def wait(self, entry_id: str, timeout: float, *, poll_interval: float = 0.5) -> CatalogEntry:
         """Wait until an entry is no longer in flight. An entry whose owner
@@ -309,8 +336,6 @@ class Images:
         return DeletedImage(self.catalog.mark_deleted(entry.entry_id), removed=report.removed,
                             missing=report.missing)
 
-    # -- helpers ----------------------------------------------------------------
-
     def _withdraw_superseded(self, entry: CatalogEntry, storage: StorageDriver,
                              withdraw: Withdraw) -> None:
         """See :meth:`run`. A failure is logged, not raised: the new image
@@ -333,6 +358,32 @@ class Images:
                             old.image_id, entry.image_id, report.failed[0][1])
                 continue
             self.catalog.retire(old.entry_id)
+
+
+def prepare_request(renderer: Renderer, manifest: ManifestSource, output: str,
+                    storage: StorageDriver | str, format: FormatDriver | str,  # noqa: A002
+                    config: Mapping[str, Any] | None = None, *, label: str | None = None,
+                    signature: SignatureSource | None = None, trust: TrustPolicy | None = None,
+                    provenance_key: ProvenanceKey | None = None
+                    ) -> tuple[RenderJob, RenderRequest]:
+    """Resolve a request as :meth:`Images.submit` does, claiming nothing: a
+    worker on another host re-prepares the render a service claimed with
+    this, and gets the same request key and image id.
+
+    :param renderer: the renderer (its presets and mirrors are the request's).
+    :returns: the job (its output template expanded) and the catalog request.
+    :raises CloudletsError: for invalid input or an unusable driver.
+    """
+    job = renderer.prepare(manifest, output, storage, format, config, signature=signature,
+                           trust=trust, provenance_key=provenance_key)
+    request = RenderRequest(
+        manifest_name=job.manifest.name, manifest_version=job.manifest.version,
+        manifest_digest=job.manifest.digest, config_digest=job.config.digest,
+        format=job.format.name, storage=job.storage.name, output=output,
+        label=label or job.manifest.label, storage_class=driver_class_path(job.storage),
+        target=job.storage.target)
+    expanded = expand_output(output, request)
+    return (job.at(expanded) if expanded != output else job), request
 
 
 def expand_output(template: str, request: RenderRequest) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloudlets.cache import TarballCache
+from cloudlets.catalog.leases import process_alive, process_token
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import (
     DiskImage,
@@ -541,9 +543,18 @@ class Renderer:
 
     @contextmanager
     def _workdir(self) -> Iterator[Path]:
-        if self.work_dir is not None:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="cloudlets-render-", dir=self.work_dir))
+        """A fresh work directory, removed on every way out of the render
+        (an error, ``KeyboardInterrupt``, a signal the CLI turns into an
+        exception). A process killed outright cannot remove its own, so it
+        is named after its process (pid and start time) and the next render
+        in the same place removes the directories of processes that are
+        gone."""
+        parent = self.work_dir if self.work_dir is not None else Path(tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        _sweep_abandoned_workdirs(parent)
+        pid = os.getpid()
+        prefix = f"{_WORKDIR_PREFIX}{pid}-{process_token(pid) or 0}-"
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         try:
             yield path
         finally:
@@ -562,6 +573,26 @@ class Renderer:
             raise RenderError(f"stage {stage!r} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             run.timings[stage] = time.monotonic() - started
+
+
+log = logging.getLogger(__name__)
+
+#: A render's work directory is ``{prefix}{pid}-{start time}-{random}``.
+_WORKDIR_PREFIX = "cloudlets-render-"
+
+
+def _sweep_abandoned_workdirs(parent: Path) -> None:
+    """Remove the work directories in ``parent`` whose render's process is
+    gone (killed with ``SIGKILL``, or the machine lost power): the pid in
+    the name no longer runs the process that started at the recorded time."""
+    for path in parent.glob(f"{_WORKDIR_PREFIX}*-*-*"):
+        pid, token, _ = path.name[len(_WORKDIR_PREFIX):].split("-", 2)
+        if not pid.isdigit() or not token.isdigit() or not path.is_dir():
+            continue
+        if not process_alive(int(pid), None if token == "0" else token):
+            log.info("removing %s, the work directory of a render whose process %s is gone",
+                     path, pid)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,21 @@ class RenderResult:
         """The main artifact (the disk, the OVA, the descriptor...)."""
         return self.artifacts[0]
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RenderResult:
+        """The result :meth:`to_dict` wrote (a worker's, sent back through
+        a task queue).
+
+        :raises KeyError: for a dict :meth:`to_dict` did not write.
+        """
+        manifest = data["manifest"]
+        return cls(image_id=data["image_id"], format=data["format"], storage=data["storage"],
+                   artifacts=tuple(StoredArtifact(**a) for a in data["artifacts"]),
+                   manifest_name=manifest["name"], manifest_version=manifest["version"],
+                   manifest_digest=manifest["digest"], config_digest=data["config_digest"],
+                   timings=dict(data.get("timings", {})),
+                   details=dict(data.get("details", {})))
+
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON.
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from cloudlets.errors import CloudletsError
 
-__all__ = ["Piece", "copy_into", "copy_sparse", "data_ranges", "link_or_copy", "merge_ranges"]
+__all__ = ["Piece", "copy_into", "copy_sparse", "data_ranges", "link_or_copy", "merge_ranges",
+           "overlay"]
 
 _CHUNK = 4 * 1024 * 1024
 #: How a file system says it cannot answer ``SEEK_DATA``/``SEEK_HOLE`` at all.
@@ -104,6 +105,24 @@ class Piece:
         spec = {"driver": "raw", "offset": self.offset, "size": self.length,
                 "file": {"driver": "file", "filename": str(self.path)}}
         return "json:" + json.dumps(spec, sort_keys=True)
+
+
+def overlay(base: Path, size: int, over: Path,
+            ranges: Sequence[tuple[int, int]]) -> list[Piece]:
+    """The first ``size`` bytes of ``base`` with the ``[start, end)`` byte
+    ``ranges`` (sorted, not overlapping) taken from ``over`` at the same
+    offsets, as pieces in order (a cached filesystem and the blocks a patch
+    changed in a copy of it)."""
+    pieces: list[Piece] = []
+    position = 0
+    for start, end in ranges:
+        if start > position:
+            pieces.append(Piece(base, position, start - position))
+        pieces.append(Piece(over, start, end - start))
+        position = end
+    if position < size:
+        pieces.append(Piece(base, position, size - position))
+    return pieces
 
 
 def data_ranges(fd: int, size: int | None = None) -> list[tuple[int, int]]:

@@ -1,9 +1,15 @@
 """Render the example cloudlet into ./out as raw and qcow2 disks (``scripts/dev demo``).
 
     python examples/render_example.py [--output out] [--config FILE] [--boot]
+    python examples/render_example.py --write-manifest FILE
 
 The cloudlet is ``examples/tiny-debian/``: a manifest, the template sources
-under ``rootfs/`` and an example render config. Its root filesystem tarball is
+under ``rootfs/`` and an example render config. ``--write-manifest FILE``
+builds its root filesystem tarball (as below), writes the manifest with its
+``filesystem`` section filled in to ``FILE`` and stops: ``cloudlets render
+FILE --allow-file-urls ...`` then renders the example on its own.
+
+Its root filesystem tarball is
 built here from Debian packages (a kernel, ``busybox-static`` and a small
 initramfs, see :mod:`cloudlets.testing.boot`) with the template sources laid
 over it, and cached; the repository holds no binaries. Everything is local:
@@ -74,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="render config (default examples/tiny-debian/config.json)")
     parser.add_argument("--boot", action="store_true",
                         help="boot each image in QEMU and show what the guest prints")
+    parser.add_argument("--write-manifest", type=Path, metavar="FILE",
+                        help="only write the renderable manifest (its tarball built) to FILE")
     args = parser.parse_args(argv)
 
     try:
@@ -82,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"render_example: cannot build the example's root filesystem: {exc}",
               file=sys.stderr)
         return 1
+    if args.write_manifest is not None:
+        args.write_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+        print(f"wrote {args.write_manifest}; render it with: cloudlets render "
+              f"{args.write_manifest} --allow-file-urls --format qcow2 --output out/ "
+              f"--config {CLOUDLET / 'config.json'}")
+        return 0
     config = json.loads(args.config.read_text())
     output = args.output.rstrip("/") + "/"
     renderer = Renderer(ex_allow_file_urls=True)

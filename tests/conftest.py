@@ -6,6 +6,8 @@ import errno
 import http.server
 import json
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +16,51 @@ from typing import Any
 import pytest
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+#: The session's temporary directory (``$TMPDIR`` for the tests and every
+#: process they start) and the cache directory inside it.
+_SESSION_TMP: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point ``$TMPDIR`` (and ``$CLOUDLETS_CACHE_DIR``) at fresh directories
+    for the session, so :func:`pytest_sessionfinish` can see what the library
+    left behind in the temporary directory. pytest's own ``tmp_path``
+    directories (``pytest-of-USER``) live there too and are not counted."""
+    global _SESSION_TMP
+    if _SESSION_TMP is not None or hasattr(config, "workerinput"):
+        return
+    _SESSION_TMP = Path(tempfile.mkdtemp(prefix="cloudlets-tests-"))
+    session_tmp = _SESSION_TMP / "tmp"
+    session_tmp.mkdir()
+    os.environ["TMPDIR"] = str(session_tmp)
+    os.environ.setdefault("CLOUDLETS_CACHE_DIR", str(_SESSION_TMP / "cache"))
+    tempfile.tempdir = None  # gettempdir() reads $TMPDIR again
+
+
+def _left_in_tmp() -> list[str]:
+    if _SESSION_TMP is None:
+        return []
+    return sorted(entry.name for entry in (_SESSION_TMP / "tmp").iterdir()
+                  if not entry.name.startswith("pytest-of-"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when anything (a ``cloudlets-render-*`` work directory,
+    a lock file...) is left in the session's temporary directory."""
+    left = _left_in_tmp()
+    if left:
+        shown = ", ".join(left[:10]) + (f" and {len(left) - 10} more" if len(left) > 10 else "")
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"the tests left {len(left)} entries in the temporary directory: {shown}"
+        if reporter is not None:
+            reporter.write_line(f"ERROR: {message}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_TMP is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

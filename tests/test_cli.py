@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 
 from cloudlets.cli import EXIT_CODES, main, parse_set
+from cloudlets.manifest import Manifest
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -118,6 +121,38 @@ def test_parse_set_json_and_strings() -> None:
         "args": {"count": 3, "label": "3x"},
         "dns": {"search": ["a.example"]},
     }
+
+
+def test_parse_set_indexes_and_appends() -> None:
+    parsed = parse_set([
+        "ip.interfaces.0.name=eth0",
+        'ip.interfaces.0.addresses=["192.0.2.10/24"]',
+        "ip.interfaces.0.addresses+=2001:db8::10/64",
+        'ip.interfaces+={"name": "eth1", "dhcp": true}',
+        "dns.nameservers+=1.1.1.1",
+        " dns.nameservers +=9.9.9.9",
+    ], into={"dns": {"nameservers": ["192.0.2.53"]}})
+    assert parsed == {
+        "ip": {"interfaces": [
+            {"name": "eth0", "addresses": ["192.0.2.10/24", "2001:db8::10/64"]},
+            {"name": "eth1", "dhcp": True}]},
+        "dns": {"nameservers": ["192.0.2.53", "1.1.1.1", "9.9.9.9"]},
+    }
+
+
+def test_set_append_onto_a_locked_list_is_invalid_input(complete_manifest: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(complete_manifest))
+    presets = tmp_path / "presets.json"
+    presets.write_text(json.dumps({"config": {"dns": {"search": ["a.example"]}},
+                                   "locked": ["dns.search"]}))
+    code, _, err = run("render", str(path), "-f", "raw", "-o", str(tmp_path) + "/",
+                       "--presets", str(presets), "--set", "dns.search+=b.example")
+    assert code == 3 and "'dns.search' is locked" in err
+    code, _, err = run("render", str(path), "-f", "raw", "-o", str(tmp_path) + "/",
+                       "--set", "ip.interfaces.2.name=eth2")
+    assert code == 3 and "use an index from 0 to 0" in err
 
 
 def test_parse_set_rejects_missing_equals() -> None:
@@ -309,3 +344,76 @@ def test_render_progress_json_reports_bytes_stored(cli_env: Path,
     stored = [line for line in lines if line["stage"] == "store" and line["total"]]
     disk = cli_env / "out" / "tiny-1.0.raw"
     assert stored[-1]["done"] == stored[-1]["total"] == disk.stat().st_size
+
+
+@pytest.fixture
+def manifest_path(tmp_path: Path, complete_manifest: dict[str, Any]) -> Path:
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(complete_manifest))
+    return path
+
+
+def _uncommented(text: str) -> str:
+    """The example presets with every setting uncommented."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("# "):
+            line = line[2:]
+        elif line == "#":
+            line = ""
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def test_init_writes_a_commented_presets_file(tmp_path: Path, manifest_path: Path) -> None:
+    from cloudlets import Presets, resolve_config
+
+    target = tmp_path / "presets.toml"
+    code, out, _ = run("init", str(target))
+    assert code == 0 and str(target) in out
+    assert Presets.load(target) == Presets()  # as written it presets nothing
+    code, _, err = run("init", str(target))
+    assert code == 3 and "exists already (--force replaces it)" in err
+    full = tmp_path / "full.toml"
+    full.write_text(_uncommented(target.read_text()))
+    presets = Presets.load(full)
+    assert presets.locked == {"dns.nameservers", "ssh_authorized_keys"}
+    assert presets.values["ip"]["interfaces"][0]["addresses"] == ["192.0.2.10/24",
+                                                                   "2001:db8::10/64"]
+    config = resolve_config(Manifest.load(manifest_path), presets, {})
+    assert config.dns["nameservers"] == ["192.0.2.53", "2001:db8::53"]
+    assert config.interfaces[1]["dhcp"] is True and config.mirrors
+    target.write_text("changed")
+    assert run("init", str(target), "--force")[0] == 0
+    assert target.read_text().startswith("## cloudlets provider presets")
+
+
+def test_render_config_reads_a_presets_document(tmp_path: Path, manifest_path: Path) -> None:
+    presets = tmp_path / "presets.toml"
+    presets.write_text('locked = ["hostname"]\n[config]\nhostname = "fixed"\n')
+    code, _, err = run("render", str(manifest_path), "-f", "raw", "-o", str(tmp_path) + "/",
+                       "--config", str(presets), "--set", "hostname=mine")
+    assert code == 3 and "'hostname' is locked by the provider preset" in err
+    code, _, err = run("render", str(manifest_path), "-f", "raw", "-o", str(tmp_path) + "/",
+                       "--config", str(presets), "--presets", str(presets))
+    assert code == 3 and "give presets once" in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[config]\nhostname = 1979-05-27\n')
+    code, _, err = run("render", str(manifest_path), "-f", "raw", "-o", str(tmp_path) + "/",
+                       "--config", str(bad))
+    assert code == 3 and "/config/hostname" in err
+
+
+def test_every_command_is_in_the_help_and_the_docs() -> None:
+    from cloudlets.cli import _build_parser
+
+    parser = _build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = sorted(action.choices)
+    assert {"init", "render", "serve", "images", "image", "cache"} <= set(commands)
+    code, out, _ = run("--help")
+    assert code == 0
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.rst").read_text()
+    for command in commands:
+        assert re.search(rf"^    {re.escape(command)}\s", out, re.M), command
+        assert f"``cloudlets {command}" in docs, command

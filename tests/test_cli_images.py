@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,12 @@ def test_images_reports_a_killed_render_as_failed(tmp_path: Path) -> None:
     assert code == EXIT_OK and "status:   failed" in out and "is gone" in out
     (entry,) = ImageCatalog(path).entries()
     assert entry.status is ImageStatus.FAILED
+    # The killed render could not remove its work directory; the next render does.
+    tmp = Path(tempfile.gettempdir())
+    assert len(list(tmp.glob(f"cloudlets-render-{child.pid}-*"))) == 1
+    make_renderer(tmp_path).render(make_cloudlet(tmp_path / "src2"),
+                                   str(tmp_path / "again") + "/", "local", "tar")
+    assert list(tmp.glob(f"cloudlets-render-{child.pid}-*")) == []
 
 
 def test_command_line_entry_point(filled: Any) -> None:

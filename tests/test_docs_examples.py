@@ -1,12 +1,17 @@
 """The documentation's runnable examples, run as a reader would run them.
 
-Every ``.. code-block:: python`` or ``.. code-block:: shell`` of a page under
-``docs/`` whose options include ``:class: runnable`` is executed: Python in
-a new interpreter, shell with ``bash -e -o pipefail`` (the ``cloudlets``
-command and this interpreter first on ``PATH``). Each block runs in its own
-empty directory holding ``web.json``, the manifest shown on
-``docs/drivers/index.rst`` (its ``:caption: web.json`` block), whose tarball
-is served from 127.0.0.1; the tarball cache is shared, so it is fetched once.
+Every ``.. code-block:: python`` or ``.. code-block:: shell`` of
+``README.rst`` or a page under ``docs/`` whose options include ``:class:
+runnable`` is executed: Python in a new interpreter, shell with ``bash -e -o
+pipefail`` (the ``cloudlets`` command and this interpreter first on
+``PATH``). Each block runs in its own empty directory holding ``web.json``,
+the manifest shown on ``docs/drivers/index.rst`` (its ``:caption: web.json``
+block), whose tarball is served from 127.0.0.1; the tarball cache is shared,
+so it is fetched once; ``$TMPDIR`` is the block's own.
+
+Every other Python or shell block, and every literal (``::``) block that
+starts with a command, is listed in :data:`NOT_RUN` with the reason it is
+not run here: a command the docs show is either run or accounted for.
 
 Host names under ``example.net`` that storage examples write to are
 replaced in the block's text before it runs:
@@ -64,6 +69,46 @@ NO_CLI = {
     # The CLI builds drivers without arguments; this one needs a libcloud driver.
     "drivers/storage/libcloud.rst",
 }
+#: The Python and shell blocks not run here, by page and first line, and why.
+NOT_RUN = {
+    ("README.rst", "scripts/dev demo"):
+        "installs Debian packages and a venv; tests/test_example.py runs the demo script",
+    ("README.rst", "scripts/dev test"): "the whole suite: CI's own command",
+    ("README.rst", "pip install ."): "installs packages; test_the_checkout_builds_a_wheel",
+    ("README.rst", "python examples/render_example.py --write-manifest tiny-debian.json"):
+        "builds from Debian packages; tests/test_example.py::"
+        "test_the_example_renders_on_its_own runs both commands",
+    ("quickstart.rst", "pip install ."): "installs packages; test_the_checkout_builds_a_wheel",
+    ("service.rst", "pip install '.[service]'"): "installs packages",
+    ("service.rst", "$ cloudlets serve"): "a server that runs until stopped: test_service.py",
+    ("service.rst", "$ cloudlets serve --config service.toml"):
+        "a server that runs until stopped: test_service.py",
+    ("service.rst", '$ curl -s -H "Authorization: Bearer $TOKEN" \\'):
+        "needs the running service: test_service.py makes these requests",
+    ("service.rst", '$ curl -s -X DELETE -H "Authorization: Bearer $TOKEN" \\'):
+        "needs the running service: test_service.py makes these requests",
+    ("service.rst", "from cloudlets.client import ServiceClient"):
+        "needs the running service: test_service_client.py",
+    ("service.rst", "from cloudlets.client import CloudletsServiceNodeDriver"):
+        "needs the running service: test_service_client.py",
+    ("drivers/storage/san.rst",
+     'san = SANStorage(ex_initiator="iqn.2026-01.net.example:renderer")'):
+        "a fragment of the runnable example above it (an argument)",
+    ("drivers/writing.rst", "import shutil"):
+        "a third-party package's module: test_drivers.py installs and runs it",
+    ("drivers/writing.rst", "from cloudlets import set_driver"):
+        "registers a driver in the reader's process: test_drivers.py",
+    ("drivers/writing.rst", "import pytest"):
+        "a third-party package's test module: test_drivers.py runs it",
+    ("provider.rst", "from libcloud.compute.drivers.ec2 import EC2NodeDriver"):
+        "needs AWS credentials and an account: test_compute.py mixes it into a driver",
+    ("provider.rst", "cloudlets images --name web"): "image ids of a catalog the reader has",
+    ("signing.rst", "from cloudlets import Renderer, SignatureError"):
+        "needs a signed manifest and keys: test_signing.py",
+    ("fetch.rst", "cloudlets cache list   [--cache-dir DIR] [--json]"): "a synopsis",
+}
+#: How a literal block that shows a command starts.
+_COMMAND = re.compile(r"^(\$ )?(cloudlets|pip|python3?|scripts/dev|qemu-img|curl|sudo) ")
 _PAGE_DIRS = {DriverKind.FORMAT: "drivers/formats", DriverKind.STORAGE: "drivers/storage"}
 _LANGUAGES = {"python": "python", "shell": "shell", "bash": "shell", "console": "shell"}
 _DIRECTIVE = re.compile(r"^(?P<indent> *)\.\. code-block:: *(?P<language>\S+) *$")
@@ -121,8 +166,22 @@ def code_blocks(path: Path) -> Iterator[Block]:
 
 
 def _pages() -> list[Path]:
-    return sorted(p for p in DOCS.rglob("*.rst")
-                  if not {"_build", "generated"} & set(p.relative_to(DOCS).parts))
+    return [REPO / "README.rst", *sorted(
+        p for p in DOCS.rglob("*.rst")
+        if not {"_build", "generated"} & set(p.relative_to(DOCS).parts))]
+
+
+def literal_commands(path: Path) -> Iterator[tuple[int, str]]:
+    """The literal (``::``) blocks of a page whose first line is a command:
+    ``(line, first line)``."""
+    page = path.read_text(encoding="utf-8")
+    lines = page.splitlines()
+    for index, line in enumerate(lines):
+        if not line.rstrip().endswith("::") or line.lstrip().startswith(".."):
+            continue
+        following = next((ln for ln in lines[index + 1:] if ln.strip()), "")
+        if _indent(following) > _indent(line) and _COMMAND.match(following.strip()):
+            yield index + 1, following.strip()
 
 
 def runnable_blocks() -> list[Block]:
@@ -282,8 +341,9 @@ def test_example_runs(block: Block, site: Site, tmp_path: Path,
     (work / "web.json").write_text(json.dumps(site.manifest, indent=2))
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("AWS_", "CLOUDLETS_")) and key != "SOURCE_DATE_EPOCH"}
+    (tmp_path / "tmp").mkdir()
     env.update(CLOUDLETS_CACHE_DIR=str(site.cache), CLOUDLETS_HOME=str(tmp_path / "home"),
-               PYTHONPATH=str(REPO),
+               PYTHONPATH=str(REPO), TMPDIR=str(tmp_path / "tmp"),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
     code = block.code
     servers: list[subprocess.Popen[bytes]] = []
@@ -355,3 +415,51 @@ def test_the_extractor_sees_options_and_bodies(tmp_path: Path) -> None:
                                                                   (14, "json", False)]
     assert blocks[0].options == {"class": "runnable other", "caption": "x.py"}
     assert blocks[0].code == "print(1)\n\n    print(2)  # still inside\n"
+
+
+def _first(text: str) -> str:
+    """A block's first line without its trailing comment."""
+    return re.sub(r"\s+# .*$", "", text.splitlines()[0]).strip()
+
+
+def _key(block: Block) -> tuple[str, str]:
+    return block.page, _first(block.code)
+
+
+def test_every_command_shown_is_run_or_accounted_for() -> None:
+    shown: list[tuple[str, str]] = []
+    for page in _pages():
+        name = page.relative_to(DOCS).as_posix() if page.is_relative_to(DOCS) else page.name
+        for block in code_blocks(page):
+            if _LANGUAGES.get(block.language) and not block.runnable:
+                shown.append(_key(block))
+        shown.extend((name, _first(first)) for _, first in literal_commands(page))
+    unaccounted = sorted(set(shown) - set(NOT_RUN))
+    assert not unaccounted, ("make these runnable (.. code-block:: with :class: runnable) "
+                             f"or say in NOT_RUN why they are not run: {unaccounted}")
+    stale = sorted(set(NOT_RUN) - set(shown))
+    assert not stale, f"NOT_RUN names blocks the docs no longer have: {stale}"
+    assert any(b.page == "README.rst" for b in BLOCKS), "README.rst has runnable examples"
+
+
+def test_the_checkout_builds_a_wheel(tmp_path: Path) -> None:
+    """The install the README and the quick start give: a wheel from the
+    checkout, holding the package data (schemas, py.typed)."""
+    import zipfile
+
+    source = tmp_path / "checkout"  # pip writes build/ and *.egg-info into the source tree
+    shutil.copytree(REPO / "cloudlets", source / "cloudlets",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "pyproject.toml", "README.rst"):
+        shutil.copy2(REPO / name, source / name)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--no-index", "-q", "-w", str(tmp_path / "dist"), str(source)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert build.returncode == 0, build.stderr[-4000:]
+    (wheel,) = (tmp_path / "dist").glob("cloudlets-*-py3-none-any.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"cloudlets/py.typed", "cloudlets/schemas/config-v1.json",
+            "cloudlets/cli_init.py"} <= names
+    assert any(n.endswith("entry_points.txt") for n in names)

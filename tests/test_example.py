@@ -93,6 +93,29 @@ def test_readme_demo_renders_raw_and_qcow2(example_manifest: dict[str, object],
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [qcow2.name, raw.name]
 
 
+def test_the_example_renders_on_its_own(example_manifest: dict[str, object],
+                                        tmp_path: Path) -> None:
+    """The README's two commands: write the renderable manifest, then render
+    it with the plain CLI and the example's own config."""
+    env = dict(os.environ, CLOUDLETS_CACHE_DIR=str(bootfixture.cache_dir() / "example-cache"),
+               CLOUDLETS_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+    written = subprocess.run(
+        [sys.executable, str(SCRIPT), "--write-manifest", "tiny-debian.json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert written.returncode == 0, written.stderr
+    manifest = json.loads((tmp_path / "tiny-debian.json").read_text())
+    assert manifest["filesystem"]["sha256"] == example_manifest["filesystem"]["sha256"]  # type: ignore[index]
+    rendered = subprocess.run(
+        [sys.executable, "-m", "cloudlets", "render", "tiny-debian.json", "--allow-file-urls",
+         "--format", "raw", "--output", "out/", "--config",
+         str(REPO / "examples" / "tiny-debian" / "config.json"), "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rendered.returncode == 0, rendered.stderr
+    result = json.loads(rendered.stdout)
+    assert result["manifest"]["name"] == "tiny-debian"
+    assert (tmp_path / "out" / "tiny-debian-1.0.raw").stat().st_size > 64 * 1024 * 1024
+
+
 @pytest.mark.boot
 @pytest.mark.parametrize(("disk_format", "firmware", "one_pass"),
                          [("raw", "bios", False), ("qcow2", "uefi", True)],

@@ -123,6 +123,32 @@ def test_geometry_matches_qemu(tmp_path: Path, size: int) -> None:
     assert chs_geometry(exact) == (cylinders, heads, sectors)
 
 
+def test_qemu_img_info_sees_a_fixed_vhd(tmp_path: Path) -> None:
+    """As docs/drivers/formats/vhd.rst says: probing reads it as raw (no
+    header), ``-f vpc`` as a VHD without clusters (fixed, not dynamic)."""
+    import json
+
+    output = convert(tmp_path, synthetic_disk(tmp_path, size=8 * MiB))
+
+    def info(*args: str) -> dict[str, object]:
+        proc = subprocess.run(["qemu-img", "info", "--output=json", *args],
+                              capture_output=True, text=True, check=True, timeout=60)
+        data: dict[str, object] = json.loads(proc.stdout)
+        return data
+
+    assert info(str(output.path))["format"] == "raw"
+    named = info("-f", "vpc", str(output.path))
+    assert named["format"] == "vpc" and "cluster-size" not in named
+    dynamic = tmp_path / "dynamic.vhd"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic",
+                    str(dynamic), str(8 * MiB)], check=True, timeout=60)
+    assert "cluster-size" in info("-f", "vpc", str(dynamic))  # what tells them apart
+    assert parse_footer(output.path.read_bytes()[-512:])["disk_type"] == 2  # fixed
+    full = info("--image-opts",
+                f"driver=vpc,force_size_calc=current_size,file.filename={output.path}")
+    assert full["virtual-size"] == 8 * MiB
+
+
 def test_qemu_reads_it(tmp_path: Path) -> None:
     disk = synthetic_disk(tmp_path, size=8 * MiB)
     output = convert(tmp_path, disk)

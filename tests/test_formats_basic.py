@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gzip
 import os
@@ -10,13 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from cloudlets.drivers.base import OutputFile
+from cloudlets.config import resolve_config
+from cloudlets.drivers.base import FormatContext, OutputFile
 from cloudlets.drivers.formats.qcow2 import Qcow2Format
 from cloudlets.drivers.formats.raw import RawFormat
 from cloudlets.drivers.formats.tar import TarFormat
 from cloudlets.errors import FormatError
 from cloudlets.sparse import Piece, copy_into, copy_sparse, data_ranges, link_or_copy, merge_ranges
-from cloudlets.testing.formats import FormatDriverConformance, synthetic_disk
+from cloudlets.testing.formats import (
+    COMPOSED_FILES,
+    FormatDriverConformance,
+    composed_disk,
+    conformance_manifest,
+    join_pieces,
+    synthetic_disk,
+)
 from tests.conftest import RefuseSeekData
 
 
@@ -242,3 +251,39 @@ def test_the_version_has_a_module_of_its_own() -> None:
                     and any(alias.name == "__version__" for alias in node.names):
                 through_face.append(str(path.relative_to(package)))
     assert through_face == []
+
+
+class _RootZeroingQcow2(Qcow2Format):
+    """A broken driver: it converts the disk file alone, ignoring the
+    pieces, so the root filesystem comes out as zeros."""
+
+    def convert(self, context: FormatContext) -> list[OutputFile]:
+        flat = dataclasses.replace(context.disk, pieces=())
+        return super().convert(dataclasses.replace(context, disk=flat))
+
+
+def test_the_composed_disk_check_fails_a_driver_that_zeroes_the_root(tmp_path: Path) -> None:
+    suite = TestQcow2Conformance()
+    manifest = conformance_manifest()
+    disk = composed_disk(tmp_path / "disk")
+    with pytest.raises(AssertionError, match="root filesystem"):
+        suite.test_composed_disk_round_trips(
+            _RootZeroingQcow2(), manifest, resolve_config(manifest, None, {}), disk,
+            tmp_path / "run")
+
+
+def test_the_composed_disk_is_what_the_disk_stage_composes(tmp_path: Path) -> None:
+    """The fixture's pieces join to a disk whose root filesystem holds the
+    patched file, and whose root region is not in disk.raw itself."""
+    from cloudlets.disk import ext4
+
+    disk = composed_disk(tmp_path / "disk")
+    assert len(disk.pieces) > 3 and disk.root_offset
+    joined = join_pieces(disk, tmp_path / "joined.raw")
+    assert joined.stat().st_size == disk.size
+    for name, content in COMPOSED_FILES.items():
+        assert ext4.read_file(f"{joined}?offset={disk.root_offset}", name,
+                              len(content)) == content
+    with open(disk.path, "rb") as flat:
+        flat.seek(disk.root_offset)
+        assert flat.read(1024 * 1024).count(0) == 1024 * 1024

@@ -244,3 +244,38 @@ def test_the_in_process_pool_accounts_for_every_task_when_it_stops() -> None:
     assert running | never == {t.entry_id for t in tasks}
     with pytest.raises(QueueFull, match="stopping"):
         pool.submit(tasks[0])
+
+
+QUEUE_BASE = """
+[targets.local]
+driver = "local"
+root = "images"
+[tenants.admin]
+token_sha256 = "%s"
+""" % ("0" * 64)
+
+
+def test_the_queue_section_is_checked(tmp_path: Path) -> None:
+    config = ServiceConfig.load(write(tmp_path, QUEUE_BASE))
+    assert config.queue.backend == "embedded"
+    config = ServiceConfig.load(write(tmp_path, QUEUE_BASE + """
+[queue]
+backend = "celery"
+broker_url = "redis://127.0.0.1:6379/2"
+visibility_timeout = 600
+"""))
+    assert (config.queue.backend, config.queue.broker_url, config.queue.result_backend,
+            config.queue.visibility_timeout) == ("celery", "redis://127.0.0.1:6379/2",
+                                                 "redis://127.0.0.1:6379/2", 600.0)
+    with pytest.raises(ServiceConfigError) as caught:
+        ServiceConfig.load(write(tmp_path, QUEUE_BASE + """
+[queue]
+backend = "rabbit"
+broker_url = "amqp://x"
+max_attempts = 0
+colour = 1
+"""))
+    paths = [path for path, _ in caught.value.problems]
+    assert paths == ["queue.colour", "queue.backend", "queue.broker_url", "queue.max_attempts"]
+    with pytest.raises(ServiceConfigError, match="needs the Redis broker"):
+        ServiceConfig.load(write(tmp_path, QUEUE_BASE + '[queue]\nbackend = "celery"\n'))

@@ -104,6 +104,22 @@ def test_local_provider_is_promoted_from_a_hidden_temporary(tmp_path: Path) -> N
     assert sorted(p.name for p in (base / "images").iterdir()) == ["disk.img"]
 
 
+def test_local_locks_live_under_the_cache_directory(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    system_tmp, cache = tmp_path / "tmp", tmp_path / "cache"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    monkeypatch.setenv("CLOUDLETS_CACHE_DIR", str(cache))
+    storage = LibcloudStorage(_local_driver(tmp_path / "store"))
+    storage.upload(iter([b"x" * 10]), "images/disk.img")
+    storage.delete("images/disk.img")
+    assert list(system_tmp.iterdir()) == []
+    locks = list((cache / "locks" / "libcloud").iterdir())
+    assert locks and all(p.suffix == ".lock" and len(p.stem) == 64 for p in locks)
+
+
 def test_local_failure_leaves_no_temporary(tmp_path: Path) -> None:
     base = tmp_path / "store"
     storage = LibcloudStorage(_local_driver(base))

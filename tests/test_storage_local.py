@@ -342,3 +342,15 @@ def test_a_failed_upload_or_a_deletion_leaves_no_directory_it_made(tmp_path: Pat
     assert (tmp_path / "kept" / "key4567").is_dir()  # not empty yet
     storage.delete("kept/key4567/other.raw")
     assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_remove_partials_clears_what_a_killed_writer_left(tmp_path: Path) -> None:
+    store = LocalStorage(root=str(tmp_path))
+    directory = tmp_path / "tenant" / "img"
+    directory.mkdir(parents=True)
+    (directory / ".disk.raw.abc123.partial").write_bytes(b"half")
+    (directory / "disk.raw").write_bytes(b"whole")
+    removed = store.ex_remove_partials("tenant/img/")
+    assert removed == [str(directory / ".disk.raw.abc123.partial")]
+    assert sorted(p.name for p in directory.iterdir()) == ["disk.raw"]
+    assert store.ex_remove_partials("tenant/nothing-here/") == []

@@ -180,6 +180,24 @@ class ImageCatalog:
                          (now, now, now + self.lease_seconds, entry_id))
             return self._get_entry(conn, entry_id)
 
+    def adopt(self, entry_id: str) -> CatalogEntry:
+        """Make this process the owner of a render in flight that another
+        process of the same service started and handed to a worker elsewhere
+        (a restarted service following its queued renders), renewing its
+        lease.
+
+        :raises CatalogError: when the entry is no longer in flight.
+        """
+        now = time.time()
+        pid = os.getpid()
+        with self._write() as conn:
+            self._owned(conn, entry_id)
+            conn.execute("UPDATE images SET owner_host = ?, owner_pid = ?, owner_token = ?, "
+                         "lease_expires = ?, updated_at = ? WHERE entry_id = ?",
+                         (HOST, pid, process_token(pid), now + self.lease_seconds, now,
+                          entry_id))
+            return self._get_entry(conn, entry_id)
+
     def heartbeat(self, entry_id: str) -> bool:
         """Renew the lease of a render in flight.
 

@@ -27,7 +27,7 @@ from cloudlets.disk.partition import (
 from cloudlets.disk.spec import BootSpec, DiskImage
 from cloudlets.disk.tools import e2fsprogs_version
 from cloudlets.errors import DiskError
-from cloudlets.sparse import Piece, copy_into
+from cloudlets.sparse import Piece, copy_into, overlay
 
 if TYPE_CHECKING:
     from cloudlets.rootfs import RootTree
@@ -192,15 +192,7 @@ def _compose(disk: Path, size: int, root_start: int, base: Path, metadata: Path,
         if len(ranges) > MAX_PATCHED_RANGES:
             return ()
     base_size = base.stat().st_size
-    pieces = [Piece(disk, 0, root_start)]
-    position = 0
-    for start, end in ranges:
-        if start > position:
-            pieces.append(Piece(base, position, start - position))
-        pieces.append(Piece(patched, start, end - start))
-        position = end
-    if position < base_size:
-        pieces.append(Piece(base, position, base_size - position))
+    pieces = [Piece(disk, 0, root_start), *overlay(base, base_size, patched, ranges)]
     if root_start + base_size < size:
         pieces.append(Piece(disk, root_start + base_size, size - root_start - base_size))
     return tuple(pieces)

@@ -4,6 +4,8 @@
 * :mod:`cloudlets.service.auth`: tenants and their hashed bearer tokens;
 * :mod:`cloudlets.service.jobs`: render jobs over :mod:`cloudlets.images`,
   and the executor that runs them (an in-process pool of threads);
+* :mod:`cloudlets.service.queue`: the executor on Celery with Redis, and the
+  render worker of ``cloudlets worker`` (the extra ``cloudlets[celery]``);
 * :mod:`cloudlets.service.records`: which tenant owns which image;
 * :mod:`cloudlets.service.metrics`: the Prometheus metrics;
 * :mod:`cloudlets.service.openapi`: the OpenAPI 3.1 document;

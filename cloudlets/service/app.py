@@ -355,6 +355,7 @@ class _Api:
             await run_in_threadpool(lambda: self.jobs.catalog.schema_version)
         except CatalogError as exc:
             raise ServiceUnavailable(self.secrets.scrub(str(exc))) from None
+        await run_in_threadpool(self.jobs.check_queue)  # the broker, in Celery mode
         return JSONResponse({"status": "ready"})
 
     async def openapi(self, request: Request) -> Response:

@@ -45,6 +45,7 @@ __all__ = [
     "FetchSettings",
     "FormatSettings",
     "Limits",
+    "QueueSettings",
     "ServiceConfig",
     "ServiceConfigError",
     "Target",
@@ -60,7 +61,11 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 OPERATIONS = frozenset({"create", "read", "delete"})
 
 _SECTIONS = {"service", "limits", "targets", "formats", "tenants", "presets", "mirrors",
-             "fetch"}
+             "fetch", "queue"}
+#: ``[queue] backend``: renders in the service's own threads, or on Celery workers.
+QUEUE_BACKENDS = ("embedded", "celery")
+#: What to install for ``[queue] backend = "celery"``.
+CELERY_EXTRA_HINT = "pip install cloudlets[celery]"
 
 
 class ServiceConfigError(ConfigurationError):
@@ -191,6 +196,33 @@ class FetchSettings:
 
 
 @dataclass(frozen=True)
+class QueueSettings:
+    """Where claimed renders run (``[queue]``).
+
+    :ivar backend: ``embedded`` (the service's own threads) or ``celery``
+        (workers started with ``cloudlets worker``, through Redis).
+    :ivar broker_url: the Redis broker, ``redis://HOST:PORT/DB``.
+    :ivar result_backend: where workers report progress and results
+        (default the broker).
+    :ivar visibility_timeout: seconds after which a render whose worker
+        took it and never acknowledged it (killed) is handed to another
+        worker: longer than the longest render.
+    :ivar max_attempts: deliveries of one render before it is failed.
+    :ivar name: the Celery queue's name.
+    :ivar poll_interval: seconds between the service's looks at a render's
+        task state.
+    """
+
+    backend: str = "embedded"
+    broker_url: str | None = None
+    result_backend: str | None = None
+    visibility_timeout: float = 3600.0
+    max_attempts: int = 3
+    name: str = "cloudlets"
+    poll_interval: float = 0.5
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """The whole service configuration.
 
@@ -207,6 +239,7 @@ class ServiceConfig:
     :ivar mirrors: the provider's mirror rules.
     :ivar fetch: the URL policy settings.
     :ivar limits: the request and tenant limits.
+    :ivar queue: where renders run (``[queue]``).
     :ivar secrets: every secret value read (tokens, credentials), to keep
         out of responses and logs.
     """
@@ -225,6 +258,7 @@ class ServiceConfig:
     fetch: FetchSettings
     limits: Limits
     secrets: frozenset[str] = frozenset()
+    queue: QueueSettings = QueueSettings()
 
     @classmethod
     def load(cls, path: str | Path, *, listen: str | None = None) -> ServiceConfig:
@@ -314,13 +348,14 @@ class _Reader:
         tenants = self.tenants(targets, fetch)
         presets = self.presets()
         mirrors = self.mirrors()
+        queue = self.queue()
         if self.problems:
             raise ServiceConfigError(self.problems, self.source)
         return ServiceConfig(
             source=self.source, listen=listen, data_dir=data_dir, cache_dir=cache_dir,
             workers=int(workers), shutdown_grace=float(grace), formats=formats,
             targets=targets, tenants=tenants, presets=presets, mirrors=mirrors, fetch=fetch,
-            limits=limits, secrets=frozenset(self.secrets))
+            limits=limits, secrets=frozenset(self.secrets), queue=queue)
 
     def listen(self, service: Mapping[str, Any]) -> tuple[str, int]:
         text = self.listen_override
@@ -556,6 +591,50 @@ class _Reader:
                                               0.1, 600.0)),
             read_timeout=float(self.number(table, "fetch", "read_timeout", 60.0, float,
                                            0.1, 3600.0)))
+
+    def queue(self) -> QueueSettings:
+        table = self.table("queue")
+        self.unknown(table, "queue", {"backend", "broker_url", "result_backend",
+                                      "visibility_timeout", "max_attempts", "name",
+                                      "poll_interval"})
+        defaults = QueueSettings()
+        backend = table.get("backend", defaults.backend)
+        if backend not in QUEUE_BACKENDS:
+            self.problem("queue.backend", f"must be one of {', '.join(QUEUE_BACKENDS)}")
+            backend = defaults.backend
+        urls: dict[str, str | None] = {}
+        for key in ("broker_url", "result_backend"):
+            value = table.get(key)
+            if value is not None and (not isinstance(value, str)
+                                      or not re.match(r"rediss?://[^/\s]+(/\d+)?$", value)):
+                self.problem(f"queue.{key}", "must be redis://HOST:PORT/DB (or rediss://)")
+                value = None
+            urls[key] = value
+        name = table.get("name", defaults.name)
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            self.problem("queue.name", "a queue name is lower-case letters, digits, - and _")
+            name = defaults.name
+        if backend == "celery":
+            if urls["broker_url"] is None and "broker_url" not in table:
+                self.problem("queue.broker_url", 'backend = "celery" needs the Redis broker '
+                                                 "(redis://HOST:PORT/DB)")
+            for module in ("celery", "redis"):
+                try:
+                    __import__(module)
+                except ImportError:
+                    self.problem("queue.backend", f'backend = "celery" needs {module}, which '
+                                                  f"is not installed: {CELERY_EXTRA_HINT}")
+                    break
+        return QueueSettings(
+            backend=backend, broker_url=urls["broker_url"],
+            result_backend=urls["result_backend"] or urls["broker_url"],
+            visibility_timeout=self.number(table, "queue", "visibility_timeout",
+                                           defaults.visibility_timeout, float, 1.0, 7 * 86400.0),
+            max_attempts=int(self.number(table, "queue", "max_attempts", defaults.max_attempts,
+                                         int, 1, 100)),
+            name=name,
+            poll_interval=self.number(table, "queue", "poll_interval", defaults.poll_interval,
+                                      float, 0.01, 10.0))
 
     def tenant_fetch(self, table: Any, where: str, service: FetchSettings) -> FetchSettings:
         """A tenant's own ``[tenants.NAME.fetch]``: its ``allow_hosts`` and

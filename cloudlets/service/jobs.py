@@ -5,10 +5,12 @@ limits, claims the render with :meth:`cloudlets.images.Images.submit`, hands
 the claimed entry to a :class:`RenderExecutor`, and answers for the images a
 tenant owns. The executor runs :meth:`cloudlets.images.Images.run`; the one
 here, :class:`InProcessPool`, is a pool of threads in the service process.
-An executor that sends renders to other machines implements the same
+An executor that sends renders to other machines
+(:class:`cloudlets.service.queue.CeleryExecutor`) implements the same
 :class:`RenderExecutor` protocol: a :class:`RenderTask` carries the request
-as JSON, so a remote worker can submit it again to its own
-:class:`~cloudlets.images.Images` over the shared catalog.
+as JSON with the claim's key and location, a worker re-prepares the render
+from it (:func:`cloudlets.images.prepare_request`) and sends the result
+back, and this process records it in the catalog it alone writes.
 
 Nothing here waits for a render: a client polls ``GET /v1/images/{id}``.
 """
@@ -28,11 +30,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
-from cloudlets.catalog import IN_FLIGHT, CatalogEntry, ClaimState, ImageCatalog, ImageStatus
+from cloudlets.catalog import (
+    IN_FLIGHT,
+    OWNER_LOST,
+    CatalogEntry,
+    ClaimState,
+    ImageCatalog,
+    ImageStatus,
+)
+from cloudlets.catalog.leases import stale_reason
 from cloudlets.drivers.base import FormatDriver
 from cloudlets.errors import CatalogError, CloudletsError, FetchError, Problem
 from cloudlets.fetch import Fetcher, UrlPolicy
-from cloudlets.images import Images
+from cloudlets.images import Execute, Images
 from cloudlets.jsondoc import JSONSyntaxError, parse_json
 from cloudlets.manifest import MAX_MANIFEST_BYTES
 from cloudlets.progress import ProgressCallback
@@ -64,10 +74,12 @@ __all__ = [
     "Created",
     "InProcessPool",
     "QueueFull",
+    "QueueUnavailable",
     "RenderExecutor",
     "RenderJobs",
     "RenderTask",
     "StopReport",
+    "renderer_for",
     "url_policy",
 ]
 
@@ -125,12 +137,17 @@ class RenderTask:
 
     :ivar entry_id: the claimed catalog entry.
     :ivar tenant: who asked.
-    :ivar request: the request as JSON (:meth:`CreateRequest.to_json`).
+    :ivar request: the request as JSON (:meth:`CreateRequest.to_json`), with
+        the claim: ``output`` (the location template), ``location`` (it
+        expanded), ``key`` (the request key) and ``overwrite``.
+    :ivar resumed: a render a previous process of the service queued, which
+        this one follows (:meth:`RenderExecutor.follow`).
     """
 
     entry_id: str
     tenant: str
     request: Mapping[str, Any]
+    resumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +164,10 @@ class StopReport:
 
 class QueueFull(CloudletsError):
     """The executor takes no more tasks now."""
+
+
+class QueueUnavailable(CloudletsError):
+    """The executor's queue (its broker) cannot be reached now."""
 
 
 class RenderExecutor(Protocol):
@@ -171,6 +192,24 @@ class RenderExecutor(Protocol):
         """Take no more tasks, give running ones ``grace`` seconds.
 
         :returns: what was left.
+        """
+
+    def execute(self, task: RenderTask) -> Execute | None:
+        """How the task's render is executed.
+
+        :returns: ``None``: in this process by the renderer; else a
+            callable that waits for it elsewhere (given no job for a
+            resumed task).
+        """
+
+    def check(self) -> None:
+        """:raises QueueUnavailable: when no new task can be queued now."""
+
+    def follow(self, task: RenderTask) -> bool:
+        """Follow a render a previous process of the service queued
+        (``task.resumed``), when this executor can still see it.
+
+        :returns: whether it does; else the render is reported lost.
         """
 
 
@@ -244,6 +283,17 @@ class InProcessPool:
                 break
         return StopReport(never_started=tuple(never), still_running=still)
 
+    def execute(self, task: RenderTask) -> None:
+        """:returns: ``None``: the renderer renders in this process."""
+        return None
+
+    def check(self) -> None:
+        """Always ready while the process runs."""
+
+    def follow(self, task: RenderTask) -> bool:
+        """:returns: ``False``: a render of a previous process died with it."""
+        return False
+
     def _work(self, run: Callable[[RenderTask], None]) -> None:
         while not self._stopping.is_set():
             try:
@@ -303,11 +353,32 @@ def _port(url: str) -> int:
     return parts.port or (443 if parts.scheme.lower() == "https" else 80)
 
 
+def renderer_for(config: ServiceConfig, fetch: FetchSettings) -> Renderer:
+    """The service's renderer (its presets, mirrors and cache) fetching
+    under ``fetch``'s URL policy: the service's and its workers' alike."""
+    fetcher = Fetcher(policy=url_policy(fetch, config.mirrors),
+                      connect_timeout=fetch.connect_timeout, read_timeout=fetch.read_timeout)
+    return Renderer(cache_dir=config.cache_dir, presets=config.presets,
+                    mirrors=list(config.mirrors), data_dir=config.data_dir,
+                    work_dir=config.data_dir / "work", ex_fetcher=fetcher)
+
+
 def _host(entry: str) -> str:
     """``host`` of a ``host``, ``host:port`` or ``[v6]:port`` entry."""
     if entry.startswith("["):
         return entry[1:entry.index("]")]
     return entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
+
+
+def default_executor(config: ServiceConfig) -> RenderExecutor:
+    """The executor ``[queue] backend`` names: an :class:`InProcessPool` of
+    ``service.workers`` threads, or a
+    :class:`~cloudlets.service.queue.CeleryExecutor`."""
+    if config.queue.backend == "celery":
+        from cloudlets.service.queue import CeleryExecutor
+
+        return CeleryExecutor(config)
+    return InProcessPool(config.workers, config.limits.queue_length)
 
 
 class RenderJobs:
@@ -337,8 +408,7 @@ class RenderJobs:
                                for name, tenant in config.tenants.items()
                                if tenant.fetch is not None}
         self.records = ServiceRecords(config.data_dir / "service.sqlite3")
-        self.executor: RenderExecutor = executor or InProcessPool(
-            config.workers, config.limits.queue_length)
+        self.executor: RenderExecutor = executor or default_executor(config)
         self.metrics = metrics
         self.accepting = False
         self._lock = threading.Lock()
@@ -349,16 +419,38 @@ class RenderJobs:
     # -- life -------------------------------------------------------------------
 
     def start(self) -> list[CatalogEntry]:
-        """Mark renders a previous process left in flight failed, then start
-        the executor.
+        """Follow the renders a previous process left in flight that the
+        executor still sees (queued on Celery); mark the others failed; then
+        start the executor.
 
         :returns: the entries marked failed.
         """
-        reaped = self.catalog.reap_stale()
+        self.executor.start(self._run)
+        reaped = []
+        now = time.time()
+        for entry in self.catalog.entries(statuses=list(IN_FLIGHT)):
+            owner = self.records.owner(entry.entry_id)
+            reason = stale_reason(entry, now)
+            if owner is None or reason is None:
+                continue
+            task = RenderTask(entry.entry_id, owner.tenant, {}, resumed=True)
+            try:
+                self.catalog.adopt(entry.entry_id)
+            except CatalogError:
+                continue
+            if self.executor.follow(task):
+                log.info("following render %s of %s, queued by a previous process",
+                         entry.entry_id, entry.label)
+                with self._lock:
+                    self._in_flight.setdefault(owner.tenant, set()).add(entry.entry_id)
+                    self._started[entry.entry_id] = time.monotonic()
+            else:
+                reaped.append(self.catalog.fail(entry.entry_id, reason,
+                                                error_type=OWNER_LOST))
+        reaped.extend(self.catalog.reap_stale())
         for entry in reaped:
             log.warning("render %s of %s was cut off: %s", entry.entry_id, entry.label,
                         entry.error)
-        self.executor.start(self._run)
         self.accepting = True
         return reaped
 
@@ -390,6 +482,7 @@ class RenderJobs:
         :raises Forbidden: for a target the tenant may not use.
         :raises IdempotencyMismatch: for a key used with another request.
         :raises TooManyRequests: over the tenant's or the queue's limit.
+        :raises ServiceUnavailable: while the queue's broker is away.
         :raises BadRequest: for invalid input (the library's own error named).
         """
         self._allowed(tenant, "create")
@@ -404,6 +497,7 @@ class RenderJobs:
                     raise IdempotencyMismatch(
                         "this Idempotency-Key was used with another request")
                 return Created(self.catalog.refresh(seen[1]), created=False)
+        self.check_queue()  # before anything is claimed
         target = self.config.targets[request.target]
         settings = self.config.formats[request.format]
         limits = self.config.limits
@@ -420,24 +514,29 @@ class RenderJobs:
             mine.add(reservation)
         try:
             fmt = self._format(settings, request.format_options)
+            output = self._output(tenant, target, request)
             claim = self.images_for(tenant.name).submit(
-                dict(request.manifest), self._output(tenant, target, request),
-                target.driver, fmt, dict(request.config))
+                dict(request.manifest), output, target.driver, fmt, dict(request.config))
             entry = claim.entry
             self.records.own(entry.entry_id, tenant.name, target.name)
             if claim.state is ClaimState.CLAIMED:
                 with self._lock:
                     mine.add(entry.entry_id)
                     self._started[entry.entry_id] = time.monotonic()
+                payload = {**request.to_json(), "tenant": tenant.name, "output": output,
+                           "location": entry.output, "key": entry.key,
+                           "overwrite": claim.replaces is not None}
                 try:
-                    self.executor.submit(RenderTask(entry.entry_id, tenant.name,
-                                                    request.to_json()))
-                except QueueFull as exc:
+                    self.executor.submit(RenderTask(entry.entry_id, tenant.name, payload))
+                except (QueueFull, QueueUnavailable) as exc:
                     self.catalog.fail(entry.entry_id, f"not queued: {exc}",
                                       error_type=SERVICE_STOPPED)
                     with self._lock:
                         mine.discard(entry.entry_id)
                         self._started.pop(entry.entry_id, None)
+                    if isinstance(exc, QueueUnavailable):
+                        raise ServiceUnavailable(f"renders cannot be queued now: {exc}",
+                                                 headers={"Retry-After": "5"}) from None
                     raise TooManyRequests(str(exc), headers={"Retry-After": "5"}) from None
         finally:
             with self._lock:
@@ -491,6 +590,17 @@ class RenderJobs:
         deleted = self.images.delete(entry.entry_id,
                                      storage=target.driver if target else None)
         return deleted.entry, owner
+
+    def check_queue(self) -> None:
+        """Check that the executor can queue renders now.
+
+        :raises ServiceUnavailable: when it cannot (its broker is away).
+        """
+        try:
+            self.executor.check()
+        except QueueUnavailable as exc:
+            raise ServiceUnavailable(f"renders cannot be queued now: {exc}",
+                                     headers={"Retry-After": "5"}) from None
 
     def progress(self, entry_id: str) -> dict[str, Any] | None:
         """The progress of a render in flight here.
@@ -557,13 +667,7 @@ class RenderJobs:
     def _images(self, fetch: FetchSettings) -> Images:
         """The create-image operation over the shared catalog, its renderer
         fetching under ``fetch``'s URL policy."""
-        config = self.config
-        fetcher = Fetcher(policy=url_policy(fetch, config.mirrors),
-                          connect_timeout=fetch.connect_timeout, read_timeout=fetch.read_timeout)
-        renderer = Renderer(cache_dir=config.cache_dir, presets=config.presets,
-                            mirrors=list(config.mirrors), data_dir=config.data_dir,
-                            work_dir=config.data_dir / "work", ex_fetcher=fetcher)
-        return Images(renderer, self.catalog)
+        return Images(renderer_for(self.config, fetch), self.catalog)
 
     @staticmethod
     def _format(settings: FormatSettings, options: Mapping[str, Any]) -> FormatDriver:
@@ -598,7 +702,14 @@ class RenderJobs:
         entry_id = task.entry_id
         status = "failed"
         try:
-            self.images_for(task.tenant).run(entry_id, self._reporter(entry_id))
+            images = self.images_for(task.tenant)
+            execute = self.executor.execute(task)
+            report = self._reporter(entry_id)
+            if task.resumed:
+                assert execute is not None  # follow() took it
+                images.resume(entry_id, lambda: execute(None, report, overwrite=False))
+            else:
+                images.run(entry_id, report, ex_execute=execute)
             status = "ready"
         except CloudletsError as exc:
             log.info("render %s failed: %s: %s", entry_id, type(exc).__name__, exc)

@@ -191,7 +191,8 @@ def document() -> dict[str, Any]:
                 "422": _error("the Idempotency-Key was used with another request"),
                 "429": _error("over the tenant's renders in flight, or the queue is full",
                               _RETRY_AFTER),
-                "503": _error("the service is stopping", _RETRY_AFTER),
+                "503": _error("the service is stopping, or the queue's broker (Redis) is away",
+                              _RETRY_AFTER),
             },
         },
         "get": {
@@ -249,7 +250,8 @@ def document() -> dict[str, Any]:
             "/v1/readyz": {"get": {"operationId": "readyz", "security": public,
                                    "summary": "The service takes renders",
                                    "responses": {"200": _ok("ready", "Health"),
-                                                 "503": _error("starting or stopping")}}},
+                                                 "503": _error("starting or stopping, or the "
+                                                               "queue's broker is away")}}},
             "/v1/openapi.json": {"get": {"operationId": "openapi", "security": public,
                                          "summary": "This document",
                                          "responses": {"200": {

@@ -6,6 +6,14 @@ collects it) and provide the fixture ``format_driver`` (a ready
 synthetic disk, manifest and config; override ``disk_image`` to use a real
 bootable disk. Override :meth:`FormatDriverConformance.extract_raw` to turn
 your outputs back into raw disk bytes, and the suite checks the payload.
+
+A driver that declares
+:attr:`~cloudlets.drivers.types.FormatCapability.COMPOSED_DISK` is also
+handed :func:`composed_disk`: a disk made of pieces (the cached root
+filesystem, the blocks a render patched over it, the rest of the disk), as
+the disk stage hands it. The suite checks that the output holds exactly the
+pieces' bytes and that the root filesystem in it reads back (``debugfs``)
+with the patched file's content.
 """
 
 from __future__ import annotations
@@ -21,10 +29,15 @@ from cloudlets.config import RenderConfig, resolve_config
 from cloudlets.drivers.base import DiskImage, FormatContext, FormatDriver, OutputFile
 from cloudlets.drivers.types import FormatCapability
 from cloudlets.manifest import Manifest
+from cloudlets.sparse import Piece, copy_into, overlay
 
-__all__ = ["FormatDriverConformance", "synthetic_disk"]
+__all__ = ["COMPOSED_FILES", "FormatDriverConformance", "composed_disk", "conformance_manifest",
+           "join_pieces", "synthetic_disk"]
 
 MiB = 1024 * 1024
+
+#: The files :func:`composed_disk` patches over its base root filesystem.
+COMPOSED_FILES = {"/etc/hostname": b"composed-disk\n"}
 
 
 def synthetic_disk(directory: Path, size: int = 8 * MiB) -> DiskImage:
@@ -36,8 +49,13 @@ def synthetic_disk(directory: Path, size: int = 8 * MiB) -> DiskImage:
         for index, offset in enumerate((0, MiB, 3 * MiB + 512, size - 4096)):
             handle.seek(offset)
             handle.write(hashlib.sha256(str(index).encode()).digest() * 128)
-    tree = directory / "tree.tar"
-    with tarfile.open(tree, "w", format=tarfile.PAX_FORMAT) as archive:
+    tree = _tree_tar(directory / "tree.tar")
+    return DiskImage(path=path, size=size, firmware="bios", tree_tar=tree,
+                     details={"partition_table": "gpt"})
+
+
+def _tree_tar(path: Path) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
         for name in ("etc",):
             info = tarfile.TarInfo(name)
             info.type = tarfile.DIRTYPE
@@ -48,8 +66,86 @@ def synthetic_disk(directory: Path, size: int = 8 * MiB) -> DiskImage:
         info.size = len(data)
         info.mode = 0o644
         archive.addfile(info, io.BytesIO(data))
-    return DiskImage(path=path, size=size, firmware="bios", tree_tar=tree,
-                     details={"partition_table": "gpt"})
+    return path
+
+
+def composed_disk(directory: Path, *, root_size: int = 16 * MiB) -> DiskImage:
+    """A disk made of pieces, as the disk stage hands it to a driver with
+    :attr:`~cloudlets.drivers.types.FormatCapability.COMPOSED_DISK`: the
+    file ``disk.raw`` holds a recognisable pattern before and after the root
+    partition (1 MiB in) and a hole where the root filesystem goes; the
+    pieces take the root filesystem from an ext4 ``base.raw`` (made with
+    mke2fs from a tiny tree) and, over it, the blocks that patching
+    :data:`COMPOSED_FILES` in changed (from a patched copy of the base's
+    metadata). :func:`join_pieces` writes the disk they describe."""
+    from cloudlets.disk import ext4
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tree = _tree_tar(directory / "tree.tar")
+    base = directory / "base.raw"
+    ext4.make_ext4(tree, base, size=root_size, uuid="8c0b6d5e-54c5-4e0b-9a6e-6f1d2a3b4c5d",
+                   hash_seed="1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9", label="conformance",
+                   timestamp=1_700_000_000, workdir=directory / "mke2fs")
+    metadata = directory / "base.metadata"
+    ext4.metadata_image(base, metadata)
+    patched, ranges = ext4.patched_ranges(metadata, COMPOSED_FILES, timestamp=1_700_000_000,
+                                          workdir=directory / "patch")
+    root_offset, tail = MiB, MiB
+    size = root_offset + root_size + tail
+    disk = directory / "disk.raw"
+    with open(disk, "wb") as handle:
+        handle.truncate(size)
+        for index, offset in enumerate((0, 512, root_offset - 4096, root_offset + root_size,
+                                        size - 4096)):
+            handle.seek(offset)
+            handle.write(hashlib.sha256(b"composed %d" % index).digest() * 128)
+    pieces = [Piece(disk, 0, root_offset), *overlay(base, root_size, patched, ranges),
+              Piece(disk, root_offset + root_size, tail)]
+    return DiskImage(path=disk, size=size, firmware="bios", tree_tar=tree,
+                     details={"partition_table": "gpt", "composed": True},
+                     pieces=tuple(pieces), root_offset=root_offset,
+                     root_uuid="8c0b6d5e-54c5-4e0b-9a6e-6f1d2a3b4c5d")
+
+
+def join_pieces(disk: DiskImage, target: Path) -> Path:
+    """Write the raw disk ``disk`` describes (its :attr:`~DiskImage.pieces`
+    in order, else its :attr:`~DiskImage.path`) to the new file ``target``,
+    sparse where the sources are."""
+    import os
+
+    with open(target, "xb") as handle:
+        handle.truncate(disk.size)
+        if not disk.pieces:
+            copy_into(disk.path, handle.fileno(), 0)
+            return target
+        position = 0
+        for piece in disk.pieces:
+            with open(piece.path, "rb") as source:
+                done = 0
+                while done < piece.length:
+                    chunk = os.pread(source.fileno(), min(4 * MiB, piece.length - done),
+                                     piece.offset + done)
+                    if not chunk:
+                        break
+                    if chunk.count(0) != len(chunk):
+                        os.pwrite(handle.fileno(), chunk, position + done)
+                    done += len(chunk)
+            position += piece.length
+        if position != disk.size:
+            raise AssertionError(f"the pieces cover {position} bytes of a {disk.size}-byte disk")
+    return target
+
+
+def conformance_manifest() -> Manifest:
+    """The manifest the suite renders with."""
+    return Manifest({
+        "name": "conformance", "version": "1.0", "arch": "x86_64",
+        "description": "format conformance suite", "author": "cloudlets",
+        "filesystem": {"url": "http://mirrors.cloudlets.com/c.tar.gz", "sha256": "0" * 64},
+        "boot": {"kernel": "/boot/vmlinuz", "initrd": "/boot/initrd.img",
+                 "cmdline": "console=ttyS0"},
+        "hardware": {"cpus": 2, "memory": "1G"},
+    })
 
 
 class FormatDriverConformance:
@@ -57,14 +153,7 @@ class FormatDriverConformance:
 
     @pytest.fixture
     def manifest(self) -> Manifest:
-        return Manifest({
-            "name": "conformance", "version": "1.0", "arch": "x86_64",
-            "description": "format conformance suite", "author": "cloudlets",
-            "filesystem": {"url": "http://mirrors.cloudlets.com/c.tar.gz", "sha256": "0" * 64},
-            "boot": {"kernel": "/boot/vmlinuz", "initrd": "/boot/initrd.img",
-                     "cmdline": "console=ttyS0"},
-            "hardware": {"cpus": 2, "memory": "1G"},
-        })
+        return conformance_manifest()
 
     @pytest.fixture
     def config(self, manifest: Manifest) -> RenderConfig:
@@ -75,6 +164,15 @@ class FormatDriverConformance:
         source = tmp_path / "source"
         source.mkdir()
         return synthetic_disk(source)
+
+    @pytest.fixture
+    def composed_disk_image(self, format_driver: FormatDriver, tmp_path: Path) -> DiskImage:
+        """:func:`composed_disk`, for a driver that declares
+        :attr:`~cloudlets.drivers.types.FormatCapability.COMPOSED_DISK`
+        (the disk stage hands pieces to no other)."""
+        if not format_driver.capabilities & FormatCapability.COMPOSED_DISK:
+            pytest.skip("the driver does not read composed disks")
+        return composed_disk(tmp_path / "composed")
 
     def _context(self, manifest: Manifest, config: RenderConfig, disk: DiskImage,
                  workdir: Path) -> FormatContext:
@@ -139,3 +237,36 @@ class FormatDriverConformance:
         assert len(actual) >= len(expected)
         assert actual[:len(expected)] == expected
         assert actual[len(expected):].count(0) == len(actual) - len(expected)
+
+    def test_composed_disk_round_trips(self, format_driver: FormatDriver, manifest: Manifest,
+                                       config: RenderConfig, composed_disk_image: DiskImage,
+                                       tmp_path: Path) -> None:
+        """A composed disk's output holds exactly the pieces' bytes, and the
+        root filesystem in it has the patched file's content."""
+        from cloudlets.disk import ext4
+        from cloudlets.errors import DiskError
+
+        disk = composed_disk_image
+        outputs = format_driver.convert(self._context(manifest, config, disk,
+                                                      tmp_path / "work-composed"))
+        (tmp_path / "composed-out").mkdir()
+        raw = self.extract_raw(outputs, tmp_path / "composed-out")
+        if raw is None:
+            pytest.skip("this format's payload has no extractor")
+        expected = join_pieces(disk, tmp_path / "composed-expected.raw")
+        assert raw.stat().st_size >= disk.size
+        assert disk.root_offset is not None
+        for name, content in COMPOSED_FILES.items():
+            try:
+                found = ext4.read_file(f"{raw}?offset={disk.root_offset}", name, len(content))
+            except DiskError as exc:
+                raise AssertionError(f"the output's root filesystem: {exc}") from exc
+            assert found == content, f"{name} in the output's root filesystem"
+        with open(expected, "rb") as want, open(raw, "rb") as got:
+            position = 0
+            while position < disk.size:
+                a = want.read(MiB)
+                b = got.read(len(a))
+                assert a == b, f"the output differs from the composed disk in MiB {position // MiB}"
+                position += len(a)
+            assert got.read().count(0) == raw.stat().st_size - disk.size

@@ -14,6 +14,12 @@ provider writes straight into the final file, so for it (and for any
 provider declared with ``ex_atomic=False``) the driver uploads to a hidden
 temporary object and promotes it once verified: a rename on disk for
 ``LOCAL``, a streamed server-to-client-to-server copy otherwise.
+
+libcloud's ``LOCAL`` provider locks each object with a file named after
+the object path's sha256 in the system temporary directory, and never
+removes it. The driver moves those lock files under the cloudlets cache
+directory (``locks/libcloud/`` in :func:`~cloudlets.paths.default_cache_dir`),
+where the tarball cache keeps its own locks.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ import logging
 import os
 import secrets
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, cast
 
 from cloudlets.drivers.base import StorageDriver, UploadSource
 from cloudlets.drivers.types import Storage, StorageCapability
 from cloudlets.errors import ConfigurationError, StorageError
+from cloudlets.paths import default_cache_dir
 
 __all__ = ["LibcloudStorage"]
 
@@ -43,6 +51,28 @@ def _libcloud() -> Any:
         raise ConfigurationError("libcloud storage needs apache-libcloud: "
                                  "pip install apache-libcloud") from None
     return providers
+
+
+def _lock_under_cache(driver: Any) -> None:
+    """Make a libcloud ``LOCAL`` driver that locks (``ex_use_locking``, its
+    default) keep its lock files under the cache directory instead of the
+    system temporary directory."""
+    from libcloud.storage.drivers.local import LockLocalStorage
+
+    if getattr(driver, "_lock_cls", None) is not LockLocalStorage:
+        return  # locking off (or a subclass that chose its own locks)
+    directory = default_cache_dir() / "locks" / "libcloud"
+
+    class CacheDirLock(LockLocalStorage):
+        def __init__(self, path: str, timeout: int = 5) -> None:
+            import fasteners  # type: ignore[import-untyped]
+
+            super().__init__(path, timeout)  # type: ignore[no-untyped-call]
+            directory.mkdir(parents=True, exist_ok=True)
+            self.ipc_lock_path = os.fspath(directory / Path(self.ipc_lock_path).name)
+            self.ipc_lock = fasteners.InterProcessLock(self.ipc_lock_path)
+
+    driver._lock_cls = CacheDirLock
 
 
 class _StreamReader(io.RawIOBase):
@@ -132,6 +162,8 @@ class LibcloudStorage(StorageDriver):
             raise ConfigurationError(f"not a libcloud storage driver: {type(driver).__name__}")
         self.driver: Any = driver
         self._local = self._is_local(driver)
+        if self._local:
+            _lock_under_cache(driver)
         self.ex_atomic = (not self._local) if ex_atomic is None else ex_atomic
         self.ex_read_back = ex_read_back
 

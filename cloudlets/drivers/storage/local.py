@@ -116,6 +116,24 @@ class LocalStorage(StorageDriver):
     def exists(self, location: str) -> bool:
         return self.path(location).exists()
 
+    def ex_remove_partials(self, location: str) -> list[str]:
+        """Remove the temporary ``.NAME.*.partial`` files a writer killed in
+        mid-upload left under a location (a directory or a file's), before
+        the same render runs again.
+
+        :returns: the paths removed.
+        """
+        path = self.path(location)
+        directory = path if location.endswith("/") or path.is_dir() else path.parent
+        if not directory.is_dir():
+            return []
+        removed = []
+        for partial in directory.rglob(".*.partial"):
+            if partial.is_file() and not partial.is_symlink():
+                partial.unlink(missing_ok=True)
+                removed.append(str(partial))
+        return removed
+
     def _upload(self, source: UploadSource, location: str, *, overwrite: bool) -> str:
         final = self.path(location)
         missing = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
