@@ -649,9 +649,11 @@ class TarballCache:
             data = json.loads(self._meta(sha).read_text())
         except (OSError, ValueError):
             return None
-        return data if isinstance(data, dict) and data.get("sha256") == sha else None
+        return _redacted(data) if isinstance(data, dict) and data.get("sha256") == sha \
+            else None
 
     def _write_meta(self, sha: str, meta: dict[str, Any]) -> None:
+        meta = _redacted(meta)
         path = self._meta(sha)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         try:
@@ -716,3 +718,15 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
+
+def _redacted(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with its URLs :func:`redact`-ed, as written and as read (an
+    entry written by an older version may hold a mirror's password)."""
+    out = dict(meta)
+    if isinstance(out.get("source_url"), str):
+        out["source_url"] = redact(out["source_url"])
+    rule = out.get("mirror_rule")
+    if isinstance(rule, dict):
+        out["mirror_rule"] = {k: redact(v) if k in ("prefix", "mirror") and isinstance(v, str)
+                              else v for k, v in rule.items()}
+    return out

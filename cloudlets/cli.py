@@ -64,6 +64,7 @@ from cloudlets.jsondoc import JSONSyntaxError, parse_json_or_string
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
+from cloudlets.urls import redact
 from cloudlets.version import __version__
 
 __all__ = ["EXIT_CODES", "main"]
@@ -205,6 +206,11 @@ def _build_parser() -> argparse.ArgumentParser:
     render.add_argument("--cache-dir", type=Path, help="tarball cache directory")
     render.add_argument("--allow-file-urls", action="store_true",
                         help="allow file:// URLs and local paths for the tarball")
+    render.add_argument("--allow-host", dest="allow_hosts", action="append", default=[],
+                        metavar="HOST[:PORT]",
+                        help="let downloads reach HOST (at PORT), although its address is "
+                             "loopback, private or link-local (repeatable; --mirror hosts "
+                             "are allowed already)")
     render.add_argument("--overwrite", action="store_true",
                         help="replace existing artifacts the catalog does not know about")
     render.add_argument("--force", action="store_true",
@@ -285,7 +291,8 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         "name": manifest.name, "version": manifest.version, "arch": manifest.arch,
         "description": manifest.description, "author": manifest.author,
         "digest": manifest.digest,
-        "filesystem": manifest.data.get("filesystem"), "boot": manifest.data.get("boot"),
+        "filesystem": _redacted_url(manifest.data.get("filesystem")),
+        "boot": manifest.data.get("boot"),
         "args": manifest.args, "templates": manifest.templates,
         "template_syntax": manifest.template_syntax,
         "persistent": manifest.persistent, "volatile": manifest.volatile,
@@ -303,7 +310,7 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     fs = manifest.filesystem
     if fs:
         size = f", {fs.size} bytes" if fs.size else ""
-        out.write(f"  filesystem:  {fs.url} (sha256 {fs.sha256}{size})\n")
+        out.write(f"  filesystem:  {redact(fs.url)} (sha256 {fs.sha256}{size})\n")
     boot = manifest.boot
     if boot:
         out.write(f"  boot:        {boot.kernel} initrd={boot.initrd} firmware={boot.firmware} "
@@ -320,6 +327,13 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
     for problem in manifest.render_problems():
         out.write(f"  render needs: {problem}\n")
     return EXIT_OK
+
+
+def _redacted_url(filesystem: Any) -> Any:
+    """The manifest's ``filesystem`` as shown: its URL :func:`redact`-ed."""
+    if isinstance(filesystem, dict) and isinstance(filesystem.get("url"), str):
+        return {**filesystem, "url": redact(filesystem["url"])}
+    return filesystem
 
 
 def _render_inputs(config: Path | None,
@@ -345,12 +359,13 @@ def _cmd_render(args: argparse.Namespace, out: TextIO) -> int:
     for item in args.mirrors:
         prefix, sep, target = item.partition("=")
         if not sep:
-            raise ConfigError([Problem("", f"--mirror {item!r}: expected PREFIX=URL")],
+            raise ConfigError([Problem("", f"--mirror {redact(item)!r}: expected PREFIX=URL")],
                               "--mirror")
         mirrors.append({"prefix": prefix, "mirrors": [target]})
     signing = render_signing(args)
     renderer = Renderer(cache_dir=args.cache_dir, presets=presets, mirrors=mirrors,
-                        ex_allow_file_urls=args.allow_file_urls, trust=signing["trust"],
+                        ex_allow_file_urls=args.allow_file_urls,
+                        ex_allow_hosts=args.allow_hosts, trust=signing["trust"],
                         provenance_key=signing["provenance_key"])
     fmt = make_driver(DriverKind.FORMAT, args.format,
                       **_options(args.format_options, "--format-option"))

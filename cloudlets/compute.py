@@ -26,7 +26,7 @@ as libcloud keeps ``wait_until_running`` apart from ``create_node``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +376,8 @@ class CloudletsNodeDriver(NodeDriver):
         ``ex_mirrors``.
     :param ex_presets: the provider's presets and locked keys.
     :param ex_mirrors: the provider's mirror rules.
+    :param ex_allow_hosts: ``HOST[:PORT]`` exceptions to the default URL
+        policy (``Renderer(ex_allow_hosts=...)``), with ``ex_presets``.
     :param ex_catalog: the catalog or its path.
     :param ex_wait_timeout: seconds to wait for the same render elsewhere.
     :param ex_poll_interval: seconds between looks at it.
@@ -389,6 +391,7 @@ class CloudletsNodeDriver(NodeDriver):
                  ex_storage: StorageDriver | str, ex_output: str | None = None,
                  ex_renderer: Renderer | None = None, ex_presets: Presets | None = None,
                  ex_mirrors: list[Mapping[str, Any]] | None = None,
+                 ex_allow_hosts: Sequence[str] = (),
                  ex_catalog: ImageCatalog | str | Path | None = None,
                  ex_wait_timeout: float = 3600.0, ex_poll_interval: float = 0.5) -> None:
         # NodeDriver.__init__ is not called: this driver has no connection
@@ -398,7 +401,8 @@ class CloudletsNodeDriver(NodeDriver):
         self.ex_driver = driver
         self.ex_cloudlets = _setup(format=ex_format, storage=ex_storage, output=ex_output,
                                    renderer=ex_renderer, presets=ex_presets,
-                                   mirrors=ex_mirrors, catalog=ex_catalog,
+                                   mirrors=ex_mirrors, allow_hosts=ex_allow_hosts,
+                                   catalog=ex_catalog,
                                    wait_timeout=ex_wait_timeout,
                                    poll_interval=ex_poll_interval)
 
@@ -482,12 +486,13 @@ def image_extra(entry: CatalogEntry) -> dict[str, Any]:
 def _setup(*, format: FormatDriver | str, storage: StorageDriver | str,  # noqa: A002
            output: str | None, renderer: Renderer | None, presets: Presets | None,
            mirrors: list[Mapping[str, Any]] | None, catalog: ImageCatalog | str | Path | None,
-           wait_timeout: float, poll_interval: float) -> CloudletsImages:
+           wait_timeout: float, poll_interval: float,
+           allow_hosts: Sequence[str] = ()) -> CloudletsImages:
     if renderer is None:
-        renderer = Renderer(presets=presets, mirrors=mirrors)
-    elif presets is not None or mirrors is not None:
-        raise ConfigurationError("give the presets and mirrors to the Renderer, or pass no "
-                                 "renderer; not both")
+        renderer = Renderer(presets=presets, mirrors=mirrors, ex_allow_hosts=allow_hosts)
+    elif presets is not None or mirrors is not None or allow_hosts:
+        raise ConfigurationError("give the presets, mirrors and allowed hosts to the Renderer, "
+                                 "or pass no renderer; not both")
     return CloudletsImages(renderer, format=format, storage=storage, output=output,
                            catalog=catalog, wait_timeout=wait_timeout,
                            poll_interval=poll_interval)

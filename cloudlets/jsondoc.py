@@ -32,6 +32,7 @@ from jsonschema import Draft202012Validator, FormatChecker, ValidationError, val
 
 from cloudlets.errors import CloudletsError, Problem
 from cloudlets.patterns import compile_pattern, pattern_problem
+from cloudlets.urls import redact_text
 
 __all__ = [
     "FORMAT_CHECKER",
@@ -432,6 +433,7 @@ def problem_of(error: ValidationError) -> Problem:
 
 def _show(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    text = redact_text(text)  # a bad mirror URL's password is not echoed
     return text if len(text) <= 80 else text[:77] + "..."
 
 

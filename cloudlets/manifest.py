@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloudlets.errors import ManifestError, Problem
 from cloudlets.jsondoc import (
@@ -27,6 +27,9 @@ from cloudlets.jsondoc import (
 from cloudlets.patterns import compile_pattern, pattern_problem
 from cloudlets.urls import is_url, redact
 from cloudlets.userschema import check_schema, validate_subschema
+
+if TYPE_CHECKING:
+    from cloudlets.fetch import Fetcher
 
 __all__ = ["BootSpec", "FilesystemSpec", "Manifest", "SCHEMA_NAME"]
 
@@ -95,13 +98,16 @@ class Manifest:
 
     @classmethod
     def load(cls, source: Manifest | Mapping[str, Any] | str | bytes | Path, *,
-             timeout: float = 30.0) -> Manifest:
+             timeout: float = 30.0, fetcher: Fetcher | None = None) -> Manifest:
         """Load and validate a manifest.
 
         :param source: a :class:`Manifest` (returned as is), a dict, a JSON
             document as text or UTF-8 bytes, an ``http(s)://`` or ``file://``
             URL, or a file path.
         :param timeout: seconds to wait when ``source`` is a URL.
+        :param fetcher: reads an ``http(s)://`` manifest under its URL policy
+            (a Renderer passes its own); by default one with the default
+            policy, which refuses loopback and internal addresses.
         :raises ManifestError: when it cannot be read or is invalid.
         """
         if isinstance(source, Manifest):
@@ -119,7 +125,7 @@ class Manifest:
             if text.startswith("file://"):
                 from urllib.parse import unquote, urlsplit
                 return cls._from_text(cls._read_path(Path(unquote(urlsplit(text).path))), text)
-            return cls._from_text(cls._read_url(text, timeout), redact(text))
+            return cls._from_text(cls._read_url(text, timeout, fetcher), redact(text))
         return cls._from_text(cls._read_path(Path(text)), text)
 
     @classmethod
@@ -151,28 +157,26 @@ class Manifest:
         return data
 
     @staticmethod
-    def _read_url(url: str, timeout: float) -> bytes:
-        import requests
+    def _read_url(url: str, timeout: float, fetcher: Fetcher | None) -> bytes:
+        from cloudlets.errors import FetchError
+        from cloudlets.fetch import Fetcher, RetryPolicy
 
         shown = redact(url)
         if not url.startswith(("http://", "https://")):
             raise ManifestError([Problem("", "unsupported URL scheme (http, https, file)")],
                                 shown)
+        reader = fetcher or Fetcher(connect_timeout=timeout, read_timeout=timeout,
+                                    retry=RetryPolicy(attempts=1))
         try:
-            with requests.get(url, timeout=timeout, stream=True) as response:
-                if response.status_code != 200:
-                    raise ManifestError(
-                        [Problem("", f"HTTP {response.status_code} fetching the manifest")], shown)
-                body = b""
-                for chunk in response.iter_content(64 * 1024):
-                    body += chunk
-                    if len(body) > MAX_MANIFEST_BYTES:
-                        raise ManifestError(
-                            [Problem("", f"larger than {MAX_MANIFEST_BYTES} bytes")], shown)
-                return body
-        except requests.RequestException as exc:
-            raise ManifestError([Problem("", f"cannot fetch: {type(exc).__name__}")],
-                                shown) from None
+            body = reader.read(url, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
+        except FetchError as exc:  # policed, redirects checked, credentials redacted
+            reason = (f"HTTP {exc.status} fetching the manifest" if exc.status
+                      and exc.status != 200 else f"cannot fetch: {exc}")
+            raise ManifestError([Problem("", reason)], shown) from None
+        if body is None:
+            raise ManifestError([Problem("", "HTTP 404 fetching the manifest (not found)")],
+                                shown)
+        return body
 
     # -- validation ---------------------------------------------------------
 

@@ -12,7 +12,14 @@ rules set on the Renderer first, then the render config's ``mirrors``
 its mirrors, so both are tried before the origin.
 
 Credentials in the origin URL (``https://user:secret@host/...``) are never
-carried over to a mirror.
+carried over to a mirror. A mirror's own credentials go to the fetcher
+alone: what a render records (:meth:`Candidate.rule_dict`) is redacted, and
+what templates see (:meth:`MirrorRules.template_function`) has none.
+
+The mirrors a provider set (on the Renderer, or in its presets) are allowed
+by the URL policy whatever their address; a mirror a request sets is
+policed like any URL. Rules keep where they came from in
+:attr:`MirrorRule.source`.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cloudlets.errors import ConfigurationError
-from cloudlets.urls import is_url, redact
+from cloudlets.urls import is_url, redact, redact_text, strip_credentials
 
 __all__ = ["Candidate", "MirrorRule", "MirrorRules"]
 
@@ -43,6 +50,13 @@ def _boundary_ok(url: str, prefix: str) -> bool:
     return url[len(prefix)] in "/?#"
 
 
+def _key(item: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """What identifies a rule in config form."""
+    mirrors = item.get("mirrors")
+    return (str(item.get("prefix")),
+            tuple(str(m) for m in mirrors) if isinstance(mirrors, (list, tuple)) else ())
+
+
 @dataclass(frozen=True)
 class MirrorRule:
     """URLs starting with ``prefix`` may be fetched from each of ``mirrors``,
@@ -50,13 +64,18 @@ class MirrorRule:
 
     :ivar prefix: the origin prefix, e.g. ``http://mirrors.cloudlets.com/``.
     :ivar mirrors: the mirror prefixes, tried in order.
-    :ivar source: where the rule came from (``"renderer"``, ``"config"``),
-        recorded with the result.
+    :ivar source: where the rule came from, recorded with the result:
+        ``"renderer"`` (set in code or on the Renderer), ``"presets"`` (the
+        provider's presets) or ``"config"`` (a render request).
     """
 
     prefix: str
     mirrors: tuple[str, ...]
     source: str = "renderer"
+
+    def __repr__(self) -> str:
+        return (f"MirrorRule(prefix={redact(self.prefix)!r}, "
+                f"mirrors={tuple(redact(m) for m in self.mirrors)!r}, source={self.source!r})")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mirrors", tuple(self.mirrors))
@@ -77,8 +96,8 @@ class MirrorRule:
         try:
             return cls(str(data["prefix"]), tuple(data["mirrors"]), source)
         except KeyError as exc:
-            raise ConfigurationError(f"mirror rule {dict(data)!r} lacks {exc.args[0]!r}") \
-                from None
+            raise ConfigurationError(f"mirror rule {redact_text(repr(dict(data)))} lacks "
+                                     f"{exc.args[0]!r}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """:returns: the config form, with ``source``."""
@@ -121,23 +140,30 @@ class Candidate:
         return self.rule is None
 
     def rule_dict(self) -> dict[str, Any] | None:
-        """:returns: what to record in a render result:
-        ``{"prefix", "mirror", "source"}``, or ``None`` for the origin."""
+        """:returns: what to record in a render result, the cache and the
+        catalog: ``{"prefix", "mirror", "source"}`` with credentials
+        redacted, or ``None`` for the origin."""
         if self.rule is None:
             return None
-        return {"prefix": self.rule.prefix, "mirror": self.mirror, "source": self.rule.source}
+        return {"prefix": redact(self.rule.prefix), "mirror": redact(self.mirror),
+                "source": self.rule.source}
 
 
 class MirrorRules:
     """An ordered list of :class:`MirrorRule`.
 
     :param rules: rules, or their config form ``{"prefix", "mirrors"}``.
+    :param provider_rules: the provider's presets' rules, in config form:
+        when one comes back in a render config (:meth:`for_render`), its
+        source is ``"presets"``, not ``"config"``.
     """
 
-    def __init__(self, rules: Iterable[MirrorRule | Mapping[str, Any]] = ()) -> None:
+    def __init__(self, rules: Iterable[MirrorRule | Mapping[str, Any]] = (), *,
+                 provider_rules: Iterable[Mapping[str, Any]] = ()) -> None:
         self._rules: tuple[MirrorRule, ...] = tuple(
             r if isinstance(r, MirrorRule) else MirrorRule.from_dict(r, source="renderer")
             for r in rules)
+        self.provider_rules = frozenset(_key(r) for r in provider_rules)
 
     @classmethod
     def from_config(cls, items: Iterable[Mapping[str, Any]], source: str = "config") \
@@ -151,6 +177,13 @@ class MirrorRules:
         """
         return cls(MirrorRule.from_dict(item, source) for item in items)
 
+    def _from_render_config(self, items: Iterable[Mapping[str, Any]]) -> MirrorRules:
+        """The rules of a render config, those of the provider's presets
+        (:attr:`provider_rules`) marked as such."""
+        return MirrorRules(MirrorRule.from_dict(
+            item, "presets" if _key(item) in self.provider_rules else "config")
+            for item in items)
+
     @classmethod
     def for_render(cls, renderer_rules: MirrorRules | None,
                    config_mirrors: Iterable[Mapping[str, Any]] = ()) -> MirrorRules:
@@ -161,11 +194,11 @@ class MirrorRules:
         :param renderer_rules: rules set on the Renderer, or ``None``.
         :param config_mirrors: ``RenderConfig.mirrors``.
         """
-        ours = renderer_rules or cls()
-        known = {(rule.prefix, rule.mirrors) for rule in ours.rules}
+        base = renderer_rules if renderer_rules is not None else cls()
+        known = {(rule.prefix, rule.mirrors) for rule in base.rules}
         # The Renderer's own rules are usually in the config too (it merges
         # them into the presets): compile only the others.
-        return ours.merge(cls.from_config(
+        return base.merge(base._from_render_config(
             item for item in config_mirrors
             if (item.get("prefix"), tuple(item.get("mirrors", ()))) not in known))
 
@@ -206,12 +239,15 @@ class MirrorRules:
 
     def template_function(self) -> Callable[[str], str]:
         """:returns: a plain ``mirror(url) -> str`` function for templates, so
-        files inside the image (package sources) can point at the mirror."""
+        files inside the image (package sources) can point at the mirror.
+        What it returns has no credentials (:func:`~cloudlets.urls.strip_credentials`):
+        the image is the tenant's, the mirror's password the provider's."""
         rules = MirrorRules(self._rules)
 
         def mirror(url: str) -> str:
-            """Rewrite ``url`` onto its first mirror, or return it unchanged."""
-            return rules.mirror(str(url))
+            """Rewrite ``url`` onto its first mirror, or return it unchanged,
+            without credentials."""
+            return strip_credentials(rules.mirror(str(url)))
 
         return mirror
 

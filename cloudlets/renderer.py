@@ -112,6 +112,10 @@ class Renderer:
         the system temporary directory.
     :param ex_allow_file_urls: allow ``file://`` URLs and local paths for
         tarballs (off by default: a request must not read host files).
+    :param ex_allow_hosts: ``HOST[:PORT]`` exceptions to the default URL
+        policy, which refuses loopback, private, link-local and metadata
+        addresses (:class:`~cloudlets.fetch.UrlPolicy`). The mirrors of
+        ``mirrors`` and of the presets are allowed without being listed.
     :param ex_source_date_epoch: fixed timestamp for reproducible output;
         default ``$SOURCE_DATE_EPOCH``, else derived from the inputs.
     :param ex_archive_policy: limits and rules for reading tarballs; each
@@ -123,8 +127,10 @@ class Renderer:
         anything is fetched.
     :param ex_cache_max_bytes: bound the tarball cache (LRU eviction).
     :param ex_fetcher: the downloader (timeouts, retries, URL policy); by
-        default one whose policy allows http and https, and ``file`` only
-        with ``ex_allow_file_urls``. It also fetches a manifest's ``.sig``.
+        default one whose policy allows http and https, ``file`` only with
+        ``ex_allow_file_urls``, and internal addresses only through
+        ``ex_allow_hosts`` (give one or the other, not both). It also
+        fetches a manifest's ``.sig``, and a manifest given as a URL.
     :param trust: the :class:`~cloudlets.signing.TrustPolicy` every
         manifest is checked against in :meth:`prepare`, before anything is
         downloaded; ``None`` checks no signature. :meth:`prepare` may be
@@ -134,12 +140,15 @@ class Renderer:
         artifacts; :meth:`prepare` may be given another one per call.
     :param ex_template_limits: what a cloudlet's templates may cost (size,
         memory, time); :class:`~cloudlets.templates.TemplateLimits` defaults.
+    :raises ConfigurationError: for a bad ``ex_allow_hosts`` entry, or
+        ``ex_allow_hosts`` with ``ex_fetcher``.
     """
 
     def __init__(self, cache_dir: str | Path | None = None, presets: Presets | None = None,
                  mirrors: Sequence[Mapping[str, Any]] | None = None, *,
                  data_dir: str | Path | None = None, work_dir: str | Path | None = None,
                  ex_allow_file_urls: bool = False,
+                 ex_allow_hosts: Sequence[str] = (),
                  ex_source_date_epoch: int | None = None,
                  ex_archive_policy: ArchivePolicy | None = None,
                  ex_cache_max_bytes: int | None = None,
@@ -160,8 +169,15 @@ class Renderer:
         self.archive_policy = ex_archive_policy or ArchivePolicy()
         self.cache_max_bytes = ex_cache_max_bytes
         self.template_limits = ex_template_limits
-        self.fetcher = ex_fetcher or Fetcher(policy=UrlPolicy(allow_file=ex_allow_file_urls))
-        self._mirror_rules = MirrorRules.from_config(self.mirrors, source="renderer")
+        if ex_fetcher is not None and ex_allow_hosts:
+            raise ConfigurationError("Renderer: give ex_allow_hosts or ex_fetcher, not both "
+                                     "(put the hosts in the fetcher's UrlPolicy)")
+        self.fetcher = ex_fetcher or Fetcher(policy=UrlPolicy(
+            allow_file=ex_allow_file_urls, allow_hosts=frozenset(ex_allow_hosts)))
+        # the presets' mirrors are the provider's too: the fetcher allows them
+        self._mirror_rules = MirrorRules(
+            MirrorRules.from_config(self.mirrors, source="renderer").rules,
+            provider_rules=self.presets.values.get("mirrors", []))
         self.max_image_bytes = ex_max_image_bytes
         epoch = ex_source_date_epoch
         env = os.environ.get("SOURCE_DATE_EPOCH", "")
@@ -247,7 +263,7 @@ class Renderer:
         :raises CloudletsError: for invalid input or an unusable driver.
         """
         started = time.monotonic()
-        loaded = Manifest.load(manifest)
+        loaded = Manifest.load(manifest, fetcher=self.fetcher)
         signer = self._check_signature(loaded, manifest, signature, trust or self.trust)
         fmt = make_driver(DriverKind.FORMAT, format)
         store = make_driver(DriverKind.STORAGE, storage)
@@ -345,7 +361,7 @@ class Renderer:
 
         :raises ConfigError: when the result is invalid or a locked key is set.
         """
-        return self._config(Manifest.load(manifest), config)
+        return self._config(Manifest.load(manifest, fetcher=self.fetcher), config)
 
     @staticmethod
     def image_id(manifest: Manifest, config: RenderConfig, format_name: str,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import http.server
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -70,6 +72,46 @@ def _private_data_dir(tmp_path_factory: pytest.TempPathFactory,
     data directory (tests that want a particular one set CLOUDLETS_HOME
     themselves), so none writes to the user's."""
     monkeypatch.setenv("CLOUDLETS_HOME", str(tmp_path_factory.mktemp("cloudlets-home")))
+
+
+def _off_loopback(address: Any) -> str | None:
+    """:returns: the host of an internet ``address`` that is not loopback."""
+    if not isinstance(address, tuple) or not address:
+        return None  # AF_UNIX and friends
+    host = str(address[0]).split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # a name: connect() would resolve it
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return None if (mapped or ip).is_loopback else host
+
+
+@pytest.fixture(autouse=True)
+def _no_packet_off_loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """No test sends a packet off loopback: a connection to any other address
+    (a patched resolver's answer, say 169.254.169.254) fails the test.
+    :returns: the refused addresses (tests of the URL policy check it is empty)."""
+    attempts: list[str] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guard(address: Any) -> None:
+        host = _off_loopback(address)
+        if host is not None:
+            attempts.append(host)
+            pytest.fail(f"a test tried to connect off loopback, to {address!r}")
+
+    def connect(self: socket.socket, address: Any) -> None:
+        guard(address)
+        real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        guard(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    yield attempts
 
 
 @pytest.fixture

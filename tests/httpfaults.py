@@ -49,6 +49,8 @@ class Route:
     extra: bytes = b""
     length: Literal["exact", "announce", "none"] = "exact"
     delay: float = 0.0
+    #: seconds between the body's bytes, sent one at a time (a trickling server)
+    trickle: float | None = None
     etag: str | None = '"v1"'
     #: the ETag served from the second request on (the file changed)
     next_etag: str | None = None
@@ -131,6 +133,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif faulty and route.stall_after is not None:
             cut = route.stall_after
         sent = 0
+        if route.trickle is not None:
+            self._trickle(route, payload)
+            return
         try:
             for piece in _pieces(payload if cut is None else payload[:cut]):
                 self.wfile.write(piece)
@@ -151,6 +156,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def _trickle(self, route: Route, payload: memoryview) -> None:
+        """One byte at a time, until the body is sent, the client hangs up or
+        the server stops."""
+        assert route.trickle is not None
+        for offset in range(len(payload)):
+            try:
+                self.wfile.write(payload[offset:offset + 1])
+                self.wfile.flush()
+            except OSError:
+                break
+            with self.server.lock:
+                route.bytes_sent += 1
+            if self.server.stop.wait(route.trickle):
+                break
+        self.close_connection = True
 
     def _plain(self, status: int, text: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)

@@ -25,6 +25,7 @@ from cloudlets.errors import FetchError, IntegrityError
 from cloudlets.fetch import Fetcher, RetryPolicy
 from cloudlets.mirrors import MirrorRules
 from tests.httpfaults import FaultServer, Route
+from tests.netpolicy import loopback_fetcher, loopback_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def server() -> Iterator[FaultServer]:
 
 
 def new_cache(root: Path, **kwargs: object) -> TarballCache:
-    fetcher = Fetcher(connect_timeout=2, read_timeout=2,
+    fetcher = Fetcher(policy=loopback_policy(), connect_timeout=2, read_timeout=2,
                       retry=RetryPolicy(attempts=2, backoff=0.01, max_delay=0.02))
     return TarballCache(root, fetcher=fetcher, **kwargs)  # type: ignore[arg-type]
 
@@ -200,11 +201,12 @@ _CHILD = """
 import json, sys, time
 from pathlib import Path
 from cloudlets.cache import TarballCache
+from tests.netpolicy import loopback_fetcher
 root, url, sha, go = sys.argv[1:5]
 Path(go + "." + str(__import__("os").getpid())).touch()
 while not Path(go).exists():
     time.sleep(0.005)
-with TarballCache(root).get(url, sha) as entry:
+with TarballCache(root, fetcher=loopback_fetcher()).get(url, sha) as entry:
     same = entry.path.read_bytes() == Path(sys.argv[5]).read_bytes()
     print(json.dumps({"hit": entry.hit, "ok": same}))
 """
@@ -231,7 +233,8 @@ def test_threads_and_processes_download_once(server: FaultServer, tmp_path: Path
         while not go.exists():
             time.sleep(0.001)
         try:
-            with TarballCache(root).get(server.url("/t.tar"), SHA) as entry:
+            cache = TarballCache(root, fetcher=loopback_fetcher())
+            with cache.get(server.url("/t.tar"), SHA) as entry:
                 assert entry.path.read_bytes() == BODY
                 hits.append(entry.hit)
         except Exception as exc:  # noqa: BLE001 - reported by the main thread
@@ -255,7 +258,9 @@ _KILLED = """
 import sys
 from cloudlets.cache import TarballCache
 from cloudlets.fetch import Fetcher
-TarballCache(sys.argv[1], fetcher=Fetcher(read_timeout=60)).get(sys.argv[2], sys.argv[3])
+from tests.netpolicy import loopback_policy
+TarballCache(sys.argv[1], fetcher=Fetcher(policy=loopback_policy(), read_timeout=60)).get(
+    sys.argv[2], sys.argv[3])
 """
 
 
@@ -435,7 +440,7 @@ def test_follow_closing_the_entry_stops_the_download(server: FaultServer,
                                                      tmp_path: Path) -> None:
     # the first answer stalls after one chunk; a retry would complete it
     route = server.add("/t.tar", Route(BIG, stall_after=1 << 20))
-    fetcher = Fetcher(connect_timeout=2, read_timeout=0.5,
+    fetcher = Fetcher(policy=loopback_policy(), connect_timeout=2, read_timeout=0.5,
                       retry=RetryPolicy(attempts=5, backoff=0.01, max_delay=0.02))
     cache = TarballCache(tmp_path / "cache", fetcher=fetcher)
     entry = cache.get(server.url("/t.tar"), BIG_SHA, follow=True)

@@ -24,6 +24,7 @@ from cloudlets.drivers.types import FormatCapability
 from cloudlets.errors import ConfigurationError, IntegrityError, LockedKeyError
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
+from tests.netpolicy import host_port
 from tests.test_catalog import StageCounter, make_cloudlet
 
 DUMMY_IMAGES = {"1", "2", "3"}
@@ -176,7 +177,8 @@ def test_wrapper_gives_a_driver_instance_rendered_images(
     manifest["filesystem"]["url"] = f"{base_url}/tiny.tar.gz"
     dummy = DummyNodeDriver(0)
     wrapped = CloudletsNodeDriver(dummy, ex_format=TarFormat(), ex_storage="local",
-                                  ex_presets=Presets(values={"hostname": "wrapped"}))
+                                  ex_presets=Presets(values={"hostname": "wrapped"}),
+                                  ex_allow_hosts=[host_port(base_url)])
     assert wrapped.ex_cloudlets.catalog.path == tmp_path / "home" / "catalog.sqlite3"
     assert wrapped.list_nodes() == dummy.list_nodes()  # everything else is the driver's
     assert wrapped.name == dummy.name and wrapped.features == dummy.features

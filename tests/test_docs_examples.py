@@ -25,6 +25,11 @@ replaced in the block's text before it runs:
   ``AWS_ENDPOINT_URL`` with dummy credentials;
 * ``nbd.example.net`` → an nbdkit ``memory`` export of 1 GiB, one per block.
 
+The tarball's server being on loopback, which the default URL policy
+refuses, each block allows it as a provider allows its own tarball server:
+``cloudlets render`` gets ``--allow-host 127.0.0.1:PORT``, ``Renderer(`` and
+``CloudletsNodeDriver(`` get ``ex_allow_hosts=["127.0.0.1:PORT"]``.
+
 A block whose servers cannot run here (nginx, nbdkit, moto missing) is
 skipped, naming what is missing.
 """
@@ -56,6 +61,7 @@ import pytest
 
 from cloudlets.drivers.providers import BUILTIN
 from cloudlets.drivers.types import DriverKind
+from tests.netpolicy import host_port
 from tests.nginx_fixture import Nginx, nginx_server
 
 __all__ = ["nginx_server"]  # the fixture, imported for pytest
@@ -83,6 +89,9 @@ NOT_RUN = {
     ("service.rst", "$ cloudlets serve"): "a server that runs until stopped: test_service.py",
     ("service.rst", "$ cloudlets serve --config service.toml"):
         "a server that runs until stopped: test_service.py",
+    ("service.rst", "api-host$    cloudlets serve --config /etc/cloudlets/service.toml"):
+        "the scale-out hosts, API and workers, run until stopped: test_service_celery.py",
+    ("service.rst", "pip install cloudlets[service,celery]"): "installs packages",
     ("service.rst", '$ curl -s -H "Authorization: Bearer $TOKEN" \\'):
         "needs the running service: test_service.py makes these requests",
     ("service.rst", '$ curl -s -X DELETE -H "Authorization: Bearer $TOKEN" \\'):
@@ -326,6 +335,21 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
+def _allow_tarball_server(code: str, server: str) -> str:
+    """``code`` with the loopback tarball ``server`` (``HOST:PORT``) allowed."""
+    code = re.sub(r"\bcloudlets render\b", f"cloudlets render --allow-host {server}", code)
+    for call in reversed(list(re.finditer(r"\b(Renderer|CloudletsNodeDriver)\(", code))):
+        depth, end = 1, call.end()
+        while depth:  # to the call's closing parenthesis
+            depth += {"(": 1, ")": -1}.get(code[end], 0)
+            end += 1
+        inside = code[call.end():end - 1].rstrip()
+        comma = ", " if inside and not inside.endswith(",") else ""
+        code = (code[:call.end()] + inside + f"{comma}ex_allow_hosts=[{server!r}]"
+                + code[end - 1:])
+    return code
+
+
 # -- the tests ------------------------------------------------------------------
 
 BLOCKS = runnable_blocks()
@@ -345,7 +369,7 @@ def test_example_runs(block: Block, site: Site, tmp_path: Path,
     env.update(CLOUDLETS_CACHE_DIR=str(site.cache), CLOUDLETS_HOME=str(tmp_path / "home"),
                PYTHONPATH=str(REPO), TMPDIR=str(tmp_path / "tmp"),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
-    code = block.code
+    code = _allow_tarball_server(block.code, host_port(site.manifest["filesystem"]["url"]))
     servers: list[subprocess.Popen[bytes]] = []
     if _DAV.search(code):
         dav: Nginx = request.getfixturevalue("nginx_server")

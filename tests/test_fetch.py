@@ -19,6 +19,7 @@ from cloudlets.errors import ConfigurationError, FetchError, IntegrityError
 from cloudlets.fetch import Fetcher, RetryPolicy, UrlPolicy
 from cloudlets.mirrors import MirrorRules
 from tests.httpfaults import FaultServer, Route
+from tests.netpolicy import loopback_policy
 
 BODY = os.urandom(3 * 1024 * 1024 + 123)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -45,6 +46,7 @@ def fetcher(clock: Clock | None = None, **kwargs: object) -> Fetcher:
     kwargs.setdefault("read_timeout", 2.0)
     kwargs.setdefault("retry", RetryPolicy(attempts=4, backoff=0.01, max_delay=0.05,
                                            total_time=10))
+    kwargs.setdefault("policy", loopback_policy())
     return Fetcher(sleep=clock or Clock(), **kwargs)  # type: ignore[arg-type]
 
 
@@ -117,11 +119,12 @@ def test_stalled_server_times_out_within_bounds(server: FaultServer, tmp_path: P
 
 
 def test_stall_then_success_resumes(server: FaultServer, tmp_path: Path) -> None:
-    # The stall hits the second chunk: the first one is kept, the resume starts after it.
+    # The stall hits the second chunk: every byte before it is kept, the resume
+    # starts after the last one.
     route = server.add("/t.tar", Route(BODY, stall_after=Fetcher.CHUNK_SIZE + 200_000))
     fetcher(read_timeout=0.3).fetch(server.url("/t.tar"), tmp_path / "out", sha256=SHA)
     assert (tmp_path / "out").read_bytes() == BODY
-    assert route.headers[1]["Range"] == f"bytes={Fetcher.CHUNK_SIZE}-"
+    assert route.headers[1]["Range"] == f"bytes={Fetcher.CHUNK_SIZE + 200_000}-"
 
 
 def test_wrong_content_is_an_integrity_error(server: FaultServer, tmp_path: Path) -> None:
@@ -211,7 +214,7 @@ def test_redirect_count_is_bounded(server: FaultServer, tmp_path: Path) -> None:
     for i in range(10):
         server.add(f"/r{i}", Route(b"", redirect=f"/r{i + 1}"))
     with pytest.raises(FetchError, match="more than 3 redirects"):
-        fetcher(policy=UrlPolicy(max_redirects=3)).fetch(server.url("/r0"), tmp_path / "out",
+        fetcher(policy=loopback_policy(max_redirects=3)).fetch(server.url("/r0"), tmp_path / "out",
                                                           sha256=SHA)
     assert server._server.routes["/r4"].requests == 0
 
@@ -221,7 +224,7 @@ def test_redirect_count_is_bounded(server: FaultServer, tmp_path: Path) -> None:
 def test_redirect_outside_policy_is_refused(server: FaultServer, tmp_path: Path,
                                             target: str) -> None:
     server.add("/a", Route(b"", redirect=target))
-    policy = UrlPolicy(allow_file=False, hosts=frozenset({"127.0.0.1"}))
+    policy = loopback_policy(allow_file=False, hosts=frozenset({"127.0.0.1"}))
     with pytest.raises(FetchError, match="refused by the URL policy") as info:
         fetcher(policy=policy).fetch(server.url("/a"), tmp_path / "out", sha256=SHA)
     assert info.value.status == 302
@@ -265,7 +268,7 @@ def test_file_urls_need_the_policy(tmp_path: Path) -> None:
         fetcher().fetch(source.as_uri(), tmp_path / "out", sha256=SHA)
     with pytest.raises(FetchError, match="scheme 'file' is not allowed"):
         fetcher().fetch(str(source), tmp_path / "out", sha256=SHA)
-    allowed = fetcher(policy=UrlPolicy(allow_file=True))
+    allowed = fetcher(policy=loopback_policy(allow_file=True))
     for url in (source.as_uri(), str(source)):
         result = allowed.fetch(url, tmp_path / "out", sha256=SHA, size=len(BODY))
         assert result.size == len(BODY) and (tmp_path / "out").read_bytes() == BODY

@@ -11,6 +11,7 @@ import pytest
 
 from cloudlets import Manifest, ManifestError
 from cloudlets.jsondoc import load_schema, parse_size
+from tests.netpolicy import loopback_fetcher
 
 GOOD: dict[str, Any] = {
     "name": "web",
@@ -206,7 +207,7 @@ def test_load_from_path_file_url_and_http(tmp_path: Path,
         Manifest.load(path).digest,
         Manifest.load(str(path)).digest,
         Manifest.load(path.as_uri()).digest,
-        Manifest.load(f"{base}/m.json").digest,
+        Manifest.load(f"{base}/m.json", fetcher=loopback_fetcher()).digest,
         Manifest.load(json.dumps(GOOD)).digest,
     }
     assert digests == {Manifest.load(GOOD).digest}
@@ -215,6 +216,8 @@ def test_load_from_path_file_url_and_http(tmp_path: Path,
 def test_http_errors_are_manifest_errors(static_http: tuple[str, Path]) -> None:
     base, _ = static_http
     with pytest.raises(ManifestError, match="HTTP 404"):
+        Manifest.load(f"{base}/missing.json", fetcher=loopback_fetcher())
+    with pytest.raises(ManifestError, match="rule 'loopback'"):  # the default policy
         Manifest.load(f"{base}/missing.json")
 
 

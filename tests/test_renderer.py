@@ -38,6 +38,7 @@ from cloudlets.drivers.base import (
 from cloudlets.drivers.storage.local import LocalStorage
 from cloudlets.drivers.types import FormatCapability
 from cloudlets.renderer import plan_output
+from tests.netpolicy import LOOPBACK_HOSTS, loopback_policy
 
 HOSTNAME_TEMPLATE = b"{{ hostname }}\n"
 INTERFACES_TEMPLATE = b"""{% for i in ip.interfaces %}iface {{ i.name }} \
@@ -99,7 +100,8 @@ def cloudlet(static_http: tuple[str, Path]) -> Callable[..., dict[str, Any]]:
 @pytest.fixture
 def renderer(tmp_path: Path) -> Renderer:
     return Renderer(cache_dir=tmp_path / "cache", data_dir=tmp_path / "data",
-                    work_dir=tmp_path / "work", ex_source_date_epoch=1_700_000_000)
+                    work_dir=tmp_path / "work", ex_source_date_epoch=1_700_000_000,
+                    ex_allow_hosts=LOOPBACK_HOSTS)
 
 
 def root_partition_offset(disk: Path) -> int:
@@ -161,7 +163,7 @@ def test_same_inputs_give_identical_images(renderer: Renderer,
     manifest = cloudlet()
     first = renderer.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
     fresh = Renderer(cache_dir=tmp_path / "cache2", work_dir=tmp_path / "work2",
-                     ex_source_date_epoch=1_700_000_000)
+                     ex_source_date_epoch=1_700_000_000, ex_allow_hosts=LOOPBACK_HOSTS)
     second = fresh.render(manifest, str(tmp_path / "b") + "/", "local", "raw", CONFIG)
     assert first.primary.sha256 == second.primary.sha256
     assert second.details["disk"]["base_cached"] is False
@@ -289,7 +291,8 @@ def test_unreachable_origin_is_a_fetch_error(renderer: Renderer,
     manifest = cloudlet()
     manifest["filesystem"]["url"] = f"http://127.0.0.1:{_closed_port()}/x.tar.gz"
     quick = Renderer(cache_dir=tmp_path / "c", work_dir=tmp_path / "w",
-                     ex_fetcher=Fetcher(retry=RetryPolicy(attempts=2, backoff=0.01,
+                     ex_fetcher=Fetcher(policy=loopback_policy(),
+                                        retry=RetryPolicy(attempts=2, backoff=0.01,
                                                           max_delay=0.02, total_time=5)))
     with pytest.raises(FetchError, match=r"127\.0\.0\.1"):
         quick.render(manifest, str(tmp_path / "out") + "/", "local", "raw")
@@ -305,7 +308,7 @@ def test_mirror_rule_is_used_and_recorded(cloudlet: Callable[..., dict[str, Any]
     manifest["filesystem"]["url"] = f"http://mirrors.cloudlets.com/tiny/{filename}"
     renderer = Renderer(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work",
                         mirrors=[{"prefix": "http://mirrors.cloudlets.com/tiny/",
-                                  "mirrors": [base + "/"]}])
+                                  "mirrors": [base + "/"]}])  # the provider's: allowed
     result = renderer.render(manifest, str(tmp_path / "out") + "/", "local", "raw", CONFIG)
     rule = result.details["tarball"]["mirror_rule"]
     assert rule is not None and rule["prefix"] == "http://mirrors.cloudlets.com/tiny/"
@@ -319,7 +322,7 @@ def test_locked_preset_applies_to_the_image(cloudlet: Callable[..., dict[str, An
     presets = Presets(values={"dns": {"nameservers": ["198.51.100.53"]}},
                       locked=frozenset({"dns.nameservers"}))
     renderer = Renderer(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work",
-                        presets=presets)
+                        presets=presets, ex_allow_hosts=LOOPBACK_HOSTS)
     with pytest.raises(LockedKeyError):
         renderer.render(cloudlet(), str(tmp_path / "o") + "/", "local", "raw",
                         {"dns": {"nameservers": ["192.0.2.1"]}})
@@ -512,7 +515,7 @@ def test_cold_render_streams_the_tree_into_mke2fs(cloudlet: Callable[..., dict[s
 
     manifest = cloudlet(boot=STREAMED_BOOT)
     one_pass = Renderer(cache_dir=tmp_path / "c1", work_dir=tmp_path / "w1",
-                        ex_source_date_epoch=1_700_000_000)
+                        ex_source_date_epoch=1_700_000_000, ex_allow_hosts=LOOPBACK_HOSTS)
     first = one_pass.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
     assert first.details["rootfs"]["streamed"] is True
     assert first.details["disk"]["base_cached"] is False
@@ -524,7 +527,7 @@ def test_cold_render_streams_the_tree_into_mke2fs(cloudlet: Callable[..., dict[s
     # the same inputs built the two-pass way (write the tree's tar, then mke2fs)
     monkeypatch.setattr(BaseStream, "open", classmethod(lambda cls, *a, **k: None))
     two_pass = Renderer(cache_dir=tmp_path / "c2", work_dir=tmp_path / "w2",
-                        ex_source_date_epoch=1_700_000_000)
+                        ex_source_date_epoch=1_700_000_000, ex_allow_hosts=LOOPBACK_HOSTS)
     second = two_pass.render(manifest, str(tmp_path / "b") + "/", "local", "raw", CONFIG)
     assert "streamed" not in second.details["rootfs"]
     listing = fs_listing(disk)
@@ -687,7 +690,7 @@ def test_a_rerender_from_the_cached_base_is_the_image_a_full_render_makes(
     manifest = cloudlet(**({"boot": boot} if boot else {}))
     other = {**CONFIG, "hostname": "web2", "dns": {"nameservers": ["192.0.2.54"]}}
     cached = Renderer(cache_dir=tmp_path / "c1", work_dir=tmp_path / "w1",
-                      ex_source_date_epoch=1_700_000_000)
+                      ex_source_date_epoch=1_700_000_000, ex_allow_hosts=LOOPBACK_HOSTS)
     cached.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
     published = {path: path.read_bytes() for path in static_http[1].iterdir()}
     for path in published:  # the re-render must not need the tarball
@@ -700,7 +703,7 @@ def test_a_rerender_from_the_cached_base_is_the_image_a_full_render_makes(
     for path, data in published.items():
         path.write_bytes(data)
     fresh = Renderer(cache_dir=tmp_path / "c2", work_dir=tmp_path / "w2",
-                     ex_source_date_epoch=1_700_000_000)
+                     ex_source_date_epoch=1_700_000_000, ex_allow_hosts=LOOPBACK_HOSTS)
     full = fresh.render(manifest, str(tmp_path / "c") + "/", "local", "raw", other)
     assert full.details["tarball"]["cache_hit"] is False
     assert again.primary.sha256 == full.primary.sha256
@@ -790,7 +793,7 @@ def test_a_download_that_starts_over_under_its_reader_is_read_again(
     # 3 MiB that do not compress: the fetcher gets them in several chunks
     files = {**BASE_FILES, "opt/blob": random.Random(3).randbytes(3 << 20)}
     data = make_tarball(files, ("opt",))
-    fetcher = Fetcher(connect_timeout=2, read_timeout=0.5,
+    fetcher = Fetcher(policy=loopback_policy(), connect_timeout=2, read_timeout=0.5,
                       retry=RetryPolicy(attempts=3, backoff=0.01, max_delay=0.02))
     with FaultServer() as server:
         # The first answer stalls after 1.5 MiB (the reader has taken the first
@@ -836,7 +839,7 @@ def test_a_tarball_that_fails_verification_after_it_was_read_leaves_nothing(
     assert len(good) == len(tampered)
     (root / "t.tar").write_bytes(tampered)
     renderer = Renderer(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work",
-                        ex_source_date_epoch=1_700_000_000)
+                        ex_source_date_epoch=1_700_000_000, ex_allow_hosts=LOOPBACK_HOSTS)
     with pytest.raises(IntegrityError, match="sha256 mismatch"):
         renderer.render(_served_manifest(f"{base}/t.tar", good), str(tmp_path / "out") + "/",
                         "local", "raw", CONFIG)

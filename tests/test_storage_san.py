@@ -30,6 +30,7 @@ from cloudlets.drivers.storage.san.nbd import NBDTarget
 from cloudlets.drivers.types import StorageCapability
 from cloudlets.errors import StorageError
 from cloudlets.testing.storage import StorageDriverConformance
+from tests.netpolicy import LOOPBACK_HOSTS
 from tests.san_fixture import (
     CHAP_PASSWORD,
     CHAP_USER,
@@ -620,7 +621,8 @@ def test_render_to_an_nbd_export(nbd_server: NBDServer, static_http: tuple[str, 
     # Renderer appends the format's extension to an output location
     location, backing = nbd_server.new_export("web.raw", 96 * MiB, PATTERN)
     renderer = Renderer(cache_dir=tmp_path / "cache", data_dir=tmp_path / "data",
-                        work_dir=tmp_path / "work", ex_source_date_epoch=1_700_000_000)
+                        work_dir=tmp_path / "work", ex_source_date_epoch=1_700_000_000,
+                        ex_allow_hosts=LOOPBACK_HOSTS)
     result = renderer.render(manifest, location, storage=SANStorage(), format="raw",
                              config=CONFIG, overwrite=True)
     artifact = result.primary

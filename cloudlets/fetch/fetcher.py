@@ -7,7 +7,6 @@ import logging
 import os
 import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from cloudlets.errors import ConfigurationError, FetchError, IntegrityError
+from cloudlets.fetch.guard import Hop, Lifeline, police_session
 from cloudlets.fetch.http import HttpTransport, Stats, install_scrubber
-from cloudlets.fetch.policy import RetryPolicy, UrlPolicy, check_sha256
+from cloudlets.fetch.policy import HostPort, RetryPolicy, UrlPolicy, check_sha256, url_port
 from cloudlets.fetch.sink import Sink
 from cloudlets.fetch.watch import DownloadCancelled, DownloadWatch
 from cloudlets.mirrors import Candidate, MirrorRules
@@ -62,36 +62,78 @@ def _local_path(url: str) -> Path:
     return Path(unquote(parts.path))
 
 
+#: Mirror rule sources the provider set: their mirrors are allowed.
+TRUSTED_SOURCES = frozenset({"renderer", "presets"})
+
+
+def _trusted(candidate: Candidate) -> tuple[HostPort, ...]:
+    """:returns: the exception a provider's mirror gets: its own host and port."""
+    if candidate.rule is None or candidate.rule.source not in TRUSTED_SOURCES \
+            or not is_url(candidate.url):
+        return ()
+    parts = urlsplit(candidate.url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return ()
+    try:
+        port = url_port(parts)
+    except ValueError:
+        return ()
+    return (HostPort.parse(str(HostPort(parts.hostname, port))),)
+
+
 class Fetcher(HttpTransport):
     """Downloads one tarball at a time into a local file, verified.
 
     A Fetcher may be shared by threads: unless ``session`` is given, each
     thread gets its own :class:`requests.Session` (connection reuse).
 
-    :param policy: which URLs may be fetched; http and https by default.
+    Every connection is policed (:mod:`cloudlets.fetch.guard`): made to
+    an address the policy allowed, checked again on every redirect hop, cut
+    at once on cancel or at the deadline. Proxies and ``.netrc`` from the
+    environment are not used.
+
+    :param policy: which URLs may be fetched and which addresses reached:
+        http and https to public addresses by default (:class:`UrlPolicy`).
     :param retry: how failures are retried.
     :param connect_timeout: seconds to wait for a connection.
     :param read_timeout: seconds to wait for any bytes from the server.
+    :param deadline: seconds one :meth:`fetch` may take in all, mirrors,
+        retries and redirects included; its connection is cut then.
+    :param min_rate: bytes per second a response body must sustain over
+        each ``min_rate_window`` seconds (``0`` for no minimum): a server
+        trickling its body fails within one window.
+    :param min_rate_window: the window of ``min_rate``, in seconds.
     :param session: one HTTP session for every thread (by default, a new one
-        per thread).
+        per thread); its connections are policed too.
     :param user_agent: the ``User-Agent`` header.
-    :param sleep: how to wait between attempts (tests pass a fake clock).
+    :param sleep: how to wait between attempts (tests pass a fake clock); by
+        default a wait that a cancel or the deadline ends early.
     """
 
-    #: Bytes read and written at a time.
+    #: Bytes written at a time.
     CHUNK_SIZE = 1 << 20
+    #: The default :attr:`deadline`, :attr:`min_rate` and :attr:`min_rate_window`.
+    DEADLINE, MIN_RATE, MIN_RATE_WINDOW = 1800.0, 16384.0, 30.0
 
     def __init__(self, *, policy: UrlPolicy | None = None, retry: RetryPolicy | None = None,
                  connect_timeout: float = 10.0, read_timeout: float = 60.0,
+                 deadline: float = DEADLINE, min_rate: float = MIN_RATE,
+                 min_rate_window: float = MIN_RATE_WINDOW,
                  session: requests.Session | None = None,
                  user_agent: str = "cloudlets-fetch/1",
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        if connect_timeout <= 0 or read_timeout <= 0:
-            raise ConfigurationError("Fetcher timeouts must be positive numbers of seconds")
+                 sleep: Callable[[float], None] | None = None) -> None:
+        if connect_timeout <= 0 or read_timeout <= 0 or deadline <= 0 or min_rate_window <= 0:
+            raise ConfigurationError("Fetcher timeouts, deadline and min_rate_window must be "
+                                     "positive numbers of seconds")
+        if min_rate < 0:
+            raise ConfigurationError("Fetcher min_rate must not be negative")
         self.policy = policy or UrlPolicy()
         self.retry = retry or RetryPolicy()
         self.timeout = (connect_timeout, read_timeout)
-        self._shared_session = session
+        self.deadline = deadline
+        self.min_rate = min_rate
+        self.min_rate_window = min_rate_window
+        self._shared_session = police_session(session) if session is not None else None
         install_scrubber()
         self._local = threading.local()
         self.user_agent = user_agent
@@ -107,8 +149,12 @@ class Fetcher(HttpTransport):
         """Download ``url`` (or its mirrors) into ``dest`` and verify it.
 
         Candidates from ``mirrors.rewrite(url)`` are tried in order, the
-        origin last; each gets the full :class:`RetryPolicy`. A candidate the
-        URL policy refuses is skipped.
+        origin last; each gets the full :class:`RetryPolicy`, all of them
+        together :attr:`deadline` seconds. A candidate the URL policy refuses
+        is skipped. A mirror of a rule the provider set (source
+        ``renderer`` or ``presets``, see
+        :class:`~cloudlets.mirrors.MirrorRule`) is allowed whatever address
+        its host has; a mirror a request set is policed like any URL.
 
         :param url: ``http(s)://``, ``file://`` URL or local path.
         :param dest: the file to write; replaced. Removed again on failure.
@@ -131,32 +177,43 @@ class Fetcher(HttpTransport):
         candidates = (mirrors or MirrorRules()).rewrite(url)
         failures: list[Exception] = []
         stats = Stats()
-        for candidate in candidates:
-            problem = self.policy.problem(candidate.url)
-            if problem:
-                where = "mirror" if candidate.rule else "URL"
-                failures.append(FetchError(f"{where} {redact(candidate.url)} refused by the "
-                                           f"URL policy: {problem}", url=redact(candidate.url)))
-                continue
-            try:
-                digest, done = self._fetch_one(candidate, Path(dest), sha256, size,
-                                               progress or null_progress, stats, watch)
-            except DownloadCancelled:
-                raise
-            except (FetchError, IntegrityError) as exc:
-                failures.append(exc)
-                if not candidate.is_origin:
-                    log.warning("mirror failed, trying the next candidate: %s", exc)
-                continue
-            return FetchResult(redact(candidate.url), candidate.rule_dict(), digest, done,
-                               stats.attempts, stats.resumes)
+        line = Lifeline(self.deadline, self.min_rate, self.min_rate_window)
+        if watch is not None:
+            watch.on_cancel(line.cut)
+        try:
+            for candidate in candidates:
+                allowed = _trusted(candidate)
+                problem = self.policy.problem(candidate.url, allowed)
+                if problem:
+                    where = "mirror" if candidate.rule else "URL"
+                    failures.append(FetchError(f"{where} {redact(candidate.url)} refused by "
+                                               f"the URL policy: {problem}",
+                                               url=redact(candidate.url)))
+                    continue
+                try:
+                    digest, done = self._fetch_one(candidate, Path(dest), sha256, size,
+                                                   progress or null_progress, stats, watch,
+                                                   Hop(self.policy, allowed, line))
+                except DownloadCancelled:
+                    raise
+                except (FetchError, IntegrityError) as exc:
+                    failures.append(exc)
+                    if line.reason is not None:
+                        break  # past the deadline: no other candidate either
+                    if not candidate.is_origin:
+                        log.warning("mirror failed, trying the next candidate: %s", exc)
+                    continue
+                return FetchResult(redact(candidate.url), candidate.rule_dict(), digest, done,
+                                   stats.attempts, stats.resumes)
+        finally:
+            line.close()
         raise self._combined(failures)
 
     # -- one candidate ------------------------------------------------------
 
     def _fetch_one(self, candidate: Candidate, dest: Path, sha256: str, size: int | None,
                    progress: ProgressCallback, stats: Stats,
-                   watch: DownloadWatch | None) -> tuple[str, int]:
+                   watch: DownloadWatch | None, rules: Hop) -> tuple[str, int]:
         """:returns: the verified sha256 and size."""
         url = candidate.url
         sink = Sink(dest, url, sha256, size, watch)
@@ -169,7 +226,7 @@ class Fetcher(HttpTransport):
                 ok = True
                 return digest, sink.done
             resumes_before = stats.resumes
-            self._download(url, sink, progress, stats)
+            self._download(url, sink, progress, stats, rules)
             try:
                 digest = sink.finish()
             except IntegrityError:
@@ -180,7 +237,7 @@ class Fetcher(HttpTransport):
                 log.warning("GET %s: resumed download failed verification; fetching it "
                             "again in one piece", redact(url))
                 sink.restart()
-                self._download(url, sink, progress, stats)
+                self._download(url, sink, progress, stats, rules)
                 digest = sink.finish()
             ok = True
             return digest, sink.done

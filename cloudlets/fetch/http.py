@@ -1,5 +1,6 @@
-"""HTTP transport: requests with redirects under the URL policy, ranges and
-resumes, retries with backoff, and credentials scrubbed from the HTTP
+"""HTTP transport: requests with redirects under the URL policy (every
+connection policed, see :mod:`cloudlets.fetch.guard`), ranges and resumes,
+retries with backoff, a minimum rate, and credentials scrubbed from the HTTP
 stack's logs."""
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 from cloudlets.errors import FetchError, IntegrityError
+from cloudlets.fetch.guard import AddressRefused, Hop, Lifeline, hop, police_session
 from cloudlets.fetch.policy import RetryPolicy, UrlPolicy
 from cloudlets.fetch.sink import Sink
 from cloudlets.progress import STAGE_FETCH, ProgressCallback
-from cloudlets.urls import redact
+from cloudlets.urls import redact, redact_text
 
 if TYPE_CHECKING:  # imported when a download over HTTP needs them (0.04 s)
     import requests
@@ -38,17 +40,10 @@ class _ScrubFilter(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):
             return True
-        scrubbed = _scrub(message)
+        scrubbed = redact_text(message)
         if scrubbed != message:
             record.msg, record.args = scrubbed, ()
         return True
-
-
-def _scrub(text: str) -> str:
-    """Redact every URL in ``text``, and the query of every bare path."""
-    text = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+", lambda m: redact(m.group(0)), text)
-    return re.sub(r"(?<![^\s\"'])/[^\s\"'?]*\?[^\s\"']*",
-                  lambda m: redact("http://h" + m.group(0))[len("http://h"):], text)
 
 
 _SCRUB = _ScrubFilter()
@@ -105,10 +100,13 @@ class HttpTransport:
     policy: UrlPolicy
     retry: RetryPolicy
     timeout: tuple[float, float]
+    deadline: float
+    min_rate: float
+    min_rate_window: float
     user_agent: str
     _shared_session: requests.Session | None
     _local: threading.local
-    _sleep: Callable[[float], None]
+    _sleep: Callable[[float], None] | None
     _rng: random.Random
 
     @property
@@ -120,20 +118,21 @@ class HttpTransport:
         if session is None:
             import requests
 
-            session = self._local.session = requests.Session()
+            session = self._local.session = police_session(requests.Session())
         return session
 
     def read(self, url: str, *, max_bytes: int, what: str = "document") -> bytes | None:
-        """GET a small document whole (a manifest's ``.sig``): within the URL
-        policy, redirects included, one attempt, at most ``max_bytes``, the
-        whole body within the read timeout.
+        """GET a small document whole (a manifest, a manifest's ``.sig``):
+        under the same URL policy, policed connections, redirect rules,
+        deadline and minimum rate as a download; one attempt, at most
+        ``max_bytes``, the whole body within the read timeout.
 
         :param url: an ``http(s)://`` URL.
         :param max_bytes: the largest body accepted.
         :param what: what the document is, for messages.
         :returns: the body, or ``None`` when the server answers 404 or 410.
-        :raises FetchError: the URL or a redirect is refused, the request
-            fails, another status is returned, or the body is too large.
+        :raises FetchError: the URL, a redirect or an address is refused, the
+            request fails, another status is returned, or the body is too large.
         """
         import requests
         import urllib3
@@ -142,40 +141,53 @@ class HttpTransport:
         if not url.startswith(("http://", "https://")):
             raise FetchError(f"{what} {shown}: only http and https URLs are read", url=shown)
         self.policy.check(url, what)
+        line = Lifeline(self.deadline, self.min_rate, self.min_rate_window)
         try:
-            response = self._request(url, {"User-Agent": self.user_agent,
-                                           "Accept-Encoding": "identity"})
-        except _Retryable as exc:
-            raise FetchError(f"GET {shown} ({what}) failed: {exc}", url=shown) from None
-        with response:
-            if response.status_code in (404, 410):
-                return None
-            if response.status_code != 200:
-                raise FetchError(f"GET {shown} ({what}) failed: HTTP {response.status_code}",
-                                 url=shown, status=response.status_code)
-            body = bytearray()
-            # the read timeout bounds the whole body, not each byte: a server
-            # dripping a byte a second cannot hold the render in prepare
-            deadline = time.monotonic() + self.timeout[1]
+            headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
             try:
-                while chunk := response.raw.read1(64 * 1024, decode_content=False):
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise FetchError(f"GET {shown}: the {what} is larger than "
-                                         f"{max_bytes} bytes", url=shown, status=200)
-                    if time.monotonic() > deadline:
-                        raise FetchError(f"GET {shown}: the {what} took longer than "
-                                         f"{self.timeout[1]:g} s to arrive", url=shown,
-                                         status=200)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-                raise FetchError(f"GET {shown} ({what}) failed: {describe(exc)}",
-                                 url=shown) from None
-        return bytes(body)
+                response = self._request(url, headers, Hop(self.policy, (), line))
+            except _Retryable as exc:
+                line.check(url)
+                raise FetchError(f"GET {shown} ({what}) failed: {exc}", url=shown) from None
+            with response:
+                if response.status_code in (404, 410):
+                    return None
+                if response.status_code != 200:
+                    raise FetchError(f"GET {shown} ({what}) failed: HTTP "
+                                     f"{response.status_code}", url=shown,
+                                     status=response.status_code)
+                body = bytearray()
+                line.body_started()
+                # the read timeout bounds the whole body, not each byte: a server
+                # dripping a byte a second cannot hold the render in prepare
+                deadline = time.monotonic() + self.timeout[1]
+                try:
+                    while chunk := response.raw.read1(64 * 1024, decode_content=False):
+                        body += chunk
+                        line.received(len(chunk), url=shown)
+                        if len(body) > max_bytes:
+                            raise FetchError(f"GET {shown}: the {what} is larger than "
+                                             f"{max_bytes} bytes", url=shown, status=200)
+                        if time.monotonic() > deadline:
+                            raise FetchError(f"GET {shown}: the {what} took longer than "
+                                             f"{self.timeout[1]:g} s to arrive", url=shown,
+                                             status=200)
+                except (requests.RequestException, urllib3.exceptions.HTTPError,
+                        OSError) as exc:
+                    line.check(url)
+                    raise FetchError(f"GET {shown} ({what}) failed: {describe(exc)}",
+                                     url=shown) from None
+                line.check(url)  # a body cut by the deadline may look complete
+            return bytes(body)
+        finally:
+            line.close()
 
     def _download(self, url: str, sink: Sink, progress: ProgressCallback,
-                  stats: Stats) -> None:
-        """Run the attempts for one HTTP URL, counting them in ``stats``."""
+                  stats: Stats, rules: Hop) -> None:
+        """Run the attempts for one HTTP URL under ``rules``, counting them
+        in ``stats``. A cut lifeline (cancel, deadline, too slow) ends them."""
         policy = self.retry
+        line = rules.line
         started = time.monotonic()
         attempt = 0
         while True:
@@ -183,9 +195,17 @@ class HttpTransport:
             stats.attempts += 1
             stats.resumes += 1 if sink.done else 0
             try:
-                self._attempt(url, sink, progress)
+                self._attempt(url, sink, progress, rules)
+                if line is not None:  # a body cut short may look complete
+                    line.check(url)
                 return
+            except (FetchError, IntegrityError):
+                if line is not None:
+                    line.check(url)
+                raise
             except _Retryable as exc:
+                if line is not None:
+                    line.check(url)
                 elapsed = time.monotonic() - started
                 wait = policy.delay(attempt - 1, exc.retry_after, self._rng)
                 if attempt >= policy.attempts or elapsed + wait > policy.total_time:
@@ -195,9 +215,15 @@ class HttpTransport:
                                      url=redact(url), status=exc.status) from None
                 log.info("GET %s: %s; attempt %d of %d in %.2fs", redact(url), exc,
                          attempt + 1, policy.attempts, wait)
-                self._sleep(wait)
+                if self._sleep is not None:
+                    self._sleep(wait)
+                elif line is not None:
+                    line.sleep(wait)  # a cancel or the deadline ends it early
+                    line.check(url)
+                else:
+                    time.sleep(wait)
 
-    def _attempt(self, url: str, sink: Sink, progress: ProgressCallback) -> None:
+    def _attempt(self, url: str, sink: Sink, progress: ProgressCallback, rules: Hop) -> None:
         """One request (following redirects) and its body, appended to ``sink``."""
         sink.check_cancelled()
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
@@ -206,7 +232,7 @@ class HttpTransport:
             headers["Range"] = f"bytes={offset}-"
             if sink.validator:
                 headers["If-Range"] = sink.validator
-        response = self._request(url, headers)
+        response = self._request(url, headers, rules)
         with response:
             where = redact(response.url or url)
             status = response.status_code
@@ -239,34 +265,70 @@ class HttpTransport:
                         f"{length} (Content-Length)", url=where, expected=str(total),
                         actual=length)
                 total = int(length) if total is None else total
-            import requests
-            import urllib3
-
-            chunks = _body(response, self.CHUNK_SIZE)
-            while True:
-                try:
-                    chunk = next(chunks, None)
-                except (requests.RequestException, urllib3.exceptions.HTTPError,
-                        OSError) as exc:
-                    raise _Retryable(f"connection lost after {sink.done} bytes: "
-                                     f"{describe(exc)}") from None
-                if chunk is None:
-                    break
-                sink.write(chunk)
-                progress(STAGE_FETCH, sink.done, total)
+            self._body(where, response, sink, progress, total, rules)
             if total is not None and sink.done < total:
                 raise _Retryable(f"body ended after {sink.done} of {total} bytes")
 
-    def _request(self, url: str, headers: dict[str, str]) -> requests.Response:
-        """Send a GET, following redirects by hand within the policy."""
+    def _body(self, url: str, response: requests.Response, sink: Sink,
+              progress: ProgressCallback, total: int | None, rules: Hop) -> None:
+        """Append the body, as sent, to ``sink``: no content decoding, so a
+        ``.tar.gz`` served with ``Content-Encoding: gzip`` keeps its bytes and
+        its digest.
+
+        Socket reads (``read1``) are gathered into whole chunks of
+        :attr:`CHUNK_SIZE`; each read counts towards the minimum rate, so a
+        server trickling a byte at a time fails within one rate window. A
+        connection lost mid-chunk keeps the bytes that arrived; the resume
+        starts after them."""
+        import requests
+        import urllib3
+
+        raw = response.raw
+        line = rules.line
+        if line is not None:
+            line.body_started()
+        pieces: list[bytes] = []
+        gathered = 0
+        while True:
+            try:
+                piece = raw.read1(self.CHUNK_SIZE - gathered, decode_content=False)
+            except (requests.RequestException, urllib3.exceptions.HTTPError,
+                    OSError) as exc:
+                if pieces:
+                    sink.write(b"".join(pieces))
+                raise _Retryable(f"connection lost after {sink.done} bytes: "
+                                 f"{describe(exc)}") from None
+            if piece:
+                pieces.append(piece)
+                gathered += len(piece)
+                if line is not None:
+                    line.received(len(piece), url=url)
+            if pieces and (not piece or gathered >= self.CHUNK_SIZE):
+                sink.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                pieces, gathered = [], 0
+                progress(STAGE_FETCH, sink.done, total)
+            if not piece:
+                return
+
+    def _request(self, url: str, headers: dict[str, str], rules: Hop) -> requests.Response:
+        """Send a GET, following redirects by hand within the policy; every
+        hop is checked before it is sent, and its connection when it is made."""
         import requests
 
         seen = [url]
         current = url
         for _hop in range(self.policy.max_redirects + 1):
+            problem = rules.policy.problem(current, rules.allowed)
+            if problem:
+                raise FetchError(f"GET {redact(current)} refused by the URL policy: {problem}",
+                                 url=redact(current))
             try:
-                response = self.session.get(current, headers=headers, stream=True,
-                                            allow_redirects=False, timeout=self.timeout)
+                with hop(rules):
+                    response = self.session.get(current, headers=headers, stream=True,
+                                                allow_redirects=False, timeout=self.timeout)
+            except AddressRefused as exc:
+                raise AddressRefused(f"GET {redact(current)}: {exc}", url=redact(current)) \
+                    from None
             except requests.Timeout as exc:
                 raise _Retryable(f"timed out: {describe(exc)}") from None
             except requests.ConnectionError as exc:
@@ -283,7 +345,7 @@ class HttpTransport:
                                  "a Location header", url=redact(current),
                                  status=response.status_code)
             target = urljoin(current, location)
-            problem = self.policy.problem(target)
+            problem = rules.policy.problem(target, rules.allowed)
             if problem:
                 raise FetchError(f"GET {redact(current)}: redirect to {redact(target)} refused "
                                  f"by the URL policy: {problem}", url=redact(current),
@@ -320,23 +382,7 @@ def _validator(response: requests.Response) -> str | None:
     return response.headers.get("Last-Modified")
 
 
-def _body(response: requests.Response, chunk_size: int) -> Iterator[bytes]:
-    """The body as sent: no content decoding, so a ``.tar.gz`` served with
-    ``Content-Encoding: gzip`` keeps its bytes and its digest.
-
-    Whole chunks are read (``read``, not ``read1``: one socket read returns
-    some 64 KiB, and the per-call overhead halves the throughput). A read that
-    times out loses its partial chunk; the resume starts after the last whole
-    one. A connection closed early returns its partial chunk first."""
-    raw = response.raw
-    while True:
-        chunk = raw.read(chunk_size, decode_content=False)
-        if not chunk:
-            return
-        yield chunk
-
-
 def describe(exc: BaseException) -> str:
     """A short reason, without the URL (which may hold credentials)."""
-    text = _scrub(str(exc))
+    text = redact_text(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

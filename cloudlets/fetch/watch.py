@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from cloudlets.errors import FetchError
@@ -48,6 +49,7 @@ class DownloadWatch:
         self._generation = 0
         self._done = False
         self._error: BaseException | None = None
+        self._on_cancel: list[Callable[[], None]] = []
         self.cancelled = False
 
     # -- the fetching side --------------------------------------------------
@@ -77,11 +79,25 @@ class DownloadWatch:
 
     # -- the reading side ---------------------------------------------------
 
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the cancelling thread) when the download is
+        cancelled, or now if it already was: the fetch cuts its connection
+        with it, so that a read blocked on the socket returns at once."""
+        with self._cond:
+            self._on_cancel.append(callback)
+            cancelled = self.cancelled
+        if cancelled:
+            callback()
+
     def cancel(self) -> None:
-        """Ask the fetch to stop: its next chunk raises :class:`DownloadCancelled`."""
+        """Ask the fetch to stop: its active connection is shut down (see
+        :meth:`on_cancel`) and its next chunk raises :class:`DownloadCancelled`."""
         with self._cond:
             self.cancelled = True
             self._cond.notify_all()
+            callbacks = list(self._on_cancel)
+        for callback in callbacks:
+            callback()
 
     def reader(self) -> _Follower:
         """:returns: a binary file object reading the download from its start,

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 from cloudlets.catalog import (
     IN_FLIGHT,
@@ -635,37 +635,16 @@ class RenderJobs:
         :returns: the document, and its bytes as read (what a signature covers).
         :raises BadRequest: when it is refused, unreachable or not a manifest.
         """
-        import requests
-
         fetcher = self.images_for(tenant.name).renderer.fetcher
-        policy, (connect_timeout, read_timeout) = fetcher.policy, fetcher.timeout
-
         shown = redact(url)
-        current = url
         try:
-            for _ in range(policy.max_redirects + 1):
-                policy.check(current, "manifest_url")
-                with requests.get(current, stream=True, allow_redirects=False,
-                                  timeout=(connect_timeout, read_timeout)) as response:
-                    if response.is_redirect:
-                        current = urljoin(current, response.headers.get("Location", ""))
-                        continue
-                    if response.status_code != 200:
-                        raise FetchError(f"manifest_url {shown}: HTTP {response.status_code}",
-                                         url=shown, status=response.status_code)
-                    body = response.raw.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
-                    break
-            else:
-                raise FetchError(f"manifest_url {shown}: more than "
-                                 f"{policy.max_redirects} redirects", url=shown)
+            # policed like a tarball: every hop, and the address connected to
+            body = fetcher.read(url, max_bytes=MAX_MANIFEST_BYTES, what="manifest_url")
         except FetchError as exc:
-            raise BadRequest(str(exc), error="FetchError") from None
-        except requests.RequestException as exc:
-            raise BadRequest(f"manifest_url {shown}: {type(exc).__name__}",
-                             error="FetchError") from None
-        if len(body) > MAX_MANIFEST_BYTES:
-            raise BadRequest(f"manifest_url {shown}: over {MAX_MANIFEST_BYTES} bytes",
-                             error="ManifestError")
+            error = "ManifestError" if "larger than" in str(exc) else "FetchError"
+            raise BadRequest(str(exc), error=error) from None
+        if body is None:
+            raise BadRequest(f"manifest_url {shown}: HTTP 404 (not found)", error="FetchError")
         try:
             data = parse_json(body)
         except JSONSyntaxError as exc:

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from cloudlets import Renderer
 from cloudlets.errors import TemplateError
 from cloudlets.templates import TemplateLimits, render_template
+from tests.netpolicy import LOOPBACK_HOSTS
 from tests.test_renderer import BASE_FILES, cloudlet  # noqa: F401 - a fixture
 from tests.test_rootfs import M, read
 
@@ -269,7 +270,8 @@ def test_renderer_applies_its_template_limits_and_leaves_nothing(
         cloudlet: Any,  # noqa: F811 - the fixture imported above
         tmp_path: Path, limits: TemplateLimits | None, template: bytes, words: str) -> None:
     renderer = Renderer(cache_dir=tmp_path / "cache", data_dir=tmp_path / "data",
-                        work_dir=tmp_path / "work", ex_template_limits=limits)
+                        work_dir=tmp_path / "work", ex_template_limits=limits,
+                        ex_allow_hosts=LOOPBACK_HOSTS)  # the cloudlet's tarball server
     manifest = cloudlet({**BASE_FILES, "etc/hostname": template})
     del manifest["boot"]
     with pytest.raises(TemplateError, match=words) as caught:

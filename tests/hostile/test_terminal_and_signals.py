@@ -23,6 +23,7 @@ from cloudlets.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
 from cloudlets.cli_output import escape_controls
 from cloudlets.drivers.storage.local import LocalStorage
 from tests.httpfaults import FaultServer, Route
+from tests.netpolicy import allow_args
 from tests.test_catalog import make_cloudlet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +95,7 @@ def test_signal_mid_render_cleans_up_and_exits_with_its_code(
                "CLOUDLETS_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
         process = subprocess.Popen(
             [sys.executable, "-m", "cloudlets", "render", str(path), "-f", "tar", "-o",
-             str(tmp_path / "out") + "/"],
+             str(tmp_path / "out") + "/", *allow_args(server.url("/"))],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 30
