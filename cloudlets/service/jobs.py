@@ -17,7 +17,6 @@ Nothing here waits for a render: a client polls ``GET /v1/images/{id}``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -42,6 +41,7 @@ from cloudlets.catalog.leases import stale_reason
 from cloudlets.drivers.base import FormatDriver
 from cloudlets.errors import CatalogError, CloudletsError, FetchError, Problem
 from cloudlets.fetch import Fetcher, UrlPolicy
+from cloudlets.fetch.policy import url_port
 from cloudlets.images import Execute, Images
 from cloudlets.jsondoc import JSONSyntaxError, parse_json
 from cloudlets.manifest import MAX_MANIFEST_BYTES
@@ -328,38 +328,29 @@ def url_policy(settings: FetchSettings, mirrors: Iterable[Mapping[str, Any]] = (
     """The library's :class:`~cloudlets.fetch.UrlPolicy` for the service's
     ``[fetch]`` settings. The provider's mirrors are always allowed.
 
-    ``allow_hosts`` are passed as the policy's exceptions to its default
-    rules (when this library's policy has them); ``only_hosts`` becomes the
-    policy's host allow-list, the mirrors' hosts added: an exception to the
-    default rules does not open a closed list.
+    ``allow_hosts`` (and the mirrors' hosts) are the policy's exceptions to
+    its address rules, ``allow_networks`` and ``deny_networks`` its ranges;
+    ``only_hosts`` becomes the policy's host allow-list and ``ports`` its
+    port list, the mirrors' added to both: an exception to the address rules
+    does not open a closed list.
     """
     mirror_urls = [url for rule in mirrors for url in rule.get("mirrors", [])
                    if isinstance(url, str)]
     mirror_hosts = [urlsplit(url).netloc.lower() for url in mirror_urls]
     allowed = tuple(settings.allow_hosts) + tuple(mirror_hosts)
     options: dict[str, Any] = {"schemes": frozenset(settings.schemes),
-                               "max_redirects": settings.max_redirects}
+                               "max_redirects": settings.max_redirects,
+                               "allow_hosts": frozenset(allowed),
+                               "allow_networks": settings.allow_networks}
     if settings.only_hosts is not None:
         options["hosts"] = frozenset(_host(entry) for entry in
                                      (*settings.only_hosts, *mirror_hosts))
     if settings.ports is not None:
-        options["ports"] = frozenset(settings.ports) | {_port(url) for url in mirror_urls}
+        options["ports"] = frozenset(settings.ports) | {url_port(urlsplit(url))
+                                                        for url in mirror_urls}
     if settings.deny_networks is not None:
         options["deny_networks"] = settings.deny_networks
-    if settings.allow_networks:
-        options["allow_networks"] = settings.allow_networks
-    if "allow_hosts" in {f.name for f in dataclasses.fields(UrlPolicy)}:
-        options["allow_hosts"] = frozenset(allowed)
-    else:  # the address rules came with allow_hosts: a policy without them has none
-        for name in ("ports", "deny_networks", "allow_networks"):
-            options.pop(name, None)
     return UrlPolicy(**options)
-
-
-def _port(url: str) -> int:
-    """The port ``url`` connects to."""
-    parts = urlsplit(url)
-    return parts.port or (443 if parts.scheme.lower() == "https" else 80)
 
 
 def renderer_for(config: ServiceConfig, fetch: FetchSettings) -> Renderer:
