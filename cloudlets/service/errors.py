@@ -52,8 +52,11 @@ class ServiceError(CloudletsError):
         super().__init__(message)
 
     def to_dict(self) -> dict[str, Any]:
-        """:returns: the JSON error body: ``error``, ``message``, ``problems``,
-        and for a refused signature its ``reason`` code."""
+        """The JSON error body.
+
+        :returns: ``error``, ``message``, ``problems``, and for a refused
+            signature its ``reason`` code.
+        """
         body: dict[str, Any] = {"error": self.error, "message": str(self),
                                 "problems": [{"pointer": p.pointer, "message": p.message}
                                              for p in self.problems]}
