@@ -233,3 +233,11 @@ require_signature = "yes"
     paths = {path for path, _ in caught.value.problems}
     assert {"signing", "signing.provenance_key", "signing.colour",
             "tenants.a.signing.allowed_signers"} <= paths, caught.value.problems
+    # revoked keys without a keyring are no policy: refused, not ignored
+    text = (tmp_path / "service.toml").read_text()
+    (tmp_path / "service.toml").write_text(text.replace(
+        'allowed_signers = "nowhere"\nprovenance_key = "no-key"\ncolour = "blue"\n',
+        'revoked = "revoked"\n'))
+    with pytest.raises(ServiceConfigError) as caught:
+        ServiceConfig.load(tmp_path / "service.toml")
+    assert "signing.allowed_signers" in {path for path, _ in caught.value.problems}

@@ -358,7 +358,8 @@ class _Reader:
         signing = self.table("signing")
         self.unknown(signing, "signing", {"allowed_signers", "revoked", "require_signature",
                                           "provenance_key", "provenance_key_password_env"})
-        trust = self.trust(signing, "signing") if "allowed_signers" in signing else None
+        trust = self.trust(signing, "signing") if signing.keys() & {
+            "allowed_signers", "revoked", "require_signature"} else None
         provenance_key = self.provenance_key(signing)
         tenants = self.tenants(targets, fetch)
         presets = self.presets()
