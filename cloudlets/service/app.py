@@ -11,6 +11,7 @@ a manifest's validation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from cloudlets.errors import (
     ConfigError,
     ManifestError,
     Problem,
+    SignatureError,
 )
 from cloudlets.jsondoc import JSONSyntaxError, parse_json
 from cloudlets.service.auth import Authenticator
@@ -58,7 +60,8 @@ __all__ = ["SecretFilter", "create_app", "image_view"]
 
 log = logging.getLogger("cloudlets.service")
 
-_CREATE_KEYS = ("manifest", "manifest_url", "config", "format", "target", "format_options")
+_CREATE_KEYS = ("manifest", "manifest_url", "config", "format", "target", "format_options",
+                "signature")
 _IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 _ROUTES = (("/v1/images/", "/v1/images/{id}"),)
 
@@ -120,6 +123,10 @@ def image_view(entry: CatalogEntry, owner: Owner | None,
                        "sha256": a.sha256, "media_type": a.media_type}
                       for a in entry.artifacts],
         "error": error,
+        "signer": {k: signer[k] for k in ("principal", "fingerprint") if k in signer}
+        if isinstance(signer := entry.details.get("signature"), dict) else None,
+        "provenance": {k: provenance[k] for k in ("location", "key_id") if k in provenance}
+        if isinstance(provenance := entry.details.get("provenance"), dict) else None,
         "created_at": data["created_at"],
         "updated_at": data["updated_at"],
         "started_at": data["started_at"],
@@ -228,6 +235,11 @@ class _Api:
         if not isinstance(target, str) or target not in self.config.targets:
             problems.append(Problem("/target", f"unknown target (configured: "
                                                f"{', '.join(self.config.targets)})"))
+        signature = data.get("signature")
+        if "signature" in data and (not isinstance(signature, str)
+                                    or "-----BEGIN SSH SIGNATURE-----" not in signature):
+            problems.append(Problem("/signature", "must be an armored SSH signature "
+                                                  "(-----BEGIN SSH SIGNATURE-----)"))
         for key in ("config", "format_options"):
             if key in data and not isinstance(data[key], dict):
                 problems.append(Problem(f"/{key}", "must be a JSON object"))
@@ -245,7 +257,8 @@ class _Api:
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
         request = CreateRequest(manifest=data.get("manifest") or {}, format=fmt,
                                 target=target, config=data.get("config") or {},
-                                format_options=options, digest=digest)
+                                format_options=options, digest=digest,
+                                signature=signature if isinstance(signature, str) else None)
         return request, url if "manifest_url" in data else None
 
     def view(self, entry: CatalogEntry, owner: Owner | None) -> dict[str, Any]:
@@ -266,6 +279,8 @@ class _Api:
             log.error("catalog: %s", message)
             return ServiceUnavailable(f"the catalog cannot be used now: {message}",
                                       headers={"Retry-After": "5"})
+        if isinstance(exc, SignatureError):
+            return BadRequest(message, error="SignatureError", reason=exc.reason)
         return BadRequest(message, error=type(exc).__name__)
 
     # -- handlers ---------------------------------------------------------------
@@ -278,11 +293,9 @@ class _Api:
         parsed, url = self.parse_create(await self.body(request))
         try:
             if url is not None:
-                manifest = await run_in_threadpool(self.jobs.fetch_manifest, tenant, url)
-                parsed = CreateRequest(manifest=manifest, format=parsed.format,
-                                       target=parsed.target, config=parsed.config,
-                                       format_options=parsed.format_options,
-                                       digest=parsed.digest)
+                manifest, raw = await run_in_threadpool(self.jobs.fetch_manifest, tenant, url)
+                parsed = dataclasses.replace(parsed, manifest=manifest, manifest_url=url,
+                                             manifest_bytes=raw)
             created = await run_in_threadpool(self.jobs.create, tenant, parsed, key)
         except CloudletsError as exc:
             raise self.invalid(exc) from None
@@ -323,6 +336,15 @@ class _Api:
         entry, owner = await run_in_threadpool(self.jobs.get, tenant,
                                                request.path_params["id"])
         return JSONResponse(self.view(entry, owner))
+
+    async def provenance(self, request: Request) -> Response:
+        tenant = self.tenant(request)
+        entry, _ = await run_in_threadpool(self.jobs.get, tenant, request.path_params["id"])
+        recorded = entry.details.get("provenance")
+        envelope = recorded.get("envelope") if isinstance(recorded, dict) else None
+        if not isinstance(envelope, dict):
+            raise NotFound(f"image {entry.entry_id} has no provenance")
+        return JSONResponse(envelope, media_type="application/vnd.dsse.envelope.v1+json")
 
     async def delete(self, request: Request) -> Response:
         tenant = self.tenant(request)
@@ -417,6 +439,9 @@ class _Counted:
 
 
 def _route(path: str) -> str:
+    if path.startswith("/v1/images/") and path.count("/") == 4 \
+            and path.endswith("/provenance"):
+        return "/v1/images/{id}/provenance"
     for prefix, route in _ROUTES:
         if path.startswith(prefix) and "/" not in path[len(prefix):]:
             return route
@@ -463,6 +488,7 @@ def create_app(config: ServiceConfig, *, executor: RenderExecutor | None = None)
                 route("/v1/images", api.list, "GET"),
                 route("/v1/images/{id}", api.get, "GET"),
                 route("/v1/images/{id}", api.delete, "DELETE"),
+                route("/v1/images/{id}/provenance", api.provenance, "GET"),
                 route("/v1/formats", api.list_formats, "GET"),
                 route("/v1/targets", api.list_targets, "GET"),
                 route("/v1/healthz", api.healthz, "GET"),

@@ -39,6 +39,7 @@ from cloudlets.drivers.providers import list_drivers, make_driver
 from cloudlets.drivers.types import DriverKind, StorageCapability
 from cloudlets.errors import CloudletsError, ConfigurationError
 from cloudlets.mirrors import MirrorRules
+from cloudlets.signing import ProvenanceKey, TrustPolicy
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -61,7 +62,7 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 OPERATIONS = frozenset({"create", "read", "delete"})
 
 _SECTIONS = {"service", "limits", "targets", "formats", "tenants", "presets", "mirrors",
-             "fetch", "queue"}
+             "fetch", "queue", "signing"}
 #: ``[queue] backend``: renders in the service's own threads, or on Celery workers.
 QUEUE_BACKENDS = ("embedded", "celery")
 #: What to install for ``[queue] backend = "celery"``.
@@ -151,6 +152,8 @@ class TenantSettings:
     :ivar targets: the targets it may render to (``None``: all).
     :ivar fetch: its own URL policy settings (``[tenants.NAME.fetch]``),
         when it has one; else the service's apply.
+    :ivar trust: its own trust policy (``[tenants.NAME.signing]``), when it
+        has one; else the service's applies.
     """
 
     name: str
@@ -159,6 +162,7 @@ class TenantSettings:
     operations: frozenset[str] = OPERATIONS
     targets: frozenset[str] | None = None
     fetch: FetchSettings | None = None
+    trust: TrustPolicy | None = None
 
     def __repr__(self) -> str:  # the digest stays out of logs too
         return f"TenantSettings(name={self.name!r}, admin={self.admin})"
@@ -177,10 +181,18 @@ class FetchSettings:
     :ivar max_redirects: redirects followed per request.
     :ivar connect_timeout: seconds to wait for a connection.
     :ivar read_timeout: seconds to wait for bytes.
+    :ivar deny_networks: when set, the address ranges refused
+        (``ADDRESS/PREFIX``) instead of the library's default ones.
+    :ivar allow_networks: ranges allowed although refused by the default
+        (a provider's own mirror network, say).
+    :ivar ports: when set, the only ports a URL may name.
     """
 
     allow_hosts: tuple[str, ...] = ()
     only_hosts: tuple[str, ...] | None = None
+    deny_networks: tuple[str, ...] | None = None
+    allow_networks: tuple[str, ...] = ()
+    ports: tuple[int, ...] | None = None
     schemes: tuple[str, ...] = ("http", "https")
     max_redirects: int = 5
     connect_timeout: float = 10.0
@@ -232,6 +244,10 @@ class ServiceConfig:
     :ivar fetch: the URL policy settings.
     :ivar limits: the request and tenant limits.
     :ivar queue: where renders run (``[queue]``).
+    :ivar trust: the trust policy of every tenant without its own
+        (``[signing]``), or ``None``: signatures are not checked.
+    :ivar provenance_key: signs every render's provenance (``[signing]
+        provenance_key``), or ``None``: no provenance.
     :ivar secrets: every secret value read (tokens, credentials), to keep
         out of responses and logs.
     """
@@ -251,6 +267,8 @@ class ServiceConfig:
     limits: Limits
     secrets: frozenset[str] = frozenset()
     queue: QueueSettings = QueueSettings()
+    trust: TrustPolicy | None = None
+    provenance_key: ProvenanceKey | None = None
 
     @classmethod
     def load(cls, path: str | Path, *, listen: str | None = None) -> ServiceConfig:
@@ -337,6 +355,12 @@ class _Reader:
         formats = self.formats(service)
         targets = self.targets()
         fetch = self.fetch()
+        signing = self.table("signing")
+        self.unknown(signing, "signing", {"allowed_signers", "revoked", "require_signature",
+                                          "provenance_key", "provenance_key_password_env"})
+        trust = self.trust(signing, "signing") if signing.keys() & {
+            "allowed_signers", "revoked", "require_signature"} else None
+        provenance_key = self.provenance_key(signing)
         tenants = self.tenants(targets, fetch)
         presets = self.presets()
         mirrors = self.mirrors()
@@ -347,7 +371,51 @@ class _Reader:
             source=self.source, listen=listen, data_dir=data_dir, cache_dir=cache_dir,
             workers=int(workers), shutdown_grace=float(grace), formats=formats,
             targets=targets, tenants=tenants, presets=presets, mirrors=mirrors, fetch=fetch,
-            limits=limits, secrets=frozenset(self.secrets), queue=queue)
+            limits=limits, secrets=frozenset(self.secrets), queue=queue, trust=trust,
+            provenance_key=provenance_key)
+
+    def trust(self, table: Mapping[str, Any], where: str) -> TrustPolicy | None:
+        """A trust policy from ``allowed_signers`` (an OpenSSH file),
+        ``revoked`` (a file of revoked keys) and ``require_signature``
+        (default true); paths relative to the configuration file."""
+        for key in ("allowed_signers", "revoked"):
+            if key in table and (not isinstance(table[key], str) or not table[key]):
+                self.problem(f"{where}.{key}", "must be a file path")
+                return None
+        if "allowed_signers" not in table:
+            self.problem(f"{where}.allowed_signers", "a trust policy needs an allowed_signers "
+                                                     "file")
+            return None
+        required = table.get("require_signature", True)
+        if not isinstance(required, bool):
+            self.problem(f"{where}.require_signature", "must be true or false")
+            return None
+        try:
+            return TrustPolicy.from_files(
+                self.base / table["allowed_signers"],
+                self.base / table["revoked"] if "revoked" in table else None,
+                require_signature=required)
+        except CloudletsError as exc:
+            self.problem(where, str(exc))
+            return None
+
+    def provenance_key(self, table: Mapping[str, Any]) -> ProvenanceKey | None:
+        if "provenance_key" not in table:
+            return None
+        path = table["provenance_key"]
+        if not isinstance(path, str) or not path:
+            self.problem("signing.provenance_key", "must be a file path")
+            return None
+        password = None
+        if "provenance_key_password_env" in table:
+            password = self.secret(table["provenance_key_password_env"],
+                                   "signing.provenance_key_password_env", "env")
+        try:
+            return ProvenanceKey.load(self.base / path,
+                                      password.encode() if password is not None else None)
+        except CloudletsError as exc:
+            self.problem("signing.provenance_key", str(exc))
+            return None
 
     def listen(self, service: Mapping[str, Any]) -> tuple[str, int]:
         text = self.listen_override
@@ -477,9 +545,17 @@ class _Reader:
                 self.problem(where, "must be a table")
                 continue
             self.unknown(table, where, {"token_env", "token_file", "token_sha256", "admin",
-                                        "operations", "targets", "fetch"})
+                                        "operations", "targets", "fetch", "signing"})
             own_fetch = self.tenant_fetch(table["fetch"], f"{where}.fetch", fetch) \
                 if "fetch" in table else None
+            own_trust = None
+            if "signing" in table:
+                if isinstance(table["signing"], dict):
+                    self.unknown(table["signing"], f"{where}.signing",
+                                 {"allowed_signers", "revoked", "require_signature"})
+                    own_trust = self.trust(table["signing"], f"{where}.signing")
+                else:
+                    self.problem(f"{where}.signing", "must be a table")
             digest = self.token(table, where)
             admin = table.get("admin", False)
             if not isinstance(admin, bool):
@@ -506,7 +582,8 @@ class _Reader:
             seen[digest] = name
             result[name] = TenantSettings(
                 name=name, token_sha256=digest, admin=admin, operations=frozenset(operations),
-                targets=frozenset(allowed) if allowed is not None else None, fetch=own_fetch)
+                targets=frozenset(allowed) if allowed is not None else None, fetch=own_fetch,
+                trust=own_trust)
         return result
 
     def token(self, table: Mapping[str, Any], where: str) -> str | None:
@@ -562,8 +639,12 @@ class _Reader:
     def fetch(self) -> FetchSettings:
         table = self.table("fetch")
         self.unknown(table, "fetch", {"allow_hosts", "only_hosts", "schemes", "max_redirects",
-                                      "connect_timeout", "read_timeout"})
+                                      "connect_timeout", "read_timeout", "deny_networks",
+                                      "allow_networks", "ports"})
         allow = self.hosts(table, "fetch", "allow_hosts")
+        deny = self.networks(table, "fetch", "deny_networks") if "deny_networks" in table \
+            else None
+        ports = self.ports(table, "fetch") if "ports" in table else None
         only = self.hosts(table, "fetch", "only_hosts") if "only_hosts" in table else None
         schemes = table.get("schemes", ["http", "https"])
         if not isinstance(schemes, list) or not set(schemes) <= {"http", "https"} \
@@ -572,6 +653,8 @@ class _Reader:
             schemes = ["http", "https"]
         return FetchSettings(
             allow_hosts=allow, only_hosts=only, schemes=tuple(schemes),
+            deny_networks=deny, allow_networks=self.networks(table, "fetch", "allow_networks"),
+            ports=ports,
             max_redirects=int(self.number(table, "fetch", "max_redirects", 5, int, 0, 20)),
             connect_timeout=float(self.number(table, "fetch", "connect_timeout", 10.0, float,
                                               0.1, 600.0)),
@@ -623,16 +706,46 @@ class _Reader:
                                       float, 0.01, 10.0))
 
     def tenant_fetch(self, table: Any, where: str, service: FetchSettings) -> FetchSettings:
-        """A tenant's own ``[tenants.NAME.fetch]``: its ``allow_hosts`` are
-        added to the service's, its ``only_hosts`` replace the service's."""
+        """A tenant's own ``[tenants.NAME.fetch]``: its ``allow_hosts`` and
+        ``allow_networks`` are added to the service's, its ``only_hosts``,
+        ``deny_networks`` and ``ports`` replace the service's."""
         if not isinstance(table, dict):
             self.problem(where, "must be a table")
             return service
-        self.unknown(table, where, {"allow_hosts", "only_hosts"})
+        self.unknown(table, where, {"allow_hosts", "only_hosts", "allow_networks",
+                                    "deny_networks", "ports"})
         allow = service.allow_hosts + self.hosts(table, where, "allow_hosts")
         only = self.hosts(table, where, "only_hosts") if "only_hosts" in table \
             else service.only_hosts
-        return dataclasses.replace(service, allow_hosts=allow, only_hosts=only)
+        deny = self.networks(table, where, "deny_networks") if "deny_networks" in table \
+            else service.deny_networks
+        ports = self.ports(table, where) if "ports" in table else service.ports
+        return dataclasses.replace(
+            service, allow_hosts=allow, only_hosts=only, deny_networks=deny, ports=ports,
+            allow_networks=service.allow_networks + self.networks(table, where,
+                                                                  "allow_networks"))
+
+    def networks(self, table: Mapping[str, Any], where: str, key: str) -> tuple[str, ...]:
+        value = table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+            self.problem(f"{where}.{key}", "must be a list of ADDRESS/PREFIX strings")
+            return ()
+        good = []
+        for entry in value:
+            try:
+                good.append(str(ipaddress.ip_network(entry, strict=False)))
+            except ValueError:
+                self.problem(f"{where}.{key}", f"{entry!r} is not a network (ADDRESS/PREFIX)")
+        return tuple(good)
+
+    def ports(self, table: Mapping[str, Any], where: str) -> tuple[int, ...]:
+        value = table.get("ports")
+        if not isinstance(value, list) or not value or not all(
+                isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536
+                for p in value):
+            self.problem(f"{where}.ports", "must be a non-empty list of port numbers")
+            return ()
+        return tuple(value)
 
     def hosts(self, table: Mapping[str, Any], where: str, key: str) -> tuple[str, ...]:
         value = table.get(key, [])

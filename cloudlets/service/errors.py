@@ -44,17 +44,25 @@ class ServiceError(CloudletsError):
 
     def __init__(self, message: str, *, error: str | None = None,
                  problems: Sequence[Problem] = (),
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, reason: str | None = None) -> None:
         self.error = error or type(self).__name__
         self.problems = list(problems)
+        self.reason = reason
         self.headers = dict(headers or {})
         super().__init__(message)
 
     def to_dict(self) -> dict[str, Any]:
-        """:returns: the JSON error body: ``error``, ``message``, ``problems``."""
-        return {"error": self.error, "message": str(self),
-                "problems": [{"pointer": p.pointer, "message": p.message}
-                             for p in self.problems]}
+        """The JSON error body.
+
+        :returns: ``error``, ``message``, ``problems``, and for a refused
+            signature its ``reason`` code.
+        """
+        body: dict[str, Any] = {"error": self.error, "message": str(self),
+                                "problems": [{"pointer": p.pointer, "message": p.message}
+                                             for p in self.problems]}
+        if self.reason is not None:
+            body["reason"] = self.reason
+        return body
 
 
 class BadRequest(ServiceError):

@@ -17,7 +17,6 @@ Nothing here waits for a render: a client polls ``GET /v1/images/{id}``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -42,6 +41,7 @@ from cloudlets.catalog.leases import stale_reason
 from cloudlets.drivers.base import FormatDriver
 from cloudlets.errors import CatalogError, CloudletsError, FetchError, Problem
 from cloudlets.fetch import Fetcher, UrlPolicy
+from cloudlets.fetch.policy import url_port
 from cloudlets.images import Execute, Images
 from cloudlets.jsondoc import JSONSyntaxError, parse_json
 from cloudlets.manifest import MAX_MANIFEST_BYTES
@@ -64,6 +64,7 @@ from cloudlets.service.errors import (
     TooManyRequests,
 )
 from cloudlets.service.records import Owner, ServiceRecords
+from cloudlets.signing import TrustPolicy
 from cloudlets.urls import redact
 
 if TYPE_CHECKING:
@@ -103,6 +104,11 @@ class CreateRequest:
     :ivar format_options: the format options the provider lets clients set.
     :ivar digest: sha256 of the request as the client sent it, for
         ``Idempotency-Key``.
+    :ivar signature: the manifest's signature the request passed
+        (armored SSHSIG), if any.
+    :ivar manifest_url: where the manifest was read, if from a URL.
+    :ivar manifest_bytes: the manifest's bytes as read from
+        ``manifest_url``: what a signature covers.
     """
 
     manifest: Mapping[str, Any]
@@ -111,6 +117,9 @@ class CreateRequest:
     config: Mapping[str, Any] = field(default_factory=dict)
     format_options: Mapping[str, Any] = field(default_factory=dict)
     digest: str = ""
+    signature: str | None = None
+    manifest_url: str | None = None
+    manifest_bytes: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
         """:returns: the request as JSON, what a remote executor sends."""
@@ -319,21 +328,28 @@ def url_policy(settings: FetchSettings, mirrors: Iterable[Mapping[str, Any]] = (
     """The library's :class:`~cloudlets.fetch.UrlPolicy` for the service's
     ``[fetch]`` settings. The provider's mirrors are always allowed.
 
-    ``allow_hosts`` are passed as the policy's exceptions to its default
-    rules (when this library's policy has them); ``only_hosts`` becomes the
-    policy's host allow-list, the mirrors' hosts added: an exception to the
-    default rules does not open a closed list.
+    ``allow_hosts`` (and the mirrors' hosts) are the policy's exceptions to
+    its address rules, ``allow_networks`` and ``deny_networks`` its ranges;
+    ``only_hosts`` becomes the policy's host allow-list and ``ports`` its
+    port list, the mirrors' added to both: an exception to the address rules
+    does not open a closed list.
     """
-    mirror_hosts = [urlsplit(url).netloc.lower() for rule in mirrors
-                    for url in rule.get("mirrors", []) if isinstance(url, str)]
+    mirror_urls = [url for rule in mirrors for url in rule.get("mirrors", [])
+                   if isinstance(url, str)]
+    mirror_hosts = [urlsplit(url).netloc.lower() for url in mirror_urls]
     allowed = tuple(settings.allow_hosts) + tuple(mirror_hosts)
     options: dict[str, Any] = {"schemes": frozenset(settings.schemes),
-                               "max_redirects": settings.max_redirects}
+                               "max_redirects": settings.max_redirects,
+                               "allow_hosts": frozenset(allowed),
+                               "allow_networks": settings.allow_networks}
     if settings.only_hosts is not None:
         options["hosts"] = frozenset(_host(entry) for entry in
                                      (*settings.only_hosts, *mirror_hosts))
-    if "allow_hosts" in {f.name for f in dataclasses.fields(UrlPolicy)}:
-        options["allow_hosts"] = frozenset(allowed)
+    if settings.ports is not None:
+        options["ports"] = frozenset(settings.ports) | {url_port(urlsplit(url))
+                                                        for url in mirror_urls}
+    if settings.deny_networks is not None:
+        options["deny_networks"] = settings.deny_networks
     return UrlPolicy(**options)
 
 
@@ -499,8 +515,11 @@ class RenderJobs:
         try:
             fmt = self._format(settings, request.format_options)
             output = self._output(tenant, target, request)
+            trust = tenant.trust or self.config.trust
             claim = self.images_for(tenant.name).submit(
-                dict(request.manifest), output, target.driver, fmt, dict(request.config))
+                self._signed_source(request, trust), output, target.driver, fmt,
+                dict(request.config), signature=self._signature(request, trust), trust=trust,
+                provenance_key=self.config.provenance_key)
             entry = claim.entry
             self.records.own(entry.entry_id, tenant.name, target.name)
             if claim.state is ClaimState.CLAIMED:
@@ -599,10 +618,12 @@ class RenderJobs:
         """:returns: the create-image operation under the tenant's URL policy."""
         return self._tenant_images.get(tenant, self.images)
 
-    def fetch_manifest(self, tenant: TenantSettings, url: str) -> Mapping[str, Any]:
+    def fetch_manifest(self, tenant: TenantSettings,
+                       url: str) -> tuple[Mapping[str, Any], bytes]:
         """Read a manifest from ``manifest_url`` under the tenant's URL
         policy, checked again on every redirect.
 
+        :returns: the document, and its bytes as read (what a signature covers).
         :raises BadRequest: when it is refused, unreachable or not a manifest.
         """
         fetcher = self.images_for(tenant.name).renderer.fetcher
@@ -623,7 +644,7 @@ class RenderJobs:
         if not isinstance(data, dict):
             raise BadRequest(f"manifest_url {shown} is not a JSON object",
                              error="ManifestError", problems=[Problem("", "not an object")])
-        return data
+        return data, body
 
     # -- internals ----------------------------------------------------------------
 
@@ -649,6 +670,25 @@ class RenderJobs:
     def _allowed(tenant: TenantSettings, operation: str) -> None:
         if operation not in tenant.operations:
             raise Forbidden(f"tenant {tenant.name!r} may not {operation} images")
+
+    @staticmethod
+    def _signed_source(request: CreateRequest, trust: TrustPolicy | None) -> str | dict[str, Any]:
+        """The manifest as the renderer gets it: its published bytes (as
+        text) when a trust policy checks them, else the document."""
+        if trust is not None and request.manifest_bytes is not None:
+            return request.manifest_bytes.decode("utf-8", errors="replace")
+        return dict(request.manifest)
+
+    @staticmethod
+    def _signature(request: CreateRequest, trust: TrustPolicy | None) -> str | None:
+        """The request's signature; else, when one is required, where it
+        is published: ``manifest_url + ".sig"`` (read under the tenant's URL
+        policy)."""
+        if request.signature is not None:
+            return request.signature
+        if trust is not None and trust.require_signature and request.manifest_url:
+            return request.manifest_url + ".sig"
+        return None
 
     @staticmethod
     def _output(tenant: TenantSettings, target: Target, request: CreateRequest) -> str:

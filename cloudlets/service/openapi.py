@@ -68,7 +68,12 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "error": {"type": "string", "description": "the error's class name"},
                 "message": {"type": "string"},
-                "problems": {"type": "array", "items": _ref("Problem")}},
+                "problems": {"type": "array", "items": _ref("Problem")},
+                "reason": {"type": "string",
+                           "description": "for a refused signature (SignatureError): "
+                                          "missing, mismatch, unknown-key, expired, "
+                                          "not-yet-valid, revoked, namespace, malformed, "
+                                          "policy"}},
         },
         "CreateImage": {
             "type": "object", "additionalProperties": False,
@@ -88,6 +93,11 @@ def _schemas() -> dict[str, Any]:
                 "format_options": {"type": "object",
                                    "description": "the options the format lists in "
                                                   "client_options"},
+                "signature": {"type": "string", "maxLength": 65536,
+                              "description": "the manifest's SSH signature (armored, "
+                                             "-----BEGIN SSH SIGNATURE-----) over the bytes "
+                                             "of manifest_url; default manifest_url + "
+                                             "'.sig' where a signature is required"},
             },
             "oneOf": [{"required": ["manifest"]}, {"required": ["manifest_url"]}],
         },
@@ -137,11 +147,35 @@ def _schemas() -> dict[str, Any]:
                 "progress": {"oneOf": [_ref("Progress"), {"type": "null"}]},
                 "artifacts": {"type": "array", "items": _ref("Artifact")},
                 "error": {"oneOf": [_ref("ImageError"), {"type": "null"}]},
+                "signer": {"oneOf": [_ref("Signer"), {"type": "null"}]},
+                "provenance": {"oneOf": [_ref("ProvenanceRef"), {"type": "null"}]},
                 "created_at": _NULLABLE_STRING,
                 "updated_at": _NULLABLE_STRING,
                 "started_at": _NULLABLE_STRING,
                 "finished_at": _NULLABLE_STRING,
             },
+        },
+        "Signer": {
+            "type": "object", "required": ["principal", "fingerprint"],
+            "description": "who signed the manifest, as the trust policy allowed it",
+            "properties": {"principal": {"type": "string"},
+                           "fingerprint": {"type": "string",
+                                           "description": "SHA256:... of the key"}},
+        },
+        "ProvenanceRef": {
+            "type": "object", "required": ["location"],
+            "description": "the signed provenance stored beside the artifacts",
+            "properties": {"location": _NULLABLE_STRING, "key_id": _NULLABLE_STRING},
+        },
+        "Envelope": {
+            "type": "object", "required": ["payloadType", "payload", "signatures"],
+            "description": "a DSSE envelope of an in-toto Statement (v1) with a SLSA "
+                           "Provenance (v1) predicate",
+            "properties": {
+                "payloadType": {"type": "string"}, "payload": {"type": "string"},
+                "signatures": {"type": "array", "items": {
+                    "type": "object", "required": ["sig"],
+                    "properties": {"keyid": {"type": "string"}, "sig": {"type": "string"}}}}},
         },
         "ImageList": {
             "type": "object", "required": ["images", "next"],
@@ -236,6 +270,16 @@ def document() -> dict[str, Any]:
         "paths": {
             "/v1/images": images,
             "/v1/images/{id}": image,
+            "/v1/images/{id}/provenance": {
+                "parameters": [_IMAGE_ID],
+                "get": {"operationId": "getImageProvenance",
+                        "summary": "The image's signed provenance (a DSSE envelope)",
+                        "responses": {
+                            "200": {"description": "the envelope", "content": {
+                                "application/vnd.dsse.envelope.v1+json": {
+                                    "schema": _ref("Envelope")}}},
+                            **_AUTH_ERRORS,
+                            "404": _error("no such image, or it has no provenance")}}},
             "/v1/formats": {"get": {"operationId": "listFormats",
                                     "summary": "The formats offered",
                                     "responses": {"200": _ok("the formats", "Formats"),
