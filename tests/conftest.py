@@ -35,6 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
     _SESSION_TMP = Path(tempfile.mkdtemp(prefix="cloudlets-tests-"))
     session_tmp = _SESSION_TMP / "tmp"
     session_tmp.mkdir()
+    # Like /tmp: the rootless tests' unprivileged user makes its files here too.
+    _SESSION_TMP.chmod(0o755)
+    session_tmp.chmod(0o1777)
     os.environ["TMPDIR"] = str(session_tmp)
     os.environ.setdefault("CLOUDLETS_CACHE_DIR", str(_SESSION_TMP / "cache"))
     tempfile.tempdir = None  # gettempdir() reads $TMPDIR again
