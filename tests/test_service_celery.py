@@ -321,3 +321,52 @@ def test_celery_mode_without_the_extra_names_it(tmp_path: Path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 5, done.stdout + done.stderr
     assert "pip install cloudlets[celery]" in done.stdout + done.stderr
+
+
+def test_a_signed_render_on_a_worker_keeps_its_signer_and_provenance(
+        tmp_path: Path, tarballs: TarballServer) -> None:
+    """The service checks the signature before it queues the render; the
+    worker signs the provenance where the artifacts are."""
+    import shutil
+
+    from cloudlets.signing.provenance import load_verify_key, verify_envelope
+    from tests.test_service_signing import fingerprint, make_key, public, publish
+
+    tarballs.gate.set()
+    keys = {name: make_key(tmp_path, name) for name in ("publisher", "provider")}
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    worker: Worker | None = None
+    service: Service | None = None
+    try:
+        etc = tmp_path / "etc"
+        etc.mkdir()
+        (etc / "allowed_signers").write_text(
+            f"publisher@example.com {public(keys['publisher'])}\n")
+        shutil.copy(keys["provider"], etc / "provenance.key")
+        config = etc / "service.toml"
+        config.write_text(celery_config(tarballs, server.url).replace(
+            "[tenants.alice]", '[signing]\nallowed_signers = "allowed_signers"\n'
+            'provenance_key = "provenance.key"\n[tenants.alice]'))
+        worker = start_worker(config, 1, TOKENS)
+        service = start_service(etc, config.read_text(), tokens=TOKENS)
+        url, _ = publish(tarballs, "signed-on-worker", keys["publisher"])
+        answer = service.call("POST", "/v1/images", "alice",
+                              json={"manifest_url": url, "format": "tar", "target": "local"})
+        assert answer.status_code == 202, answer.text
+        image = service.wait_image(answer.json()["id"], "alice")
+        assert image["status"] == "ready", image
+        assert image["signer"] == {"principal": "publisher@example.com",
+                                   "fingerprint": fingerprint(keys["publisher"])}
+        got = service.call("GET", f"/v1/images/{image['id']}/provenance", "alice")
+        assert got.status_code == 200, got.text
+        statement = verify_envelope(got.content,
+                                    load_verify_key(Path(f"{keys['provider']}.pub")))
+        assert image["artifacts"][0]["sha256"] in {
+            s["digest"]["sha256"] for s in statement["subject"]}
+    finally:
+        if service is not None:
+            service.stop(signal.SIGKILL if service.process.poll() is None else 0)
+        if worker is not None:
+            worker.stop(signal.SIGKILL)
+        server.stop()

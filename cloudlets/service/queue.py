@@ -28,6 +28,7 @@ module imports them when it is used.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -249,7 +250,12 @@ class CeleryExecutor:
 
         def wait(job: Any, progress: ProgressCallback | None, *,
                  overwrite: bool = False) -> RenderResult:
-            return self._wait(task.entry_id, progress)
+            result = self._wait(task.entry_id, progress)
+            signer = getattr(job, "signer", None)  # checked here, at the claim
+            if signer is not None and "signature" not in result.details:
+                result = dataclasses.replace(
+                    result, details={**result.details, "signature": signer.to_dict()})
+            return result
 
         return wait
 
@@ -443,10 +449,12 @@ class RenderWorker:
                                      f"{payload['target']!r} or format {payload['format']!r}: "
                                      "workers must read the service's configuration")
         renderer = self.renderer(str(payload.get("tenant", "")))
+        # The signature was checked by the service before it queued the
+        # render; the provenance is signed here, where the artifacts are.
         job, request = prepare_request(
             renderer, dict(payload["manifest"]),
             str(payload["output"]), target.driver, settings.build(payload["format_options"]),
-            dict(payload["config"]))
+            dict(payload["config"]), provenance_key=config.provenance_key)
         if request.key != payload["key"] or job.output != payload["location"]:
             raise ConfigurationError(f"this worker prepared request key {request.key[:16]} at "
                                      f"{job.output}, the service claimed {payload['key'][:16]} "
