@@ -52,6 +52,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchstats import percentile  # noqa: E402
+
 from cloudlets.catalog import ImageCatalog  # noqa: E402
 from tests.celery_fixture import RedisServer, Worker, start_worker  # noqa: E402
 from tests.service_fixture import Service, TarballServer, start_service  # noqa: E402
@@ -120,11 +122,6 @@ def facts(catalog: ImageCatalog, entry_id: str) -> tuple[float, float, float, fl
     timings.pop("fetch", None)  # the download overlaps the rootfs stage, which waits for it
     return (entry.created_at, entry.finished_at, entry.finished_at - entry.created_at,
             float(sum(timings.values())))
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
 
 
 @dataclasses.dataclass

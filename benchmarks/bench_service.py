@@ -49,16 +49,11 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchstats import percentile  # noqa: E402
+
 from tests.service_fixture import TarballServer, served_cloudlet, start_service  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """:returns: the ``q`` quantile (0..1) of ``values``, nearest rank."""
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))
-    return ordered[rank]
 
 
 def config(server: TarballServer, workers: int, creates: int) -> str:
