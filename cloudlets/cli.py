@@ -524,7 +524,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     as_json = getattr(args, "json", False)
     try:
-        with _terminate_on_sigterm(), _logging_to(errors, _log_level(args)):
+        # A long-running command (serve, worker) logs on its own, with times.
+        logs = (contextlib.nullcontext() if getattr(args, "own_logging", False)
+                else _logging_to(errors, _log_level(args)))
+        with _terminate_on_sigterm(), logs:
             return int(args.handler(args, out if as_json else _escaping(out)))
     except CloudletsError as exc:
         code = exit_code_for(exc)

@@ -43,7 +43,7 @@ def add_serve_parser(subparsers: Any) -> None:
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="the service's log level")
-    serve.set_defaults(handler=cmd_serve)
+    serve.set_defaults(handler=cmd_serve, own_logging=True)  # log_to_stderr
 
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:

@@ -34,7 +34,7 @@ def add_worker_parser(subparsers: Any) -> None:
     worker.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="the worker's log level")
-    worker.set_defaults(handler=cmd_worker)
+    worker.set_defaults(handler=cmd_worker, own_logging=True)  # log_to_stderr
 
 
 def cmd_worker(args: argparse.Namespace, out: TextIO) -> int:

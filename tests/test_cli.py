@@ -417,3 +417,28 @@ def test_every_command_is_in_the_help_and_the_docs() -> None:
     for command in commands:
         assert re.search(rf"^    {re.escape(command)}\s", out, re.M), command
         assert f"``cloudlets {command}" in docs, command
+
+
+def test_a_command_that_logs_on_its_own_logs_each_record_once(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    import cloudlets.cli_serve as cli_serve
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+
+    def serve(args: Any, out: Any) -> int:
+        cli_serve.log_to_stderr("info", frozenset())
+        logging.getLogger("cloudlets.service.test").warning("served once")
+        return 0
+
+    monkeypatch.setattr(cli_serve, "cmd_serve", serve)
+    try:
+        err = io.StringIO()
+        assert main(["serve"], out=io.StringIO(), err=err) == 0
+    finally:
+        for handler in root.handlers[len(before):]:
+            root.removeHandler(handler)
+    assert "served once" not in err.getvalue()  # not the command line's handler too
+    assert capsys.readouterr().err.count("served once") == 1
