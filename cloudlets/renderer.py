@@ -295,14 +295,15 @@ class Renderer:
         loaded, merged, fmt, store, plan = (job.manifest, job.config, job.format,
                                             job.storage, job.plan)
         started, started_on = time.monotonic(), time.time()
+        checked: list[str] = []
         if not overwrite:
             # Before any work: the primary file's name is known up front (the
             # others, once the format has named them, are checked at store),
             # and so is the provenance's, named after it.
             primary = plan.basename + fmt.extension
             provenance = plan.provenance_location(primary) if job.provenance_key else None
-            _refuse_existing(store, [*plan.locations([primary]),
-                                     *([provenance] if provenance else [])])
+            checked = [*plan.locations([primary]), *([provenance] if provenance else [])]
+            _refuse_existing(store, checked)
         with self._workdir() as workdir:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
                        output=job.output, workdir=workdir, progress=progress,
@@ -323,7 +324,8 @@ class Renderer:
                 if job.provenance_key is not None else None
             with self._stage(run, "store"):
                 stored = self._store(run, outputs, locations,
-                                     reserved=[provenance_at] if provenance_at else [])
+                                     reserved=[provenance_at] if provenance_at else [],
+                                     checked=checked)
             image_id = job.image_id
             artifacts = list(stored)
             if job.provenance_key is not None:
@@ -471,11 +473,15 @@ class Renderer:
         return outputs
 
     def _store(self, run: _Run, outputs: list[OutputFile], locations: list[str], *,
-               reserved: Sequence[str] = ()) -> list[StoredArtifact]:
+               reserved: Sequence[str] = (),
+               checked: Sequence[str] = ()) -> list[StoredArtifact]:
         """Upload the outputs; ``reserved`` are locations a later step
-        writes (the provenance), refused as well when already taken."""
+        writes (the provenance), refused as well when already taken;
+        ``checked`` were refused-if-taken before the render began (each
+        upload still refuses to overwrite on its own)."""
         if not run.overwrite:
-            _refuse_existing(run.storage, [*locations, *reserved])
+            _refuse_existing(run.storage, [location for location in [*locations, *reserved]
+                                           if location not in checked])
         stored: list[StoredArtifact] = []
         total = sum(output.path.stat().st_size for output in outputs)
         try:

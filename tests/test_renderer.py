@@ -847,3 +847,20 @@ def test_a_tarball_that_fails_verification_after_it_was_read_leaves_nothing(
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()
                 and "locks" not in p.parts]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_render_asks_the_storage_about_its_primary_location_once_before_uploading(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    from cloudlets.drivers.storage.local import LocalStorage
+
+    asked: list[str] = []
+
+    class Counting(LocalStorage):
+        def exists(self, location: str) -> bool:
+            asked.append(location)
+            return super().exists(location)
+
+    result = renderer.render(cloudlet(), str(tmp_path / "out") + "/", Counting(), "raw", CONFIG)
+    primary = result.primary.location
+    # once before any work, once by the upload's own refusal to overwrite
+    assert asked.count(primary) == 2, asked
