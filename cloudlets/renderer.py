@@ -51,7 +51,7 @@ from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.manifest import Manifest
 from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
-from cloudlets.progress import ProgressCallback
+from cloudlets.progress import ProgressCallback, StageMeter
 from cloudlets.result import RenderResult, image_id_for, request_key
 from cloudlets.rootfs import ArchivePolicy
 from cloudlets.rootfs.policy import MAX_TIME
@@ -312,13 +312,18 @@ class Renderer:
                 run.details["signature"] = job.signer.to_dict()
             run.timings["prepare"] = job.prepared_in + time.monotonic() - started
             disk = self._build(run)
+            # the convert stage in bytes of the disk's virtual size
+            converted = StageMeter(run.progress, "convert", disk.size)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
-                                    workdir=workdir / "format", basename=plan.basename)
+                                    workdir=workdir / "format", basename=plan.basename,
+                                    progress=converted.part(disk.size))
             context.workdir.mkdir()
             with self._stage(run, "convert"):
                 outputs = self._convert(fmt, context)
+                converted.finish()
                 if not fmt.capabilities & FormatCapability.PUBLISH:
                     _discard_intermediates(disk, outputs)
+            context = dataclasses.replace(context, progress=FormatContext.progress)
             locations = plan.locations([o.name for o in outputs])
             provenance_at = plan.provenance_location(outputs[0].name) \
                 if job.provenance_key is not None else None
