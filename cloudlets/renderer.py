@@ -441,7 +441,7 @@ class Renderer:
                                           progress=run.progress, follow=True)
                 looked_up = time.monotonic() - started  # a hit: verified by now
                 with entry, self._stage(run, "rootfs"):
-                    tree = plan.read(entry)
+                    tree = plan.read(entry, run.progress)
                     run.timings["fetch"] = entry.fetch_seconds or looked_up
                     run.details["tarball"] = {**entry.details(),
                                               "read_while_fetched": not entry.hit}
@@ -452,7 +452,7 @@ class Renderer:
                                                 limits=self.template_limits)
                 run.details["rootfs"] = plan.rootfs_details(tree, rendered)
                 with self._stage(run, plan.stage):
-                    disk = plan.build(tree, rendered)
+                    disk = plan.build(tree, rendered, run.progress)
         if plan.stage == "disk":
             run.details["disk"] = dict(disk.details)
         return disk
