@@ -315,8 +315,9 @@ class Renderer:
             # the convert stage in bytes of the disk's virtual size
             converted = StageMeter(run.progress, "convert", disk.size)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
-                                    workdir=workdir / "format", basename=plan.basename,
-                                    progress=converted.part(disk.size))
+                                    workdir=workdir / "format", basename=plan.basename)
+            if progress is not None:
+                context = dataclasses.replace(context, progress=converted.part(disk.size))
             context.workdir.mkdir()
             with self._stage(run, "convert"):
                 outputs = self._convert(fmt, context)

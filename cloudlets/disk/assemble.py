@@ -509,6 +509,7 @@ def build_disk(
     meter = StageMeter(None if progress is None else _forward(progress), "disk",
                        tar_bytes + size)
     mkfs_part, root_part = meter.part(tar_bytes), meter.part(size)
+    follow_mkfs = mkfs_part if progress is not None else None  # nobody listens: no polling
     config = bootloader.grub_config(
         kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline, root_uuid=root_uuid
     )
@@ -575,7 +576,7 @@ def build_disk(
                 base_cache.mkdir(parents=True, exist_ok=True)
                 partial = base_cache / _partial_name(key)
                 try:
-                    _check_boot_files(boot, make_root(partial, progress=mkfs_part), tar_path)
+                    _check_boot_files(boot, make_root(partial, progress=follow_mkfs), tar_path)
                     mkfs_part(1, 1)
                     os.replace(partial, base_cache / f"{key}.ext4")
                 finally:
@@ -588,9 +589,10 @@ def build_disk(
                                   _metadata(base_image, key), patch_files or {},
                                   timestamp=timestamp, workdir=workdir / "patch")
             if base_image is not None and not pieces:
-                copy_into(base_image, fd, root.start, error=DiskError, progress=root_part)
+                copy_into(base_image, fd, root.start, error=DiskError,
+                          progress=root_part if progress is not None else None)
         if cached is None and base_cache is None:
-            _check_boot_files(boot, make_root(output, offset=root.start, progress=mkfs_part),
+            _check_boot_files(boot, make_root(output, offset=root.start, progress=follow_mkfs),
                               tar_path)
             mkfs_part(1, 1)
         if patch_files and not pieces:

@@ -213,7 +213,7 @@ class DiskPlan:
             meter = StageMeter(progress, self.stage, data)
             tree_tar = tree.write_tar(workdir / "rendered-tree.tar", replacements=rendered,
                                       source_date_epoch=self._epoch,
-                                      progress=meter.part(data))
+                                      progress=meter.part(data) if progress else None)
             meter.finish()
             boot = self._manifest.boot
             return DiskImage(path=tree_tar, size=tree_tar.stat().st_size,
@@ -227,14 +227,14 @@ class DiskPlan:
                            (2 * data if cold else 0) + self._root_bytes(tree, data))
         if cold:
             base_tar = tree.write_tar(workdir / "base-tree.tar", source_date_epoch=self._epoch,
-                                      progress=meter.part(data))
+                                      progress=meter.part(data) if progress else None)
         built = meter.part(meter.total - (data if cold else 0))
         image = build_disk(
             base_tar, self._boot, workdir / "disk.raw", seed=self._seed,
             workdir=workdir / "disk", source_date_epoch=self._epoch,
             base_cache=self._base_cache, patch_files=rendered, tree_digest=self._tree_digest,
             sync=False,  # an intermediate: the storage makes its copy durable
-            compose=self._compose, progress=built)
+            compose=self._compose, progress=built if progress else None)
         if base_tar is not None:  # gone now, its dirty pages are never written
             base_tar.unlink()
         if not self._from_index:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cloudlets.drivers.base import DiskImage
+from cloudlets.drivers.base import DiskImage, FormatContext
 from cloudlets.errors import FormatError
 from cloudlets.progress import PartProgress
 from cloudlets.tools import run, run_streaming
@@ -85,13 +85,14 @@ def convert(source: Path | DiskImage, target: Path, output_format: str, *,
         sources = [piece.qemu_source() for piece in source.pieces]
     else:
         sources = ["-f", "raw", source.path]
-    args: list[str | Path] = ["convert", "-p" if progress else "-q", "-O", output_format]
+    listened = progress is not None and progress is not FormatContext.progress
+    args: list[str | Path] = ["convert", "-p" if listened else "-q", "-O", output_format]
     if compress:
         args.append("-c")
     if options:
         args += ["-o", ",".join(f"{k}={v}" for k, v in sorted(options.items()))]
     args += [*sources, target]
-    if progress is None:
+    if progress is None or not listened:  # a context's default hook tells nobody
         run("qemu-img", args, error=FormatError, timeout=CONVERT_TIMEOUT)
         return
     try:
