@@ -20,7 +20,6 @@ Open our VHDs with QEMU's ``force_size_calc=current_size`` to see all of it.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import uuid
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
+from cloudlets.drivers.formats.pieces import DiskReader, disk_pieces
 from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import FormatError
-from cloudlets.sparse import data_ranges
 
 __all__ = ["VHDFooter", "VHDFormat", "chs_geometry", "vhd_footer"]
 
@@ -135,25 +134,24 @@ def _write_nonzero(dst: BinaryIO, offset: int, chunk: bytes) -> None:
             dst.write(block)
 
 
-def _copy_and_digest(source: Path, target: Path, size: int) -> str:
-    """Copy a raw disk into a new file of ``size`` bytes, keeping holes, and
-    digest its content independently of how it is laid out in holes: every
-    non-zero MiB is hashed with its offset.
+def _copy_and_digest(source: DiskReader, target: Path, size: int) -> str:
+    """Copy a raw disk (whole or in pieces) into a new file of ``size``
+    bytes, keeping holes, and digest its content independently of how it is
+    laid out in holes: every non-zero MiB is hashed with its offset.
 
     :returns: the hex digest.
     """
     digest = hashlib.sha256()
-    with open(source, "rb") as src, open(target, "xb") as dst:
+    with open(target, "xb") as dst:
         dst.truncate(size)
-        fd = src.fileno()
-        end = os.fstat(fd).st_size
+        end = source.size
         done = 0  # chunks before this offset are digested
-        for data, hole in data_ranges(fd, end):
+        for data, hole in source.data_ranges():
             # Walk MiB-aligned chunks so the digest ignores where holes happen to be.
             chunk_start = max(data - data % _CHUNK, done)
             while chunk_start < hole:
-                src.seek(chunk_start)
-                chunk = src.read(min(_CHUNK, end - chunk_start))
+                length = min(_CHUNK, end - chunk_start)
+                chunk = source.read(chunk_start, length)
                 if chunk.count(0) != len(chunk):
                     digest.update(struct.pack(">Q", chunk_start))
                     digest.update(chunk)
@@ -175,7 +173,8 @@ class VHDFormat(FormatDriver):
     website: ClassVar[str] = \
         "https://www.microsoft.com/en-us/download/details.aspx?id=23850"
     description: ClassVar[str] = "Fixed VHD, size aligned to 1 MiB (Azure, Hyper-V) (.vhd)"
-    capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    capabilities: ClassVar[FormatCapability] = (FormatCapability.BOOTABLE
+                                                 | FormatCapability.COMPOSED_DISK)
     extension = ".vhd"
 
     def __init__(self, ex_timestamp: int | None = None) -> None:
@@ -184,10 +183,13 @@ class VHDFormat(FormatDriver):
     def convert(self, context: FormatContext) -> list[OutputFile]:
         name = f"{context.basename}.vhd"
         target = context.workdir / name
-        size = -(-context.disk.path.stat().st_size // MiB) * MiB
-        if size == 0:
-            raise FormatError(f"the disk {context.disk.path} is empty")
-        digest = _copy_and_digest(context.disk.path, target, size)
+        pieces, disk_size = disk_pieces(context.disk)
+        size = -(-disk_size // MiB) * MiB
+        reader = DiskReader(pieces, disk_size)
+        try:
+            digest = _copy_and_digest(reader, target, size)
+        finally:
+            reader.close()
         unique_id = uuid.UUID(bytes=hashlib.sha256(
             f"cloudlets-vhd\0{digest}".encode()).digest()[:16], version=4)
         footer = VHDFooter(size=size, timestamp=self._timestamp(context), unique_id=unique_id)

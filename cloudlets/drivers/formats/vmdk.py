@@ -38,7 +38,6 @@ re-render compresses only the grains its patch changed.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import os
 import re
@@ -52,8 +51,9 @@ from pathlib import Path
 
 from cloudlets import fastzlib
 from cloudlets.drivers.base import DiskImage
+from cloudlets.drivers.formats.pieces import DiskReader, disk_pieces
 from cloudlets.errors import FormatError
-from cloudlets.sparse import Piece, data_ranges, merge_ranges
+from cloudlets.sparse import data_ranges
 
 __all__ = ["ADAPTER_TYPES", "GRAIN_SIZE", "GrainCache", "descriptor_cid", "read_descriptor",
            "sparse_header", "write_stream_optimized"]
@@ -181,104 +181,6 @@ def _descriptor(name: str, capacity: int, adapter_type: str, cid: str) -> bytes:
 
 def _marker(value: int, kind: int) -> bytes:
     return _META_MARKER.pack(value, 0, kind)
-
-
-# -- reading the disk ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Span:
-    """A piece at its place in the disk: virtual bytes ``[start, end)``."""
-
-    start: int
-    end: int
-    piece: Piece
-
-
-class _Disk:
-    """The disk as pieces of open files; reads a byte range of it."""
-
-    def __init__(self, pieces: Sequence[Piece], size: int) -> None:
-        self.size = size
-        self.spans: list[_Span] = []
-        self._fds: dict[Path, int] = {}
-        position = 0
-        try:
-            for piece in pieces:
-                if piece.length < 0 or piece.offset < 0:
-                    raise FormatError(f"a disk piece of {piece.path} has a negative range")
-                if piece.length:
-                    self.spans.append(_Span(position, position + piece.length, piece))
-                    if piece.path not in self._fds:
-                        self._fds[piece.path] = os.open(piece.path, os.O_RDONLY)
-                    have = os.fstat(self._fds[piece.path]).st_size
-                    if piece.offset + piece.length > have:
-                        raise FormatError(f"{piece.path} ended at byte {have}; the disk's "
-                                          f"piece needs it up to {piece.offset + piece.length}")
-                position += piece.length
-        except OSError as exc:
-            self.close()
-            raise FormatError(f"cannot open the disk piece {exc.filename}: "
-                              f"{exc.strerror}") from None
-        except BaseException:
-            self.close()
-            raise
-        if position != size:
-            self.close()
-            raise FormatError(f"the disk's pieces cover {position} bytes of its {size}")
-        self._starts = [span.start for span in self.spans]
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def fd(self, path: Path) -> int:
-        return self._fds[path]
-
-    def data_ranges(self) -> list[tuple[int, int]]:
-        """The virtual ranges that may hold data (holes of the files skipped)."""
-        per_file: dict[Path, list[tuple[int, int]]] = {}
-        found: list[tuple[int, int]] = []
-        for span in self.spans:
-            piece = span.piece
-            ranges = per_file.get(piece.path)
-            if ranges is None:
-                ranges = per_file[piece.path] = data_ranges(self._fds[piece.path])
-            low, high = piece.offset, piece.offset + piece.length
-            index = bisect.bisect_right(ranges, (low, 1 << 63)) - 1
-            for start, end in ranges[max(index, 0):]:
-                if start >= high:
-                    break
-                start, end = max(start, low), min(end, high)
-                if start < end:
-                    found.append((span.start + start - low, span.start + end - low))
-        return merge_ranges(found)
-
-    def spans_over(self, start: int, end: int) -> Iterator[_Span]:
-        index = bisect.bisect_right(self._starts, start) - 1
-        for span in self.spans[max(index, 0):]:
-            if span.start >= end:
-                break
-            if span.end > start:
-                yield span
-
-    def read(self, start: int, length: int) -> bytes:
-        """``length`` bytes from ``start`` on; zeros past the disk's end."""
-        end = min(start + length, self.size)
-        parts: list[bytes] = []
-        for span in self.spans_over(start, end):
-            low, high = max(start, span.start), min(end, span.end)
-            offset = span.piece.offset + low - span.start
-            chunk = os.pread(self._fds[span.piece.path], high - low, offset)
-            if len(chunk) != high - low:
-                raise FormatError(f"{span.piece.path} ended at byte {offset + len(chunk)}; "
-                                  f"the disk's piece needs it up to {offset + high - low}")
-            parts.append(chunk)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if len(data) < length:
-            data += bytes(length - len(data))
-        return data
 
 
 # -- the grain cache ------------------------------------------------------------------
@@ -453,7 +355,7 @@ class _BaseSource:
     cache: GrainCache
     shift: int  # base grain = disk grain - shift
 
-    def grain(self, disk: _Disk, grain: int) -> bytes | None:
+    def grain(self, disk: DiskReader, grain: int) -> bytes | None:
         """The cached compressed ``grain`` of the disk, if it is the base's."""
         start, end = grain * GRAIN_SIZE, (grain + 1) * GRAIN_SIZE
         spans = list(disk.spans_over(start, end))
@@ -466,7 +368,7 @@ class _BaseSource:
         return self.cache.get(grain - self.shift)
 
 
-def _grain_caches(disk: _Disk, settings: str, compress: Callable[[bytes], bytes]
+def _grain_caches(disk: DiskReader, settings: str, compress: Callable[[bytes], bytes]
                   ) -> list[_BaseSource]:
     """The grain caches of the cached bases the disk is made of, built if
     they are missing (once: the first conversion of a base pays for it, as
@@ -493,7 +395,7 @@ def _grain_caches(disk: _Disk, settings: str, compress: Callable[[bytes], bytes]
     return sources
 
 
-def _batches(disk: _Disk, grains: int) -> list[tuple[int, int]]:
+def _batches(disk: DiskReader, grains: int) -> list[tuple[int, int]]:
     """``(first grain, count)`` of the grains that may hold data, in order,
     at most :data:`BATCH_GRAINS` each."""
     batches: list[tuple[int, int]] = []
@@ -515,7 +417,7 @@ def _record(grain: int, compressed: bytes) -> bytes:
     return record + bytes(-len(record) % SECTOR)
 
 
-def _work(disk: _Disk, first: int, count: int, compress: Callable[[bytes], bytes],
+def _work(disk: DiskReader, first: int, count: int, compress: Callable[[bytes], bytes],
           bases: Sequence[_BaseSource]) -> list[tuple[int, bytes, bytes]]:
     """Read and compress ``count`` grains from ``first`` on.
 
@@ -563,21 +465,11 @@ def write_stream_optimized(source: Path | DiskImage, target: Path, *,
     if not re.fullmatch(r"[^\"\\\x00-\x1f\x7f]+", target.name) or not target.name.isascii():
         raise FormatError(f"{target.name!r} cannot be named in a VMDK descriptor")
     compress, settings = _compressor(level)
-    if isinstance(source, Path):
-        try:
-            size = source.stat().st_size
-        except OSError as exc:
-            raise FormatError(f"cannot read the disk {source}: {exc.strerror}") from None
-        pieces: Sequence[Piece] = (Piece(source, 0, size),)
-    else:
-        size = source.size
-        pieces = source.pieces or (Piece(source.path, 0, size),)
-    if size <= 0:
-        raise FormatError("the disk is empty")
+    pieces, size = disk_pieces(source)
     if size > MAX_CAPACITY:
         raise FormatError(f"a {size}-byte disk is larger than a VMDK extent holds "
                           f"({MAX_CAPACITY} bytes)")
-    disk = _Disk(pieces, size)
+    disk = DiskReader(pieces, size)
     try:
         with open(target, "xb") as out:
             try:
@@ -591,7 +483,7 @@ def write_stream_optimized(source: Path | DiskImage, target: Path, *,
         disk.close()
 
 
-def _write(disk: _Disk, fd: int, name: str, adapter_type: str,
+def _write(disk: DiskReader, fd: int, name: str, adapter_type: str,
            compress: Callable[[bytes], bytes], bases: Sequence[_BaseSource]) -> None:
     capacity = -(-disk.size // SECTOR)
     grains = -(-capacity // GRAIN_SECTORS)
