@@ -254,8 +254,11 @@ class GrainCache:
         return True
 
     def get(self, grain: int) -> bytes | None:
-        """:returns: the compressed grain ``grain`` of the base, ``b""`` for
-        an all-zero grain, ``None`` when the cache is not open."""
+        """The compressed grain ``grain`` of the base.
+
+        :returns: its zlib stream, ``b""`` for an all-zero grain, ``None``
+            when the cache is not open.
+        """
         if self._fd is None or self._index is None or self._lengths is None:
             return None
         length = self._lengths[grain]
