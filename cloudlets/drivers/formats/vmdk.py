@@ -14,9 +14,9 @@ The layout is the stream-optimized form of VMware's hosted sparse extent
   4 bytes) and the zlib stream of the whole 64 KiB grain (the last one
   padded with zeros), padded to a sector boundary. All-zero grains are not
   written (their table entry stays 0);
-* after the grains of each 32 MiB span that holds any, a grain table marker
-  and the grain table; spans without data get no table (a zero directory
-  entry);
+* after the grains of each 32 MiB span, a grain table marker and the grain
+  table (for spans without data too, as VMware's writers do: 2.5 KiB per
+  32 MiB);
 * a grain directory marker and the directory, a footer marker and the
   footer (the header again, with the directory's real offset), and the
   end-of-stream marker, each a sector.
@@ -520,12 +520,13 @@ def _write(disk: DiskReader, fd: int, name: str, adapter_type: str,
     current = 0  # the grain table being filled
 
     def close_table(index: int) -> None:
+        # every table is written, empty ones too, as VMware's own writers do
+        emit(_marker(GTES_PER_GT * 4 // SECTOR, MARKER_GT))
+        directory[index] = position
+        data = table.tobytes()
+        digest.update(data)
+        emit(data)
         if any(table):
-            emit(_marker(GTES_PER_GT * 4 // SECTOR, MARKER_GT))
-            directory[index] = position
-            data = table.tobytes()
-            digest.update(data)
-            emit(data)
             for slot in range(GTES_PER_GT):
                 table[slot] = 0
 
