@@ -29,7 +29,9 @@ as the disk stage built it: a raw file, or pieces of files
 with ``SEEK_DATA`` and never read.
 
 The output is reproducible: the same disk gives the same bytes. The
-descriptor's content id (``CID``) is derived from the content.
+descriptor's content id (``CID``) is derived from the content: each
+grain's place, compressed length and the Adler-32 of its bytes (the zlib
+stream's trailer), and the grain tables.
 
 A grain of a cached base filesystem compresses to the same bytes on every
 render of its cloudlet: :class:`GrainCache` keeps them beside the base, so a
@@ -41,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import struct
 from array import array
 from collections import deque
@@ -279,7 +282,8 @@ class GrainCache:
         process may do the same at once: the last rename wins, and both are
         the same bytes)."""
         count = self.grains
-        partial = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}-{id(self):x}")
+        partial = self.path.with_name(
+            f"{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         header_size = len(self._MAGIC) + 8 + count * self._ENTRY.size
         table = bytearray(count * self._ENTRY.size)
         try:
@@ -414,6 +418,12 @@ def _batches(disk: DiskReader, grains: int) -> list[tuple[int, int]]:
     return batches
 
 
+def _adler(record: bytes) -> bytes:
+    """The Adler-32 trailer of a grain record's zlib stream."""
+    (length,) = struct.unpack_from("<I", record, 8)
+    return record[8 + length:12 + length]
+
+
 def _record(grain: int, compressed: bytes) -> bytes:
     """A grain's marker and compressed data, padded to a sector."""
     record = _GRAIN_MARKER.pack(grain * GRAIN_SECTORS, len(compressed)) + compressed
@@ -421,13 +431,13 @@ def _record(grain: int, compressed: bytes) -> bytes:
 
 
 def _work(disk: DiskReader, first: int, count: int, compress: Callable[[bytes], bytes],
-          bases: Sequence[_BaseSource]) -> list[tuple[int, bytes, bytes]]:
+          bases: Sequence[_BaseSource]) -> list[tuple[int, bytes]]:
     """Read and compress ``count`` grains from ``first`` on.
 
-    :returns: ``(grain, record, digest of record)`` of the grains that are
+    :returns: ``(grain, record)`` of the grains that are
         not all zeros.
     """
-    out: list[tuple[int, bytes, bytes]] = []
+    out: list[tuple[int, bytes]] = []
     data: bytes | None = None
     for index in range(count):
         grain = first + index
@@ -443,7 +453,7 @@ def _work(disk: DiskReader, first: int, count: int, compress: Callable[[bytes], 
             compressed = b"" if chunk == _ZERO_GRAIN else compress(chunk)
         if compressed:
             record = _record(grain, compressed)
-            out.append((grain, record, hashlib.sha256(record).digest()))
+            out.append((grain, record))
     return out
 
 
@@ -531,7 +541,7 @@ def _write(disk: DiskReader, fd: int, name: str, adapter_type: str,
                 table[slot] = 0
 
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmdk") as pool:
-        pending: deque[Future[list[tuple[int, bytes, bytes]]]] = deque()
+        pending: deque[Future[list[tuple[int, bytes]]]] = deque()
         batches = iter(_batches(disk, grains))
         try:
             while True:
@@ -544,12 +554,14 @@ def _write(disk: DiskReader, fd: int, name: str, adapter_type: str,
                     break
                 # TODO(progress): report grains done through the FormatContext's
                 # progress hook once it exists.
-                for grain, record, grain_digest in pending.popleft().result():
+                for grain, record in pending.popleft().result():
                     while grain // GTES_PER_GT > current:
                         close_table(current)
                         current += 1
                     table[grain % GTES_PER_GT] = position
-                    digest.update(grain_digest)
+                    # the CID's input: where the grain is, its compressed
+                    # length and the zlib stream's Adler-32 of its bytes
+                    digest.update(record[:12] + _adler(record))
                     emit(record)
         finally:
             for future in pending:
