@@ -317,3 +317,13 @@ def test_grain_cache_only_beside_cached_bases(tmp_path: Path) -> None:
     assert base_sidecar(base, "vmdk-grains-isal1") is None
     vmdk.write_stream_optimized(plain, tmp_path / "disk.vmdk")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bases", "disk.raw", "disk.vmdk"]
+
+
+def test_no_file_left_open(tmp_path: Path) -> None:
+    base = _cached_base(tmp_path / "bases", 4 * MiB)
+    disk = _disk_over(base, tmp_path, b"web-01\n", "open")
+    before = len(os.listdir("/proc/self/fd"))
+    for run in range(3):
+        (tmp_path / str(run)).mkdir()
+        vmdk.write_stream_optimized(disk, tmp_path / str(run) / "disk.vmdk")
+    assert len(os.listdir("/proc/self/fd")) == before

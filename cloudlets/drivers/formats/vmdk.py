@@ -198,8 +198,9 @@ class GrainCache:
     offset 0, its compressed zlib stream (or nothing, for an all-zero grain);
     its name says the compressor and level, so other settings never read
     it. It is written once, complete, by the first conversion that reads
-    the whole base (:meth:`build`), and renamed into place; a damaged or
-    short file is ignored.
+    the base (:meth:`build`), and renamed into place; a damaged or short
+    file is ignored. Its name is the base's cache key, which names the
+    base's content, so a cache never outlives the bytes it was made from.
 
     :param path: the cache file.
     :param base: the file whose grains it holds.
@@ -483,16 +484,20 @@ def write_stream_optimized(source: Path | DiskImage, target: Path, *,
         raise FormatError(f"a {size}-byte disk is larger than a VMDK extent holds "
                           f"({MAX_CAPACITY} bytes)")
     disk = DiskReader(pieces, size)
+    bases: list[_BaseSource] = []
     try:
         with open(target, "xb") as out:
             try:
-                _write(disk, out.fileno(), target.name, adapter_type, compress,
-                       _grain_caches(disk, settings, compress) if grain_cache else [])
+                if grain_cache:
+                    bases = _grain_caches(disk, settings, compress)
+                _write(disk, out.fileno(), target.name, adapter_type, compress, bases)
             except BaseException:
                 out.close()
                 target.unlink(missing_ok=True)
                 raise
     finally:
+        for base in bases:
+            base.cache.close()
         disk.close()
 
 
