@@ -63,7 +63,14 @@ class Span:
 
 
 class DiskReader:
-    """The disk as pieces of open files; reads a byte range of it."""
+    """The disk as pieces of open files; reads a byte range of it. Close it
+    (:meth:`close`) when done.
+
+    :param pieces: the disk's pieces, in order (:func:`disk_pieces`).
+    :param size: the disk's size: the pieces must cover exactly that.
+    :raises FormatError: a piece's file cannot be opened or is shorter than
+        the piece, or the pieces do not cover ``size`` bytes.
+    """
 
     def __init__(self, pieces: Sequence[Piece], size: int) -> None:
         self.size = size
@@ -96,6 +103,7 @@ class DiskReader:
         self._starts = [span.start for span in self.spans]
 
     def close(self) -> None:
+        """Close the pieces' files."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -137,7 +145,11 @@ class DiskReader:
         for span in self.spans_over(start, end):
             low, high = max(start, span.start), min(end, span.end)
             offset = span.piece.offset + low - span.start
-            chunk = os.pread(self._fds[span.piece.path], high - low, offset)
+            try:
+                chunk = os.pread(self._fds[span.piece.path], high - low, offset)
+            except OSError as exc:
+                raise FormatError(f"cannot read {span.piece.path} at byte {offset}: "
+                                  f"{exc.strerror}") from None
             if len(chunk) != high - low:
                 raise FormatError(f"{span.piece.path} ended at byte {offset + len(chunk)}; "
                                   f"the disk's piece needs it up to {offset + high - low}")
