@@ -744,6 +744,34 @@ def test_a_composed_qcow2_holds_the_disk_a_whole_raw_render_writes(
     assert len(list((tmp_path / "cache" / "bases").glob("*.metadata"))) == 1
 
 
+def test_an_ova_rerender_from_cached_grains_is_the_ova_a_cold_render_makes(
+        cloudlet: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    """OVA reads the disk as pieces and keeps the base's compressed grains
+    beside it; a re-render that reuses them writes the bytes a cold render
+    in a fresh cache writes, and holds the raw render's disk."""
+    manifest = cloudlet()
+    other = {**CONFIG, "hostname": "web2"}
+    options = {"ex_source_date_epoch": 1_700_000_000, "ex_allow_hosts": LOOPBACK_HOSTS}
+    cached = Renderer(cache_dir=tmp_path / "c1", work_dir=tmp_path / "w1", **options)
+    first = cached.render(manifest, str(tmp_path / "a") + "/", "local", "ova", CONFIG)
+    assert first.details["disk"]["composed"] is True
+    [grains] = (tmp_path / "c1" / "bases").glob("*.vmdk-grains-*")
+    again = cached.render(manifest, str(tmp_path / "b") + "/", "local", "ova", other)
+    assert again.details["disk"]["base_cached"] is True
+    assert list((tmp_path / "c1" / "bases").glob("*.vmdk-grains-*")) == [grains]
+    fresh = Renderer(cache_dir=tmp_path / "c2", work_dir=tmp_path / "w2", **options)
+    full = fresh.render(manifest, str(tmp_path / "c") + "/", "local", "ova", other)
+    assert again.primary.sha256 == full.primary.sha256
+    raw = fresh.render(manifest, str(tmp_path / "r") + "/", "local", "raw", other)
+    with tarfile.open(again.primary.location) as archive:
+        [member] = [m for m in archive.getmembers() if m.name.endswith(".vmdk")]
+        archive.extract(member, tmp_path / "unpacked", filter="data")
+    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk",
+                              raw.primary.location, str(tmp_path / "unpacked" / member.name)],
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
 def test_a_patch_of_too_many_ranges_gets_the_whole_disk_written(
         renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ __all__ = [
     "BaseStream",
     "base_cached",
     "base_paths",
+    "base_sidecar",
     "build_disk",
     "derive_uuid",
     "resolve_timestamp",
@@ -417,6 +419,28 @@ def base_paths(boot: BootSpec, *, seed: str, tree_digest: str,
     (:meth:`~cloudlets.rootfs.RootTree.write_index`); neither need exist."""
     key = _base_key(tree_digest, boot, seed, source_date_epoch)
     return base_cache / f"{key}.ext4", base_cache / f"{key}.tree.json"
+
+
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+def base_sidecar(path: Path, name: str) -> Path | None:
+    """Where a consumer of a cached base filesystem may keep a file derived
+    from it (a format driver's compressed grains): ``<key>.<name>`` beside
+    the base ``<key>.ext4``, in the base cache, so whatever removes the base
+    (``<key>.*``) removes it too.
+
+    :param path: a file the disk is made of (a piece's file).
+    :param name: the sidecar's suffix (letters, digits, ``-`` and ``.``).
+    :returns: the sidecar's path, or ``None`` when ``path`` is not a cached
+        base (or ``name`` is not a safe suffix).
+    """
+    if path.suffix != ".ext4" or not _KEY.match(path.stem) \
+            or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name):
+        return None
+    if not path.with_suffix(".json").is_file():
+        return None
+    return path.with_name(f"{path.stem}.{name}")
 
 
 def build_disk(
