@@ -327,3 +327,17 @@ def test_no_file_left_open(tmp_path: Path) -> None:
         (tmp_path / str(run)).mkdir()
         vmdk.write_stream_optimized(disk, tmp_path / str(run) / "disk.vmdk")
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_progress_reports_the_disk_in_order(tmp_path: Path) -> None:
+    """The writer reports the bytes of the disk handled, holes included:
+    never backwards, ending at the disk's size."""
+    size = 40 * MiB
+    raw = patterned(tmp_path / "disk.raw", size, (0, 5 * MiB + 100, 33 * MiB, size - 70_000))
+    reports: list[tuple[int, int | None]] = []
+    vmdk.write_stream_optimized(raw, tmp_path / "disk.vmdk",
+                                progress=lambda done, total=None: reports.append((done, total)))
+    assert len(reports) >= 2
+    assert {total for _done, total in reports} == {size}
+    done = [value for value, _total in reports]
+    assert done == sorted(done) and done[0] > 0 and done[-1] == size

@@ -239,7 +239,7 @@ class EC2Format(FormatDriver):
 
             return VHDFormat().convert(context)
         # Reproducible (content-derived CID), version 3, as the OVF driver's.
-        write_stream_optimized(context.disk.path, target)
+        write_stream_optimized(context.disk.path, target, progress=context.progress)
         return [OutputFile(role="disk", path=target, name=name,
                            media_type="application/x-vmdk")]
 

@@ -183,7 +183,8 @@ class OVFFormat(FormatDriver):
         """
         disk = directory / f"{context.basename}.vmdk"
         adapter = DISK_CONTROLLERS[self.disk_controller][2]
-        write_stream_optimized(context.disk, disk, adapter_type=adapter)
+        write_stream_optimized(context.disk, disk, adapter_type=adapter,
+                               progress=context.progress)
         descriptor = directory / f"{context.basename}.ovf"
         descriptor.write_bytes(self.ex_descriptor(context, disk))
         manifest = directory / f"{context.basename}.mf"

@@ -56,6 +56,7 @@ from cloudlets import fastzlib
 from cloudlets.drivers.base import DiskImage
 from cloudlets.drivers.formats.pieces import DiskReader, disk_pieces
 from cloudlets.errors import FormatError
+from cloudlets.progress import PartProgress
 from cloudlets.sparse import data_ranges
 
 __all__ = ["ADAPTER_TYPES", "GRAIN_SIZE", "GrainCache", "descriptor_cid", "read_descriptor",
@@ -460,7 +461,8 @@ def _work(disk: DiskReader, first: int, count: int, compress: Callable[[bytes], 
 
 def write_stream_optimized(source: Path | DiskImage, target: Path, *,
                            adapter_type: str = "lsilogic", level: int | None = None,
-                           grain_cache: bool = True) -> None:
+                           grain_cache: bool = True,
+                           progress: PartProgress | None = None) -> None:
     """Write a raw disk as a reproducible streamOptimized VMDK (version 3).
 
     :param source: the raw disk, or the disk stage's image (which may be
@@ -471,6 +473,8 @@ def write_stream_optimized(source: Path | DiskImage, target: Path, *,
     :param level: the deflate level (ISA-L: 0 to 3, zlib: 0 to 9; default 1).
     :param grain_cache: reuse (and keep) the compressed grains of a cached
         base filesystem the disk is made of (:class:`GrainCache`).
+    :param progress: called as ``progress(done, total)`` with the bytes of
+        the disk handled so far (holes included) and its size.
     :raises FormatError: the disk cannot be read or is too large, or an
         option is out of range.
     """
@@ -490,7 +494,8 @@ def write_stream_optimized(source: Path | DiskImage, target: Path, *,
             try:
                 if grain_cache:
                     bases = _grain_caches(disk, settings, compress)
-                _write(disk, out.fileno(), target.name, adapter_type, compress, bases)
+                _write(disk, out.fileno(), target.name, adapter_type, compress, bases,
+                       progress)
             except BaseException:
                 out.close()
                 target.unlink(missing_ok=True)
@@ -502,7 +507,8 @@ def write_stream_optimized(source: Path | DiskImage, target: Path, *,
 
 
 def _write(disk: DiskReader, fd: int, name: str, adapter_type: str,
-           compress: Callable[[bytes], bytes], bases: Sequence[_BaseSource]) -> None:
+           compress: Callable[[bytes], bytes], bases: Sequence[_BaseSource],
+           progress: PartProgress | None = None) -> None:
     capacity = -(-disk.size // SECTOR)
     grains = -(-capacity // GRAIN_SECTORS)
     tables = -(-grains // GTES_PER_GT)
@@ -546,7 +552,7 @@ def _write(disk: DiskReader, fd: int, name: str, adapter_type: str,
                 table[slot] = 0
 
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmdk") as pool:
-        pending: deque[Future[list[tuple[int, bytes]]]] = deque()
+        pending: deque[tuple[int, Future[list[tuple[int, bytes]]]]] = deque()
         batches = iter(_batches(disk, grains))
         try:
             while True:
@@ -554,12 +560,12 @@ def _write(disk: DiskReader, fd: int, name: str, adapter_type: str,
                     batch = next(batches, None)
                     if batch is None:
                         break
-                    pending.append(pool.submit(_work, disk, *batch, compress, bases))
+                    pending.append((batch[0] + batch[1],
+                                    pool.submit(_work, disk, *batch, compress, bases)))
                 if not pending:
                     break
-                # TODO(progress): report grains done through the FormatContext's
-                # progress hook once it exists.
-                for grain, record in pending.popleft().result():
+                end, future = pending.popleft()
+                for grain, record in future.result():
                     while grain // GTES_PER_GT > current:
                         close_table(current)
                         current += 1
@@ -568,12 +574,16 @@ def _write(disk: DiskReader, fd: int, name: str, adapter_type: str,
                     # length and the zlib stream's Adler-32 of its bytes
                     digest.update(record[:12] + _adler(record))
                     emit(record)
+                if progress is not None:
+                    progress(min(end * GRAIN_SIZE, disk.size), disk.size)
         finally:
-            for future in pending:
-                future.cancel()
+            for _end, waiting in pending:
+                waiting.cancel()
     while current < tables:
         close_table(current)
         current += 1
+    if progress is not None:  # trailing holes are handled too
+        progress(disk.size, disk.size)
     emit(_marker(-(-tables * 4 // SECTOR), MARKER_GD))
     gd_offset = position
     data = directory.tobytes()
