@@ -281,8 +281,10 @@ class ProcessPool(InProcessPool):
         self._numbers = iter(range(1 << 30))
 
     def execute(self, task: RenderTask) -> Execute:
-        """:returns: ``execute(job, progress, overwrite=...)``, which renders
-        the task in this worker thread's process."""
+        """The render of a task in this worker thread's process.
+
+        :returns: ``execute(job, progress, overwrite=...)``.
+        """
 
         def render(job: Any, progress: ProgressCallback | None, *,
                    overwrite: bool = False) -> RenderResult:
