@@ -554,6 +554,14 @@ class RenderJobs:
             self.records.remember(tenant.name, idempotency_key, request.digest, entry.entry_id)
         return Created(entry, created=claim.state is ClaimState.CLAIMED)
 
+    def creates_locally(self, tenant: TenantSettings) -> bool:
+        """Whether :meth:`create` for this tenant (a manifest in the body)
+        waits on nothing but this host's CPU and its SQLite files: the
+        embedded pool queues in memory, and no trust policy runs
+        ``ssh-keygen`` on the manifest's signature."""
+        return isinstance(self.executor, InProcessPool) \
+            and (tenant.trust or self.config.trust) is None
+
     def get(self, tenant: TenantSettings, ref: str) -> tuple[CatalogEntry, Owner | None]:
         """:returns: a tenant's image (any image for an admin) and its owner.
         :raises NotFound: when there is none it may see."""
