@@ -392,9 +392,13 @@ def test_sigterm_fails_the_renders_it_cuts_off_and_a_restart_says_so(
                 .json()["status"] != "rendering":
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        renders = children(first.process.pid)
+        assert len(renders) == 1
         started = time.monotonic()
         assert first.stop(signal.SIGTERM) == 0
         assert time.monotonic() - started < 10
+        # the render cut off was terminated with its process: it writes nothing more
+        assert not any(alive(pid) for pid in renders)
     finally:
         tarballs.gate.set()
     second = start_service(tmp_path / "etc", config, tokens=TOKENS)
