@@ -212,7 +212,7 @@ def main() -> None:
                     server, f"{mode.name}-seq{number}", args.payload_mib)))
         for mode in modes:
             load(mode, server, args)
-        results = {"embedded pool (2 threads)": summary(modes[0]),
+        results = {"embedded pool (2 processes)": summary(modes[0]),
                    "celery (2 workers x 1)": summary(modes[1])}
     print(f"{args.renders} renders from {args.concurrency} clients, {args.payload_mib} MiB "
           f"payload each, tar format; {args.sequential} sequential renders for the overhead")

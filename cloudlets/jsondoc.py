@@ -21,6 +21,8 @@ import hashlib
 import json
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
 from importlib import resources
@@ -43,6 +45,7 @@ __all__ = [
     "JSONSyntaxError",
     "SafeValidator",
     "StepBudgetExceeded",
+    "ValidDigests",
     "canonical_json",
     "digest",
     "document_problems",
@@ -240,6 +243,56 @@ def canonical_json(data: Any) -> bytes:
 def digest(data: Any) -> str:
     """:returns: the hex sha256 of :func:`canonical_json` of ``data``."""
     return hashlib.sha256(canonical_json(data)).hexdigest()
+
+
+class ValidDigests:
+    """The canonical digests of the last documents a validation accepted,
+    so the same document is validated once.
+
+    A validation that depends on the document alone gives the same answer
+    for the same canonical JSON: the digest is taken only of plain JSON
+    values (a tuple serializes as an array, but is not one to a schema),
+    once :func:`document_problems` found none. Bounded: the oldest digests
+    are forgotten.
+
+    :param size: digests kept at most.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._digests: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(data: Any) -> str | None:
+        """:returns: the document's canonical digest, or ``None`` for one
+        holding values JSON would not tell apart (tuples)."""
+        stack: list[Any] = [data]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, tuple):
+                return None
+            if isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, list):
+                stack.extend(value)
+        return digest(data)
+
+    def seen(self, key: str) -> bool:
+        """:returns: whether ``key`` was added (and not forgotten yet)."""
+        with self._lock:
+            if key in self._digests:
+                self._digests.move_to_end(key)
+                return True
+            return False
+
+    def add(self, key: str) -> None:
+        """Remember a valid document's digest."""
+        with self._lock:
+            self._digests[key] = None
+            self._digests.move_to_end(key)
+            while len(self._digests) > self.size:
+                self._digests.popitem(last=False)
 
 
 @cache

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cloudlets.errors import ManifestError, Problem
 from cloudlets.jsondoc import (
     JSONSyntaxError,
+    ValidDigests,
     digest,
     document_problems,
     parse_json,
@@ -43,6 +44,12 @@ _ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
 
 class _ParsedDocument(dict[str, Any]):
     """A document :func:`~cloudlets.jsondoc.parse_json` has already checked."""
+
+
+#: Digests of the last manifests found valid: a service that gets the same
+#: manifest again (a repeated create, many clients posting one cloudlet)
+#: checks its schema once.
+_VALIDATED = ValidDigests(4096)
 
 
 @dataclass(frozen=True)
@@ -83,15 +90,19 @@ class Manifest:
         :raises ManifestError: listing every problem.
         """
         problems = [] if isinstance(data, _ParsedDocument) else document_problems(dict(data))
-        problems = problems or self._problems(data)
-        if problems:
-            raise ManifestError(problems, source)
+        known = None if problems else _VALIDATED.key(data)
+        if known is None or not _VALIDATED.seen(known):
+            problems = problems or self._problems(data)
+            if problems:
+                raise ManifestError(problems, source)
+            if known is not None:
+                _VALIDATED.add(known)
         self._data = copy.deepcopy(dict(data))
         self.source = source
         self.raw: bytes | None = None
         """The document's bytes as read (a file, a URL, a JSON string), which
         a publisher's signature covers; ``None`` for a dict."""
-        self.digest: str = digest(self._data)
+        self.digest: str = known or digest(self._data)
         """sha256 of the canonical JSON form: stable across key order and whitespace."""
 
     # -- loading ------------------------------------------------------------

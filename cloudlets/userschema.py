@@ -35,6 +35,8 @@ from cloudlets.jsondoc import (
     NO_RETRIEVAL,
     SafeValidator,
     StepBudgetExceeded,
+    ValidDigests,
+    document_problems,
     pointer,
     problem_of,
     step_budget,
@@ -46,6 +48,9 @@ __all__ = ["MAX_SCHEMA_STEPS", "check_schema", "validate_subschema"]
 #: Keyword evaluations one validation of a value against a manifest-supplied
 #: schema may take (about a second of work).
 MAX_SCHEMA_STEPS = 50_000
+#: Digests of the schemas :func:`check_schema` accepted last: manifests of
+#: one family share their arguments' schemas, checked once.
+_VALID_SCHEMAS = ValidDigests(4096)
 
 _DIALECTS = frozenset({"https://json-schema.org/draft/2020-12/schema",
                        "https://json-schema.org/draft/2020-12/schema#"})
@@ -74,6 +79,9 @@ def check_schema(schema: Any, base: Iterable[str | int]) -> list[Problem]:
                 for path, message in _structure_problems(schema)]
     if problems:
         return problems
+    known = _VALID_SCHEMAS.key(schema) if not document_problems(schema) else None
+    if known is not None and _VALID_SCHEMAS.seen(known):
+        return []
     try:
         Draft202012Validator.check_schema(schema, format_checker=FORMAT_CHECKER)
     except jsonschema.SchemaError as error:
@@ -81,6 +89,8 @@ def check_schema(schema: Any, base: Iterable[str | int]) -> list[Problem]:
                         f"is not a valid JSON Schema: {error.message}")]
     except RecursionError:
         return [Problem(pointer(prefix), "is not a valid JSON Schema: nested too deeply")]
+    if known is not None:
+        _VALID_SCHEMAS.add(known)
     return []
 
 

@@ -218,3 +218,36 @@ def test_the_catalog_is_a_store_importing_neither_renderer_nor_registry() -> Non
                 any(name.startswith(f + ".") for f in forbidden)}
     store = set(vars(cloudlets.catalog.ImageCatalog))
     assert not store & {"render", "wait", "delete"}  # no rendering, waiting or driver calls
+
+
+def test_a_forked_child_claims_with_its_own_connection_and_its_own_pid(tmp_path: Path) -> None:
+    """Each thread keeps a connection and a claim records the process's
+    token read once: a forked child must use neither of its parent's."""
+    from cloudlets.catalog import OWNER_LOST
+    from cloudlets.catalog.leases import process_token
+
+    catalog = ImageCatalog(tmp_path / "c.sqlite3")
+
+    def request(name: str) -> RenderRequest:
+        return RenderRequest(name, "1", "d" * 64, "c" * 64, "raw", "local", f"/o/{name}")
+
+    mine = catalog.claim(request("parent")).entry  # the parent's connection and token
+    pid = os.fork()
+    if pid == 0:  # the child: claim, and say whether the row is its own
+        code = 1
+        try:
+            entry = catalog.claim(request("child")).entry
+            own = os.getpid()
+            code = 0 if (entry.owner_pid, entry.owner_token) == (own, process_token(own)) \
+                else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert mine.owner_pid == os.getpid()
+    (child,) = [e for e in catalog.entries() if e.manifest_name == "child"]
+    assert child.owner_pid == pid
+    # the child is gone: a poll marks its render failed; the parent's lives on
+    assert catalog.refresh(child.entry_id).error_type == OWNER_LOST
+    assert catalog.refresh(mine.entry_id).status is ImageStatus.PENDING
+    assert catalog.claim(request("parent")).state.name == "BUSY"

@@ -266,3 +266,71 @@ def test_schema_is_draft_2020_12() -> None:
     schema = load_schema("manifest-v1.json")
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     Draft202012Validator.check_schema(schema)
+
+
+def count_validations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the schema validations :class:`Manifest` runs (the real ones)."""
+    calls = [0]
+    problems = Manifest._problems
+
+    def counted(data: Any) -> Any:
+        calls[0] += 1
+        return problems(data)
+
+    monkeypatch.setattr(Manifest, "_problems", staticmethod(counted))
+    return calls
+
+
+def test_the_same_valid_document_is_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_validations(monkeypatch)
+    data = mutate({"name": "cached-once"})
+    first = Manifest(data)
+    reordered = json.loads(json.dumps(data, sort_keys=True))
+    again = Manifest.load(json.dumps(reordered, indent=2))  # other bytes, same document
+    assert calls == [1]
+    assert first.digest == again.digest
+    Manifest(mutate({"name": "cached-once", "version": "2.2"}))  # another document
+    assert calls == [2]
+
+
+def test_an_invalid_document_is_refused_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_validations(monkeypatch)
+    bad = mutate({"name": "not cached", "boot.kernel": 7})
+    for _ in range(2):
+        with pytest.raises(ManifestError, match="/boot/kernel"):
+            Manifest(bad)
+    assert calls == [2]
+
+
+def test_a_document_that_json_cannot_tell_apart_is_not_taken_from_the_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_validations(monkeypatch)
+    Manifest(mutate({"name": "tuple-twin"}))
+    # the same canonical JSON, but a tuple is not an array to the schema
+    with pytest.raises(ManifestError, match="/templates"):
+        Manifest(mutate({"name": "tuple-twin", "templates": ("/etc/hostname",)}))
+    assert calls == [2]
+
+
+def test_an_arguments_schema_is_checked_once_and_a_bad_one_always() -> None:
+    from cloudlets.userschema import _VALID_SCHEMAS, check_schema
+
+    good = {"type": "integer", "minimum": 3, "x-test": "checked-once"}
+    assert check_schema(good, ["args", "a"]) == []
+    assert _VALID_SCHEMAS.seen(str(_VALID_SCHEMAS.key(good)))
+    bad = {"type": "no-such-type", "x-test": "checked-always"}
+    for _ in range(2):
+        (problem,) = check_schema(bad, ["args", "b"])
+        assert problem.pointer.startswith("/args/b") and "not a valid JSON Schema" in \
+            problem.message
+    assert not _VALID_SCHEMAS.seen(str(_VALID_SCHEMAS.key(bad)))
+
+
+def test_valid_digests_are_bounded() -> None:
+    from cloudlets.jsondoc import ValidDigests
+
+    kept = ValidDigests(3)
+    keys = [str(kept.key({"n": n})) for n in range(5)]
+    for key in keys:
+        kept.add(key)
+    assert [kept.seen(key) for key in keys] == [False, False, True, True, True]

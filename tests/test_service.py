@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import tarfile
 import time
@@ -38,11 +39,12 @@ STAGES = {"queued", "prepare", "fetch", "rootfs", "templates", "disk", "tree", "
 
 
 def service_config(server: TarballServer, *, workers: int = 2, grace: float = 2.0,
-                   per_tenant: int = 2) -> str:
+                   per_tenant: int = 2, render_workers: str = "processes") -> str:
     return f"""
 [service]
 data_dir = "state"
 workers = {workers}
+render_workers = "{render_workers}"
 shutdown_grace = {grace}
 formats = ["tar", "qcow2"]
 [limits]
@@ -390,9 +392,13 @@ def test_sigterm_fails_the_renders_it_cuts_off_and_a_restart_says_so(
                 .json()["status"] != "rendering":
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        renders = children(first.process.pid)
+        assert len(renders) == 1
         started = time.monotonic()
         assert first.stop(signal.SIGTERM) == 0
         assert time.monotonic() - started < 10
+        # the render cut off was terminated with its process: it writes nothing more
+        assert not any(alive(pid) for pid in renders)
     finally:
         tarballs.gate.set()
     second = start_service(tmp_path / "etc", config, tokens=TOKENS)
@@ -410,6 +416,72 @@ def test_sigterm_fails_the_renders_it_cuts_off_and_a_restart_says_so(
         assert second.stop() == 0
 
 
+def children(pid: int) -> set[int]:
+    """The render processes of the service ``pid``: its children that
+    multiprocessing spawned (not its resource tracker)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in command:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_status(service: Service, image_id: str, status: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    while True:
+        image: dict[str, Any] = service.call("GET", f"/v1/images/{image_id}", "alice").json()
+        if image["status"] == status:
+            return image
+        assert time.monotonic() < deadline, image
+        time.sleep(0.05)
+
+
+def test_a_render_process_that_dies_fails_its_render_and_is_started_again(
+        tmp_path: Path, tarballs: TarballServer) -> None:
+    config = service_config(tarballs, workers=1)
+    with serving(tmp_path / "etc", config, TOKENS) as running:
+        processes = children(running.process.pid)
+        assert len(processes) == 1  # workers = 1: one render process, started with the service
+        tarballs.gate.clear()
+        try:
+            answer = create(running, "alice", served_cloudlet(tarballs, "lost", "1.0", slow=True))
+            wait_status(running, answer.json()["id"], "rendering")
+            (render,) = processes
+            assert alive(render)  # it renders
+            os.kill(render, signal.SIGKILL)
+            image = wait_status(running, answer.json()["id"], "failed")
+        finally:
+            tarballs.gate.set()
+        assert image["error"]["type"] == "WorkerLost", image
+        assert str(render) in image["error"]["message"]
+        again = create(running, "alice", served_cloudlet(tarballs, "after", "1.0"))
+        assert running.wait_image(again.json()["id"], "alice")["status"] == "ready"
+        assert len(children(running.process.pid) - {render}) == 1
+
+
+def test_render_workers_threads_render_in_the_service_process(
+        tmp_path: Path, tarballs: TarballServer) -> None:
+    config = service_config(tarballs, workers=1, render_workers="threads")
+    with serving(tmp_path / "etc", config, TOKENS) as running:
+        answer = create(running, "alice", served_cloudlet(tarballs, "threads", "1.0"))
+        assert running.wait_image(answer.json()["id"], "alice")["status"] == "ready"
+        assert children(running.process.pid) == set()
+
+
 def test_a_killed_service_reports_its_render_failed_after_a_restart(
         tmp_path: Path, tarballs: TarballServer) -> None:
     config = service_config(tarballs)
@@ -418,7 +490,14 @@ def test_a_killed_service_reports_its_render_failed_after_a_restart(
     try:
         answer = create(first, "alice", served_cloudlet(tarballs, "killed", "1.0", slow=True))
         assert answer.status_code == 202
+        orphans = children(first.process.pid)
+        assert orphans
         first.stop(signal.SIGKILL)
+        # its render processes do not outlive it (they would write on for nobody)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in orphans):
+            assert time.monotonic() < deadline, "render processes outlived a killed service"
+            time.sleep(0.1)
     finally:
         tarballs.gate.set()
     second = start_service(tmp_path / "etc", config, tokens=TOKENS)

@@ -71,6 +71,7 @@ def test_a_bad_file_is_refused_with_the_key_path_of_each_problem(
     path = write(tmp_path, """
 [service]
 workers = 0
+render_workers = "fibers"
 listen = "nowhere"
 formats = ["tar", "floppy"]
 [limits]
@@ -100,7 +101,8 @@ schemes = ["gopher"]
     with pytest.raises(ServiceConfigError) as refused:
         ServiceConfig.load(path)
     paths = {p for p, _ in refused.value.problems}
-    assert {"service.workers", "service.listen", "service.formats", "limits.max_body_bytes",
+    assert {"service.workers", "service.render_workers", "service.listen", "service.formats",
+            "limits.max_body_bytes",
             "targets.local.root", "targets.s3.prefix", "targets.Bad", "tenants.a.token_env",
             "tenants.b", "tenants.c.operations", "tenants.c.targets", "presets.config.hostname",
             "fetch.allow_hosts", "fetch.schemes", "colours"} <= paths, paths
@@ -258,6 +260,7 @@ token_sha256 = "%s"
 def test_the_queue_section_is_checked(tmp_path: Path) -> None:
     config = ServiceConfig.load(write(tmp_path, QUEUE_BASE))
     assert config.queue.backend == "embedded"
+    assert config.render_workers == "processes"  # the embedded pool's default
     config = ServiceConfig.load(write(tmp_path, QUEUE_BASE + """
 [queue]
 backend = "celery"

@@ -19,7 +19,7 @@ from pathlib import Path
 from cloudlets.catalog.records import CatalogEntry
 from cloudlets.errors import CloudletsError
 
-__all__ = ["HOST", "keep_lease", "process_alive", "process_token", "stale_reason"]
+__all__ = ["HOST", "keep_lease", "own_token", "process_alive", "process_token", "stale_reason"]
 
 #: This host's name, recorded as the owner host of a claim.
 HOST = socket.gethostname()
@@ -35,6 +35,19 @@ def process_token(pid: int) -> str | None:
     # The command name (field 2) may hold spaces and parentheses.
     fields = stat[stat.rfind(")") + 2:].split()
     return fields[19] if len(fields) > 19 else None
+
+
+_OWN_TOKEN: tuple[int, str | None] | None = None
+
+
+def own_token() -> tuple[int, str | None]:
+    """:returns: this process's pid and :func:`process_token`, read once per
+    process (a forked child reads its own): what every claim records."""
+    global _OWN_TOKEN
+    pid = os.getpid()
+    if _OWN_TOKEN is None or _OWN_TOKEN[0] != pid:
+        _OWN_TOKEN = (pid, process_token(pid))
+    return _OWN_TOKEN
 
 
 def process_alive(pid: int, token: str | None) -> bool:

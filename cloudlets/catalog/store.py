@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cloudlets.catalog.leases import HOST, process_token, stale_reason
+from cloudlets.catalog.leases import HOST, own_token, stale_reason
 from cloudlets.catalog.records import (
     IN_FLIGHT,
     OWNER_LOST,
@@ -86,9 +86,9 @@ def _writer_lock(path: Path) -> threading.Lock:
 class ImageCatalog:
     """The SQLite image catalog.
 
-    Each call opens its own short connection, so one catalog object may be
-    used from several threads, and any number of processes may open the
-    same file.
+    Each thread keeps its own connection (opened on its first call, and
+    again in a forked child), so one catalog object may be used from
+    several threads, and any number of processes may open the same file.
 
     :param path: the database file; default ``<data_dir>/catalog.sqlite3``.
     :param data_dir: the data directory used when ``path`` is not given
@@ -105,10 +105,14 @@ class ImageCatalog:
         self.path = Path(path) if path is not None else default_catalog_path(data_dir)
         self.timeout = timeout
         self.lease_seconds = lease_seconds
+        # Opening a connection (and its pragmas) cost a busy service's poll
+        # as much as the query; each thread keeps one, per process.
+        self._local = threading.local()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CatalogError(f"cannot create {self.path.parent}: {exc.strerror}") from None
+        self._writer = _writer_lock(self.path)
         self._migrate()
 
     @classmethod
@@ -132,7 +136,8 @@ class ImageCatalog:
         """Atomically find or claim the render of ``request``.
 
         Stale entries of the key (their owner died or stopped renewing its
-        lease) are marked failed first.
+        lease) are marked failed first, when the key has no ready image to
+        answer with (found without taking the write lock).
 
         :param request: what to render.
         :param force: claim a new render even when a ready image exists.
@@ -140,6 +145,12 @@ class ImageCatalog:
             from ``request.output`` (the request's template, expanded).
         :returns: the :class:`Claim`.
         """
+        if not force:  # the image is there already: no write, no writer's lock
+            with self._read() as conn:
+                ready = self._select_one(conn, "key = ? AND status = 'ready' "
+                                               "ORDER BY created_at DESC", (request.key,))
+            if ready is not None:
+                return Claim(ClaimState.EXISTING, ready, ())
         now = time.time()
         with self._write() as conn:
             reaped = self._reap(conn, now, key=request.key)
@@ -152,7 +163,7 @@ class ImageCatalog:
             if busy is not None:
                 return Claim(ClaimState.BUSY, busy, reaped)
             entry_id = "cat-" + uuid.uuid4().hex[:20]
-            pid = os.getpid()
+            pid, token = own_token()
             conn.execute(
                 "INSERT INTO images (entry_id, key, label, manifest_name, manifest_version, "
                 "manifest_digest, config_digest, format, storage, storage_class, target, "
@@ -164,7 +175,7 @@ class ImageCatalog:
                  request.config_digest, request.format, request.storage, request.storage_class,
                  request.target or request.storage,
                  output if output is not None else request.output, HOST, pid,
-                 process_token(pid), now + self.lease_seconds, now, now))
+                 token, now + self.lease_seconds, now, now))
             return Claim(ClaimState.CLAIMED, self._get_entry(conn, entry_id), reaped, ready)
 
     def start(self, entry_id: str) -> CatalogEntry:
@@ -189,12 +200,12 @@ class ImageCatalog:
         :raises CatalogError: when the entry is no longer in flight.
         """
         now = time.time()
-        pid = os.getpid()
+        pid, token = own_token()
         with self._write() as conn:
             self._owned(conn, entry_id)
             conn.execute("UPDATE images SET owner_host = ?, owner_pid = ?, owner_token = ?, "
                          "lease_expires = ?, updated_at = ? WHERE entry_id = ?",
-                         (HOST, pid, process_token(pid), now + self.lease_seconds, now,
+                         (HOST, pid, token, now + self.lease_seconds, now,
                           entry_id))
             return self._get_entry(conn, entry_id)
 
@@ -267,6 +278,10 @@ class ImageCatalog:
 
         :raises CatalogError: for an unknown entry.
         """
+        with self._read() as conn:
+            entry = self._get_entry(conn, entry_id)
+        if entry.status not in IN_FLIGHT or stale_reason(entry, time.time()) is None:
+            return entry  # what a poll finds: no write, no writer's lock
         with self._write() as conn:
             self._reap(conn, time.time(), entry_id=entry_id)
             return self._get_entry(conn, entry_id)
@@ -424,12 +439,30 @@ class ImageCatalog:
         one process take turns on a lock first: waiting on SQLite's busy
         handler instead, whose sleeps grow to 100 ms, made a service's POST
         wait up to a second behind nine others."""
-        with _writer_lock(self.path), self._transaction() as conn:
+        with self._writer, self._transaction() as conn:
             yield conn
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (and again in a
+        forked child: a connection never crosses a fork)."""
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = self._connect()
+            local.conn, local.pid = conn, os.getpid()
+        return conn
+
+    def _discard(self, conn: sqlite3.Connection) -> None:
+        """Drop this thread's connection after an error: the next call opens
+        a fresh one rather than reuse one left in an unknown state."""
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect()
+        conn = self._connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -439,19 +472,21 @@ class ImageCatalog:
                 raise
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            self._discard(conn)
             raise CatalogError(f"catalog {self.path}: {exc}") from None
-        finally:
-            conn.close()
+        except BaseException:
+            if conn.in_transaction:  # a ROLLBACK that failed
+                self._discard(conn)
+            raise
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect()
+        conn = self._connection()
         try:
             yield conn
         except sqlite3.Error as exc:
+            self._discard(conn)
             raise CatalogError(f"catalog {self.path}: {exc}") from None
-        finally:
-            conn.close()
 
     def _migrate(self) -> None:
         conn = self._connect()

@@ -3,9 +3,20 @@
 Every answer is JSON (but ``/metrics``); every bad input answers a 4xx with
 an ``{"error", "message", "problems"}`` body, and nothing a handler raises
 reaches the client as a traceback. The handlers only parse, authenticate
-and shape answers: the work is :class:`~cloudlets.service.jobs.RenderJobs`'s,
-run on Starlette's thread pool so the event loop never waits on SQLite or
-a manifest's validation.
+and shape answers: the work is :class:`~cloudlets.service.jobs.RenderJobs`'s.
+
+What waits on the network, a subprocess or a storage target runs on
+Starlette's thread pool: a ``manifest_url``, a signature check, a queue's
+broker, deleting, listing. A poll (``GET /v1/images/{id}``: reads of the
+local SQLite files) and a create that only validates and claims (the
+embedded pool, no ``manifest_url``, no trust policy: about a millisecond)
+run on the event loop itself. Handing them to a thread cost more than the
+work: the hand-off, and then the interpreter lock passed back and forth
+between the loop and twenty threads at once, which made each answer's send
+wait for the lock's switch interval. The price is that such a create waits
+on the event loop for the catalog's write lock, which the service's own
+render threads hold for a commit at a time (another process writing the
+same catalog, the ``cloudlets`` command, holds it as briefly).
 """
 
 from __future__ import annotations
@@ -296,7 +307,10 @@ class _Api:
                 manifest, raw = await run_in_threadpool(self.jobs.fetch_manifest, tenant, url)
                 parsed = dataclasses.replace(parsed, manifest=manifest, manifest_url=url,
                                              manifest_bytes=raw)
-            created = await run_in_threadpool(self.jobs.create, tenant, parsed, key)
+            if url is None and self.jobs.creates_locally(tenant):
+                created = self.jobs.create(tenant, parsed, key)  # see the module's text
+            else:
+                created = await run_in_threadpool(self.jobs.create, tenant, parsed, key)
         except CloudletsError as exc:
             raise self.invalid(exc) from None
         owner = Owner(created.entry.entry_id, tenant.name, parsed.target)
@@ -333,8 +347,7 @@ class _Api:
 
     async def get(self, request: Request) -> Response:
         tenant = self.tenant(request)
-        entry, owner = await run_in_threadpool(self.jobs.get, tenant,
-                                               request.path_params["id"])
+        entry, owner = self.jobs.get(tenant, request.path_params["id"])  # local reads
         return JSONResponse(self.view(entry, owner))
 
     async def provenance(self, request: Request) -> Response:

@@ -63,6 +63,9 @@ OPERATIONS = frozenset({"create", "read", "delete"})
 
 _SECTIONS = {"service", "limits", "targets", "formats", "tenants", "presets", "mirrors",
              "fetch", "queue", "signing"}
+#: ``[service] render_workers``: the embedded pool's workers, each a render
+#: process of its own (the default), or threads of the service's process.
+RENDER_WORKERS = ("processes", "threads")
 #: ``[queue] backend``: renders in the service's own threads, or on Celery workers.
 QUEUE_BACKENDS = ("embedded", "celery")
 #: What to install for ``[queue] backend = "celery"``.
@@ -250,6 +253,9 @@ class ServiceConfig:
         provenance_key``), or ``None``: no provenance.
     :ivar secrets: every secret value read (tokens, credentials), to keep
         out of responses and logs.
+    :ivar render_workers: how the embedded pool renders: ``processes`` (one
+        render process per worker) or ``threads`` (in the service's own
+        process).
     """
 
     source: str
@@ -269,6 +275,7 @@ class ServiceConfig:
     queue: QueueSettings = QueueSettings()
     trust: TrustPolicy | None = None
     provenance_key: ProvenanceKey | None = None
+    render_workers: str = "processes"
 
     @classmethod
     def load(cls, path: str | Path, *, listen: str | None = None) -> ServiceConfig:
@@ -344,13 +351,17 @@ class _Reader:
             self.problem(key, f"unknown section (known: {', '.join(sorted(_SECTIONS))})")
         service = self.table("service")
         self.unknown(service, "service", {"listen", "data_dir", "cache_dir", "workers",
-                                          "shutdown_grace", "formats"})
+                                          "render_workers", "shutdown_grace", "formats"})
         listen = self.listen(service)
         data_dir = self.path(service, "data_dir", "state")
         cache_dir = self.path(service, "cache_dir", None) if "cache_dir" in service \
             else data_dir / "cache"
         workers = self.number(service, "service", "workers", 2, int, 1, 64)
         grace = self.number(service, "service", "shutdown_grace", 30.0, float, 0.0, 3600.0)
+        render_workers = service.get("render_workers", "processes")
+        if render_workers not in RENDER_WORKERS:
+            self.problem("service.render_workers",
+                         f"must be one of {', '.join(map(repr, RENDER_WORKERS))}")
         limits = self.limits()
         formats = self.formats(service)
         targets = self.targets()
@@ -372,7 +383,7 @@ class _Reader:
             workers=int(workers), shutdown_grace=float(grace), formats=formats,
             targets=targets, tenants=tenants, presets=presets, mirrors=mirrors, fetch=fetch,
             limits=limits, secrets=frozenset(self.secrets), queue=queue, trust=trust,
-            provenance_key=provenance_key)
+            provenance_key=provenance_key, render_workers=str(render_workers))
 
     def trust(self, table: Mapping[str, Any], where: str) -> TrustPolicy | None:
         """A trust policy from ``allowed_signers`` (an OpenSSH file),

@@ -4,7 +4,9 @@
 limits, claims the render with :meth:`cloudlets.images.Images.submit`, hands
 the claimed entry to a :class:`RenderExecutor`, and answers for the images a
 tenant owns. The executor runs :meth:`cloudlets.images.Images.run`; the one
-here, :class:`InProcessPool`, is a pool of threads in the service process.
+here, :class:`InProcessPool`, is a pool of threads in the service process,
+and the embedded default, :class:`cloudlets.service.workers.ProcessPool`,
+gives each of its threads a render process.
 An executor that sends renders to other machines
 (:class:`cloudlets.service.queue.CeleryExecutor`) implements the same
 :class:`RenderExecutor` protocol: a :class:`RenderTask` carries the request
@@ -292,7 +294,7 @@ class InProcessPool:
                 break
         return StopReport(never_started=tuple(never), still_running=still)
 
-    def execute(self, task: RenderTask) -> None:
+    def execute(self, task: RenderTask) -> Execute | None:
         """:returns: ``None``: the renderer renders in this process."""
         return None
 
@@ -371,13 +373,18 @@ def _host(entry: str) -> str:
 
 
 def default_executor(config: ServiceConfig) -> RenderExecutor:
-    """The executor ``[queue] backend`` names: an :class:`InProcessPool` of
-    ``service.workers`` threads, or a
-    :class:`~cloudlets.service.queue.CeleryExecutor`."""
+    """The executor ``[queue] backend`` names: the embedded pool of
+    ``service.workers`` (a :class:`~cloudlets.service.workers.ProcessPool`,
+    or an :class:`InProcessPool` of threads with ``[service] render_workers
+    = "threads"``), or a :class:`~cloudlets.service.queue.CeleryExecutor`."""
     if config.queue.backend == "celery":
         from cloudlets.service.queue import CeleryExecutor
 
         return CeleryExecutor(config)
+    if config.render_workers == "processes":
+        from cloudlets.service.workers import ProcessPool
+
+        return ProcessPool(config, config.workers, config.limits.queue_length)
     return InProcessPool(config.workers, config.limits.queue_length)
 
 
@@ -386,8 +393,7 @@ class RenderJobs:
     executor, and the tenant-scoped view of the catalog.
 
     :param config: the service configuration.
-    :param executor: where renders run; default an :class:`InProcessPool`
-        of ``config.workers`` threads.
+    :param executor: where renders run; default :func:`default_executor`.
     :param metrics: counts renders and their durations, when given.
     """
 
@@ -548,6 +554,14 @@ class RenderJobs:
             self.records.remember(tenant.name, idempotency_key, request.digest, entry.entry_id)
         return Created(entry, created=claim.state is ClaimState.CLAIMED)
 
+    def creates_locally(self, tenant: TenantSettings) -> bool:
+        """Whether :meth:`create` for this tenant (a manifest in the body)
+        waits on nothing but this host's CPU and its SQLite files: the
+        embedded pool queues in memory, and no trust policy runs
+        ``ssh-keygen`` on the manifest's signature."""
+        return isinstance(self.executor, InProcessPool) \
+            and (tenant.trust or self.config.trust) is None
+
     def get(self, tenant: TenantSettings, ref: str) -> tuple[CatalogEntry, Owner | None]:
         """:returns: a tenant's image (any image for an admin) and its owner.
         :raises NotFound: when there is none it may see."""
@@ -559,7 +573,7 @@ class RenderJobs:
         owner = self.records.owner(entry.entry_id)
         if not tenant.admin and (owner is None or owner.tenant != tenant.name):
             raise NotFound(f"no image {ref!r}")
-        if entry.status in IN_FLIGHT:
+        if entry.status in IN_FLIGHT and stale_reason(entry, time.time()) is not None:
             entry = self.catalog.refresh(entry.entry_id)  # a dead owner: failed now
         return entry, owner
 

@@ -28,7 +28,6 @@ module imports them when it is used.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -39,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 from cloudlets.catalog.records import jsonable
 from cloudlets.errors import CloudletsError, ConfigurationError
-from cloudlets.images import Execute, prepare_request
+from cloudlets.images import Execute
 from cloudlets.progress import ProgressCallback
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
-from cloudlets.service.config import CELERY_EXTRA_HINT, ServiceConfig
+from cloudlets.service.config import CELERY_EXTRA_HINT, ServiceConfig, Target
 from cloudlets.service.jobs import (
     QueueFull,
     QueueUnavailable,
@@ -51,6 +50,7 @@ from cloudlets.service.jobs import (
     StopReport,
     renderer_for,
 )
+from cloudlets.service.workers import RemoteRenderError, render_payload, with_signer
 from cloudlets.urls import redact
 
 if TYPE_CHECKING:
@@ -76,18 +76,6 @@ QUEUE_LOST = "QueueLost"
 _UNKNOWN_LOOKS = 20
 #: Seconds between the worker's progress reports, at most one in this time.
 _PROGRESS_INTERVAL = 0.25
-
-
-class RemoteRenderError(CloudletsError):
-    """A render failed on a worker; :attr:`remote_type` names the worker's
-    error class (``FetchError``...), recorded as the entry's ``error_type``.
-
-    :ivar remote_type: the error class's name on the worker.
-    """
-
-    def __init__(self, message: str, remote_type: str) -> None:
-        super().__init__(message)
-        self.remote_type = remote_type
 
 
 def require_celery_extra() -> None:
@@ -250,12 +238,7 @@ class CeleryExecutor:
 
         def wait(job: Any, progress: ProgressCallback | None, *,
                  overwrite: bool = False) -> RenderResult:
-            result = self._wait(task.entry_id, progress)
-            signer = getattr(job, "signer", None)  # checked here, at the claim
-            if signer is not None and "signature" not in result.details:
-                result = dataclasses.replace(
-                    result, details={**result.details, "signature": signer.to_dict()})
-            return result
+            return with_signer(job, self._wait(task.entry_id, progress))
 
         return wait
 
@@ -441,33 +424,16 @@ class RenderWorker:
         return {"ok": True, "result": jsonable(result.to_dict())}
 
     def _render(self, task: Any, payload: Mapping[str, Any], attempt: int) -> RenderResult:
-        config = self.config
-        target = config.targets.get(str(payload["target"]))
-        settings = config.formats.get(str(payload["format"]))
-        if target is None or settings is None:
-            raise ConfigurationError(f"this worker's {config.source} has no target "
-                                     f"{payload['target']!r} or format {payload['format']!r}: "
-                                     "workers must read the service's configuration")
-        renderer = self.renderer(str(payload.get("tenant", "")))
-        # The signature was checked by the service before it queued the
-        # render; the provenance is signed here, where the artifacts are.
-        job, request = prepare_request(
-            renderer, dict(payload["manifest"]),
-            str(payload["output"]), target.driver, settings.build(payload["format_options"]),
-            dict(payload["config"]), provenance_key=config.provenance_key)
-        if request.key != payload["key"] or job.output != payload["location"]:
-            raise ConfigurationError(f"this worker prepared request key {request.key[:16]} at "
-                                     f"{job.output}, the service claimed {payload['key'][:16]} "
-                                     f"at {payload['location']}: the worker's {config.source} "
-                                     "differs from the service's (presets, mirrors)")
-        if attempt > 1:  # a worker was lost with this render: its leftovers go
-            sweep = getattr(target.driver, "ex_remove_partials", None)
-            if sweep is not None:
-                for path in sweep(job.output):
+        def sweep(target: Target, location: str) -> None:
+            remove = getattr(target.driver, "ex_remove_partials", None)
+            if attempt > 1 and remove is not None:  # a worker was lost with this render
+                for path in remove(location):  # its leftovers go
                     log.info("render %s: removed %s, left by a lost worker", task.request.id,
                              path)
-        return renderer.execute(job, self._progress(task, attempt),
-                                overwrite=bool(payload.get("overwrite")) or attempt > 1)
+
+        return render_payload(self.config, self.renderer(str(payload.get("tenant", ""))),
+                              payload, self._progress(task, attempt), overwrite=attempt > 1,
+                              before=sweep)
 
     @staticmethod
     def _progress(task: Any, attempt: int) -> ProgressCallback:
