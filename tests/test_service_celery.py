@@ -297,6 +297,13 @@ def test_a_restarted_service_follows_the_renders_it_queued(
 def test_a_render_the_queue_lost_is_reported_failed_after_a_restart(
         cluster: Cluster, tarballs: TarballServer) -> None:
     entry_id = queue_and_stop(cluster, tarballs, "lost-with-redis")
+    # Once the worker waits in the held fetch it writes nothing more to Redis
+    # until the gate opens: lose the task's record only then, or a worker that
+    # had not yet started the task would write it back.
+    deadline = time.monotonic() + RENDER_TIMEOUT
+    while "/slow/lost-with-redis-1.0.tar.gz" not in tarballs.requests:
+        assert time.monotonic() < deadline, tarballs.requests
+        time.sleep(0.05)
     cluster.redis.client().delete(f"celery-task-meta-{entry_id}")  # Redis lost its data
     cluster.service = start_service(cluster.root, cluster.config.read_text(), tokens=TOKENS)
     image = cluster.service.call("GET", f"/v1/images/{entry_id}", "alice").json()
