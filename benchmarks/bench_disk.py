@@ -493,7 +493,7 @@ def print_report(report: dict[str, Any]) -> None:
                          *(fmt_ratio(against.get(ref))
                            for ref in ("floor", "baseline", "virt-make-fs")),
                          fmt_number(row["rss_mib"], 0), stages_text(row["stages"])])
-        print(text_table(header, rows))
+        print(text_table(header, rows, align="lrrrrrrl"))
         if tree.get("identical") is not None:
             print("re-render byte-identical to a cold render of the same inputs: "
                   + ("yes" if tree["identical"] else "NO"))

@@ -43,14 +43,21 @@ def fmt_number(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def text_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A plain-text table: the first column left-aligned, the others right-aligned."""
+def text_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str = "") -> str:
+    """A plain-text table.
+
+    :param align: one letter a column, ``l`` (left) or ``r`` (right); by
+        default the first column is left-aligned and the others right-aligned.
+    """
     body = [list(header), *[list(r) for r in rows]]
+    if any(len(row) != len(header) for row in body):
+        raise ValueError("every row must have as many cells as the header")
+    align = align or "l" + "r" * (len(header) - 1)
     widths = [max(len(row[i]) for row in body) for i in range(len(header))]
     lines = []
     for number, row in enumerate(body):
-        cells = [row[0].ljust(widths[0])]
-        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        cells = [c.ljust(w) if a == "l" else c.rjust(w)
+                 for c, w, a in zip(row, widths, align, strict=True)]
         lines.append("  ".join(cells).rstrip())
         if number == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -65,10 +72,17 @@ def rst_table(header: Sequence[str], rows: Iterable[Sequence[str]], *,
         lines.append("   :widths: " + " ".join(str(w) for w in widths))
     lines.append("")
     for row in [header, *rows]:
-        cells = [c if c else "\\" for c in row]  # an empty cell must still be a list item
-        lines.append(f"   * - {cells[0]}")
-        lines.extend(f"     - {c}" for c in cells[1:])
+        cells = [_rst_cell(c) for c in row]
+        lines.append(f"   * - {cells[0]}".rstrip())
+        lines.extend(f"     - {c}".rstrip() for c in cells[1:])
     return "\n".join(lines) + "\n"
+
+
+def _rst_cell(text: str) -> str:
+    """A cell's text as RST inline text: a leading bullet character (the
+    tables' ``-`` for "not measured") escaped, so that it is no nested list."""
+    text = " ".join(text.split())
+    return "\\" + text if text[:1] in ("-", "*", "+", "#", "|") else text
 
 
 def machine() -> dict[str, Any]:
