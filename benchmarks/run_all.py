@@ -213,6 +213,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "skipped" in result:
             print(f"{area}: skipped ({result['skipped']})")
     if args.rst:
+        load = " ".join(f"{x:.2f}" for x in before["load"])
+        print(f"\nThe run of {started:%Y-%m-%d %H:%M} UTC of commit {before['commit']}"
+              f"{' (--quick: not a measurement)' if args.quick else ''}: "
+              f"``nproc`` {before['nproc']}, {before['cpu']}, load average {load} "
+              f"before and " + " ".join(f"{x:.2f}" for x in after["load"]) + " after "
+              "(other sessions share the machine).")
         print("\n" + rst_table(HEADER, [cells(r) for r in rows],
                                widths=[8, 14, 5, 5, 5, 5, 6, 5, 30]))
     if args.json:
