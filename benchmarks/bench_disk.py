@@ -400,6 +400,14 @@ ONCE = {"virt-make-fs", "cold-cli"}
 STAGE_KEYS = ("extract", "raw")
 
 
+_COUNT = """
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as archive:
+    members = archive.getmembers()
+print(sum(1 for m in members if m.isfile()), len(members))
+"""
+
+
 def prepare_tree(kind: str, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """Write the tree's tar and tarball once; warm the page cache; describe it."""
     if kind == "random":
@@ -424,12 +432,13 @@ def prepare_tree(kind: str, args: argparse.Namespace) -> tuple[Path, dict[str, A
             while chunk := handle.read(1 << 24):
                 if path == tarball:
                     digest.update(chunk)
-    with tarfile.open(tree) as archive:
-        members = archive.getmembers()
+    # counted in a child: 20,000 members read here would raise this process's
+    # RSS, which every pipeline's process inherits as its ru_maxrss floor
+    counted = subprocess.run([sys.executable, "-c", _COUNT, str(tree)], capture_output=True,
+                             text=True, check=True).stdout.split()
     info = {"tree": kind, "path": str(tree), "tar_mb": round(tree.stat().st_size / 1e6, 1),
             "gzip_mb": round(tarball.stat().st_size / 1e6, 1),
-            "files": sum(1 for m in members if m.isfile()),
-            "members": len(members), "gzip_level": level,
+            "files": int(counted[0]), "members": int(counted[1]), "gzip_level": level,
             "tarball_sha256": digest.hexdigest()}
     print(f"tree {kind}: {tree} ({info['tar_mb']:.0f} MB, {info['files']} files; "
           f"{info['gzip_mb']:.0f} MB gzip -{level}; sha256 {info['tarball_sha256'][:16]}...)",

@@ -16,7 +16,10 @@ The areas, each the ``main(argv)`` of its own module, in this order:
 * ``vmdk`` (bench_vmdk.py, when the module exists): the native
   streamOptimized VMDK against ``qemu-img convert``.
 
-An area whose tools or module are missing is skipped with the reason. The
+Each area runs in a child process of its own; one whose tools or module are
+missing, or that fails, is skipped with the reason. An area without an
+entry below (``vmdk``) gets its defaults, and with ``--quick`` its module's
+``QUICK_ARGV`` list (skipped without one). The
 table has one row per pipeline: best and median wall time, its ratio to the
 area's floor (the fastest pipeline of existing tools: ``floor`` for the
 disk, ``curl`` for fetch, the plain tool for upload, the plain render loop
@@ -32,13 +35,13 @@ every area's whole report; ``--rst`` also prints the table as an RST
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
-import importlib
 import json
+import subprocess
 import sys
+import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,36 +76,64 @@ def area_argv(area: str, args: argparse.Namespace) -> list[str] | None:
     return None  # vmdk: its own QUICK_ARGV, or its defaults (see run_area)
 
 
+#: The child that runs one area: import its module, call main(argv), write the report.
+_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+module = __import__(sys.argv[2])
+report = module.main(sys.argv[4:])
+with open(sys.argv[3], "w", encoding="utf-8") as handle:
+    json.dump(report, handle, default=str)
+"""
+
+
 def run_area(area: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Import the area's module and call its ``main(argv)``; never raises."""
+    """Run the area's ``main(argv)`` in a child process of its own; never raises.
+
+    A child of its own, not an import here: every area starts from a fresh
+    interpreter whatever ran before it, and the peak RSS that its tools
+    report is theirs (a process's ``ru_maxrss`` keeps the high-water mark of
+    the process it was forked from, across ``exec``)."""
     module_name = f"bench_{area}"
-    if not (HERE / f"{module_name}.py").exists():
+    source = HERE / f"{module_name}.py"
+    if not source.exists():
         return {"skipped": f"benchmarks/{module_name}.py does not exist (yet)"}
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 (any import error of one area skips only it)
-        return {"skipped": f"cannot import {module_name}: {exc}"}
-    main: Callable[[list[str]], Any] | None = getattr(module, "main", None)
-    if main is None:
-        return {"skipped": f"{module_name} has no main(argv)"}
     argv = area_argv(area, args)
     if argv is None:
-        quick = getattr(module, "QUICK_ARGV", None)
-        if args.quick and quick is None:
-            return {"skipped": f"{module_name} has no QUICK_ARGV for --quick"}
-        argv = list(quick) if args.quick else []
+        if args.quick:
+            quick = _quick_argv(source)
+            if quick is None:
+                return {"skipped": f"{module_name} has no QUICK_ARGV for --quick"}
+            argv = quick
+        else:
+            argv = []
     print(f"\n=== {area}: {module_name}.py {' '.join(argv)}", flush=True)
     started = time.perf_counter()
-    try:
-        report = main(argv)
-    except SystemExit as exc:  # its parser or a missing tool
-        return {"skipped": f"{module_name} exited: {exc.code}", "argv": argv}
-    except Exception as exc:  # noqa: BLE001 (one failing area must not lose the others)
-        traceback.print_exc()
-        return {"skipped": f"{module_name} failed: {exc!r}", "argv": argv}
-    if not isinstance(report, dict):
+    with tempfile.TemporaryDirectory(prefix=f"run-all-{area}-") as scratch:
+        out = Path(scratch) / "report.json"
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(HERE), module_name, str(out),
+                               *argv], stderr=subprocess.PIPE, text=True, check=False)
+        sys.stderr.write(proc.stderr[-20000:])
+        seconds = time.perf_counter() - started
+        if proc.returncode or not out.exists():
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            return {"skipped": f"{module_name} exited with code {proc.returncode}: {last}",
+                    "argv": argv}
+        report = json.loads(out.read_text(encoding="utf-8"))
+    if not isinstance(report, dict) or not report:
         return {"skipped": f"{module_name}.main returned no report", "argv": argv}
-    return {"argv": argv, "seconds": time.perf_counter() - started, "report": report}
+    return {"argv": argv, "seconds": seconds, "report": report}
+
+
+def _quick_argv(source: Path) -> list[str] | None:
+    """A module's ``QUICK_ARGV = [...]`` (read, not imported), or ``None``."""
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "QUICK_ARGV"):
+            value = ast.literal_eval(node.value)
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return list(value)
+    return None
 
 
 def _row(area: str, pipeline: str, best: float | None = None, median: float | None = None,
