@@ -26,7 +26,8 @@ disk, ``curl`` for fetch, the plain tool for upload, the plain render loop
 for the service), to ``baseline`` and to ``virt-make-fs``, the peak RSS
 of its largest process, and the stage times of the best run (the
 renderer's ``RenderResult.timings``) or the area's own figures.
-``--quick`` runs every area small (a few hundred files, megabytes, one
+``--from-json FILE`` prints the tables of a report written before, without
+running anything. ``--quick`` runs every area small (a few hundred files, megabytes, one
 round) for a smoke run: its numbers mean nothing. ``--json FILE`` writes
 every area's whole report; ``--rst`` also prints the table as an RST
 ``list-table`` for docs/performance.rst.
@@ -208,11 +209,51 @@ def cells(row: dict[str, Any]) -> list[str]:
             fmt_number(row["rss_mib"], 0), row["notes"]]
 
 
+def not_run_text(areas: dict[str, dict[str, Any]]) -> str:
+    """One sentence naming what was not run and why (areas, and disk pipelines)."""
+    reasons: dict[str, list[str]] = {}
+    for area, result in areas.items():
+        if "skipped" in result:
+            reasons.setdefault(result["skipped"], []).append(area)
+        for kind, tree in result.get("report", {}).get("trees", {}).items():
+            for name, why in tree.get("skipped", {}).items():
+                reasons.setdefault(why, []).append(f"{name} ({kind} tree)")
+    if not reasons:
+        return ""
+    parts = [f"{', '.join(names)}: {why}" for why, names in reasons.items()]
+    return "Not run: " + "; ".join(parts) + "."
+
+
 def describe(info: dict[str, Any]) -> str:
     """The machine line under the table."""
     load = " ".join(f"{x:.2f}" for x in info["load"])
     return (f"{info['nproc']} CPUs ({info['cpu']}), load average {load}, Linux "
             f"{info['kernel']}, Python {info['python']}, commit {info['commit']}")
+
+
+def print_report(report: dict[str, Any], *, rst: bool) -> None:
+    """The table, the machine line and what was skipped; with ``rst``, the
+    sentence, table and note that docs/performance.rst quotes."""
+    rows, before, after = report["rows"], report["machine"], report["load_after"]
+    started = datetime.datetime.fromisoformat(report["started"])
+    print("\n" + text_table(HEADER, [cells(r) for r in rows], align="llrrrrrrl"))
+    print(f"\n{started:%Y-%m-%d %H:%M} UTC; {describe(before)}; load after "
+          + " ".join(f"{x:.2f}" for x in after))
+    for area, result in report["areas"].items():
+        if "skipped" in result:
+            print(f"{area}: skipped ({result['skipped']})")
+    if rst:
+        load = " ".join(f"{x:.2f}" for x in before["load"])
+        print(f"\nThe run of {started:%Y-%m-%d %H:%M} UTC of commit {before['commit']}"
+              f"{' (--quick: not a measurement)' if report['quick'] else ''}: "
+              f"``nproc`` {before['nproc']}, {before['cpu']}, load average {load} "
+              f"before and " + " ".join(f"{x:.2f}" for x in after) + " after "
+              "(other sessions share the machine).")
+        print("\n" + rst_table(HEADER, [cells(r) for r in rows],
+                               widths=[8, 14, 5, 5, 5, 5, 6, 5, 30]))
+        not_run = not_run_text(report["areas"])
+        if not_run:
+            print(not_run)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -224,9 +265,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="run only these areas (repeatable)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the report here")
     parser.add_argument("--rst", action="store_true", help="also print the table as RST")
+    parser.add_argument("--from-json", type=Path, metavar="FILE",
+                        help="run nothing: print the tables of a report --json wrote")
     parser.add_argument("--workdir", type=Path, help="bench_disk.py's work directory")
     parser.add_argument("--rounds", type=int, help="rounds for disk, fetch and upload")
     args = parser.parse_args(argv)
+    if args.from_json:
+        report: dict[str, Any] = json.loads(args.from_json.read_text(encoding="utf-8"))
+        print_report(report, rst=args.rst)
+        return report
     started = datetime.datetime.now(datetime.UTC)
     before = machine()
     areas: dict[str, dict[str, Any]] = {}
@@ -237,24 +284,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for row in rows_of(area, result["report"])]
     report = {"started": started.isoformat(timespec="seconds"), "quick": args.quick,
               "machine": before, "load_after": after["load"], "areas": areas, "rows": rows}
-    print("\n" + text_table(HEADER, [cells(r) for r in rows], align="llrrrrrrl"))
-    print(f"\n{started:%Y-%m-%d %H:%M} UTC; {describe(before)}; load after "
-          + " ".join(f"{x:.2f}" for x in after["load"]))
-    for area, result in areas.items():
-        if "skipped" in result:
-            print(f"{area}: skipped ({result['skipped']})")
-    if args.rst:
-        load = " ".join(f"{x:.2f}" for x in before["load"])
-        print(f"\nThe run of {started:%Y-%m-%d %H:%M} UTC of commit {before['commit']}"
-              f"{' (--quick: not a measurement)' if args.quick else ''}: "
-              f"``nproc`` {before['nproc']}, {before['cpu']}, load average {load} "
-              f"before and " + " ".join(f"{x:.2f}" for x in after["load"]) + " after "
-              "(other sessions share the machine).")
-        print("\n" + rst_table(HEADER, [cells(r) for r in rows],
-                               widths=[8, 14, 5, 5, 5, 5, 6, 5, 30]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n",
                              encoding="utf-8")
+    print_report(report, rst=args.rst)
     return report
 
 

@@ -119,3 +119,15 @@ def test_run_all_rows_carry_ratios_identity_and_notes(bench: dict[str, ModuleTyp
     assert ratio == {"curl -o": 1.0, "Fetcher.fetch": pytest.approx(1.2)}
     odd = run_all.rows_of("vmdk", {"something": 1})
     assert odd[0]["notes"] == "no rows in the table's shape: see JSON"
+
+
+def test_not_run_names_areas_and_pipelines_by_reason(bench: dict[str, ModuleType]) -> None:
+    areas = {"vmdk": {"skipped": "no module"},
+             "disk": {"report": {"trees": {
+                 "random": {"skipped": {"virt-make-fs": "not installed"}},
+                 "real": {"skipped": {"virt-make-fs": "not installed", "floor": "failed"}}}}},
+             "fetch": {"report": {}}}
+    assert bench["run_all"].not_run_text(areas) == (
+        "Not run: vmdk: no module; virt-make-fs (random tree), virt-make-fs (real tree): "
+        "not installed; floor (real tree): failed.")
+    assert bench["run_all"].not_run_text({"fetch": {"report": {}}}) == ""
