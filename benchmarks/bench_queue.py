@@ -183,7 +183,8 @@ def summary(mode: Mode) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; :returns: each mode's summary and the queue's overhead."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--renders", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=4)
@@ -191,7 +192,7 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=6)
     parser.add_argument("--poll-interval", type=float, default=0.5,
                         help="[queue] poll_interval of the Celery mode")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-queue-") as tmp, \
             contextlib.ExitStack() as stack:
         base = Path(tmp)
@@ -226,6 +227,8 @@ def main() -> None:
     print(f"queue overhead (celery less embedded): "
           f"{celery['overhead_share'] - embedded['overhead_share']:.1%} of a render's time "
           f"to ready ({celery['seq_ready_s'] - embedded['seq_ready_s']:+.3f} s)")
+    return {"modes": results,
+            "overhead_share": celery["overhead_share"] - embedded["overhead_share"]}
 
 
 if __name__ == "__main__":

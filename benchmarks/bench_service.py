@@ -176,13 +176,14 @@ def through_service(url: str, manifests: list[dict[str, Any]],
             "elapsed": elapsed, "listed": listed}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; :returns: the report, ``ok`` when no image was lost."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--creates", type=int, default=200)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         base = Path(tmp)
         server = TarballServer(base / "tarballs")
@@ -222,9 +223,10 @@ def main() -> int:
     else:
         for key, value in report.items():
             print(f"{key:>22}: {value}")
-    ok = report["ready"] == creates and report["lost"] == 0 and report["duplicated"] == 0
-    return 0 if ok else 1
+    report["ok"] = report["ready"] == creates and report["lost"] == 0 \
+        and report["duplicated"] == 0
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if main()["ok"] else 1)

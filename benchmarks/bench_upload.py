@@ -586,7 +586,8 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"skipped {name}: {reason}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; :returns: the report (what ``--json`` prints)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("2G"),
                         help="image size, e.g. 2G (default), 256M")
@@ -600,7 +601,7 @@ def main() -> None:
                         help="pass the image's sha256 to upload() (no hashing pass first)")
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON instead of a table")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = sorted(set(args.targets) - set(TARGETS))
     if unknown:
@@ -620,6 +621,7 @@ def main() -> None:
         print()
     else:
         print_table(report)
+    return report
 
 
 if __name__ == "__main__":

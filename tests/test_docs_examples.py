@@ -115,6 +115,10 @@ NOT_RUN = {
     ("signing.rst", "from cloudlets import Renderer, SignatureError"):
         "needs a signed manifest and keys: test_signing.py",
     ("fetch.rst", "cloudlets cache list   [--cache-dir DIR] [--json]"): "a synopsis",
+    ("performance.rst",
+     "PYTHONPATH=. .venv/bin/python benchmarks/run_all.py --json report.json --rst"):
+        "benchmarks, run by hand: minutes of both cores (--quick too, about 2 minutes); "
+        "tests/test_benchtable.py checks their ratios and tables",
 }
 #: How a literal block that shows a command starts.
 _COMMAND = re.compile(r"^(\$ )?(cloudlets|pip|python3?|scripts/dev|qemu-img|curl|sudo) ")
