@@ -288,6 +288,7 @@ def _cached_grub_image(base_cache: Path, key: str, platform: str, config: str,
     image = build()
     partial = base_cache / (_partial_name(key) + ".grub")
     try:
+        base_cache.mkdir(parents=True, exist_ok=True)
         partial.write_bytes(image)
         os.replace(partial, path)
     except OSError:  # a read-only cache still renders

@@ -27,6 +27,7 @@ clean, and QEMU boots it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import queue
@@ -90,6 +91,7 @@ class _Disk:
             self.close()
             raise
         self.size = position
+        self._starts = [segment.start for segment in self.segments]
         self._ranges: dict[int, list[tuple[int, int]]] = {}
 
     def close(self) -> None:
@@ -106,7 +108,11 @@ class _Disk:
             if ranges is None:
                 ranges = self._ranges[segment.fd] = data_ranges(segment.fd)
             low, high = segment.offset, segment.offset + segment.length
-            for start, end in ranges:
+            # the ranges are sorted: start at the last one beginning before the piece
+            first_range = max(bisect.bisect_right(ranges, (low, low)) - 1, 0)
+            for start, end in ranges[first_range:]:
+                if start >= high:
+                    break
                 start, end = max(start, low), min(end, high)
                 if start >= end:
                     continue
@@ -137,8 +143,17 @@ class _Disk:
             view[done:] = _zeros(wanted - done)
 
     def _overlapping(self, position: int, length: int) -> list[_Segment]:
-        return [s for s in self.segments
-                if s.start < position + length and position < s.start + s.length]
+        """The segments holding bytes of ``[position, position + length)``
+        (a composed disk has hundreds: found by bisection)."""
+        segments = self.segments
+        index = max(bisect.bisect_right(self._starts, position) - 1, 0)
+        found = []
+        while index < len(segments) and segments[index].start < position + length:
+            segment = segments[index]
+            if position < segment.start + segment.length:
+                found.append(segment)
+            index += 1
+        return found
 
 
 def _zeros(length: int) -> bytes:
