@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,48 @@ def test_a_copied_file_is_checked_against_the_written_digest(tmp_path: Path) -> 
     with pytest.raises(StorageError, match="is not the"):
         storage.upload(image, "b.bin", disposable=True, sha256=real, written_sha256="0" * 64)
     assert not (tmp_path / "store" / "b.bin").exists()
+
+
+def test_a_large_file_is_read_once_per_process_until_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file of at least MEMO_MIN_SIZE (the cached base) has its non-zero
+    clusters remembered: the second image reads none of its clusters to
+    decide the layout, is the same, and a change to the file is seen."""
+    size = qcow2_writer.MEMO_MIN_SIZE
+    raw = tmp_path / "base.raw"
+    with open(raw, "wb") as handle:
+        handle.truncate(size)
+        handle.seek(5 * CLUSTER_SIZE)
+        handle.write(b"\x01" * CLUSTER_SIZE)
+        handle.seek(9 * CLUSTER_SIZE)
+        handle.write(bytes(CLUSTER_SIZE))  # data, but zeros: not stored
+    # a file changed less than MEMO_SETTLED_NS ago is read every time
+    monkeypatch.setattr(qcow2_writer, "MEMO_SETTLED_NS", 300_000_000)
+    write_qcow2([Piece(raw, 0, size)], tmp_path / "fresh.qcow2")
+    assert not any(key[1] == raw.stat().st_ino for key in qcow2_writer._memo)
+    time.sleep(0.35)
+    first = write_qcow2([Piece(raw, 0, size)], tmp_path / "first.qcow2")
+    reads: list[int] = []
+    real = qcow2_writer._nonzero
+
+    def counting(disk: object, candidates: list[int], base: int = 0) -> list[int]:
+        reads.extend(candidates)
+        return real(disk, candidates, base)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(qcow2_writer, "_nonzero", counting)
+    second = write_qcow2([Piece(raw, 0, size)], tmp_path / "second.qcow2")
+    assert reads == [] and second == first
+    assert (tmp_path / "second.qcow2").read_bytes() == (tmp_path / "first.qcow2").read_bytes()
+    with open(raw, "r+b") as handle:  # a change: a new mtime, a new map
+        handle.seek(9 * CLUSTER_SIZE)
+        handle.write(b"\x02")
+    write_qcow2([Piece(raw, 0, size)], tmp_path / "changed.qcow2")
+    assert reads  # read again
+    _check(tmp_path / "changed.qcow2", raw)
+    # pieces cut across clusters are read, whatever the map says
+    reads.clear()
+    pieces = [Piece(raw, 0, 5 * CLUSTER_SIZE + 100), Piece(raw, 5 * CLUSTER_SIZE + 100,
+                                                           size - 5 * CLUSTER_SIZE - 100)]
+    write_qcow2(pieces, tmp_path / "cut.qcow2")
+    assert 5 in reads
+    _check(tmp_path / "cut.qcow2", raw)

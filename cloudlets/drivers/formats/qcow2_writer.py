@@ -28,11 +28,13 @@ clean, and QEMU boots it.
 from __future__ import annotations
 
 import bisect
+import collections
 import hashlib
 import os
 import queue
 import struct
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +75,13 @@ class _Segment:
 class _Disk:
     """The disk as segments of open files, read by disk offset."""
 
-    def __init__(self, pieces: Sequence[Piece]) -> None:
+    def __init__(self, pieces: Sequence[Piece], *,
+                 segments: Sequence[_Segment] = ()) -> None:
+        """Open the files of ``pieces``; or read ``segments`` of files
+        opened already (closed by their owner)."""
         self._fds: dict[Path, int] = {}
-        self.segments: list[_Segment] = []
-        position = 0
+        self.segments: list[_Segment] = list(segments)
+        position = sum(segment.length for segment in segments)
         try:
             for piece in pieces:
                 fd = self._fds.get(piece.path)
@@ -168,12 +173,11 @@ def _is_zero(view: memoryview) -> bool:
     return view.tobytes() == _ZERO_CLUSTER[:len(view)]
 
 
-def _allocated(disk: _Disk) -> list[int]:
-    """The clusters holding a non-zero byte: the ones the image stores."""
+def _nonzero(disk: _Disk, candidates: Sequence[int], base: int = 0) -> list[int]:
+    """The ``candidates`` (sorted cluster indexes, counted from ``base``
+    bytes into the disk) that hold a non-zero byte, by reading them."""
     kept: list[int] = []
-    buffer = bytearray(CLUSTER_SIZE * RUN_CLUSTERS)
-    view = memoryview(buffer)
-    candidates = disk.data_clusters()
+    view = memoryview(bytearray(CLUSTER_SIZE * RUN_CLUSTERS))
     index = 0
     while index < len(candidates):
         # a run of consecutive candidate clusters, read at once
@@ -182,12 +186,77 @@ def _allocated(disk: _Disk) -> list[int]:
         while (index + count < len(candidates) and count < RUN_CLUSTERS
                and candidates[index + count] == first + count):
             count += 1
-        disk.read(view[:count * CLUSTER_SIZE], first << CLUSTER_BITS)
+        disk.read(view[:count * CLUSTER_SIZE], base + (first << CLUSTER_BITS))
         for k in range(count):
             if not _is_zero(view[k * CLUSTER_SIZE:(k + 1) * CLUSTER_SIZE]):
                 kept.append(first + k)
         index += count
     return kept
+
+
+#: Files whose non-zero clusters are remembered (the cached base filesystem
+#: every re-render reads again, 300 MB of data): at least this long.
+MEMO_MIN_SIZE = 64 * 1024 * 1024
+#: ... and unchanged for this long (nanoseconds): a file written within the
+#: clock tick of its last change could change again without new times.
+MEMO_SETTLED_NS = 2_000_000_000
+#: How many files' maps are remembered in a process (least recently used go).
+MEMO_FILES = 8
+_memo: collections.OrderedDict[tuple[int, ...], frozenset[int]] = collections.OrderedDict()
+_memo_lock = threading.Lock()
+
+
+def _file_map(fd: int) -> frozenset[int] | None:
+    """The non-zero clusters of the whole file ``fd`` (offsets // cluster
+    size), remembered while the file keeps its identity, size and times;
+    ``None`` for a small file (read it)."""
+    info = os.fstat(fd)
+    if info.st_size < MEMO_MIN_SIZE:
+        return None
+    if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) < MEMO_SETTLED_NS:
+        # a change within the file system's clock tick would keep the times
+        return None
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    with _memo_lock:
+        found = _memo.get(key)
+        if found is not None:
+            _memo.move_to_end(key)
+            return found
+    whole = _Disk([], segments=[_Segment(0, info.st_size, fd, 0)])
+    found = frozenset(_nonzero(whole, whole.data_clusters()))
+    with _memo_lock:
+        _memo[key] = found
+        while len(_memo) > MEMO_FILES:
+            _memo.popitem(last=False)
+    return found
+
+
+def _allocated(disk: _Disk) -> list[int]:
+    """The clusters holding a non-zero byte: the ones the image stores. A
+    cluster taken whole, cluster-aligned, from a large file is looked up in
+    that file's remembered map (a re-render in the same process does not
+    read the cached base again); any other is read."""
+    kept: list[int] = []
+    unknown: list[int] = []
+    maps: dict[int, frozenset[int] | None] = {}
+    for cluster in disk.data_clusters():
+        start = cluster << CLUSTER_BITS
+        found = disk._overlapping(start, CLUSTER_SIZE)
+        if len(found) == 1 and found[0].start <= start \
+                and start + CLUSTER_SIZE <= found[0].start + found[0].length:
+            segment = found[0]
+            offset = segment.offset + start - segment.start
+            if offset % CLUSTER_SIZE == 0:
+                if segment.fd not in maps:
+                    maps[segment.fd] = _file_map(segment.fd)
+                known = maps[segment.fd]
+                if known is not None:
+                    if offset >> CLUSTER_BITS in known:
+                        kept.append(cluster)
+                    continue
+        unknown.append(cluster)
+    kept.extend(_nonzero(disk, unknown))
+    return sorted(kept)
 
 
 @dataclass(frozen=True)
