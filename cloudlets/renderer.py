@@ -496,7 +496,8 @@ class Renderer:
                     output.path, location, media_type=output.media_type, role=output.role,
                     overwrite=run.overwrite, disposable=True,  # the work dir goes next
                     progress=_store_progress(run.progress, sum(a.size for a in stored),
-                                             total)))
+                                             total),
+                    written_sha256=output.sha256))
         except BaseException:
             self._roll_back(run.storage, locations[:len(stored)])
             raise

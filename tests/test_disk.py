@@ -622,3 +622,26 @@ def test_whole_disk_is_reproducible(tree: Path, tmp_path: Path) -> None:
     one = build(tree, tmp_path / "1", firmware="both", patch_files={"/etc/hostname": b"a\n"})
     two = build(tree, tmp_path / "2", firmware="both", patch_files={"/etc/hostname": b"a\n"})
     assert digests(one) == digests(two)
+
+
+def test_grub_images_are_cached_beside_their_base(tree: Path, tmp_path: Path) -> None:
+    """A re-render takes GRUB's images from the cache: the same bytes as
+    grub-mkimage makes, one file per platform and config, and a changed
+    command line makes new ones."""
+    cache = tmp_path / "cache"
+    first = build(tree, tmp_path, "first", firmware="both", base_cache=cache)
+    images = sorted(cache.glob("*.grub-*.img"))
+    assert [p.name.split(".grub-")[1].split("-")[0] for p in images] == ["i386", "x86_64"]
+    (key,) = {p.name.split(".grub-")[0] for p in images}
+    assert (cache / f"{key}.ext4").is_file()  # named after the base: evicted with it
+    stamps = [p.stat().st_mtime_ns for p in images]
+    again = build(tree, tmp_path, "again", firmware="both", base_cache=cache)
+    assert again.base_cached and [p.stat().st_mtime_ns for p in images] == stamps
+    uncached = build(tree, tmp_path, "uncached", firmware="both")
+    assert again.path.read_bytes() == first.path.read_bytes() == uncached.path.read_bytes()
+    # a cached image that is not what grub-mkimage makes would show: the
+    # cache is keyed by the config, and another command line misses it
+    build_disk(tree, BootSpec(kernel="/boot/vmlinuz", cmdline="quiet", firmware="both"),
+               tmp_path / "other.raw", seed=SEED, workdir=tmp_path / "work-other",
+               source_date_epoch=EPOCH, base_cache=cache)
+    assert len(list(cache.glob("*.grub-*.img"))) == 4

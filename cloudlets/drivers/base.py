@@ -141,12 +141,16 @@ class OutputFile:
     :ivar path: where the driver wrote it (inside the work directory).
     :ivar name: the file name to store it under, relative to the output base.
     :ivar media_type: its MIME type.
+    :ivar sha256: the file's digest, when the driver computed it in the pass
+        that wrote the file (the renderer hands it to the storage driver as
+        ``written_sha256``, which then need not read the file again).
     """
 
     role: str
     path: Path
     name: str
     media_type: str = "application/octet-stream"
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,9 @@ class UploadSource:
         instead of copying it.
     :ivar on_bytes: called with :attr:`bytes_read` as bytes are counted
         (the ``progress`` of :meth:`StorageDriver.upload`).
+    :ivar written_sha256: for a :attr:`disposable` file, its digest as its
+        writer computed it in the pass that wrote it (see
+        :meth:`take_written_digest`).
     """
 
     path: Path | None
@@ -222,6 +229,7 @@ class UploadSource:
     _hash: Any = field(default_factory=hashlib.sha256)
     bytes_read: int = 0
     on_bytes: Callable[[int], None] | None = None
+    written_sha256: str | None = None
     _consumed: bool = False
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:
@@ -315,6 +323,26 @@ class UploadSource:
     def digest(self) -> str:
         """sha256 of the bytes pulled through :meth:`chunks` so far."""
         return str(self._hash.hexdigest())
+
+    def take_written_digest(self) -> bool:
+        """For a driver that stores the very file its writer wrote (a hard
+        link, no byte copied): count :attr:`size` bytes with the digest the
+        writer computed while writing them, instead of reading the file back.
+
+        :returns: ``False`` (nothing counted) unless the source is a
+            disposable file with a :attr:`written_sha256` that agrees with the
+            expected :attr:`sha256`, if any; then read it as usual.
+        """
+        written = self.written_sha256
+        if (written is None or not self.disposable or self.path is None or self.size is None
+                or self.sha256 not in (None, written)):
+            return False
+        self._consumed = True
+        self.bytes_read = self.size
+        self._hash = _FixedDigest(written)
+        if self.on_bytes is not None:
+            self.on_bytes(self.bytes_read)
+        return True
 
     def mark_read_externally(self) -> None:
         """Declare that a driver handed :attr:`path` to an external tool
@@ -430,7 +458,8 @@ class StorageDriver(ABC):
                size: int | None = None, sha256: str | None = None,
                media_type: str = "application/octet-stream", role: str = "disk",
                overwrite: bool = False, disposable: bool = False,
-               progress: Callable[[int], None] | None = None) -> StoredArtifact:
+               progress: Callable[[int], None] | None = None,
+               written_sha256: str | None = None) -> StoredArtifact:
         """Store ``source`` at ``location``.
 
         :param source: a file path, the content as ``bytes``, a binary file
@@ -452,6 +481,11 @@ class StorageDriver(ABC):
             the data.
         :param progress: called with the number of bytes stored (and hashed)
             so far; it may go back to 0 when a driver sends the file again.
+        :param written_sha256: for a ``disposable`` file, its digest as its
+            writer computed it while writing it (a format driver's
+            :attr:`OutputFile.sha256`). A driver that keeps that very file
+            reports it without reading the file again; one that copies the
+            bytes checks them against it, as against ``sha256``.
         :returns: the stored artifact.
         :raises StorageError: on failure; nothing complete-looking is left at
             ``location``.
@@ -459,6 +493,12 @@ class StorageDriver(ABC):
         upload_source = self._make_source(source, size, sha256, media_type)
         upload_source.disposable = disposable and upload_source.path is not None
         upload_source.on_bytes = progress
+        if written_sha256 is not None and upload_source.disposable:
+            if sha256 is not None and sha256 != written_sha256:
+                raise StorageError(f"upload to {redact(location)}: the expected sha256 "
+                                   f"{sha256} is not the {written_sha256} the file was "
+                                   "written with", redact(location))
+            upload_source.written_sha256 = upload_source.sha256 = written_sha256
         if upload_source.size is None and not self.capabilities & StorageCapability.STREAM:
             raise StorageError(
                 f"storage driver {self.name!r} cannot store a stream of unknown length",

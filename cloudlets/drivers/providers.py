@@ -27,7 +27,6 @@ import inspect
 import logging
 import os
 import threading
-from importlib.metadata import entry_points
 from typing import Any, Literal, overload
 
 from cloudlets.drivers.base import FormatDriver, StorageDriver
@@ -107,10 +106,17 @@ def _module_exists(module: str) -> bool:
 
 
 def _entry_points(kind: DriverKind) -> dict[str, Any]:
+    """The installed entry points of ``kind``. Both groups are read in one
+    scan of the installed distributions (each scan reads every package's
+    metadata: 30 to 50 ms with this project's dependencies, on every fresh
+    process that renders)."""
+    from importlib.metadata import entry_points
+
     with _lock:
         if kind not in _entry_points_loaded:
-            _entry_points_loaded[kind] = {ep.name: ep for ep in
-                                          entry_points(group=_GROUPS[kind])}
+            found = entry_points()
+            for each, group in _GROUPS.items():
+                _entry_points_loaded[each] = {ep.name: ep for ep in found.select(group=group)}
         return _entry_points_loaded[kind]
 
 

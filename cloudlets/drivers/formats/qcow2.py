@@ -1,8 +1,10 @@
 """``qcow2``: QEMU copy-on-write v2, compact and self-contained.
 
-Written with ``qemu-img convert`` (holes stay unallocated). Never with a
-backing file: the output must stand alone wherever it is imported, and the
-driver checks that before returning it.
+Written by :mod:`~cloudlets.drivers.formats.qcow2_writer` (zero clusters
+stay unallocated), which hashes the file in the pass that writes it, so the
+storage need not read it again; with ``ex_compress``, by ``qemu-img convert
+-c``. Never with a backing file: the output must stand alone wherever it is
+imported.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from typing import ClassVar
 
 from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
 from cloudlets.drivers.formats import qemuimg
+from cloudlets.drivers.formats.qcow2_writer import write_qcow2
 from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import FormatError
+from cloudlets.sparse import Piece
 
 __all__ = ["Qcow2Format"]
 
@@ -36,8 +40,14 @@ class Qcow2Format(FormatDriver):
     def convert(self, context: FormatContext) -> list[OutputFile]:
         name = f"{context.basename}.qcow2"
         target = context.workdir / name
+        if not self.compress:
+            disk = context.disk
+            pieces = disk.pieces or (Piece(disk.path, 0, disk.path.stat().st_size),)
+            digest = write_qcow2(pieces, target, progress=context.progress)
+            return [OutputFile(role="disk", path=target, name=name,
+                               media_type="application/x-qemu-disk", sha256=digest)]
         qemuimg.convert(context.disk, target, "qcow2", options={"compat": "1.1"},
-                        compress=self.compress, progress=context.progress)
+                        compress=True, progress=context.progress)
         details = qemuimg.info(target)
         if details.get("format") != "qcow2" or "backing-filename" in details:
             raise FormatError(f"qemu-img wrote {target.name} as {details.get('format')!r} "

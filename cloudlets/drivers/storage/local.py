@@ -26,7 +26,9 @@ Renderer's own outputs, deleted right after) on the target's file system is
 hard-linked under the temporary name instead of copied, then fsynced and
 hashed (data runs only) and linked or renamed into place like a copy: no
 byte is written twice, and no page cache is spent on a second copy. Elsewhere
-it is copied as above.
+it is copied as above. When its writer hashed it in the pass that wrote it
+(``upload(..., written_sha256=...)``, the qcow2 driver's output), the linked
+file is the very one it hashed: it is only fsynced, not read again.
 """
 
 from __future__ import annotations
@@ -300,6 +302,9 @@ class LocalStorage(StorageDriver):
             if os.fstat(fd).st_size != source.size:
                 raise StorageError(f"the source of {location} changed size while being "
                                    "stored", location)
+            if source.take_written_digest():  # the file its writer hashed, linked
+                os.fsync(fd)
+                return
             errors: list[OSError] = []
 
             def flush() -> None:
