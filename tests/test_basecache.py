@@ -226,7 +226,7 @@ from pathlib import Path
 from cloudlets import Renderer
 tmp, manifest, hostname, go = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 renderer = Renderer(cache_dir=tmp + "/cache", data_dir=tmp + "/data", work_dir=tmp + "/work",
-                    ex_source_date_epoch=%d, ex_allow_hosts=("127.0.0.1",))
+                    ex_source_date_epoch=EPOCH, ex_allow_hosts=("127.0.0.1",))
 print("ready", flush=True)
 while not Path(go).exists():
     time.sleep(0.005)
@@ -234,7 +234,7 @@ result = renderer.render(manifest, tmp + "/out/" + hostname, "local", "raw",
                          {"hostname": hostname})
 print(json.dumps({"base_cached": result.details["disk"]["base_cached"],
                   "tarball": result.details["tarball"], "disk": result.primary.location}))
-""" % EPOCH
+""".replace("EPOCH", str(EPOCH))
 
 
 def test_concurrent_renders_of_one_cloudlet_download_once_and_build_one_base(
@@ -302,3 +302,27 @@ def test_the_renderer_keeps_its_base_cache_within_its_bound(
     unbounded = new_renderer(tmp_path, ex_base_cache_max_bytes=None)
     unbounded.render(first, str(tmp_path / "out" / "d"), "local", "raw")
     assert len(BaseCache(bases).list()) == 2
+
+
+def test_cli_lists_and_prunes_bases(tmp_path: Path) -> None:
+    from tests.test_cache import run_cli
+
+    root = tmp_path / "c"
+    old, new = (make_base(root / "bases", n, used_at=1_000_000 + n) for n in range(2))
+    code, text = run_cli("cache", "list", "--cache-dir", str(root))
+    assert code == 0 and "2 base filesystems" in text
+    assert text.index(f"base {old[:16]}") < text.index(f"base {new[:16]}")  # LRU first
+    listing = json.loads(run_cli("--json", "cache", "list", "--cache-dir", str(root))[1])
+    assert [b["key"] for b in listing["bases"]] == [old, new]
+    assert listing["bases_total_bytes"] == sum(b["size"] for b in listing["bases"])
+    code, text = run_cli("cache", "prune", "--cache-dir", str(root))  # leftovers only
+    assert code == 0 and "evicted" not in text
+    per_base = listing["bases"][0]["size"]
+    code, text = run_cli("--json", "cache", "prune", "--cache-dir", str(root),
+                         "--bases-max-bytes", str(per_base))
+    report = json.loads(text)
+    assert [b["key"] for b in report["removed_bases"]] == [old]
+    assert report["bases_remaining_bytes"] == listing["bases"][1]["size"]
+    code, text = run_cli("cache", "prune", "--cache-dir", str(root), "--bases-max-bytes", "0")
+    assert code == 0 and f"evicted base {new[:16]}" in text
+    assert BaseCache(root / "bases").list() == []
