@@ -132,11 +132,13 @@ def last_used(use: Path, fallback: float) -> float:
         return fallback
 
 
-def evict_unused(use: Path, fill: Path, drop: Callable[[], None]) -> bool:
+def evict_unused(use: Path, fill: Path, drop: Callable[[], None], *,
+                 remove_locks: bool = True) -> bool:
     """Call ``drop`` (which removes the entry's files) if nobody uses or
-    fills the entry, then remove its lock files.
+    fills the entry, then remove its lock files (unless ``remove_locks`` is
+    false: ``drop`` removed leftovers beside an entry that stays).
 
-    :returns: whether the entry was dropped.
+    :returns: whether ``drop`` was called.
     """
     used = LockFile.take(use, exclusive=True, wait=False)
     if used is None:
@@ -148,8 +150,11 @@ def evict_unused(use: Path, fill: Path, drop: Callable[[], None]) -> bool:
     try:
         drop()
     finally:
-        filling.remove()
-        used.remove()
+        for lock in (filling, used):
+            if remove_locks:
+                lock.remove()
+            else:
+                lock.release()
     return True
 
 

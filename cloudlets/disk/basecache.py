@@ -238,7 +238,8 @@ class BaseCache:
             stale = [path for path in files if ".partial-" in path.name
                      or (image not in files and path.name.endswith(_SIDECARS))]
             if stale and evict_unused(self._lock(key, "use"), self._lock(key, "fill"),
-                                      functools.partial(_unlink, stale)):
+                                      functools.partial(_unlink, stale),
+                                      remove_locks=image not in files):
                 log.info("removed leftovers of base filesystem %s", key)
 
 
