@@ -17,8 +17,11 @@ or a worker would run them:
 
 Each child reports its wall time and peak RSS: its own
 (``getrusage(RUSAGE_SELF).ru_maxrss``) and that of the largest tool it waited
-for (``RUSAGE_CHILDREN``: mke2fs, debugfs, qemu-img). The target (issue 20,
-item 5): both under 200 MiB for any image size.
+for (``RUSAGE_CHILDREN``: mke2fs, debugfs, qemu-img). The latter is an
+upper bound: Python starts its children with ``vfork``, and Linux carries
+the parent's RSS at ``exec`` into the child's ``ru_maxrss``, so a tool
+smaller than the render process shows the render's own peak so far. The
+target (issue 20, item 5): both under 200 MiB for any image size.
 
 :func:`main` takes ``argv`` and returns the report, so that a driver script
 can run it and collect the numbers; the command line prints a table (or the
