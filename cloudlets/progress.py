@@ -1,12 +1,19 @@
 """Progress reporting: a callback protocol and a terminal progress bar.
 
-Long stages (downloading a tarball, re-hashing a cached one) report progress
+Long stages (downloading a tarball, re-hashing a cached one, reading it,
+building the disk, converting it, storing the artifacts) report progress
 through a plain callable ``progress(stage, done, total)``:
 
-- ``stage`` names what is happening (:data:`STAGE_FETCH`, :data:`STAGE_VERIFY`);
+- ``stage`` names what is happening (:data:`STAGE_FETCH`, :data:`STAGE_VERIFY`,
+  or a render stage of :data:`cloudlets.renderer.STAGES`: ``rootfs``,
+  ``disk``, ``tree``, ``convert``, ``store``...);
 - ``done`` counts the bytes handled so far in this stage; it may go back to 0
-  when a download restarts from the beginning;
+  when a download restarts from the beginning, and otherwise never decreases;
 - ``total`` is the expected number of bytes, or ``None`` when unknown.
+
+Each render stage is first reported as ``(stage, 0, None)`` when it starts;
+the stages that measure their work then report bytes through a
+:class:`StageMeter`, which ends with ``done == total``.
 
 The library never prints: the CLI passes a :class:`TerminalProgress`, which
 draws a bar on a terminal and stays silent when its stream is not a TTY.
@@ -23,7 +30,9 @@ from typing import Protocol, TextIO
 __all__ = [
     "STAGE_FETCH",
     "STAGE_VERIFY",
+    "PartProgress",
     "ProgressCallback",
+    "StageMeter",
     "JsonProgress",
     "TerminalProgress",
     "format_bytes",
@@ -49,8 +58,98 @@ class ProgressCallback(Protocol):
         """
 
 
+class PartProgress(Protocol):
+    """The progress of one part of a stage (:meth:`StageMeter.part`), e.g. a
+    format driver's conversion (:attr:`FormatContext.progress
+    <cloudlets.drivers.base.FormatContext.progress>`)."""
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        """Report that ``done`` of ``total`` bytes of the part are handled.
+
+        :param done: bytes handled so far.
+        :param total: bytes expected; default the part's planned size.
+        """
+
+
 def null_progress(stage: str, done: int, total: int | None) -> None:
     """A progress callback that ignores every report."""
+
+
+class StageMeter:
+    """One stage's byte count, reported through a :class:`ProgressCallback`
+    cheaply and in order: ``done`` never decreases nor passes ``total``, a
+    report is sent only when ``done`` advanced by :attr:`step` bytes, and
+    :meth:`finish` reports ``done == total`` once the stage is over, however
+    far its parts got.
+
+    The total may be made of *parts* (:meth:`part`): consecutive slots of
+    planned sizes, each reporting its own progress against its own total,
+    which is scaled into its slot (a part whose exact size is known only
+    once it runs, a tool that reports a percentage).
+
+    :param progress: where to report; ``None`` reports nothing.
+    :param stage: the stage name.
+    :param total: the stage's bytes, as planned.
+    :param step: least number of bytes between two reports.
+    """
+
+    def __init__(self, progress: ProgressCallback | None, stage: str, total: int, *,
+                 step: int = 1024 * 1024) -> None:
+        self._progress = progress
+        self.stage = stage
+        self.total = max(int(total), 0)
+        self.step = step
+        self._sent = 0
+        self._done = 0
+        self._next_slot = 0
+
+    @property
+    def done(self) -> int:
+        """Bytes counted so far (what was last reported, or more)."""
+        return self._done
+
+    def update(self, done: int) -> None:
+        """Count the stage ``done`` bytes far; going back is ignored."""
+        if self._progress is None or self.total == 0:
+            return
+        done = min(int(done), self.total)
+        if done <= self._done:
+            return
+        self._done = done
+        if done - self._sent >= self.step or done == self.total:
+            self._send(done)
+
+    def part(self, size: int) -> PartProgress:
+        """The next slot of ``size`` planned bytes.
+
+        :returns: a callback ``report(done, total)`` for the part's own
+            progress: ``done`` of ``total`` (default ``size``) is mapped
+            into the slot.
+        """
+        start = self._next_slot
+        size = max(int(size), 0)
+        self._next_slot = start + size
+
+        def report(done: int, total: int | None = None) -> None:
+            whole = size if total is None else total
+            if whole <= 0:
+                return
+            fraction = min(max(done / whole, 0.0), 1.0)
+            self.update(start + int(fraction * size))
+
+        return report
+
+    def finish(self) -> None:
+        """The stage is over: report ``done == total`` (when it had a total)."""
+        if self._progress is None or self.total == 0 or self._sent == self.total:
+            return
+        self._done = self.total
+        self._send(self.total)
+
+    def _send(self, done: int) -> None:
+        assert self._progress is not None
+        self._sent = done
+        self._progress(self.stage, done, self.total)
 
 
 def format_bytes(count: float) -> str:

@@ -52,7 +52,7 @@ from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.manifest import Manifest
 from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
-from cloudlets.progress import ProgressCallback
+from cloudlets.progress import ProgressCallback, StageMeter
 from cloudlets.result import RenderResult, image_id_for, request_key
 from cloudlets.rootfs import ArchivePolicy
 from cloudlets.rootfs.policy import MAX_TIME
@@ -325,13 +325,19 @@ class Renderer:
                 run.details["signature"] = job.signer.to_dict()
             run.timings["prepare"] = job.prepared_in + time.monotonic() - started
             disk = self._build(run)
+            # the convert stage in bytes of the disk's virtual size
+            converted = StageMeter(run.progress, "convert", disk.size)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
                                     workdir=workdir / "format", basename=plan.basename)
+            if progress is not None:
+                context = dataclasses.replace(context, progress=converted.part(disk.size))
             context.workdir.mkdir()
             with self._stage(run, "convert"):
                 outputs = self._convert(fmt, context)
+                converted.finish()
                 if not fmt.capabilities & FormatCapability.PUBLISH:
                     _discard_intermediates(disk, outputs)
+            context = dataclasses.replace(context, progress=FormatContext.progress)
             locations = plan.locations([o.name for o in outputs])
             provenance_at = plan.provenance_location(outputs[0].name) \
                 if job.provenance_key is not None else None
@@ -452,7 +458,7 @@ class Renderer:
                                           progress=run.progress, follow=True)
                 looked_up = time.monotonic() - started  # a hit: verified by now
                 with entry, self._stage(run, "rootfs"):
-                    tree = plan.read(entry)
+                    tree = plan.read(entry, run.progress)
                     run.timings["fetch"] = entry.fetch_seconds or looked_up
                     run.details["tarball"] = {**entry.details(),
                                               "read_while_fetched": not entry.hit}
@@ -463,7 +469,7 @@ class Renderer:
                                                 limits=self.template_limits)
                 run.details["rootfs"] = plan.rootfs_details(tree, rendered)
                 with self._stage(run, plan.stage):
-                    disk = plan.build(tree, rendered)
+                    disk = plan.build(tree, rendered, run.progress)
         if plan.stage == "disk":
             run.details["disk"] = dict(disk.details)
         return disk

@@ -8,13 +8,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloudlets.errors import CloudletsError
+
+if TYPE_CHECKING:
+    from cloudlets.progress import PartProgress
 
 __all__ = ["Piece", "copy_into", "copy_sparse", "data_ranges", "link_or_copy", "merge_ranges",
            "overlay"]
 
 _CHUNK = 4 * 1024 * 1024
+#: With a progress callback, the most one ``copy_file_range`` call copies.
+_PROGRESS_CHUNK = 64 * 1024 * 1024
 #: How a file system says it cannot answer ``SEEK_DATA``/``SEEK_HOLE`` at all.
 _NO_SEEK_DATA = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 #: How ``copy_file_range`` says it cannot copy between these two files.
@@ -23,35 +29,49 @@ _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.ENOT
 
 
 def copy_sparse(source: Path, target: Path, *,
-                error: type[CloudletsError] = CloudletsError) -> None:
+                error: type[CloudletsError] = CloudletsError,
+                progress: PartProgress | None = None) -> None:
     """Copy ``source`` to a new file ``target``, skipping holes: only the
     :func:`data_ranges` of ``source`` are read and written.
 
     :param error: the error to raise when ``source`` ends early (the
         caller's stage: :class:`~cloudlets.errors.DiskError`,
         :class:`~cloudlets.errors.FormatError`...).
+    :param progress: called as ``progress(done, total)`` as the copy
+        advances: ``done`` bytes of ``source`` (holes included) of its
+        ``total`` size are copied.
     :raises FileExistsError: when ``target`` exists.
     """
     with open(target, "xb") as dst:
         dst.truncate(source.stat().st_size)
-        copy_into(source, dst.fileno(), 0, error=error)
+        copy_into(source, dst.fileno(), 0, error=error, progress=progress)
 
 
 def copy_into(source: Path, fd: int, offset: int, *,
-              error: type[CloudletsError] = CloudletsError) -> None:
+              error: type[CloudletsError] = CloudletsError,
+              progress: PartProgress | None = None) -> None:
     """Copy the :func:`data_ranges` of ``source`` into the open file ``fd``
     at ``offset`` on (in the kernel where it can: ``copy_file_range``); the
     target's holes over ``source``'s holes stay holes.
 
     :param error: as for :func:`copy_sparse`.
+    :param progress: as for :func:`copy_sparse`.
     :raises CloudletsError: ``error``, when ``source`` ends early.
     """
     with open(source, "rb") as src:
         sfd = src.fileno()
+        size = os.fstat(sfd).st_size
         in_kernel = True
-        for start, end in data_ranges(sfd):
+        # with a progress callback, the kernel copies in slices it can report
+        kernel_chunk = _PROGRESS_CHUNK if progress is not None else None
+        for start, end in data_ranges(sfd, size):
             while start < end:
-                length = min(_CHUNK, end - start) if not in_kernel else end - start
+                if not in_kernel:
+                    length = min(_CHUNK, end - start)
+                elif kernel_chunk is not None:
+                    length = min(kernel_chunk, end - start)
+                else:
+                    length = end - start
                 if in_kernel:
                     try:
                         copied = os.copy_file_range(sfd, fd, length, start, offset + start)
@@ -69,14 +89,20 @@ def copy_into(source: Path, fd: int, offset: int, *,
                     raise error(f"{source} ended at byte {start} while copied; "
                                 f"it had data up to {end}")
                 start += copied
+                if progress is not None:
+                    progress(start, size)
+        if progress is not None:
+            progress(size, size)
 
 
-def link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path, *,
+                 progress: PartProgress | None = None) -> None:
     """Give the new file ``target`` the bytes of ``source``: a hard link
     when both are on one file system, else a :func:`copy_sparse`. For a
     source nothing writes to any more (a format driver's input disk):
     ``target`` is the same file, so changing one changes the other.
 
+    :param progress: as for :func:`copy_sparse` (a link is all of it at once).
     :raises FileExistsError: when ``target`` exists.
     """
     try:
@@ -84,7 +110,11 @@ def link_or_copy(source: Path, target: Path) -> None:
     except FileExistsError:
         raise
     except OSError:  # another file system, no hard links there: copy
-        copy_sparse(source, target)
+        copy_sparse(source, target, progress=progress)
+        return
+    if progress is not None:
+        size = source.stat().st_size
+        progress(size, size)
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,16 @@ from __future__ import annotations
 import functools
 import os
 import re
+import selectors
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from cloudlets.errors import CloudletsError, ConfigurationError
 
-__all__ = ["STDERR_TAIL", "TOOLS", "find_tool", "run"]
+__all__ = ["STDERR_TAIL", "TOOLS", "find_tool", "run", "run_streaming"]
 
 #: Tool name → Debian package that provides it.
 TOOLS: dict[str, str] = {
@@ -101,3 +103,73 @@ def run(name: str, args: Sequence[str | os.PathLike[str]], *,
             or proc.stdout.decode("utf-8", "replace")[-STDERR_TAIL:]
         raise error(f"{name} failed with exit code {proc.returncode}: {tail}")
     return proc
+
+
+#: Bytes read from a streamed tool's pipes at a time.
+_READ_SIZE = 4096
+
+
+def run_streaming(name: str, args: Sequence[str | os.PathLike[str]], *,
+                  error: type[CloudletsError], on_stdout: Callable[[bytes], None],
+                  env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                  timeout: float | None = None) -> None:
+    """Run a host tool as :func:`run` does, handing its standard output to
+    ``on_stdout`` as it arrives instead of collecting it (``qemu-img convert
+    -p`` prints its progress there). Only the last :data:`STDERR_TAIL`
+    characters of standard error are kept, for the error.
+
+    :param name: the program, looked up with :func:`find_tool`.
+    :param args: its arguments.
+    :param error: the error class to raise when it fails.
+    :param on_stdout: called with each chunk (at most 4 KiB) of standard
+        output, in order, on the calling thread.
+    :param env: the environment (the caller's if ``None``).
+    :param cwd: the working directory.
+    :param timeout: seconds before it is killed.
+    :raises ConfigurationError: the program is not installed.
+    :raises CloudletsError: of class ``error`` when it fails or times out.
+    """
+    argv = [find_tool(name), *(os.fspath(a) for a in args)]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        proc = subprocess.Popen(argv, env=None if env is None else dict(env), cwd=cwd,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise error(f"{name} could not be started: {exc}") from exc
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr = bytearray()
+    last_stdout = bytearray()
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            selector.register(proc.stderr, selectors.EVENT_READ)
+            while selector.get_map():
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    raise error(f"{name} did not finish within {timeout} s")
+                for key, _ in selector.select(wait):
+                    data = os.read(key.fd, _READ_SIZE)
+                    if not data:
+                        selector.unregister(key.fileobj)
+                    elif key.fileobj is proc.stderr:
+                        stderr += data
+                        del stderr[:-4 * STDERR_TAIL]  # bounded: the tail only
+                    else:
+                        last_stdout[:] = (last_stdout + data)[-4 * STDERR_TAIL:]
+                        on_stdout(data)
+        wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            code = proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            raise error(f"{name} did not finish within {timeout} s") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    if code != 0:
+        text = stderr.decode("utf-8", "replace").strip()[-STDERR_TAIL:] \
+            or last_stdout.decode("utf-8", "replace").strip()[-STDERR_TAIL:]
+        raise error(f"{name} failed with exit code {code}: {text}")

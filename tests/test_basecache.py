@@ -42,6 +42,7 @@ def make_base(root: Path, number: int, *, used_at: float, blocks: int = 1) -> st
     (root / f"{name}.ext4").write_bytes(os.urandom(BLOCK * blocks))
     (root / f"{name}.json").write_text('{"size": 1, "timestamp": 1}')
     (root / f"{name}.tree.json").write_text("{}")
+    (root / f"{name}.vmdk-grains-z1").write_bytes(b"grains")  # a format's sidecar
     BaseCache(root).lease(name).release()
     os.utime(root / "locks" / f"{name}.use", (used_at, used_at))
     return name
@@ -69,7 +70,8 @@ def test_least_recently_used_bases_go_first_until_within_the_bound(tmp_path: Pat
         assert files_of(root, name) == []  # sidecars go with their base
         assert not (root / "locks" / f"{name}.use").exists()
     assert files_of(root, names[3]) == [f"{names[3]}.ext4", f"{names[3]}.json",
-                                        f"{names[3]}.tree.json"]
+                                        f"{names[3]}.tree.json",
+                                        f"{names[3]}.vmdk-grains-z1"]
 
 
 def test_the_size_is_what_a_sparse_base_takes_on_disk(tmp_path: Path) -> None:
@@ -164,7 +166,8 @@ def test_leftovers_of_dead_renders_are_removed_unless_held(tmp_path: Path) -> No
     kept = make_base(root, 1, used_at=time.time())
     dead, gone, busy = key(2), key(3), key(4)
     (root / f"{dead}.ext4.partial-123-abcd").write_bytes(b"x")
-    (root / f"{gone}.tree.json").write_text("{}")  # a sidecar without its base
+    (root / f"{gone}.tree.json").write_text("{}")  # sidecars without their base
+    (root / f"{gone}.vmdk-grains-z1").write_bytes(b"x")
     (root / f"{busy}.ext4.partial-456-ef01").write_bytes(b"x")
     (root / "unrelated.txt").write_text("not ours")
     cache = BaseCache(root, max_bytes=None)

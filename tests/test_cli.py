@@ -346,6 +346,53 @@ def test_render_progress_json_reports_bytes_stored(cli_env: Path,
     assert stored[-1]["done"] == stored[-1]["total"] == disk.stat().st_size
 
 
+def _stage_lines(lines: list[dict[str, Any]], stage: str) -> list[dict[str, Any]]:
+    """A stage's JSON progress lines after its start line, checked in order."""
+    mine = [line for line in lines if line["stage"] == stage]
+    assert mine[0]["done"] == 0 and mine[0]["total"] is None, mine  # the stage starts
+    measured = mine[1:]
+    assert measured and all(line["total"] and line["done"] > 0 for line in measured), mine
+    assert len({line["total"] for line in measured}) == 1, mine
+    dones = [line["done"] for line in measured]
+    assert dones == sorted(dones) and dones[-1] <= measured[0]["total"], mine
+    return measured
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_render_progress_json_reports_disk_and_convert_bytes(
+        cli_env: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
+    import os
+    import tarfile
+
+    from tests.test_catalog import make_cloudlet
+
+    cloudlet = make_cloudlet(cli_env / "src")
+    tarball = Path(cloudlet["filesystem"]["url"])
+    with tarfile.open(tarball, "w:gz", compresslevel=1) as tar:  # a few MiB to move
+        for path, data in (("boot/vmlinuz", b"kernel"), ("etc/motd", b"{{ hostname }}\n"),
+                           ("usr/lib/blob", os.urandom(3 * 1024 * 1024))):
+            info = tarfile.TarInfo(path)
+            info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    cloudlet["filesystem"]["sha256"] = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    manifest = write_manifest(cli_env, cloudlet)
+    code = main(["render", str(manifest), "-f", fmt, "-o", str(cli_env / "out") + "/",
+                 "--allow-file-urls", "--progress", "json", "--no-catalog"],
+                out=io.StringIO(), err=io.StringIO())
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert all(set(line) == {"stage", "done", "total", "elapsed"} for line in lines)
+    disk = _stage_lines(lines, "disk")
+    assert disk[-1]["done"] == disk[-1]["total"] > 3 * 1024 * 1024  # the tree, at least
+    converted = _stage_lines(lines, "convert")
+    output = cli_env / "out" / f"tiny-1.0.{fmt}"
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(output)],
+                                     capture_output=True, check=True, timeout=60).stdout)
+    assert converted[-1]["done"] == converted[-1]["total"] == info["virtual-size"]
+    stages = [line["stage"] for line in lines]
+    assert stages.index("disk") < stages.index("convert") < stages.index("store")
+
+
 @pytest.fixture
 def manifest_path(tmp_path: Path, complete_manifest: dict[str, Any]) -> Path:
     path = tmp_path / "m.json"

@@ -531,3 +531,26 @@ def test_bad_options_are_refused() -> None:
         XenFormat(ex_mode="pvh")
     with pytest.raises(ConfigurationError, match="ex_image_dir"):
         XenFormat(ex_image_dir="/srv/it's")
+
+
+def test_pv_from_a_composed_disk(tmp_path: Path) -> None:
+    """A disk made of pieces (the cached base, the patched blocks) is copied
+    whole into the output once; pygrub's configuration goes into the copy,
+    never into the base it came from."""
+    import hashlib
+
+    from cloudlets.disk import ext4
+    from cloudlets.testing.formats import COMPOSED_FILES, composed_disk, conformance_manifest
+
+    disk = composed_disk(tmp_path / "composed")
+    base = tmp_path / "composed" / "base.raw"
+    before = hashlib.sha256(base.read_bytes()).hexdigest()
+    image, _ = convert(tmp_path, disk, conformance_manifest(), XenFormat())
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == before
+    assert image.path.stat().st_size == disk.size
+    root = f"{image.path}?offset={disk.root_offset}"
+    for name, content in COMPOSED_FILES.items():
+        assert ext4.read_file(root, name, len(content)) == content
+    grub = subprocess.run(["debugfs", "-R", "cat /boot/grub/grub.cfg", root],
+                          capture_output=True, check=True).stdout
+    assert b"\tlinux /boot/vmlinuz " in grub and b"console=hvc0" in grub

@@ -746,6 +746,34 @@ def test_a_composed_qcow2_holds_the_disk_a_whole_raw_render_writes(
     assert len(list((tmp_path / "cache" / "bases").glob("*.metadata"))) == 1
 
 
+def test_an_ova_rerender_from_cached_grains_is_the_ova_a_cold_render_makes(
+        cloudlet: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    """OVA reads the disk as pieces and keeps the base's compressed grains
+    beside it; a re-render that reuses them writes the bytes a cold render
+    in a fresh cache writes, and holds the raw render's disk."""
+    manifest = cloudlet()
+    other = {**CONFIG, "hostname": "web2"}
+    options = {"ex_source_date_epoch": 1_700_000_000, "ex_allow_hosts": LOOPBACK_HOSTS}
+    cached = Renderer(cache_dir=tmp_path / "c1", work_dir=tmp_path / "w1", **options)
+    first = cached.render(manifest, str(tmp_path / "a") + "/", "local", "ova", CONFIG)
+    assert first.details["disk"]["composed"] is True
+    [grains] = (tmp_path / "c1" / "bases").glob("*.vmdk-grains-*")
+    again = cached.render(manifest, str(tmp_path / "b") + "/", "local", "ova", other)
+    assert again.details["disk"]["base_cached"] is True
+    assert list((tmp_path / "c1" / "bases").glob("*.vmdk-grains-*")) == [grains]
+    fresh = Renderer(cache_dir=tmp_path / "c2", work_dir=tmp_path / "w2", **options)
+    full = fresh.render(manifest, str(tmp_path / "c") + "/", "local", "ova", other)
+    assert again.primary.sha256 == full.primary.sha256
+    raw = fresh.render(manifest, str(tmp_path / "r") + "/", "local", "raw", other)
+    with tarfile.open(again.primary.location) as archive:
+        [member] = [m for m in archive.getmembers() if m.name.endswith(".vmdk")]
+        archive.extract(member, tmp_path / "unpacked", filter="data")
+    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk",
+                              raw.primary.location, str(tmp_path / "unpacked" / member.name)],
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
 def test_a_patch_of_too_many_ranges_gets_the_whole_disk_written(
         renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -866,3 +894,67 @@ def test_a_render_asks_the_storage_about_its_primary_location_once_before_upload
     primary = result.primary.location
     # once before any work, once by the upload's own refusal to overwrite
     assert asked.count(primary) == 2, asked
+
+
+class _Recorder:
+    """A progress callback keeping every report, checking each stage's as
+    it goes: started as ``(stage, 0, None)``, then bytes against one total,
+    never going back."""
+
+    def __init__(self) -> None:
+        self.reports: dict[str, list[tuple[int, int | None]]] = {}
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        self.reports.setdefault(stage, []).append((done, total))
+
+    def measured(self, stage: str) -> list[tuple[int, int]]:
+        reports = self.reports[stage]
+        assert reports[0] == (0, None), reports
+        rest = [(done, total) for done, total in reports[1:] if total is not None]
+        assert len(rest) == len(reports) - 1 and rest, reports
+        assert len({total for _, total in rest}) == 1, reports
+        dones = [done for done, _ in rest]
+        assert dones == sorted(dones) and dones[0] > 0 and dones[-1] == rest[-1][1], reports
+        return rest
+
+
+BLOB = {"usr/lib/a": bytes(range(256)) * 4096 * 2,  # 2 MiB each
+        "usr/lib/b": bytes(range(255, -1, -1)) * 4096 * 2}
+
+
+def test_disk_rootfs_tree_and_convert_stages_report_bytes(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    manifest = cloudlet({**BASE_FILES, **BLOB}, dirs=("usr", "usr/lib"))
+    cold = _Recorder()
+    result = renderer.render(manifest, str(tmp_path / "a") + "/", storage="local",
+                             format="raw", progress=cold)
+    assert "rootfs" not in {s for s, r in cold.reports.items() if len(r) > 1}  # fetch says it
+    disk = cold.measured("disk")
+    # the tree written as a tar, read by mke2fs, then the root filesystem copied:
+    # reported on the way, not only at the end
+    assert len(disk) >= 3 and disk[0][0] < disk[-1][1] // 2
+    assert cold.measured("convert")[-1] == (result.primary.size,) * 2
+    # The same tarball again (another version of the cloudlet): read from the cache.
+    again = _Recorder()
+    renderer.render({**manifest, "version": "2.0"}, str(tmp_path / "b") + "/",
+                    storage="local", format="tar", progress=again)
+    assert again.measured("rootfs")[-1] == (manifest["filesystem"]["size"],) * 2
+    tree = again.measured("tree")
+    assert len(tree) >= 2 and tree[-1][0] > 4 * 1024 * 1024
+    converted = again.measured("convert")
+    assert len(converted) >= 2 and "disk" not in again.reports
+
+
+def test_streamed_disk_reports_the_root_filesystem(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    manifest = cloudlet({**BASE_FILES, **BLOB}, dirs=("usr", "usr/lib"))
+    manifest["boot"]["root"] = {"size": 192 * 1024 * 1024}
+    seen = _Recorder()
+    result = renderer.render(manifest, str(tmp_path / "a") + "/", storage="local",
+                             format="qcow2", progress=seen)
+    assert result.details["rootfs"]["streamed"] is True
+    assert seen.measured("disk")[-1][1] == 192 * 1024 * 1024  # the base, composed
+    converted = seen.measured("convert")
+    assert converted[-1][0] == json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", result.primary.location], capture_output=True,
+        check=True, timeout=60).stdout)["virtual-size"]

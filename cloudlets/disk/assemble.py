@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import uuid
 from collections.abc import Mapping
@@ -27,9 +28,11 @@ from cloudlets.disk.partition import (
 from cloudlets.disk.spec import BootSpec, DiskImage
 from cloudlets.disk.tools import e2fsprogs_version
 from cloudlets.errors import DiskError
+from cloudlets.progress import StageMeter
 from cloudlets.sparse import Piece, copy_into, overlay
 
 if TYPE_CHECKING:
+    from cloudlets.progress import PartProgress, ProgressCallback
     from cloudlets.rootfs import RootTree
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "base_cached",
     "base_key",
     "base_paths",
+    "base_sidecar",
     "build_disk",
     "derive_uuid",
     "resolve_timestamp",
@@ -153,6 +157,14 @@ def _layout(boot: BootSpec, root_size: int, seed: str) -> _Layout:
                 f"{_mib(root_size)}, boot partitions and 1 MiB alignment at each end)")
         size = boot.disk_size
     return _Layout(size, tuple(parts), root_index, esp_index, core_offset, core_limit)
+
+
+def _forward(progress: PartProgress) -> ProgressCallback:
+    """A stage callback reporting to a part's ``progress(done, total)``."""
+    def report(stage: str, done: int, total: int | None) -> None:
+        progress(done, total)
+
+    return report
 
 
 def _mib(size: int) -> str:
@@ -417,6 +429,28 @@ def base_paths(boot: BootSpec, *, seed: str, tree_digest: str,
     return base_cache / f"{key}.ext4", base_cache / f"{key}.tree.json"
 
 
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+def base_sidecar(path: Path, name: str) -> Path | None:
+    """Where a consumer of a cached base filesystem may keep a file derived
+    from it (a format driver's compressed grains): ``<key>.<name>`` beside
+    the base ``<key>.ext4``, in the base cache, so whatever removes the base
+    (``<key>.*``) removes it too.
+
+    :param path: a file the disk is made of (a piece's file).
+    :param name: the sidecar's suffix (letters, digits, ``-`` and ``.``).
+    :returns: the sidecar's path, or ``None`` when ``path`` is not a cached
+        base (or ``name`` is not a safe suffix).
+    """
+    if path.suffix != ".ext4" or not _KEY.match(path.stem) \
+            or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name):
+        return None
+    if not path.with_suffix(".json").is_file():
+        return None
+    return path.with_name(f"{path.stem}.{name}")
+
+
 def build_disk(
     tree_tar: Path | None,
     boot: BootSpec,
@@ -430,6 +464,7 @@ def build_disk(
     tree_digest: str | None = None,
     sync: bool = True,
     compose: bool = False,
+    progress: PartProgress | None = None,
 ) -> DiskImage:
     """Build a bootable raw disk image from a tree tarball, without root.
 
@@ -468,6 +503,10 @@ def build_disk(
         ``output``. For a consumer that reads the disk as pieces (``qemu-img
         convert``): the copy of the base, its page cache and its writeback
         are saved. Without a base cache the image is written whole.
+    :param progress: called as ``progress(done, total)`` as the build
+        advances, in bytes: the tree's tar as ``mke2fs`` has read it (when
+        the root filesystem is made here), then the root filesystem as it is
+        copied into the disk (or composed).
     :returns: the description of the image.
     :raises DiskError: the tree does not fit, a tool failed, or the boot
         section is inconsistent with the tree.
@@ -497,6 +536,12 @@ def build_disk(
         if stats is not None:
             _check_boot_files(boot, stats, tree_tar)
     layout = _layout(boot, size, seed)
+    # in bytes: the tree's tar mke2fs reads here (if it runs), then the root filesystem
+    tar_bytes = tree_tar.stat().st_size if cached is None and tree_tar is not None else 0
+    meter = StageMeter(None if progress is None else _forward(progress), "disk",
+                       tar_bytes + size)
+    mkfs_part, root_part = meter.part(tar_bytes), meter.part(size)
+    follow_mkfs = mkfs_part if progress is not None else None  # nobody listens: no polling
     config = bootloader.grub_config(
         kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline, root_uuid=root_uuid
     )
@@ -563,7 +608,8 @@ def build_disk(
                 base_cache.mkdir(parents=True, exist_ok=True)
                 partial = base_cache / _partial_name(key)
                 try:
-                    _check_boot_files(boot, make_root(partial), tar_path)
+                    _check_boot_files(boot, make_root(partial, progress=follow_mkfs), tar_path)
+                    mkfs_part(1, 1)
                     os.replace(partial, base_cache / f"{key}.ext4")
                 finally:
                     partial.unlink(missing_ok=True)
@@ -575,9 +621,12 @@ def build_disk(
                                   _metadata(base_image, key), patch_files or {},
                                   timestamp=timestamp, workdir=workdir / "patch")
             if base_image is not None and not pieces:
-                copy_into(base_image, fd, root.start, error=DiskError)
+                copy_into(base_image, fd, root.start, error=DiskError,
+                          progress=root_part if progress is not None else None)
         if cached is None and base_cache is None:
-            _check_boot_files(boot, make_root(output, offset=root.start), tar_path)
+            _check_boot_files(boot, make_root(output, offset=root.start, progress=follow_mkfs),
+                              tar_path)
+            mkfs_part(1, 1)
         if patch_files and not pieces:
             ext4.patch_ext4(
                 f"{output}?offset={root.start}",
@@ -589,6 +638,7 @@ def build_disk(
     except BaseException:
         output.unlink(missing_ok=True)
         raise
+    meter.finish()
     return DiskImage(
         path=output,
         size=layout.size,

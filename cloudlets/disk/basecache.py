@@ -28,6 +28,7 @@ import builtins
 import contextlib
 import functools
 import hashlib
+import io
 import logging
 import re
 from collections.abc import Mapping
@@ -50,10 +51,12 @@ from cloudlets.disk.assemble import BaseStream, base_cached, base_key, base_path
 from cloudlets.disk.spec import BootSpec
 from cloudlets.drivers.base import DiskImage
 from cloudlets.errors import CacheError, CloudletsError
+from cloudlets.progress import StageMeter
 
 if TYPE_CHECKING:
     from cloudlets.cache import CacheEntry
     from cloudlets.manifest import Manifest
+    from cloudlets.progress import ProgressCallback
     from cloudlets.rootfs import ArchivePolicy, RootTree
 
 __all__ = ["BASE_FORMAT", "DEFAULT_BASE_CACHE_MAX_BYTES", "BaseCache", "BaseEntryInfo",
@@ -65,11 +68,12 @@ log = logging.getLogger(__name__)
 #: cached base filesystems from older versions are not reused.
 BASE_FORMAT = "cloudlets-base-1"
 
-#: ``<key>.ext4`` and the files beside it: its facts (``.json``), the tree's
-#: index (``.tree.json``), its metadata image (``.metadata``), and files
-#: being written (``.partial-...`` in the name).
+#: ``<key>.ext4`` and the files beside it (``<key>.*``): its facts
+#: (``.json``), the tree's index (``.tree.json``), its metadata image
+#: (``.metadata``), format drivers' sidecars
+#: (:func:`~cloudlets.disk.assemble.base_sidecar`: VMDK's compressed grains),
+#: and files being written (``.partial-...`` in the name).
 _ENTRY_FILE = re.compile(r"(?P<key>[0-9a-f]{64})\.(?P<rest>.+)")
-_SIDECARS = (".json", ".tree.json", ".metadata")
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,7 @@ class BaseCache:
         for key, files in self._entries().items():
             image = self.root / f"{key}.ext4"
             stale = [path for path in files if ".partial-" in path.name
-                     or (image not in files and path.name.endswith(_SIDECARS))]
+                     or image not in files]
             if stale and evict_unused(self._lock(key, "use"), self._lock(key, "fill"),
                                       functools.partial(_unlink, stale),
                                       remove_locks=image not in files):
@@ -314,6 +318,7 @@ class DiskPlan:
             .encode()).hexdigest()
         self._boot = None if tree else boot_spec(manifest)
         self._stream: BaseStream | None = None
+        self._meter = StageMeter(None, "rootfs", 0)
         self._streamed = False
         self._from_index = False
         self._bases = BaseCache(base_cache, max_bytes=base_cache_max_bytes)
@@ -355,15 +360,26 @@ class DiskPlan:
                 self._built()
         return tree
 
-    def read(self, entry: CacheEntry) -> RootTree:
+    def read(self, entry: CacheEntry, progress: ProgressCallback | None = None) -> RootTree:
         """Read the tree from the tarball ``entry``, while it may still be
         downloading, into ``mke2fs`` as well when the base can be streamed;
         a tree from a tarball that failed verification is never returned.
 
+        :param progress: for a tarball already in the cache, told the
+            ``rootfs`` stage's bytes as the tarball is read (from the thread
+            that reads it); one still downloading is followed by the download's
+            own ``fetch`` progress instead.
         :raises CloudletsError: the tarball is refused or its download failed.
         """
+        self._meter = StageMeter(progress if entry.hit else None, "rootfs",
+                                 entry.path.stat().st_size if entry.hit else 0)
         if self._key is not None and self._building is None:
             self._building = self._bases.building(self._key)
+        tree = self._read(entry)
+        self._meter.finish()
+        return tree
+
+    def _read(self, entry: CacheEntry) -> RootTree:
         if self._boot is not None:
             # mke2fs builds the base while the tarball is read
             self._stream = BaseStream.open(self._boot, **self._lookup(),
@@ -403,32 +419,49 @@ class DiskPlan:
                 details["not_streamed"] = self._stream.reason
         return details
 
-    def build(self, tree: RootTree, rendered: Mapping[str, bytes]) -> DiskImage:
+    def build(self, tree: RootTree, rendered: Mapping[str, bytes],
+              progress: ProgressCallback | None = None) -> DiskImage:
         """Make what the format driver converts: the bootable raw disk with
         the rendered templates, or, for a format that ships the tree, the
         rendered tree's tar. :attr:`DiskImage.details` is what the render
         records about the disk (``RenderResult.details["disk"]``).
 
+        :param progress: told the :attr:`stage`'s bytes as it advances: for
+            the tree, the tree's content written as a tar; for the disk,
+            when the root filesystem is made in this stage, the tree's
+            content written as a tar and read by ``mke2fs``, then the root
+            filesystem (planned: its size, or an estimate when the tree sets
+            it) copied into the disk or composed with it.
         :raises DiskError: the disk cannot be built.
         """
         workdir = self._workdir
+        data = tree.total_size
         if self._boot is None:
+            meter = StageMeter(progress, self.stage, data)
             tree_tar = tree.write_tar(workdir / "rendered-tree.tar", replacements=rendered,
-                                      source_date_epoch=self._epoch)
+                                      source_date_epoch=self._epoch,
+                                      progress=meter.part(data) if progress else None)
+            meter.finish()
             boot = self._manifest.boot
             return DiskImage(path=tree_tar, size=tree_tar.stat().st_size,
                              firmware=boot.firmware if boot is not None else "bios",
                              tree_tar=tree_tar, details={"kind": "tree"},
                              source_date_epoch=self._epoch)
         base_tar = None
-        if not self._streamed and not base_cached(self._boot, **self._lookup()):
-            base_tar = tree.write_tar(workdir / "base-tree.tar", source_date_epoch=self._epoch)
+        cold = not self._streamed and not base_cached(self._boot, **self._lookup())
+        # the tree's tar (written, then read by mke2fs), then the root filesystem
+        meter = StageMeter(progress, self.stage,
+                           (2 * data if cold else 0) + self._root_bytes(tree, data))
+        if cold:
+            base_tar = tree.write_tar(workdir / "base-tree.tar", source_date_epoch=self._epoch,
+                                      progress=meter.part(data) if progress else None)
+        built = meter.part(meter.total - (data if cold else 0))
         image = build_disk(
             base_tar, self._boot, workdir / "disk.raw", seed=self._seed,
             workdir=workdir / "disk", source_date_epoch=self._epoch,
             base_cache=self._base_cache, patch_files=rendered, tree_digest=self._tree_digest,
             sync=False,  # an intermediate: the storage makes its copy durable
-            compose=self._compose)
+            compose=self._compose, progress=built if progress else None)
         if base_tar is not None:  # gone now, its dirty pages are never written
             base_tar.unlink()
         if not self._from_index:
@@ -436,6 +469,7 @@ class DiskPlan:
         if self._building is not None:  # a base built now: the cache's bound applies
             self._built()
             self._bases.prune()
+        meter.finish()
         # a base this render streamed was built now, not found in the cache
         return image.for_formats(details={**image.record(),
                                           "base_cached": image.base_cached
@@ -462,6 +496,18 @@ class DiskPlan:
         if self._building is not None:
             self._building.release()
             self._building = None
+
+    def _root_bytes(self, tree: RootTree, data: int) -> int:
+        """The root filesystem's size, as the disk stage plans its progress:
+        the cached base's, else ``boot.root.size``, else an estimate from
+        the tree (the exact size is known once its tar is scanned)."""
+        assert self._boot is not None
+        if base_cached(self._boot, **self._lookup()):
+            return base_paths(self._boot, **self._lookup())[0].stat().st_size
+        if self._boot.root_size is not None:
+            return self._boot.root_size
+        return ext4.root_size_for(ext4.TreeStats(entries=len(tree), data_bytes=data,
+                                                 max_mtime=0, xattr_entries=()))
 
     def _lookup(self) -> dict[str, Any]:
         """What identifies the cached base, for :mod:`cloudlets.disk.assemble`."""
@@ -493,7 +539,10 @@ class DiskPlan:
         """
         from cloudlets.fetch import DownloadRestarted
 
-        with entry.open() as source:
+        with entry.open() as opened:
+            source: BinaryIO = opened
+            if self._meter.total:
+                source = io.BufferedReader(_Counted(opened, self._meter), _READ_BUFFER)
             try:
                 tree = self._read_tree(source, stream)
             except DownloadRestarted:
@@ -508,3 +557,28 @@ class DiskPlan:
             tree.close()
             raise
         return tree
+
+
+#: Bytes the ``rootfs`` stage reads from a cached tarball at a time.
+_READ_BUFFER = 1024 * 1024
+
+
+class _Counted(io.RawIOBase):
+    """A tarball being read, its bytes counted on ``meter``."""
+
+    def __init__(self, source: BinaryIO, meter: StageMeter) -> None:
+        super().__init__()
+        self._source = source
+        self._meter = meter
+        self._count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._source.read(len(buffer))
+        size = len(data)
+        buffer[:size] = data
+        self._count += size
+        self._meter.update(self._count)
+        return size

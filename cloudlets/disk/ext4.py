@@ -29,6 +29,7 @@ import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloudlets.disk import tarscan
 from cloudlets.disk.tools import (
@@ -36,12 +37,16 @@ from cloudlets.disk.tools import (
     e2fsprogs_version,
     find_tool,
     finish,
+    read_position,
     run,
     start,
     tool_environment,
     unsynced,
 )
 from cloudlets.errors import DiskError
+
+if TYPE_CHECKING:
+    from cloudlets.progress import PartProgress
 
 __all__ = [
     "BLOCK_SIZE",
@@ -317,6 +322,7 @@ def make_ext4(
     stats: TreeStats | None = None,
     inodes: int | None = None,
     method: str | None = None,
+    progress: PartProgress | None = None,
 ) -> TreeStats:
     """Make an ext4 filesystem holding a tree, without root.
 
@@ -341,6 +347,9 @@ def make_ext4(
     :param stats: the tree's summary if already computed.
     :param inodes: the inode count; by default :func:`inode_count`.
     :param method: ``"tar"`` or ``"directory"``; by default :func:`populate_method`.
+    :param progress: called as ``progress(done, total)`` while mke2fs reads
+        the tar (``tar`` method, where ``/proc`` tells how far): ``done`` of
+        its ``total`` bytes.
     :returns: the tree's summary.
     :raises DiskError: a tool failed, e.g. the tree does not fit in ``size``;
         the message names mke2fs and quotes its error.
@@ -372,10 +381,19 @@ def make_ext4(
     args = _mke2fs_args(source, image, size=size, uuid=uuid, hash_seed=hash_seed, label=label,
                         inodes=inodes, offset=offset)
     proc = start("mke2fs", args, env=env)
+    follow = None
+    if progress is not None and method == "tar":
+        tar_size = tree_tar.stat().st_size
+
+        def follow() -> None:
+            position = read_position(proc.pid, tree_tar)
+            if position is not None:
+                progress(position, tar_size)
+
     try:
         if stats is None:
             stats = scan_tree(tree_tar)  # while mke2fs works
-        finish("mke2fs", proc)
+        finish("mke2fs", proc, while_running=follow)
     except DiskError as exc:
         proc.kill()
         proc.wait()

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from cloudlets.errors import ConfigurationError, DiskError
@@ -27,6 +27,7 @@ __all__ = [
     "find_tool",
     "finish",
     "grub_platform_dir",
+    "read_position",
     "run",
     "start",
     "tool_environment",
@@ -241,17 +242,57 @@ def start(
         raise DiskError(f"{name} could not be started: {exc}") from exc
 
 
-def finish(name: str, proc: subprocess.Popen[bytes]) -> subprocess.CompletedProcess[bytes]:
+def finish(name: str, proc: subprocess.Popen[bytes], *,
+           while_running: Callable[[], None] | None = None) -> subprocess.CompletedProcess[bytes]:
     """Wait for a tool started with :func:`start` and fail loudly.
 
     :param name: the program's name, for the error message.
     :param proc: the process.
+    :param while_running: called every :data:`POLL_INTERVAL` seconds while
+        the tool runs (its output is collected meanwhile).
     :returns: the completed process.
     :raises DiskError: it exited non-zero; the message names it, its exit code
         and its stderr tail.
     """
-    stdout, stderr = proc.communicate()
+    while True:
+        try:
+            stdout, stderr = proc.communicate(
+                timeout=None if while_running is None else POLL_INTERVAL)
+            break
+        except subprocess.TimeoutExpired:  # retrying loses no output
+            assert while_running is not None
+            while_running()
     return _judge(name, proc, stdout, stderr, None)
+
+
+#: Seconds between two :func:`finish` ``while_running`` calls.
+POLL_INTERVAL = 0.2
+
+
+def read_position(pid: int, path: Path) -> int | None:
+    """Where the running process ``pid`` reads the file ``path``, from
+    Linux's ``/proc/PID/fdinfo`` (a process of the same user may read it).
+
+    :returns: the offset of its first descriptor open on ``path``, or
+        ``None`` when it has none or ``/proc`` cannot tell.
+    """
+    target = os.fspath(path.resolve())
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        for link in fds.iterdir():
+            try:
+                if os.readlink(link) != target:
+                    continue
+                info = (fds.parent / "fdinfo" / link.name).read_text()
+            except OSError:
+                continue
+            for line in info.splitlines():
+                key, _, value = line.partition(":")
+                if key == "pos" and value.strip().isdigit():
+                    return int(value)
+    except OSError:
+        return None
+    return None
 
 
 def _judge(

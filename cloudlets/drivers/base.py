@@ -38,6 +38,7 @@ from urllib.parse import urlencode
 
 from cloudlets.drivers.types import FormatCapability, StorageCapability
 from cloudlets.errors import CloudletsError, ConfigurationError, StorageError
+from cloudlets.progress import PartProgress
 from cloudlets.sparse import Piece
 from cloudlets.urls import redact
 
@@ -95,6 +96,10 @@ class DiskImage:
     source_date_epoch: int | None = None
 
 
+def _no_progress(done: int, total: int | None = None) -> None:
+    """The default :attr:`FormatContext.progress`: reports nowhere."""
+
+
 @dataclass(frozen=True)
 class FormatContext:
     """Everything a format driver receives.
@@ -105,6 +110,17 @@ class FormatContext:
     :ivar workdir: an empty directory the driver writes its outputs into;
         the Renderer deletes it after storing.
     :ivar basename: the file stem outputs should use (``debian-12``).
+    :ivar progress: the ``convert`` stage's progress, for a driver that can
+        tell it: call ``progress(done, total)`` as the conversion advances,
+        ``done`` of ``total`` bytes (``total`` defaults to
+        :attr:`DiskImage.size`, the disk's virtual size; a driver counting
+        other bytes gives its own total and the fraction is what counts).
+        Cheap to call (reports are throttled and never go back), but call it
+        per MiB or so, not per block. Optional: a driver that never calls it
+        shows the stage complete when :meth:`FormatDriver.convert` returns;
+        outside a render it does nothing.
+        :func:`cloudlets.drivers.formats.qemuimg.convert` takes it as its
+        ``progress``.
     """
 
     manifest: Manifest
@@ -112,6 +128,8 @@ class FormatContext:
     disk: DiskImage
     workdir: Path
     basename: str
+    progress: PartProgress = field(default=_no_progress, repr=False,
+                                                        compare=False)
 
 
 @dataclass(frozen=True)

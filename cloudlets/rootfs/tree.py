@@ -15,12 +15,15 @@ import posixpath
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
 
 from cloudlets.rootfs.entry import Entry, EntryType
 from cloudlets.rootfs.policy import encoded, parent_of
 from cloudlets.rootfs.stream import Compression
 from cloudlets.rootfs.tar import BLOCK, RECORD, Writer, member_header
+
+if TYPE_CHECKING:
+    from cloudlets.progress import PartProgress
 
 __all__ = ["METADATA_PATH", "RootTree", "TreeStream", "fill_parents", "image_metadata",
            "nearest_entry"]
@@ -29,6 +32,8 @@ __all__ = ["METADATA_PATH", "RootTree", "TreeStream", "fill_parents", "image_met
 METADATA_PATH = "/etc/cloudlets/image.json"
 
 _SYMLINK_HOPS = 40
+#: :meth:`RootTree.write_tar` reports its progress at most once a MiB.
+_PROGRESS_STEP = 1024 * 1024
 #: Synthesized parent directories noted one by one; the rest are counted.
 _NOTED_PARENTS = 100
 
@@ -234,7 +239,8 @@ class RootTree:
 
     def write_tar(self, dest: str | os.PathLike[str], *,
                   replacements: Mapping[str, bytes] | None = None,
-                  source_date_epoch: int | None = None) -> Path:
+                  source_date_epoch: int | None = None,
+                  progress: PartProgress | None = None) -> Path:
         """Write the tree as a clean, normalized, uncompressed PAX tar.
 
         Members are named ``./path``, sorted by path bytes (so parents come
@@ -247,6 +253,9 @@ class RootTree:
         :param replacements: absolute path to new content for regular files
             (rendered templates); mode and owner are kept.
         :param source_date_epoch: clamp every mtime to this time.
+        :param progress: called as ``progress(done, total)`` after each file
+            whose content took the bytes written past another MiB, and at
+            the end: ``done`` of the :attr:`total_size` bytes of content.
         :returns: ``dest`` as a :class:`~pathlib.Path`.
         :raises KeyError: a replacement names a path not in the tree.
         :raises ValueError: a replacement names something not a regular file.
@@ -260,6 +269,8 @@ class RootTree:
         self._spool.flush()
         spool_fd = self._spool.fileno()
         primaries: dict[int, str] = {}
+        total = self.total_size if progress is not None else 0
+        written = reported = 0
         with open(dest, "wb", buffering=0) as out:
             writer = Writer(out.fileno())
             for path in self.paths():
@@ -278,9 +289,15 @@ class RootTree:
                     else:
                         writer.copy(spool_fd, inode._offset, size)
                     writer.pad(-size % BLOCK)
+                    written += size
+                    if progress is not None and written - reported >= _PROGRESS_STEP:
+                        reported = written
+                        progress(written, total)
             writer.pad(2 * BLOCK)
             writer.pad(-writer.position % RECORD)
             writer.flush()
+        if progress is not None:
+            progress(total, total)
         return dest
 
     # -- the index: the tree without its content ---------------------------

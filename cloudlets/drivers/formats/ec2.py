@@ -232,14 +232,14 @@ class EC2Format(FormatDriver):
         name = f"{context.basename}.{extension}"
         target = context.workdir / name
         if self.disk_format == "raw":
-            link_or_copy(context.disk.path, target)
+            link_or_copy(context.disk.path, target, progress=context.progress)
             return [OutputFile(role="disk", path=target, name=name)]
         if self.disk_format == "vhd":
             from cloudlets.drivers.formats.vhd import VHDFormat
 
             return VHDFormat().convert(context)
         # Reproducible (content-derived CID), version 3, as the OVF driver's.
-        write_stream_optimized(context.disk.path, target)
+        write_stream_optimized(context.disk.path, target, progress=context.progress)
         return [OutputFile(role="disk", path=target, name=name,
                            media_type="application/x-vmdk")]
 
@@ -426,7 +426,8 @@ class EC2Format(FormatDriver):
             architecture=facts["Architecture"], account_id=self.account_id,
             user_certificate=user_cert, private_key=private_key, ec2_certificate=ec2_cert,
             block_device_mappings={"ami": device, "root": self.root_device},
-            bundler=("cloudlets", __version__), mtime=context.disk.source_date_epoch or 0)
+            bundler=("cloudlets", __version__), mtime=context.disk.source_date_epoch or 0,
+            progress=context.progress)
         outputs = [OutputFile(role="manifest", path=bundle.manifest_path,
                               name=bundle.manifest_path.name, media_type="application/xml")]
         outputs += [OutputFile(role="bundle-part", path=part.path, name=part.filename)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 from cloudlets.errors import ConfigurationError, FormatError
+from cloudlets.progress import PartProgress
 
 __all__ = [
     "CHUNK_SIZE",
@@ -225,7 +226,8 @@ class _Pipeline:
             self._parts.write(self._encryptor.update(self._padder.update(data)))
 
 
-def _tar_stream(image: Path, member: str, mtime: int, sink: _Pipeline) -> int:
+def _tar_stream(image: Path, member: str, mtime: int, sink: _Pipeline,
+                progress: PartProgress | None = None) -> int:
     """Write a one-member GNU tar of ``image`` into ``sink``.
 
     :returns: the image size.
@@ -244,6 +246,8 @@ def _tar_stream(image: Path, member: str, mtime: int, sink: _Pipeline) -> int:
         while chunk := handle.read(CHUNK_SIZE):
             copied += len(chunk)
             sink.write(chunk)
+            if progress is not None:
+                progress(copied, size)
     if copied != size:
         raise FormatError(f"{image} changed size while it was bundled")
     written += copied
@@ -295,7 +299,7 @@ def build_bundle(image: Path, directory: Path, prefix: str, *, architecture: str
                  ec2_certificate: Any, block_device_mappings: Mapping[str, str],
                  kernel_id: str | None = None, ramdisk_id: str | None = None,
                  bundler: tuple[str, str] = ("cloudlets", "0"), mtime: int = 0,
-                 part_size: int = PART_SIZE) -> Bundle:
+                 part_size: int = PART_SIZE, progress: PartProgress | None = None) -> Bundle:
     """Bundle ``image`` into ``directory`` as ``PREFIX.part.NN`` files and
     ``PREFIX.manifest.xml``.
 
@@ -314,6 +318,8 @@ def build_bundle(image: Path, directory: Path, prefix: str, *, architecture: str
     :param bundler: name and version recorded in ``<bundler>``.
     :param mtime: the tar member's modification time.
     :param part_size: bytes per part.
+    :param progress: called as ``progress(done, total)`` as ``done`` bytes
+        of the image's ``total`` are bundled.
     :returns: the bundle.
     :raises FormatError: when the image cannot be read or written.
     """
@@ -327,7 +333,7 @@ def build_bundle(image: Path, directory: Path, prefix: str, *, architecture: str
     writer = _PartWriter(directory, prefix, part_size)
     pipeline = _Pipeline(key, iv, writer)
     try:
-        image_size = _tar_stream(image, prefix, mtime, pipeline)
+        image_size = _tar_stream(image, prefix, mtime, pipeline, progress)
         pipeline.close()
         parts = writer.finish()
     except OSError as exc:

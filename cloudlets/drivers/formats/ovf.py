@@ -140,8 +140,9 @@ class OVFFormat(FormatDriver):
     website: ClassVar[str] = "https://www.dmtf.org/standards/ovf"
     description: ClassVar[str] = \
         "OVF 1.x descriptor, streamOptimized VMDK and SHA256 manifest (.ovf, .vmdk, .mf)"
-    capabilities: ClassVar[FormatCapability] = \
-        FormatCapability.BOOTABLE | FormatCapability.MULTI_ARTIFACT
+    capabilities: ClassVar[FormatCapability] = (FormatCapability.BOOTABLE
+                                                 | FormatCapability.MULTI_ARTIFACT
+                                                 | FormatCapability.COMPOSED_DISK)
     extension = ".ovf"
 
     def __init__(self, ex_network: str | None = None, ex_nic_type: str = "E1000",
@@ -182,7 +183,8 @@ class OVFFormat(FormatDriver):
         """
         disk = directory / f"{context.basename}.vmdk"
         adapter = DISK_CONTROLLERS[self.disk_controller][2]
-        write_stream_optimized(context.disk.path, disk, adapter_type=adapter)
+        write_stream_optimized(context.disk, disk, adapter_type=adapter,
+                               progress=context.progress)
         descriptor = directory / f"{context.basename}.ovf"
         descriptor.write_bytes(self.ex_descriptor(context, disk))
         manifest = directory / f"{context.basename}.mf"
@@ -324,7 +326,8 @@ class OVAFormat(OVFFormat):
 
     name: ClassVar[str] = Format.OVA
     description: ClassVar[str] = "OVF 1.x package as a single ustar archive (.ova)"
-    capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    capabilities: ClassVar[FormatCapability] = (FormatCapability.BOOTABLE
+                                                 | FormatCapability.COMPOSED_DISK)
     extension = ".ova"
 
     #: ustar stores sizes in 11 octal digits.

@@ -37,7 +37,7 @@ class Qcow2Format(FormatDriver):
         name = f"{context.basename}.qcow2"
         target = context.workdir / name
         qemuimg.convert(context.disk, target, "qcow2", options={"compat": "1.1"},
-                        compress=self.compress)
+                        compress=self.compress, progress=context.progress)
         details = qemuimg.info(target)
         if details.get("format") != "qcow2" or "backing-filename" in details:
             raise FormatError(f"qemu-img wrote {target.name} as {details.get('format')!r} "

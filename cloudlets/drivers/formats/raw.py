@@ -24,5 +24,5 @@ class RawFormat(FormatDriver):
     def convert(self, context: FormatContext) -> list[OutputFile]:
         name = f"{context.basename}.raw"
         target = context.workdir / name
-        link_or_copy(context.disk.path, target)
+        link_or_copy(context.disk.path, target, progress=context.progress)
         return [OutputFile(role="disk", path=target, name=name)]

@@ -9,7 +9,6 @@ gzip header (no name, mtime 0) keeps the output reproducible.
 from __future__ import annotations
 
 import gzip
-import shutil
 from typing import ClassVar
 
 from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
@@ -30,6 +29,8 @@ class TarFormat(FormatDriver):
     description: ClassVar[str] = "Configured root filesystem tarball (.tar.gz)"
     capabilities: ClassVar[FormatCapability] = FormatCapability.NEEDS_TREE
     extension = ".tar.gz"
+    #: Bytes of the tree compressed at a time.
+    CHUNK_SIZE: ClassVar[int] = 1024 * 1024
 
     def __init__(self, ex_compresslevel: int = 6) -> None:
         self.compresslevel = ex_compresslevel
@@ -41,8 +42,13 @@ class TarFormat(FormatDriver):
                               "which the disk stage did not provide")
         name = f"{context.basename}.tar.gz"
         target = context.workdir / name
+        size = tree.stat().st_size
+        done = 0
         with open(tree, "rb") as src, open(target, "xb") as raw, \
                 gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                               compresslevel=self.compresslevel) as dst:
-            shutil.copyfileobj(src, dst, 1024 * 1024)
+            while chunk := src.read(self.CHUNK_SIZE):
+                dst.write(chunk)
+                done += len(chunk)
+                context.progress(done, size)
         return [OutputFile(role="rootfs", path=target, name=name, media_type="application/gzip")]

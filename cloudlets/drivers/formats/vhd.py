@@ -20,17 +20,17 @@ Open our VHDs with QEMU's ``force_size_calc=current_size`` to see all of it.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
+from cloudlets.drivers.formats.pieces import DiskReader, disk_pieces
 from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import FormatError
-from cloudlets.sparse import data_ranges
 
 __all__ = ["VHDFooter", "VHDFormat", "chs_geometry", "vhd_footer"]
 
@@ -125,43 +125,61 @@ def vhd_footer(footer: VHDFooter) -> bytes:
     return encoded
 
 
+_ZERO_CHUNK = bytes(_CHUNK)
+
+
+def _is_zero(data: bytes) -> bool:
+    """Whether ``data`` (at most a chunk) is all zeros: a ``memcmp``, not a count."""
+    return data == _ZERO_CHUNK if len(data) == _CHUNK else data == _ZERO_CHUNK[:len(data)]
+
+
 def _write_nonzero(dst: BinaryIO, offset: int, chunk: bytes) -> None:
     """Write the blocks of ``chunk`` that are not all zeros (the rest stay holes)."""
     view = memoryview(chunk)
     for start in range(0, len(chunk), _BLOCK):
-        block = view[start:start + _BLOCK]
-        if block.nbytes != bytes(block).count(0):
+        if not _is_zero(chunk[start:start + _BLOCK]):
             dst.seek(offset + start)
-            dst.write(block)
+            dst.write(view[start:start + _BLOCK])
 
 
-def _copy_and_digest(source: Path, target: Path, size: int) -> str:
-    """Copy a raw disk into a new file of ``size`` bytes, keeping holes, and
-    digest its content independently of how it is laid out in holes: every
-    non-zero MiB is hashed with its offset.
+def _copy_and_digest(source: DiskReader, target: Path, size: int) -> str:
+    """Copy a raw disk (whole or in pieces) into a new file of ``size``
+    bytes, keeping holes, and digest its content independently of how it is
+    laid out in holes: every non-zero MiB is hashed with its offset. The
+    hash of one chunk runs on a thread of its own while the next is read
+    and written (hashlib releases the GIL).
 
     :returns: the hex digest.
     """
     digest = hashlib.sha256()
-    with open(source, "rb") as src, open(target, "xb") as dst:
+    with open(target, "xb") as dst, ThreadPoolExecutor(1, thread_name_prefix="vhd") as hasher:
+        hashing: Future[None] | None = None
         dst.truncate(size)
-        fd = src.fileno()
-        end = os.fstat(fd).st_size
+        end = source.size
         done = 0  # chunks before this offset are digested
-        for data, hole in data_ranges(fd, end):
+        for data, hole in source.data_ranges():
             # Walk MiB-aligned chunks so the digest ignores where holes happen to be.
             chunk_start = max(data - data % _CHUNK, done)
             while chunk_start < hole:
-                src.seek(chunk_start)
-                chunk = src.read(min(_CHUNK, end - chunk_start))
-                if chunk.count(0) != len(chunk):
-                    digest.update(struct.pack(">Q", chunk_start))
-                    digest.update(chunk)
+                length = min(_CHUNK, end - chunk_start)
+                chunk = source.read(chunk_start, length)
+                if not _is_zero(chunk):
+                    if hashing is not None:
+                        hashing.result()
+                    hashing = hasher.submit(_update, digest, struct.pack(">Q", chunk_start),
+                                            chunk)
                     _write_nonzero(dst, chunk_start, chunk)
                 chunk_start += _CHUNK
             done = max(done, chunk_start)
+        if hashing is not None:
+            hashing.result()
     digest.update(struct.pack(">Q", size))
     return digest.hexdigest()
+
+
+def _update(digest: Any, *parts: bytes) -> None:
+    for part in parts:
+        digest.update(part)
 
 
 class VHDFormat(FormatDriver):
@@ -175,7 +193,8 @@ class VHDFormat(FormatDriver):
     website: ClassVar[str] = \
         "https://www.microsoft.com/en-us/download/details.aspx?id=23850"
     description: ClassVar[str] = "Fixed VHD, size aligned to 1 MiB (Azure, Hyper-V) (.vhd)"
-    capabilities: ClassVar[FormatCapability] = FormatCapability.BOOTABLE
+    capabilities: ClassVar[FormatCapability] = (FormatCapability.BOOTABLE
+                                                 | FormatCapability.COMPOSED_DISK)
     extension = ".vhd"
 
     def __init__(self, ex_timestamp: int | None = None) -> None:
@@ -184,10 +203,13 @@ class VHDFormat(FormatDriver):
     def convert(self, context: FormatContext) -> list[OutputFile]:
         name = f"{context.basename}.vhd"
         target = context.workdir / name
-        size = -(-context.disk.path.stat().st_size // MiB) * MiB
-        if size == 0:
-            raise FormatError(f"the disk {context.disk.path} is empty")
-        digest = _copy_and_digest(context.disk.path, target, size)
+        pieces, disk_size = disk_pieces(context.disk)
+        size = -(-disk_size // MiB) * MiB
+        reader = DiskReader(pieces, disk_size)
+        try:
+            digest = _copy_and_digest(reader, target, size)
+        finally:
+            reader.close()
         unique_id = uuid.UUID(bytes=hashlib.sha256(
             f"cloudlets-vhd\0{digest}".encode()).digest()[:16], version=4)
         footer = VHDFooter(size=size, timestamp=self._timestamp(context), unique_id=unique_id)

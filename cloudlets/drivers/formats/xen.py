@@ -32,9 +32,9 @@ from typing import ClassVar
 
 from cloudlets.disk.bootloader import kernel_cmdline
 from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
+from cloudlets.drivers.formats.pieces import copy_disk
 from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import ConfigurationError, FormatError
-from cloudlets.sparse import copy_sparse
 from cloudlets.tools import run
 
 __all__ = ["GRUB_CONFIG_PATH", "XenFormat", "pygrub_config"]
@@ -104,8 +104,9 @@ class XenFormat(FormatDriver):
     website: ClassVar[str] = "https://xenbits.xen.org/docs/unstable/man/xl.cfg.5.html"
     description: ClassVar[str] = \
         "Xen PV (pygrub) or HVM disk with its xl domain configuration (.img, .cfg)"
-    capabilities: ClassVar[FormatCapability] = \
-        FormatCapability.BOOTABLE | FormatCapability.MULTI_ARTIFACT
+    capabilities: ClassVar[FormatCapability] = (FormatCapability.BOOTABLE
+                                                 | FormatCapability.MULTI_ARTIFACT
+                                                 | FormatCapability.COMPOSED_DISK)
     extension = ".img"
 
     def __init__(self, ex_mode: str = "pv", ex_image_dir: str = "/var/lib/xen/images",
@@ -124,7 +125,7 @@ class XenFormat(FormatDriver):
     def convert(self, context: FormatContext) -> list[OutputFile]:
         disk_name = f"{context.basename}.img"
         disk = context.workdir / disk_name
-        copy_sparse(context.disk.path, disk, error=FormatError)
+        copy_disk(context.disk, disk)  # whole or from pieces, holes kept
         if self.mode == "pv":
             self._install_pygrub_config(context, disk)
         config_name = f"{context.basename}.cfg"
