@@ -15,8 +15,11 @@ tool:
 target    cloudlets                                   plain tool
 ========  ==========================================  ====================================
 local     ``LocalStorage`` (temp file, fsync, link)   ``cp --sparse=never`` + ``sync FILE``
-http      ``HTTPStorage`` to nginx WebDAV             ``curl -T`` to the same nginx; then
-                                                      ``curl | sha256sum`` (same checks)
+http      ``HTTPStorage`` to nginx WebDAV             ``curl -T`` through ``tee`` into
+                                                      ``sha256sum`` (the file's digest on
+                                                      the way, as the driver takes it);
+                                                      bare ``curl -T``; ``curl -T`` then
+                                                      ``curl | sha256sum`` (read-back)
 s3        ``S3Storage`` (libcloud) to moto_server     boto3 ``upload_file``; ``aws s3 cp``
 nbd       ``SANStorage`` to ``nbdkit file``           ``qemu-img convert -n`` to the same;
                                                       then ``nbdcopy | sha256sum`` (same
@@ -39,8 +42,13 @@ builds it without uploading: the interpreter and its imports (a fixed cost
 that weighs on small ``--size`` runs).
 
 Targets (the issue's): cloudlets within 1.3x of the plain tool and under
-100 MiB peak RSS. The default rows verify what the target reports (sizes,
-digests the server states, acknowledged and flushed writes); rows marked
+100 MiB peak RSS. For http the plain tool judged against is the equally
+verifying pipeline (issue 20, item 6): ``curl -T`` with the file's sha256
+computed on the way through ``tee`` into ``openssl dgst -sha256`` (the
+fastest hasher among the tools; coreutils' ``sha256sum`` has no SHA
+extensions and is shown beside it), not a bare
+``curl -T`` (still shown, as "(other tool)"). The default rows verify what
+the target reports (sizes, digests the server states, acknowledged and flushed writes); rows marked
 "variant" turn the full read-back on (``ex_verify``), to show what it costs;
 the targets apply to the default rows. The "(other tool)" rows for http and
 nbd do that read-back with plain tools (everything back into ``sha256sum``),
@@ -327,6 +335,21 @@ def local_target(work: Path) -> Target:
         destination=destination, reset=reset)
 
 
+def _tee_sha256_curl(image: Path, dest: str, digest: Path, *,
+                     hasher: str = "sha256sum") -> str:
+    """The verifying pipeline of existing tools: ``curl -T`` of the file with
+    its sha256 computed on the way (``tee`` into ``sha256sum`` through a
+    fifo, in parallel), sent with its ``Content-Length`` as the driver sends
+    it (not chunked), and both ends waited for."""
+    fifo = shlex.quote(str(digest.with_suffix(".fifo")))
+    size = image.stat().st_size
+    return (f"rm -f {fifo}; mkfifo {fifo}; "
+            f"{hasher} < {fifo} > {shlex.quote(str(digest))} & "
+            f"tee {fifo} < {shlex.quote(str(image))} | curl -sS --fail -o /dev/null "
+            f"-H 'Transfer-Encoding:' -H 'Content-Length: {size}' -T - {shlex.quote(dest)}; "
+            f"status=$?; wait $! || exit 1; rm -f {fifo}; exit $status")
+
+
 def http_target(work: Path, stack: ExitStack) -> Target | str:
     if not (shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")):
         return "nginx is not installed (apt-get install nginx-light)"
@@ -351,10 +374,35 @@ def http_target(work: Path, stack: ExitStack) -> Target | str:
                   Variant("http ex_verify=digest", "http", {"ex_verify": "digest"},
                           "as above, and GET reads all of it back for its sha256",
                           variant=True)],
-        plain=[Plain("curl -T",
+        # First, the one the target is judged against: the file's sha256 taken on
+        # the way, as the driver does. Its hasher is OpenSSL's (SHA extensions, as
+        # hashlib's: 4x coreutils' sha256sum here).
+        plain=[Plain("curl -T, tee>openssl",
+                     lambda dest: [["bash", "-o", "pipefail", "-c",
+                                    _tee_sha256_curl(work / "image.raw", dest,
+                                                     work / "plain.sha256",
+                                                     hasher="openssl dgst -sha256")]],
+                     "the bytes sent go through tee into openssl dgst -sha256 on the "
+                     "way, in parallel (a fifo; both ends waited for)"),
+               Plain("curl -T, tee>sha256sum",
+                     lambda dest: [["bash", "-o", "pipefail", "-c",
+                                    _tee_sha256_curl(work / "image.raw", dest,
+                                                     work / "plain.sha256")]],
+                     "as above, into coreutils' sha256sum"),
+               Plain("curl -T",
                      lambda dest: [["curl", "-sS", "--fail", "-o", "/dev/null", "-T",
                                     str(work / "image.raw"), dest]],
                      "none"),
+               # Another way the tools get the digest: a second reader of the
+               # file beside curl (not the digest of the bytes sent).
+               Plain("curl -T & openssl",
+                     lambda dest: [["bash", "-c",
+                                    f"openssl dgst -sha256 {shlex.quote(str(work / 'image.raw'))} "
+                                    f"> /dev/null & curl -sS --fail -o /dev/null -T "
+                                    f"{shlex.quote(str(work / 'image.raw'))} "
+                                    f"{shlex.quote(dest)} && wait $!"]],
+                     "openssl dgst -sha256 reads the file beside curl, in parallel (the file's "
+                     "digest, not that of the bytes sent)"),
                # The same verification done with plain tools, for a like-for-like ratio.
                Plain("curl -T, curl|sha256sum",
                      lambda dest: [["curl", "-sS", "--fail", "-o", "/dev/null", "-T",

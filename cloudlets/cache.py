@@ -37,7 +37,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -51,6 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, Self
 
+from cloudlets.cachelocks import LockFile, evict_lru, evict_unused, in_use, last_used
 from cloudlets.errors import CacheError, IntegrityError
 from cloudlets.fetch import DownloadWatch, Fetcher, check_sha256
 from cloudlets.mirrors import MirrorRules
@@ -63,64 +63,6 @@ __all__ = ["CacheEntry", "CacheEntryInfo", "TarballCache", "VerifyResult", "defa
 log = logging.getLogger(__name__)
 
 _HASH_CHUNK = 1 << 20
-
-
-class _Lock:
-    """An ``flock`` on a lock file, through a descriptor of its own.
-
-    Because each lock opens the file anew, two threads of one process
-    exclude each other just as two processes do. A lock file may be removed
-    by whoever holds it exclusively; a waiter that then gets the lock on the
-    removed file notices (its inode is no longer at the path) and retries.
-    """
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    @classmethod
-    def take(cls, path: Path, *, exclusive: bool, wait: bool = True) -> _Lock | None:
-        """:returns: the lock, or ``None`` when ``wait`` is false and it is held.
-
-        :raises CacheError: when the lock file cannot be opened.
-        """
-        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                raise CacheError(f"cannot open lock file {path}: {exc.strerror}") from None
-            try:
-                fcntl.flock(fd, mode)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                return cls(path, fd)
-            os.close(fd)
-
-    def release(self) -> None:
-        """Release the lock (closing the descriptor releases the flock)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self) -> None:
-        # A CacheEntry that was never closed: do not hold its lock forever.
-        self.release()
-
-    def remove(self) -> None:
-        """Remove the lock file, then release. Only while held exclusively."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        self.release()
 
 
 @dataclass(frozen=True)
@@ -197,7 +139,7 @@ class CacheEntry:
     :ivar fetch_seconds: how long the download took (``0.0`` for a hit).
     """
 
-    def __init__(self, lock: _Lock, path: Path, meta: dict[str, Any], hit: bool,
+    def __init__(self, lock: LockFile, path: Path, meta: dict[str, Any], hit: bool,
                  pending: _Fill | None = None) -> None:
         self._lock = lock
         self._pending = pending
@@ -268,7 +210,7 @@ class _Fill:
     the entry's fill lock until it is done (:meth:`TarballCache.get` with
     ``follow=True``)."""
 
-    def __init__(self, cache: TarballCache, fill: _Lock, url: str, sha: str, size: int | None,
+    def __init__(self, cache: TarballCache, fill: LockFile, url: str, sha: str, size: int | None,
                  mirrors: MirrorRules | None, progress: ProgressCallback) -> None:
         self.watch = DownloadWatch()
         self.finished = False
@@ -371,14 +313,13 @@ class TarballCache:
         sha = check_sha256(sha256)
         progress = progress or null_progress
         self._make_dirs()
-        use = _Lock.take(self._use_lock(sha), exclusive=False)
-        assert use is not None
+        use = LockFile.use(self._use_lock(sha))
         try:
             state, meta = self._check(sha, size, progress)
             hit = state == "valid"
             pending: _Fill | None = None
             if not hit:
-                fill: _Lock | None = _Lock.take(self._fill_lock(sha), exclusive=True)
+                fill: LockFile | None = LockFile.take(self._fill_lock(sha), exclusive=True)
                 assert fill is not None
                 try:
                     # Someone else may have fetched it while we waited.
@@ -396,8 +337,6 @@ class TarballCache:
                     if fill is not None:
                         fill.release()
             assert meta is not None
-            with contextlib.suppress(OSError):
-                os.utime(self._use_lock(sha))
             entry = CacheEntry(use, self._object(sha), meta, hit, pending)
         except BaseException:
             use.release()
@@ -416,14 +355,11 @@ class TarballCache:
             except FileNotFoundError:
                 continue
             meta = self._read_meta(sha) or {}
-            try:
-                last_used = self._use_lock(sha).stat().st_mtime
-            except FileNotFoundError:
-                last_used = st.st_mtime
             infos.append(CacheEntryInfo(
                 sha256=sha, size=st.st_size, path=obj, source_url=meta.get("source_url"),
                 mirror_rule=meta.get("mirror_rule"), fetched_at=meta.get("fetched_at"),
-                last_used=last_used, in_use=self._in_use(sha)))
+                last_used=last_used(self._use_lock(sha), st.st_mtime),
+                in_use=self._in_use(sha)))
         infos.sort(key=lambda info: (info.last_used, info.sha256))
         return infos
 
@@ -438,7 +374,7 @@ class TarballCache:
         results = []
         for obj in self._objects():
             sha = obj.name
-            fill = _Lock.take(self._fill_lock(sha), exclusive=True)
+            fill = LockFile.take(self._fill_lock(sha), exclusive=True)
             assert fill is not None
             try:
                 problem = self._problem(sha, None, progress or null_progress, full=True)
@@ -465,22 +401,16 @@ class TarballCache:
         limit = self.max_bytes if max_bytes is None else max_bytes
         self._make_dirs()
         removed: builtins.list[CacheEntryInfo] = []
-        guard = _Lock.take(self.root / "prune.lock", exclusive=True)
+        guard = LockFile.take(self.root / "prune.lock", exclusive=True)
         assert guard is not None
         try:
             self._remove_leftovers()
             if limit is None:
                 return removed
-            entries = self.list()
-            total = sum(e.size for e in entries)
-            for info in entries:
-                if total <= limit:
-                    break
-                if self._evict(info.sha256):
-                    total -= info.size
-                    removed.append(info)
-                    log.info("evicted %s (%d bytes) from the tarball cache", info.sha256,
-                             info.size)
+            removed, total = evict_lru(self.list(), limit, size=lambda info: info.size,
+                                       evict=lambda info: self._evict(info.sha256))
+            for info in removed:
+                log.info("evicted %s (%d bytes) from the tarball cache", info.sha256, info.size)
             if total > limit:
                 log.info("tarball cache holds %d bytes, above its %d-byte bound: the rest "
                          "is in use", total, limit)
@@ -601,17 +531,8 @@ class TarballCache:
 
     def _evict(self, sha: str) -> bool:
         """Remove an entry if nobody uses or fills it. :returns: whether removed."""
-        use = _Lock.take(self._use_lock(sha), exclusive=True, wait=False)
-        if use is None:
-            return False
-        fill = _Lock.take(self._fill_lock(sha), exclusive=True, wait=False)
-        if fill is None:
-            use.release()
-            return False
-        self._drop_files(sha)
-        fill.remove()
-        use.remove()
-        return True
+        return evict_unused(self._use_lock(sha), self._fill_lock(sha),
+                            lambda: self._drop_files(sha))
 
     def _drop_files(self, sha: str) -> None:
         for path in (self._object(sha), self._meta(sha)):
@@ -619,11 +540,7 @@ class TarballCache:
                 path.unlink()
 
     def _in_use(self, sha: str) -> bool:
-        probe = _Lock.take(self._use_lock(sha), exclusive=True, wait=False)
-        if probe is None:
-            return True
-        probe.release()
-        return False
+        return in_use(self._use_lock(sha))
 
     def _remove_leftovers(self) -> None:
         """Partial downloads and sidecars of processes that died."""
@@ -631,7 +548,7 @@ class TarballCache:
             sha = tmp.name.split(".", 1)[0]
             if not _is_hex(sha) or len(sha) != 64:
                 continue
-            fill = _Lock.take(self._fill_lock(sha), exclusive=True, wait=False)
+            fill = LockFile.take(self._fill_lock(sha), exclusive=True, wait=False)
             if fill is None:
                 continue  # a download is running
             with contextlib.suppress(FileNotFoundError):

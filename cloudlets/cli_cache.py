@@ -1,4 +1,5 @@
-"""``cloudlets cache list | verify | prune``: inspect and maintain the tarball cache.
+"""``cloudlets cache list | verify | prune``: inspect and maintain the tarball
+cache and the cache of base filesystems beside it (``<cache-dir>/bases``).
 
 Wired into the main parser by :func:`add_cache_parser`; each subcommand's
 handler takes ``(args, out)`` and returns the exit code.
@@ -10,11 +11,14 @@ import argparse
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from cloudlets.cache import TarballCache, default_cache_dir
 from cloudlets.cli_output import print_json
 from cloudlets.progress import format_bytes, terminal_progress
+
+if TYPE_CHECKING:
+    from cloudlets.disk.basecache import BaseCache
 
 __all__ = ["EXIT_CORRUPT", "add_cache_parser", "parse_size"]
 
@@ -49,11 +53,11 @@ def add_cache_parser(subparsers: Any) -> None:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output")
     cache = subparsers.add_parser("cache", parents=[common], help="inspect and maintain the "
-                                  "tarball cache")
+                                  "tarball cache and the base filesystems")
     actions = cache.add_subparsers(dest="cache_command", metavar="ACTION")
     actions.required = True
-    listing = actions.add_parser("list", parents=[common], help="list cached tarballs, "
-                                 "least recently used first")
+    listing = actions.add_parser("list", parents=[common], help="list cached tarballs and "
+                                 "base filesystems, least recently used first")
     listing.set_defaults(handler=cmd_list)
     verify = actions.add_parser("verify", parents=[common], help="re-hash every cached "
                                 "tarball and evict corrupted ones")
@@ -63,9 +67,13 @@ def add_cache_parser(subparsers: Any) -> None:
     prune = actions.add_parser("prune", parents=[common], help="remove leftovers and evict "
                                "least recently used tarballs not in use")
     prune.add_argument("--max-bytes", type=parse_size, default=None, metavar="SIZE",
-                       help="keep at most SIZE bytes (500M, 10GiB); without it, only "
-                            "leftovers of interrupted downloads are removed; 0 empties "
-                            "the cache except entries in use")
+                       help="keep at most SIZE bytes of tarballs (500M, 10GiB); without "
+                            "it, only leftovers of interrupted downloads are removed; 0 "
+                            "empties the cache except entries in use")
+    prune.add_argument("--bases-max-bytes", type=parse_size, default=None, metavar="SIZE",
+                       help="keep at most SIZE bytes on disk of base filesystems; without "
+                            "it, only leftovers of interrupted renders are removed; 0 "
+                            "removes every base not in use by a render")
     prune.set_defaults(handler=cmd_prune)
 
 
@@ -74,15 +82,24 @@ def _cache(args: argparse.Namespace) -> TarballCache:
     return TarballCache(root)
 
 
+def _bases(cache: TarballCache) -> BaseCache:
+    from cloudlets.disk.basecache import BaseCache  # the disk stage's imports: only when used
+
+    return BaseCache(cache.root / "bases")
+
+
 def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     """``cloudlets cache list``. :returns: the exit code."""
     cache = _cache(args)
     entries = cache.list()
+    bases = _bases(cache).list()
     if getattr(args, "json", False):
         print_json(out, {"cache_dir": str(cache.root), "entries": [e.to_dict() for e in entries],
-                    "total_bytes": sum(e.size for e in entries)})
+                    "total_bytes": sum(e.size for e in entries),
+                    "bases": [b.to_dict() for b in bases],
+                    "bases_total_bytes": sum(b.size for b in bases)})
         return 0
-    if not entries:
+    if not entries and not bases:
         out.write(f"{cache.root}: empty\n")
         return 0
     for e in entries:
@@ -93,6 +110,14 @@ def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
                   f"{e.source_url or '?'}{via}\n")
     total = sum(e.size for e in entries)
     out.write(f"{len(entries)} tarballs, {format_bytes(total)} in {cache.root}\n")
+    for b in bases:
+        used = datetime.fromtimestamp(b.last_used, UTC).strftime("%Y-%m-%d %H:%M")
+        flag = " in use" if b.in_use else ""
+        out.write(f"base {b.key[:16]}  {format_bytes(b.size):>10}  used {used}{flag}  "
+                  f"({format_bytes(b.apparent_size)} filesystem)\n")
+    if bases:
+        out.write(f"{len(bases)} base filesystems, {format_bytes(sum(b.size for b in bases))} "
+                  f"on disk in {cache.root / 'bases'}\n")
     return 0
 
 
@@ -120,12 +145,23 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     cache = _cache(args)
     removed = cache.prune(args.max_bytes)
     remaining = cache.total_bytes()
+    bases = _bases(cache)
+    removed_bases = bases.prune(getattr(args, "bases_max_bytes", None))
+    bases_remaining = bases.total_bytes()
     if getattr(args, "json", False):
         print_json(out, {"cache_dir": str(cache.root), "removed": [e.to_dict() for e in removed],
-                    "freed_bytes": sum(e.size for e in removed), "remaining_bytes": remaining})
+                    "freed_bytes": sum(e.size for e in removed), "remaining_bytes": remaining,
+                    "removed_bases": [b.to_dict() for b in removed_bases],
+                    "bases_freed_bytes": sum(b.size for b in removed_bases),
+                    "bases_remaining_bytes": bases_remaining})
         return 0
     for e in removed:
         out.write(f"evicted {e.sha256[:16]}  {format_bytes(e.size)}\n")
     out.write(f"freed {format_bytes(sum(e.size for e in removed))}, "
               f"{format_bytes(remaining)} remain in {cache.root}\n")
+    for b in removed_bases:
+        out.write(f"evicted base {b.key[:16]}  {format_bytes(b.size)}\n")
+    if removed_bases or bases_remaining:
+        out.write(f"freed {format_bytes(sum(b.size for b in removed_bases))} of base "
+                  f"filesystems, {format_bytes(bases_remaining)} remain in {bases.root}\n")
     return 0

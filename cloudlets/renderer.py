@@ -18,12 +18,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloudlets.cache import TarballCache
+from cloudlets.cachelocks import DEFAULT_BASE_CACHE_MAX_BYTES
 from cloudlets.catalog.leases import process_alive, process_token
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import (
@@ -93,6 +94,8 @@ class _Run:
     progress: ProgressCallback | None
     overwrite: bool
     mirrors: MirrorRules
+    #: what the render holds until it ends (the lease on its base filesystem)
+    held: ExitStack
     timings: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -126,6 +129,10 @@ class Renderer:
         :data:`DEFAULT_MAX_IMAGE_BYTES`); a larger one is refused before
         anything is fetched.
     :param ex_cache_max_bytes: bound the tarball cache (LRU eviction).
+    :param ex_base_cache_max_bytes: bound the cache of base filesystems
+        (``<cache_dir>/bases``; bytes on disk, LRU eviction, a base in use
+        by a render is never evicted); ``None``: no bound. Default
+        :data:`~cloudlets.cachelocks.DEFAULT_BASE_CACHE_MAX_BYTES` (10 GiB).
     :param ex_fetcher: the downloader (timeouts, retries, URL policy); by
         default one whose policy allows http and https, ``file`` only with
         ``ex_allow_file_urls``, and internal addresses only through
@@ -152,6 +159,7 @@ class Renderer:
                  ex_source_date_epoch: int | None = None,
                  ex_archive_policy: ArchivePolicy | None = None,
                  ex_cache_max_bytes: int | None = None,
+                 ex_base_cache_max_bytes: int | None = DEFAULT_BASE_CACHE_MAX_BYTES,
                  ex_fetcher: Fetcher | None = None,
                  ex_template_limits: TemplateLimits | None = None,
                  ex_max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
@@ -168,6 +176,11 @@ class Renderer:
         self.allow_file_urls = ex_allow_file_urls
         self.archive_policy = ex_archive_policy or ArchivePolicy()
         self.cache_max_bytes = ex_cache_max_bytes
+        for name, bound in (("ex_cache_max_bytes", ex_cache_max_bytes),
+                            ("ex_base_cache_max_bytes", ex_base_cache_max_bytes)):
+            if bound is not None and bound < 0:
+                raise ConfigurationError(f"Renderer: {name} must not be negative, not {bound}")
+        self.base_cache_max_bytes = ex_base_cache_max_bytes
         self.template_limits = ex_template_limits
         if ex_fetcher is not None and ex_allow_hosts:
             raise ConfigurationError("Renderer: give ex_allow_hosts or ex_fetcher, not both "
@@ -304,10 +317,10 @@ class Renderer:
             provenance = plan.provenance_location(primary) if job.provenance_key else None
             checked = [*plan.locations([primary]), *([provenance] if provenance else [])]
             _refuse_existing(store, checked)
-        with self._workdir() as workdir:
+        with self._workdir() as workdir, ExitStack() as held:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
                        output=job.output, workdir=workdir, progress=progress,
-                       overwrite=overwrite, mirrors=job.mirrors)
+                       overwrite=overwrite, mirrors=job.mirrors, held=held)
             if job.signer is not None:
                 run.details["signature"] = job.signer.to_dict()
             run.timings["prepare"] = job.prepared_in + time.monotonic() - started
@@ -430,7 +443,10 @@ class Renderer:
                       source_date_epoch=self.source_date_epoch,
                       archive_policy=self._archive_policy(manifest),
                       tree=bool(caps & FormatCapability.NEEDS_TREE),
-                      compose=bool(caps & FormatCapability.COMPOSED_DISK)) as plan:
+                      compose=bool(caps & FormatCapability.COMPOSED_DISK),
+                      base_cache_max_bytes=self.base_cache_max_bytes,
+                      # the base is read until the disk's pieces are converted
+                      hold=run.held) as plan:
             tree = plan.cached_tree()
             if tree is not None:
                 run.details["tarball"] = {"read": False, "reason": "base filesystem cached"}

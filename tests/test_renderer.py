@@ -565,7 +565,9 @@ def test_a_streamed_tree_that_does_not_fit_is_named_and_leaves_nothing(
         renderer.render(cloudlet(files, dirs=("var/lib",), boot=STREAMED_BOOT),
                         str(tmp_path / "out") + "/", "local", "raw", CONFIG)
     assert not (tmp_path / "out").exists()
-    assert list((tmp_path / "cache" / "bases").iterdir()) == []
+    bases = tmp_path / "cache" / "bases"
+    assert [path.name for path in bases.iterdir()] == ["locks"]  # no base, no partial
+    assert {path.suffix for path in (bases / "locks").iterdir()} <= {".use", ".fill"}
     assert list((tmp_path / "work").iterdir()) == []
 
 

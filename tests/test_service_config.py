@@ -282,3 +282,24 @@ colour = 1
     assert paths == ["queue.colour", "queue.backend", "queue.broker_url", "queue.max_attempts"]
     with pytest.raises(ServiceConfigError, match="needs the Redis broker"):
         ServiceConfig.load(write(tmp_path, QUEUE_BASE + '[queue]\nbackend = "celery"\n'))
+
+
+def test_the_cache_bounds_reach_the_renderer(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudlets.cachelocks import DEFAULT_BASE_CACHE_MAX_BYTES
+    from cloudlets.service.jobs import renderer_for
+
+    monkeypatch.setenv("CLOUDLETS_TOKEN_DEMO", SECRET)
+    base = "[service]\ndata_dir = \"state\"\n[targets.local]\ndriver = \"local\"\n" \
+           "root = \"images\"\n[tenants.demo]\ntoken_env = \"CLOUDLETS_TOKEN_DEMO\"\n"
+    config = ServiceConfig.load(write(tmp_path, base))
+    assert (config.cache_max_bytes, config.base_cache_max_bytes) == \
+        (None, DEFAULT_BASE_CACHE_MAX_BYTES)
+    config = ServiceConfig.load(write(tmp_path, base.replace(
+        "[targets", "cache_max_bytes = 1000\nbase_cache_max_bytes = 0\n[targets", 1)))
+    renderer = renderer_for(config, config.fetch)
+    assert (renderer.cache_max_bytes, renderer.base_cache_max_bytes) == (1000, 0)
+    with pytest.raises(ServiceConfigError) as refused:
+        ServiceConfig.load(write(tmp_path, base.replace(
+            "[targets", "base_cache_max_bytes = -1\n[targets", 1)))
+    assert {p for p, _ in refused.value.problems} == {"service.base_cache_max_bytes"}

@@ -44,6 +44,7 @@ __all__ = [
     "ESP_SIZE",
     "BaseStream",
     "base_cached",
+    "base_key",
     "base_paths",
     "base_sidecar",
     "build_disk",
@@ -459,6 +460,13 @@ def base_cached(boot: BootSpec, *, seed: str, tree_digest: str,
     would make for these inputs (it then needs no tree tar)."""
     key = _base_key(tree_digest, boot, seed, source_date_epoch)
     return _cache_lookup(base_cache, key) is not None
+
+
+def base_key(boot: BootSpec, *, seed: str, tree_digest: str,
+             source_date_epoch: int | None, base_cache: Path) -> str:
+    """The name of the base filesystem :func:`build_disk` would make for
+    these inputs in ``base_cache`` (the cache's locks are named after it)."""
+    return _base_key(tree_digest, boot, seed, source_date_epoch)
 
 
 def base_paths(boot: BootSpec, *, seed: str, tree_digest: str,

@@ -24,20 +24,33 @@ get the rendered tree's tar from the same plan.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import hashlib
 import io
+import logging
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from cloudlets.cachelocks import (
+    DEFAULT_BASE_CACHE_MAX_BYTES,
+    LockFile,
+    evict_lru,
+    evict_unused,
+    in_use,
+    last_used,
+)
 from cloudlets.disk import ext4
-from cloudlets.disk.assemble import BaseStream, base_cached, base_paths, build_disk
+from cloudlets.disk.assemble import BaseStream, base_cached, base_key, base_paths, build_disk
 from cloudlets.disk.spec import BootSpec
 from cloudlets.drivers.base import DiskImage
-from cloudlets.errors import CloudletsError
+from cloudlets.errors import CacheError, CloudletsError
 from cloudlets.progress import StageMeter
 
 if TYPE_CHECKING:
@@ -46,11 +59,204 @@ if TYPE_CHECKING:
     from cloudlets.progress import ProgressCallback
     from cloudlets.rootfs import ArchivePolicy, RootTree
 
-__all__ = ["BASE_FORMAT", "DiskPlan", "boot_spec"]
+__all__ = ["BASE_FORMAT", "DEFAULT_BASE_CACHE_MAX_BYTES", "BaseCache", "BaseEntryInfo",
+           "DiskPlan", "boot_spec"]
+
+log = logging.getLogger(__name__)
 
 #: Bump when the base tree a render builds from the same inputs changes, so
 #: cached base filesystems from older versions are not reused.
 BASE_FORMAT = "cloudlets-base-1"
+
+#: ``<key>.ext4`` and the files beside it (``<key>.*``): its facts
+#: (``.json``), the tree's index (``.tree.json``), its metadata image
+#: (``.metadata``), format drivers' sidecars
+#: (:func:`~cloudlets.disk.assemble.base_sidecar`: VMDK's compressed grains),
+#: and files being written (``.partial-...`` in the name).
+_ENTRY_FILE = re.compile(r"(?P<key>[0-9a-f]{64})\.(?P<rest>.+)")
+
+
+@dataclass(frozen=True)
+class BaseEntryInfo:
+    """One cached base filesystem, as listed by :meth:`BaseCache.list`.
+
+    :ivar key: its name (a digest of the inputs that made it).
+    :ivar size: the bytes it and the files beside it take on disk.
+    :ivar apparent_size: the root filesystem's size (the base is sparse).
+    :ivar path: the base filesystem.
+    :ivar built_at: when it was built (seconds since the epoch).
+    :ivar last_used: when a render last used it (seconds since the epoch).
+    :ivar in_use: whether a render holds it right now.
+    """
+
+    key: str
+    size: int
+    apparent_size: int
+    path: Path
+    built_at: float
+    last_used: float
+    in_use: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """:returns: a JSON-ready dict."""
+        return {"key": self.key, "size": self.size, "apparent_size": self.apparent_size,
+                "path": str(self.path),
+                "built_at": datetime.fromtimestamp(self.built_at, UTC).isoformat(),
+                "last_used": datetime.fromtimestamp(self.last_used, UTC).isoformat(),
+                "in_use": self.in_use}
+
+
+class BaseCache:
+    """The cache of base filesystems under ``root`` (``<cache>/bases``):
+    bounded, least recently used evicted first, as the tarball cache is
+    (:mod:`cloudlets.cachelocks` holds what they share).
+
+    A render holds a :meth:`lease` on its base from before it looks it up
+    until its disk has been converted (a composed disk reads the base as one
+    of its pieces): a base in use is never evicted. A render that does not
+    find its base takes :meth:`building` before it reads the tarball, so
+    that concurrent renders of one cloudlet, threads or processes, build it
+    once: the others wait, then find it cached.
+
+    Layout under ``root``: ``<key>.ext4`` and its sidecars,
+    ``locks/<key>.use``, ``locks/<key>.fill``, ``prune.lock``.
+
+    :param root: the directory (created when needed).
+    :param max_bytes: after a base is built, evict least recently used bases
+        not in use until the cache takes at most this many bytes on disk
+        (``None``: no bound).
+    :raises CacheError: ``max_bytes`` is negative.
+    """
+
+    def __init__(self, root: str | Path, *,
+                 max_bytes: int | None = DEFAULT_BASE_CACHE_MAX_BYTES) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise CacheError(f"the base cache's max_bytes must not be negative, not {max_bytes}")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+
+    def lease(self, key: str) -> LockFile:
+        """Hold the base ``key`` (which need not exist yet) against
+        eviction, and record its use; release the lock when done.
+
+        :raises CacheError: the cache directory is unusable.
+        """
+        self._make_dirs()
+        return LockFile.use(self._lock(key, "use"))
+
+    def building(self, key: str) -> LockFile:
+        """Wait until nobody else builds the base ``key``, then hold it
+        until released: build it, unless it is cached by then.
+
+        :raises CacheError: the cache directory is unusable.
+        """
+        self._make_dirs()
+        lock = LockFile.take(self._lock(key, "fill"), exclusive=True)
+        assert lock is not None
+        return lock
+
+    def list(self) -> builtins.list[BaseEntryInfo]:
+        """:returns: every cached base, least recently used first."""
+        infos = []
+        for key, files in self._entries().items():
+            image = self.root / f"{key}.ext4"
+            if image not in files:
+                continue
+            try:
+                st = image.stat()
+            except FileNotFoundError:
+                continue
+            infos.append(BaseEntryInfo(
+                key=key, size=sum(_disk_bytes(path) for path in files),
+                apparent_size=st.st_size, path=image, built_at=st.st_mtime,
+                last_used=last_used(self._lock(key, "use"), st.st_mtime),
+                in_use=in_use(self._lock(key, "use"))))
+        infos.sort(key=lambda info: (info.last_used, info.key))
+        return infos
+
+    def total_bytes(self) -> int:
+        """:returns: the bytes the cached bases take on disk."""
+        return sum(info.size for info in self.list())
+
+    def prune(self, max_bytes: int | None = None) -> builtins.list[BaseEntryInfo]:
+        """Remove what renders that died left behind, then evict least
+        recently used bases not in use until at most ``max_bytes`` remain.
+
+        :param max_bytes: the bound; the cache's ``max_bytes`` by default.
+            With neither, only leftovers are removed.
+        :returns: the bases evicted.
+        """
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        if not self.root.is_dir():
+            return []
+        self._make_dirs()
+        guard = LockFile.take(self.root / "prune.lock", exclusive=True)
+        assert guard is not None
+        try:
+            self._remove_leftovers()
+            if limit is None:
+                return []
+            removed, total = evict_lru(self.list(), limit, size=lambda info: info.size,
+                                       evict=lambda info: self._evict(info.key))
+            for info in removed:
+                log.info("evicted base filesystem %s (%d bytes on disk)", info.key, info.size)
+            if total > limit:
+                log.info("the base cache takes %d bytes, above its %d-byte bound: the rest "
+                         "is in use", total, limit)
+            return removed
+        finally:
+            guard.release()
+
+    # -- private helpers ----------------------------------------------------
+
+    def _lock(self, key: str, kind: str) -> Path:
+        return self.root / "locks" / f"{key}.{kind}"
+
+    def _make_dirs(self) -> None:
+        try:
+            (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create the base cache {self.root}: "
+                             f"{exc.strerror}") from None
+
+    def _entries(self) -> dict[str, builtins.list[Path]]:
+        """Every file of the cache's entries, by key."""
+        found: dict[str, builtins.list[Path]] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for path in sorted(self.root.iterdir()):
+                match = _ENTRY_FILE.fullmatch(path.name)
+                if match is not None and path.is_file():
+                    found.setdefault(match["key"], []).append(path)
+        return found
+
+    def _evict(self, key: str) -> bool:
+        files = self._entries().get(key, [])
+        return evict_unused(self._lock(key, "use"), self._lock(key, "fill"),
+                            lambda: _unlink(files))
+
+    def _remove_leftovers(self) -> None:
+        """Files being written by a render that died, and sidecars of a base
+        that is gone, when nobody holds their base."""
+        for key, files in self._entries().items():
+            image = self.root / f"{key}.ext4"
+            stale = [path for path in files if ".partial-" in path.name
+                     or image not in files]
+            if stale and evict_unused(self._lock(key, "use"), self._lock(key, "fill"),
+                                      functools.partial(_unlink, stale),
+                                      remove_locks=image not in files):
+                log.info("removed leftovers of base filesystem %s", key)
+
+
+def _disk_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def _unlink(paths: builtins.list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def boot_spec(manifest: Manifest) -> BootSpec:
@@ -83,12 +289,19 @@ class DiskPlan:
     :param tree: the format ships the rendered tree (its tar), not a disk.
     :param compose: the format reads the disk as pieces
         (:attr:`~cloudlets.drivers.types.FormatCapability.COMPOSED_DISK`).
+    :param base_cache_max_bytes: the bound of the base cache
+        (:class:`BaseCache`), applied after this plan built a base.
+    :param hold: where the lease on the base goes (the render's exit stack,
+        so that the base stays until the disk's pieces were converted);
+        default: released when the plan exits.
     :ivar stage: the last stage's name: ``"disk"``, or ``"tree"``.
     """
 
     def __init__(self, manifest: Manifest, *, base_cache: Path, workdir: Path,
                  source_date_epoch: int | None, archive_policy: ArchivePolicy,
-                 tree: bool, compose: bool) -> None:
+                 tree: bool, compose: bool,
+                 base_cache_max_bytes: int | None = DEFAULT_BASE_CACHE_MAX_BYTES,
+                 hold: contextlib.ExitStack | None = None) -> None:
         fs = manifest.filesystem
         assert fs is not None  # Manifest.require_renderable() checked
         self._manifest = manifest
@@ -108,32 +321,44 @@ class DiskPlan:
         self._meter = StageMeter(None, "rootfs", 0)
         self._streamed = False
         self._from_index = False
+        self._bases = BaseCache(base_cache, max_bytes=base_cache_max_bytes)
+        self._held = contextlib.ExitStack()
+        self._building: LockFile | None = None
+        self._key: str | None = None
+        if self._boot is not None:
+            self._key = base_key(self._boot, **self._lookup())
+            lease = self._bases.lease(self._key)  # before the lookup: not evicted under us
+            (hold if hold is not None else self._held).callback(lease.release)
 
     def __enter__(self) -> DiskPlan:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        if self._stream is not None:
-            self._stream.abort()
+        try:
+            if self._stream is not None:
+                self._stream.abort()
+        finally:
+            self._built()
+            self._held.close()
 
     def cached_tree(self) -> RootTree | None:
         """The tree of a re-render, from the cached base and the tree's index.
+        While another render builds the same base, wait for it and use it.
 
         :returns: the tree, or ``None`` when the tarball must be read
-            (:meth:`read`).
+            (:meth:`read`); this plan then builds the base, and the renders
+            of the same cloudlet that start meanwhile wait for it.
         """
-        from cloudlets.rootfs import RootTree
-
-        if self._boot is None or not base_cached(self._boot, **self._lookup()):
+        if self._key is None:
             return None
-        base_image, index = base_paths(self._boot, **self._lookup())
-        with contextlib.suppress(ValueError):  # a damaged index: read the tarball
-            tree = RootTree.from_index(index, functools.partial(ext4.read_file, base_image),
-                                       workdir=self._workdir)
-            self._from_index = True
-            return tree
-        return None
+        tree = self._tree_from_index()
+        if tree is None and self._building is None:
+            self._building = self._bases.building(self._key)
+            tree = self._tree_from_index()  # built while we waited
+            if tree is not None:
+                self._built()
+        return tree
 
     def read(self, entry: CacheEntry, progress: ProgressCallback | None = None) -> RootTree:
         """Read the tree from the tarball ``entry``, while it may still be
@@ -148,6 +373,8 @@ class DiskPlan:
         """
         self._meter = StageMeter(progress if entry.hit else None, "rootfs",
                                  entry.path.stat().st_size if entry.hit else 0)
+        if self._key is not None and self._building is None:
+            self._building = self._bases.building(self._key)
         tree = self._read(entry)
         self._meter.finish()
         return tree
@@ -239,6 +466,9 @@ class DiskPlan:
             base_tar.unlink()
         if not self._from_index:
             tree.write_index(base_paths(self._boot, **self._lookup())[1])  # for a re-render
+        if self._building is not None:  # a base built now: the cache's bound applies
+            self._built()
+            self._bases.prune()
         meter.finish()
         # a base this render streamed was built now, not found in the cache
         return image.for_formats(details={**image.record(),
@@ -246,6 +476,26 @@ class DiskPlan:
                                           and not self._streamed})
 
     # -- private helpers ----------------------------------------------------
+
+    def _tree_from_index(self) -> RootTree | None:
+        from cloudlets.rootfs import RootTree
+
+        if self._boot is None or not base_cached(self._boot, **self._lookup()):
+            return None
+        base_image, index = base_paths(self._boot, **self._lookup())
+        # a damaged or missing index: read the tarball
+        with contextlib.suppress(ValueError, FileNotFoundError):
+            tree = RootTree.from_index(index, functools.partial(ext4.read_file, base_image),
+                                       workdir=self._workdir)
+            self._from_index = True
+            return tree
+        return None
+
+    def _built(self) -> None:
+        """Let the renders waiting for this plan's base go on."""
+        if self._building is not None:
+            self._building.release()
+            self._building = None
 
     def _root_bytes(self, tree: RootTree, data: int) -> int:
         """The root filesystem's size, as the disk stage plans its progress:

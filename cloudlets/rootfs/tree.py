@@ -314,26 +314,29 @@ class RootTree:
 
         :param dest: the file to write (replaced atomically).
         """
-        origins: dict[int, str] = {}
-        rows = []
-        for path, entry in self._entries.items():
-            inode = entry.inode
-            if inode is entry:
-                origins[id(entry)] = path
-        for path, entry in self._entries.items():
-            origin = origins.get(id(entry.inode)) if entry.inode is not entry else None
-            rows.append([path, entry.type.value, entry.mode, entry.uid, entry.gid,
-                         entry.mtime, entry.size, entry.linkname, entry.devmajor,
-                         entry.devminor, origin])
-        document = {"format": self.INDEX_FORMAT, "entries": rows,
-                    "persistent": self.persistent, "dropped": self.dropped,
-                    "notes": self.notes, "compression": self.compression.value,
-                    "stream_bytes": self.stream_bytes}
+        # Written row by row: a list of every row and the whole document as
+        # one string would cost some 350 bytes per entry at the peak.
+        linked = {id(entry.inode) for entry in self._entries.values()
+                  if entry.inode is not entry}
+        origins = {id(entry): path for path, entry in self._entries.items()
+                   if id(entry) in linked}
+        compact = json.JSONEncoder(separators=(",", ":")).encode
         dest = Path(dest)
         partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}-{id(self):x}")
         try:
-            partial.write_text(json.dumps(document, separators=(",", ":")),
-                               encoding="utf-8", errors="surrogateescape")
+            with open(partial, "w", encoding="utf-8", errors="surrogateescape") as out:
+                out.write(f'{{"format":{self.INDEX_FORMAT},"entries":[')
+                for number, (path, entry) in enumerate(self._entries.items()):
+                    origin = origins.get(id(entry.inode)) if entry.inode is not entry \
+                        else None
+                    out.write(("," if number else "") + compact(
+                        [path, entry.type.value, entry.mode, entry.uid, entry.gid,
+                         entry.mtime, entry.size, entry.linkname, entry.devmajor,
+                         entry.devminor, origin]))
+                rest = compact({"persistent": self.persistent, "dropped": self.dropped,
+                                "notes": self.notes, "compression": self.compression.value,
+                                "stream_bytes": self.stream_bytes})
+                out.write("]," + rest[1:])
             os.replace(partial, dest)
         finally:
             partial.unlink(missing_ok=True)
@@ -356,13 +359,20 @@ class RootTree:
                 raise ValueError(f"index format {document.get('format')!r}")
             persistent = document["persistent"]
             entries: dict[str, Entry] = {}
-            for (path, kind, mode, uid, gid, mtime, size, linkname, major, minor,
-                 _origin) in document["entries"]:
+            links: list[tuple[str, str]] = []
+            # each row is freed once it is an entry: the rows and the entries
+            # are not all in memory at once
+            rows = document.pop("entries")
+            rows.reverse()
+            while rows:
+                (path, kind, mode, uid, gid, mtime, size, linkname, major, minor,
+                 origin) = rows.pop()
                 entries[path] = Entry(path, EntryType(kind), mode, uid, gid, mtime, size,
                                       linkname, major, minor)
-            for path, *_, origin in document["entries"]:
                 if origin is not None:
-                    entries[path]._origin = entries[origin]
+                    links.append((path, origin))
+            for path, origin in links:
+                entries[path]._origin = entries[origin]
             spool = tempfile.TemporaryFile(dir=workdir)  # noqa: SIM115 - owned by the tree
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot read the tree index {source}: {exc}") from None

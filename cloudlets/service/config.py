@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloudlets.cachelocks import DEFAULT_BASE_CACHE_MAX_BYTES
 from cloudlets.config import Presets
 from cloudlets.drivers.base import FormatDriver, StorageDriver
 from cloudlets.drivers.providers import list_drivers, make_driver
@@ -237,6 +238,9 @@ class ServiceConfig:
     :ivar listen: ``(host, port)``.
     :ivar data_dir: the catalog, the service's records, work files.
     :ivar cache_dir: the tarball cache (default ``<data_dir>/cache``).
+    :ivar cache_max_bytes: the tarball cache's bound (``None``: none).
+    :ivar base_cache_max_bytes: the bound of the base filesystems under
+        ``<cache_dir>/bases``, in bytes on disk.
     :ivar workers: renders run at once.
     :ivar shutdown_grace: seconds renders in flight get to finish on SIGTERM.
     :ivar formats: the formats offered, by name.
@@ -276,6 +280,8 @@ class ServiceConfig:
     trust: TrustPolicy | None = None
     provenance_key: ProvenanceKey | None = None
     render_workers: str = "processes"
+    cache_max_bytes: int | None = None
+    base_cache_max_bytes: int | None = DEFAULT_BASE_CACHE_MAX_BYTES
 
     @classmethod
     def load(cls, path: str | Path, *, listen: str | None = None) -> ServiceConfig:
@@ -351,7 +357,8 @@ class _Reader:
             self.problem(key, f"unknown section (known: {', '.join(sorted(_SECTIONS))})")
         service = self.table("service")
         self.unknown(service, "service", {"listen", "data_dir", "cache_dir", "workers",
-                                          "render_workers", "shutdown_grace", "formats"})
+                                          "render_workers", "shutdown_grace", "formats",
+                                          "cache_max_bytes", "base_cache_max_bytes"})
         listen = self.listen(service)
         data_dir = self.path(service, "data_dir", "state")
         cache_dir = self.path(service, "cache_dir", None) if "cache_dir" in service \
@@ -362,6 +369,11 @@ class _Reader:
         if render_workers not in RENDER_WORKERS:
             self.problem("service.render_workers",
                          f"must be one of {', '.join(map(repr, RENDER_WORKERS))}")
+        bounds = {key: int(self.number(service, "service", key, 0, int, 0, 2**62))
+                  if key in service else None
+                  for key in ("cache_max_bytes", "base_cache_max_bytes")}
+        if bounds["base_cache_max_bytes"] is None:
+            bounds["base_cache_max_bytes"] = DEFAULT_BASE_CACHE_MAX_BYTES
         limits = self.limits()
         formats = self.formats(service)
         targets = self.targets()
@@ -383,7 +395,9 @@ class _Reader:
             workers=int(workers), shutdown_grace=float(grace), formats=formats,
             targets=targets, tenants=tenants, presets=presets, mirrors=mirrors, fetch=fetch,
             limits=limits, secrets=frozenset(self.secrets), queue=queue, trust=trust,
-            provenance_key=provenance_key, render_workers=str(render_workers))
+            provenance_key=provenance_key, render_workers=str(render_workers),
+            cache_max_bytes=bounds["cache_max_bytes"],
+            base_cache_max_bytes=bounds["base_cache_max_bytes"])
 
     def trust(self, table: Mapping[str, Any], where: str) -> TrustPolicy | None:
         """A trust policy from ``allowed_signers`` (an OpenSSH file),

@@ -362,7 +362,9 @@ def renderer_for(config: ServiceConfig, fetch: FetchSettings) -> Renderer:
                       connect_timeout=fetch.connect_timeout, read_timeout=fetch.read_timeout)
     return Renderer(cache_dir=config.cache_dir, presets=config.presets,
                     mirrors=list(config.mirrors), data_dir=config.data_dir,
-                    work_dir=config.data_dir / "work", ex_fetcher=fetcher)
+                    work_dir=config.data_dir / "work", ex_fetcher=fetcher,
+                    ex_cache_max_bytes=config.cache_max_bytes,
+                    ex_base_cache_max_bytes=config.base_cache_max_bytes)
 
 
 def _host(entry: str) -> str:
