@@ -13,12 +13,14 @@ The areas, each the ``main(argv)`` of its own module, in this order:
 * ``service`` (bench_service.py): ``cloudlets serve`` under concurrent
   creates against a plain loop of renders;
 * ``queue`` (bench_queue.py): the embedded pool against Celery workers;
-* ``vmdk`` (bench_vmdk.py, when the module exists): the native
-  streamOptimized VMDK against ``qemu-img convert``.
+* ``vmdk`` (bench_vmdk.py): the native streamOptimized VMDK (cold, from
+  cached grains, a whole OVA re-render) against ``qemu-img convert``;
+* ``memory`` (bench_memory.py): the peak RSS of a cold render and a
+  re-render of a 4 GiB image of 60,000 files, each in a fresh process.
 
 Each area runs in a child process of its own; one whose tools or module are
 missing, or that fails, is skipped with the reason. An area without an
-entry below (``vmdk``) gets its defaults, and with ``--quick`` its module's
+entry in :func:`area_argv` gets its defaults, and with ``--quick`` its module's
 ``QUICK_ARGV`` list (skipped without one). The
 table has one row per pipeline: best and median wall time, its ratio to the
 area's floor (the fastest pipeline of existing tools: ``floor`` for the
@@ -51,7 +53,7 @@ sys.path.insert(0, str(HERE))
 
 from benchtable import fmt_number, fmt_ratio, machine, rst_table, text_table  # noqa: E402
 
-AREAS = ("disk", "fetch", "upload", "service", "queue", "vmdk")
+AREAS = ("disk", "fetch", "upload", "service", "queue", "vmdk", "memory")
 HEADER = ["area", "pipeline", "best s", "median s", "x floor", "x baseline",
           "x virt-make-fs", "peak RSS MiB", "stages (best run) / notes"]
 
@@ -74,7 +76,11 @@ def area_argv(area: str, args: argparse.Namespace) -> list[str] | None:
     if area == "queue":
         return (["--renders", "4", "--concurrency", "2", "--payload-mib", "1",
                  "--sequential", "1"] if args.quick else [])
-    return None  # vmdk: its own QUICK_ARGV, or its defaults (see run_area)
+    if area == "memory":
+        return ["--files", "2000", "--image-gib", "1"] if args.quick else []
+    if area == "vmdk":
+        return ["--megabytes", "16", "--rounds", "1"] if args.quick else rounds
+    return None  # another area: its own QUICK_ARGV, or its defaults (see run_area)
 
 
 #: The child that runs one area: import its module, call main(argv), write the report.
@@ -189,6 +195,22 @@ def rows_of(area: str, report: dict[str, Any]) -> list[dict[str, Any]]:
         if "overhead_share" in report:
             rows.append(_row("queue", "celery overhead",
                              notes=f"{report['overhead_share']:.1%} of time to ready"))
+    elif area == "vmdk":
+        pipelines = report.get("pipelines", {})
+        floor = pipelines.get("qemu-img", {}).get("best")
+        for name, row in pipelines.items():
+            rows.append(_row("vmdk", name, row["best"], row["median"],
+                             {"floor": row["best"] / floor} if floor else {}, None,
+                             f"{row['size'] / 1e6:.1f} MB; floor: qemu-img convert "
+                             f"streamOptimized of the same {report['disk_bytes'] / 2**30:.0f} "
+                             f"GiB disk"))
+    elif area == "memory":
+        for run in report.get("runs", []):
+            rows.append(_row("memory", run["pipeline"], run["seconds"], None, None,
+                             max(run["rss_mib"], run["tools_rss_mib"]),
+                             f"{report['files']} files, {report['image_gib']} GiB image; "
+                             f"bound {report['max_rss_mib']} MiB: "
+                             f"{'ok' if report.get('ok') else 'EXCEEDED'}"))
     else:  # another area's own rows, when it gives them in this shape
         for row in report.get("rows", []):
             if isinstance(row, dict) and "pipeline" in row:

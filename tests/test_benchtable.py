@@ -117,8 +117,17 @@ def test_run_all_rows_carry_ratios_identity_and_notes(bench: dict[str, ModuleTyp
         "Fetcher.fetch": {"best_s": 0.6, "median_s": 0.7, "rss_mib": 40.0}}}
     ratio = {r["pipeline"]: r["ratios"]["floor"] for r in run_all.rows_of("fetch", fetch)}
     assert ratio == {"curl -o": 1.0, "Fetcher.fetch": pytest.approx(1.2)}
-    odd = run_all.rows_of("vmdk", {"something": 1})
+    odd = run_all.rows_of("other", {"something": 1})
     assert odd[0]["notes"] == "no rows in the table's shape: see JSON"
+    vmdk = {"disk_bytes": 2**30, "pipelines": {
+        "qemu-img": {"best": 12.0, "median": 13.0, "size": 110e6},
+        "native-raw": {"best": 2.0, "median": 2.5, "size": 122e6}}}
+    assert {r["pipeline"]: r["ratios"]["floor"] for r in run_all.rows_of("vmdk", vmdk)} == {
+        "qemu-img": 1.0, "native-raw": pytest.approx(1 / 6)}
+    memory = {"files": 60000, "image_gib": 4, "max_rss_mib": 200, "ok": False, "runs": [
+        {"pipeline": "render", "seconds": 4.0, "rss_mib": 90.0, "tools_rss_mib": 250.0}]}
+    [row] = run_all.rows_of("memory", memory)
+    assert row["rss_mib"] == 250.0 and row["notes"].endswith("EXCEEDED")
 
 
 def test_not_run_names_areas_and_pipelines_by_reason(bench: dict[str, ModuleType]) -> None:
