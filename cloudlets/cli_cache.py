@@ -10,11 +10,14 @@ import argparse
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from cloudlets.cache import TarballCache, default_cache_dir
 from cloudlets.cli_output import print_json
+from cloudlets.paths import default_cache_dir
 from cloudlets.progress import format_bytes, terminal_progress
+
+if TYPE_CHECKING:
+    from cloudlets.cache import TarballCache
 
 __all__ = ["EXIT_CORRUPT", "add_cache_parser", "parse_size"]
 
@@ -70,6 +73,8 @@ def add_cache_parser(subparsers: Any) -> None:
 
 
 def _cache(args: argparse.Namespace) -> TarballCache:
+    from cloudlets.cache import TarballCache  # not imported by the other commands
+
     root = getattr(args, "cache_dir", None) or default_cache_dir()
     return TarballCache(root)
 
