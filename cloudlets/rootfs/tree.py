@@ -356,13 +356,16 @@ class RootTree:
                 raise ValueError(f"index format {document.get('format')!r}")
             persistent = document["persistent"]
             entries: dict[str, Entry] = {}
+            links: list[tuple[str, str]] = []
+            kinds = _KINDS  # a re-render reads ~20,000 entries: no EntryType() calls
             for (path, kind, mode, uid, gid, mtime, size, linkname, major, minor,
-                 _origin) in document["entries"]:
-                entries[path] = Entry(path, EntryType(kind), mode, uid, gid, mtime, size,
+                 origin) in document["entries"]:
+                entries[path] = Entry(path, kinds[kind], mode, uid, gid, mtime, size,
                                       linkname, major, minor)
-            for path, *_, origin in document["entries"]:
                 if origin is not None:
-                    entries[path]._origin = entries[origin]
+                    links.append((path, origin))
+            for path, origin in links:
+                entries[path]._origin = entries[origin]
             spool = tempfile.TemporaryFile(dir=workdir)  # noqa: SIM115 - owned by the tree
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot read the tree index {source}: {exc}") from None
@@ -387,6 +390,10 @@ class RootTree:
 
     def __repr__(self) -> str:
         return f"<RootTree {len(self._entries)} entries, {self.total_size} bytes>"
+
+
+#: :class:`EntryType` by value, for reading an index.
+_KINDS = {kind.value: kind for kind in EntryType}
 
 
 def fill_parents(entries: dict[str, Entry], notes: list[str],
