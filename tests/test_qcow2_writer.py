@@ -5,6 +5,7 @@ storage takes the digest without reading the file again."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -250,6 +251,41 @@ def test_a_cached_base_keeps_its_map_beside_it_for_fresh_processes(
     assert reads
     _check(tmp_path / "changed.qcow2", base)
     assert sidecar.read_bytes() != good
+
+
+def test_the_writeback_of_the_whole_file_is_started_as_it_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer asks for the writeback of every byte it wrote, in order,
+    range after range (so the store's fsync finds the file written); a file
+    system that refuses the advice gets the same file."""
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as handle:
+        handle.write(os.urandom(40 * MiB))
+        handle.truncate(64 * MiB)
+    expected = write_qcow2([Piece(raw, 0, 64 * MiB)], tmp_path / "plain.qcow2")
+    monkeypatch.setattr(qcow2_writer, "WRITEBACK_BYTES", 8 * MiB)
+    calls: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        calls.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    target = tmp_path / "advised.qcow2"
+    assert write_qcow2([Piece(raw, 0, 64 * MiB)], target) == expected
+    assert len(calls) >= 5 and calls[0][0] == 0 and calls[-1][1] == 0  # the rest, to the end
+    for (offset, length), (following, _) in itertools.pairwise(calls):
+        assert length >= 8 * MiB and offset + length == following
+    assert calls[-1][0] <= target.stat().st_size
+
+    def refuse(fd: int, offset: int, length: int, advice: int) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    assert write_qcow2([Piece(raw, 0, 64 * MiB)], tmp_path / "refused.qcow2") == expected
+    assert _sha256(tmp_path / "refused.qcow2") == expected
 
 
 def test_progress_counts_the_file_as_it_is_written(tmp_path: Path) -> None:
