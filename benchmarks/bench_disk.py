@@ -31,7 +31,9 @@ Both also hold a kernel stand-in and two templates (``/etc/hostname`` and
   templated files patched in);
 * ``rerender-cli``: the same re-render through the command line,
   ``python -m cloudlets render --set hostname=... --set ip...``, timed from
-  the process's start (interpreter start and imports included);
+  the process's start (interpreter start and imports included; cloudlets'
+  bytecode compiled once into ``<workdir>/pycache``, as an installed
+  package's is, whatever ``PYTHONDONTWRITEBYTECODE`` says);
 * ``rerender-warm``: ``--warm-renders`` re-renders, each with a new hostname
   and IP, by one Renderer in one process that has rendered once before (as
   the service's): the best of them;
@@ -282,8 +284,12 @@ def rapidgzip_path() -> str | None:
 def _cli_render(manifest_path: Path, config: dict[str, Any], cache: Path, work: Path,
                 result: dict[str, Any]) -> None:
     """``python -m cloudlets render`` in a fresh process; stage timings into ``result``."""
+    # Compiled once, as an installed package is (a PYTHONDONTWRITEBYTECODE
+    # set in the bencher's environment would have every run compile
+    # cloudlets again: 0.2 s here), in the workdir, not the source tree.
     env = dict(os.environ, PYTHONPATH=str(ROOT), CLOUDLETS_HOME=str(work / "data"),
-               TMPDIR=str(work))
+               TMPDIR=str(work), PYTHONPYCACHEPREFIX=str(work.parent / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     argv = [sys.executable, "-m", "cloudlets", "render", str(manifest_path), "--json",
             "-f", "qcow2", "-o", str(work / "out") + "/", "--cache-dir", str(cache),
             "--allow-file-urls", "--no-catalog", "--progress", "none", *config_args(config)]

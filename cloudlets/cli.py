@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from cloudlets.catalog import ClaimState
-from cloudlets.catalog.records import INTERRUPTIONS
 from cloudlets.cli_output import EscapingWriter, print_artifacts, print_json
 from cloudlets.cli_sign import add_render_options, print_signing, render_signing
 from cloudlets.config import Presets, is_presets_document, load_config_file, set_dotted
@@ -59,7 +57,6 @@ from cloudlets.errors import (
     Terminated,
     UnsafeArchiveError,
 )
-from cloudlets.images import Images
 from cloudlets.jsondoc import JSONSyntaxError, parse_json_or_string
 from cloudlets.manifest import Manifest
 from cloudlets.renderer import Renderer
@@ -415,6 +412,10 @@ def _render_recorded(args: argparse.Namespace, renderer: Renderer, storage: Any,
     catalog. The same request rendered before is shown, not rendered again;
     the same request in flight in another process is waited for, up to
     ``--wait-timeout``, and claimed again if that process died."""
+    from cloudlets.catalog import ClaimState
+    from cloudlets.catalog.records import INTERRUPTIONS
+    from cloudlets.images import Images
+
     images = Images(renderer, args.catalog)
     for _ in range(2):
         claim = images.submit(args.manifest, args.output, storage, fmt, request,

@@ -13,11 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from cloudlets.cache import TarballCache, default_cache_dir
 from cloudlets.cli_output import print_json
+from cloudlets.paths import default_cache_dir
 from cloudlets.progress import format_bytes, terminal_progress
 
 if TYPE_CHECKING:
+    from cloudlets.cache import TarballCache
     from cloudlets.disk.basecache import BaseCache
 
 __all__ = ["EXIT_CORRUPT", "add_cache_parser", "parse_size"]
@@ -78,6 +79,8 @@ def add_cache_parser(subparsers: Any) -> None:
 
 
 def _cache(args: argparse.Namespace) -> TarballCache:
+    from cloudlets.cache import TarballCache  # not imported by the other commands
+
     root = getattr(args, "cache_dir", None) or default_cache_dir()
     return TarballCache(root)
 

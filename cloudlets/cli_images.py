@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from cloudlets.catalog import CatalogEntry, ImageCatalog, ImageStatus, default_catalog_path
 from cloudlets.cli_output import print_artifacts, print_json
 from cloudlets.errors import ImageNotFoundError
-from cloudlets.images import Images
+
+if TYPE_CHECKING:
+    from cloudlets.images import Images
 
 __all__ = ["add_images_parser"]
 
@@ -73,6 +75,7 @@ def _catalog(args: argparse.Namespace) -> ImageCatalog:
 
 
 def _images(args: argparse.Namespace) -> Images:
+    from cloudlets.images import Images
     from cloudlets.renderer import Renderer
 
     return Images(Renderer(), _catalog(args))

@@ -16,22 +16,17 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from cloudlets.cli_output import print_json
 from cloudlets.errors import ConfigError, Problem, SignatureError
 from cloudlets.manifest import Manifest
-from cloudlets.signing import (
-    NAMESPACE,
-    ProvenanceKey,
-    TrustPolicy,
-    load_private_key,
-    load_verify_key,
-    sign,
-    verify_artifact,
-)
-from cloudlets.signing.provenance import MAX_ENVELOPE_BYTES
-from cloudlets.signing.sshsig import fingerprint, public_key_blob, read_bounded
+
+if TYPE_CHECKING:
+    from cloudlets.signing import TrustPolicy
+
+# cloudlets.signing (and cryptography) is imported by the commands that use
+# it: a render that neither checks nor signs starts without it.
 
 __all__ = ["add_render_options", "add_sign_parsers", "print_signing", "render_signing"]
 
@@ -113,6 +108,8 @@ def render_signing(args: argparse.Namespace) -> dict[str, Any]:
         if args.allowed_signers is not None else None
     key = None
     if args.provenance_key is not None:
+        from cloudlets.signing import ProvenanceKey
+
         key = _with_passphrase(ProvenanceKey.load, args.provenance_key)
     return {"trust": trust, "provenance_key": key, "signature": args.signature}
 
@@ -131,6 +128,8 @@ def print_signing(out: TextIO, details: Mapping[str, Any]) -> None:
 
 
 def _policy(args: argparse.Namespace, *, require: bool) -> TrustPolicy:
+    from cloudlets.signing import TrustPolicy
+
     return TrustPolicy.from_files(args.allowed_signers, args.revoked,
                                   require_signature=require, identity=args.identity)
 
@@ -148,6 +147,9 @@ def _with_passphrase(loader: Callable[[Path, bytes | None], T], path: Path) -> T
 
 
 def _cmd_sign(args: argparse.Namespace, out: TextIO) -> int:
+    from cloudlets.signing import NAMESPACE, load_private_key, sign
+    from cloudlets.signing.sshsig import fingerprint, public_key_blob
+
     manifest = Manifest.load(args.manifest)  # only valid manifests are signed
     assert manifest.raw is not None  # read from a file
     key = _with_passphrase(load_private_key, args.key)
@@ -190,6 +192,10 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_verify_image(args: argparse.Namespace, out: TextIO) -> int:
+    from cloudlets.signing import load_verify_key, verify_artifact
+    from cloudlets.signing.provenance import MAX_ENVELOPE_BYTES
+    from cloudlets.signing.sshsig import read_bounded
+
     key = load_verify_key(args.key)
     envelope = read_bounded(args.provenance, MAX_ENVELOPE_BYTES, "provenance", "malformed")
     subject = verify_artifact(args.artifact, envelope, key, str(args.provenance))

@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cloudlets.cache import TarballCache
 from cloudlets.cachelocks import DEFAULT_BASE_CACHE_MAX_BYTES
-from cloudlets.catalog.leases import process_alive, process_token
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import (
     DiskImage,
@@ -52,12 +50,14 @@ from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.manifest import Manifest
 from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
+from cloudlets.processes import process_alive, process_token
 from cloudlets.progress import ProgressCallback, StageMeter
 from cloudlets.result import RenderResult, image_id_for, request_key
 from cloudlets.rootfs import ArchivePolicy
 from cloudlets.rootfs.policy import MAX_TIME
 
 if TYPE_CHECKING:
+    from cloudlets.cache import TarballCache
     from cloudlets.signing import ProvenanceKey, Signer, TrustPolicy
     from cloudlets.signing.trust import SignatureSource
     from cloudlets.templates import TemplateLimits
@@ -575,6 +575,8 @@ class Renderer:
                                      fetcher=self.fetcher)
 
     def _cache(self) -> TarballCache:
+        from cloudlets.cache import TarballCache
+
         return TarballCache(self.cache_dir, max_bytes=self.cache_max_bytes,
                             fetcher=self.fetcher)
 

@@ -5,6 +5,7 @@ storage takes the digest without reading the file again."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -194,6 +195,97 @@ def test_a_large_file_is_read_once_per_process_until_it_changes(
     write_qcow2(pieces, tmp_path / "cut.qcow2")
     assert 5 in reads
     _check(tmp_path / "cut.qcow2", raw)
+
+
+def test_a_cached_base_keeps_its_map_beside_it_for_fresh_processes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The map of a cached base filesystem is written beside it
+    (``<key>.qcow2-clusters``): a process that never read the base (its
+    memo empty) reads none of its clusters to decide the layout, and writes
+    the same bytes. A map of another version of the file, or a damaged one,
+    is not believed."""
+    size = qcow2_writer.MEMO_MIN_SIZE
+    key = "ab" * 32
+    base = tmp_path / f"{key}.ext4"
+    (tmp_path / f"{key}.json").write_text("{}")
+    with open(base, "wb") as handle:
+        handle.truncate(size)
+        handle.seek(3 * CLUSTER_SIZE)
+        handle.write(b"\x01" * CLUSTER_SIZE)
+        handle.seek(7 * CLUSTER_SIZE)
+        handle.write(bytes(CLUSTER_SIZE))  # data, but zeros: not stored
+    monkeypatch.setattr(qcow2_writer, "MEMO_SETTLED_NS", 200_000_000)
+    time.sleep(0.25)  # settled
+    sidecar = tmp_path / f"{key}.{qcow2_writer.MAP_SIDECAR}"
+    first = write_qcow2([Piece(base, 0, size)], tmp_path / "first.qcow2")
+    assert sidecar.is_file()
+    assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
+    reads: list[int] = []
+    real = qcow2_writer._nonzero
+
+    def counting(disk: object, candidates: list[int], base: int = 0) -> list[int]:
+        reads.extend(candidates)
+        return real(disk, candidates, base)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(qcow2_writer, "_nonzero", counting)
+    monkeypatch.setattr(qcow2_writer, "_memo", type(qcow2_writer._memo)())  # a fresh process
+    second = write_qcow2([Piece(base, 0, size)], tmp_path / "second.qcow2")
+    assert reads == [] and second == first
+    _check(tmp_path / "second.qcow2", base)
+    good = sidecar.read_bytes()
+    for damaged in (good[:-2], good[:10], b"x" + good[1:], good + bytes(4)):
+        sidecar.write_bytes(damaged)
+        monkeypatch.setattr(qcow2_writer, "_memo", type(qcow2_writer._memo)())
+        reads.clear()
+        assert write_qcow2([Piece(base, 0, size)], tmp_path / "d.qcow2") == first
+        assert reads  # read, and the map written again
+        assert sidecar.read_bytes() == good
+        (tmp_path / "d.qcow2").unlink()
+    with open(base, "r+b") as handle:  # another version of the base: its own map
+        handle.seek(7 * CLUSTER_SIZE)
+        handle.write(b"\x02")
+    time.sleep(0.25)
+    monkeypatch.setattr(qcow2_writer, "_memo", type(qcow2_writer._memo)())
+    reads.clear()
+    write_qcow2([Piece(base, 0, size)], tmp_path / "changed.qcow2")
+    assert reads
+    _check(tmp_path / "changed.qcow2", base)
+    assert sidecar.read_bytes() != good
+
+
+def test_the_writeback_of_the_whole_file_is_started_as_it_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer asks for the writeback of every byte it wrote, in order,
+    range after range (so the store's fsync finds the file written); a file
+    system that refuses the advice gets the same file."""
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as handle:
+        handle.write(os.urandom(40 * MiB))
+        handle.truncate(64 * MiB)
+    expected = write_qcow2([Piece(raw, 0, 64 * MiB)], tmp_path / "plain.qcow2")
+    monkeypatch.setattr(qcow2_writer, "WRITEBACK_BYTES", 8 * MiB)
+    calls: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        calls.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    target = tmp_path / "advised.qcow2"
+    assert write_qcow2([Piece(raw, 0, 64 * MiB)], target) == expected
+    assert len(calls) >= 5 and calls[0][0] == 0 and calls[-1][1] == 0  # the rest, to the end
+    for (offset, length), (following, _) in itertools.pairwise(calls):
+        assert length >= 8 * MiB and offset + length == following
+    assert calls[-1][0] <= target.stat().st_size
+
+    def refuse(fd: int, offset: int, length: int, advice: int) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    assert write_qcow2([Piece(raw, 0, 64 * MiB)], tmp_path / "refused.qcow2") == expected
+    assert _sha256(tmp_path / "refused.qcow2") == expected
 
 
 def test_progress_counts_the_file_as_it_is_written(tmp_path: Path) -> None:

@@ -685,3 +685,36 @@ def test_fast_paths_read_what_tarfile_reads(data: bytes) -> None:
         patched.setattr(tar_reader, "fast_member", lambda peek: None)
         slow = _outcome(data)
     assert fast == slow
+
+
+def test_a_tree_index_is_parsed_once_per_process_until_it_is_replaced(tmp_path: Path) -> None:
+    """A warm process re-reads the same index without parsing it again, gets
+    trees of their own from it, sees an index written anew, and refuses an
+    index that is not a JSON object as damaged."""
+    from cloudlets.rootfs import tree as tree_module
+
+    with RootTree(open(tmp_path / "spool", "w+b")) as tree:
+        tree.add_file("/etc/hostname", b"a\n")
+        tree.add_file("/etc/hosts", b"b\n")
+        tree.write_index(tmp_path / "index.json")
+
+    def reader(path: str, size: int) -> bytes:
+        return b"x" * size
+
+    first = RootTree.from_index(tmp_path / "index.json", reader, workdir=tmp_path)
+    parsed = list(tree_module._index_memo.values())[-1]
+    second = RootTree.from_index(tmp_path / "index.json", reader, workdir=tmp_path)
+    assert list(tree_module._index_memo.values())[-1] is parsed
+    assert second.paths() == first.paths() and "/etc/hosts" in second
+    assert second["/etc/hosts"] is not first["/etc/hosts"]  # entries of its own
+    first.set_content("/etc/hosts", b"changed\n")
+    assert second["/etc/hosts"].size == 2
+    with RootTree(open(tmp_path / "spool2", "w+b")) as tree:
+        tree.add_file("/only", b"c\n")
+        tree.write_index(tmp_path / "index.json")  # replaced: read again
+    assert "/only" in RootTree.from_index(tmp_path / "index.json", reader, workdir=tmp_path)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        RootTree.from_index(tmp_path / "list.json", reader, workdir=tmp_path)
+    for opened in (first, second):
+        opened.close()

@@ -14,27 +14,15 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from cloudlets.catalog.records import CatalogEntry
 from cloudlets.errors import CloudletsError
+from cloudlets.processes import process_alive, process_token
 
 __all__ = ["HOST", "keep_lease", "own_token", "process_alive", "process_token", "stale_reason"]
 
 #: This host's name, recorded as the owner host of a claim.
 HOST = socket.gethostname()
-
-
-def process_token(pid: int) -> str | None:
-    """:returns: the process's start time in clock ticks (Linux), which
-    tells a reused pid from the original; ``None`` when unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses.
-    fields = stat[stat.rfind(")") + 2:].split()
-    return fields[19] if len(fields) > 19 else None
 
 
 _OWN_TOKEN: tuple[int, str | None] | None = None
@@ -48,24 +36,6 @@ def own_token() -> tuple[int, str | None]:
     if _OWN_TOKEN is None or _OWN_TOKEN[0] != pid:
         _OWN_TOKEN = (pid, process_token(pid))
     return _OWN_TOKEN
-
-
-def process_alive(pid: int, token: str | None) -> bool:
-    """:returns: whether ``pid`` runs on this host and is the process that
-    had ``token``. Zombies count as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: trust kill(0) and the lease
-    if stat[stat.rfind(")") + 2:][:1] in ("Z", "X"):
-        return False
-    return token is None or process_token(pid) in (None, token)
 
 
 def stale_reason(entry: CatalogEntry, now: float) -> str | None:

@@ -435,8 +435,8 @@ class DiskPlan:
         :raises DiskError: the disk cannot be built.
         """
         workdir = self._workdir
-        data = tree.total_size
         if self._boot is None:
+            data = tree.total_size
             meter = StageMeter(progress, self.stage, data)
             tree_tar = tree.write_tar(workdir / "rendered-tree.tar", replacements=rendered,
                                       source_date_epoch=self._epoch,
@@ -449,6 +449,8 @@ class DiskPlan:
                              source_date_epoch=self._epoch)
         base_tar = None
         cold = not self._streamed and not base_cached(self._boot, **self._lookup())
+        # a walk of every entry, needed only while the base is not built
+        data = 0 if base_cached(self._boot, **self._lookup()) else tree.total_size
         # the tree's tar (written, then read by mke2fs), then the root filesystem
         meter = StageMeter(progress, self.stage,
                            (2 * data if cold else 0) + self._root_bytes(tree, data))

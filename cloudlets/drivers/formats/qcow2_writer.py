@@ -27,12 +27,16 @@ clean, and QEMU boots it.
 
 from __future__ import annotations
 
+import array
 import bisect
 import collections
+import contextlib
 import hashlib
 import os
 import queue
+import secrets
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -97,6 +101,8 @@ class _Disk:
             self.close()
             raise
         self.size = position
+        #: the file each descriptor this disk opened reads
+        self.paths = {fd: path for path, fd in self._fds.items()}
         self._starts = [segment.start for segment in self.segments]
         self._ranges: dict[int, list[tuple[int, int]]] = {}
 
@@ -207,10 +213,12 @@ _memo: collections.OrderedDict[tuple[int, ...], frozenset[int]] = collections.Or
 _memo_lock = threading.Lock()
 
 
-def _file_map(fd: int) -> frozenset[int] | None:
+def _file_map(fd: int, path: Path | None = None) -> frozenset[int] | None:
     """The non-zero clusters of the whole file ``fd`` (offsets // cluster
     size), remembered while the file keeps its identity, size and times;
-    ``None`` for a small file (read it)."""
+    ``None`` for a small file (read it). For a cached base filesystem
+    (``path``), the map is also kept beside it (:data:`MAP_SIDECAR`), so
+    that a fresh process does not read the base to find it."""
     info = os.fstat(fd)
     if info.st_size < MEMO_MIN_SIZE:
         return None
@@ -223,13 +231,74 @@ def _file_map(fd: int) -> frozenset[int] | None:
         if found is not None:
             _memo.move_to_end(key)
             return found
-    whole = _Disk([], segments=[_Segment(0, info.st_size, fd, 0)])
-    found = frozenset(_nonzero(whole, whole.data_clusters()))
+    sidecar = _map_sidecar(path) if path is not None else None
+    found = _load_map(sidecar, info) if sidecar is not None else None
+    if found is None:
+        whole = _Disk([], segments=[_Segment(0, info.st_size, fd, 0)])
+        found = frozenset(_nonzero(whole, whole.data_clusters()))
+        if sidecar is not None:
+            _save_map(sidecar, info, found)
     with _memo_lock:
         _memo[key] = found
         while len(_memo) > MEMO_FILES:
             _memo.popitem(last=False)
     return found
+
+
+#: The suffix of the cluster map kept beside a cached base filesystem
+#: (:func:`cloudlets.disk.assemble.base_sidecar`).
+MAP_SIDECAR = "qcow2-clusters"
+_MAP_MAGIC = b"cloudlets-qcow2-clusters-1\n"
+_MAP_HEAD = struct.Struct("<QQQ")  # the file's size and mtime (ns), the clusters listed
+
+
+def _map_sidecar(path: Path) -> Path | None:
+    from cloudlets.disk.assemble import base_sidecar
+
+    return base_sidecar(path, MAP_SIDECAR)
+
+
+def _load_map(sidecar: Path, info: os.stat_result) -> frozenset[int] | None:
+    """The map kept in ``sidecar``, if it is one of the file as it is now
+    (its size and mtime) and well formed; else ``None``."""
+    head = len(_MAP_MAGIC) + _MAP_HEAD.size
+    limit = -(-info.st_size // CLUSTER_SIZE)
+    try:
+        with open(sidecar, "rb") as handle:  # never more than a whole file's map
+            data = handle.read(head + 4 * limit + 1)
+    except OSError:
+        return None
+    if len(data) < head or not data.startswith(_MAP_MAGIC):
+        return None
+    size, mtime_ns, count = _MAP_HEAD.unpack_from(data, len(_MAP_MAGIC))
+    clusters = array.array("I")
+    if (size, mtime_ns) != (info.st_size, info.st_mtime_ns) \
+            or len(data) != head + count * clusters.itemsize:
+        return None
+    clusters.frombytes(data[head:])
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        clusters.byteswap()
+    if count and max(clusters) >= limit:
+        return None
+    return frozenset(clusters)
+
+
+def _save_map(sidecar: Path, info: os.stat_result, clusters: frozenset[int]) -> None:
+    """Keep the map in ``sidecar`` (atomically; a cache directory that
+    cannot take it goes without)."""
+    listed = array.array("I", sorted(clusters))
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        listed.byteswap()
+    partial = sidecar.with_name(f"{sidecar.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(partial, "xb") as out:
+            out.write(_MAP_MAGIC + _MAP_HEAD.pack(info.st_size, info.st_mtime_ns, len(listed)))
+            out.write(listed.tobytes())
+        os.replace(partial, sidecar)
+    except OSError:
+        pass
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _allocated(disk: _Disk) -> list[int]:
@@ -249,7 +318,7 @@ def _allocated(disk: _Disk) -> list[int]:
             offset = segment.offset + start - segment.start
             if offset % CLUSTER_SIZE == 0:
                 if segment.fd not in maps:
-                    maps[segment.fd] = _file_map(segment.fd)
+                    maps[segment.fd] = _file_map(segment.fd, disk.paths.get(segment.fd))
                 known = maps[segment.fd]
                 if known is not None:
                     if offset >> CLUSTER_BITS in known:
@@ -327,6 +396,24 @@ def _metadata(layout: _Layout) -> bytes:
         struct.pack_into(">Q", out, table_cluster * CLUSTER_SIZE
                          + 8 * (guest % _ENTRIES_PER_TABLE), (host * CLUSTER_SIZE) | _COPIED)
     return bytes(out)
+
+
+#: Bytes written after which the writer asks the kernel to start writing
+#: them back, so that the store's fsync finds the file on disk already
+#: (0.02 s instead of 0.2 s for 300 MB here) while the cost, paid on the
+#: writer thread, hides behind the hashing.
+WRITEBACK_BYTES = 16 * 1024 * 1024
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing back ``[offset, offset + length)`` of ``fd`` without
+    waiting for it: on Linux, ``POSIX_FADV_DONTNEED`` submits the dirty pages
+    for writeback (and drops the clean ones: nothing reads the file again
+    here). Only a hint: durability is the store's fsync."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        with contextlib.suppress(OSError):  # a file system that does not take advice
+            advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -411,15 +498,22 @@ def _write(disk: _Disk, target: Path, progress: PartProgress | None = None) -> s
         read.put(_END)
 
     def writing() -> None:
+        flushed = written_to = 0
         while (item := written.get()) is not _END:
             buffer, length, offset = item
             try:
                 if not errors:
                     _pwrite_all(fd, buffer[:length], offset)
+                    written_to = offset + length
+                    if written_to - flushed >= WRITEBACK_BYTES:
+                        _start_writeback(fd, flushed, written_to - flushed)
+                        flushed = written_to
             except BaseException as exc:  # noqa: BLE001 - raised by the hashing thread
                 errors.append(exc)
                 stop.set()
             free.put(buffer)
+        if not errors:  # the rest, to the end (the metadata went with the first range)
+            _start_writeback(fd, flushed, 0)
 
     threads = [threading.Thread(target=reading, name="cloudlets-qcow2-read", daemon=True),
                threading.Thread(target=writing, name="cloudlets-qcow2-write", daemon=True)]
