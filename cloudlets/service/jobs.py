@@ -482,14 +482,19 @@ class RenderJobs:
     # -- the operations ------------------------------------------------------------
 
     def create(self, tenant: TenantSettings, request: CreateRequest,
-               idempotency_key: str | None = None) -> Created:
+               idempotency_key: str | None = None, *,
+               lock_wait: float | None = None) -> Created:
         """Find or claim the render of a request and queue it.
+
+        :param lock_wait: wait at most this many seconds for the catalog's
+            write lock to claim (default: the catalog's timeout).
 
         :raises Forbidden: for a target the tenant may not use.
         :raises IdempotencyMismatch: for a key used with another request.
         :raises TooManyRequests: over the tenant's or the queue's limit.
         :raises ServiceUnavailable: while the queue's broker is away.
         :raises BadRequest: for invalid input (the library's own error named).
+        :raises CatalogBusyError: past ``lock_wait``, having claimed nothing.
         """
         self._allowed(tenant, "create")
         if not self.accepting:
@@ -522,10 +527,11 @@ class RenderJobs:
             fmt = self._format(settings, request.format_options)
             output = self._output(tenant, target, request)
             trust = tenant.trust or self.config.trust
-            claim = self.images_for(tenant.name).submit(
-                self._signed_source(request, trust), output, target.driver, fmt,
-                dict(request.config), signature=self._signature(request, trust), trust=trust,
-                provenance_key=self.config.provenance_key)
+            with self.catalog.waiting_at_most(lock_wait):  # the claim is its one write
+                claim = self.images_for(tenant.name).submit(
+                    self._signed_source(request, trust), output, target.driver, fmt,
+                    dict(request.config), signature=self._signature(request, trust),
+                    trust=trust, provenance_key=self.config.provenance_key)
             entry = claim.entry
             self.records.own(entry.entry_id, tenant.name, target.name)
             if claim.state is ClaimState.CLAIMED:
@@ -562,9 +568,14 @@ class RenderJobs:
         return isinstance(self.executor, InProcessPool) \
             and (tenant.trust or self.config.trust) is None
 
-    def get(self, tenant: TenantSettings, ref: str) -> tuple[CatalogEntry, Owner | None]:
-        """:returns: a tenant's image (any image for an admin) and its owner.
-        :raises NotFound: when there is none it may see."""
+    def get(self, tenant: TenantSettings, ref: str, *,
+            lock_wait: float | None = None) -> tuple[CatalogEntry, Owner | None]:
+        """:param lock_wait: wait at most this many seconds for the
+            catalog's write lock, when a render whose owner died is marked
+            failed (default: the catalog's timeout).
+        :returns: a tenant's image (any image for an admin) and its owner.
+        :raises NotFound: when there is none it may see.
+        :raises CatalogBusyError: past ``lock_wait``, having written nothing."""
         self._allowed(tenant, "read")
         try:
             entry = self.catalog.get(ref)
@@ -574,7 +585,8 @@ class RenderJobs:
         if not tenant.admin and (owner is None or owner.tenant != tenant.name):
             raise NotFound(f"no image {ref!r}")
         if entry.status in IN_FLIGHT and stale_reason(entry, time.time()) is not None:
-            entry = self.catalog.refresh(entry.entry_id)  # a dead owner: failed now
+            with self.catalog.waiting_at_most(lock_wait):
+                entry = self.catalog.refresh(entry.entry_id)  # a dead owner: failed now
         return entry, owner
 
     def list(self, tenant: TenantSettings, *, name: str | None = None,
