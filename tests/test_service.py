@@ -400,6 +400,8 @@ def test_formats_targets_health_and_metrics(service: Service) -> None:
     assert "cloudlets_renders_total" in text
     assert 'cloudlets_http_request_duration_seconds_count{method="GET",route="/v1/formats"}' \
         in text
+    listed = service.call("GET", "/v1/images", "ops", params={"limit": 100}).json()["images"]
+    assert "warm-up" not in {image["name"] for image in listed}  # the start's claims nothing
 
 
 def test_the_openapi_document_is_kept_in_docs(service: Service) -> None:
