@@ -164,6 +164,20 @@ def _client(url: str, work: Any, again: Any, results: Any, barrier: Any) -> None
     results.put(seen)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process (Linux ``/proc``)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def requests_answered(url: str) -> float:
+    """How many requests the service has answered (its ``/metrics``)."""
+    text = requests.get(f"{url}/metrics", timeout=60).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("cloudlets_http_request_duration_seconds_count{"))
+
+
 def server_seconds(url: str) -> dict[str, float]:
     """The service's ``POST /v1/images`` duration histogram: cumulative
     counts by upper bound (``+Inf`` as ``inf``)."""
@@ -193,8 +207,8 @@ def bucket_percentiles(before: dict[str, float],
     return found
 
 
-def through_service(url: str, manifests: list[dict[str, Any]],
-                    clients: int) -> dict[str, Any]:
+def through_service(url: str, manifests: list[dict[str, Any]], clients: int,
+                    pid: int) -> dict[str, Any]:
     """POST every manifest from ``clients`` processes, then poll to ready."""
     context = multiprocessing.get_context("spawn")
     work, again, results = context.Queue(), context.Queue(), context.Queue()
@@ -209,10 +223,11 @@ def through_service(url: str, manifests: list[dict[str, Any]],
                                  daemon=True) for _ in range(clients)]
     for process in processes:
         process.start()
-    before = server_seconds(url)
+    before, answered, cpu = server_seconds(url), requests_answered(url), cpu_seconds(pid)
     barrier.wait(timeout=120)  # every client is up: the creates arrive together
     barrier.wait(timeout=1200)  # every image is ready
-    during = server_seconds(url)
+    api_cpu = cpu_seconds(pid) - cpu
+    during, answered = server_seconds(url), requests_answered(url) - answered
     seen = [results.get(timeout=1200) for _ in processes]
     for process in processes:
         process.join(timeout=60)
@@ -233,11 +248,14 @@ def through_service(url: str, manifests: list[dict[str, Any]],
                             headers=headers, timeout=60).json()
         listed |= {image["id"] for image in page["images"]}
         cursor = page.get("next")
-    return {"posts": [got - sent for sent, got in posts],
+    return {"trace": sorted((sent - start, got - sent) for sent, got in posts),
+            "posts": [got - sent for sent, got in posts],
             "ready": [done - sent for sent, done in ready], "ids": ids,
             "failures": failures, "repeats": [t for one in seen for t in one["repeats"]],
             "elapsed": end - start, "listed": listed,
-            "server_post_ms": bucket_percentiles(before, during)}
+            "server_post_ms": bucket_percentiles(before, during),
+            "api_cpu_ms_per_request": round(1000 * api_cpu / max(answered - 2, 1), 2),
+            "requests": int(answered)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -247,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="write each create's send time and latency (JSON) to this file")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the API process with py-spy into this file")
     parser.add_argument("--profile-format", default="speedscope",
@@ -273,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "--format", args.profile_format, "--output", str(args.profile)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                run = through_service(service.url, manifests, args.clients)
+                run = through_service(service.url, manifests, args.clients,
+                                      service.process.pid)
             finally:
                 if profiler is not None:
                     profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
@@ -289,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "idle_post_ms": {f"p{q}": round(1000 * percentile(run["repeats"], q / 100), 1)
                          for q in (50, 95, 99)} if run["repeats"] else {},
         "server_post_ms": run["server_post_ms"],
+        "api_cpu_ms_per_request": run["api_cpu_ms_per_request"],
+        "requests_while_rendering": run["requests"],
         "ready_s": {f"p{q}": round(percentile(run["ready"], q / 100), 2)
                     for q in (50, 95, 99)} if run["ready"] else {},
         "service_renders_per_s": round(len(run["ready"]) / run["elapsed"], 2),
@@ -297,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lost": creates - len(set(ids) & run["listed"]),
         "duplicated": len(ids) - len(set(ids)), "failures": run["failures"][:10],
     }
+    if args.trace is not None:  # each create: when it was sent (s from the first), its latency
+        args.trace.write_text(json.dumps(run["trace"]))
     report["load_before"] = load_before
     report["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     report["ratio"] = round(report["service_renders_per_s"] / report["plain_renders_per_s"], 2)
