@@ -1,10 +1,11 @@
 """Benchmark: ``cloudlets serve`` under concurrent creates, against a plain
 loop of :meth:`Renderer.render <cloudlets.renderer.Renderer.render>`.
 
-Run by hand (not a test)::
+Run by hand (not a test), under the lock the project's benchmarks share::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_service.py [--creates 200]
-        [--clients 20] [--workers 2] [--json]
+    PYTHONPATH=. flock /tmp/cloudlets-bench.lock .venv/bin/python \
+        benchmarks/bench_service.py [--creates 200] [--clients 20] [--workers 2]
+        [--json] [--trace FILE] [--profile FILE [--profile-format raw]]
 
 It writes ``--creates`` small cloudlets (each its own tarball, so none is
 found in a cache) served by a loopback tarball server, then, in the same
@@ -15,31 +16,36 @@ run:
    directory (the same requests the service gets, with their own data and
    cache directories);
 2. the **service**: ``cloudlets serve`` (a subprocess on a free loopback
-   port, ``--workers`` renders at once) gets the same manifests as
-   ``POST /v1/images`` from ``--clients`` threads at once; each client then
-   polls its images until they are ready.
+   port, ``--workers`` render processes) gets the same manifests as
+   ``POST /v1/images`` from ``--clients`` client **processes**, released
+   together by a barrier (the burst), each taking the next manifest, posting
+   it, and polling its image every 0.1 s until it is ready (about 200 polls
+   a second in all), on a kept-alive ``http.client`` connection.
 
-Reported: p50/p95/p99 of the POST latency (request sent to answer read)
-and of the time to ready (POST sent to the first poll that sees
-``ready``), renders per second of both sides (the service's: first POST
-sent to last image ready), the POST latency of the same creates again once
-all are ready (each answers 200 with its image: no render running), and
-the check that every image is ready, none lost (every create answered 202
-with an id that ``GET /v1/images`` lists) and none duplicated (as many distinct ids as creates).
+Reported: p50/p95/p99 of the POST latency (request sent to answer read, in
+the client) and of the time to ready (POST sent to the first poll that
+sees ``ready``); the server's own POST duration (``/metrics``' histogram
+over the same creates: handler start to last byte handed to the server, as
+the bucket the quantile falls in); the API process's CPU per request while
+the renders ran (``/proc``); renders per second of both sides (the
+service's: first POST sent to last image ready); the POST latency of the
+same creates again once all are ready (each answers 200 with its image:
+no render running; the clients then post back to back, so this is a
+closed loop of 20 at the server's full rate); the load average before and
+after; and the check that every image is ready, none lost (every create
+answered 202 with an id that ``GET /v1/images`` lists) and none duplicated
+(as many distinct ids as creates). ``--trace`` writes each create's send
+time and latency; ``--profile`` records the API process with py-spy.
 
 Targets (issue 17 item 10): POST p99 under 50 ms while renders run;
 throughput at least 0.9x the plain loop.
 
-What the numbers are: latencies are taken by the clients, 20 threads of
-this one Python process, so they include the time a client waits for this
-process's own interpreter lock and for a core (the service, its render
-processes, the clients and the machine's other load share the cores); the
-plain loop runs alone, before the service starts. The service renders in
-its default embedded pool: ``--workers`` render processes (see "Render
-worker processes" in ``docs/service.rst``), each client polling every
-0.1 s (about 200 polls a second in all). Results, before and after the
-render processes and the cheaper create (same machine, back to back), are
-in ``docs/service.rst`` ("Create latency under load").
+What the numbers are: the clients are processes, so no client waits for
+another's interpreter lock; they still share the machine's two cores with
+the service, its render processes (10 steps nicer) and the machine's other
+load, so a latency includes the time the API process and the client wait
+for a core. The plain loop runs alone, before the service starts. Results
+are in ``docs/service.rst`` ("Create latency under load").
 """
 
 from __future__ import annotations
@@ -112,7 +118,8 @@ def plain_loop(manifests: list[dict[str, Any]], base: Path) -> float:
 
 def _client(url: str, work: Any, again: Any, results: Any, barrier: Any) -> None:
     """One client process: POST each manifest ``work`` brings, poll it until
-    ready, then (after ``barrier``) POST each of ``again`` once more.
+    ready, then (after ``barrier``) POST each of ``again`` once more. Its
+    connection is opened and its first body built before the burst.
     Times are ``time.monotonic()`` (the system's one clock, so the processes'
     times compare); what it saw goes on ``results``."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
@@ -124,16 +131,25 @@ def _client(url: str, work: Any, again: Any, results: Any, barrier: Any) -> None
         answer = conn.getresponse()
         return answer.status, json.loads(answer.read())
 
+    def encode(manifest: dict[str, Any] | None) -> bytes | None:
+        return None if manifest is None else json.dumps(
+            {"manifest": manifest, "format": "tar", "target": "local"}).encode()
+
     seen: dict[str, Any] = {"posts": [], "ready": [], "ids": [], "failures": [],
                             "repeats": []}
-    barrier.wait()
-    while (manifest := work.get()) is not None:
-        body = json.dumps({"manifest": manifest, "format": "tar", "target": "local"}).encode()
+    # before the burst: the connection open, this process's code warm and its
+    # first body built, so the burst is the server's work, not the clients'
+    call("GET", "/v1/healthz")
+    body = encode(work.get())
+    barrier.wait()  # every client is warm: the service's counters are read
+    barrier.wait()  # the burst
+    while body is not None:
         sent = time.monotonic()
         status, data = call("POST", "/v1/images", body)
         got = time.monotonic()
         if status != 202:
             seen["failures"].append(f"POST {status}: {str(data)[:200]}")
+            body = encode(work.get())
             continue
         image_id = data["id"]
         seen["posts"].append((sent, got))
@@ -150,6 +166,7 @@ def _client(url: str, work: Any, again: Any, results: Any, barrier: Any) -> None
             time.sleep(0.1)
         else:
             seen["failures"].append(f"{image_id} not ready in 600 s")
+        body = encode(work.get())
     barrier.wait()  # every image is ready: the same creates again
     while (manifest := again.get()) is not None:
         body = json.dumps({"manifest": manifest, "format": "tar", "target": "local"}).encode()
@@ -218,13 +235,16 @@ def through_service(url: str, manifests: list[dict[str, Any]], clients: int,
     for _ in range(clients):
         work.put(None)
         again.put(None)
+    for unread in (work, again):  # a run that failed half-way still exits
+        unread.cancel_join_thread()
     barrier = context.Barrier(clients + 1)
     processes = [context.Process(target=_client, args=(url, work, again, results, barrier),
                                  daemon=True) for _ in range(clients)]
     for process in processes:
         process.start()
+    barrier.wait(timeout=120)  # every client is up and warm
     before, answered, cpu = server_seconds(url), requests_answered(url), cpu_seconds(pid)
-    barrier.wait(timeout=120)  # every client is up: the creates arrive together
+    barrier.wait(timeout=60)  # the creates arrive together
     barrier.wait(timeout=1200)  # every image is ready
     api_cpu = cpu_seconds(pid) - cpu
     during, answered = server_seconds(url), requests_answered(url) - answered
@@ -286,13 +306,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                     config(server, args.workers, args.creates),
                                     tokens={"bench": TOKEN})
             profiler = None
-            if args.profile is not None:  # py-spy on the API process (not its render ones)
-                spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-                profiler = subprocess.Popen(
-                    [spy, "record", "--pid", str(service.process.pid), "--rate", "200",
-                     "--format", args.profile_format, "--output", str(args.profile)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
+                if args.profile is not None:  # py-spy on the API process, not its renders'
+                    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+                    profiler = subprocess.Popen(
+                        [spy, "record", "--pid", str(service.process.pid), "--rate", "200",
+                         "--format", args.profile_format, "--output", str(args.profile)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 run = through_service(service.url, manifests, args.clients,
                                       service.process.pid)
             finally:
