@@ -41,6 +41,11 @@ SERVICE = [
     # The ASGI server: graceful stop on SIGTERM, then the app's lifespan
     # shutdown, where renders in flight are finished or failed.
     "uvicorn>=0.29",
+    # uvicorn's HTTP parser in C (what uvicorn picks when it is installed;
+    # else h11, in Python): a quarter less of the API process's CPU for each
+    # request under the create benchmark (docs/service.rst), the event loop
+    # being the service's one core for answers.
+    "httptools>=0.6",
     # GET /metrics in the Prometheus text format.
     "prometheus-client>=0.20",
 ]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "CacheError",
+    "CatalogBusyError",
     "CatalogError",
     "CloudletsError",
     "ConfigError",
@@ -166,6 +167,12 @@ class CatalogError(CloudletsError):
     def __init__(self, message: str, entry_id: str | None = None) -> None:
         self.entry_id = entry_id
         super().__init__(message)
+
+
+class CatalogBusyError(CatalogError):
+    """The catalog's write lock stayed taken past what the caller would
+    wait (:meth:`ImageCatalog.waiting_at_most
+    <cloudlets.catalog.ImageCatalog.waiting_at_most>`); nothing was written."""
 
 
 class ImageNotFoundError(CatalogError):

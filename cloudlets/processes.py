@@ -7,7 +7,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["process_alive", "process_token"]
+__all__ = ["own_token", "process_alive", "process_token"]
+
+_OWN_TOKEN: tuple[int, str | None] | None = None
+
+
+def own_token() -> tuple[int, str | None]:
+    """:returns: this process's pid and :func:`process_token`, read once per
+    process (a forked child reads its own): what every claim records."""
+    global _OWN_TOKEN
+    pid = os.getpid()
+    if _OWN_TOKEN is None or _OWN_TOKEN[0] != pid:
+        _OWN_TOKEN = (pid, process_token(pid))
+    return _OWN_TOKEN
 
 
 def process_token(pid: int) -> str | None:
@@ -25,6 +37,8 @@ def process_token(pid: int) -> str | None:
 def process_alive(pid: int, token: str | None) -> bool:
     """:returns: whether ``pid`` runs on this host and is the process that
     had ``token``. Zombies count as dead."""
+    if pid == os.getpid() and token == own_token()[1]:
+        return True  # this very process: what a service's polls ask most
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

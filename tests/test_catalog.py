@@ -251,3 +251,38 @@ def test_a_forked_child_claims_with_its_own_connection_and_its_own_pid(tmp_path:
     assert catalog.refresh(child.entry_id).error_type == OWNER_LOST
     assert catalog.refresh(mine.entry_id).status is ImageStatus.PENDING
     assert catalog.claim(request("parent")).state.name == "BUSY"
+
+
+def test_a_write_waiting_at_most_gives_up_on_a_taken_lock_having_written_nothing(
+        tmp_path: Path) -> None:
+    """What the service's event loop asks: past the wait, a claim raises
+    CatalogBusyError (the lock of another process, of another thread of this
+    one); afterwards the thread's writes wait as long as the catalog says."""
+    import threading
+
+    from cloudlets.catalog import ClaimState
+    from cloudlets.catalog.store import _writer_lock
+    from cloudlets.errors import CatalogBusyError
+
+    catalog = ImageCatalog(tmp_path / "c.sqlite3")
+    request = RenderRequest("web", "1", "d" * 64, "c" * 64, "raw", "local", "/o/web")
+    holder = sqlite3.connect(catalog.path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # another process's writer, as SQLite sees it
+    try:
+        began = time.monotonic()
+        with catalog.waiting_at_most(0.005), \
+                pytest.raises(CatalogBusyError, match="another process kept the write lock"):
+            catalog.claim(request)
+        assert time.monotonic() - began < 1.0
+        assert catalog.entries() == []  # nothing claimed; reads go on meanwhile
+        releaser = threading.Timer(0.3, lambda: holder.execute("ROLLBACK"))
+        releaser.start()
+        claim = catalog.claim(request)  # no limit: waits for the lock as before
+        releaser.join()
+        assert claim.state is ClaimState.CLAIMED
+    finally:
+        holder.close()
+    with _writer_lock(catalog.path), catalog.waiting_at_most(0.005), \
+            pytest.raises(CatalogBusyError, match="another thread of this process"):
+        catalog.fail(claim.entry.entry_id, "x")
+    assert catalog.get(claim.entry.entry_id).status is ImageStatus.PENDING

@@ -349,6 +349,36 @@ def test_delete_removes_the_artifacts(service: Service, tarballs: TarballServer)
 
 # -- the rest of the API ---------------------------------------------------------------
 
+def test_a_create_waiting_for_another_process_lock_does_not_stop_the_service(
+        service: Service, tarballs: TarballServer) -> None:
+    """A create claims on the event loop; another process holding the
+    catalog's write lock (here this test's own connection) must not stall
+    the loop: the create waits on a thread and the service goes on answering."""
+    import sqlite3
+    import threading
+
+    holder = sqlite3.connect(service.config.parent / "state" / "catalog.sqlite3",
+                             isolation_level=None, timeout=5)
+    holder.execute("BEGIN IMMEDIATE")
+    answers: list[Any] = []
+    posting = threading.Thread(target=lambda: answers.append(
+        create(service, "alice", served_cloudlet(tarballs, "locked-out", "1.0"))))
+    try:
+        posting.start()
+        time.sleep(0.3)  # the create has reached the claim and waits for the lock
+        began = time.monotonic()
+        for _ in range(5):
+            assert service.call("GET", "/v1/healthz").json() == {"status": "ok"}
+        assert time.monotonic() - began < 2.0
+        assert posting.is_alive() and not answers  # still waiting for the lock
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        posting.join(timeout=30)
+    assert answers and answers[0].status_code == 202, answers
+    assert service.wait_image(answers[0].json()["id"], "alice")["status"] == "ready"
+
+
 def test_formats_targets_health_and_metrics(service: Service) -> None:
     formats = service.call("GET", "/v1/formats", "alice").json()["formats"]
     assert {f["name"] for f in formats} == {"tar", "qcow2"}
@@ -368,6 +398,10 @@ def test_formats_targets_health_and_metrics(service: Service) -> None:
     assert "cloudlets_render_queue_depth" in text
     assert "cloudlets_render_duration_seconds_bucket" in text
     assert "cloudlets_renders_total" in text
+    assert 'cloudlets_http_request_duration_seconds_count{method="GET",route="/v1/formats"}' \
+        in text
+    listed = service.call("GET", "/v1/images", "ops", params={"limit": 100}).json()["images"]
+    assert "warm-up" not in {image["name"] for image in listed}  # the start's claims nothing
 
 
 def test_the_openapi_document_is_kept_in_docs(service: Service) -> None:

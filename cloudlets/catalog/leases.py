@@ -10,32 +10,18 @@ process) or whose lease expired is *stale*: the next claim marks it failed
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
 
 from cloudlets.catalog.records import CatalogEntry
 from cloudlets.errors import CloudletsError
-from cloudlets.processes import process_alive, process_token
+from cloudlets.processes import own_token, process_alive, process_token
 
 __all__ = ["HOST", "keep_lease", "own_token", "process_alive", "process_token", "stale_reason"]
 
 #: This host's name, recorded as the owner host of a claim.
 HOST = socket.gethostname()
-
-
-_OWN_TOKEN: tuple[int, str | None] | None = None
-
-
-def own_token() -> tuple[int, str | None]:
-    """:returns: this process's pid and :func:`process_token`, read once per
-    process (a forked child reads its own): what every claim records."""
-    global _OWN_TOKEN
-    pid = os.getpid()
-    if _OWN_TOKEN is None or _OWN_TOKEN[0] != pid:
-        _OWN_TOKEN = (pid, process_token(pid))
-    return _OWN_TOKEN
 
 
 def stale_reason(entry: CatalogEntry, now: float) -> str | None:

@@ -46,7 +46,7 @@ from cloudlets.catalog.records import (
 )
 from cloudlets.catalog.schema import MIGRATIONS, SCHEMA_VERSION
 from cloudlets.drivers.base import StoredArtifact
-from cloudlets.errors import CatalogError, ImageNotFoundError
+from cloudlets.errors import CatalogBusyError, CatalogError, ImageNotFoundError
 from cloudlets.paths import default_data_dir
 from cloudlets.result import RenderResult
 
@@ -83,6 +83,14 @@ def _writer_lock(path: Path) -> threading.Lock:
         return _WRITER_LOCKS.setdefault(key, threading.Lock())
 
 
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite answered that the database is locked by another writer."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 class ImageCatalog:
     """The SQLite image catalog.
 
@@ -114,6 +122,22 @@ class ImageCatalog:
             raise CatalogError(f"cannot create {self.path.parent}: {exc.strerror}") from None
         self._writer = _writer_lock(self.path)
         self._migrate()
+
+    @contextlib.contextmanager
+    def waiting_at_most(self, seconds: float | None) -> Iterator[None]:
+        """Within the block, this thread's writes wait at most ``seconds``
+        for the write lock (another thread's of this process, then another
+        process's), and raise :class:`~cloudlets.errors.CatalogBusyError`
+        past it, having written nothing: what an event loop that must not
+        stall asks, to run the call on a thread instead. ``None`` waits up
+        to the catalog's ``timeout``, as outside the block."""
+        local = self._local
+        previous = getattr(local, "budget", None)
+        local.budget = seconds
+        try:
+            yield
+        finally:
+            local.budget = previous
 
     @classmethod
     def open_existing(cls, path: str | Path | None = None, *,
@@ -439,8 +463,19 @@ class ImageCatalog:
         one process take turns on a lock first: waiting on SQLite's busy
         handler instead, whose sleeps grow to 100 ms, made a service's POST
         wait up to a second behind nine others."""
-        with self._writer, self._transaction() as conn:
-            yield conn
+        budget: float | None = getattr(self._local, "budget", None)
+        if budget is None:
+            with self._writer, self._transaction() as conn:
+                yield conn
+            return
+        if not self._writer.acquire(timeout=budget):
+            raise CatalogBusyError(f"catalog {self.path}: another thread of this process "
+                                   f"kept the write lock past {budget:g} s")
+        try:
+            with self._transaction(busy_ms=max(int(budget * 1000), 1)) as conn:
+                yield conn
+        finally:
+            self._writer.release()
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use (and again in a
@@ -461,10 +496,28 @@ class ImageCatalog:
             conn.close()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, busy_ms: int | None = None) -> Iterator[sqlite3.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction, waiting ``busy_ms`` (default
+        the catalog's ``timeout``) for another process's write lock.
+
+        :raises CatalogBusyError: when ``busy_ms`` is given and the lock
+            stayed taken that long (nothing written).
+        """
         conn = self._connection()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if busy_ms is None:
+                conn.execute("BEGIN IMMEDIATE")
+            else:
+                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if _busy(exc):
+                        raise CatalogBusyError(f"catalog {self.path}: another process kept "
+                                               f"the write lock past {busy_ms} ms") from None
+                    raise
+                finally:  # the rest of the transaction, and later calls, as usual
+                    conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             try:
                 yield conn
             except BaseException:

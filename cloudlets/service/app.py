@@ -13,10 +13,13 @@ embedded pool, no ``manifest_url``, no trust policy: about a millisecond)
 run on the event loop itself. Handing them to a thread cost more than the
 work: the hand-off, and then the interpreter lock passed back and forth
 between the loop and twenty threads at once, which made each answer's send
-wait for the lock's switch interval. The price is that such a create waits
-on the event loop for the catalog's write lock, which the service's own
-render threads hold for a commit at a time (another process writing the
-same catalog, the ``cloudlets`` command, holds it as briefly).
+wait for the lock's switch interval. On the loop, a create waits at most
+:data:`LOOP_LOCK_WAIT` for the catalog's write lock (the service's render
+threads hold it for a commit at a time; another process writing the same
+catalog, such as the ``cloudlets`` command, may hold it longer): past it,
+having claimed nothing, the create runs again on a thread, where it waits
+up to the catalog's timeout, and the loop goes on answering. A poll that
+marks a dead owner's render failed does the same.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -42,6 +46,7 @@ from cloudlets.catalog import IN_FLIGHT, CatalogEntry, ImageStatus
 from cloudlets.drivers.providers import get_driver
 from cloudlets.drivers.types import DriverKind, FormatCapability, StorageCapability
 from cloudlets.errors import (
+    CatalogBusyError,
     CatalogError,
     CloudletsError,
     ConfigError,
@@ -67,9 +72,13 @@ from cloudlets.service.metrics import CONTENT_TYPE, Metrics
 from cloudlets.service.openapi import document
 from cloudlets.service.records import Owner
 
-__all__ = ["SecretFilter", "create_app", "image_view"]
+__all__ = ["LOOP_LOCK_WAIT", "SecretFilter", "create_app", "image_view"]
 
 log = logging.getLogger("cloudlets.service")
+
+#: Seconds a create or a poll on the event loop waits for the catalog's
+#: write lock; past it, the call runs again on a thread (see the module's text).
+LOOP_LOCK_WAIT = 0.005
 
 _CREATE_KEYS = ("manifest", "manifest_url", "config", "format", "target", "format_options",
                 "signature")
@@ -308,7 +317,10 @@ class _Api:
                 parsed = dataclasses.replace(parsed, manifest=manifest, manifest_url=url,
                                              manifest_bytes=raw)
             if url is None and self.jobs.creates_locally(tenant):
-                created = self.jobs.create(tenant, parsed, key)  # see the module's text
+                try:  # on the loop, unless the catalog's write lock is taken: see the module
+                    created = self.jobs.create(tenant, parsed, key, lock_wait=LOOP_LOCK_WAIT)
+                except CatalogBusyError:
+                    created = await run_in_threadpool(self.jobs.create, tenant, parsed, key)
             else:
                 created = await run_in_threadpool(self.jobs.create, tenant, parsed, key)
         except CloudletsError as exc:
@@ -347,7 +359,11 @@ class _Api:
 
     async def get(self, request: Request) -> Response:
         tenant = self.tenant(request)
-        entry, owner = self.jobs.get(tenant, request.path_params["id"])  # local reads
+        ref = request.path_params["id"]
+        try:  # local reads on the loop (and a write only for a dead owner's render)
+            entry, owner = self.jobs.get(tenant, ref, lock_wait=LOOP_LOCK_WAIT)
+        except CatalogBusyError:
+            entry, owner = await run_in_threadpool(self.jobs.get, tenant, ref)
         return JSONResponse(self.view(entry, owner))
 
     async def provenance(self, request: Request) -> Response:
@@ -426,8 +442,8 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 class _Counted:
-    """Counts every answer by method, route and status (outermost, so the
-    error handlers' answers count too)."""
+    """Counts every answer by method, route and status, and times it
+    (outermost, so the error handlers' answers count too)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -438,6 +454,7 @@ class _Counted:
             await self.app(scope, receive, send)
             return
         status = 500
+        began = time.perf_counter()
 
         async def counting(message: Message) -> None:
             nonlocal status
@@ -448,7 +465,8 @@ class _Counted:
         try:
             await self.app(scope, receive, counting)
         finally:
-            self.metrics.request(scope.get("method", ""), _route(scope.get("path", "")), status)
+            self.metrics.request(scope.get("method", ""), _route(scope.get("path", "")), status,
+                                 time.perf_counter() - began)
 
 
 def _route(path: str) -> str:

@@ -44,7 +44,7 @@ from cloudlets.drivers.base import FormatDriver
 from cloudlets.errors import CatalogError, CloudletsError, FetchError, Problem
 from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.fetch.policy import url_port
-from cloudlets.images import Execute, Images
+from cloudlets.images import Execute, Images, prepare_request
 from cloudlets.jsondoc import JSONSyntaxError, parse_json
 from cloudlets.manifest import MAX_MANIFEST_BYTES
 from cloudlets.progress import ProgressCallback
@@ -459,8 +459,34 @@ class RenderJobs:
         for entry in reaped:
             log.warning("render %s of %s was cut off: %s", entry.entry_id, entry.label,
                         entry.error)
+        self._warm_up()
         self.accepting = True
         return reaped
+
+    def _warm_up(self) -> None:
+        """Prepare a made-up request once per format, claiming nothing, so
+        the first client's create does not pay for the first validation
+        (the schema's validator, the patterns, the drivers, lazy imports):
+        10 to 60 ms of the event loop, which every create of a first burst
+        waited behind."""
+        target = next(iter(self.config.targets.values()), None)
+        if target is None:
+            return
+        manifest = {"name": "warm-up", "version": "0", "arch": "x86_64",
+                    "filesystem": {"url": "https://warm-up.invalid/rootfs.tar.gz",
+                                   "sha256": "0" * 64},
+                    "boot": {"kernel": "/boot/vmlinuz", "cmdline": "console=ttyS0"},
+                    "args": {"motd": {"type": "string", "default": "hello"}},
+                    "templates": ["/etc/motd"]}
+        for settings in self.config.formats.values():
+            began = time.perf_counter()
+            try:
+                prepare_request(self.images.renderer, manifest, f"{target.prefix}{{key}}/",
+                                target.driver, self._format(settings, {}), {})
+            except CloudletsError as exc:  # a provider's presets may refuse it: no harm
+                log.debug("warm-up of format %s: %s", settings.name, exc)
+            log.debug("warm-up of format %s: %.1f ms", settings.name,
+                      1000 * (time.perf_counter() - began))
 
     def stop(self) -> StopReport:
         """Take no more renders; give those in flight the configured grace
@@ -484,14 +510,19 @@ class RenderJobs:
     # -- the operations ------------------------------------------------------------
 
     def create(self, tenant: TenantSettings, request: CreateRequest,
-               idempotency_key: str | None = None) -> Created:
+               idempotency_key: str | None = None, *,
+               lock_wait: float | None = None) -> Created:
         """Find or claim the render of a request and queue it.
+
+        :param lock_wait: wait at most this many seconds for the catalog's
+            write lock to claim (default: the catalog's timeout).
 
         :raises Forbidden: for a target the tenant may not use.
         :raises IdempotencyMismatch: for a key used with another request.
         :raises TooManyRequests: over the tenant's or the queue's limit.
         :raises ServiceUnavailable: while the queue's broker is away.
         :raises BadRequest: for invalid input (the library's own error named).
+        :raises CatalogBusyError: past ``lock_wait``, having claimed nothing.
         """
         self._allowed(tenant, "create")
         if not self.accepting:
@@ -524,10 +555,11 @@ class RenderJobs:
             fmt = self._format(settings, request.format_options)
             output = self._output(tenant, target, request)
             trust = tenant.trust or self.config.trust
-            claim = self.images_for(tenant.name).submit(
-                self._signed_source(request, trust), output, target.driver, fmt,
-                dict(request.config), signature=self._signature(request, trust), trust=trust,
-                provenance_key=self.config.provenance_key)
+            with self.catalog.waiting_at_most(lock_wait):  # the claim is its one write
+                claim = self.images_for(tenant.name).submit(
+                    self._signed_source(request, trust), output, target.driver, fmt,
+                    dict(request.config), signature=self._signature(request, trust),
+                    trust=trust, provenance_key=self.config.provenance_key)
             entry = claim.entry
             self.records.own(entry.entry_id, tenant.name, target.name)
             if claim.state is ClaimState.CLAIMED:
@@ -564,9 +596,14 @@ class RenderJobs:
         return isinstance(self.executor, InProcessPool) \
             and (tenant.trust or self.config.trust) is None
 
-    def get(self, tenant: TenantSettings, ref: str) -> tuple[CatalogEntry, Owner | None]:
-        """:returns: a tenant's image (any image for an admin) and its owner.
-        :raises NotFound: when there is none it may see."""
+    def get(self, tenant: TenantSettings, ref: str, *,
+            lock_wait: float | None = None) -> tuple[CatalogEntry, Owner | None]:
+        """:param lock_wait: wait at most this many seconds for the
+            catalog's write lock, when a render whose owner died is marked
+            failed (default: the catalog's timeout).
+        :returns: a tenant's image (any image for an admin) and its owner.
+        :raises NotFound: when there is none it may see.
+        :raises CatalogBusyError: past ``lock_wait``, having written nothing."""
         self._allowed(tenant, "read")
         try:
             entry = self.catalog.get(ref)
@@ -576,7 +613,8 @@ class RenderJobs:
         if not tenant.admin and (owner is None or owner.tenant != tenant.name):
             raise NotFound(f"no image {ref!r}")
         if entry.status in IN_FLIGHT and stale_reason(entry, time.time()) is not None:
-            entry = self.catalog.refresh(entry.entry_id)  # a dead owner: failed now
+            with self.catalog.waiting_at_most(lock_wait):
+                entry = self.catalog.refresh(entry.entry_id)  # a dead owner: failed now
         return entry, owner
 
     def list(self, tenant: TenantSettings, *, name: str | None = None,

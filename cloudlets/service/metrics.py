@@ -19,16 +19,23 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Render durations: a tiny tar render takes well under a second, a large
 #: EC2 import many minutes.
 _RENDER_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+#: Answer durations: a poll takes about a millisecond, a create a few.
+_REQUEST_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
 
 class Metrics:
-    """Requests, renders by status, render durations, queue depth."""
+    """Requests and their durations, renders by status, render durations, queue depth."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "cloudlets_http_requests", "HTTP requests answered, by method, route and status",
             ["method", "route", "status"], registry=self.registry)
+        self.request_seconds = Histogram(
+            "cloudlets_http_request_duration_seconds",
+            "seconds from a request's handling starting to its answer's last byte handed "
+            "to the server, by method and route", ["method", "route"],
+            buckets=_REQUEST_BUCKETS, registry=self.registry)
         self.renders = Counter("cloudlets_renders", "renders finished, by status",
                                ["status"], registry=self.registry)
         self.render_seconds = Histogram(
@@ -44,9 +51,12 @@ class Metrics:
         self.queue_depth.set_function(lambda: float(queued()))
         self.rendering.set_function(lambda: float(running()))
 
-    def request(self, method: str, route: str, status: int) -> None:
-        """Count one answered request."""
+    def request(self, method: str, route: str, status: int,
+                seconds: float | None = None) -> None:
+        """Count one answered request, and how long it took."""
         self.requests.labels(method, route, str(status)).inc()
+        if seconds is not None:
+            self.request_seconds.labels(method, route).observe(seconds)
 
     def render_finished(self, status: str, seconds: float | None) -> None:
         """Count one finished render and its duration."""
