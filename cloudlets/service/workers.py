@@ -45,7 +45,13 @@ from cloudlets.progress import ProgressCallback
 from cloudlets.renderer import Renderer
 from cloudlets.result import RenderResult
 from cloudlets.service.config import ServiceConfig, Target
-from cloudlets.service.jobs import InProcessPool, RenderTask, StopReport, renderer_for
+from cloudlets.service.jobs import (
+    SERVICE_STOPPED,
+    InProcessPool,
+    RenderTask,
+    StopReport,
+    renderer_for,
+)
 
 __all__ = ["RENDER_NICENESS", "WORKER_LOST", "ProcessPool", "RemoteRenderError", "render_payload",
            "with_signer"]
@@ -279,6 +285,7 @@ class ProcessPool(InProcessPool):
         self._spares: list[_RenderProcess] = []  # started, not yet a thread's
         self._guard = threading.Lock()
         self._numbers = iter(range(1 << 30))
+        self._cut: set[str] = set()  # entry ids whose process stop() terminates
 
     def execute(self, task: RenderTask) -> Execute:
         """The render of a task in this worker thread's process.
@@ -298,6 +305,11 @@ class ProcessPool(InProcessPool):
                 if exc.remote_type == WORKER_LOST:
                     with self._guard:
                         self._processes.pop(ident, None)
+                        cut = task.entry_id in self._cut
+                    if cut:  # stop() terminated it: say so, as the service will
+                        raise RemoteRenderError(
+                            "the service stopped while this render ran (its process "
+                            "was terminated)", SERVICE_STOPPED) from None
                 raise
             finally:
                 with self._guard:
@@ -312,6 +324,7 @@ class ProcessPool(InProcessPool):
         report = super().stop(grace)
         cut = {task.entry_id for task in report.still_running}
         with self._guard:
+            self._cut |= cut
             processes = [(process, self._busy.get(ident) in cut)
                          for ident, process in self._processes.items()]
             processes += [(process, False) for process in self._spares]
