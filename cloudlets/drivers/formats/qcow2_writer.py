@@ -185,19 +185,11 @@ def _nonzero(disk: _Disk, candidates: Sequence[int], base: int = 0) -> list[int]
     bytes into the disk) that hold a non-zero byte, by reading them."""
     kept: list[int] = []
     view = memoryview(bytearray(CLUSTER_SIZE * RUN_CLUSTERS))
-    index = 0
-    while index < len(candidates):
-        # a run of consecutive candidate clusters, read at once
-        first = candidates[index]
-        count = 1
-        while (index + count < len(candidates) and count < RUN_CLUSTERS
-               and candidates[index + count] == first + count):
-            count += 1
+    for first, count in _runs(candidates):  # each run of consecutive clusters read at once
         disk.read(view[:count * CLUSTER_SIZE], base + (first << CLUSTER_BITS))
         for k in range(count):
             if not _is_zero(view[k * CLUSTER_SIZE:(k + 1) * CLUSTER_SIZE]):
                 kept.append(first + k)
-        index += count
     return kept
 
 
@@ -450,7 +442,7 @@ def write_qcow2(pieces: Sequence[Piece], target: Path, *,
         disk.close()
 
 
-def _runs(data: tuple[int, ...]) -> Iterator[tuple[int, int]]:
+def _runs(data: Sequence[int]) -> Iterator[tuple[int, int]]:
     """``(first, count)``: the runs of consecutive guest clusters in
     ``data``, at most :data:`RUN_CLUSTERS` long."""
     index = 0
