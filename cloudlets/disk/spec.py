@@ -141,7 +141,8 @@ class DiskImage:
         return FormatDisk(path=self.path, size=self.size, firmware=self.firmware,
                           tree_tar=tree_tar,
                           details=dict(details if details is not None else self.record()),
-                          pieces=self.pieces, unpatched=self.unpatched, root_offset=self.root_offset,
+                          pieces=self.pieces, unpatched=self.unpatched,
+                          root_offset=self.root_offset,
                           root_uuid=self.root_uuid, source_date_epoch=self.source_date_epoch)
 
     def record(self) -> dict[str, Any]:
