@@ -6,13 +6,12 @@ be read back to be hashed for the store (300 MB for a 1 GiB root filesystem
 of shared libraries), and it allocates as it goes, so nothing about its file
 is known before it exits. Here the layout is decided first, by content: the
 disk is read once to find its non-zero clusters (holes are skipped without
-reading), then the file is written front to back (header, refcounts, L1 and
-L2 tables, the data clusters in guest order) while every byte is hashed on
-its way out, a writer thread overlapping ``pwrite`` with the reads and the
-hashing (both release the GIL). The same disk content always gives the same
-bytes, whatever the pieces or the file system's holes.
+reading), then the file is written front to back while every byte is hashed
+on its way out, a writer thread overlapping ``pwrite`` with the reads and
+the hashing (both release the GIL). The same disk content always gives the
+same bytes, whatever the pieces or the file system's holes.
 
-The layout, all clusters of :data:`CLUSTER_SIZE` bytes::
+The plain layout, all clusters of :data:`CLUSTER_SIZE` bytes::
 
     0                      header (version 3, refcount order 4: 16-bit counts)
     1                      refcount table
@@ -20,6 +19,20 @@ The layout, all clusters of :data:`CLUSTER_SIZE` bytes::
     ..                     L1 table
     ..                     L2 tables, only those that map some data
     ..                     data clusters, in guest order
+
+A disk that a render made by patching a cached base filesystem (its
+``unpatched`` pieces name that base) gets the prefixed layout instead
+(:class:`_Prefixed`): the header and the non-zero clusters of the unpatched
+base come first, so that they are the same bytes for every render over that
+base; then the L1 and refcount tables, the clusters this render changed or
+took from elsewhere (partition table, boot code, ESP), the L2 tables and the
+refcount blocks. The stale copies of changed clusters in the prefix have
+count 0 and no reference. The sha256 state after the prefix is kept in the
+process and beside the base (``<key>.qcow2-prefix``, OpenSSL's
+``SHA256_CTX``: :mod:`~cloudlets.drivers.formats.hashstate`), so that a
+re-render copies the prefix with ``copy_file_range`` (in the kernel, never
+through user space) and hashes only the rest. A cold render over the same
+base writes the same bytes: it only hashes the prefix too.
 
 No backing file, no compression, no extensions: ``qemu-img check`` finds it
 clean, and QEMU boots it.
