@@ -79,6 +79,7 @@ _COPIED = 1 << 63  # L1/L2 entry: refcount is exactly 1
 _REFCOUNT_ORDER = 4  # 16-bit refcounts
 _REFCOUNTS_PER_BLOCK = CLUSTER_SIZE * 8 // (1 << _REFCOUNT_ORDER)
 _ENTRIES_PER_TABLE = CLUSTER_SIZE // 8
+_L2_BITS = CLUSTER_BITS - 3  # log2 of the entries per table
 _ZERO_CLUSTER = bytes(CLUSTER_SIZE)
 
 
@@ -534,20 +535,20 @@ def _prefixed_tables(layout: _Prefixed) -> tuple[bytes, bytes]:
         struct.pack_into(">Q", middle, table + 8 * block,
                          (layout.first_block + block) * CLUSTER_SIZE)
     end = bytearray((len(layout.l2_tables) + layout.refcount_blocks) * CLUSTER_SIZE)
-
-    def point(guest: int, host: int) -> None:
-        table_cluster = slot[guest // _ENTRIES_PER_TABLE] - layout.first_l2
-        struct.pack_into(">Q", end, table_cluster * CLUSTER_SIZE
-                         + 8 * (guest % _ENTRIES_PER_TABLE), (host * CLUSTER_SIZE) | _COPIED)
-
+    # each guest cluster's entry in the L2 tables (at the start of ``end``)
+    entry = {index: k * CLUSTER_SIZE for k, index in enumerate(layout.l2_tables)}
+    pack, stale = struct.Struct(">Q").pack_into, layout.stale
     counts = array.array("H", [1]) * layout.clusters
+    mapped = []
     for host, guest in enumerate(layout.prefix, 1):
-        if guest in layout.stale:
+        if guest in stale:
             counts[host] = 0
         else:
-            point(guest, host)
-    for host, guest in enumerate(layout.tail, layout.first_tail):
-        point(guest, host)
+            mapped.append((host, guest))
+    mapped.extend(enumerate(layout.tail, layout.first_tail))
+    for host, guest in mapped:
+        at = entry[guest >> _L2_BITS] + 8 * (guest % _ENTRIES_PER_TABLE)
+        pack(end, at, (host << CLUSTER_BITS) | _COPIED)
     if sys.byteorder == "little":
         counts.byteswap()  # refcounts are big-endian
     start = len(layout.l2_tables) * CLUSTER_SIZE
@@ -900,19 +901,18 @@ def _prefix_copies(layout: _Prefixed, eligible: dict[int, _Segment]) -> Iterator
     """The prefix's clusters as in-kernel copies from the base, each run of
     clusters consecutive in both files in one copy (at most
     :data:`WRITEBACK_BYTES`, so that writeback follows)."""
-    run: _Copy | None = None
+    fd = start = length = offset = -1
     for host, cluster in enumerate(layout.prefix, 1):
         segment = eligible[cluster]
         source = segment.offset + (cluster << CLUSTER_BITS) - segment.start
-        if run is not None and run.fd == segment.fd and run.source + run.length == source \
-                and run.length < WRITEBACK_BYTES:
-            run = _Copy(run.fd, run.source, run.length + CLUSTER_SIZE, run.offset)
+        if segment.fd == fd and start + length == source and length < WRITEBACK_BYTES:
+            length += CLUSTER_SIZE
             continue
-        if run is not None:
-            yield run
-        run = _Copy(segment.fd, source, CLUSTER_SIZE, host * CLUSTER_SIZE)
-    if run is not None:
-        yield run
+        if fd >= 0:
+            yield _Copy(fd, start, length, offset)
+        fd, start, length, offset = segment.fd, source, CLUSTER_SIZE, host << CLUSTER_BITS
+    if fd >= 0:
+        yield _Copy(fd, start, length, offset)
 
 
 #: How ``copy_file_range`` says it cannot copy between these two files.
