@@ -146,3 +146,35 @@ def test_rendered_example_boots_with_the_render_config(
     assert bootfixture.MARKER in booted.console, context
     for section, text in EXPECTED.items():
         assert bootfixture.console_section(booted.console, section) == text, context
+
+
+@pytest.mark.boot
+def test_a_qcow2_rerender_from_the_saved_prefix_state_boots(
+    example_manifest: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second render over a cached base copies the qcow2's prefix (the
+    unpatched base) under the hash state saved beside the base, and puts the
+    patched clusters after it (their stale copies in the prefix unused):
+    that file boots and the guest sees the rendered files."""
+    from cloudlets.drivers.formats import qcow2_writer
+
+    monkeypatch.setattr(qcow2_writer, "MEMO_SETTLED_NS", 0)
+    monkeypatch.setattr(qcow2_writer, "_prefix_memo", type(qcow2_writer._prefix_memo)())
+    renderer = Renderer(cache_dir=tmp_path / "cache", data_dir=tmp_path / "home",
+                        ex_allow_file_urls=True)
+    first = renderer.render(example_manifest, str(tmp_path / "first") + "/", storage="local",
+                            format="qcow2", config=CONFIG)
+    assert list((tmp_path / "cache" / "bases").glob("*.qcow2-prefix"))
+    qcow2_writer._prefix_memo.clear()  # the state comes from the file, as in a fresh process
+    again = renderer.render(example_manifest, str(tmp_path / "again") + "/", storage="local",
+                            format="qcow2", config=CONFIG)
+    assert again.details["disk"]["base_cached"] is True
+    assert again.primary.sha256 == first.primary.sha256
+    image = Path(again.primary.location.removeprefix("file://"))
+    booted = bootfixture.boot(image, firmware="bios", disk_format="qcow2",
+                              workdir=tmp_path / "boot", timeout=90)
+    context = f"console tail after {booted.seconds:.1f}s:\n{booted.tail()}"
+    assert not booted.timed_out, context
+    assert bootfixture.MARKER in booted.console, context
+    for section, text in EXPECTED.items():
+        assert bootfixture.console_section(booted.console, section) == text, context

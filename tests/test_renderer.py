@@ -774,6 +774,53 @@ def test_an_ova_rerender_from_cached_grains_is_the_ova_a_cold_render_makes(
     assert compare.returncode == 0, compare.stdout + compare.stderr
 
 
+def test_a_qcow2_rerender_over_a_known_prefix_is_the_qcow2_a_cold_render_makes(
+        cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """qcow2 over a cached base starts with the header and the unpatched
+    base's clusters; a re-render copies them under the hash state the
+    first render kept (in the process, then beside the base for a fresh
+    one) and writes the bytes a cold render in a fresh cache writes."""
+    from cloudlets.drivers.formats import qcow2_writer
+
+    monkeypatch.setattr(qcow2_writer, "MEMO_SETTLED_NS", 0)
+    monkeypatch.setattr(qcow2_writer, "_prefix_memo", type(qcow2_writer._prefix_memo)())
+    manifest = cloudlet()
+    other = {**CONFIG, "hostname": "web2"}
+    options = {"ex_source_date_epoch": 1_700_000_000, "ex_allow_hosts": LOOPBACK_HOSTS}
+    cached = Renderer(cache_dir=tmp_path / "c1", work_dir=tmp_path / "w1", **options)
+    first = cached.render(manifest, str(tmp_path / "a") + "/", "local", "qcow2", CONFIG)
+    assert first.details["disk"]["composed"] is True
+    [state] = (tmp_path / "c1" / "bases").glob("*.qcow2-prefix")
+    warm = cached.render(manifest, str(tmp_path / "b") + "/", "local", "qcow2", other)
+    qcow2_writer._prefix_memo.clear()  # as in a fresh process: the state from the file
+    fresh_process = cached.render(manifest, str(tmp_path / "d") + "/", "local", "qcow2",
+                                  other)
+    fresh = Renderer(cache_dir=tmp_path / "c2", work_dir=tmp_path / "w2", **options)
+    cold = fresh.render(manifest, str(tmp_path / "c") + "/", "local", "qcow2", other)
+    assert warm.primary.sha256 == fresh_process.primary.sha256 == cold.primary.sha256
+    for result in (first, warm, fresh_process, cold):
+        image = Path(result.primary.location)
+        with open(image, "rb") as handle:
+            assert hashlib.file_digest(handle, "sha256").hexdigest() == result.primary.sha256
+    assert Path(warm.primary.location).read_bytes() == Path(cold.primary.location).read_bytes()
+    # the render with another hostname shares the prefix, up to the L1 table
+    header = Path(first.primary.location).read_bytes()[:104]
+    l1_offset = int.from_bytes(header[40:48], "big")
+    assert int.from_bytes(header[48:56], "big") > l1_offset > 65536  # refcounts after L1
+    assert Path(first.primary.location).read_bytes()[:l1_offset] \
+        == Path(warm.primary.location).read_bytes()[:l1_offset]
+    assert state.is_file()
+    raw = fresh.render(manifest, str(tmp_path / "r") + "/", "local", "raw", other)
+    check = subprocess.run(["qemu-img", "check", cold.primary.location],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2",
+                              raw.primary.location, warm.primary.location],
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
 def test_a_patch_of_too_many_ranges_gets_the_whole_disk_written(
         renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

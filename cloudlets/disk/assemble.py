@@ -197,23 +197,26 @@ def _metadata(base: Path, key: str) -> Path:
 
 def _compose(disk: Path, size: int, root_start: int, base: Path, metadata: Path,
              files: Mapping[str, bytes], *, timestamp: int,
-             workdir: Path) -> tuple[Piece, ...]:
+             workdir: Path) -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
     """The disk as pieces: ``disk`` (everything but the root filesystem),
     the cached ``base`` at ``root_start`` and over it the ranges the patch
-    changed. :returns: ``()`` when the patch changed too many ranges (then
-    the caller writes the disk whole)."""
+    changed; and the same disk without the patch (for a writer that lays
+    out what every render over this base shares first).
+    :returns: ``((), ())`` when the patch changed too many ranges (then the
+    caller writes the disk whole)."""
     ranges: list[tuple[int, int]] = []
     patched = base
     if files:
         patched, ranges = ext4.patched_ranges(metadata, files, timestamp=timestamp,
                                               workdir=workdir)
         if len(ranges) > MAX_PATCHED_RANGES:
-            return ()
+            return (), ()
     base_size = base.stat().st_size
-    pieces = [Piece(disk, 0, root_start), *overlay(base, base_size, patched, ranges)]
+    head, tail = [Piece(disk, 0, root_start)], []
     if root_start + base_size < size:
-        pieces.append(Piece(disk, root_start + base_size, size - root_start - base_size))
-    return tuple(pieces)
+        tail.append(Piece(disk, root_start + base_size, size - root_start - base_size))
+    pieces = (*head, *overlay(base, base_size, patched, ranges), *tail)
+    return pieces, (*head, Piece(base, 0, base_size), *tail)
 
 
 def _tree_digest(tree_tar: Path) -> str:
@@ -637,6 +640,7 @@ def build_disk(
     compose = compose and base_cache is not None and key is not None
     base_image: Path | None = None
     pieces: tuple[Piece, ...] = ()
+    unpatched: tuple[Piece, ...] = ()
     try:
         with open(output, "wb") as handle:
             fd = handle.fileno()
@@ -673,7 +677,7 @@ def build_disk(
                 (base_cache / f"{key}.json").write_text(json.dumps(meta))
                 base_image = base_cache / f"{key}.ext4"
             if base_image is not None and compose and key is not None:
-                pieces = _compose(output, layout.size, root.start, base_image,
+                pieces, unpatched = _compose(output, layout.size, root.start, base_image,
                                   _metadata(base_image, key), patch_files or {},
                                   timestamp=timestamp, workdir=workdir / "patch")
             if base_image is not None and not pieces:
@@ -709,4 +713,5 @@ def build_disk(
         source_date_epoch=timestamp,
         base_cached=cached is not None,
         pieces=pieces,
+        unpatched=unpatched,
     )

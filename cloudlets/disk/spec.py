@@ -98,6 +98,9 @@ class DiskImage:
     :ivar pieces: when not empty, the image is these byte ranges of files,
         in order, and :attr:`path` alone lacks the root filesystem (see
         :func:`~cloudlets.disk.build_disk`'s ``compose``).
+    :ivar unpatched: with :attr:`pieces`, the same disk before the render's
+        patches: the cached base filesystem whole where :attr:`pieces` has
+        the patched blocks over it.
     """
 
     path: Path
@@ -113,6 +116,7 @@ class DiskImage:
     source_date_epoch: int
     base_cached: bool = False
     pieces: tuple[Piece, ...] = ()
+    unpatched: tuple[Piece, ...] = ()
 
     @property
     def root(self) -> Partition:
@@ -137,7 +141,8 @@ class DiskImage:
         return FormatDisk(path=self.path, size=self.size, firmware=self.firmware,
                           tree_tar=tree_tar,
                           details=dict(details if details is not None else self.record()),
-                          pieces=self.pieces, root_offset=self.root_offset,
+                          pieces=self.pieces, unpatched=self.unpatched,
+                          root_offset=self.root_offset,
                           root_uuid=self.root_uuid, source_date_epoch=self.source_date_epoch)
 
     def record(self) -> dict[str, Any]:

@@ -77,6 +77,10 @@ class DiskImage:
         then possibly not empty: the disk is these byte ranges of files, in
         order, and :attr:`path` alone lacks the root filesystem.
         :func:`cloudlets.drivers.formats.qemuimg.convert` reads either form.
+    :ivar unpatched: with :attr:`pieces`, possibly: the same disk before the
+        render patched it (its root filesystem the cached base, whole), for
+        a driver that lays out first what every render over that base
+        shares (:mod:`~cloudlets.drivers.formats.qcow2_writer`).
     :ivar root_offset: where the root filesystem's partition starts, in
         bytes (``None``: not known, e.g. a tree).
     :ivar root_uuid: the root filesystem's UUID (what ``root=UUID=`` names).
@@ -91,6 +95,7 @@ class DiskImage:
     tree_tar: Path | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     pieces: tuple[Piece, ...] = ()
+    unpatched: tuple[Piece, ...] = ()
     root_offset: int | None = None
     root_uuid: str | None = None
     source_date_epoch: int | None = None

@@ -43,7 +43,8 @@ class Qcow2Format(FormatDriver):
         if not self.compress:
             disk = context.disk
             pieces = disk.pieces or (Piece(disk.path, 0, disk.path.stat().st_size),)
-            digest = write_qcow2(pieces, target, progress=context.progress)
+            unpatched = disk.unpatched if disk.pieces and disk.unpatched else None
+            digest = write_qcow2(pieces, target, unpatched=unpatched, progress=context.progress)
             return [OutputFile(role="disk", path=target, name=name,
                                media_type="application/x-qemu-disk", sha256=digest)]
         qemuimg.convert(context.disk, target, "qcow2", options={"compat": "1.1"},

@@ -6,13 +6,12 @@ be read back to be hashed for the store (300 MB for a 1 GiB root filesystem
 of shared libraries), and it allocates as it goes, so nothing about its file
 is known before it exits. Here the layout is decided first, by content: the
 disk is read once to find its non-zero clusters (holes are skipped without
-reading), then the file is written front to back (header, refcounts, L1 and
-L2 tables, the data clusters in guest order) while every byte is hashed on
-its way out, a writer thread overlapping ``pwrite`` with the reads and the
-hashing (both release the GIL). The same disk content always gives the same
-bytes, whatever the pieces or the file system's holes.
+reading), then the file is written front to back while every byte is hashed
+on its way out, a writer thread overlapping ``pwrite`` with the reads and
+the hashing (both release the GIL). The same disk content always gives the
+same bytes, whatever the pieces or the file system's holes.
 
-The layout, all clusters of :data:`CLUSTER_SIZE` bytes::
+The plain layout, all clusters of :data:`CLUSTER_SIZE` bytes::
 
     0                      header (version 3, refcount order 4: 16-bit counts)
     1                      refcount table
@@ -20,6 +19,20 @@ The layout, all clusters of :data:`CLUSTER_SIZE` bytes::
     ..                     L1 table
     ..                     L2 tables, only those that map some data
     ..                     data clusters, in guest order
+
+A disk that a render made by patching a cached base filesystem (its
+``unpatched`` pieces name that base) gets the prefixed layout instead
+(:class:`_Prefixed`): the header and the non-zero clusters of the unpatched
+base come first, so that they are the same bytes for every render over that
+base; then the L1 and refcount tables, the clusters this render changed or
+took from elsewhere (partition table, boot code, ESP), the L2 tables and the
+refcount blocks. The stale copies of changed clusters in the prefix have
+count 0 and no reference. The sha256 state after the prefix is kept in the
+process and beside the base (``<key>.qcow2-prefix``, OpenSSL's
+``SHA256_CTX``: :mod:`~cloudlets.drivers.formats.hashstate`), so that a
+re-render copies the prefix with ``copy_file_range`` (in the kernel, never
+through user space) and hashes only the rest. A cold render over the same
+base writes the same bytes: it only hashes the prefix too.
 
 No backing file, no compression, no extensions: ``qemu-img check`` finds it
 clean, and QEMU boots it.
@@ -31,7 +44,9 @@ import array
 import bisect
 import collections
 import contextlib
+import errno
 import hashlib
+import itertools
 import os
 import queue
 import secrets
@@ -43,6 +58,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloudlets.drivers.formats import hashstate
 from cloudlets.errors import FormatError
 from cloudlets.progress import PartProgress
 from cloudlets.sparse import Piece, data_ranges
@@ -63,6 +79,7 @@ _COPIED = 1 << 63  # L1/L2 entry: refcount is exactly 1
 _REFCOUNT_ORDER = 4  # 16-bit refcounts
 _REFCOUNTS_PER_BLOCK = CLUSTER_SIZE * 8 // (1 << _REFCOUNT_ORDER)
 _ENTRIES_PER_TABLE = CLUSTER_SIZE // 8
+_L2_BITS = CLUSTER_BITS - 3  # log2 of the entries per table
 _ZERO_CLUSTER = bytes(CLUSTER_SIZE)
 
 
@@ -81,10 +98,13 @@ class _Disk:
     """The disk as segments of open files, read by disk offset."""
 
     def __init__(self, pieces: Sequence[Piece], *,
-                 segments: Sequence[_Segment] = ()) -> None:
+                 segments: Sequence[_Segment] = (), share: _Disk | None = None) -> None:
         """Open the files of ``pieces``; or read ``segments`` of files
-        opened already (closed by their owner)."""
-        self._fds: dict[Path, int] = {}
+        opened already (closed by their owner). With ``share``, a file
+        ``share`` has open is read through its descriptor, and any other is
+        opened into it (``share`` closes them all)."""
+        self._fds: dict[Path, int] = share._fds if share is not None else {}
+        self._owner = share is None
         self.segments: list[_Segment] = list(segments)
         position = sum(segment.length for segment in segments)
         try:
@@ -104,9 +124,12 @@ class _Disk:
         #: the file each descriptor this disk opened reads
         self.paths = {fd: path for path, fd in self._fds.items()}
         self._starts = [segment.start for segment in self.segments]
-        self._ranges: dict[int, list[tuple[int, int]]] = {}
+        self._ranges: dict[int, list[tuple[int, int]]] = \
+            share._ranges if share is not None else {}
 
     def close(self) -> None:
+        if not self._owner:
+            return
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -364,16 +387,22 @@ def _plan(size: int, data: list[int]) -> _Layout:
     return _Layout(size, l1_entries, blocks, l1_clusters, tables, tuple(data))
 
 
+def _header(size: int, l1_entries: int, l1_offset: int, table_offset: int,
+            table_clusters: int) -> bytes:
+    """The header cluster (no extensions: the end marker is its zeros)."""
+    header = struct.pack(
+        ">4sIQIIQIIQQIIQQQQII", _MAGIC, 3, 0, 0, CLUSTER_BITS, size, 0,
+        l1_entries, l1_offset, table_offset, table_clusters, 0, 0,
+        0, 0, 0, _REFCOUNT_ORDER, _HEADER_LENGTH)
+    return header + bytes(CLUSTER_SIZE - len(header))
+
+
 def _metadata(layout: _Layout) -> bytes:
     """Every cluster before the data: header, refcount table and blocks, L1
     and L2 tables."""
-    header = struct.pack(
-        ">4sIQIIQIIQQIIQQQQII", _MAGIC, 3, 0, 0, CLUSTER_BITS, layout.size, 0,
-        layout.l1_entries, layout.l1_offset, CLUSTER_SIZE, 1, 0, 0,
-        0, 0, 0, _REFCOUNT_ORDER, _HEADER_LENGTH)
     out = bytearray(layout.first_data * CLUSTER_SIZE)
-    out[:len(header)] = header
-    # header extensions: the end marker only (8 zero bytes, already there)
+    out[:CLUSTER_SIZE] = _header(layout.size, layout.l1_entries, layout.l1_offset,
+                                 CLUSTER_SIZE, 1)
     table = CLUSTER_SIZE
     for block in range(layout.refcount_blocks):
         struct.pack_into(">Q", out, table + 8 * block, (2 + block) * CLUSTER_SIZE)
@@ -388,6 +417,270 @@ def _metadata(layout: _Layout) -> bytes:
         struct.pack_into(">Q", out, table_cluster * CLUSTER_SIZE
                          + 8 * (guest % _ENTRIES_PER_TABLE), (host * CLUSTER_SIZE) | _COPIED)
     return bytes(out)
+
+
+# -- the prefixed layout: a re-render over a cached base ------------------------------
+
+#: Bumped whenever the prefixed layout's bytes would change for the same
+#: disk: part of every remembered or saved prefix state's key.
+PREFIX_LAYOUT = 1
+#: How many prefix hash states a process remembers (least recently used go).
+PREFIX_MEMO = 8
+#: The suffix of the prefix's hash state kept beside a cached base.
+PREFIX_SIDECAR = "qcow2-prefix"
+_PREFIX_MAGIC = b"cloudlets-qcow2-prefix-1\n"
+_PREFIX_BODY = struct.Struct(f"<32sQ{hashstate.STATE_SIZE}s")  # key, prefix bytes, state
+_prefix_memo: collections.OrderedDict[tuple[object, ...], hashstate.Sha256] = \
+    collections.OrderedDict()
+
+
+@dataclass(frozen=True)
+class _Prefixed:
+    """The layout over a cached base, all clusters of :data:`CLUSTER_SIZE`
+    bytes::
+
+        0                   header
+        1 .. 1+len(prefix)  the unpatched base's non-zero clusters (guest order)
+        ..                  L1 table
+        ..                  refcount table (sized for the largest file possible)
+        ..                  tail: every other cluster stored (guest order)
+        ..                  L2 tables
+        ..                  refcount blocks
+
+    The header and the prefix depend on the disk's size and the base alone,
+    so they are the same bytes, and have the same hash, in every render over
+    that base.
+    """
+
+    size: int
+    l1_entries: int
+    l1_clusters: int
+    table_clusters: int
+    prefix: tuple[int, ...]  # guest clusters
+    stale: frozenset[int]  # prefix clusters the render changed: count 0, no reference
+    tail: tuple[int, ...]  # guest clusters
+    l2_tables: tuple[int, ...]
+    refcount_blocks: int
+
+    @property
+    def l1_offset(self) -> int:
+        return (1 + len(self.prefix)) * CLUSTER_SIZE
+
+    @property
+    def table_offset(self) -> int:
+        return self.l1_offset + self.l1_clusters * CLUSTER_SIZE
+
+    @property
+    def first_tail(self) -> int:
+        return self.table_offset // CLUSTER_SIZE + self.table_clusters
+
+    @property
+    def first_l2(self) -> int:
+        return self.first_tail + len(self.tail)
+
+    @property
+    def first_block(self) -> int:
+        return self.first_l2 + len(self.l2_tables)
+
+    @property
+    def clusters(self) -> int:
+        return self.first_block + self.refcount_blocks
+
+    def header(self) -> bytes:
+        return _header(self.size, self.l1_entries, self.l1_offset, self.table_offset,
+                       self.table_clusters)
+
+
+def _blocks_for(clusters_without_blocks: int) -> int:
+    """Refcount blocks for a file of this many clusters plus the blocks."""
+    blocks = 1
+    while -(-(clusters_without_blocks + blocks) // _REFCOUNTS_PER_BLOCK) > blocks:
+        blocks = -(-(clusters_without_blocks + blocks) // _REFCOUNTS_PER_BLOCK)
+    return blocks
+
+
+def _plan_prefixed(size: int, prefix: list[int], stale: set[int],
+                   tail: list[int]) -> _Prefixed:
+    guest_clusters = -(-size // CLUSTER_SIZE)
+    l1_entries = max(1, -(-guest_clusters // _ENTRIES_PER_TABLE))
+    l1_clusters = -(-l1_entries * 8 // CLUSTER_SIZE)
+    # the refcount table covers the largest file the disk could give: every
+    # guest cluster in the tail, every L2 table present
+    table_clusters = 1
+    while True:
+        bound = 1 + len(prefix) + l1_clusters + table_clusters + guest_clusters + l1_entries
+        if _blocks_for(bound) <= table_clusters * _ENTRIES_PER_TABLE:
+            break
+        table_clusters += 1
+    mapped = [cluster for cluster in prefix if cluster not in stale] + tail
+    tables = tuple(sorted({cluster // _ENTRIES_PER_TABLE for cluster in mapped}))
+    layout = _Prefixed(size, l1_entries, l1_clusters, table_clusters, tuple(prefix),
+                       frozenset(stale), tuple(tail), tables, 0)
+    blocks = _blocks_for(layout.first_block)
+    if blocks > table_clusters * _ENTRIES_PER_TABLE:  # pragma: no cover - bounded above
+        raise FormatError(f"a disk of {size} bytes outgrew its refcount table")
+    return _Prefixed(size, l1_entries, l1_clusters, table_clusters, tuple(prefix),
+                     frozenset(stale), tuple(tail), tables, blocks)
+
+
+def _prefixed_tables(layout: _Prefixed) -> tuple[bytes, bytes]:
+    """The L1 and refcount tables (after the prefix), and the L2 tables and
+    refcount blocks (after the tail)."""
+    slot = {index: layout.first_l2 + k for k, index in enumerate(layout.l2_tables)}
+    middle = bytearray((layout.l1_clusters + layout.table_clusters) * CLUSTER_SIZE)
+    for index, cluster in slot.items():
+        struct.pack_into(">Q", middle, 8 * index, (cluster * CLUSTER_SIZE) | _COPIED)
+    table = layout.l1_clusters * CLUSTER_SIZE
+    for block in range(layout.refcount_blocks):
+        struct.pack_into(">Q", middle, table + 8 * block,
+                         (layout.first_block + block) * CLUSTER_SIZE)
+    end = bytearray((len(layout.l2_tables) + layout.refcount_blocks) * CLUSTER_SIZE)
+    # each guest cluster's entry in the L2 tables (at the start of ``end``)
+    entry = {index: k * CLUSTER_SIZE for k, index in enumerate(layout.l2_tables)}
+    pack, stale = struct.Struct(">Q").pack_into, layout.stale
+    counts = array.array("H", [1]) * layout.clusters
+    mapped = []
+    for host, guest in enumerate(layout.prefix, 1):
+        if guest in stale:
+            counts[host] = 0
+        else:
+            mapped.append((host, guest))
+    mapped.extend(enumerate(layout.tail, layout.first_tail))
+    for host, guest in mapped:
+        at = entry[guest >> _L2_BITS] + 8 * (guest % _ENTRIES_PER_TABLE)
+        pack(end, at, (host << CLUSTER_BITS) | _COPIED)
+    if sys.byteorder == "little":
+        counts.byteswap()  # refcounts are big-endian
+    start = len(layout.l2_tables) * CLUSTER_SIZE
+    end[start:start + len(counts) * 2] = counts.tobytes()
+    return bytes(middle), bytes(end)
+
+
+def _base_files(unpatched: _Disk) -> dict[int, Path]:
+    """The cached base filesystems among the unpatched disk's files, by
+    descriptor."""
+    return {fd: path for fd, path in unpatched.paths.items() if _map_sidecar(path) is not None}
+
+
+def _eligible(unpatched: _Disk, bases: dict[int, Path]) -> dict[int, _Segment]:
+    """The guest clusters the prefix may hold: wholly inside a piece of a
+    cached base, at a cluster boundary of that file; with their segment."""
+    found: dict[int, _Segment] = {}
+    for segment in unpatched.segments:
+        if segment.fd not in bases:
+            continue
+        first = -(-segment.start // CLUSTER_SIZE)
+        end = (segment.start + segment.length) // CLUSTER_SIZE
+        if first >= end or (segment.offset + (first << CLUSTER_BITS) - segment.start) \
+                % CLUSTER_SIZE:
+            continue
+        for cluster in range(first, end):
+            found[cluster] = segment
+    return found
+
+
+def _changed(disk: _Disk, unpatched: _Disk) -> set[int]:
+    """The guest clusters holding a byte that ``disk`` takes from elsewhere
+    than ``unpatched`` (both read through the same descriptors)."""
+    points = sorted({s.start for s in disk.segments} | {s.start for s in unpatched.segments})
+    changed: set[int] = set()
+    for low, high in itertools.pairwise([*points, disk.size]):
+        if low >= high or low >= disk.size:
+            continue
+        mine, theirs = disk._overlapping(low, 1), unpatched._overlapping(low, 1)
+        if mine and theirs and mine[0].fd == theirs[0].fd \
+                and mine[0].offset - mine[0].start == theirs[0].offset - theirs[0].start:
+            continue
+        changed.update(range(low >> CLUSTER_BITS, ((high - 1) >> CLUSTER_BITS) + 1))
+    return changed
+
+
+def _settled(info: os.stat_result) -> bool:
+    return time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) >= MEMO_SETTLED_NS
+
+
+def _prefix_nonzero(unpatched: _Disk, eligible: dict[int, _Segment]) -> list[int]:
+    """The eligible clusters holding a non-zero byte (from the base's
+    remembered map where there is one)."""
+    kept: list[int] = []
+    unknown: list[int] = []
+    maps: dict[int, frozenset[int] | None] = {}
+    for cluster in unpatched.data_clusters():
+        segment = eligible.get(cluster)
+        if segment is None:
+            continue
+        if segment.fd not in maps:
+            maps[segment.fd] = _file_map(segment.fd, unpatched.paths.get(segment.fd))
+        known = maps[segment.fd]
+        if known is None:
+            unknown.append(cluster)
+        elif (segment.offset + (cluster << CLUSTER_BITS) - segment.start) >> CLUSTER_BITS \
+                in known:
+            kept.append(cluster)
+    kept.extend(_nonzero(unpatched, unknown))
+    return sorted(kept)
+
+
+def _prefix_keys(layout: _Prefixed, eligible: dict[int, _Segment],
+                 bases: dict[int, Path]) -> tuple[tuple[object, ...], bytes] | None:
+    """What the prefix's bytes are made of: the key of its state in this
+    process (the base files' identities) and on disk (their sizes and
+    mtimes, as the cluster map's sidecar checks); ``None`` while a base
+    could still change within its clock tick."""
+    order = sorted(bases)
+    index = {fd: k for k, fd in enumerate(order)}
+    sources = array.array("Q")
+    for cluster in layout.prefix:
+        segment = eligible[cluster]
+        sources.append(index[segment.fd])
+        sources.append(segment.offset + (cluster << CLUSTER_BITS) - segment.start)
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        sources.byteswap()
+    made_of = hashlib.sha256(struct.pack("<Q", PREFIX_LAYOUT) + layout.header()
+                             + sources.tobytes())
+    identities: list[tuple[int, ...]] = []
+    for fd in order:
+        info = os.fstat(fd)
+        if not _settled(info):
+            return None
+        identities.append((info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
+                           info.st_ctime_ns))
+        made_of.update(struct.pack("<QQ", info.st_size, info.st_mtime_ns))
+    return (made_of.digest(), *identities), made_of.digest()
+
+
+def _load_prefix(sidecar: Path, key: bytes, length: int) -> hashstate.Sha256 | None:
+    """The prefix's hash state saved in ``sidecar``, if it is this prefix's
+    and intact; else ``None``."""
+    size = len(_PREFIX_MAGIC) + _PREFIX_BODY.size + 32
+    try:
+        with open(sidecar, "rb") as handle:
+            data = handle.read(size + 1)
+    except OSError:
+        return None
+    if len(data) != size or not data.startswith(_PREFIX_MAGIC) \
+            or hashlib.sha256(data[:-32]).digest() != data[-32:]:
+        return None
+    saved_key, saved_length, state = _PREFIX_BODY.unpack_from(data, len(_PREFIX_MAGIC))
+    if saved_key != key or saved_length != length:
+        return None
+    return hashstate.Sha256.restore(state, length)
+
+
+def _save_prefix(sidecar: Path, key: bytes, length: int, state: bytes) -> None:
+    """Keep the prefix's hash state in ``sidecar`` (atomically; a cache
+    directory that cannot take it goes without)."""
+    data = _PREFIX_MAGIC + _PREFIX_BODY.pack(key, length, state)
+    data += hashlib.sha256(data).digest()
+    partial = sidecar.with_name(f"{sidecar.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(partial, "xb") as out:
+            out.write(data)
+        os.replace(partial, sidecar)
+    except OSError:
+        pass
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 #: Bytes written after which the writer asks the kernel to start writing
@@ -415,12 +708,19 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 def write_qcow2(pieces: Sequence[Piece], target: Path, *,
+                unpatched: Sequence[Piece] | None = None,
                 progress: PartProgress | None = None) -> str:
     """Write the disk made of ``pieces`` (concatenated in order) as a qcow2
     file.
 
     :param pieces: the disk; a raw disk file is one piece of its whole length.
     :param target: the file to write (must not exist).
+    :param unpatched: the same disk before a render patched it (the cached
+        base filesystem where ``pieces`` has the patched blocks): the file
+        then starts with the header and the unpatched base's clusters, the
+        same bytes for every render over that base, copied in the kernel
+        and not hashed again when their hash state is known (see
+        :class:`_Prefixed`). Without a cached base in it, it is ignored.
     :param progress: called as ``progress(done, total)`` with the bytes of
         the file hashed and queued for writing so far, and its size.
     :returns: the sha256 of the file as written, computed while writing it.
@@ -431,6 +731,18 @@ def write_qcow2(pieces: Sequence[Piece], target: Path, *,
     except OSError as exc:
         raise FormatError(f"cannot read the disk: {exc.strerror or exc}") from None
     try:
+        before = None
+        if unpatched is not None:
+            try:
+                before = _Disk(unpatched, share=disk)
+            except OSError as exc:
+                raise FormatError(f"cannot read the disk: {exc.strerror or exc}") from None
+            if before.size != disk.size:
+                raise FormatError(f"the unpatched disk is {before.size} bytes, "
+                                  f"the disk {disk.size}")
+        bases = _base_files(before) if before is not None else {}
+        if before is not None and bases:
+            return _write_prefixed(disk, before, bases, target, progress)
         return _write(disk, target, progress)
     except OSError as exc:
         target.unlink(missing_ok=True)
@@ -456,63 +768,252 @@ def _runs(data: Sequence[int]) -> Iterator[tuple[int, int]]:
         index += count
 
 
-#: A buffer and how much of it holds the data for ``offset`` of the file.
-_Item = tuple[memoryview, int, int]
+# What the file is written as, in file order:
+@dataclass(frozen=True)
+class _Bytes:
+    """Computed bytes (tables), hashed and written at ``offset``."""
+
+    data: bytes
+    offset: int
+
+
+@dataclass(frozen=True)
+class _Read:
+    """``count`` guest clusters of ``disk`` from ``first`` on (at most
+    :data:`RUN_CLUSTERS`), read, hashed and written at ``offset``."""
+
+    disk: _Disk
+    first: int
+    count: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """``length`` bytes of ``fd`` from ``source`` on, copied to ``offset``
+    in the kernel: not hashed (the hash state covers them already)."""
+
+    fd: int
+    source: int
+    length: int
+    offset: int
+
+
+class _Mark:
+    """The hash's state here is the prefix's."""
+
+
+_MARK = _Mark()
+_Extent = _Bytes | _Read | _Copy | _Mark
+#: A buffer, how much of it holds the data for ``offset`` of the file, and
+#: whether it goes back to the free buffers.
+_Item = tuple[memoryview, int, int, bool]
 _END = None
 
 
 def _write(disk: _Disk, target: Path, progress: PartProgress | None = None) -> str:
-    """Read, hash and write on three threads: the reads and the writes
-    release the GIL, and so does hashing large buffers, so the hash (the
-    slowest step) has a core of its own."""
+    """The plain layout (:class:`_Layout`)."""
     layout = _plan(disk.size, _allocated(disk))
-    digest = hashlib.sha256()
+    extents: list[_Extent] = [_Bytes(_metadata(layout), 0)]
+    offset = layout.first_data * CLUSTER_SIZE
+    for first, count in _runs(layout.data):
+        extents.append(_Read(disk, first, count, offset))
+        offset += count * CLUSTER_SIZE
+    digest, _ = _pipeline(target, extents, hashstate.Sha256(),
+                          layout.clusters * CLUSTER_SIZE, progress)
+    return digest.hexdigest()
+
+
+def _write_prefixed(disk: _Disk, unpatched: _Disk, bases: dict[int, Path], target: Path,
+                    progress: PartProgress | None) -> str:
+    """The prefixed layout (:class:`_Prefixed`): the prefix copied from the
+    base under a known hash state (remembered in this process, or saved
+    beside the base), else read and hashed as any cluster."""
+    eligible = _eligible(unpatched, bases)
+    prefix = _prefix_nonzero(unpatched, eligible)
+    changed = _changed(disk, unpatched)
+    candidates = [cluster for cluster in disk.data_clusters()
+                  if cluster not in eligible or cluster in changed]
+    tail = _nonzero(disk, candidates)
+    layout = _plan_prefixed(disk.size, prefix, changed.intersection(prefix), tail)
+    middle, end = _prefixed_tables(layout)
+    keys = _prefix_keys(layout, eligible, bases)
+    prefix_bytes = layout.l1_offset
+    known: hashstate.Sha256 | None = None
+    sidecar = _prefix_sidecar(bases[min(bases)])  # any base: the key covers all
+    if keys is not None:
+        with _memo_lock:
+            known = _prefix_memo.get(keys[0])
+            if known is not None:
+                _prefix_memo.move_to_end(keys[0])
+                known = known.copy()
+        if known is None and sidecar is not None:
+            known = _load_prefix(sidecar, keys[1], prefix_bytes)
+    extents: list[_Extent] = []
+    if known is not None:
+        extents.extend(_prefix_copies(layout, eligible))
+        digest = known
+    else:
+        digest = hashstate.Sha256()
+        extents.append(_Bytes(layout.header(), 0))
+        offset = CLUSTER_SIZE
+        for first, count in _runs(layout.prefix):
+            extents.append(_Read(unpatched, first, count, offset))
+            offset += count * CLUSTER_SIZE
+        extents.append(_MARK)
+    extents.append(_Bytes(middle, layout.l1_offset))
+    offset = layout.first_tail * CLUSTER_SIZE
+    for first, count in _runs(layout.tail):
+        extents.append(_Read(disk, first, count, offset))
+        offset += count * CLUSTER_SIZE
+    extents.append(_Bytes(end, layout.first_l2 * CLUSTER_SIZE))
+    if known is not None:  # the header is in the hash state already
+        _pwrite_all_new(target, layout.header())
+    digest, marked = _pipeline(target, extents, digest, layout.clusters * CLUSTER_SIZE,
+                               progress, created=known is not None)
+    if marked is not None and keys is not None:
+        with _memo_lock:
+            _prefix_memo[keys[0]] = marked
+            while len(_prefix_memo) > PREFIX_MEMO:
+                _prefix_memo.popitem(last=False)
+        state = marked.state()
+        if sidecar is not None and state is not None:
+            _save_prefix(sidecar, keys[1], prefix_bytes, state)
+    return digest.hexdigest()
+
+
+def _prefix_sidecar(path: Path) -> Path | None:
+    from cloudlets.disk.assemble import base_sidecar
+
+    return base_sidecar(path, PREFIX_SIDECAR)
+
+
+def _pwrite_all_new(target: Path, header: bytes) -> None:
+    """Create ``target`` with ``header`` at its start."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _pwrite_all(fd, memoryview(header), 0)
+    finally:
+        os.close(fd)
+
+
+def _prefix_copies(layout: _Prefixed, eligible: dict[int, _Segment]) -> Iterator[_Copy]:
+    """The prefix's clusters as in-kernel copies from the base, each run of
+    clusters consecutive in both files in one copy (at most
+    :data:`WRITEBACK_BYTES`, so that writeback follows)."""
+    fd = start = length = offset = -1
+    for host, cluster in enumerate(layout.prefix, 1):
+        segment = eligible[cluster]
+        source = segment.offset + (cluster << CLUSTER_BITS) - segment.start
+        if segment.fd == fd and start + length == source and length < WRITEBACK_BYTES:
+            length += CLUSTER_SIZE
+            continue
+        if fd >= 0:
+            yield _Copy(fd, start, length, offset)
+        fd, start, length, offset = segment.fd, source, CLUSTER_SIZE, host << CLUSTER_BITS
+    if fd >= 0:
+        yield _Copy(fd, start, length, offset)
+
+
+#: How ``copy_file_range`` says it cannot copy between these two files.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP,
+                             errno.EOPNOTSUPP, errno.EPERM})
+
+
+class _Copier:
+    """Copies into one file: ``copy_file_range`` while the kernel takes it,
+    else through a buffer of user space."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.in_kernel = True
+        self._buffer: memoryview | None = None
+
+    def copy(self, copy: _Copy) -> None:
+        source, offset, left = copy.source, copy.offset, copy.length
+        while left:
+            if self.in_kernel:
+                try:
+                    done = os.copy_file_range(copy.fd, self.fd, left, source, offset)
+                except OSError as exc:
+                    if exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    self.in_kernel = False  # another file system, or none: read and write
+                    continue
+            else:
+                if self._buffer is None:
+                    self._buffer = memoryview(bytearray(CLUSTER_SIZE * RUN_CLUSTERS))
+                part = self._buffer[:min(left, len(self._buffer))]
+                done = os.preadv(copy.fd, [part], source)
+                if done > 0:
+                    _pwrite_all(self.fd, part[:done], offset)
+            if done <= 0:
+                raise FormatError("the cached base ended early")
+            source, offset, left = source + done, offset + done, left - done
+
+
+def _pipeline(target: Path, extents: Sequence[_Extent], digest: hashstate.Sha256, total: int,
+              progress: PartProgress | None, *,
+              created: bool = False) -> tuple[hashstate.Sha256, hashstate.Sha256 | None]:
+    """Write ``extents`` to ``target`` (a new file, or one just ``created``)
+    on three threads: the reads and the writes release the GIL, and so does
+    hashing large buffers, so the hash (the slowest step) has a core of its
+    own. :returns: the hash of the file, and its state at the mark, if any."""
+    flags = os.O_WRONLY if created else os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    fd = os.open(target, flags, 0o644)
     free: queue.Queue[memoryview] = queue.Queue()
-    read: queue.Queue[_Item | BaseException | None] = queue.Queue()
-    written: queue.Queue[_Item | None] = queue.Queue()
+    read: queue.Queue[_Item | _Copy | _Mark | BaseException | None] = queue.Queue()
+    written: queue.Queue[_Item | _Copy | None] = queue.Queue()
     stop = threading.Event()
     errors: list[BaseException] = []
+    marked: list[hashstate.Sha256] = []
 
     def reading() -> None:
-        offset = layout.first_data * CLUSTER_SIZE
         try:
-            for first, count in _runs(layout.data):
-                buffer = free.get()
-                if stop.is_set():
-                    break
-                length = count * CLUSTER_SIZE
-                disk.read(buffer[:length], first << CLUSTER_BITS)
-                read.put((buffer, length, offset))
-                offset += length
+            for extent in extents:
+                if isinstance(extent, _Read):
+                    buffer = free.get()
+                    if stop.is_set():
+                        break
+                    length = extent.count * CLUSTER_SIZE
+                    extent.disk.read(buffer[:length], extent.first << CLUSTER_BITS)
+                    read.put((buffer, length, extent.offset, True))
+                elif isinstance(extent, _Bytes):
+                    read.put((memoryview(extent.data), len(extent.data), extent.offset, False))
+                else:
+                    read.put(extent)
         except BaseException as exc:  # noqa: BLE001 - raised by the hashing thread
             read.put(exc)
         read.put(_END)
 
     def writing() -> None:
         flushed = written_to = 0
+        copier = _Copier(fd)
         while (item := written.get()) is not _END:
-            buffer, length, offset = item
             try:
-                if not errors:
+                if errors:
+                    pass
+                elif isinstance(item, _Copy):
+                    copier.copy(item)
+                    written_to = item.offset + item.length
+                else:
+                    buffer, length, offset, _ = item
                     _pwrite_all(fd, buffer[:length], offset)
                     written_to = offset + length
-                    if written_to - flushed >= WRITEBACK_BYTES:
-                        _start_writeback(fd, flushed, written_to - flushed)
-                        flushed = written_to
+                if not errors and written_to - flushed >= WRITEBACK_BYTES:
+                    _start_writeback(fd, flushed, written_to - flushed)
+                    flushed = written_to
             except BaseException as exc:  # noqa: BLE001 - raised by the hashing thread
                 errors.append(exc)
                 stop.set()
-            free.put(buffer)
-        if not errors:  # the rest, to the end (the metadata went with the first range)
+            if not isinstance(item, _Copy) and item[3]:
+                free.put(item[0])
+        if not errors:  # the rest, to the end (a header written before went with the first)
             _start_writeback(fd, flushed, 0)
 
     threads = [threading.Thread(target=reading, name="cloudlets-qcow2-read", daemon=True),
                threading.Thread(target=writing, name="cloudlets-qcow2-write", daemon=True)]
     try:
-        metadata = _metadata(layout)
-        digest.update(metadata)
-        _pwrite_all(fd, memoryview(metadata), 0)
         for _ in range(BUFFERS):
             free.put(memoryview(bytearray(CLUSTER_SIZE * RUN_CLUSTERS)))
         for thread in threads:
@@ -522,10 +1023,17 @@ def _write(disk: _Disk, target: Path, progress: PartProgress | None = None) -> s
                 errors.append(item)
                 stop.set()
                 continue
+            if isinstance(item, _Mark):
+                marked.append(digest.copy())
+                continue
             if not stop.is_set():
-                digest.update(item[0][:item[1]])
+                if isinstance(item, _Copy):
+                    done = item.offset + item.length
+                else:
+                    digest.update(item[0][:item[1]])
+                    done = item[2] + item[1]
                 if progress is not None:
-                    progress(item[2] + item[1], layout.clusters * CLUSTER_SIZE)
+                    progress(done, total)
             written.put(item)
     finally:
         stop.set()
@@ -538,6 +1046,6 @@ def _write(disk: _Disk, target: Path, progress: PartProgress | None = None) -> s
         os.close(fd)
     if errors:
         raise errors[0]
-    if os.stat(target).st_size != layout.clusters * CLUSTER_SIZE:
-        raise FormatError(f"{target.name} is not {layout.clusters * CLUSTER_SIZE} bytes long")
-    return digest.hexdigest()
+    if os.stat(target).st_size != total:
+        raise FormatError(f"{target.name} is not {total} bytes long")
+    return digest, marked[0] if marked else None

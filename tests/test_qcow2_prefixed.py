@@ -1,0 +1,373 @@
+"""The qcow2 writer's layout over a cached base: a prefix the base alone
+decides (header, the unpatched base's clusters), copied under a known hash
+state on a re-render; qemu-img finds every such file clean and equal to the
+disk, and the digest returned is the file's on every path (state remembered
+in the process, saved beside the base, missing, damaged, or no libcrypto)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudlets.drivers.formats import hashstate, qcow2_writer
+from cloudlets.drivers.formats.qcow2_writer import CLUSTER_SIZE, write_qcow2
+from cloudlets.errors import FormatError
+from cloudlets.sparse import Piece, overlay
+
+MiB = 1024 * 1024
+KEY = "c0" * 32
+OTHER_KEY = "d1" * 32
+HEAD = MiB  # the disk's bytes before the base (partition table, boot code)
+BASE_SIZE = 8 * MiB
+
+
+@pytest.fixture(autouse=True)
+def _settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every base counts as settled and large enough for its cluster map to
+    be remembered, and the process remembers nothing yet."""
+    monkeypatch.setattr(qcow2_writer, "MEMO_SETTLED_NS", 0)
+    monkeypatch.setattr(qcow2_writer, "MEMO_MIN_SIZE", 0)
+    monkeypatch.setattr(qcow2_writer, "_prefix_memo", type(qcow2_writer._prefix_memo)())
+    monkeypatch.setattr(qcow2_writer, "_memo", type(qcow2_writer._memo)())
+
+
+def _base(directory: Path, key: str = KEY, size: int = BASE_SIZE, salt: bytes = b"") -> Path:
+    """A cached base filesystem ``<key>.ext4`` (with its ``.json``): data
+    clusters, holes, a cluster of written zeros, a cluster with one byte."""
+    path = directory / f"{key}.ext4"
+    (directory / f"{key}.json").write_text(json.dumps({"size": size}))
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+        for offset, length in ((0, 2 * CLUSTER_SIZE), (3 * CLUSTER_SIZE, 5 * CLUSTER_SIZE),
+                               (3 * MiB, MiB + 4096), (size - 3000, 3000)):
+            handle.seek(offset)
+            handle.write(_pattern(salt + b"%d" % offset, length))
+        handle.seek(MiB)
+        handle.write(bytes(CLUSTER_SIZE))  # data on the file system, zeros in content
+        handle.seek(6 * MiB + 7)
+        handle.write(b"\1")
+    return path
+
+
+def _pattern(seed: bytes, length: int) -> bytes:
+    block = hashlib.sha256(seed).digest() * 2048
+    return (block * (length // len(block) + 1))[:length]
+
+
+def _disk(directory: Path, base: Path, patches: dict[int, bytes], *,
+          name: str = "d", tail: int = MiB) -> tuple[list[Piece], list[Piece], Path]:
+    """The disk ``[HEAD][base, with patches over it][tail]`` as pieces, the
+    same without the patches, and the raw disk joined."""
+    base_size = base.stat().st_size
+    size = HEAD + base_size + tail
+    around = directory / f"{name}.around"
+    with open(around, "wb") as handle:
+        handle.truncate(size)
+        handle.write(_pattern(b"mbr", 4096))
+        handle.seek(HEAD - 8192)
+        handle.write(_pattern(b"core", 8192))
+        if tail:
+            handle.seek(size - 4096)
+            handle.write(_pattern(b"backup gpt", 4096))
+    patched = directory / f"{name}.patched"
+    with open(patched, "wb") as handle:
+        handle.truncate(base_size)
+        for offset, data in patches.items():
+            handle.seek(offset)
+            handle.write(data)
+    ranges = sorted((offset, offset + len(data)) for offset, data in patches.items())
+    tail_pieces = [Piece(around, HEAD + base_size, tail)] if tail else []
+    pieces = [Piece(around, 0, HEAD), *overlay(base, base_size, patched, ranges), *tail_pieces]
+    unpatched = [Piece(around, 0, HEAD), Piece(base, 0, base_size), *tail_pieces]
+    raw = directory / f"{name}.raw"
+    with open(raw, "wb") as out:
+        out.truncate(size)
+        position = 0
+        for piece in pieces:
+            with open(piece.path, "rb") as source:
+                source.seek(piece.offset)
+                out.seek(position)
+                out.write(source.read(piece.length))
+            position += piece.length
+    return pieces, unpatched, raw
+
+
+def _check(image: Path, raw: Path) -> None:
+    check = subprocess.run(["qemu-img", "check", "--output=json", str(image)],
+                           capture_output=True, text=True, check=False, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(check.stdout)
+    assert report.get("corruptions", 0) == report.get("leaks", 0) == 0, report
+    assert not report.get("check-errors"), report
+    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw),
+                              str(image)], capture_output=True, text=True, check=False,
+                             timeout=60)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _offsets(image: Path) -> tuple[int, int]:
+    """The L1 and refcount tables' offsets in the header."""
+    header = image.read_bytes()[:104]
+    return int.from_bytes(header[40:48], "big"), int.from_bytes(header[48:56], "big")
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The bytes the writer reads, counted (the prefix, when copied under a
+    known state, is not read at all)."""
+    counted: list[int] = []
+    real = qcow2_writer._Disk.read
+
+    def read(self: qcow2_writer._Disk, view: memoryview, position: int) -> None:
+        counted.append(len(view))
+        real(self, view, position)
+
+    monkeypatch.setattr(qcow2_writer._Disk, "read", read)
+    yield counted
+
+
+CASES = {
+    "unpatched": {},
+    "patched": {3 * CLUSTER_SIZE - 100: b"p" * 300, 3 * MiB + 5: b"q" * 70_000},
+    "zero-in-base": {2 * MiB + 10: b"new data where the base is a hole"},
+    "zeroed": {0: bytes(2 * CLUSTER_SIZE)},  # data clusters patched to zeros
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_layout_reads_back_clean_and_equal(tmp_path: Path, case: str) -> None:
+    base = _base(tmp_path)
+    pieces, unpatched, raw = _disk(tmp_path, base, CASES[case])
+    image = tmp_path / "out.qcow2"
+    digest = write_qcow2(pieces, image, unpatched=unpatched)
+    _check(image, raw)
+    assert digest == _sha256(image)
+    l1_offset, table_offset = _offsets(image)
+    assert table_offset > l1_offset > CLUSTER_SIZE  # the prefixed layout
+    # the prefix: the header and the base's non-zero clusters (the written zeros left out)
+    base_clusters = {offset // CLUSTER_SIZE for offset in (0, 65536, 3 * 65536, 4 * 65536,
+                                                            5 * 65536, 6 * 65536, 7 * 65536)}
+    base_clusters |= set(range(3 * MiB // CLUSTER_SIZE, (4 * MiB + 4096) // CLUSTER_SIZE + 1))
+    base_clusters |= {6 * MiB // CLUSTER_SIZE, (BASE_SIZE - 3000) // CLUSTER_SIZE}
+    assert l1_offset == (1 + len(base_clusters)) * CLUSTER_SIZE
+
+
+def test_every_patch_over_a_base_shares_its_prefix(tmp_path: Path) -> None:
+    """The file up to its L1 table is the same for any patch (the bytes a
+    re-render copies instead of hashing); the rest differs."""
+    base = _base(tmp_path)
+    prefixes = set()
+    files = set()
+    for number, patches in enumerate(CASES.values()):
+        pieces, unpatched, _ = _disk(tmp_path, base, patches, name=f"d{number}")
+        image = tmp_path / f"{number}.qcow2"
+        write_qcow2(pieces, image, unpatched=unpatched)
+        data = image.read_bytes()
+        prefixes.add(data[:_offsets(image)[0]])
+        files.add(data)
+    assert len(prefixes) == 1 and len(files) == len(CASES)
+
+
+def test_a_patch_in_the_last_partial_cluster(tmp_path: Path) -> None:
+    """A base whose end is not a cluster's, at the end of the disk: its
+    last cluster is not in the prefix but in the tail, patched or not."""
+    base = _base(tmp_path, size=BASE_SIZE - 4096)
+    for name, patches in (("plain", {}), ("end", {BASE_SIZE - 4096 - 50: b"e" * 50})):
+        pieces, unpatched, raw = _disk(tmp_path, base, patches, name=name, tail=0)
+        image = tmp_path / f"{name}.qcow2"
+        assert write_qcow2(pieces, image, unpatched=unpatched) == _sha256(image)
+        _check(image, raw)
+
+
+def test_warm_fresh_and_cold_paths_write_the_same_file(tmp_path: Path,
+                                                       reads: list[int]) -> None:
+    """The first write hashes the prefix and keeps its state; the next
+    (remembered state) and one in a fresh process (state from the file
+    beside the base) copy it without reading it: same bytes, and the digest
+    is hashlib's over the file each time."""
+    base = _base(tmp_path)
+    pieces, unpatched, raw = _disk(tmp_path, base, CASES["patched"])
+    sidecar = tmp_path / f"{KEY}.{qcow2_writer.PREFIX_SIDECAR}"
+    cold = tmp_path / "cold.qcow2"
+    assert write_qcow2(pieces, cold, unpatched=unpatched) == _sha256(cold)
+    prefix_data = _offsets(cold)[0] - CLUSTER_SIZE  # 26 clusters of the base
+    assert sidecar.is_file() and sum(reads) >= prefix_data > MiB
+    reads.clear()
+    warm = tmp_path / "warm.qcow2"
+    assert write_qcow2(pieces, warm, unpatched=unpatched) == _sha256(warm)
+    assert sum(reads) < MiB  # the tail only: the head's data, the patched clusters
+    reads.clear()
+    qcow2_writer._prefix_memo.clear()  # a fresh process
+    fresh = tmp_path / "fresh.qcow2"
+    assert write_qcow2(pieces, fresh, unpatched=unpatched) == _sha256(fresh)
+    assert sum(reads) < MiB
+    assert cold.read_bytes() == warm.read_bytes() == fresh.read_bytes()
+    _check(fresh, raw)
+
+
+def test_without_libcrypto_the_state_stays_in_the_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads: list[int]) -> None:
+    monkeypatch.setattr(hashstate, "_loaded", True)
+    monkeypatch.setattr(hashstate, "_lib", None)
+    assert not hashstate.available()
+    base = _base(tmp_path)
+    pieces, unpatched, raw = _disk(tmp_path, base, CASES["patched"])
+    first = tmp_path / "first.qcow2"
+    assert write_qcow2(pieces, first, unpatched=unpatched) == _sha256(first)
+    assert not (tmp_path / f"{KEY}.{qcow2_writer.PREFIX_SIDECAR}").exists()
+    reads.clear()
+    second = tmp_path / "second.qcow2"
+    assert write_qcow2(pieces, second, unpatched=unpatched) == _sha256(second)
+    assert sum(reads) < MiB  # hashlib's copy, remembered
+    assert first.read_bytes() == second.read_bytes()
+    _check(second, raw)
+
+
+def _recounted(data: bytes) -> bytes:
+    """A state file whose SHA256_CTX says one byte more was hashed, with its
+    checksum made good: only the state's own check can refuse it."""
+    magic = len(qcow2_writer._PREFIX_MAGIC)
+    body = bytearray(data[magic:-32])
+    state_at = 32 + 8
+    count = int.from_bytes(body[state_at + 32:state_at + 36], "little")
+    body[state_at + 32:state_at + 36] = (count + 8).to_bytes(4, "little")
+    head = data[:magic] + bytes(body)
+    return head + hashlib.sha256(head).digest()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "longer", "empty", "recounted",
+                                    "other-base", "base-touched"])
+def test_a_state_that_does_not_fit_is_not_used(tmp_path: Path, damage: str,
+                                               reads: list[int]) -> None:
+    """A damaged state file, or one of another base, or of a base changed
+    since: the prefix is read and hashed again (same file, right digest)
+    and the state saved anew."""
+    base = _base(tmp_path)
+    pieces, unpatched, _ = _disk(tmp_path, base, CASES["patched"])
+    reference = tmp_path / "reference.qcow2"
+    write_qcow2(pieces, reference, unpatched=unpatched)
+    sidecar = tmp_path / f"{KEY}.{qcow2_writer.PREFIX_SIDECAR}"
+    good = sidecar.read_bytes()
+    if damage == "flipped":
+        sidecar.write_bytes(good[:70] + bytes([good[70] ^ 1]) + good[71:])  # in h[]
+    elif damage == "truncated":
+        sidecar.write_bytes(good[:-1])
+    elif damage == "longer":
+        sidecar.write_bytes(good + b"\0")
+    elif damage == "empty":
+        sidecar.write_bytes(b"")
+    elif damage == "recounted":
+        sidecar.write_bytes(_recounted(good))
+    elif damage == "other-base":
+        other_dir = tmp_path / "other"
+        other_dir.mkdir()
+        other = _base(other_dir, KEY, salt=b"other")
+        other_pieces, other_unpatched, _ = _disk(other_dir, other, {})
+        write_qcow2(other_pieces, other_dir / "o.qcow2", unpatched=other_unpatched)
+        shutil.copyfile(other_dir / sidecar.name, sidecar)
+        assert sidecar.read_bytes() != good
+    else:
+        os.utime(base, ns=(base.stat().st_atime_ns, base.stat().st_mtime_ns + 1_000_000))
+    qcow2_writer._prefix_memo.clear()
+    reads.clear()
+    again = tmp_path / "again.qcow2"
+    assert write_qcow2(pieces, again, unpatched=unpatched) == _sha256(again)
+    assert again.read_bytes() == reference.read_bytes()
+    assert sum(reads) >= _offsets(again)[0] - CLUSTER_SIZE  # the prefix read and hashed
+    if damage != "base-touched":
+        assert sidecar.read_bytes() == good  # saved anew
+
+
+def test_a_file_system_that_cannot_copy_in_the_kernel(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    base = _base(tmp_path)
+    pieces, unpatched, raw = _disk(tmp_path, base, CASES["patched"])
+    expected = write_qcow2(pieces, tmp_path / "first.qcow2", unpatched=unpatched)
+    calls: list[int] = []
+
+    def refuse(*args: object) -> int:
+        calls.append(1)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(qcow2_writer.os, "copy_file_range", refuse)
+    image = tmp_path / "copied.qcow2"
+    assert write_qcow2(pieces, image, unpatched=unpatched) == expected == _sha256(image)
+    assert calls == [1]  # asked once, then read and written
+    _check(image, raw)
+
+
+def test_the_copied_prefix_is_written_back_as_it_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writeback advice covers the whole file, the copied prefix
+    included, range after range."""
+    base = _base(tmp_path)
+    pieces, unpatched, _ = _disk(tmp_path, base, CASES["patched"])
+    write_qcow2(pieces, tmp_path / "first.qcow2", unpatched=unpatched)
+    monkeypatch.setattr(qcow2_writer, "WRITEBACK_BYTES", CLUSTER_SIZE * 4)
+    calls: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    image = tmp_path / "advised.qcow2"
+    write_qcow2(pieces, image, unpatched=unpatched)
+    assert len(calls) >= 5 and calls[0][0] == 0 and calls[-1][1] == 0
+    for (offset, length), (following, _) in itertools.pairwise(calls):
+        assert offset + length == following
+    assert calls[1][0] <= _offsets(image)[0]  # advised within the prefix
+
+
+def test_without_a_cached_base_the_plain_layout(tmp_path: Path) -> None:
+    """Unpatched pieces with no cached base among them change nothing; a
+    different size is refused."""
+    base = _base(tmp_path)
+    (tmp_path / f"{KEY}.json").unlink()  # no longer a cached base
+    pieces, unpatched, _ = _disk(tmp_path, base, CASES["patched"])
+    plain = tmp_path / "plain.qcow2"
+    write_qcow2(pieces, plain)
+    given = tmp_path / "given.qcow2"
+    write_qcow2(pieces, given, unpatched=unpatched)
+    assert plain.read_bytes() == given.read_bytes()
+    assert _offsets(given)[1] == CLUSTER_SIZE  # the refcount table in cluster 1
+    with pytest.raises(FormatError, match="unpatched disk"):
+        write_qcow2(pieces, tmp_path / "short.qcow2", unpatched=unpatched[:-1])
+    assert not (tmp_path / "short.qcow2").exists()
+
+
+def test_saved_states_restore_only_where_they_fit() -> None:
+    """hashstate: a state saved after some bytes continues to hashlib's
+    digest; a state that cannot be the one after that many bytes is refused."""
+    if not hashstate.available():  # pragma: no cover - libcrypto is in the image
+        pytest.skip("no libcrypto")
+    data = _pattern(b"state", 3 * 65536 + 17)
+    running = hashstate.Sha256()
+    running.update(data[:65536])
+    state = running.state()
+    assert state is not None and len(state) == hashstate.STATE_SIZE
+    restored = hashstate.Sha256.restore(state, 65536)
+    assert restored is not None
+    restored.update(memoryview(bytearray(data[65536:])))
+    assert restored.hexdigest() == hashlib.sha256(data).hexdigest()
+    copy = running.copy()
+    copy.update(data[65536:])
+    assert copy.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert running.hexdigest() == hashlib.sha256(data[:65536]).hexdigest()
+    assert hashstate.Sha256.restore(state, 65537) is None
+    assert hashstate.Sha256.restore(state[:-1], 65536) is None
