@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -559,3 +561,23 @@ def test_a_failed_render_of_invalid_input_lists_its_problems(tmp_path: Path) -> 
     assert view["error"]["problems"] == [
         {"pointer": "/ip/interfaces/0/***", "message": "not an ***"},
         {"pointer": "", "message": "bad"}]
+
+
+def test_the_start_loads_what_a_first_create_body_parse_needs(tmp_path: Path) -> None:
+    """The first burst's first create does not import the body's codec on the
+    event loop (every create of the burst waited behind it): the start does."""
+    script = (
+        "import hashlib, sys\n"
+        "from pathlib import Path\n"
+        "from starlette.testclient import TestClient\n"
+        "from cloudlets.service.app import create_app\n"
+        "from cloudlets.service.config import ServiceConfig\n"
+        "config = ServiceConfig.default(Path(sys.argv[1]), hashlib.sha256(b't').hexdigest())\n"
+        "before = 'encodings.utf_8_sig' in sys.modules\n"
+        "with TestClient(create_app(config)):\n"
+        "    print(before, 'encodings.utf_8_sig' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["False", "True"]
