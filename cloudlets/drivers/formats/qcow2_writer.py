@@ -370,18 +370,17 @@ class _Layout:
         return self.first_data + len(self.data)
 
 
-def _plan(size: int, data: list[int]) -> _Layout:
+def _l1_shape(size: int) -> tuple[int, int, int]:
+    """A disk of ``size`` bytes: its guest clusters, L1 entries and L1 clusters."""
     guest_clusters = -(-size // CLUSTER_SIZE)
     l1_entries = max(1, -(-guest_clusters // _ENTRIES_PER_TABLE))
-    l1_clusters = -(-l1_entries * 8 // CLUSTER_SIZE)
+    return guest_clusters, l1_entries, -(-l1_entries * 8 // CLUSTER_SIZE)
+
+
+def _plan(size: int, data: list[int]) -> _Layout:
+    _, l1_entries, l1_clusters = _l1_shape(size)
     tables = tuple(sorted({cluster // _ENTRIES_PER_TABLE for cluster in data}))
-    blocks = 1
-    while True:  # the refcount blocks count themselves
-        total = 2 + blocks + l1_clusters + len(tables) + len(data)
-        needed = -(-total // _REFCOUNTS_PER_BLOCK)
-        if needed <= blocks:
-            break
-        blocks = needed
+    blocks = _blocks_for(2 + l1_clusters + len(tables) + len(data))
     if blocks > _ENTRIES_PER_TABLE:
         raise FormatError(f"a disk of {size} bytes is too large for one refcount table")
     return _Layout(size, l1_entries, blocks, l1_clusters, tables, tuple(data))
@@ -501,9 +500,7 @@ def _blocks_for(clusters_without_blocks: int) -> int:
 
 def _plan_prefixed(size: int, prefix: list[int], stale: set[int],
                    tail: list[int]) -> _Prefixed:
-    guest_clusters = -(-size // CLUSTER_SIZE)
-    l1_entries = max(1, -(-guest_clusters // _ENTRIES_PER_TABLE))
-    l1_clusters = -(-l1_entries * 8 // CLUSTER_SIZE)
+    guest_clusters, l1_entries, l1_clusters = _l1_shape(size)
     # the refcount table covers the largest file the disk could give: every
     # guest cluster in the tail, every L2 table present
     table_clusters = 1
