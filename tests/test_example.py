@@ -116,6 +116,18 @@ def test_the_example_renders_on_its_own(example_manifest: dict[str, object],
     assert (tmp_path / "out" / "tiny-debian-1.0.raw").stat().st_size > 64 * 1024 * 1024
 
 
+def assert_boots_with_the_rendered_files(image: Path, firmware: str, disk_format: str,
+                                         tmp_path: Path) -> None:
+    """``image`` boots under QEMU and the guest prints the rendered files."""
+    booted = bootfixture.boot(image, firmware=firmware, disk_format=disk_format,
+                              workdir=tmp_path / "boot", timeout=90)
+    context = f"console tail after {booted.seconds:.1f}s:\n{booted.tail()}"
+    assert not booted.timed_out, context
+    assert bootfixture.MARKER in booted.console, context
+    for section, text in EXPECTED.items():
+        assert bootfixture.console_section(booted.console, section) == text, context
+
+
 @pytest.mark.boot
 @pytest.mark.parametrize(("disk_format", "firmware", "one_pass"),
                          [("raw", "bios", False), ("qcow2", "uefi", True)],
@@ -139,13 +151,7 @@ def test_rendered_example_boots_with_the_render_config(
     assert result.details["rootfs"]["templates"] == [
         "/etc/hostname", "/etc/motd", "/etc/network/interfaces", "/etc/resolv.conf"]
     image = Path(result.primary.location.removeprefix("file://"))
-    booted = bootfixture.boot(image, firmware=firmware, disk_format=disk_format,
-                              workdir=tmp_path / "boot", timeout=90)
-    context = f"console tail after {booted.seconds:.1f}s:\n{booted.tail()}"
-    assert not booted.timed_out, context
-    assert bootfixture.MARKER in booted.console, context
-    for section, text in EXPECTED.items():
-        assert bootfixture.console_section(booted.console, section) == text, context
+    assert_boots_with_the_rendered_files(image, firmware, disk_format, tmp_path)
 
 
 @pytest.mark.boot
@@ -171,10 +177,4 @@ def test_a_qcow2_rerender_from_the_saved_prefix_state_boots(
     assert again.details["disk"]["base_cached"] is True
     assert again.primary.sha256 == first.primary.sha256
     image = Path(again.primary.location.removeprefix("file://"))
-    booted = bootfixture.boot(image, firmware="bios", disk_format="qcow2",
-                              workdir=tmp_path / "boot", timeout=90)
-    context = f"console tail after {booted.seconds:.1f}s:\n{booted.tail()}"
-    assert not booted.timed_out, context
-    assert bootfixture.MARKER in booted.console, context
-    for section, text in EXPECTED.items():
-        assert bootfixture.console_section(booted.console, section) == text, context
+    assert_boots_with_the_rendered_files(image, "bios", "qcow2", tmp_path)
