@@ -185,8 +185,13 @@ def parse_json(text: str | bytes) -> Any:
     :raises JSONLimitError: naming the pointer of the first refused value.
     """
     if isinstance(text, bytes):
+        # The byte-order mark is stripped here rather than by the utf-8-sig
+        # codec, whose module Python imports on first use: on the service's
+        # event loop that import was the largest cost of a first create.
+        if text.startswith(b"\xef\xbb\xbf"):
+            text = text[3:]
         try:
-            text = text.decode("utf-8-sig")
+            text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise JSONSyntaxError(Problem("", f"not UTF-8 text (byte {exc.start})")) from None
 

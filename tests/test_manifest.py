@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cloudlets import Manifest, ManifestError
-from cloudlets.jsondoc import load_schema, parse_size
+from cloudlets.jsondoc import JSONSyntaxError, load_schema, parse_json, parse_size
 from tests.netpolicy import loopback_fetcher
 
 GOOD: dict[str, Any] = {
@@ -147,6 +149,39 @@ def test_invalid_json_reports_where(text: str, fragment: str) -> None:
     with pytest.raises(ManifestError) as caught:
         Manifest.load(text)
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'\xef\xbb\xbf{"a": "\xc3\xa9"}', {"a": "\u00e9"}),
+    (b'{"a": 1}', {"a": 1}),
+])
+def test_json_bytes_are_utf8_with_an_optional_byte_order_mark(
+        body: bytes, expected: Any) -> None:
+    assert parse_json(body) == expected
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    (b'\xef\xbb\xbf\xef\xbb\xbf{}', "line 1, column 1"),  # one mark only
+    (b'{"a": "\xff"}', "not UTF-8 text (byte 7)"),
+    (b'\xef\xbb{}', "not UTF-8 text (byte 0)"),
+])
+def test_json_bytes_that_are_not_one_utf8_document(body: bytes, fragment: str) -> None:
+    with pytest.raises(JSONSyntaxError) as caught:
+        parse_json(body)
+    assert fragment in str(caught.value)
+
+
+def test_a_byte_order_mark_costs_no_codec_import() -> None:
+    """The service parses its first create body on the event loop: the mark is
+    stripped without the utf-8-sig codec, whose module loads on first use."""
+    script = ("import sys\n"
+              "from cloudlets.jsondoc import parse_json\n"
+              "assert parse_json(b'\\xef\\xbb\\xbf{}') == {}\n"
+              "print('encodings.utf_8_sig' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False"]
 
 
 def test_every_problem_reported_at_once() -> None:

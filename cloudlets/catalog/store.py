@@ -400,6 +400,14 @@ class ImageCatalog:
         return sorted(found, key=lambda e: (e.manifest_name, version_key(e.manifest_version),
                                             e.created_at))
 
+    def open_here(self) -> None:
+        """Open the calling thread's connection now and take and release the
+        write lock once, writing nothing: a service calls it on its event
+        loop at start, so the first create's claim does not pay for opening
+        the database, reading its schema and first touching its WAL."""
+        with self._write():
+            pass
+
     @property
     def schema_version(self) -> int:
         """The database's ``PRAGMA user_version``."""

@@ -283,10 +283,8 @@ class _Api:
 
     def warm_up(self) -> None:
         """Parse a made-up create body once at start (claiming nothing), so
-        the first client's create does not pay for what a first parse loads
-        (the ``utf-8-sig`` codec's module, imported on its first use: the
-        largest share of a first burst's first create in a py-spy profile),
-        which every create of that burst waited behind on the event loop."""
+        the first client's create pays for no first use on the body's path
+        (every create of a first burst waits behind it on the event loop)."""
         body = {"manifest": {}, "format": next(iter(self.config.formats), ""),
                 "target": next(iter(self.config.targets), "")}
         with contextlib.suppress(ServiceError):
@@ -513,6 +511,7 @@ def create_app(config: ServiceConfig, *, executor: RenderExecutor | None = None)
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await run_in_threadpool(jobs.start)
         api.warm_up()
+        jobs.catalog.open_here()  # the loop's own connection: the creates' claims use it
         log.info("cloudlets service ready: %d targets, %d tenants, %d workers",
                  len(config.targets), len(config.tenants), config.workers)
         try:
