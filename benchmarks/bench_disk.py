@@ -386,7 +386,7 @@ def run_pipeline(name: str, tree: Path, work: Path, warm_renders: int = 5) -> di
         import virtmakefs
 
         env = dict(os.environ, **virtmakefs.environment(work.parent))
-        built = virtmakefs.appliance_mtime(env)
+        built = virtmakefs.appliance_id(env)
         started = time.perf_counter()
         try:
             proc = subprocess.run(["virt-make-fs", "--format=qcow2", "--type=ext4", "--size=1G",
@@ -399,7 +399,7 @@ def run_pipeline(name: str, tree: Path, work: Path, warm_renders: int = 5) -> di
             raise SystemExit(f"virt-make-fs failed ({proc.returncode}): "
                              + next((x for x in reversed(lines) if "error" in x), lines[-1]))
         result["total"] = time.perf_counter() - started
-        result["appliance_built"] = virtmakefs.appliance_mtime(env) != built
+        result["appliance_built"] = virtmakefs.appliance_id(env) != built
     else:
         raise SystemExit(f"unknown pipeline {name}")
     result.setdefault("total", time.perf_counter() - started)

@@ -165,11 +165,15 @@ def _versions(env: dict[str, str]) -> str:
     return f"{packages.strip()} kernel={kernel}\n"
 
 
-def appliance_mtime(env: dict[str, str]) -> int | None:
-    """When the cached appliance was last built (ns), or None when there is none:
-    a change across a measured run means the run built it."""
+def appliance_id(env: dict[str, str]) -> int | None:
+    """The cached appliance's identity (its root file's inode), or None when there is none.
+
+    supermin builds an appliance into a new directory renamed over the old
+    one, so a change across a measured run means the run built it (the files'
+    times are no sign: libguestfs touches them on every launch).
+    """
     roots = sorted(Path(env["LIBGUESTFS_CACHEDIR"]).glob(".guestfs-*/appliance.d/root"))
-    return max((root.stat().st_mtime_ns for root in roots), default=None)
+    return max((root.stat().st_ino for root in roots), default=None)
 
 
 def check(workdir: Path, env: dict[str, str]) -> float | None:
@@ -181,7 +185,7 @@ def check(workdir: Path, env: dict[str, str]) -> float | None:
     stamp = home(workdir) / "test-tool.ok"
     key = _versions(env)
     cached = Path(env["LIBGUESTFS_CACHEDIR"])
-    if stamp.is_file() and stamp.read_text() == key and appliance_mtime(env) is not None:
+    if stamp.is_file() and stamp.read_text() == key and appliance_id(env) is not None:
         return None
     cached.mkdir(parents=True, exist_ok=True)  # libguestfs refuses a cache dir that is not there
     print("virt-make-fs: libguestfs-test-tool (builds and boots the appliance) ...", flush=True)
