@@ -49,21 +49,16 @@ Both also hold a kernel stand-in and two templates (``/etc/hostname`` and
 * ``baseline``: ``tar -xzf`` into a directory, ``mke2fs -d dir``,
   ``qemu-img convert -O qcow2`` (a bare filesystem: no partition table, no
   bootloader, no verification);
-* ``virt-make-fs`` (libguestfs, Debian ``libguestfs-tools``), when installed:
-  ``--format=qcow2 --type=ext4 --size=1G`` from the same tarball, with
-  ``LIBGUESTFS_BACKEND_SETTINGS=force_tcg`` (no usable KVM here). Its
-  appliance needs a host kernel; in a container without one, unpack a Debian
-  kernel package and point supermin at it (as root)::
-
-      kernel=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2}')
-      apt-get download "$kernel"
-      dpkg-deb -x linux-image-6.*.deb /var/tmp/kernel
-      cp -a /var/tmp/kernel/lib/modules/* /lib/modules/ && depmod -a "$(ls /lib/modules)"
-      export SUPERMIN_KERNEL=$(ls /var/tmp/kernel/boot/vmlinuz-*)
-      export SUPERMIN_MODULES=/lib/modules/$(ls /lib/modules)
-
-  The first run also builds the appliance (cached in ``/var/tmp/.guestfs-*``);
-  run it once before measuring.
+* ``virt-make-fs`` (libguestfs, Debian ``libguestfs-tools``):
+  ``--format=qcow2 --type=ext4 --size=1G`` from the same tarball, once.
+  ``virtmakefs.setup()`` makes it runnable first (as root it installs the
+  package; without a kernel in ``/boot`` it unpacks the test suite's Debian
+  kernel package for supermin; no KVM here, so ``LIBGUESTFS_BACKEND=direct``
+  and ``force_tcg``) and boots the appliance once with
+  ``libguestfs-test-tool``, which builds it into ``<workdir>/libguestfs``:
+  the measured run finds it built (``appliance built in the run`` in the
+  report says otherwise). When it cannot run, the row is skipped with the
+  reason.
 
 Each pipeline runs in a fresh process, ``--rounds`` times (``virt-make-fs``
 and ``cold-cli`` once), interleaved, each after removing the last run's
@@ -388,9 +383,23 @@ def run_pipeline(name: str, tree: Path, work: Path, warm_renders: int = 5) -> di
         result["raw"] = time.perf_counter() - started
         _qcow2(work / "fs.img", work / "q")
     elif name == "virt-make-fs":
-        env = dict(os.environ, LIBGUESTFS_BACKEND_SETTINGS="force_tcg")
-        subprocess.run(["virt-make-fs", "--format=qcow2", "--type=ext4", "--size=1G",
-                        str(tarball), str(work / "q")], check=True, env=env)
+        import virtmakefs
+
+        env = dict(os.environ, **virtmakefs.environment(work.parent))
+        built = virtmakefs.appliance_id(env)
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(["virt-make-fs", "--format=qcow2", "--type=ext4", "--size=1G",
+                                   str(tarball), str(work / "q")], env=env, capture_output=True,
+                                  text=True, timeout=1800, check=False)
+        except subprocess.TimeoutExpired:
+            raise SystemExit("virt-make-fs: timed out after 1800 s") from None
+        if proc.returncode:
+            lines = proc.stderr.strip().splitlines() or ["?"]
+            raise SystemExit(f"virt-make-fs failed ({proc.returncode}): "
+                             + next((x for x in reversed(lines) if "error" in x), lines[-1]))
+        result["total"] = time.perf_counter() - started
+        result["appliance_built"] = virtmakefs.appliance_id(env) != built
     else:
         raise SystemExit(f"unknown pipeline {name}")
     result.setdefault("total", time.perf_counter() - started)
@@ -468,6 +477,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             "stages": {k.removeprefix("stage:"): v for k, v in fastest.items()
                        if k.startswith("stage:") or k in STAGE_KEYS},
             **({"warm_s": fastest["warm_s"]} if "warm_s" in fastest else {}),
+            **({"appliance_built": any(r["appliance_built"] for r in results)}
+               if "appliance_built" in fastest else {}),
             **({"sha256": sorted({r["sha256"] for r in results})}
                if "sha256" in fastest else {}),
         }
@@ -509,6 +520,12 @@ def print_report(report: dict[str, Any]) -> None:
                            for ref in ("floor", "baseline", "virt-make-fs")),
                          fmt_number(row["rss_mib"], 0), stages_text(row["stages"])])
         print(text_table(header, rows, align="lrrrrrrl"))
+        pipelines = tree["pipelines"]
+        if "render" in pipelines and "virt-make-fs" in pipelines:
+            vmf = pipelines["virt-make-fs"]
+            print(f"cold render {vmf['best_s'] / pipelines['render']['best_s']:.1f}x faster "
+                  "than virt-make-fs (target 15x); appliance built in the run: "
+                  + ("YES" if vmf.get("appliance_built") else "no (cached)"))
         if tree.get("identical") is not None:
             print("re-render byte-identical to a cold render of the same inputs: "
                   + ("yes" if tree["identical"] else "NO"))
@@ -547,8 +564,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tree, info = prepare_tree(kind, args)
         pipelines = list(args.only or PIPELINES)
         skipped: dict[str, str] = {}
-        if "virt-make-fs" in pipelines and not shutil.which("virt-make-fs"):
-            skipped["virt-make-fs"] = "not installed (apt-get install libguestfs-tools)"
+        if "virt-make-fs" in pipelines:
+            import virtmakefs
+
+            try:
+                virtmakefs.setup(args.workdir)
+            except virtmakefs.Unavailable as exc:
+                skipped["virt-make-fs"] = str(exc)
         if "floor" in pipelines and not rapidgzip_path():
             skipped["floor"] = "rapidgzip not installed (pip install rapidgzip)"
         pipelines = [p for p in pipelines if p not in skipped]
