@@ -15,6 +15,7 @@ through a registry that cannot retrieve anything (:data:`NO_RETRIEVAL`).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import contextvars
 import hashlib
@@ -188,8 +189,7 @@ def parse_json(text: str | bytes) -> Any:
         # The byte-order mark is stripped here rather than by the utf-8-sig
         # codec, whose module Python imports on first use: on the service's
         # event loop that import was the largest cost of a first create.
-        if text.startswith(b"\xef\xbb\xbf"):
-            text = text[3:]
+        text = text.removeprefix(codecs.BOM_UTF8)
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
