@@ -409,7 +409,7 @@ def run_pipeline(name: str, tree: Path, work: Path, warm_renders: int = 5) -> di
 
 PIPELINES = ["render", "render-reconfig", "rerender-cli", "rerender-warm", "cold-cli",
              "disk-stage", "floor", "baseline", "virt-make-fs"]
-#: Run in the first round only (a minute each for virt-make-fs; cold-cli is the check).
+#: Run in the first round only (about 43 s each for virt-make-fs here; cold-cli is the check).
 ONCE = {"virt-make-fs", "cold-cli"}
 #: Columns of a pipeline's stages shown in the tables, besides the renderer's own.
 STAGE_KEYS = ("extract", "raw")
