@@ -231,18 +231,28 @@ def test_entry_points_cannot_shadow_builtins_unless_allowed(plugin_site: Path) -
     code = textwrap.dedent("""
         import json, logging
         logging.basicConfig(level=logging.WARNING)
-        from cloudlets import get_driver
-        print(json.dumps([get_driver("format", n).__module__ for n in ("qcow2", "raw")]))
+        from cloudlets import get_driver, list_drivers
+        from cloudlets.drivers import providers
+        found = [get_driver("format", n).__module__ for n in ("qcow2", "raw")]
+        # a built-in name is answered without scanning the installed packages
+        scanned = bool(providers._entry_points_loaded)
+        listed = list_drivers("format")
+        print(json.dumps({"found": found, "scanned": scanned, "listed": "acme-disk" in listed}))
     """)
     result = _run_with(plugin_site, "-c", code)
     assert result.returncode == 0, result.stderr
     # The built-ins are kept: neither the shadowing nor the misnamed one disables them.
-    assert json.loads(result.stdout) == ["cloudlets.drivers.formats.qcow2",
-                                         "cloudlets.drivers.formats.raw"]
+    report = json.loads(result.stdout)
+    assert report == {"found": ["cloudlets.drivers.formats.qcow2", "cloudlets.drivers.formats.raw"],
+                      "scanned": False, "listed": True}
+    # listing the drivers reads the entry points and says which one is ignored
     assert "acme-cloudlets-plugin" in result.stderr and "built-in is kept" in result.stderr
     allowed = _run_with(plugin_site, "-c", code, env={"CLOUDLETS_DRIVER_OVERRIDES": "format:qcow2"})
     assert allowed.returncode == 0, allowed.stderr
-    assert json.loads(allowed.stdout)[0] == "acme_cloudlets"
+    report = json.loads(allowed.stdout)
+    assert report["found"][0] == "acme_cloudlets" and report["scanned"] is True
+    assert "driver 'qcow2' of cloudlets" not in allowed.stderr  # allowed: no warning
+    assert "driver 'raw' of cloudlets" in allowed.stderr
     listed = _run_with(plugin_site, "-m", "cloudlets", "drivers", "--json")
     points = {row["name"]: row for row in json.loads(listed.stdout)["entry_points"]["format"]}
     assert points["qcow2"]["status"].startswith("ignored: takes the name of the built-in")
