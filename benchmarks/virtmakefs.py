@@ -216,7 +216,8 @@ def setup(workdir: Path) -> dict[str, str]:
     install()
     home(workdir).mkdir(parents=True, exist_ok=True)
     if host_kernel() is None:
-        unpack_kernel(workdir)
+        if unpacked_kernel(workdir) is None:  # apt is asked only the first time
+            unpack_kernel(workdir)
         if not Path("/lib/modules").is_dir():
             # supermin reads the host's /lib/modules even when told another tree
             if os.geteuid() != 0:
