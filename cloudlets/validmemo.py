@@ -22,8 +22,9 @@ validated, and refused with its pointers, every time.
 
 The file names the validator's *fingerprint*: the cloudlets and Python
 versions, the source of the modules whose code decides the answers, and
-where jsonschema, its meta-schemas, referencing and RE2 are installed (with
-each one's size, time and inode, which an upgrade changes). A file with
+where jsonschema, its meta-schemas, referencing, RE2 and the libraries some
+``format`` checks use are installed (with each one's size, time and inode,
+which an upgrade changes). A file with
 another fingerprint is not read. The file is written whole and replaced
 atomically, holds at most :data:`MEMO_ENTRIES` digests (the least recently
 used are dropped) and ends with the sha256 of what it holds: a file that
@@ -68,8 +69,13 @@ _HEX = frozenset("0123456789abcdef")
 
 #: The modules whose code decides the remembered answers.
 _VALIDATING = ("cloudlets.jsondoc", "cloudlets.userschema", "cloudlets.patterns")
-#: The libraries that do: jsonschema's meta-schemas live in jsonschema_specifications.
-_LIBRARIES = ("jsonschema", "jsonschema_specifications", "referencing", "re2")
+#: The libraries that do: jsonschema's meta-schemas live in
+#: jsonschema_specifications, and some ``format`` checks are made only when
+#: their library is installed (``hostname`` with fqdn, ``idn-hostname`` with
+#: idna...), so those count too, installed or not.
+_LIBRARIES = ("jsonschema", "jsonschema_specifications", "referencing", "re2",
+              "fqdn", "idna", "isoduration", "jsonpointer", "rfc3339_validator",
+              "rfc3986_validator", "rfc3987", "uri_template", "webcolors")
 
 _fingerprint: str | None = None
 _fingerprint_lock = threading.Lock()
