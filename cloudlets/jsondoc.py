@@ -32,7 +32,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cloudlets.errors import CloudletsError, Problem
@@ -367,7 +367,14 @@ def remember(key: str | None) -> None:
 @cache
 def load_schema(name: str) -> dict[str, Any]:
     """:returns: a schema shipped in ``cloudlets/schemas/`` (parsed once)."""
-    text = resources.files("cloudlets.schemas").joinpath(name).read_text("utf-8")
+    shipped = Path(__file__).with_name("schemas") / name
+    if shipped.is_file():
+        # read directly: importlib.resources costs a fresh process some 6 ms to import
+        text = shipped.read_text("utf-8")
+    else:  # installed without files on disk (a zip): through the loader
+        from importlib import resources
+
+        text = resources.files("cloudlets.schemas").joinpath(name).read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
 
