@@ -11,6 +11,12 @@ Validation never reaches out and never backtracks: ``pattern``,
 ``patternProperties`` and ``format: regex`` go through RE2
 (:mod:`cloudlets.patterns`), ``uniqueItems`` is linear, and ``$ref`` resolves
 through a registry that cannot retrieve anything (:data:`NO_RETRIEVAL`).
+
+:mod:`jsonschema` and :mod:`referencing` (some 60 ms to import) are imported
+on the first validation, not with this module: :data:`FORMAT_CHECKER`,
+:data:`NO_RETRIEVAL` and :data:`SafeValidator` are built then. A process
+whose documents are all in the memo of valid documents
+(:mod:`cloudlets.validmemo`) never imports them.
 """
 
 from __future__ import annotations
@@ -26,16 +32,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
-from importlib import resources
-from typing import Any
-
-import referencing
-import referencing.exceptions
-from jsonschema import Draft202012Validator, FormatChecker, ValidationError, validators
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cloudlets.errors import CloudletsError, Problem
 from cloudlets.patterns import compile_pattern, pattern_problem
 from cloudlets.urls import redact_text
+
+if TYPE_CHECKING:
+    import referencing
+    from jsonschema import FormatChecker, ValidationError
 
 __all__ = [
     "FORMAT_CHECKER",
@@ -51,13 +57,17 @@ __all__ = [
     "digest",
     "document_problems",
     "load_schema",
+    "memo_key",
     "parse_json",
     "parse_json_or_string",
     "parse_size",
     "pointer",
     "problem_of",
+    "recalled",
+    "remember",
     "schema_problems",
     "step_budget",
+    "use_memo",
 ]
 
 #: Deepest nesting of arrays and objects accepted in a JSON input (the
@@ -300,23 +310,73 @@ class ValidDigests:
                 self._digests.popitem(last=False)
 
 
+class _Memo(Protocol):
+    """A memo of validations that found no problem (:class:`cloudlets.validmemo.ValidatedMemo`)."""
+
+    def seen(self, key: str) -> bool: ...
+
+    def add(self, key: str) -> None: ...
+
+
+_MEMO: contextvars.ContextVar[_Memo | None] = contextvars.ContextVar(
+    "cloudlets_validated_memo", default=None)
+
+
+@contextlib.contextmanager
+def use_memo(memo: _Memo) -> Iterator[None]:
+    """Have the validations inside this context consult ``memo`` before
+    running jsonschema, and add to it the keys of those that found no
+    problem (see :mod:`cloudlets.validmemo`)."""
+    token = _MEMO.set(memo)
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def memo_key(call: str, *documents: Any) -> str | None:
+    """:returns: the key a memo in force knows a validation by: the sha256 of
+    ``call`` and the canonical JSON of each of ``documents`` (all that the
+    validation's answer depends on), or ``None`` when no memo is in force
+    or a document is not plain JSON (a tuple, which a schema does not take
+    for an array; a non-string key, which JSON would turn into one; a value
+    :func:`document_problems` refuses)."""
+    if _MEMO.get() is None:
+        return None
+    key = hashlib.sha256(call.encode() + b"\0")
+    for document in documents:
+        if document_problems(document, limit=1) or ValidDigests.key(document) is None:
+            return None
+        key.update(canonical_json(document) + b"\0")
+    return key.hexdigest()
+
+
+def recalled(key: str | None) -> bool:
+    """:returns: whether the memo in force knows ``key`` (of :func:`memo_key`)."""
+    memo = _MEMO.get()
+    return key is not None and memo is not None and memo.seen(key)
+
+
+def remember(key: str | None) -> None:
+    """Add ``key`` (of a validation that found no problem) to the memo in force."""
+    memo = _MEMO.get()
+    if key is not None and memo is not None:
+        memo.add(key)
+
+
 @cache
 def load_schema(name: str) -> dict[str, Any]:
     """:returns: a schema shipped in ``cloudlets/schemas/`` (parsed once)."""
-    text = resources.files("cloudlets.schemas").joinpath(name).read_text("utf-8")
+    shipped = Path(__file__).with_name("schemas") / name
+    if shipped.is_file():
+        # read directly: importlib.resources costs a fresh process some 6 ms to import
+        text = shipped.read_text("utf-8")
+    else:  # installed without files on disk (a zip): through the loader
+        from importlib import resources
+
+        text = resources.files("cloudlets.schemas").joinpath(name).read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
-
-
-def _refuse_retrieval(uri: str) -> referencing.Resource[Any]:
-    raise referencing.exceptions.NoSuchResource(ref=uri)  # type: ignore[call-arg]
-
-
-#: The registry every cloudlets validator resolves ``$ref`` with: it holds
-#: only the JSON Schema meta-schemas (in memory) and retrieves nothing, so no
-#: schema can make validation open a URL or a file.
-NO_RETRIEVAL: referencing.Registry[Any] = referencing.Registry(
-    retrieve=_refuse_retrieval)  # type: ignore[call-arg]
 
 
 class StepBudgetExceeded(CloudletsError):
@@ -327,7 +387,7 @@ class StepBudgetExceeded(CloudletsError):
 _STEPS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "cloudlets_schema_steps", default=None)
 
-_Keyword = Callable[[Any, Any, Any, Any], Iterator[ValidationError] | None]
+_Keyword = Callable[[Any, Any, Any, Any], "Iterator[ValidationError] | None"]
 
 
 def _counted(keyword: _Keyword, cost: int = 1) -> _Keyword:
@@ -347,6 +407,8 @@ def _counted(keyword: _Keyword, cost: int = 1) -> _Keyword:
 
 def _pattern(validator: Any, pattern: Any, instance: Any, schema: Any
              ) -> Iterator[ValidationError]:
+    from jsonschema import ValidationError  # imported already: a validator runs
+
     if validator.is_type(instance, "string"):
         problem = pattern_problem(pattern, "")
         if problem is not None:
@@ -357,6 +419,8 @@ def _pattern(validator: Any, pattern: Any, instance: Any, schema: Any
 
 def _pattern_properties(validator: Any, patterns: Any, instance: Any, schema: Any
                         ) -> Iterator[ValidationError]:
+    from jsonschema import ValidationError
+
     if not validator.is_type(instance, "object"):
         return
     for pattern, subschema in patterns.items():
@@ -374,6 +438,8 @@ def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any
                   ) -> Iterator[ValidationError]:
     """``uniqueItems`` in linear time (jsonschema's falls back to comparing
     every pair of unhashable items)."""
+    from jsonschema import ValidationError
+
     if not unique or not validator.is_type(instance, "array"):
         return
     seen: set[bytes] = set()
@@ -400,21 +466,75 @@ def _is_regex(instance: object) -> bool:
     return not isinstance(instance, str) or pattern_problem(instance, "") is None
 
 
-#: Draft 2020-12 format checks, with ``regex`` meaning "RE2 can match it".
-FORMAT_CHECKER = FormatChecker(formats=())
-FORMAT_CHECKER.checkers = dict(Draft202012Validator.FORMAT_CHECKER.checkers)
-FORMAT_CHECKER.checkers["regex"] = (_is_regex, ())
+class _Validation:
+    """What validation needs from :mod:`jsonschema` and :mod:`referencing`,
+    built on first use (see the module)."""
 
-# Following a reference builds a validator: it costs about ten plain keywords.
-_COSTS = {"$ref": 10, "$dynamicRef": 10}
-_KEYWORDS = {name: _counted(keyword, _COSTS.get(name, 1)) for name, keyword in {
-    **Draft202012Validator.VALIDATORS, "pattern": _pattern,
-    "patternProperties": _pattern_properties, "uniqueItems": _unique_items}.items()}
+    def __init__(self) -> None:
+        import referencing
+        import referencing.exceptions
+        from jsonschema import Draft202012Validator, FormatChecker, validators
 
-#: Draft 2020-12 validation with linear-time keywords and a step budget.
-#: Build instances with ``registry=NO_RETRIEVAL``.
-SafeValidator: Any = validators.extend(  # type: ignore[no-untyped-call]
-    Draft202012Validator, _KEYWORDS, format_checker=FORMAT_CHECKER)
+        def refuse_retrieval(uri: str) -> referencing.Resource[Any]:
+            raise referencing.exceptions.NoSuchResource(ref=uri)  # type: ignore[call-arg]
+
+        self.registry: referencing.Registry[Any] = referencing.Registry(
+            retrieve=refuse_retrieval)  # type: ignore[call-arg]
+        # Draft 2020-12 format checks, with ``regex`` meaning "RE2 can match it".
+        self.format_checker: FormatChecker = FormatChecker(formats=())
+        self.format_checker.checkers = dict(Draft202012Validator.FORMAT_CHECKER.checkers)
+        self.format_checker.checkers["regex"] = (_is_regex, ())
+        # Following a reference builds a validator: it costs about ten plain keywords.
+        costs = {"$ref": 10, "$dynamicRef": 10}
+        keywords = {name: _counted(keyword, costs.get(name, 1)) for name, keyword in {
+            **Draft202012Validator.VALIDATORS, "pattern": _pattern,
+            "patternProperties": _pattern_properties, "uniqueItems": _unique_items}.items()}
+        self.validator: Any = validators.extend(  # type: ignore[no-untyped-call]
+            Draft202012Validator, keywords, format_checker=self.format_checker)
+
+
+_validation: _Validation | None = None
+_validation_lock = threading.Lock()
+
+
+def _parts() -> _Validation:
+    global _validation
+    with _validation_lock:
+        if _validation is None:
+            _validation = _Validation()
+        return _validation
+
+
+def __getattr__(name: str) -> Any:
+    """The validation objects, built (and :mod:`jsonschema` imported) on first use.
+
+    ``FORMAT_CHECKER``: Draft 2020-12 format checks, with ``regex`` meaning
+    "RE2 can match it". ``NO_RETRIEVAL``: the registry every cloudlets
+    validator resolves ``$ref`` with; it holds only the JSON Schema
+    meta-schemas (in memory) and retrieves nothing, so no schema can make
+    validation open a URL or a file. ``SafeValidator``: Draft 2020-12
+    validation with linear-time keywords and a step budget; build instances
+    with ``registry=NO_RETRIEVAL``.
+    """
+    if name == "FORMAT_CHECKER":
+        return _parts().format_checker
+    if name == "NO_RETRIEVAL":
+        return _parts().registry
+    if name == "SafeValidator":
+        return _parts().validator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    #: Draft 2020-12 format checks, with ``regex`` meaning "RE2 can match it".
+    FORMAT_CHECKER: FormatChecker
+    #: The registry every cloudlets validator resolves ``$ref`` with: it holds
+    #: only the JSON Schema meta-schemas (in memory) and retrieves nothing, so no
+    #: schema can make validation open a URL or a file.
+    NO_RETRIEVAL: referencing.Registry[Any]
+    #: Draft 2020-12 validation with linear-time keywords and a step budget.
+    #: Build instances with ``registry=NO_RETRIEVAL``.
+    SafeValidator: Any
 
 
 @contextlib.contextmanager
@@ -432,9 +552,15 @@ def step_budget(steps: int) -> Iterator[None]:
 
 
 @cache
+def _schema_digest(name: str) -> str:
+    return digest(load_schema(name))
+
+
+@cache
 def _validator(name: str) -> Any:
-    return SafeValidator(load_schema(name), format_checker=FORMAT_CHECKER,
-                         registry=NO_RETRIEVAL)
+    parts = _parts()
+    return parts.validator(load_schema(name), format_checker=parts.format_checker,
+                           registry=parts.registry)
 
 
 def pointer(path: Iterable[str | int]) -> str:
@@ -447,8 +573,13 @@ def schema_problems(instance: Any, schema_name: str) -> list[Problem]:
 
     :returns: every problem, sorted by pointer, each with a plain message.
     """
+    key = memo_key("schema_problems", _schema_digest(schema_name), instance)
+    if recalled(key):
+        return []
     validator = _validator(schema_name)
     problems = [problem_of(error) for error in validator.iter_errors(instance)]
+    if not problems:
+        remember(key)
     return sorted(set(problems), key=lambda p: (p.pointer, p.message))
 
 

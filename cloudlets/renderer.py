@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from cloudlets.signing.trust import SignatureSource
     from cloudlets.templates import TemplateLimits
 from cloudlets.urls import redact
+from cloudlets.validmemo import MEMO_NAME, ValidatedMemo
 
 __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_output"]
 
@@ -168,11 +169,14 @@ class Renderer:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         self.work_dir = Path(work_dir) if work_dir is not None else None
-        self.presets = presets or Presets()
+        # validations that found no problem, beside the cache (cloudlets.validmemo)
+        self._validated = ValidatedMemo(self.cache_dir / MEMO_NAME)
         self.mirrors = [dict(rule) for rule in (mirrors or [])]
-        if self.mirrors:
-            # Validate the rules with the config schema: same shape, same messages.
-            Presets(values={"mirrors": self.mirrors})
+        with self._validated.active():
+            self.presets = presets or Presets()
+            if self.mirrors:
+                # Validate the rules with the config schema: same shape, same messages.
+                Presets(values={"mirrors": self.mirrors})
         self.allow_file_urls = ex_allow_file_urls
         self.archive_policy = ex_archive_policy or ArchivePolicy()
         self.cache_max_bytes = ex_cache_max_bytes
@@ -276,7 +280,7 @@ class Renderer:
         :raises CloudletsError: for invalid input or an unusable driver.
         """
         started = time.monotonic()
-        loaded = Manifest.load(manifest, fetcher=self.fetcher)
+        loaded = self._manifest(manifest)
         signer = self._check_signature(loaded, manifest, signature, trust or self.trust)
         fmt = make_driver(DriverKind.FORMAT, format)
         store = make_driver(DriverKind.STORAGE, storage)
@@ -382,7 +386,7 @@ class Renderer:
 
         :raises ConfigError: when the result is invalid or a locked key is set.
         """
-        return self._config(Manifest.load(manifest, fetcher=self.fetcher), config)
+        return self._config(self._manifest(manifest), config)
 
     @staticmethod
     def image_id(manifest: Manifest, config: RenderConfig, format_name: str,
@@ -580,13 +584,18 @@ class Renderer:
         return TarballCache(self.cache_dir, max_bytes=self.cache_max_bytes,
                             fetcher=self.fetcher)
 
+    def _manifest(self, manifest: ManifestSource) -> Manifest:
+        with self._validated.active():
+            return Manifest.load(manifest, fetcher=self.fetcher)
+
     def _config(self, manifest: Manifest, request: Mapping[str, Any] | None) -> RenderConfig:
-        presets = self.presets
-        if self.mirrors:
-            values = dict(presets.values)
-            values["mirrors"] = self.mirrors + list(values.get("mirrors", []))
-            presets = Presets(values=values, locked=presets.locked)
-        return resolve_config(manifest, presets, request)
+        with self._validated.active():
+            presets = self.presets
+            if self.mirrors:
+                values = dict(presets.values)
+                values["mirrors"] = self.mirrors + list(values.get("mirrors", []))
+                presets = Presets(values=values, locked=presets.locked)
+            return resolve_config(manifest, presets, request)
 
     @contextmanager
     def _workdir(self) -> Iterator[Path]:

@@ -17,6 +17,9 @@ A stranger's schema must be **self-contained** and **cheap to apply**:
   otherwise), and the validator resolves references through
   :data:`~cloudlets.jsondoc.NO_RETRIEVAL`, so even a case the checks missed
   cannot reach the network or the file system.
+
+:mod:`jsonschema` is imported on the first check that the memo of valid
+documents (:mod:`cloudlets.validmemo`) does not answer.
 """
 
 from __future__ import annotations
@@ -25,18 +28,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote
 
-import jsonschema
-import referencing.exceptions
-from jsonschema import Draft202012Validator
-
+from cloudlets import jsondoc
 from cloudlets.errors import Problem
 from cloudlets.jsondoc import (
-    FORMAT_CHECKER,
-    NO_RETRIEVAL,
-    SafeValidator,
     StepBudgetExceeded,
     ValidDigests,
     document_problems,
+    memo_key,
     pointer,
     problem_of,
     step_budget,
@@ -82,8 +80,16 @@ def check_schema(schema: Any, base: Iterable[str | int]) -> list[Problem]:
     known = _VALID_SCHEMAS.key(schema) if not document_problems(schema) else None
     if known is not None and _VALID_SCHEMAS.seen(known):
         return []
+    remembered = memo_key("check_schema", schema)
+    if jsondoc.recalled(remembered):
+        if known is not None:
+            _VALID_SCHEMAS.add(known)
+        return []
+    import jsonschema  # here, not at the top: see the module
+
     try:
-        Draft202012Validator.check_schema(schema, format_checker=FORMAT_CHECKER)
+        jsonschema.Draft202012Validator.check_schema(schema,
+                                                     format_checker=jsondoc.FORMAT_CHECKER)
     except jsonschema.SchemaError as error:
         return [Problem(pointer([*prefix, *error.absolute_path]),
                         f"is not a valid JSON Schema: {error.message}")]
@@ -91,6 +97,7 @@ def check_schema(schema: Any, base: Iterable[str | int]) -> list[Problem]:
         return [Problem(pointer(prefix), "is not a valid JSON Schema: nested too deeply")]
     if known is not None:
         _VALID_SCHEMAS.add(known)
+    jsondoc.remember(remembered)
     return []
 
 
@@ -107,7 +114,13 @@ def validate_subschema(instance: Any, schema: Mapping[str, Any],
     # The validator class follows "$schema" on the way down: leave it out so
     # every level keeps the linear-time keywords.
     root = {k: v for k, v in schema.items() if k != "$schema"}
-    validator = SafeValidator(root, format_checker=FORMAT_CHECKER, registry=NO_RETRIEVAL)
+    remembered = memo_key("validate_subschema", dict(schema), instance)
+    if jsondoc.recalled(remembered):
+        return []
+    import referencing.exceptions  # here, not at the top: see the module
+
+    validator = jsondoc.SafeValidator(root, format_checker=jsondoc.FORMAT_CHECKER,
+                                      registry=jsondoc.NO_RETRIEVAL)
     problems = []
     try:
         with step_budget(MAX_SCHEMA_STEPS):
@@ -123,6 +136,8 @@ def validate_subschema(instance: Any, schema: Mapping[str, Any],
     except referencing.exceptions.Unresolvable as exc:
         return [Problem(pointer(prefix), f"the argument's schema has a reference that "
                                          f"does not resolve: {exc}")]
+    if not problems:
+        jsondoc.remember(remembered)
     return sorted(set(problems), key=lambda p: (p.pointer, p.message))
 
 
