@@ -30,17 +30,21 @@ Both also hold a kernel stand-in and two templates (``/etc/hostname`` and
   another hostname and IP (the cached tarball and base filesystem, the
   templated files patched in);
 * ``rerender-cli``: the same re-render through the command line,
-  ``python -m cloudlets render --set hostname=... --set ip...``, timed from
-  the process's start (interpreter start and imports included; cloudlets'
-  bytecode compiled once into ``<workdir>/pycache``, as an installed
-  package's is, whatever ``PYTHONDONTWRITEBYTECODE`` says);
+  ``python -m cloudlets render --set hostname=... --set ip...``, each round
+  with a hostname (tagged per benchmark run) and IP no render has had before (so the request is
+  validated afresh, as a new server's is; the manifest's validation may be
+  remembered from an earlier render), timed from the process's start
+  (interpreter start and imports included; cloudlets' bytecode compiled
+  once into ``<workdir>/pycache``, as an installed package's is, whatever
+  ``PYTHONDONTWRITEBYTECODE`` says);
 * ``rerender-warm``: ``--warm-renders`` re-renders, each with a new hostname
   and IP, by one Renderer in one process that has rendered once before (as
   the service's), each after removing the last one's image (untimed, as a
   re-render replacing it would): the best of them;
 * ``cold-cli`` (once): a cold render through the command line of the same
-  inputs as ``rerender-cli``, with an empty cache of its own; its image must
-  be byte-identical to the re-render's (``identical`` in the report);
+  inputs as the first round's ``rerender-cli``, with an empty cache of its
+  own; its image must be byte-identical to that re-render's (``identical``
+  in the report);
 * ``disk-stage``: :func:`cloudlets.disk.build_disk` alone from the
   uncompressed tree tar, then ``qemu-img convert``;
 * ``floor``: the unavoidable work done by the fastest tools, with no checks:
@@ -83,6 +87,7 @@ import json
 import os
 import random
 import resource
+import secrets
 import shutil
 import stat
 import statistics
@@ -121,9 +126,9 @@ REAL_SOURCES = (
 )
 
 
-def config_for(number: int) -> dict[str, Any]:
-    """Render config number ``number``: its own hostname and static IP."""
-    return {"hostname": f"web-{number:02d}",
+def config_for(number: int, tag: str = "") -> dict[str, Any]:
+    """Render config number ``number``: its own hostname (ending in ``tag``) and static IP."""
+    return {"hostname": f"web-{number:02d}{tag}",
             "ip": {"interfaces": [{"name": "eth0",
                                    "addresses": [f"192.0.2.{10 + number}/24"]}]}}
 
@@ -298,7 +303,12 @@ def _cli_render(manifest_path: Path, config: dict[str, Any], cache: Path, work: 
     result.update({f"stage:{k}": v for k, v in rendered.get("timings", {}).items()})
 
 
-def run_pipeline(name: str, tree: Path, work: Path, warm_renders: int = 5) -> dict[str, Any]:
+#: rerender-cli's config in round N is number CLI_CONFIG + N; cold-cli's, round 0's.
+CLI_CONFIG = 20
+
+
+def run_pipeline(name: str, tree: Path, work: Path, warm_renders: int = 5,
+                 round_index: int = 0) -> dict[str, Any]:
     """Run one pipeline in this process and return its timings."""
     tarball = tree.with_suffix(".tar.gz")
     # Every pipeline, API or CLI, sees the same epoch, so that the command
@@ -332,7 +342,9 @@ def run_pipeline(name: str, tree: Path, work: Path, warm_renders: int = 5) -> di
     elif name in ("rerender-cli", "cold-cli"):
         if name == "cold-cli":
             cache = work / "cache"
-        _cli_render(manifest_path, config_for(2), cache, work, result)
+        number = CLI_CONFIG + (round_index if name == "rerender-cli" else 0)
+        _cli_render(manifest_path, config_for(number, os.environ.get("BENCH_DISK_TAG", "")),
+                    cache, work, result)
         result["total"] = time.perf_counter() - started
         result["sha256"] = _sha256_of_image(work / "out")
     elif name == "rerender-warm":
@@ -560,16 +572,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the report here")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--run-tree", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run-round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warm_renders < 1:
         parser.error("--rounds and --warm-renders must be at least 1")
     if args.run:
         print(json.dumps(run_pipeline(args.run, args.run_tree, args.workdir / args.run,
-                                      args.warm_renders)))
+                                      args.warm_renders, args.run_round)))
         return {}
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": machine(), "rounds": args.rounds, "trees": {}}
+    # rerender-cli's hostnames end in this run's own tag: no memo of an
+    # earlier benchmark run has seen its requests
+    os.environ["BENCH_DISK_TAG"] = f"-{secrets.token_hex(4)}"
     for kind in TREES if args.tree == "both" else (args.tree,):
         tree, info = prepare_tree(kind, args)
         pipelines = list(args.only or PIPELINES)
@@ -594,7 +610,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 os.sync()  # the last run's writeback (and deletes) must not land on this one
                 proc = subprocess.run(
                     [sys.executable, __file__, "--workdir", str(args.workdir), "--run", name,
-                     "--run-tree", str(tree), "--warm-renders", str(args.warm_renders)],
+                     "--run-tree", str(tree), "--warm-renders", str(args.warm_renders),
+                     "--run-round", str(round_index)],
                     capture_output=True, text=True, check=False,
                 )  # fmt: skip
                 shutil.rmtree(args.workdir / name, ignore_errors=True)
@@ -603,13 +620,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     skipped[name] = "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
                     continue
                 result = json.loads(proc.stdout.strip().splitlines()[-1])
+                result["round"] = round_index
                 runs[name].append(result)
                 print(f"  {kind} round {round_index + 1} {name:<16}{result['total']:8.2f} s "
                       f"{result['rss_mib']:6.0f} MiB", flush=True)
         summary = summarize(runs)
         identical = None
         if "cold-cli" in summary and "rerender-cli" in summary:
-            identical = summary["cold-cli"]["sha256"] == summary["rerender-cli"]["sha256"]
+            first = [r["sha256"] for r in runs["rerender-cli"] if r["round"] == 0]
+            identical = summary["cold-cli"]["sha256"] == first
         report["trees"][kind] = {
             "info": info, "pipelines": summary, "identical": identical, "skipped": skipped,
             "load_before": load_before,
