@@ -297,9 +297,8 @@ def list_drivers(kind: DriverKind | str) -> list[str]:
     with _lock:
         points = dict(_entry_points(kind))
         names = set(_registered[kind]) | set(points)
-    for name in sorted(names & set(BUILTIN[kind])):
-        if name in points:
-            _shadows(kind, name, points[name])  # warns once that the built-in is kept
+    for name in sorted(points.keys() & BUILTIN[kind].keys()):
+        _shadows(kind, name, points[name])  # warns once that the built-in is kept
     names |= {name for name, (module, _) in BUILTIN[kind].items() if _module_exists(module)}
     return sorted(str(n) for n in names)
 
