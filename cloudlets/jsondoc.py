@@ -336,7 +336,7 @@ def use_memo(memo: _Memo) -> Iterator[None]:
 
 def memo_key(call: str, *documents: Any) -> str | None:
     """:returns: the key a memo in force knows a validation by: the sha256 of
-    ``call`` and the canonical JSON of each of ``documents`` (all that the
+    ``call`` and the digest of the canonical JSON of each of ``documents`` (all that the
     validation's answer depends on), or ``None`` when no memo is in force
     or a document is not plain JSON (a tuple, which a schema does not take
     for an array; a non-string key, which JSON would turn into one; a value
@@ -345,9 +345,12 @@ def memo_key(call: str, *documents: Any) -> str | None:
         return None
     key = hashlib.sha256(call.encode() + b"\0")
     for document in documents:
-        if document_problems(document, limit=1) or ValidDigests.key(document) is None:
+        if document_problems(document, limit=1):
             return None
-        key.update(canonical_json(document) + b"\0")
+        known = ValidDigests.key(document)  # the canonical JSON's digest, or None
+        if known is None:
+            return None
+        key.update(known.encode() + b"\0")
     return key.hexdigest()
 
 
