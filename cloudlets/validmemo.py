@@ -13,7 +13,7 @@ a whole check: :func:`cloudlets.jsondoc.schema_problems` (a document against
 a shipped schema), :func:`cloudlets.userschema.check_schema` (a manifest's
 argument schema against the meta-schema) and
 :func:`cloudlets.userschema.validate_subschema` (a value against such a
-schema). Each key is the sha256 of the call's name and the canonical JSON of
+schema). Each key is the sha256 of the call's name and the digests of the canonical JSON of
 everything its answer depends on (the schema's own, for a shipped one), taken
 only of plain JSON documents (see :func:`cloudlets.jsondoc.memo_key`); the
 checks cloudlets makes around those calls (strict parsing, references,
