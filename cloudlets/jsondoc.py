@@ -16,7 +16,8 @@ through a registry that cannot retrieve anything (:data:`NO_RETRIEVAL`).
 on the first validation, not with this module: :data:`FORMAT_CHECKER`,
 :data:`NO_RETRIEVAL` and :data:`SafeValidator` are built then. A process
 whose documents are all in the memo of valid documents
-(:mod:`cloudlets.validmemo`) never imports them.
+(:mod:`cloudlets.validmemo`) or pass the quick check of
+:mod:`cloudlets.quickschema` (a render request's config) never imports them.
 """
 
 from __future__ import annotations
@@ -560,6 +561,13 @@ def _schema_digest(name: str) -> str:
 
 
 @cache
+def _quick_check(name: str) -> Callable[[Any], bool] | None:
+    from cloudlets.quickschema import checker
+
+    return checker(load_schema(name))
+
+
+@cache
 def _validator(name: str) -> Any:
     parts = _parts()
     return parts.validator(load_schema(name), format_checker=parts.format_checker,
@@ -578,6 +586,10 @@ def schema_problems(instance: Any, schema_name: str) -> list[Problem]:
     """
     key = memo_key("schema_problems", _schema_digest(schema_name), instance)
     if recalled(key):
+        return []
+    quick = _quick_check(schema_name)
+    if quick is not None and quick(instance):
+        remember(key)
         return []
     validator = _validator(schema_name)
     problems = [problem_of(error) for error in validator.iter_errors(instance)]
