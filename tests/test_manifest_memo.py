@@ -24,12 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # validator's modules it imported.
 _FRESH = """
 import json, sys
-from cloudlets import Renderer
+from cloudlets import CloudletsError, Renderer
 renderer = Renderer(cache_dir=sys.argv[1], data_dir=sys.argv[1] + "-data")
-config = renderer.resolve_config(sys.argv[2], json.loads(sys.argv[3]))
-print(json.dumps({"hostname": config.hostname, "digest": config.digest,
-                  "imported": sorted(m for m in ("jsonschema", "referencing")
-                                     if m in sys.modules)}))
+try:
+    config = renderer.resolve_config(sys.argv[2], json.loads(sys.argv[3]))
+    result = {"hostname": config.hostname, "digest": config.digest}
+except CloudletsError as exc:
+    result = {"error": str(exc)}
+result["imported"] = sorted(m for m in ("jsonschema", "referencing") if m in sys.modules)
+print(json.dumps(result))
 """
 
 
@@ -57,9 +60,16 @@ def test_a_fresh_process_validating_known_documents_imports_no_jsonschema(
     again = _fresh(cache, manifest, request)
     assert again["imported"] == []
     assert again["digest"] == first["digest"] and again["hostname"] == "web-02"
-    # a new hostname is a new request document: validated with jsonschema
+    # a new hostname is a new request document, which the quick check of the
+    # config schema (cloudlets.quickschema) accepts without jsonschema
     request["hostname"] = "web-03"
-    assert _fresh(cache, manifest, request)["imported"] == ["jsonschema", "referencing"]
+    third = _fresh(cache, manifest, request)
+    assert third["imported"] == [] and third["hostname"] == "web-03"
+    assert third["digest"] != first["digest"]
+    # one it cannot accept goes to jsonschema, which names the problem
+    bad = _fresh(cache, manifest, dict(request, hostname="-web-"))
+    assert bad["imported"] == ["jsonschema", "referencing"]
+    assert "hostname" in bad["error"] and "-web-" in bad["error"]
     # the memo is read only by the validator that wrote it
     data = (cache / MEMO_NAME).read_bytes()
     (cache / MEMO_NAME).write_bytes(data.replace(b"documents 1 ", b"documents 1 0", 1))
