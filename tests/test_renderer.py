@@ -38,6 +38,7 @@ from cloudlets.drivers.base import (
 from cloudlets.drivers.storage.local import LocalStorage
 from cloudlets.drivers.types import FormatCapability
 from cloudlets.renderer import plan_output
+from cloudlets.rootfs import RootTree
 from tests.netpolicy import LOOPBACK_HOSTS, loopback_policy
 
 HOSTNAME_TEMPLATE = b"{{ hostname }}\n"
@@ -174,11 +175,17 @@ def test_same_inputs_give_identical_images(renderer: Renderer,
 
 def test_rerender_reuses_cached_base_and_tarball(renderer: Renderer,
                                                  cloudlet: Callable[..., dict[str, Any]],
-                                                 tmp_path: Path) -> None:
+                                                 tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = cloudlet()
     renderer.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
+    read_whole: list[RootTree] = []  # the tree's index is bisected, never read whole
+    whole = RootTree._read_all
+    monkeypatch.setattr(RootTree, "_read_all",
+                        lambda tree: (read_whole.append(tree), whole(tree))[1])
     again = renderer.render(manifest, str(tmp_path / "b") + "/", "local", "raw",
                             {"hostname": "second"})
+    assert read_whole == []
     assert again.details["tarball"] == {"read": False, "reason": "base filesystem cached"}
     assert "fetch" not in again.timings and "rootfs" not in again.timings
     assert again.details["disk"]["base_cached"] is True
@@ -847,7 +854,7 @@ def test_a_damaged_tree_index_means_reading_the_tarball(renderer: Renderer,
     assert again.details["tarball"]["cache_hit"] is True  # read, and the index rewritten
     assert again.details["disk"]["base_cached"] is True
     assert read_from_disk(Path(again.primary.location), "/etc/hostname") == b"second\n"
-    assert json.loads(index.read_text())["format"] == 1
+    assert json.loads(index.read_text().splitlines()[0])["format"] == RootTree.INDEX_FORMAT
 
 
 # -- the tarball is read while it downloads ----------------------------------------------

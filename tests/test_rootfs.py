@@ -718,3 +718,85 @@ def test_a_tree_index_is_parsed_once_per_process_until_it_is_replaced(tmp_path: 
         RootTree.from_index(tmp_path / "list.json", reader, workdir=tmp_path)
     for opened in (first, second):
         opened.close()
+
+
+def _indexed(tmp_path: Path, members: Sequence[M]) -> tuple[RootTree, RootTree]:
+    """A tree read from ``members`` and the tree its index gives back, whose
+    content is read from the first one."""
+    tree = read(members)
+    tree.write_index(tmp_path / "index.json")
+    lazy = RootTree.from_index(tmp_path / "index.json",
+                               lambda path, size: tree.read_bytes(path), workdir=tmp_path)
+    return tree, lazy
+
+
+def _row(entry: object) -> tuple[object, ...]:
+    return tuple(getattr(entry, name) for name in (
+        "path", "type", "mode", "uid", "gid", "mtime", "size", "linkname",
+        "devmajor", "devminor"))
+
+
+def test_a_tree_from_its_index_answers_lookups_without_reading_every_entry(
+        tmp_path: Path) -> None:
+    """get, [], in, len, resolve and read_bytes on a tree from an index give
+    what the original tree gives (hardlinks, symlinks and names that are not
+    UTF-8 included) while the index is still only bisected, never read whole."""
+    latin1 = b"srv/caf\xe9".decode("utf-8", "surrogateescape")
+    members = [*SAMPLE, M(latin1, b"latin-1 name"), D("usr/lib"),
+               M("usr/lib/os-release", b"ID=test\n"), L("lib", "/usr/lib"),
+               L("etc/os-release", "../lib/os-release"), M("a-b", b"sorts before a/"),
+               D("a"), M("a/b", b"under a")]
+    tree, lazy = _indexed(tmp_path, members)
+    with tree, lazy:
+        assert len(lazy) == len(tree)
+        for path in tree.paths():
+            assert _row(lazy[path]) == _row(tree[path]), path
+            assert path in lazy
+        for absent in ("/nope", "/etc/hostnam", "/etc/hostname/x", "/a/c", "/zzz", "/!"):
+            assert lazy.get(absent) is None and absent not in lazy
+            with pytest.raises(KeyError):
+                lazy[absent]
+        assert lazy["/usr/bin/ping6"].inode is lazy["/usr/bin/ping"]  # a hardlink
+        assert lazy.read_bytes("/usr/bin/ping6") == b"\x7fELF ping"
+        assert lazy.read_bytes("/" + latin1) == b"latin-1 name"
+        found = lazy.resolve("/etc/os-release")
+        assert found is not None and found.path == "/usr/lib/os-release"
+        via_bin = lazy.resolve("/bin/passwd")
+        assert via_bin is not None and via_bin.mode == 0o4755
+        assert lazy.resolve("/etc/passwd") is None
+        assert lazy._index is not None  # nothing needed every entry yet
+        kept = lazy["/usr/bin/ping6"]
+        assert lazy.paths() == tree.paths()  # now it does
+        assert lazy._index is None
+        assert lazy["/usr/bin/ping6"] is kept and kept.inode is lazy["/usr/bin/ping"]
+        assert [_row(entry) for entry in lazy] == [_row(entry) for entry in tree]
+
+
+def test_a_damaged_or_cut_index_is_refused(tmp_path: Path) -> None:
+    """A line that is not an entry is a damaged cache (CacheError naming the
+    file and how to recover); a file cut short, or of the older one-document
+    format, is not an index at all (ValueError: the tarball is read instead)."""
+    from cloudlets.errors import CacheError
+
+    tree, lazy = _indexed(tmp_path, SAMPLE)
+    lazy.close()
+    index = tmp_path / "index.json"
+    lines = index.read_bytes().split(b"\n")
+    target = next(n for n, line in enumerate(lines) if b'"/etc/hostname"' in line)
+    damaged = lines.copy()
+    damaged[target] = b'["/etc/hostname",'
+    index.write_bytes(b"\n".join(damaged))
+    reader = lambda path, size: b""  # noqa: E731
+    with (RootTree.from_index(index, reader, workdir=tmp_path) as broken,
+          pytest.raises(CacheError, match=r"index\.json is damaged.*cache prune")):
+        broken.get("/etc/hostname")
+    with (RootTree.from_index(index, reader, workdir=tmp_path) as broken,
+          pytest.raises(CacheError, match="is damaged")):
+        broken.paths()
+    index.write_bytes(b"\n".join(lines[:-3]) + b"\n")
+    with pytest.raises(ValueError, match="entries it announces"):
+        RootTree.from_index(index, reader, workdir=tmp_path)
+    index.write_text('{"format":1,"entries":[],"persistent":[]}')
+    with pytest.raises(ValueError, match="index format 1"):
+        RootTree.from_index(index, reader, workdir=tmp_path)
+    tree.close()

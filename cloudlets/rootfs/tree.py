@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Self
 
+from cloudlets.errors import CacheError
 from cloudlets.rootfs.entry import Entry, EntryType
 from cloudlets.rootfs.policy import encoded, parent_of
 from cloudlets.rootfs.stream import Compression
@@ -80,8 +81,12 @@ class RootTree:
         self._spool = spool
         self.kept = kept
         self.content_reader = content_reader
-        self._entries: dict[str, Entry] = (dict(entries) if entries is not None
-                                           else {"/": Entry("/", EntryType.DIR, 0o755)})
+        self._all: dict[str, Entry] = (dict(entries) if entries is not None
+                                       else {"/": Entry("/", EntryType.DIR, 0o755)})
+        # A tree from an index looks its entries up there one by one
+        # (:class:`_IndexLines`) until something needs them all.
+        self._index: _IndexLines | None = None
+        self._looked_up: dict[str, Entry | None] = {}
         self.persistent = sorted(set(persistent))
         self.dropped = list(dropped)
         self.notes = list(notes)
@@ -89,16 +94,91 @@ class RootTree:
         self.stream_bytes = stream_bytes
         self._links: dict[int, list[Entry]] | None = None
 
+    @property
+    def _entries(self) -> dict[str, Entry]:
+        """Every entry by path (a tree from an index reads them all now)."""
+        if self._index is not None:
+            self._read_all()
+        return self._all
+
+    def _lookup(self, path: str) -> Entry | None:
+        """The entry at ``path``; from a tree's index, only that one is read."""
+        index = self._index
+        if index is None:
+            return self._all.get(path)
+        if path in self._looked_up:
+            return self._looked_up[path]
+        row = index.row(path)
+        entry = None if row is None else self._entry_of(row, index)
+        self._looked_up[path] = entry
+        return entry
+
+    def _entry_of(self, row: Any, index: _IndexLines) -> Entry:
+        try:
+            path, kind, mode, uid, gid, mtime, size, linkname, major, minor, origin = row
+            entry = Entry(path, _KINDS[kind], mode, uid, gid, mtime, size, linkname,
+                          major, minor)
+            if origin is not None:
+                primary = self._lookup(origin)
+                if primary is None or primary._origin is not None:
+                    raise ValueError(f"{path}: no link target {origin}")
+                entry._origin = primary
+        except (ValueError, KeyError, TypeError) as exc:
+            raise index.damaged(exc) from None
+        return entry
+
+    def _read_all(self) -> None:
+        # Building ~20,000 entries allocates some 100,000 objects, none of
+        # them garbage: the collector's passes over them would cost 6-20 ms.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._read_rows()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _read_rows(self) -> None:
+        index = self._index
+        assert index is not None
+        known = self._looked_up
+        entries: dict[str, Entry] = {}
+        links: list[tuple[str, str]] = []
+        kinds = _KINDS  # ~20,000 entries: no EntryType() calls
+        try:
+            for (path, kind, mode, uid, gid, mtime, size, linkname, major, minor,
+                 origin) in index.rows():
+                found = known.get(path)
+                if found is not None:  # looked up already: the same object
+                    entries[path] = found
+                    continue
+                entries[path] = Entry(path, kinds[kind], mode, uid, gid, mtime, size,
+                                      linkname, major, minor)
+                if origin is not None:
+                    links.append((path, origin))
+            for path, origin in links:
+                entries[path]._origin = entries[origin]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise index.damaged(exc) from None
+        self._all = entries
+        self._index = None
+        self._looked_up = {}
+
     # -- mapping ---------------------------------------------------------
 
     def __contains__(self, path: object) -> bool:
+        if isinstance(path, str) and self._index is not None:
+            return self._lookup(path) is not None
         return path in self._entries
 
     def __getitem__(self, path: str) -> Entry:
-        return self._entries[path]
+        entry = self._lookup(path)
+        if entry is None:
+            raise KeyError(path)
+        return entry
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._index.count if self._index is not None else len(self._all)
 
     def __iter__(self) -> Iterator[Entry]:
         """Entries in output order: sorted by path bytes, parents first."""
@@ -107,7 +187,7 @@ class RootTree:
 
     def get(self, path: str) -> Entry | None:
         """:returns: the entry at an absolute path, or ``None``."""
-        return self._entries.get(path)
+        return self._lookup(path)
 
     def paths(self) -> list[str]:
         """:returns: every path, sorted by bytes (parents before children)."""
@@ -147,7 +227,7 @@ class RootTree:
                 current = parent_of(current) or "/"
                 continue
             candidate = posixpath.join(current, part)
-            entry = self._entries.get(candidate)
+            entry = self._lookup(candidate)
             if entry is None:
                 return None
             if entry.inode.type is EntryType.SYMLINK:
@@ -162,7 +242,7 @@ class RootTree:
             if pending and entry.type is not EntryType.DIR:
                 return None
             current = candidate
-        return self._entries.get(current)
+        return self._lookup(current)
 
     def read_bytes(self, path: str, limit: int | None = None) -> bytes:
         """Read a regular file's content.
@@ -173,7 +253,7 @@ class RootTree:
         :raises KeyError: when there is no such entry.
         :raises ValueError: when it is not a regular file or is too large.
         """
-        entry = self._entries[path]
+        entry = self[path]
         inode = entry.inode
         if inode.type is not EntryType.FILE:
             raise ValueError(f"{path} is a {entry.type.value}, not a regular file")
@@ -306,7 +386,7 @@ class RootTree:
     # -- the index: the tree without its content ---------------------------
 
     #: Bumped when the index's layout changes.
-    INDEX_FORMAT = 1
+    INDEX_FORMAT = 2
 
     def write_index(self, dest: str | os.PathLike[str]) -> None:
         """Save what the tree knows without its content: every entry's path,
@@ -315,31 +395,36 @@ class RootTree:
         it back, with content read through :attr:`content_reader` (a re-render
         reads templates from the cached base filesystem, not the tarball).
 
+        The file is a line of JSON (the format, the number of entries and the
+        tree's lists), then one JSON array a line for each entry, sorted by
+        path bytes: a re-render looks up its few templates by bisection and
+        parses nothing else.
+
         :param dest: the file to write (replaced atomically).
         """
         # Written row by row: a list of every row and the whole document as
         # one string would cost some 350 bytes per entry at the peak.
-        linked = {id(entry.inode) for entry in self._entries.values()
-                  if entry.inode is not entry}
-        origins = {id(entry): path for path, entry in self._entries.items()
-                   if id(entry) in linked}
-        compact = json.JSONEncoder(separators=(",", ":")).encode
+        entries = self._entries
+        linked = {id(entry.inode) for entry in entries.values() if entry.inode is not entry}
+        origins = {id(entry): path for path, entry in entries.items() if id(entry) in linked}
+        compact = json.JSONEncoder(separators=(",", ":")).encode  # ASCII: one line each
         dest = Path(dest)
         partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}-{id(self):x}")
         try:
-            with open(partial, "w", encoding="utf-8", errors="surrogateescape") as out:
-                out.write(f'{{"format":{self.INDEX_FORMAT},"entries":[')
-                for number, (path, entry) in enumerate(self._entries.items()):
+            with open(partial, "w", encoding="ascii") as out:
+                out.write(compact({
+                    "format": self.INDEX_FORMAT, "count": len(entries),
+                    "persistent": self.persistent, "dropped": self.dropped,
+                    "notes": self.notes, "compression": self.compression.value,
+                    "stream_bytes": self.stream_bytes}) + "\n")
+                for path in self.paths():
+                    entry = entries[path]
                     origin = origins.get(id(entry.inode)) if entry.inode is not entry \
                         else None
-                    out.write(("," if number else "") + compact(
+                    out.write(compact(
                         [path, entry.type.value, entry.mode, entry.uid, entry.gid,
                          entry.mtime, entry.size, entry.linkname, entry.devmajor,
-                         entry.devminor, origin]))
-                rest = compact({"persistent": self.persistent, "dropped": self.dropped,
-                                "notes": self.notes, "compression": self.compression.value,
-                                "stream_bytes": self.stream_bytes})
-                out.write("]," + rest[1:])
+                         entry.devminor, origin]) + "\n")
             os.replace(partial, dest)
         finally:
             partial.unlink(missing_ok=True)
@@ -350,51 +435,28 @@ class RootTree:
                    workdir: str | os.PathLike[str] | None = None) -> RootTree:
         """A tree from :meth:`write_index`, its content read on demand.
 
+        Its entries are read from the index as they are looked up (a
+        re-render reads its templates' and their parents'); the first use
+        that needs them all (iterating, adding a file) reads every one.
+
         :param source: the index file.
         :param content_reader: ``(path, size) -> bytes`` for regular files.
         :param workdir: directory for the (empty) spool file.
-        :raises ValueError: the index is unreadable or of another format.
+        :raises ValueError: the index is unreadable, of another format, or
+            cut short.
         """
-        # Parsing the index and building its ~20,000 entries allocates some
-        # 100,000 objects, none of them garbage: the collector's passes over
-        # them cost a fresh re-render 6-20 ms.
-        collecting = gc.isenabled()
-        gc.disable()
         try:
-            return cls._from_index(source, content_reader, workdir)
-        finally:
-            if collecting:
-                gc.enable()
-
-    @classmethod
-    def _from_index(cls, source: str | os.PathLike[str],
-                    content_reader: Callable[[str, int], bytes],
-                    workdir: str | os.PathLike[str] | None) -> RootTree:
-        try:
-            document = _read_index(Path(source))
-            if not isinstance(document, dict):
-                raise ValueError("not a JSON object")
-            if document.get("format") != cls.INDEX_FORMAT:
-                raise ValueError(f"index format {document.get('format')!r}")
-            persistent = document["persistent"]
-            entries: dict[str, Entry] = {}
-            links: list[tuple[str, str]] = []
-            kinds = _KINDS  # a re-render reads ~20,000 entries: no EntryType() calls
-            for (path, kind, mode, uid, gid, mtime, size, linkname, major, minor,
-                 origin) in document["entries"]:
-                entries[path] = Entry(path, kinds[kind], mode, uid, gid, mtime, size,
-                                      linkname, major, minor)
-                if origin is not None:
-                    links.append((path, origin))
-            for path, origin in links:
-                entries[path]._origin = entries[origin]
+            index = _read_index(Path(source))
+            header = index.header
             spool = tempfile.TemporaryFile(dir=workdir)  # noqa: SIM115 - owned by the tree
+            tree = cls(spool, header["persistent"], dropped=header["dropped"],
+                       notes=header["notes"], compression=Compression(header["compression"]),
+                       stream_bytes=int(header["stream_bytes"]), kept=False,
+                       content_reader=content_reader)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot read the tree index {source}: {exc}") from None
-        return cls(spool, persistent, entries=entries, dropped=document["dropped"],
-                   notes=document["notes"], compression=Compression(document["compression"]),
-                   stream_bytes=int(document["stream_bytes"]), kept=False,
-                   content_reader=content_reader)
+        tree._index = index
+        return tree
 
     def _spool_fd(self) -> int:
         self._spool.flush()
@@ -414,18 +476,83 @@ class RootTree:
         return f"<RootTree {len(self._entries)} entries, {self.total_size} bytes>"
 
 
-#: How many parsed indexes a process keeps (a service re-renders the same
-#: cloudlets: the JSON of 20,000 entries takes 0.05 s to parse).
+class _IndexLines:
+    """The entry lines of a tree's index (:meth:`RootTree.write_index`),
+    sorted by path bytes: one is found by bisecting the file's bytes, each
+    probe parsing one line (some 15 for 20,000 entries).
+
+    :param data: the whole file.
+    :param source: the file's name, for errors.
+    :raises ValueError: the header is not the current format's, or the
+        number of lines is not the one it announces (a file cut short).
+    """
+
+    def __init__(self, data: bytes, source: Path) -> None:
+        self.data = data
+        self.source = source
+        end = data.find(b"\n")
+        header = json.loads(data[:end] if end >= 0 else data)  # an older format: one line
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+        if header.get("format") != RootTree.INDEX_FORMAT:
+            raise ValueError(f"index format {header.get('format')!r}")
+        self.header: dict[str, Any] = header
+        self.count = header["count"]
+        self.start = end + 1
+        if type(self.count) is not int or data.count(b"\n", self.start) != self.count \
+                or not data.endswith(b"\n"):
+            raise ValueError(f"not the {self.count!r} entries it announces")
+
+    def row(self, path: str) -> Any:
+        """:returns: the parsed line of ``path``, or ``None``."""
+        data, key = self.data, encoded(path)
+        low, high = self.start, len(data)  # low: a line's start; high: a line's start or the end
+        try:
+            while low < high:
+                middle = (low + high) // 2
+                begin = data.rfind(b"\n", low, middle) + 1  # the start of middle's line
+                if begin == 0:
+                    begin = low
+                end = data.index(b"\n", begin)
+                row = json.loads(data[begin:end])
+                found = encoded(row[0])
+                if found == key:
+                    return row
+                if found < key:
+                    low = end + 1
+                else:
+                    high = begin
+        except (ValueError, IndexError, TypeError, AttributeError) as exc:
+            raise self.damaged(exc) from None
+        return None
+
+    def rows(self) -> Iterator[Any]:
+        """Every line, parsed, in path order (one at a time: a list of
+        60,000 parsed rows would add some 15 MiB to a render's peak)."""
+        data, loads, find = self.data, json.loads, self.data.find
+        begin = self.start
+        while begin < len(data):
+            end = find(b"\n", begin)
+            yield loads(data[begin:end])
+            begin = end + 1
+
+    def damaged(self, exc: Exception) -> CacheError:
+        return CacheError(f"the cached base's tree index {self.source} is damaged ({exc}): "
+                          "empty the cache of bases (cloudlets cache prune --bases-max-bytes 0) "
+                          "and render again")
+
+
+#: How many indexes a process keeps in memory (a service re-renders the same
+#: cloudlets: reading 20,000 entries' lines is a few ms).
 INDEX_MEMO_FILES = 2
-_index_memo: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
+_index_memo: collections.OrderedDict[tuple[int, ...], _IndexLines] = collections.OrderedDict()
 _index_lock = threading.Lock()
 
 
-def _read_index(path: Path) -> Any:
-    """The parsed JSON of an index file, remembered by the file's identity
-    (an index is replaced, never changed in place). Never modified by its
-    readers."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+def _read_index(path: Path) -> _IndexLines:
+    """The index file's lines, remembered by the file's identity (an index
+    is replaced, never changed in place)."""
+    with open(path, "rb") as handle:
         info = os.fstat(handle.fileno())
         key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         with _index_lock:
@@ -433,13 +560,12 @@ def _read_index(path: Path) -> Any:
             if found is not None:
                 _index_memo.move_to_end(key)
                 return found
-        document = json.loads(handle.read())
-    if isinstance(document, dict):
-        with _index_lock:
-            _index_memo[key] = document
-            while len(_index_memo) > INDEX_MEMO_FILES:
-                _index_memo.popitem(last=False)
-    return document
+        index = _IndexLines(handle.read(), path)
+    with _index_lock:
+        _index_memo[key] = index
+        while len(_index_memo) > INDEX_MEMO_FILES:
+            _index_memo.popitem(last=False)
+    return index
 
 
 #: :class:`EntryType` by value, for reading an index.
