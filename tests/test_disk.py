@@ -450,6 +450,49 @@ def test_patch_on_cached_base_leaves_the_cache_alone(tree: Path, tmp_path: Path)
     assert second.path.read_bytes() == cold.path.read_bytes()
 
 
+def test_patched_ranges_are_every_block_the_patch_changed_and_no_other(
+        tree: Path, tmp_path: Path) -> None:
+    """The ranges ``patched_ranges`` returns are, block by block, those whose
+    bytes differ from the base's metadata image or were holes in it (the
+    patched copy compared a run at a time must say the same), and the base
+    with those ranges laid over it is the base patched whole."""
+    import os
+
+    from cloudlets.sparse import data_ranges
+
+    base = make_root(tree, tmp_path, "directory")
+    metadata = tmp_path / "base.metadata"
+    ext4.metadata_image(base, metadata)
+    files = {"/etc/hostname": b"db-7\n", "/etc/motd": b"m" * (3 * 1024 * 1024 + 5),
+             "/home/alice/notes": b"rendered\n"}  # motd: new blocks over 3 compare runs
+    patched, ranges = ext4.patched_ranges(metadata, files, timestamp=EPOCH,
+                                          workdir=tmp_path / "patch")
+    block = ext4.BLOCK_SIZE
+    old, new = metadata.read_bytes(), patched.read_bytes()
+    with open(metadata, "rb") as handle:
+        known = data_ranges(handle.fileno())
+    expected: list[tuple[int, int]] = []
+    with open(patched, "rb") as handle:
+        for start, end in data_ranges(handle.fileno()):
+            for offset in range(start - start % block, end, block):
+                hole = not any(a <= offset < b for a, b in known)
+                if hole or old[offset:offset + block] != new[offset:offset + block]:
+                    if expected and expected[-1][1] == offset:
+                        expected[-1] = (expected[-1][0], offset + block)
+                    else:
+                        expected.append((offset, offset + block))
+    assert ranges == expected
+    assert sum(end - start for start, end in ranges) > 3 * 1024 * 1024
+    whole = tmp_path / "whole.raw"
+    shutil.copyfile(base, whole)
+    ext4.patch_ext4(str(whole), files, timestamp=EPOCH, workdir=tmp_path / "whole")
+    laid = bytearray(base.read_bytes())
+    for start, end in ranges:
+        laid[start:end] = new[start:end]
+    assert hashlib.sha256(laid).digest() == hashlib.sha256(whole.read_bytes()).digest()
+    assert os.path.getsize(whole) == len(laid)
+
+
 def _fsync_calls(argv: list[str], env: dict[str, str]) -> int:
     """How many fsync/fdatasync system calls a command makes (strace)."""
     log = Path(env["TMP_TRACE"])
