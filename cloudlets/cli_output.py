@@ -49,8 +49,9 @@ class EscapingWriter(io.TextIOBase):
 def print_json(out: TextIO, data: Any) -> None:
     """Write ``data`` as indented JSON and a newline (objects that JSON does
     not know, such as paths, as strings)."""
-    json.dump(data, out, indent=2, default=str)
-    out.write("\n")
+    # One write: json.dump writes every token on its own, a system call each
+    # on an unbuffered stream (PYTHONUNBUFFERED).
+    out.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def print_artifacts(out: TextIO, artifacts: Iterable[StoredArtifact], indent: str = "  ") -> None:
