@@ -127,16 +127,37 @@ def _offsets(image: Path) -> tuple[int, int]:
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """The bytes the writer reads, counted (the prefix, when copied under a
-    known state, is not read at all)."""
+    """The bytes the writer reads, counted: the disk's and the base's read
+    for the hash (the prefix, when copied under a known state, is not read
+    at all)."""
     counted: list[int] = []
     real = qcow2_writer._Disk.read
+    real_exact = qcow2_writer._pread_exact
 
     def read(self: qcow2_writer._Disk, view: memoryview, position: int) -> None:
         counted.append(len(view))
         real(self, view, position)
 
+    def read_exact(fd: int, view: memoryview, offset: int) -> None:
+        counted.append(len(view))
+        real_exact(fd, view, offset)
+
     monkeypatch.setattr(qcow2_writer._Disk, "read", read)
+    monkeypatch.setattr(qcow2_writer, "_pread_exact", read_exact)
+    yield counted
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The bytes the writer writes from user space (not copied in the kernel)."""
+    counted: list[int] = []
+    real = qcow2_writer._pwrite_all
+
+    def write(fd: int, view: memoryview, offset: int) -> None:
+        counted.append(len(view))
+        real(fd, view, offset)
+
+    monkeypatch.setattr(qcow2_writer, "_pwrite_all", write)
     yield counted
 
 
@@ -193,12 +214,13 @@ def test_a_patch_in_the_last_partial_cluster(tmp_path: Path) -> None:
         _check(image, raw)
 
 
-def test_warm_fresh_and_cold_paths_write_the_same_file(tmp_path: Path,
-                                                       reads: list[int]) -> None:
-    """The first write hashes the prefix and keeps its state; the next
-    (remembered state) and one in a fresh process (state from the file
-    beside the base) copy it without reading it: same bytes, and the digest
-    is hashlib's over the file each time."""
+def test_warm_fresh_and_cold_paths_write_the_same_file(tmp_path: Path, reads: list[int],
+                                                       writes: list[int]) -> None:
+    """The first write hashes the prefix (read once, for the hash; written
+    by copying in the kernel) and keeps its state; the next (remembered
+    state) and one in a fresh process (state from the file beside the base)
+    copy it without reading it: same bytes, and the digest is hashlib's over
+    the file each time."""
     base = _base(tmp_path)
     pieces, unpatched, raw = _disk(tmp_path, base, CASES["patched"])
     sidecar = tmp_path / f"{KEY}.{qcow2_writer.PREFIX_SIDECAR}"
@@ -206,6 +228,7 @@ def test_warm_fresh_and_cold_paths_write_the_same_file(tmp_path: Path,
     assert write_qcow2(pieces, cold, unpatched=unpatched) == _sha256(cold)
     prefix_data = _offsets(cold)[0] - CLUSTER_SIZE  # 26 clusters of the base
     assert sidecar.is_file() and sum(reads) >= prefix_data > MiB
+    assert sum(writes) < MiB  # the header, the tail and the tables
     reads.clear()
     warm = tmp_path / "warm.qcow2"
     assert write_qcow2(pieces, warm, unpatched=unpatched) == _sha256(warm)

@@ -698,6 +698,15 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
             advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``."""
+    while view:
+        done = os.preadv(fd, [view], offset)
+        if done <= 0:
+            raise FormatError("the cached base ended early")
+        view, offset = view[done:], offset + done
+
+
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while len(view):
         written = os.pwrite(fd, view, offset)
@@ -796,15 +805,25 @@ class _Copy:
     offset: int
 
 
+@dataclass(frozen=True)
+class _HashedCopy:
+    """A :class:`_Copy` of at most one buffer whose bytes are not hashed
+    yet: read into a buffer for the hash, but written by copying in the
+    kernel (the bytes cross into user space once, not twice)."""
+
+    copy: _Copy
+
+
 class _Mark:
     """The hash's state here is the prefix's."""
 
 
 _MARK = _Mark()
-_Extent = _Bytes | _Read | _Copy | _Mark
-#: A buffer, how much of it holds the data for ``offset`` of the file, and
-#: whether it goes back to the free buffers.
-_Item = tuple[memoryview, int, int, bool]
+_Extent = _Bytes | _Read | _Copy | _HashedCopy | _Mark
+#: A buffer, how much of it holds the data for ``offset`` of the file,
+#: whether it goes back to the free buffers, and the copy that writes those
+#: bytes in the kernel (else the buffer is written).
+_Item = tuple[memoryview, int, int, bool, _Copy | None]
 _END = None
 
 
@@ -853,10 +872,8 @@ def _write_prefixed(disk: _Disk, unpatched: _Disk, bases: dict[int, Path], targe
     else:
         digest = hashstate.Sha256()
         extents.append(_Bytes(layout.header(), 0))
-        offset = CLUSTER_SIZE
-        for first, count in _runs(layout.prefix):
-            extents.append(_Read(unpatched, first, count, offset))
-            offset += count * CLUSTER_SIZE
+        extents.extend(_HashedCopy(copy) for copy in
+                       _prefix_copies(layout, eligible, CLUSTER_SIZE * RUN_CLUSTERS))
         extents.append(_MARK)
     extents.append(_Bytes(middle, layout.l1_offset))
     offset = layout.first_tail * CLUSTER_SIZE
@@ -894,15 +911,17 @@ def _pwrite_all_new(target: Path, header: bytes) -> None:
         os.close(fd)
 
 
-def _prefix_copies(layout: _Prefixed, eligible: dict[int, _Segment]) -> Iterator[_Copy]:
+def _prefix_copies(layout: _Prefixed, eligible: dict[int, _Segment],
+                   limit: int = WRITEBACK_BYTES) -> Iterator[_Copy]:
     """The prefix's clusters as in-kernel copies from the base, each run of
-    clusters consecutive in both files in one copy (at most
-    :data:`WRITEBACK_BYTES`, so that writeback follows)."""
+    clusters consecutive in both files in one copy of at most ``limit``
+    bytes (:data:`WRITEBACK_BYTES`, so that writeback follows; a buffer's
+    size, for copies read for the hash as well)."""
     fd = start = length = offset = -1
     for host, cluster in enumerate(layout.prefix, 1):
         segment = eligible[cluster]
         source = segment.offset + (cluster << CLUSTER_BITS) - segment.start
-        if segment.fd == fd and start + length == source and length < WRITEBACK_BYTES:
+        if segment.fd == fd and start + length == source and length < limit:
             length += CLUSTER_SIZE
             continue
         if fd >= 0:
@@ -974,9 +993,17 @@ def _pipeline(target: Path, extents: Sequence[_Extent], digest: hashstate.Sha256
                         break
                     length = extent.count * CLUSTER_SIZE
                     extent.disk.read(buffer[:length], extent.first << CLUSTER_BITS)
-                    read.put((buffer, length, extent.offset, True))
+                    read.put((buffer, length, extent.offset, True, None))
+                elif isinstance(extent, _HashedCopy):
+                    buffer = free.get()
+                    if stop.is_set():
+                        break
+                    copy = extent.copy
+                    _pread_exact(copy.fd, buffer[:copy.length], copy.source)
+                    read.put((buffer, copy.length, copy.offset, True, copy))
                 elif isinstance(extent, _Bytes):
-                    read.put((memoryview(extent.data), len(extent.data), extent.offset, False))
+                    read.put((memoryview(extent.data), len(extent.data), extent.offset, False,
+                              None))
                 else:
                     read.put(extent)
         except BaseException as exc:  # noqa: BLE001 - raised by the hashing thread
@@ -994,8 +1021,11 @@ def _pipeline(target: Path, extents: Sequence[_Extent], digest: hashstate.Sha256
                     copier.copy(item)
                     written_to = item.offset + item.length
                 else:
-                    buffer, length, offset, _ = item
-                    _pwrite_all(fd, buffer[:length], offset)
+                    buffer, length, offset, _, copy = item
+                    if copy is not None and copier.in_kernel:
+                        copier.copy(copy)
+                    else:
+                        _pwrite_all(fd, buffer[:length], offset)
                     written_to = offset + length
                 if not errors and written_to - flushed >= WRITEBACK_BYTES:
                     _start_writeback(fd, flushed, written_to - flushed)
