@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -46,7 +47,6 @@ from cloudlets.errors import (
     SignatureError,
     StorageError,
 )
-from cloudlets.fetch import Fetcher, UrlPolicy
 from cloudlets.manifest import Manifest
 from cloudlets.mirrors import MirrorRules
 from cloudlets.paths import default_cache_dir, default_data_dir
@@ -58,10 +58,11 @@ from cloudlets.rootfs.policy import MAX_TIME
 
 if TYPE_CHECKING:
     from cloudlets.cache import TarballCache
+    from cloudlets.fetch import Fetcher
     from cloudlets.signing import ProvenanceKey, Signer, TrustPolicy
     from cloudlets.signing.trust import SignatureSource
     from cloudlets.templates import TemplateLimits
-from cloudlets.urls import redact
+from cloudlets.urls import is_url, redact
 from cloudlets.validmemo import MEMO_NAME, ValidatedMemo
 
 __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_output"]
@@ -189,8 +190,11 @@ class Renderer:
         if ex_fetcher is not None and ex_allow_hosts:
             raise ConfigurationError("Renderer: give ex_allow_hosts or ex_fetcher, not both "
                                      "(put the hosts in the fetcher's UrlPolicy)")
-        self.fetcher = ex_fetcher or Fetcher(policy=UrlPolicy(
-            allow_file=ex_allow_file_urls, allow_hosts=frozenset(ex_allow_hosts)))
+        self._allow_hosts = frozenset(ex_allow_hosts)
+        self._fetcher_lock = threading.Lock()
+        # made now when there are hosts to check (a bad HOST:PORT is refused
+        # here, not at the first download), else on first use
+        self._fetcher = ex_fetcher or (self._new_fetcher() if ex_allow_hosts else None)
         # the presets' mirrors are the provider's too: the fetcher allows them
         self._mirror_rules = MirrorRules(
             MirrorRules.from_config(self.mirrors, source="renderer").rules,
@@ -578,6 +582,23 @@ class Renderer:
         return policy.check_manifest(manifest, source, signature=signature,
                                      fetcher=self.fetcher)
 
+    @property
+    def fetcher(self) -> Fetcher:
+        """The downloader: ``ex_fetcher``, or one under a URL policy of
+        ``ex_allow_file_urls`` and ``ex_allow_hosts``, made on first use (a
+        re-render from a cached base fetches nothing, and its process does
+        not import the HTTP stack: 16 ms of a fresh one's start)."""
+        with self._fetcher_lock:
+            if self._fetcher is None:
+                self._fetcher = self._new_fetcher()
+            return self._fetcher
+
+    def _new_fetcher(self) -> Fetcher:
+        from cloudlets.fetch import Fetcher, UrlPolicy
+
+        return Fetcher(policy=UrlPolicy(allow_file=self.allow_file_urls,
+                                        allow_hosts=self._allow_hosts))
+
     def _cache(self) -> TarballCache:
         from cloudlets.cache import TarballCache
 
@@ -586,7 +607,9 @@ class Renderer:
 
     def _manifest(self, manifest: ManifestSource) -> Manifest:
         with self._validated.active():
-            return Manifest.load(manifest, fetcher=self.fetcher)
+            # only a manifest given by an http(s) URL is downloaded
+            remote = isinstance(manifest, str) and is_url(manifest)
+            return Manifest.load(manifest, fetcher=self.fetcher if remote else None)
 
     def _config(self, manifest: Manifest, request: Mapping[str, Any] | None) -> RenderConfig:
         with self._validated.active():

@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -190,6 +191,39 @@ def test_rerender_reuses_cached_base_and_tarball(renderer: Renderer,
     assert "fetch" not in again.timings and "rootfs" not in again.timings
     assert again.details["disk"]["base_cached"] is True
     assert read_from_disk(Path(again.primary.location), "/etc/hostname") == b"second\n"
+
+
+# A re-render in a fresh process, as `cloudlets render` is: the base is
+# cached, so nothing is downloaded and the HTTP stack is never imported (no
+# hosts are allowed, as none need to be: they would be checked at once).
+_FRESH_RERENDER = """
+import json, sys
+from cloudlets import Renderer
+work = sys.argv[1]
+renderer = Renderer(cache_dir=work + "/cache", data_dir=work + "/data", work_dir=work + "/work",
+                    ex_source_date_epoch=1_700_000_000)
+result = renderer.render(json.loads(sys.argv[2]), work + "/fresh/", "local", "raw",
+                         {"hostname": "fresh"})
+print(json.dumps({"location": result.primary.location,
+                  "fetch_imported": "cloudlets.fetch" in sys.modules}))
+"""
+
+
+def test_rerender_in_a_fresh_process_imports_no_downloader(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    manifest = cloudlet()
+    renderer.render(manifest, str(tmp_path / "a") + "/", "local", "raw", CONFIG)
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", _FRESH_RERENDER, str(tmp_path),
+                           json.dumps(manifest)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(proc.stdout)
+    assert fresh["fetch_imported"] is False
+    assert read_from_disk(Path(fresh["location"]), "/etc/hostname") == b"fresh\n"
+    # the downloader is still there, under the renderer's URL policy, once asked for
+    assert renderer.fetcher is renderer.fetcher
+    assert renderer.fetcher.policy.problem("http://127.0.0.1:8080/x") is None
 
 
 def test_boot_disk_size_sizes_the_rendered_disk(renderer: Renderer,
