@@ -11,9 +11,9 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -174,8 +174,11 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
-#: ``refuse_seek_data(errno)``: see the fixture.
-RefuseSeekData = Callable[[int], None]
+class RefuseSeekData(Protocol):
+    """``refuse_seek_data(errno)``, the fixture's switch: call it (the errno
+    is optional) to refuse ``SEEK_DATA`` from then on."""
+
+    def __call__(self, code: int = ...) -> None: ...
 
 
 @pytest.fixture
