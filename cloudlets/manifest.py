@@ -9,7 +9,7 @@ every problem at once, each with its JSON pointer.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -109,16 +109,18 @@ class Manifest:
 
     @classmethod
     def load(cls, source: Manifest | Mapping[str, Any] | str | bytes | Path, *,
-             timeout: float = 30.0, fetcher: Fetcher | None = None) -> Manifest:
+             timeout: float = 30.0,
+             fetcher: Fetcher | Callable[[], Fetcher] | None = None) -> Manifest:
         """Load and validate a manifest.
 
         :param source: a :class:`Manifest` (returned as is), a dict, a JSON
             document as text or UTF-8 bytes, an ``http(s)://`` or ``file://``
             URL, or a file path.
         :param timeout: seconds to wait when ``source`` is a URL.
-        :param fetcher: reads an ``http(s)://`` manifest under its URL policy
-            (a Renderer passes its own); by default one with the default
-            policy, which refuses loopback and internal addresses.
+        :param fetcher: reads an ``http(s)://`` manifest under its URL policy,
+            or a function returning it, called only for such a manifest (a
+            Renderer passes its own, made on first use); by default one with
+            the default policy, which refuses loopback and internal addresses.
         :raises ManifestError: when it cannot be read or is invalid.
         """
         if isinstance(source, Manifest):
@@ -168,7 +170,8 @@ class Manifest:
         return data
 
     @staticmethod
-    def _read_url(url: str, timeout: float, fetcher: Fetcher | None) -> bytes:
+    def _read_url(url: str, timeout: float,
+                  fetcher: Fetcher | Callable[[], Fetcher] | None) -> bytes:
         from cloudlets.errors import FetchError
         from cloudlets.fetch import Fetcher, RetryPolicy
 
@@ -176,6 +179,8 @@ class Manifest:
         if not url.startswith(("http://", "https://")):
             raise ManifestError([Problem("", "unsupported URL scheme (http, https, file)")],
                                 shown)
+        if callable(fetcher):
+            fetcher = fetcher()
         reader = fetcher or Fetcher(connect_timeout=timeout, read_timeout=timeout,
                                     retry=RetryPolicy(attempts=1))
         try:

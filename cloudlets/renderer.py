@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from cloudlets.signing import ProvenanceKey, Signer, TrustPolicy
     from cloudlets.signing.trust import SignatureSource
     from cloudlets.templates import TemplateLimits
-from cloudlets.urls import is_url, redact
+from cloudlets.urls import redact
 from cloudlets.validmemo import MEMO_NAME, ValidatedMemo
 
 __all__ = ["OutputPlan", "ProgressCallback", "RenderJob", "Renderer", "plan_output"]
@@ -607,9 +607,8 @@ class Renderer:
 
     def _manifest(self, manifest: ManifestSource) -> Manifest:
         with self._validated.active():
-            # only a manifest given by an http(s) URL is downloaded
-            remote = isinstance(manifest, str) and is_url(manifest)
-            return Manifest.load(manifest, fetcher=self.fetcher if remote else None)
+            # asked for only by a manifest given as an http(s) URL
+            return Manifest.load(manifest, fetcher=lambda: self.fetcher)
 
     def _config(self, manifest: Manifest, request: Mapping[str, Any] | None) -> RenderConfig:
         with self._validated.active():

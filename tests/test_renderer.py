@@ -23,6 +23,7 @@ from cloudlets import (
     DiskError,
     FetchError,
     Manifest,
+    ManifestError,
     Presets,
     Renderer,
     StorageError,
@@ -224,6 +225,19 @@ def test_rerender_in_a_fresh_process_imports_no_downloader(
     # the downloader is still there, under the renderer's URL policy, once asked for
     assert renderer.fetcher is renderer.fetcher
     assert renderer.fetcher.policy.problem("http://127.0.0.1:8080/x") is None
+
+
+def test_a_manifest_url_is_read_under_the_renderers_url_policy(
+        renderer: Renderer, cloudlet: Callable[..., dict[str, Any]],
+        static_http: tuple[str, Path], tmp_path: Path) -> None:
+    base, root = static_http
+    (root / "m.json").write_text(json.dumps(cloudlet()))
+    # the renderer's fetcher, which allows this loopback server, reads it
+    assert renderer.resolve_config(f"{base}/m.json", {"hostname": "url"}).hostname == "url"
+    # a renderer that allows no internal host refuses it, as the default fetcher would
+    strict = Renderer(cache_dir=tmp_path / "strict", data_dir=tmp_path / "strict-data")
+    with pytest.raises(ManifestError, match="loopback"):
+        strict.resolve_config(f"{base}/m.json", {})
 
 
 def test_boot_disk_size_sizes_the_rendered_disk(renderer: Renderer,
