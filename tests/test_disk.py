@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -522,6 +523,33 @@ def test_an_intermediate_image_is_patched_without_flushing_it(tree: Path,
     synced = build(tree, tmp_path, "synced", patch_files=files)
     unsynced = build(tree, tmp_path, "unsynced", patch_files=files, sync=False)
     assert synced.path.read_bytes() == unsynced.path.read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed "
+                    "(scripts/dev installs it)")
+def test_reading_a_template_and_making_the_esp_flush_nothing(tree: Path,
+                                                             tmp_path: Path) -> None:
+    """A template's source read from the base and the ESP made for the disk
+    ask for no flush: on a re-render, an fsync would wait for the journal,
+    and so for the writeback of the image's prefix being copied meanwhile."""
+    import os
+
+    if tools._eatmydata() is None:
+        pytest.fail("libeatmydata is not installed (apt-get install eatmydata; scripts/dev "
+                    "installs it)")
+    image = build(tree, tmp_path, "base")
+    inside = f"{image.path}?offset={image.root.start}"
+    size = len(b"placeholder\n")
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from cloudlets.disk import bootloader, ext4\n"
+        f"assert ext4.read_file({inside!r}, '/etc/hostname', {size}) == b'placeholder\\n'\n"
+        f"work = Path({str(tmp_path / 'esp')!r}); work.mkdir()\n"
+        "bootloader.make_esp(work / 'esp.img', size=64 * 1024 * 1024, efi_binary=b'MZ' * 512,"
+        " volume_id=0x1234ABCD, timestamp=1_700_000_000, workdir=work)\n")
+    env = {**os.environ, "TMP_TRACE": str(tmp_path / "trace")}
+    assert _fsync_calls([sys.executable, "-c", script], env) == 0
+    assert (tmp_path / "esp" / "esp.img").stat().st_size == 64 * 1024 * 1024
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from cloudlets.disk.tools import (
     grub_platform_dir,
     run,
     tool_environment,
+    unsynced,
 )
 from cloudlets.errors import DiskError
 
@@ -259,7 +260,9 @@ def make_esp(
     :raises DiskError: mkfs.fat or mtools failed.
     :raises ConfigurationError: dosfstools or mtools is missing.
     """
-    env = tool_environment(timestamp)
+    # an intermediate, copied into the disk: mkfs.fat's fsync would wait for
+    # the journal, and so for whatever else the file system is writing back
+    env = unsynced(tool_environment(timestamp))
     image.unlink(missing_ok=True)
     run(
         "mkfs.fat",

@@ -648,8 +648,10 @@ def read_file(image: str | os.PathLike[str], path: str, size: int) -> bytes:
     :returns: its content.
     :raises DiskError: the file cannot be read, or is not ``size`` bytes long.
     """
+    # read only: the fsync debugfs does as it exits would only wait for
+    # whatever else the file system is writing back (a head start's copy)
     proc = run("debugfs", ["-R", f"cat {_quote(path)}", image],
-               env=tool_environment(0, e2fsprogs=True))
+               env=unsynced(tool_environment(0, e2fsprogs=True)))
     if len(proc.stdout) != size:
         detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
         raise DiskError(f"cannot read {path} from {image}: {len(proc.stdout)} bytes, "
