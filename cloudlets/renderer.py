@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 from cloudlets.cachelocks import DEFAULT_BASE_CACHE_MAX_BYTES
 from cloudlets.config import Presets, RenderConfig, resolve_config
 from cloudlets.drivers.base import (
+    BaseInDisk,
     DiskImage,
     FormatContext,
     FormatDriver,
+    HeadStart,
     OutputFile,
     StorageDriver,
     StoredArtifact,
@@ -98,8 +100,12 @@ class _Run:
     mirrors: MirrorRules
     #: what the render holds until it ends (the lease on its base filesystem)
     held: ExitStack
+    #: the file stem of the outputs
+    basename: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    #: what the format driver began before the disk was built, if anything
+    head_start: HeadStart | None = None
 
 
 class Renderer:
@@ -328,7 +334,8 @@ class Renderer:
         with self._workdir() as workdir, ExitStack() as held:
             run = _Run(manifest=loaded, config=merged, fmt=fmt, storage=store,
                        output=job.output, workdir=workdir, progress=progress,
-                       overwrite=overwrite, mirrors=job.mirrors, held=held)
+                       overwrite=overwrite, mirrors=job.mirrors, held=held,
+                       basename=plan.basename)
             if job.signer is not None:
                 run.details["signature"] = job.signer.to_dict()
             run.timings["prepare"] = job.prepared_in + time.monotonic() - started
@@ -336,15 +343,18 @@ class Renderer:
             # the convert stage in bytes of the disk's virtual size
             converted = StageMeter(run.progress, "convert", disk.size)
             context = FormatContext(manifest=loaded, config=merged, disk=disk,
-                                    workdir=workdir / "format", basename=plan.basename)
+                                    workdir=workdir / "format", basename=plan.basename,
+                                    head_start=run.head_start)
             if progress is not None:
                 context = dataclasses.replace(context, progress=converted.part(disk.size))
-            context.workdir.mkdir()
+            context.workdir.mkdir(exist_ok=True)  # a head start may have made it
             with self._stage(run, "convert"):
                 outputs = self._convert(fmt, context)
                 converted.finish()
                 if not fmt.capabilities & FormatCapability.PUBLISH:
                     _discard_intermediates(disk, outputs)
+            if run.head_start is not None:
+                run.details["head_start"] = dict(run.head_start.details())
             context = dataclasses.replace(context, progress=FormatContext.progress)
             locations = plan.locations([o.name for o in outputs])
             provenance_at = plan.provenance_location(outputs[0].name) \
@@ -458,6 +468,7 @@ class Renderer:
             tree = plan.cached_tree()
             if tree is not None:
                 run.details["tarball"] = {"read": False, "reason": "base filesystem cached"}
+                self._head_start(run, plan.base_in_disk())
             else:
                 started = time.monotonic()
                 # A missing tarball downloads on a thread of its own while it is
@@ -481,6 +492,26 @@ class Renderer:
         if plan.stage == "disk":
             run.details["disk"] = dict(disk.details)
         return disk
+
+    @staticmethod
+    def _head_start(run: _Run, base: BaseInDisk | None) -> None:
+        """Let the format driver begin what every render over the cached
+        ``base`` shares, while the templates render and the base is patched
+        (:meth:`FormatDriver.head_start`); closed when the render ends."""
+        if base is None:
+            return
+        workdir = run.workdir / "format"
+        workdir.mkdir(exist_ok=True)
+        try:
+            started = run.fmt.head_start(base, workdir, run.basename)
+        except CloudletsError:
+            raise
+        except Exception as exc:
+            raise FormatError(f"format driver {run.fmt.name!r} failed to start: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if started is not None:
+            run.held.callback(started.close)
+            run.head_start = started
 
     def _convert(self, fmt: FormatDriver, context: FormatContext) -> list[OutputFile]:
         try:

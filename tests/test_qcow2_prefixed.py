@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -394,3 +395,129 @@ def test_saved_states_restore_only_where_they_fit() -> None:
     assert running.hexdigest() == hashlib.sha256(data[:65536]).hexdigest()
     assert hashstate.Sha256.restore(state, 65537) is None
     assert hashstate.Sha256.restore(state[:-1], 65536) is None
+
+
+# -- the head start: the prefix copied while the render still patches ----------
+
+
+def _ahead(base: Path, target: Path, size: int | None = None) -> qcow2_writer.PrefixCopy:
+    disk_size = size if size is not None else HEAD + base.stat().st_size + MiB
+    return qcow2_writer.PrefixCopy.start(base, start=HEAD, disk_size=disk_size, target=target)
+
+
+def test_a_prefix_copied_ahead_is_adopted(tmp_path: Path, reads: list[int],
+                                          writes: list[int]) -> None:
+    """Under a known state, the header and the base's clusters are copied
+    before the patch is known; the writer adopts them and writes the rest:
+    the file a write without the head start makes, the digest hashlib's."""
+    base = _base(tmp_path)
+    first, first_unpatched, _ = _disk(tmp_path, base, CASES["zero-in-base"], name="first")
+    write_qcow2(first, tmp_path / "first.qcow2", unpatched=first_unpatched)
+    qcow2_writer._prefix_memo.clear()  # a fresh process: the state from the file beside the base
+    target = tmp_path / "ahead.qcow2"
+    ahead = _ahead(base, target)
+    pieces, unpatched, raw = _disk(tmp_path, base, CASES["patched"])
+    reads.clear()
+    writes.clear()
+    try:
+        digest = write_qcow2(pieces, target, unpatched=unpatched, ahead=ahead)
+    finally:
+        ahead.close()
+    assert digest == _sha256(target)
+    l1_offset = _offsets(target)[0]
+    assert ahead.details() == {"adopted": True, "bytes": l1_offset}
+    assert sum(reads) < MiB and sum(writes) < MiB  # the prefix was neither read nor written here
+    plain = tmp_path / "plain.qcow2"
+    write_qcow2(pieces, plain, unpatched=unpatched)
+    assert target.read_bytes() == plain.read_bytes()
+    _check(target, raw)
+    assert target.is_file()  # closing an adopted copy leaves the writer's file
+
+
+def test_without_a_known_state_nothing_is_copied_ahead(tmp_path: Path) -> None:
+    """A prefix that must be hashed as well is left to the writer: the head
+    start says why, leaves no file, and the write is the plain one."""
+    base = _base(tmp_path)
+    target = tmp_path / "out.qcow2"
+    ahead = _ahead(base, target)
+    pieces, unpatched, raw = _disk(tmp_path, base, CASES["patched"])
+    try:
+        digest = write_qcow2(pieces, target, unpatched=unpatched, ahead=ahead)
+    finally:
+        ahead.close()
+    assert digest == _sha256(target)
+    details = ahead.details()
+    assert details["adopted"] is False and details["bytes"] == 0
+    assert "hash state is not known" in str(details["declined"])
+    _check(target, raw)
+
+
+@pytest.mark.parametrize("other", ["another-base", "another-place", "another-target"])
+def test_a_copy_of_another_prefix_is_removed_and_the_file_written_whole(
+        tmp_path: Path, other: str) -> None:
+    """A head start whose prefix is not the disk's (another base, the base
+    elsewhere in the disk, another file) is discarded: its file is removed
+    and the disk's own file written as without it."""
+    base = _base(tmp_path)
+    pieces, unpatched, raw = _disk(tmp_path, base, CASES["patched"])
+    reference = tmp_path / "reference.qcow2"
+    write_qcow2(pieces, reference, unpatched=unpatched)  # the state is known from here on
+    target = tmp_path / "out.qcow2"
+    if other == "another-base":
+        other_dir = tmp_path / "other"
+        other_dir.mkdir()
+        other_base = _base(other_dir, OTHER_KEY, salt=b"other")
+        other_pieces, other_unpatched, _ = _disk(other_dir, other_base, {})
+        write_qcow2(other_pieces, other_dir / "o.qcow2", unpatched=other_unpatched)
+        ahead = _ahead(other_base, target)
+    elif other == "another-place":
+        ahead = qcow2_writer.PrefixCopy.start(
+            base, start=HEAD + CLUSTER_SIZE, disk_size=HEAD + 2 * BASE_SIZE, target=target)
+    else:
+        ahead = _ahead(base, tmp_path / "elsewhere.qcow2")
+    try:
+        digest = write_qcow2(pieces, target, unpatched=unpatched, ahead=ahead)
+    finally:
+        ahead.close()
+    assert digest == _sha256(target)
+    assert target.read_bytes() == reference.read_bytes()
+    assert ahead.details()["adopted"] is False
+    assert not (tmp_path / "elsewhere.qcow2").exists()
+    _check(target, raw)
+
+
+def test_a_head_start_closed_unused_leaves_nothing(tmp_path: Path) -> None:
+    base = _base(tmp_path)
+    pieces, unpatched, _ = _disk(tmp_path, base, {})
+    write_qcow2(pieces, tmp_path / "first.qcow2", unpatched=unpatched)
+    target = tmp_path / "out.qcow2"
+    ahead = _ahead(base, target)
+    ahead.close()
+    assert not target.exists()
+    assert not any(thread.name == "cloudlets-qcow2-ahead" and thread.is_alive()
+                   for thread in threading.enumerate())
+    ahead.close()  # twice: nothing more to do
+
+
+def test_a_head_start_that_cannot_write_leaves_the_writer_to_say_why(tmp_path: Path) -> None:
+    """The head start's own failure is never the render's: it declines, and
+    the writer writes the file (or fails with its own error)."""
+    base = _base(tmp_path)
+    pieces, unpatched, raw = _disk(tmp_path, base, {})
+    write_qcow2(pieces, tmp_path / "first.qcow2", unpatched=unpatched)
+    target = tmp_path / "out.qcow2"
+    target.write_bytes(b"in the way")  # the head start creates its file exclusively
+    ahead = _ahead(base, target)
+    try:
+        assert ahead.adopt(None, ()) is None  # waits for it: it has declined by now
+    finally:
+        ahead.close()
+    assert "the copy failed: File exists" in str(ahead.details()["declined"])
+    assert target.read_bytes() == b"in the way"  # not its file: left alone
+    target.unlink()
+    again = _ahead(base, target)
+    try:
+        assert write_qcow2(pieces, target, unpatched=unpatched, ahead=again) == _sha256(target)
+    finally:
+        again.close()
+    _check(target, raw)

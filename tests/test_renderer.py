@@ -863,6 +863,10 @@ def test_a_qcow2_rerender_over_a_known_prefix_is_the_qcow2_a_cold_render_makes(
     header = Path(first.primary.location).read_bytes()[:104]
     l1_offset = int.from_bytes(header[40:48], "big")
     assert int.from_bytes(header[48:56], "big") > l1_offset > 65536  # refcounts after L1
+    # the re-renders copied that prefix while they patched the base
+    assert "head_start" not in first.details and "head_start" not in cold.details
+    for result in (warm, fresh_process):
+        assert result.details["head_start"] == {"adopted": True, "bytes": l1_offset}
     assert Path(first.primary.location).read_bytes()[:l1_offset] \
         == Path(warm.primary.location).read_bytes()[:l1_offset]
     assert state.is_file()
@@ -874,6 +878,80 @@ def test_a_qcow2_rerender_over_a_known_prefix_is_the_qcow2_a_cold_render_makes(
                               raw.primary.location, warm.primary.location],
                              capture_output=True, text=True, timeout=120, check=False)
     assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def _primed(cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch, **options: Any) -> tuple[dict[str, Any], Path]:
+    """A cloudlet rendered once as qcow2 (its base and prefix state
+    cached) and the cache, for a re-render that gets a head start."""
+    from cloudlets.drivers.formats import qcow2_writer
+
+    monkeypatch.setattr(qcow2_writer, "MEMO_SETTLED_NS", 0)
+    monkeypatch.setattr(qcow2_writer, "_prefix_memo", type(qcow2_writer._prefix_memo)())
+    manifest = cloudlet()
+    Renderer(cache_dir=tmp_path / "cache", work_dir=tmp_path / "w0",
+             ex_allow_hosts=LOOPBACK_HOSTS).render(
+        manifest, str(tmp_path / "first") + "/", "local", "qcow2", CONFIG)
+    return manifest, tmp_path / "cache"
+
+
+def _ahead_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate()
+            if t.name == "cloudlets-qcow2-ahead" and t.is_alive()]
+
+
+def test_a_rerender_that_fails_after_its_head_start_leaves_nothing(
+        cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefix copy starts before the templates render: a template that
+    fails then stops it and removes its file with the rest of the render."""
+    from cloudlets.drivers.formats import qcow2_writer
+    from cloudlets.templates import TemplateLimits
+
+    manifest, cache = _primed(cloudlet, tmp_path, monkeypatch)
+    closed: list[tuple[bool, bool]] = []  # (its file there before, after)
+    close = qcow2_writer.PrefixCopy.close
+
+    def recorded(self: qcow2_writer.PrefixCopy) -> None:
+        self._planned.wait(10)
+        before = self.target.exists()
+        close(self)
+        closed.append((before, self.target.exists()))
+
+    monkeypatch.setattr(qcow2_writer.PrefixCopy, "close", recorded)
+    strict = Renderer(cache_dir=cache, work_dir=tmp_path / "w1",
+                      ex_allow_hosts=LOOPBACK_HOSTS,
+                      ex_template_limits=TemplateLimits(max_output_bytes=2))
+    with pytest.raises(TemplateError, match="max_output_bytes"):
+        strict.render(manifest, str(tmp_path / "out") + "/", "local", "qcow2", CONFIG)
+    assert closed[-1][1] is False and len(closed) == 1  # closed by the render, and gone
+    assert list((tmp_path / "w1").iterdir()) == []
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert _ahead_threads() == []
+
+
+def test_a_head_start_the_disk_does_not_use_is_removed(
+        cloudlet: Callable[..., dict[str, Any]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A patch of too many ranges gets the disk written whole, in the plain
+    layout: the prefix copied ahead is dropped, and the image is right."""
+    from cloudlets.disk import assemble
+
+    manifest, cache = _primed(cloudlet, tmp_path, monkeypatch)
+    monkeypatch.setattr(assemble, "MAX_PATCHED_RANGES", 1)
+    again = Renderer(cache_dir=cache, work_dir=tmp_path / "w1", ex_allow_hosts=LOOPBACK_HOSTS)
+    result = again.render(manifest, str(tmp_path / "q") + "/", "local", "qcow2",
+                          {**CONFIG, "hostname": "whole"})
+    assert result.details["disk"]["composed"] is False
+    assert result.details["head_start"]["adopted"] is False
+    assert [p.name for p in (tmp_path / "q").iterdir()] == [Path(result.primary.location).name]
+    assert _ahead_threads() == []
+    back = tmp_path / "back.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw",
+                    result.primary.location, str(back)], check=True, timeout=120)
+    assert read_from_disk(back, "/etc/hostname") == b"whole\n"
 
 
 def test_a_patch_of_too_many_ranges_gets_the_whole_disk_written(

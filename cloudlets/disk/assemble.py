@@ -32,6 +32,7 @@ from cloudlets.disk.tools import (
     e2fsprogs_version,
     find_tool,
 )
+from cloudlets.drivers.base import BaseInDisk
 from cloudlets.errors import DiskError
 from cloudlets.progress import StageMeter
 from cloudlets.sparse import Piece, copy_into, overlay
@@ -44,6 +45,7 @@ __all__ = [
     "ESP_SIZE",
     "BaseStream",
     "base_cached",
+    "base_in_disk",
     "base_key",
     "base_paths",
     "base_sidecar",
@@ -463,6 +465,25 @@ def base_cached(boot: BootSpec, *, seed: str, tree_digest: str,
     would make for these inputs (it then needs no tree tar)."""
     key = _base_key(tree_digest, boot, seed, source_date_epoch)
     return _cache_lookup(base_cache, key) is not None
+
+
+def base_in_disk(boot: BootSpec, *, seed: str, tree_digest: str,
+                 source_date_epoch: int | None, base_cache: Path) -> BaseInDisk | None:
+    """Where the cached base filesystem for these inputs lies in the disk
+    :func:`build_disk` composes over it (``compose``), before the render
+    patches it; ``None`` when no such base is cached."""
+    key = _base_key(tree_digest, boot, seed, source_date_epoch)
+    cached = _cache_lookup(base_cache, key)
+    if cached is None:
+        return None
+    image, size, _ = cached
+    try:
+        layout = _layout(boot, size, seed)
+        length = image.stat().st_size
+    except (DiskError, OSError):  # build_disk says what is wrong
+        return None
+    root = layout.partitions[layout.root_index]
+    return BaseInDisk(path=image, start=root.start, length=length, disk_size=layout.size)
 
 
 def base_key(boot: BootSpec, *, seed: str, tree_digest: str,

@@ -47,9 +47,16 @@ from cloudlets.cachelocks import (
     last_used,
 )
 from cloudlets.disk import ext4
-from cloudlets.disk.assemble import BaseStream, base_cached, base_key, base_paths, build_disk
+from cloudlets.disk.assemble import (
+    BaseStream,
+    base_cached,
+    base_in_disk,
+    base_key,
+    base_paths,
+    build_disk,
+)
 from cloudlets.disk.spec import BootSpec
-from cloudlets.drivers.base import DiskImage
+from cloudlets.drivers.base import BaseInDisk, DiskImage
 from cloudlets.errors import CacheError, CloudletsError
 from cloudlets.progress import StageMeter
 
@@ -359,6 +366,15 @@ class DiskPlan:
             if tree is not None:
                 self._built()
         return tree
+
+    def base_in_disk(self) -> BaseInDisk | None:
+        """Where the cached base lies in the disk :meth:`build` will compose
+        over it, for a format driver's head start
+        (:meth:`~cloudlets.drivers.base.FormatDriver.head_start`); ``None``
+        unless this plan composes a disk over a cached base."""
+        if self._boot is None or not self._compose or self._key is None:
+            return None
+        return base_in_disk(self._boot, **self._lookup())
 
     def read(self, entry: CacheEntry, progress: ProgressCallback | None = None) -> RootTree:
         """Read the tree from the tarball ``entry``, while it may still be

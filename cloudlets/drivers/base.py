@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Protocol
 from urllib.parse import urlencode
 
 from cloudlets.drivers.types import FormatCapability, StorageCapability
@@ -47,10 +47,12 @@ if TYPE_CHECKING:
     from cloudlets.manifest import Manifest
 
 __all__ = [
+    "BaseInDisk",
     "Deletion",
     "DiskImage",
     "FormatContext",
     "FormatDriver",
+    "HeadStart",
     "OutputFile",
     "PublishResult",
     "StorageDriver",
@@ -101,6 +103,38 @@ class DiskImage:
     source_date_epoch: int | None = None
 
 
+@dataclass(frozen=True)
+class BaseInDisk:
+    """Where the cached base root filesystem lies in the disk of a render
+    over it, known before the render has patched it
+    (:meth:`FormatDriver.head_start`).
+
+    :ivar path: the cached base filesystem (read only, never changed).
+    :ivar start: its offset in the disk, in bytes.
+    :ivar length: its size in bytes.
+    :ivar disk_size: the disk's virtual size in bytes.
+    """
+
+    path: Path
+    start: int
+    length: int
+    disk_size: int
+
+
+class HeadStart(Protocol):
+    """What :meth:`FormatDriver.head_start` began: closed by the Renderer
+    when the render ends, whether :meth:`FormatDriver.convert` used it or
+    not."""
+
+    def close(self) -> None:
+        """Stop the work and remove whatever ``convert`` did not adopt; wait
+        for the driver's thread to end. Called once, never raises."""
+
+    def details(self) -> Mapping[str, Any]:
+        """What the render records about it (JSON-ready), in
+        ``RenderResult.details["head_start"]``."""
+
+
 def _no_progress(done: int, total: int | None = None) -> None:
     """The default :attr:`FormatContext.progress`: reports nowhere."""
 
@@ -126,6 +160,10 @@ class FormatContext:
         outside a render it does nothing.
         :func:`cloudlets.drivers.formats.qemuimg.convert` takes it as its
         ``progress``.
+    :ivar head_start: what this driver's :meth:`FormatDriver.head_start`
+        began for this render, if anything; ``convert`` checks that it fits
+        :attr:`disk` before using it. The work directory then holds what it
+        wrote.
     """
 
     manifest: Manifest
@@ -135,6 +173,7 @@ class FormatContext:
     basename: str
     progress: PartProgress = field(default=_no_progress, repr=False,
                                                         compare=False)
+    head_start: HeadStart | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -413,6 +452,22 @@ class FormatDriver(ABC):
             inside ``context.workdir``.
         :raises FormatError: when the conversion fails.
         """
+
+    def head_start(self, base: BaseInDisk, workdir: Path, basename: str) -> HeadStart | None:
+        """Optionally begin, on a thread of the driver's own, the part of the
+        output that every render over a cached base shares, while this
+        render still renders its templates and patches the base.
+
+        Called for a re-render over a cached base, before the disk is
+        built, with the work directory and basename :meth:`convert` will
+        get; what it returns reaches :meth:`convert` as
+        :attr:`FormatContext.head_start`, and is closed when the render
+        ends. It must be quick (start the work, do not do it) and is only a
+        head start: :meth:`convert` must write the same bytes without it.
+
+        :returns: the work begun, or ``None`` (the default: nothing to begin).
+        """
+        return None
 
     def publish(self, context: FormatContext, stored: list[StoredArtifact],
                 storage: StorageDriver) -> PublishResult | None:

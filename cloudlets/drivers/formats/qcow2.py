@@ -9,11 +9,12 @@ imported.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
-from cloudlets.drivers.base import FormatContext, FormatDriver, OutputFile
+from cloudlets.drivers.base import BaseInDisk, FormatContext, FormatDriver, HeadStart, OutputFile
 from cloudlets.drivers.formats import qemuimg
-from cloudlets.drivers.formats.qcow2_writer import write_qcow2
+from cloudlets.drivers.formats.qcow2_writer import PrefixCopy, write_qcow2
 from cloudlets.drivers.types import Format, FormatCapability
 from cloudlets.errors import FormatError
 from cloudlets.sparse import Piece
@@ -37,14 +38,25 @@ class Qcow2Format(FormatDriver):
     def __init__(self, ex_compress: bool = False) -> None:
         self.compress = ex_compress
 
+    def head_start(self, base: BaseInDisk, workdir: Path, basename: str) -> HeadStart | None:
+        """Copy the file's header and the base's clusters (the same for
+        every render over ``base``) while the render patches the base: a
+        :class:`~cloudlets.drivers.formats.qcow2_writer.PrefixCopy`."""
+        if self.compress:
+            return None
+        return PrefixCopy.start(base.path, start=base.start, disk_size=base.disk_size,
+                                target=workdir / f"{basename}.qcow2")
+
     def convert(self, context: FormatContext) -> list[OutputFile]:
         name = f"{context.basename}.qcow2"
         target = context.workdir / name
+        ahead = context.head_start if isinstance(context.head_start, PrefixCopy) else None
         if not self.compress:
             disk = context.disk
             pieces = disk.pieces or (Piece(disk.path, 0, disk.path.stat().st_size),)
             unpatched = disk.unpatched if disk.pieces and disk.unpatched else None
-            digest = write_qcow2(pieces, target, unpatched=unpatched, progress=context.progress)
+            digest = write_qcow2(pieces, target, unpatched=unpatched, progress=context.progress,
+                                 ahead=ahead)
             return [OutputFile(role="disk", path=target, name=name,
                                media_type="application/x-qemu-disk", sha256=digest)]
         qemuimg.convert(context.disk, target, "qcow2", options={"compat": "1.1"},

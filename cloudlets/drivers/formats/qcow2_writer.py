@@ -63,7 +63,7 @@ from cloudlets.errors import FormatError
 from cloudlets.progress import PartProgress
 from cloudlets.sparse import Piece, data_ranges
 
-__all__ = ["CLUSTER_SIZE", "write_qcow2"]
+__all__ = ["CLUSTER_SIZE", "PrefixCopy", "write_qcow2"]
 
 CLUSTER_BITS = 16
 #: Bytes per cluster (qemu-img's default).
@@ -715,7 +715,8 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 def write_qcow2(pieces: Sequence[Piece], target: Path, *,
                 unpatched: Sequence[Piece] | None = None,
-                progress: PartProgress | None = None) -> str:
+                progress: PartProgress | None = None,
+                ahead: PrefixCopy | None = None) -> str:
     """Write the disk made of ``pieces`` (concatenated in order) as a qcow2
     file.
 
@@ -729,15 +730,24 @@ def write_qcow2(pieces: Sequence[Piece], target: Path, *,
         :class:`_Prefixed`). Without a cached base in it, it is ignored.
     :param progress: called as ``progress(done, total)`` with the bytes of
         the file hashed and queued for writing so far, and its size.
+    :param ahead: the header and prefix copied into ``target`` ahead of
+        time (:class:`PrefixCopy`): adopted if they are the ones this disk's
+        layout starts with, else removed first (``target`` is then written
+        as without it).
     :returns: the sha256 of the file as written, computed while writing it.
     :raises FormatError: a piece cannot be read, or the target written.
     """
     try:
         disk = _Disk(pieces)
     except OSError as exc:
+        if ahead is not None:
+            ahead.close()
         raise FormatError(f"cannot read the disk: {exc.strerror or exc}") from None
     try:
         before = None
+        if ahead is not None and ahead.target != target:
+            ahead.close()
+            ahead = None
         if unpatched is not None:
             try:
                 before = _Disk(unpatched, share=disk)
@@ -748,7 +758,9 @@ def write_qcow2(pieces: Sequence[Piece], target: Path, *,
                                   f"the disk {disk.size}")
         bases = _base_files(before) if before is not None else {}
         if before is not None and bases:
-            return _write_prefixed(disk, before, bases, target, progress)
+            return _write_prefixed(disk, before, bases, target, progress, ahead)
+        if ahead is not None:
+            ahead.close()
         return _write(disk, target, progress)
     except OSError as exc:
         target.unlink(missing_ok=True)
@@ -841,10 +853,11 @@ def _write(disk: _Disk, target: Path, progress: PartProgress | None = None) -> s
 
 
 def _write_prefixed(disk: _Disk, unpatched: _Disk, bases: dict[int, Path], target: Path,
-                    progress: PartProgress | None) -> str:
+                    progress: PartProgress | None, ahead: PrefixCopy | None = None) -> str:
     """The prefixed layout (:class:`_Prefixed`): the prefix copied from the
-    base under a known hash state (remembered in this process, or saved
-    beside the base), else read and hashed as any cluster."""
+    base under a known hash state (copied ahead already, or remembered in
+    this process, or saved beside the base), else read and hashed as any
+    cluster."""
     eligible = _eligible(unpatched, bases)
     prefix = _prefix_nonzero(unpatched, eligible)
     changed = _changed(disk, unpatched)
@@ -855,18 +868,16 @@ def _write_prefixed(disk: _Disk, unpatched: _Disk, bases: dict[int, Path], targe
     middle, end = _prefixed_tables(layout)
     keys = _prefix_keys(layout, eligible, bases)
     prefix_bytes = layout.l1_offset
-    known: hashstate.Sha256 | None = None
     sidecar = _prefix_sidecar(bases[min(bases)])  # any base: the key covers all
-    if keys is not None:
-        with _memo_lock:
-            known = _prefix_memo.get(keys[0])
-            if known is not None:
-                _prefix_memo.move_to_end(keys[0])
-                known = known.copy()
-        if known is None and sidecar is not None:
-            known = _load_prefix(sidecar, keys[1], prefix_bytes)
+    known = ahead.adopt(keys, layout.prefix) if ahead is not None else None
+    adopted = known is not None
+    if known is None:
+        known = _known_prefix(keys, sidecar, prefix_bytes)
     extents: list[_Extent] = []
-    if known is not None:
+    if adopted:
+        assert ahead is not None and known is not None
+        digest = known
+    elif known is not None:
         extents.extend(_prefix_copies(layout, eligible))
         digest = known
     else:
@@ -881,10 +892,11 @@ def _write_prefixed(disk: _Disk, unpatched: _Disk, bases: dict[int, Path], targe
         extents.append(_Read(disk, first, count, offset))
         offset += count * CLUSTER_SIZE
     extents.append(_Bytes(end, layout.first_l2 * CLUSTER_SIZE))
-    if known is not None:  # the header is in the hash state already
+    if known is not None and not adopted:  # the header is in the hash state already
         _pwrite_all_new(target, layout.header())
     digest, marked = _pipeline(target, extents, digest, layout.clusters * CLUSTER_SIZE,
-                               progress, created=known is not None)
+                               progress, created=known is not None,
+                               flushed=ahead.flushed if adopted and ahead is not None else 0)
     if marked is not None and keys is not None:
         with _memo_lock:
             _prefix_memo[keys[0]] = marked
@@ -894,6 +906,22 @@ def _write_prefixed(disk: _Disk, unpatched: _Disk, bases: dict[int, Path], targe
         if sidecar is not None and state is not None:
             _save_prefix(sidecar, keys[1], prefix_bytes, state)
     return digest.hexdigest()
+
+
+def _known_prefix(keys: tuple[tuple[object, ...], bytes] | None, sidecar: Path | None,
+                  prefix_bytes: int) -> hashstate.Sha256 | None:
+    """The hash state after the prefix of ``keys``, remembered in this
+    process or saved in ``sidecar``; ``None`` when neither knows it."""
+    if keys is None:
+        return None
+    with _memo_lock:
+        known = _prefix_memo.get(keys[0])
+        if known is not None:
+            _prefix_memo.move_to_end(keys[0])
+            return known.copy()
+    if sidecar is None:
+        return None
+    return _load_prefix(sidecar, keys[1], prefix_bytes)
 
 
 def _prefix_sidecar(path: Path) -> Path | None:
@@ -968,13 +996,157 @@ class _Copier:
             source, offset, left = source + done, offset + done, left - done
 
 
+class PrefixCopy:
+    """A head start on a re-render's qcow2 file: its header and prefix
+    (:class:`_Prefixed`), which the cached base and the disk's size alone
+    decide, copied into ``target`` on a thread of their own while the render
+    still renders its templates and patches the base (the copy runs in the
+    kernel, on the other core, and its writeback starts early).
+    :func:`write_qcow2` adopts the file when the prefix its layout starts
+    with is the one copied (the same base files, header and clusters) and
+    writes the rest; else the file is removed and written as without it.
+
+    Only a prefix whose hash state is known (remembered in this process or
+    saved beside the base, see :class:`_Prefixed`) is copied ahead: one that
+    must be hashed as well is read by the writer. Use :meth:`start`; always
+    :meth:`close` it, used or not.
+
+    :ivar target: the file being written.
+    :ivar flushed: the bytes of ``target`` whose writeback was started.
+    """
+
+    def __init__(self, base: Path, *, start: int, disk_size: int, target: Path) -> None:
+        self.target = target
+        self.flushed = 0
+        self._base, self._start, self._disk_size = base, start, disk_size
+        self._keys: tuple[tuple[object, ...], bytes] | None = None
+        self._prefix: tuple[int, ...] = ()
+        self._state: hashstate.Sha256 | None = None
+        self._copied = 0
+        self._declined = ""
+        self._created = self._adopted = False
+        self._stop = threading.Event()
+        self._planned = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cloudlets-qcow2-ahead",
+                                        daemon=True)
+
+    @classmethod
+    def start(cls, base: Path, *, start: int, disk_size: int, target: Path) -> PrefixCopy:
+        """Begin copying, into ``target`` (which must not exist), the header
+        and prefix of the qcow2 file of a ``disk_size``-byte disk holding the
+        cached base filesystem ``base`` at byte ``start``."""
+        ahead = cls(base, start=start, disk_size=disk_size, target=target)
+        ahead._thread.start()
+        return ahead
+
+    def adopt(self, keys: tuple[tuple[object, ...], bytes] | None,
+              prefix: tuple[int, ...]) -> hashstate.Sha256 | None:
+        """Wait for the copy and hand ``target`` over to the writer, if it
+        holds the prefix of ``keys`` (see :func:`_prefix_keys`) made of the
+        guest clusters ``prefix``.
+
+        :returns: the hash state after the prefix; ``None`` when the copy is
+            not that prefix, was declined or failed (``target`` is then
+            removed).
+        """
+        self._planned.wait()
+        if self._keys is None or keys is None or self._keys != keys or self._prefix != prefix:
+            if self._keys is not None:
+                self._declined = "the disk's prefix is another"
+            self.close()
+            return None
+        self._thread.join()
+        if self._state is None:  # the copy failed or was stopped
+            self.close()
+            return None
+        self._adopted = True
+        return self._state.copy()
+
+    def close(self) -> None:
+        """Stop the copy and remove ``target`` unless the writer adopted it."""
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join()
+        if not self._adopted and self._created:
+            self.target.unlink(missing_ok=True)
+            self._created = False
+
+    def details(self) -> dict[str, object]:
+        """What the render records: whether the writer adopted the copy and
+        how many bytes of the file it held, or why nothing was copied."""
+        found: dict[str, object] = {"adopted": self._adopted,
+                                    "bytes": self._copied if self._adopted else 0}
+        if self._declined:
+            found["declined"] = self._declined
+        return found
+
+    def _run(self) -> None:
+        try:
+            declined = self._copy()
+            if not self._declined:  # (adopt may have said why first)
+                self._declined = declined
+        except (OSError, FormatError) as exc:  # the writer then writes the file itself
+            detail = exc.strerror if isinstance(exc, OSError) else str(exc)
+            self._declined = f"the copy failed: {detail or type(exc).__name__}"
+            self._keys = self._state = None
+        finally:
+            self._planned.set()
+        if self._state is None and self._created:
+            self.target.unlink(missing_ok=True)
+            self._created = False
+
+    def _copy(self) -> str:
+        """:returns: why nothing was copied, or ``""``."""
+        fd = os.open(self._base, os.O_RDONLY)
+        try:
+            length = os.fstat(fd).st_size
+            if self._start + length > self._disk_size:
+                return "the base does not fit in the disk"
+            if _file_map(fd, self._base) is None:
+                return "the base's clusters are not known yet"
+            sidecar = _prefix_sidecar(self._base)
+            disk = _Disk([], segments=[_Segment(self._start, length, fd, 0)])
+            bases = {fd: self._base}
+            eligible = _eligible(disk, bases)
+            layout = _plan_prefixed(self._disk_size, _prefix_nonzero(disk, eligible), set(), [])
+            keys = _prefix_keys(layout, eligible, bases)
+            state = _known_prefix(keys, sidecar, layout.l1_offset)
+            if keys is None or state is None:
+                return "the prefix's hash state is not known yet"
+            self._keys, self._prefix = keys, layout.prefix
+            self._planned.set()
+            out = os.open(self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._created = True
+            try:
+                _pwrite_all(out, memoryview(layout.header()), 0)
+                copier, flushed = _Copier(out), 0
+                for copy in _prefix_copies(layout, eligible):
+                    if self._stop.is_set():
+                        return "stopped"
+                    copier.copy(copy)
+                    end = copy.offset + copy.length
+                    if end - flushed >= WRITEBACK_BYTES:
+                        _start_writeback(out, flushed, end - flushed)
+                        flushed = end
+            finally:
+                os.close(out)
+            if os.stat(self.target).st_size != layout.l1_offset:
+                return "the cached base ended early"
+            self.flushed, self._copied, self._state = flushed, layout.l1_offset, state
+            return ""
+        finally:
+            os.close(fd)
+
+
 def _pipeline(target: Path, extents: Sequence[_Extent], digest: hashstate.Sha256, total: int,
-              progress: PartProgress | None, *,
-              created: bool = False) -> tuple[hashstate.Sha256, hashstate.Sha256 | None]:
-    """Write ``extents`` to ``target`` (a new file, or one just ``created``)
-    on three threads: the reads and the writes release the GIL, and so does
-    hashing large buffers, so the hash (the slowest step) has a core of its
-    own. :returns: the hash of the file, and its state at the mark, if any."""
+              progress: PartProgress | None, *, created: bool = False,
+              flushed: int = 0) -> tuple[hashstate.Sha256, hashstate.Sha256 | None]:
+    """Write ``extents`` to ``target`` (a new file, or one just ``created``,
+    whose first ``flushed`` bytes are being written back already) on three
+    threads: the reads and the writes release the GIL, and so does hashing
+    large buffers, so the hash (the slowest step) has a core of its own.
+    :returns: the hash of the file, and its state at the mark, if any."""
+    submitted = flushed
     flags = os.O_WRONLY if created else os.O_WRONLY | os.O_CREAT | os.O_EXCL
     fd = os.open(target, flags, 0o644)
     free: queue.Queue[memoryview] = queue.Queue()
@@ -1011,7 +1183,7 @@ def _pipeline(target: Path, extents: Sequence[_Extent], digest: hashstate.Sha256
         read.put(_END)
 
     def writing() -> None:
-        flushed = written_to = 0
+        flushed = written_to = submitted
         copier = _Copier(fd)
         while (item := written.get()) is not _END:
             try:
