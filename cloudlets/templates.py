@@ -957,10 +957,10 @@ def _render_file(env: _ImageEnvironment, tree: RootTree, path: str, context: Map
         raise TemplateError(f"{entry.inode.size} bytes, more than the "
                             f"{limits.max_source_bytes} allowed "
                             "(TemplateLimits.max_source_bytes)", path)
-    text = _decode(tree.read_bytes(path), path)
     if syntax == "dotcloud":
+        text = _decode(tree.read_bytes(path), path)
         rendered = _render_dotcloud(env, path, text, context, limits)
-    elif syntax == "jinja2":
+    elif syntax == "jinja2":  # the loader reads it (from the cached base: a debugfs run)
         rendered = _render_jinja(env, path, context, limits)
     else:
         raise TemplateError(f"unknown template syntax {syntax!r} (jinja2, dotcloud)", path)

@@ -95,6 +95,25 @@ def test_render_templates_with_manifest_and_config(tmp_path: Path) -> None:
         assert (info.mode, info.uid, info.gid) == (0o600, 0, 4)  # mode and owner kept
 
 
+@pytest.mark.parametrize("syntax", ["jinja2", "dotcloud"])
+def test_each_source_is_read_once(tree_of: Any, monkeypatch: pytest.MonkeyPatch,
+                                  syntax: str) -> None:
+    """A re-render reads a template's source from the cached base with a
+    debugfs run: once per template, whatever the syntax."""
+    tree = tree_of("{{ hostname }}\n" if syntax == "jinja2" else "<%= hostname %>\n")
+    reads: list[str] = []
+    real = tree.read_bytes
+
+    def counted(path: str, limit: int | None = None) -> bytes:
+        reads.append(path)
+        return real(path, limit)
+
+    monkeypatch.setattr(tree, "read_bytes", counted)
+    limits = TemplateLimits(timeout=5.0, isolate=False)  # counted in this process
+    assert render(tree, limits, syntax) == "web-1\n"
+    assert reads == ["/etc/t"]
+
+
 def test_template_context_has_exactly_the_documented_names() -> None:
     manifest = Manifest({"name": "tiny"})
     config = resolve_config(manifest, request={"hostname": "h"})
