@@ -502,25 +502,15 @@ class Renderer:
             return
         workdir = run.workdir / "format"
         workdir.mkdir(exist_ok=True)
-        try:
+        with _driver_errors(run.fmt, "failed to start"):
             started = run.fmt.head_start(base, workdir, run.basename)
-        except CloudletsError:
-            raise
-        except Exception as exc:
-            raise FormatError(f"format driver {run.fmt.name!r} failed to start: "
-                              f"{type(exc).__name__}: {exc}") from exc
         if started is not None:
             run.held.callback(started.close)
             run.head_start = started
 
     def _convert(self, fmt: FormatDriver, context: FormatContext) -> list[OutputFile]:
-        try:
+        with _driver_errors(fmt, "failed"):
             outputs = fmt.convert(context)
-        except CloudletsError:
-            raise
-        except Exception as exc:
-            raise FormatError(f"format driver {fmt.name!r} failed: "
-                              f"{type(exc).__name__}: {exc}") from exc
         if not outputs:
             raise FormatError(f"format driver {fmt.name!r} produced no output")
         for output in outputs:
@@ -821,6 +811,20 @@ class OutputPlan:
                                    f"{len(names)} files ({', '.join(names)})", shown)
             return [self.target]
         return [self.prefix + name for name in names]
+
+
+@contextmanager
+def _driver_errors(fmt: FormatDriver, failed: str) -> Iterator[None]:
+    """A format driver's own exception (a provider's plugin may raise
+    anything) as a :class:`FormatError` naming the driver and what it
+    ``failed`` to do."""
+    try:
+        yield
+    except CloudletsError:
+        raise
+    except Exception as exc:
+        raise FormatError(f"format driver {fmt.name!r} {failed}: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def _discard_intermediates(disk: DiskImage, outputs: Sequence[OutputFile]) -> None:

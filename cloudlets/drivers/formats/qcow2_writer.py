@@ -896,7 +896,7 @@ def _write_prefixed(disk: _Disk, unpatched: _Disk, bases: dict[int, Path], targe
         _pwrite_all_new(target, layout.header())
     digest, marked = _pipeline(target, extents, digest, layout.clusters * CLUSTER_SIZE,
                                progress, created=known is not None,
-                               flushed=ahead.flushed if adopted and ahead is not None else 0)
+                               submitted=ahead.flushed if adopted and ahead is not None else 0)
     if marked is not None and keys is not None:
         with _memo_lock:
             _prefix_memo[keys[0]] = marked
@@ -1140,13 +1140,12 @@ class PrefixCopy:
 
 def _pipeline(target: Path, extents: Sequence[_Extent], digest: hashstate.Sha256, total: int,
               progress: PartProgress | None, *, created: bool = False,
-              flushed: int = 0) -> tuple[hashstate.Sha256, hashstate.Sha256 | None]:
+              submitted: int = 0) -> tuple[hashstate.Sha256, hashstate.Sha256 | None]:
     """Write ``extents`` to ``target`` (a new file, or one just ``created``,
-    whose first ``flushed`` bytes are being written back already) on three
+    whose first ``submitted`` bytes are being written back already) on three
     threads: the reads and the writes release the GIL, and so does hashing
     large buffers, so the hash (the slowest step) has a core of its own.
     :returns: the hash of the file, and its state at the mark, if any."""
-    submitted = flushed
     flags = os.O_WRONLY if created else os.O_WRONLY | os.O_CREAT | os.O_EXCL
     fd = os.open(target, flags, 0o644)
     free: queue.Queue[memoryview] = queue.Queue()
