@@ -261,6 +261,16 @@ def test_without_libcrypto_the_state_stays_in_the_process(
     _check(second, raw)
 
 
+def _written_once(directory: Path, key: str) -> Path:
+    """Another base (other content), in ``directory``, written over once:
+    its prefix's hash state is saved beside it."""
+    directory.mkdir()
+    other = _base(directory, key, salt=b"other")
+    pieces, unpatched, _ = _disk(directory, other, {})
+    write_qcow2(pieces, directory / "o.qcow2", unpatched=unpatched)
+    return other
+
+
 def _recounted(data: bytes) -> bytes:
     """A state file whose SHA256_CTX says one byte more was hashed, with its
     checksum made good: only the state's own check can refuse it."""
@@ -297,12 +307,8 @@ def test_a_state_that_does_not_fit_is_not_used(tmp_path: Path, damage: str,
     elif damage == "recounted":
         sidecar.write_bytes(_recounted(good))
     elif damage == "other-base":
-        other_dir = tmp_path / "other"
-        other_dir.mkdir()
-        other = _base(other_dir, KEY, salt=b"other")
-        other_pieces, other_unpatched, _ = _disk(other_dir, other, {})
-        write_qcow2(other_pieces, other_dir / "o.qcow2", unpatched=other_unpatched)
-        shutil.copyfile(other_dir / sidecar.name, sidecar)
+        other = _written_once(tmp_path / "other", KEY)
+        shutil.copyfile(other.with_name(sidecar.name), sidecar)
         assert sidecar.read_bytes() != good
     else:
         os.utime(base, ns=(base.stat().st_atime_ns, base.stat().st_mtime_ns + 1_000_000))
@@ -464,12 +470,7 @@ def test_a_copy_of_another_prefix_is_removed_and_the_file_written_whole(
     write_qcow2(pieces, reference, unpatched=unpatched)  # the state is known from here on
     target = tmp_path / "out.qcow2"
     if other == "another-base":
-        other_dir = tmp_path / "other"
-        other_dir.mkdir()
-        other_base = _base(other_dir, OTHER_KEY, salt=b"other")
-        other_pieces, other_unpatched, _ = _disk(other_dir, other_base, {})
-        write_qcow2(other_pieces, other_dir / "o.qcow2", unpatched=other_unpatched)
-        ahead = _ahead(other_base, target)
+        ahead = _ahead(_written_once(tmp_path / "other", OTHER_KEY), target)
     elif other == "another-place":
         ahead = qcow2_writer.PrefixCopy.start(
             base, start=HEAD + CLUSTER_SIZE, disk_size=HEAD + 2 * BASE_SIZE, target=target)
